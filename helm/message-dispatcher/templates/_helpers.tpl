@@ -1,0 +1,160 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "message-dispatcher.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: <release>-<chart>, or the release name when it already contains the
+chart name; fullnameOverride wins.
+*/}}
+{{- define "message-dispatcher.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "message-dispatcher.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "message-dispatcher.labels" -}}
+helm.sh/chart: {{ include "message-dispatcher.chart" . }}
+{{ include "message-dispatcher.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: message-dispatcher
+{{- end }}
+
+{{/* Selector labels: stable for the life of a release (Deployment selectors are immutable). */}}
+{{- define "message-dispatcher.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "message-dispatcher.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "message-dispatcher.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "message-dispatcher.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* repository:tag, or repository@digest when a digest is given. */}}
+{{- define "message-dispatcher.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the Secret the pods read: the existing one or the chart's. */}}
+{{- define "message-dispatcher.secretName" -}}
+{{- if .Values.existingSecret }}
+{{- .Values.existingSecret }}
+{{- else }}
+{{- include "message-dispatcher.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Seconds in a Go duration ("500ms", "15s", "2m", "1h30m", "0"), as a float.
+The schema has already checked the syntax.
+*/}}
+{{- define "message-dispatcher.durationSeconds" -}}
+{{- $units := dict "ns" 0.000000001 "us" 0.000001 "µs" 0.000001 "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 }}
+{{- $total := 0.0 }}
+{{- range regexFindAll "[0-9.]+(ns|us|µs|ms|s|m|h)" (toString .) -1 }}
+{{- $number := regexFind "^[0-9.]+" . | float64 }}
+{{- $unit := regexReplaceAll "^[0-9.]+" . "" }}
+{{- $total = addf $total (mulf $number (get $units $unit)) }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
+{{/* Effective values of the durations the chart reasons about (binary defaults when unset). */}}
+{{- define "message-dispatcher.lockTtlSeconds" -}}
+{{- include "message-dispatcher.durationSeconds" (default "15s" .Values.config.DISTRIBUTED_LOCK_TTL) }}
+{{- end }}
+{{- define "message-dispatcher.shutdownTimeoutSeconds" -}}
+{{- include "message-dispatcher.durationSeconds" (default "30s" .Values.config.SHUTDOWN_TIMEOUT) }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: a pod must outlive DISTRIBUTED_LOCK_TTL +
+SHUTDOWN_TIMEOUT after SIGTERM, so in-flight sends finish and the lease is
+released (not merely left to expire) before the kubelet's SIGKILL.
+Null computes TTL + SHUTDOWN_TIMEOUT + 15s; an explicit value is checked.
+*/}}
+{{- define "message-dispatcher.terminationGracePeriodSeconds" -}}
+{{- $ttl := include "message-dispatcher.lockTtlSeconds" . | float64 }}
+{{- $shutdown := include "message-dispatcher.shutdownTimeoutSeconds" . | float64 }}
+{{- $needed := addf $ttl $shutdown }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- addf $needed 15 | ceil | int }}
+{{- else }}
+{{- $given := .Values.terminationGracePeriodSeconds | int }}
+{{- if le (float64 $given) $needed }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be greater than DISTRIBUTED_LOCK_TTL + SHUTDOWN_TIMEOUT (%gs)" $given $needed) }}
+{{- end }}
+{{- $given }}
+{{- end }}
+{{- end }}
+
+{{/* Render-time checks of settings the binary would reject (or that break HA). */}}
+{{- define "message-dispatcher.validate" -}}
+{{- $ttl := include "message-dispatcher.lockTtlSeconds" . | float64 }}
+{{- $retry := include "message-dispatcher.durationSeconds" (default "2s" .Values.config.LOCK_RETRY_INTERVAL) | float64 }}
+{{- if le $ttl (mulf 3 $retry) }}
+{{- fail (printf "config.DISTRIBUTED_LOCK_TTL (%gs) must be greater than 3 x config.LOCK_RETRY_INTERVAL (%gs)" $ttl $retry) }}
+{{- end }}
+{{- if and (eq (toString (default "true" .Values.config.DISTRIBUTED_LOCK_ENABLED)) "false") (gt (int .Values.replicaCount) 1) }}
+{{- fail "config.DISTRIBUTED_LOCK_ENABLED=false is single-replica mode: set replicaCount to 1 (replicas in this mode fence each other out)" }}
+{{- end }}
+{{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) }}
+{{- fail "podDisruptionBudget: set only one of minAvailable and maxUnavailable" }}
+{{- end }}
+{{- end }}
+
+{{/* True (non-empty) when a ServiceMonitor is rendered: enabled and the CRD's API is served. */}}
+{{- define "message-dispatcher.serviceMonitorRendered" -}}
+{{- if and .Values.serviceMonitor.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") }}true{{ end }}
+{{- end }}
+
+{{/*
+ConfigMap data, shared by the release's ConfigMap and the migration hook's copy.
+Values are always strings.
+*/}}
+{{- define "message-dispatcher.configData" -}}
+{{- $config := deepCopy .Values.config }}
+{{- if not (hasKey $config "AUTO_MIGRATE") }}
+{{- $_ := set $config "AUTO_MIGRATE" (ternary "false" "true" .Values.migration.enabled) }}
+{{- end }}
+{{- $_ := set $config "SERVER_PORT" (toString .Values.containerPort) }}
+{{- range $key := keys $config | sortAlpha }}
+{{ $key }}: {{ get $config $key | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Secret data (base64), non-empty values only. */}}
+{{- define "message-dispatcher.secretData" -}}
+{{- range $key := keys .Values.secrets | sortAlpha }}
+{{- $value := get $.Values.secrets $key }}
+{{- if $value }}
+{{ $key }}: {{ $value | toString | b64enc | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Selector of the dispatcher pods only (not the migration Job's or the test's). */}}
+{{- define "message-dispatcher.podSelectorLabels" -}}
+{{ include "message-dispatcher.selectorLabels" . }}
+app.kubernetes.io/component: dispatcher
+{{- end }}

@@ -1,0 +1,393 @@
+//! Building and running one replica: the HTTP API, the database preparation, the
+//! Redis connections, the elector, the dispatcher and the housekeeping loop, and the
+//! order in which they stop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use backon::Retryable;
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::cache::DeliveryCache;
+use crate::config::Config;
+use crate::dispatch::{DispatchSettings, Dispatcher};
+use crate::leadership::{self, Leadership, RedisLease};
+use crate::metrics::Metrics;
+use crate::provider::ProviderClient;
+use crate::retry::connect_backoff;
+use crate::store::Store;
+use crate::store::queue::{RescuePolicy, Schedule};
+use crate::version::BUILD;
+use crate::{health, http, redis};
+
+/// How often a replica checks its dependencies and refreshes its registry heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// A replica whose heartbeat is older than this is not listed as live.
+pub const LIVE_WITHIN: Duration = Duration::from_secs(10);
+/// Added to the rescue thresholds of SPEC §6 step 8, for recording and clock slack.
+const RESCUE_MARGIN: Duration = Duration::from_secs(5);
+
+/// What the HTTP handlers share.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub redis: Client,
+    pub cache: DeliveryCache,
+    pub leadership: Arc<Leadership>,
+    pub metrics: Arc<Metrics>,
+    /// Set once migrations are applied (or found applied) and AUTO_START is settled.
+    pub schema_ready: AtomicBool,
+    /// Cancelled when shutdown begins; readiness answers 503 from then on.
+    pub shutdown: CancellationToken,
+    /// Pokes the dispatcher (new messages, start, config change).
+    pub wake: Arc<Notify>,
+}
+
+impl AppState {
+    /// The batch size and interval in force: configured values unless overridden.
+    pub fn configured_schedule(&self) -> Schedule {
+        Schedule {
+            batch_size: self.config.dispatch.batch_size,
+            interval: self.config.dispatch.interval,
+        }
+    }
+}
+
+pub struct Replica {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    provider: Arc<ProviderClient>,
+    subscriber: Option<SubscriberClient>,
+}
+
+/// Redis commands must answer well inside the lease, or the elector treats them as
+/// failed and retries.
+fn redis_command_timeout(config: &Config) -> Duration {
+    (config.lock.ttl / 5).clamp(Duration::from_millis(200), Duration::from_secs(2))
+}
+
+impl Replica {
+    /// Binds the HTTP port and builds every client. Touches no dependency yet.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let address = SocketAddr::from(([0, 0, 0, 0], config.server_port));
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address} (SERVER_PORT)"))?;
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::new(&config.database).context("invalid database settings")?;
+        let command_timeout = redis_command_timeout(&config);
+        let redis_client =
+            redis::client(&config.redis, command_timeout).context("invalid Redis settings")?;
+        let subscriber = if config.lock.enabled {
+            Some(redis::subscriber(&config.redis, command_timeout)?)
+        } else {
+            None
+        };
+        let provider = Arc::new(
+            ProviderClient::new(&config.provider, metrics.clone())
+                .context("SMS provider client")?,
+        );
+        let state = Arc::new(AppState {
+            cache: DeliveryCache::new(redis_client.clone(), config.cache_ttl),
+            leadership: Arc::new(Leadership::new(metrics.clone())),
+            config: Arc::new(config),
+            store,
+            redis: redis_client,
+            metrics,
+            schema_ready: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
+            wake: Arc::new(Notify::new()),
+        });
+        Ok(Self {
+            listener,
+            state,
+            provider,
+            subscriber,
+        })
+    }
+
+    /// The port actually bound (useful with `SERVER_PORT=0`).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map_or(0, |a| a.port())
+    }
+
+    /// Runs until `stop` resolves, then shuts down in order: no new batch; in-flight
+    /// sends finish (bounded by `SHUTDOWN_TIMEOUT`) and unsent claims return; the
+    /// lock is released and followers told; the replica leaves the registry; the HTTP
+    /// server drains.
+    pub async fn run_until_stopped(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            state,
+            provider,
+            subscriber,
+        } = self;
+        let config = state.config.clone();
+        let shutdown = state.shutdown.clone();
+        let tasks = TaskTracker::new();
+        tracing::info!(
+            port = listener.local_addr().map_or(0, |a| a.port()),
+            version = BUILD.version,
+            commit = BUILD.commit,
+            lock_enabled = config.lock.enabled,
+            batch_size = config.dispatch.batch_size,
+            interval = %crate::duration::format(config.dispatch.interval),
+            "replica starting"
+        );
+
+        let http_stop = CancellationToken::new();
+        let server = warp::serve(http::routes(state.clone()))
+            .incoming(listener)
+            .graceful(http_stop.clone().cancelled_owned());
+        let http_task = tokio::spawn(server.run().in_current_span());
+
+        let (schema_tx, schema_rx) = watch::channel(false);
+        tasks.spawn(prepare_database(state.clone(), schema_tx).in_current_span());
+        {
+            let (redis, shutdown) = (state.redis.clone(), shutdown.clone());
+            tasks.spawn(
+                async move { redis::connect(&redis, "commands", &shutdown).await }
+                    .in_current_span(),
+            );
+        }
+        tasks.spawn(housekeeping(state.clone()).in_current_span());
+
+        let resign = CancellationToken::new();
+        let elector_task = tokio::spawn(
+            run_elector(
+                state.clone(),
+                subscriber,
+                schema_rx,
+                resign.clone(),
+                tasks.clone(),
+            )
+            .in_current_span(),
+        );
+        let dispatcher = Dispatcher {
+            store: state.store.clone(),
+            provider,
+            cache: state.cache.clone(),
+            leadership: state.leadership.clone(),
+            metrics: state.metrics.clone(),
+            settings: dispatch_settings(&config),
+            wake: state.wake.clone(),
+        };
+        let dispatcher_task = tokio::spawn(dispatcher.run(shutdown.clone()).in_current_span());
+
+        stop.await;
+        tracing::info!("shutdown requested; finishing in-flight work");
+        shutdown.cancel();
+        let _ = dispatcher_task.await;
+        resign.cancel();
+        let _ = elector_task.await;
+        if state.schema_ready.load(Ordering::Acquire) {
+            let deregister = state.store.deregister(&config.replica_id);
+            if let Ok(Err(err)) = tokio::time::timeout(Duration::from_secs(2), deregister).await {
+                tracing::warn!(error = %err, "could not leave the replica registry");
+            }
+        }
+        http_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), state.redis.quit()).await;
+        tracing::info!("replica stopped");
+        Ok(())
+    }
+}
+
+fn dispatch_settings(config: &Config) -> DispatchSettings {
+    let timeout = config.provider.timeout;
+    DispatchSettings {
+        replica_id: config.replica_id.clone(),
+        configured: Schedule {
+            batch_size: config.dispatch.batch_size,
+            interval: config.dispatch.interval,
+        },
+        rescue: RescuePolicy {
+            claim_age: timeout + config.lock.ttl + RESCUE_MARGIN,
+            term_age: timeout + RESCUE_MARGIN,
+        },
+        retry: config.dispatch.retry,
+        max_attempts: config.dispatch.max_attempts,
+        send_concurrency: config.dispatch.send_concurrency,
+        shutdown_timeout: config.dispatch.shutdown_timeout,
+        poll: config
+            .lock
+            .retry_interval
+            .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+    }
+}
+
+/// Waits for PostgreSQL (backoff with jitter, each attempt logged), applies migrations
+/// when `AUTO_MIGRATE` is on or waits for them otherwise, and settles `AUTO_START`.
+async fn prepare_database(state: Arc<AppState>, schema_ready: watch::Sender<bool>) {
+    let config = &state.config;
+    let attempt = || async {
+        if config.auto_migrate {
+            let report = state.store.migrate().await?;
+            if !report.applied.is_empty() {
+                tracing::info!(applied = ?report.applied, "database migrated");
+            }
+        } else if !state.store.schema_is_current().await? {
+            return Err(crate::store::StoreError::Migration(
+                "schema is not migrated yet (AUTO_MIGRATE=false): run `message-dispatcher migrate`"
+                    .into(),
+            ));
+        }
+        state
+            .store
+            .apply_auto_start(config.dispatch.auto_start, &config.replica_id)
+            .await
+    };
+    let prepared = attempt
+        .retry(connect_backoff())
+        .notify(|err, wait| {
+            tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "PostgreSQL not ready yet");
+        });
+    tokio::select! {
+        result = prepared => match result {
+            Ok(()) => {
+                tracing::info!("database ready");
+                state.schema_ready.store(true, Ordering::Release);
+                schema_ready.send_replace(true);
+            }
+            Err(err) => tracing::error!(error = %err, "giving up on the database"),
+        },
+        () = state.shutdown.cancelled() => {}
+    }
+}
+
+/// Every few seconds: check the dependencies (gauges, logs) and refresh this replica's
+/// registry heartbeat and the desired-state gauge.
+async fn housekeeping(state: Arc<AppState>) {
+    let mut database_up = true;
+    loop {
+        let deps = health::check(&state.store, &state.redis, &state.metrics).await;
+        let up = deps.database == health::Status::Healthy;
+        if up != database_up {
+            if up {
+                tracing::info!("PostgreSQL answers again");
+            } else {
+                tracing::warn!("PostgreSQL does not answer; dispatch and readiness wait for it");
+            }
+            database_up = up;
+        }
+        if up && state.schema_ready.load(Ordering::Acquire) {
+            if let Err(err) = state
+                .store
+                .heartbeat(&state.config.replica_id, BUILD.version)
+                .await
+            {
+                tracing::debug!(error = %err, "heartbeat not recorded");
+            }
+            if let Ok(control) = state.store.control_record().await {
+                state
+                    .metrics
+                    .scheduler_running
+                    .set(i64::from(control.running));
+            }
+        }
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+        }
+    }
+}
+
+/// Starts the elector for the configured mode once the schema exists.
+async fn run_elector(
+    state: Arc<AppState>,
+    subscriber: Option<SubscriberClient>,
+    mut schema_ready: watch::Receiver<bool>,
+    resign: CancellationToken,
+    tasks: TaskTracker,
+) {
+    tokio::select! {
+        ready = schema_ready.wait_for(|ready| *ready) => if ready.is_err() { return },
+        () = resign.cancelled() => return,
+    }
+    let config = &state.config;
+    if !config.lock.enabled {
+        leadership::run_single_replica(
+            state.store.clone(),
+            state.leadership.clone(),
+            config.replica_id.clone(),
+            resign,
+        )
+        .await;
+        return;
+    }
+    let lease = RedisLease::new(
+        state.redis.clone(),
+        config.lock.key.clone(),
+        config.lock.ttl,
+    );
+    let released = Arc::new(Notify::new());
+    if let Some(subscriber) = subscriber {
+        tasks.spawn(
+            listen_for_releases(
+                subscriber,
+                lease.release_channel(),
+                released.clone(),
+                state.shutdown.clone(),
+            )
+            .in_current_span(),
+        );
+    }
+    let elector = leadership::Elector {
+        lease,
+        timing: leadership::LeaseTiming {
+            ttl: config.lock.ttl,
+            retry_interval: config.lock.retry_interval,
+        },
+        store: state.store.clone(),
+        leadership: state.leadership.clone(),
+        metrics: state.metrics.clone(),
+        replica_id: config.replica_id.clone(),
+        released,
+    };
+    leadership::run_redis_elector(elector, resign).await;
+}
+
+/// Forwards "leader released the lock" announcements to the elector.
+async fn listen_for_releases(
+    subscriber: SubscriberClient,
+    channel: String,
+    released: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    if !redis::connect(&subscriber, "subscriber", &shutdown).await {
+        return;
+    }
+    let _resubscriber = subscriber.manage_subscriptions();
+    let mut messages = subscriber.message_rx();
+    let subscribe = || subscriber.subscribe(channel.clone());
+    let subscribed = tokio::select! {
+        result = subscribe.retry(connect_backoff()) => result.is_ok(),
+        () = shutdown.cancelled() => false,
+    };
+    if !subscribed {
+        return;
+    }
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            message = messages.recv() => match message {
+                Ok(_) => released.notify_one(),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => released.notify_one(),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), subscriber.quit()).await;
+}

@@ -1,0 +1,547 @@
+//! Configuration from the environment (SPEC §4).
+//!
+//! Every variable is read as text with envy, then parsed here one by one so that a bad
+//! value is reported in a single line naming the variable. Nothing else in the program
+//! reads the environment. Secrets are wrapped in [`Secret`] so they never reach logs or
+//! `Debug` output.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::duration;
+use crate::retry::RetryPolicy;
+
+/// A value that must never be printed: `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The only way to read the value, so every use is easy to find.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// One bad variable: the process prints this on one line and exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(variable: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            variable,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// How to talk TLS to PostgreSQL. `require` encrypts without checking the certificate
+/// (as libpq does); `verify-full` checks the chain against the system roots and the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbSslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub url: Option<Secret>,
+    pub host: String,
+    pub port: u16,
+    pub name: String,
+    pub user: String,
+    pub password: Secret,
+    pub ssl_mode: DbSslMode,
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: Option<Secret>,
+    pub host: String,
+    pub port: u16,
+    pub password: Secret,
+    pub db: u8,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub url: String,
+    pub token: Secret,
+    /// `None` sends `Authorization: Bearer <token>`; `Some(name)` sends `<name>: <token>`.
+    pub auth_header: Option<String>,
+    pub timeout: Duration,
+    pub ca_cert: Option<PathBuf>,
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    pub batch_size: u32,
+    pub interval: Duration,
+    pub send_concurrency: usize,
+    pub max_attempts: u32,
+    pub retry: RetryPolicy,
+    pub auto_start: bool,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LockConfig {
+    pub enabled: bool,
+    pub key: String,
+    pub ttl: Duration,
+    pub retry_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub server_port: u16,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub provider: ProviderConfig,
+    pub dispatch: DispatchConfig,
+    pub message_max_length: usize,
+    pub lock: LockConfig,
+    pub cache_ttl: Duration,
+    pub auto_migrate: bool,
+    pub api_token: Option<Secret>,
+    pub replica_id: String,
+}
+
+/// The raw environment, every variable as optional text (envy lower-cases the names).
+#[derive(Debug, Default, Deserialize)]
+struct RawEnv {
+    database_url: Option<String>,
+    db_host: Option<String>,
+    db_port: Option<String>,
+    db_name: Option<String>,
+    db_user: Option<String>,
+    db_password: Option<String>,
+    db_sslmode: Option<String>,
+    db_pool_size: Option<String>,
+    redis_url: Option<String>,
+    redis_host: Option<String>,
+    redis_port: Option<String>,
+    redis_password: Option<String>,
+    redis_db: Option<String>,
+    server_port: Option<String>,
+    log_level: Option<String>,
+    log_format: Option<String>,
+    sms_api_url: Option<String>,
+    sms_api_token: Option<String>,
+    sms_api_auth_header: Option<String>,
+    sms_api_timeout: Option<String>,
+    sms_api_ca_cert: Option<String>,
+    sms_api_insecure_skip_verify: Option<String>,
+    batch_size: Option<String>,
+    processing_interval: Option<String>,
+    send_concurrency: Option<String>,
+    message_max_length: Option<String>,
+    max_attempts: Option<String>,
+    retry_backoff_base: Option<String>,
+    retry_backoff_max: Option<String>,
+    auto_start: Option<String>,
+    distributed_lock_enabled: Option<String>,
+    distributed_lock_key: Option<String>,
+    distributed_lock_ttl: Option<String>,
+    lock_retry_interval: Option<String>,
+    redis_cache_ttl: Option<String>,
+    shutdown_timeout: Option<String>,
+    auto_migrate: Option<String>,
+    api_token: Option<String>,
+    replica_id: Option<String>,
+}
+
+/// Upper bound on `BATCH_SIZE`: a batch is claimed in one transaction and held in memory.
+pub const MAX_BATCH_SIZE: u32 = 10_000;
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads configuration from explicit variables (the environment in production,
+    /// a map in tests). Empty values count as unset, as in the Go service.
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .into_iter()
+            .filter(|(_, value)| !value.trim().is_empty())
+            .collect();
+        let raw: RawEnv = envy::from_iter(vars)
+            .map_err(|err| ConfigError::new("environment", err.to_string()))?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
+        let database = DatabaseConfig {
+            url: raw.database_url.map(Secret::new),
+            host: raw.db_host.unwrap_or_else(|| "localhost".into()),
+            port: number("DB_PORT", raw.db_port, 5432)?,
+            name: raw.db_name.unwrap_or_else(|| "messages_db".into()),
+            user: raw.db_user.unwrap_or_else(|| "postgres".into()),
+            password: Secret::new(raw.db_password.unwrap_or_else(|| "password".into())),
+            ssl_mode: db_ssl_mode(raw.db_sslmode)?,
+            pool_size: positive("DB_POOL_SIZE", raw.db_pool_size, 8)?,
+        };
+        if let Some(url) = &database.url {
+            tokio_postgres::Config::from_str(url.expose()).map_err(|err| {
+                ConfigError::new("DATABASE_URL", format!("not a PostgreSQL URL ({err})"))
+            })?;
+        }
+
+        let redis = RedisConfig {
+            url: raw.redis_url.map(Secret::new),
+            host: raw.redis_host.unwrap_or_else(|| "localhost".into()),
+            port: number("REDIS_PORT", raw.redis_port, 6379)?,
+            password: Secret::new(raw.redis_password.unwrap_or_default()),
+            db: number("REDIS_DB", raw.redis_db, 0)?,
+        };
+        if let Some(url) = &redis.url {
+            fred::types::config::Config::from_url(url.expose()).map_err(|err| {
+                ConfigError::new("REDIS_URL", format!("not a Redis URL ({})", err.details()))
+            })?;
+        }
+
+        let log_level = raw.log_level.unwrap_or_else(|| "info".into());
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|err| ConfigError::new("LOG_LEVEL", format!("{log_level:?}: {err}")))?;
+        let log_format = match raw
+            .log_format
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("json") => LogFormat::Json,
+            Some("text") => LogFormat::Text,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    format!("{other:?} is not json or text"),
+                ));
+            }
+        };
+
+        let provider_url = raw
+            .sms_api_url
+            .unwrap_or_else(|| "http://localhost:3001/send".into());
+        match reqwest::Url::parse(&provider_url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            _ => {
+                return Err(ConfigError::new(
+                    "SMS_API_URL",
+                    format!("{provider_url:?} is not an http(s) URL"),
+                ));
+            }
+        }
+        let auth_header = raw.sms_api_auth_header;
+        if let Some(name) = &auth_header {
+            reqwest::header::HeaderName::from_str(name).map_err(|_| {
+                ConfigError::new(
+                    "SMS_API_AUTH_HEADER",
+                    format!("{name:?} is not a header name"),
+                )
+            })?;
+        }
+        let provider = ProviderConfig {
+            url: provider_url,
+            token: Secret::new(raw.sms_api_token.unwrap_or_else(|| "mock-token".into())),
+            auth_header,
+            timeout: nonzero_duration("SMS_API_TIMEOUT", raw.sms_api_timeout, "6s")?,
+            ca_cert: raw.sms_api_ca_cert.map(PathBuf::from),
+            insecure_skip_verify: boolean(
+                "SMS_API_INSECURE_SKIP_VERIFY",
+                raw.sms_api_insecure_skip_verify,
+                false,
+            )?,
+        };
+        if let Some(path) = &provider.ca_cert {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "SMS_API_CA_CERT",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+
+        let batch_size: u32 = positive("BATCH_SIZE", raw.batch_size, 2)?;
+        if batch_size > MAX_BATCH_SIZE {
+            return Err(ConfigError::new(
+                "BATCH_SIZE",
+                format!("{batch_size} is above the maximum of {MAX_BATCH_SIZE}"),
+            ));
+        }
+        let retry = RetryPolicy {
+            base: nonzero_duration("RETRY_BACKOFF_BASE", raw.retry_backoff_base, "30s")?,
+            max: nonzero_duration("RETRY_BACKOFF_MAX", raw.retry_backoff_max, "30m")?,
+        };
+        if retry.max < retry.base {
+            return Err(ConfigError::new(
+                "RETRY_BACKOFF_MAX",
+                "must not be smaller than RETRY_BACKOFF_BASE",
+            ));
+        }
+        let dispatch = DispatchConfig {
+            batch_size,
+            interval: duration_var("PROCESSING_INTERVAL", raw.processing_interval, "2m")?,
+            send_concurrency: positive("SEND_CONCURRENCY", raw.send_concurrency, 1)?,
+            max_attempts: number("MAX_ATTEMPTS", raw.max_attempts, 0)?,
+            retry,
+            auto_start: boolean("AUTO_START", raw.auto_start, true)?,
+            shutdown_timeout: duration_var("SHUTDOWN_TIMEOUT", raw.shutdown_timeout, "30s")?,
+        };
+
+        let lock = LockConfig {
+            enabled: boolean(
+                "DISTRIBUTED_LOCK_ENABLED",
+                raw.distributed_lock_enabled,
+                true,
+            )?,
+            key: raw
+                .distributed_lock_key
+                .unwrap_or_else(|| "message-dispatcher:lock".into()),
+            ttl: nonzero_duration("DISTRIBUTED_LOCK_TTL", raw.distributed_lock_ttl, "15s")?,
+            retry_interval: nonzero_duration("LOCK_RETRY_INTERVAL", raw.lock_retry_interval, "2s")?,
+        };
+        if lock.ttl <= lock.retry_interval * 3 {
+            return Err(ConfigError::new(
+                "DISTRIBUTED_LOCK_TTL",
+                format!(
+                    "{} must be greater than 3 x LOCK_RETRY_INTERVAL ({})",
+                    duration::format(lock.ttl),
+                    duration::format(lock.retry_interval)
+                ),
+            ));
+        }
+
+        let replica_id = match raw.replica_id {
+            Some(id) => id,
+            None => default_replica_id(),
+        };
+
+        Ok(Self {
+            database,
+            redis,
+            server_port: number("SERVER_PORT", raw.server_port, 8080)?,
+            log_level,
+            log_format,
+            provider,
+            dispatch,
+            message_max_length: positive("MESSAGE_MAX_LENGTH", raw.message_max_length, 160)?,
+            lock,
+            cache_ttl: nonzero_duration("REDIS_CACHE_TTL", raw.redis_cache_ttl, "24h")?,
+            auto_migrate: boolean("AUTO_MIGRATE", raw.auto_migrate, true)?,
+            api_token: raw.api_token.map(Secret::new),
+            replica_id,
+        })
+    }
+}
+
+/// Hostname plus a short random suffix, so two processes on one host never collide.
+fn default_replica_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "replica".into());
+    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+fn number<T: FromStr>(
+    variable: &'static str,
+    value: Option<String>,
+    default: T,
+) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(text) => text
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::new(variable, format!("{text:?} is not a valid number"))),
+    }
+}
+
+fn positive<T: FromStr + PartialEq + Default>(
+    variable: &'static str,
+    value: Option<String>,
+    default: T,
+) -> Result<T, ConfigError> {
+    let parsed = number(variable, value, default)?;
+    if parsed == T::default() {
+        return Err(ConfigError::new(variable, "must be at least 1"));
+    }
+    Ok(parsed)
+}
+
+fn boolean(
+    variable: &'static str,
+    value: Option<String>,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match value
+        .as_deref()
+        .map(str::trim)
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None => Ok(default),
+        Some("true" | "1" | "yes" | "on") => Ok(true),
+        Some("false" | "0" | "no" | "off") => Ok(false),
+        Some(other) => Err(ConfigError::new(
+            variable,
+            format!("{other:?} is not true or false"),
+        )),
+    }
+}
+
+fn duration_var(
+    variable: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let text = value.unwrap_or_else(|| default.to_string());
+    duration::parse(&text).map_err(|problem| {
+        ConfigError::new(
+            variable,
+            format!("{problem}; expected a duration like 500ms, 15s or 2m"),
+        )
+    })
+}
+
+fn nonzero_duration(
+    variable: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let parsed = duration_var(variable, value, default)?;
+    if parsed.is_zero() {
+        return Err(ConfigError::new(variable, "must be greater than 0"));
+    }
+    Ok(parsed)
+}
+
+fn db_ssl_mode(value: Option<String>) -> Result<DbSslMode, ConfigError> {
+    match value.as_deref().map(str::trim) {
+        None | Some("disable") => Ok(DbSslMode::Disable),
+        Some("prefer") => Ok(DbSslMode::Prefer),
+        Some("require") => Ok(DbSslMode::Require),
+        Some("verify-full") => Ok(DbSslMode::VerifyFull),
+        Some(other) => Err(ConfigError::new(
+            "DB_SSLMODE",
+            format!("{other:?} is not one of disable, prefer, require, verify-full"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let cfg = config(&[]).unwrap();
+        assert_eq!(cfg.dispatch.batch_size, 2);
+        assert_eq!(cfg.dispatch.interval, Duration::from_secs(120));
+        assert_eq!(cfg.lock.ttl, Duration::from_secs(15));
+        assert_eq!(cfg.lock.retry_interval, Duration::from_secs(2));
+        assert_eq!(cfg.provider.timeout, Duration::from_secs(6));
+        assert_eq!(cfg.server_port, 8080);
+        assert_eq!(cfg.database.pool_size, 8);
+        assert_eq!(cfg.message_max_length, 160);
+        assert_eq!(cfg.cache_ttl, Duration::from_secs(86_400));
+        assert!(cfg.lock.enabled && cfg.dispatch.auto_start && cfg.auto_migrate);
+    }
+
+    #[test]
+    fn each_error_names_its_variable() {
+        let cases = [
+            ("PROCESSING_INTERVAL", "abc"),
+            ("BATCH_SIZE", "0"),
+            ("BATCH_SIZE", "many"),
+            ("DB_PORT", "70000"),
+            ("LOG_FORMAT", "xml"),
+            ("DB_SSLMODE", "maybe"),
+            ("SMS_API_URL", "ftp://x"),
+            ("AUTO_START", "perhaps"),
+            ("SEND_CONCURRENCY", "0"),
+        ];
+        for (variable, value) in cases {
+            let err = config(&[(variable, value)]).unwrap_err();
+            assert_eq!(err.variable, variable, "{err}");
+        }
+    }
+
+    #[test]
+    fn lock_ttl_must_exceed_three_retry_intervals() {
+        let err = config(&[
+            ("DISTRIBUTED_LOCK_TTL", "6s"),
+            ("LOCK_RETRY_INTERVAL", "2s"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable, "DISTRIBUTED_LOCK_TTL");
+        assert!(
+            config(&[
+                ("DISTRIBUTED_LOCK_TTL", "7s"),
+                ("LOCK_RETRY_INTERVAL", "2s")
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let cfg = config(&[
+            ("DB_PASSWORD", "hunter2"),
+            ("DATABASE_URL", "postgres://u:hunter2@h/db"),
+            ("SMS_API_TOKEN", "hunter2"),
+            ("API_TOKEN", "hunter2"),
+            ("REDIS_PASSWORD", "hunter2"),
+        ])
+        .unwrap();
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,242 @@
+//! One batch: send the claimed messages (at most `SEND_CONCURRENCY` at a time, in FIFO
+//! order), record each result on its own, and hand back whatever was never sent.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use backon::Retryable;
+use chrono::Utc;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::Dispatcher;
+use crate::leadership::Term;
+use crate::metrics::{
+    BATCH_COMPLETE, BATCH_FAILED, BATCH_INTERRUPTED, BATCH_PARTIAL, FAILED_MAX_ATTEMPTS,
+    FAILED_REJECTED,
+};
+use crate::provider::SendOutcome;
+use crate::retry::connect_backoff;
+use crate::store::StoreError;
+use crate::store::queue::{ClaimedMessage, Recorded};
+
+/// What became of one claimed message in this batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Sent,
+    Retrying,
+    Failed,
+    /// Never sent: leadership ended or shutdown began first.
+    NotStarted,
+    /// Sent, but the row had been rescued by a newer leader meanwhile.
+    NotOurs,
+}
+
+impl Dispatcher {
+    pub(super) async fn run_batch(
+        &self,
+        term: &Term,
+        messages: Vec<ClaimedMessage>,
+        shutdown: &CancellationToken,
+    ) {
+        let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+        let span = tracing::info_span!("batch", epoch = term.epoch.0, size = ids.len(), ids = ?ids);
+        async {
+            let started = Instant::now();
+            tracing::info!("batch claimed");
+            let begun: Mutex<HashSet<i64>> = Mutex::default();
+            let sends = futures::stream::iter(messages)
+                .map(|message| self.deliver(term, message, shutdown, &begun))
+                .buffered(self.settings.send_concurrency)
+                .collect::<Vec<Fate>>();
+            // On shutdown, in-flight sends get SHUTDOWN_TIMEOUT; after that they are
+            // abandoned with their rows still `sending` (outcome unknown), for the
+            // rescue to retry under the same Idempotency-Key.
+            let grace_expired = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(self.settings.shutdown_timeout).await;
+            };
+            let fates = tokio::select! {
+                fates = sends => Some(fates),
+                () = grace_expired => None,
+            };
+            let begun = begun.into_inner().unwrap_or_else(|p| p.into_inner());
+            let unsent: Vec<i64> = ids
+                .iter()
+                .copied()
+                .filter(|id| !begun.contains(id))
+                .collect();
+            self.release_unsent(term, &unsent).await;
+
+            let outcome = match &fates {
+                None => BATCH_INTERRUPTED,
+                Some(fates) if fates.contains(&Fate::NotStarted) => BATCH_INTERRUPTED,
+                Some(fates) if fates.iter().all(|f| *f == Fate::Sent) => BATCH_COMPLETE,
+                Some(fates) if fates.contains(&Fate::Sent) => BATCH_PARTIAL,
+                Some(_) => BATCH_FAILED,
+            };
+            self.metrics.batches.with_label_values(&[outcome]).inc();
+            self.metrics
+                .batch_duration
+                .observe(started.elapsed().as_secs_f64());
+            let count = |fate| {
+                fates
+                    .as_ref()
+                    .map_or(0, |f| f.iter().filter(|x| **x == fate).count())
+            };
+            tracing::info!(
+                outcome,
+                sent = count(Fate::Sent),
+                retrying = count(Fate::Retrying),
+                failed = count(Fate::Failed),
+                not_sent = unsent.len(),
+                lost_to_rescue = count(Fate::NotOurs),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "batch finished"
+            );
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Sends one message and records the result. Re-checks the lease first: a send
+    /// never starts once this replica may no longer be the leader.
+    async fn deliver(
+        &self,
+        term: &Term,
+        message: ClaimedMessage,
+        shutdown: &CancellationToken,
+        begun: &Mutex<HashSet<i64>>,
+    ) -> Fate {
+        if shutdown.is_cancelled() || !term.is_valid() {
+            return Fate::NotStarted;
+        }
+        begun
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(message.id);
+        let outcome = self
+            .provider
+            .send(message.id, &message.phone_number, &message.content)
+            .await;
+        self.record(term, &message, outcome).await
+    }
+
+    /// Writes the result, retrying while PostgreSQL is unreachable: a result the
+    /// provider gave is kept and recorded when the database returns, never re-sent.
+    async fn record(&self, term: &Term, message: &ClaimedMessage, outcome: SendOutcome) -> Fate {
+        let sent_at = Utc::now();
+        let id = message.id;
+        let write = || async {
+            match &outcome {
+                SendOutcome::Accepted {
+                    provider_message_id,
+                } => {
+                    self.store
+                        .mark_sent(id, term.epoch, sent_at, provider_message_id.as_deref())
+                        .await
+                }
+                SendOutcome::Transient { error, retry_after } => {
+                    let attempts = u32::try_from(message.attempts).unwrap_or(1);
+                    let delay = retry_after.unwrap_or_else(|| self.settings.retry.delay(attempts));
+                    self.store
+                        .mark_retry(id, term.epoch, self.settings.max_attempts, delay, error)
+                        .await
+                }
+                SendOutcome::Rejected { error } => {
+                    self.store.mark_failed(id, term.epoch, error).await
+                }
+            }
+        };
+        let recorded = write
+            .retry(connect_backoff())
+            .when(StoreError::is_unavailable)
+            .notify(|err, wait| {
+                tracing::warn!(message_id = id, error = %err, retry_in_ms = wait.as_millis() as u64, "result not recorded yet; holding it");
+            })
+            .await;
+        match (recorded, &outcome) {
+            (
+                Ok(Recorded::Sent),
+                SendOutcome::Accepted {
+                    provider_message_id,
+                },
+            ) => {
+                if provider_message_id.is_none() {
+                    tracing::warn!(
+                        message_id = id,
+                        "provider accepted the message without a messageId"
+                    );
+                }
+                self.metrics.messages_sent.inc();
+                self.cache
+                    .remember(id, provider_message_id.clone(), sent_at);
+                Fate::Sent
+            }
+            (Ok(Recorded::Sent), _) => Fate::Sent,
+            (Ok(Recorded::Retrying), SendOutcome::Transient { error, .. }) => {
+                tracing::info!(
+                    message_id = id,
+                    attempts = message.attempts,
+                    error,
+                    "send failed; will retry"
+                );
+                self.metrics.messages_retried.inc();
+                Fate::Retrying
+            }
+            (Ok(Recorded::Retrying), _) => Fate::Retrying,
+            (Ok(Recorded::Failed), outcome) => {
+                let reason = if matches!(outcome, SendOutcome::Transient { .. }) {
+                    FAILED_MAX_ATTEMPTS
+                } else {
+                    FAILED_REJECTED
+                };
+                tracing::warn!(
+                    message_id = id,
+                    attempts = message.attempts,
+                    reason,
+                    ?outcome,
+                    "message failed"
+                );
+                self.metrics
+                    .messages_failed
+                    .with_label_values(&[reason])
+                    .inc();
+                Fate::Failed
+            }
+            (Ok(Recorded::NotOurs), _) => {
+                tracing::warn!(
+                    message_id = id,
+                    "result not recorded: a newer leader rescued this message"
+                );
+                Fate::NotOurs
+            }
+            (Err(err), _) => {
+                tracing::error!(message_id = id, error = %err, ?outcome, "could not record the result");
+                Fate::NotOurs
+            }
+        }
+    }
+
+    /// Returns never-sent claims to `pending`, retrying while PostgreSQL is down (the
+    /// caller's shutdown grace bounds this). If it never succeeds, the rescue of the
+    /// next leader returns them instead.
+    async fn release_unsent(&self, term: &Term, ids: &[i64]) {
+        if ids.is_empty() {
+            return;
+        }
+        let release = || self.store.release_unsent(ids, term.epoch);
+        let attempt = release
+            .retry(connect_backoff().with_max_times(10))
+            .when(StoreError::is_unavailable)
+            .await;
+        match attempt {
+            Ok(n) => tracing::info!(released = n, ids = ?ids, "returned unsent claims to pending"),
+            Err(err) => {
+                tracing::error!(error = %err, ids = ?ids, "could not return unsent claims; the next leader will rescue them")
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Domain types that cannot hold bad values: input is validated once, at the edge.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// Why a value was refused; the HTTP layer turns it into a 422 naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct ValidationError {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+/// A phone number as the provider accepts it: 10–20 characters, digits with an
+/// optional leading `+` (the same rule as the `messages` CHECK constraint).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PhoneNumber(String);
+
+impl PhoneNumber {
+    pub fn parse(input: &str) -> Result<Self, ValidationError> {
+        let problem = |p: &str| ValidationError {
+            field: "phone_number",
+            problem: p.to_string(),
+        };
+        let digits = input.strip_prefix('+').unwrap_or(input);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(problem("must be digits with an optional leading +"));
+        }
+        if !(10..=20).contains(&input.len()) {
+            return Err(problem("must be 10 to 20 characters long"));
+        }
+        Ok(Self(input.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Message text: not blank and at most `MESSAGE_MAX_LENGTH` characters (not bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MessageContent(String);
+
+impl MessageContent {
+    pub fn parse(input: &str, max_chars: usize) -> Result<Self, ValidationError> {
+        let problem = |p: String| ValidationError {
+            field: "content",
+            problem: p,
+        };
+        if input.trim().is_empty() {
+            return Err(problem("must not be empty".into()));
+        }
+        let chars = input.chars().count();
+        if chars > max_chars {
+            return Err(problem(format!(
+                "is {chars} characters long, the maximum is {max_chars}"
+            )));
+        }
+        Ok(Self(input.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A leadership term number from the fence row. Every claim and every result is
+/// stamped with it, and PostgreSQL refuses work from any epoch but the newest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Epoch(pub i64);
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The random value stored in the Redis lock key; only its holder may extend or
+/// release the lock. Fresh for every acquisition.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LeaseToken(String);
+
+impl LeaseToken {
+    pub fn generate() -> Self {
+        Self(format!("{:032x}", rand::random::<u128>()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Short prefix only: enough to correlate logs, not enough to forge a release.
+        write!(f, "LeaseToken({}…)", &self.0[..8])
+    }
+}
+
+/// Message lifecycle, as stored in `messages.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageStatus {
+    Pending,
+    Sending,
+    Sent,
+    Failed,
+}
+
+impl MessageStatus {
+    pub const ALL: [MessageStatus; 4] = [Self::Pending, Self::Sending, Self::Sent, Self::Failed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sending => "sending",
+            Self::Sent => "sent",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phone_numbers() {
+        assert!(PhoneNumber::parse("+905551111111").is_ok());
+        assert!(PhoneNumber::parse("5551111111").is_ok());
+        assert!(PhoneNumber::parse("12345678901234567890").is_ok());
+        for bad in [
+            "555111111",
+            "+555111111",
+            "123456789012345678901",
+            "+90 555 111",
+            "abcdefghijk",
+            "",
+            "+",
+        ] {
+            assert!(PhoneNumber::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn content_counts_characters() {
+        assert!(MessageContent::parse(&"é".repeat(160), 160).is_ok());
+        assert!(MessageContent::parse(&"a".repeat(161), 160).is_err());
+        assert!(MessageContent::parse("   ", 160).is_err());
+        assert!(MessageContent::parse("", 160).is_err());
+    }
+}

@@ -1,0 +1,131 @@
+//! Open routes: health, readiness, liveness, version and metrics.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::json;
+use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+
+use super::{State, json, with_state};
+use crate::health::{self, Status};
+use crate::version::BUILD;
+
+pub fn routes(state: State) -> BoxedFilter<(Response,)> {
+    let health = warp::path!("health")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .then(health);
+    let live = warp::path!("health" / "live")
+        .and(warp::get())
+        .map(|| json(StatusCode::OK, &json!({"status": "alive"})));
+    let ready = warp::path!("health" / "ready")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .then(ready);
+    let version = warp::path!("version")
+        .and(warp::get())
+        .map(|| json(StatusCode::OK, &BUILD));
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_state(state))
+        .then(metrics);
+    health
+        .or(live)
+        .unify()
+        .or(ready)
+        .unify()
+        .or(version)
+        .unify()
+        .or(metrics)
+        .unify()
+        .boxed()
+}
+
+/// Overall health: `unhealthy` (503) only when PostgreSQL is down, since nothing can
+/// be dispatched or recorded without it; `degraded` when Redis is down (no leader can
+/// be proven, the API still works).
+async fn health(state: State) -> Response {
+    let deps = health::check(&state.store, &state.redis, &state.metrics).await;
+    let (status, code) = match deps {
+        health::Dependencies {
+            database: Status::Unhealthy,
+            ..
+        } => ("unhealthy", StatusCode::SERVICE_UNAVAILABLE),
+        health::Dependencies {
+            redis: Status::Unhealthy,
+            ..
+        } => ("degraded", StatusCode::OK),
+        _ => ("healthy", StatusCode::OK),
+    };
+    let running = state.metrics.scheduler_running.get() == 1;
+    json(
+        code,
+        &json!({
+            "status": status,
+            "processing_status": if running { "running" } else { "stopped" },
+            "leader": state.leadership.current().is_some(),
+            "replica_id": state.config.replica_id,
+            "version": BUILD,
+            "dependencies": deps,
+        }),
+    )
+}
+
+/// Ready to take traffic: PostgreSQL answers, migrations are applied, and shutdown
+/// has not begun.
+async fn ready(state: State) -> Response {
+    let not_ready = |reason: &str| {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "not_ready", "reason": reason}),
+        )
+    };
+    if state.shutdown.is_cancelled() {
+        return not_ready("shutting down");
+    }
+    if !state.schema_ready.load(Ordering::Acquire) {
+        return not_ready("database not migrated or not reachable yet");
+    }
+    if state.store.ping().await.is_err() {
+        state.metrics.set_dependency("database", false);
+        return not_ready("database unavailable");
+    }
+    json(StatusCode::OK, &json!({"status": "ready"}))
+}
+
+/// Prometheus text format. Queue gauges are read from PostgreSQL at scrape time
+/// (bounded); if it does not answer, the last values stay and `dependency_up` says why.
+async fn metrics(state: State) -> Response {
+    if state.schema_ready.load(Ordering::Acquire) {
+        if let Ok(Ok(stats)) =
+            tokio::time::timeout(Duration::from_secs(2), state.store.queue_stats()).await
+        {
+            for status in crate::domain::MessageStatus::ALL {
+                let count = stats
+                    .counts
+                    .iter()
+                    .find(|(s, _)| *s == status)
+                    .map_or(0, |(_, n)| *n);
+                state
+                    .metrics
+                    .queue_messages
+                    .with_label_values(&[status.as_str()])
+                    .set(count);
+            }
+            state.metrics.oldest_pending_age.set(
+                stats
+                    .oldest_pending_age
+                    .map_or(0.0, |age| age.as_secs_f64()),
+            );
+        }
+    }
+    warp::reply::with_header(
+        state.metrics.render(),
+        "content-type",
+        "text/plain; version=0.0.4; charset=utf-8",
+    )
+    .into_response()
+}

@@ -1,0 +1,209 @@
+//! Cluster-wide control: start, stop, status and runtime configuration. The state is
+//! stored in PostgreSQL, so any replica can be asked and whichever leads obeys.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use super::{ApiError, State, body, json, respond, with_state};
+use crate::app::LIVE_WITHIN;
+use crate::config::MAX_BATCH_SIZE;
+use crate::duration;
+use crate::store::control::{ControlRecord, OverrideChange};
+use crate::store::queue::Schedule;
+
+pub fn routes(state: State) -> BoxedFilter<(Response,)> {
+    let start = warp::path!("messaging" / "start")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .then(|state: State| async move { respond(set_running(state, true).await) });
+    let stop = warp::path!("messaging" / "stop")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .then(|state: State| async move { respond(set_running(state, false).await) });
+    let status = warp::path!("messaging" / "status")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .then(|state: State| async move { respond(status(state).await) });
+    let config = warp::path!("messaging" / "config")
+        .and(warp::put())
+        .and(with_state(state))
+        .and(body::json_value())
+        .then(|state: State, body: Value| async move { respond(update_config(state, body).await) });
+    start
+        .or(stop)
+        .unify()
+        .or(status)
+        .unify()
+        .or(config)
+        .unify()
+        .boxed()
+}
+
+async fn set_running(state: State, running: bool) -> Result<Response, ApiError> {
+    let by = format!("api@{}", state.config.replica_id);
+    let changed = state.store.set_running(running, &by).await?;
+    state.wake.notify_one();
+    state.metrics.scheduler_running.set(i64::from(running));
+    let (status, message) = match (running, changed) {
+        (true, true) => (
+            "started",
+            "message processing started for the whole cluster",
+        ),
+        (true, false) => ("running", "message processing was already running"),
+        (false, true) => (
+            "stopped",
+            "message processing stopped for the whole cluster; no new batch will start",
+        ),
+        (false, false) => ("stopped", "message processing was already stopped"),
+    };
+    tracing::info!(running, changed, "desired state set through the API");
+    Ok(json(
+        StatusCode::OK,
+        &json!({"status": status, "message": message}),
+    ))
+}
+
+/// The schedule in force, from the configured values and the stored overrides.
+fn effective(configured: Schedule, control: &ControlRecord) -> Schedule {
+    Schedule {
+        batch_size: control.batch_size.unwrap_or(configured.batch_size),
+        interval: control.interval.unwrap_or(configured.interval),
+    }
+}
+
+fn schedule_json(configured: Schedule, control: &ControlRecord) -> Value {
+    let schedule = effective(configured, control);
+    json!({
+        "batch_size": schedule.batch_size,
+        "processing_interval": duration::format(schedule.interval),
+        "processing_interval_ms": schedule.interval.as_millis() as u64,
+        "overrides": {
+            "batch_size": control.batch_size,
+            "processing_interval": control.interval.map(duration::format),
+        },
+        "updated_at": control.updated_at,
+        "updated_by": control.updated_by,
+    })
+}
+
+async fn status(state: State) -> Result<Response, ApiError> {
+    let control = state.store.control_record().await?;
+    let leader = state.store.leader_record().await?;
+    let replicas = state.store.live_replicas(LIVE_WITHIN).await?;
+    let schedule = effective(state.configured_schedule(), &control);
+    let next_batch_at: Option<DateTime<Utc>> = control.running.then(|| {
+        let interval =
+            chrono::Duration::from_std(schedule.interval).unwrap_or(chrono::Duration::MAX);
+        let next = leader
+            .last_batch_at
+            .map_or_else(Utc::now, |last| last + interval);
+        next.max(Utc::now())
+    });
+    let leader_alive = leader
+        .holder
+        .as_ref()
+        .is_some_and(|holder| replicas.iter().any(|r| &r.replica_id == holder));
+    let term = state.leadership.current();
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "running": control.running,
+            "leader": leader.holder.as_ref().map(|holder| json!({
+                "replica_id": holder,
+                "epoch": leader.epoch,
+                "since": leader.acquired_at,
+                "alive": leader_alive,
+            })),
+            "last_batch_at": leader.last_batch_at,
+            "next_batch_at": next_batch_at,
+            "batch_size": schedule.batch_size,
+            "processing_interval": duration::format(schedule.interval),
+            "processing_interval_ms": schedule.interval.as_millis() as u64,
+            "config": schedule_json(state.configured_schedule(), &control),
+            "this_replica": {
+                "replica_id": state.config.replica_id,
+                "leader": term.is_some(),
+                "epoch": term.map(|t| t.epoch.0),
+            },
+            "replicas": replicas,
+        }),
+    ))
+}
+
+/// `PUT /api/messaging/config`: `{"batch_size": 5, "processing_interval": "30s"}`.
+/// A field set to `null` clears the override (back to the configured value).
+async fn update_config(state: State, body: Value) -> Result<Response, ApiError> {
+    let change = parse_override_change(body)?;
+    let by = format!("api@{}", state.config.replica_id);
+    let control = state.store.set_overrides(&change, &by).await?;
+    state.wake.notify_one();
+    tracing::info!(?change, "runtime configuration changed through the API");
+    Ok(json(
+        StatusCode::OK,
+        &schedule_json(state.configured_schedule(), &control),
+    ))
+}
+
+fn parse_override_change(body: Value) -> Result<OverrideChange, ApiError> {
+    let Value::Object(mut fields) = body else {
+        return Err(ApiError::validation("body", "expected a JSON object"));
+    };
+    let change = OverrideChange {
+        batch_size: take(&mut fields, "batch_size", parse_batch_size)?,
+        interval: take(&mut fields, "processing_interval", parse_interval)?,
+    };
+    if let Some(unknown) = fields.keys().next() {
+        return Err(ApiError::validation(
+            unknown.clone(),
+            format!("unknown field {unknown:?}; expected batch_size and/or processing_interval"),
+        ));
+    }
+    if change.batch_size.is_none() && change.interval.is_none() {
+        return Err(ApiError::validation(
+            "body",
+            "nothing to change; send batch_size and/or processing_interval",
+        ));
+    }
+    Ok(change)
+}
+
+/// Removes `name` from `fields`: absent → `None`, `null` → `Some(None)` (clear),
+/// a value → `Some(Some(parsed))`.
+fn take<T>(
+    fields: &mut Map<String, Value>,
+    name: &'static str,
+    parse: fn(&Value) -> Result<T, String>,
+) -> Result<Option<Option<T>>, ApiError> {
+    match fields.remove(name) {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(value) => parse(&value)
+            .map(|v| Some(Some(v)))
+            .map_err(|problem| ApiError::validation(name, format!("{name} {problem}"))),
+    }
+}
+
+fn parse_batch_size(value: &Value) -> Result<u32, String> {
+    value
+        .as_u64()
+        .filter(|n| (1..=u64::from(MAX_BATCH_SIZE)).contains(n))
+        .map(|n| n as u32)
+        .ok_or_else(|| format!("must be an integer from 1 to {MAX_BATCH_SIZE}"))
+}
+
+fn parse_interval(value: &Value) -> Result<Duration, String> {
+    let text = value
+        .as_str()
+        .ok_or_else(|| "must be a duration string such as \"30s\" or \"2m\"".to_string())?;
+    let interval = duration::parse(text).map_err(|problem| format!("is invalid: {problem}"))?;
+    if interval > Duration::from_secs(7 * 86_400) {
+        return Err("must be at most 7 days".into());
+    }
+    Ok(interval)
+}

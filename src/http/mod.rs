@@ -1,0 +1,114 @@
+//! The HTTP API (SPEC §7), served by every replica.
+//!
+//! Routes match the path before the method, so an unknown path is a 404 and a known
+//! path with the wrong method a 405. Handlers return `Result<Response, ApiError>`;
+//! every warp rejection goes through [`error::recover`], so no request ever gets a
+//! non-JSON error.
+
+mod body;
+mod error;
+mod health;
+mod messages;
+mod messaging;
+mod openapi;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use serde::Serialize;
+use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+
+pub use error::ApiError;
+
+use crate::app::AppState;
+
+type State = Arc<AppState>;
+
+/// Every route of the API.
+pub fn routes(state: State) -> BoxedFilter<(Response,)> {
+    let open = health::routes(state.clone())
+        .or(warp::path!("openapi.json")
+            .and(warp::get())
+            .map(|| openapi::document().into_response()))
+        .unify();
+    let api = warp::path("api").and(authorized(state.clone())).and(
+        messaging::routes(state.clone())
+            .or(messages::routes(state))
+            .unify(),
+    );
+    open.or(api)
+        .unify()
+        .recover(error::recover)
+        .unify()
+        .with(warp::log::custom(|info| {
+            tracing::debug!(
+                method = %info.method(),
+                path = info.path(),
+                status = info.status().as_u16(),
+                elapsed_ms = info.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+        }))
+        .map(Reply::into_response)
+        .boxed()
+}
+
+/// Passes the state to a handler.
+fn with_state(state: State) -> impl Filter<Extract = (State,), Error = Infallible> + Clone {
+    warp::any().map(move || state.clone())
+}
+
+/// A JSON response with a status.
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    warp::reply::with_status(warp::reply::json(body), status).into_response()
+}
+
+/// Turns a handler result into a response.
+fn respond(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+/// When `API_TOKEN` is set, requires `Authorization: Bearer <token>`, compared in
+/// constant time so the token cannot be guessed byte by byte from response times.
+fn authorized(state: State) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(with_state(state))
+        .and_then(|header: Option<String>, state: State| async move {
+            let Some(token) = &state.config.api_token else {
+                return Ok(());
+            };
+            let presented = header
+                .as_deref()
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if constant_time_eq(presented.as_bytes(), token.expose().as_bytes()) {
+                Ok(())
+            } else {
+                Err(warp::reject::custom(ApiError::Unauthorized))
+            }
+        })
+        .untuple_one()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret!"));
+        assert!(!constant_time_eq(b"", b"secret"));
+    }
+}

@@ -1,0 +1,370 @@
+//! `GET /openapi.json`: a hand-written OpenAPI 3 document of the routes in this module.
+//! Kept next to the routes; `tests/api` checks that every route answers as described
+//! and schemathesis fuzzes the API against it.
+
+use serde_json::{Value, json};
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use crate::version::BUILD;
+
+pub fn document() -> Response {
+    super::json(StatusCode::OK, &spec())
+}
+
+fn error_response(description: &str) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+}
+
+fn json_response(description: &str, schema: Value) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": schema}}})
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+/// The errors every `/api` operation may answer.
+fn api_errors(mut responses: serde_json::Map<String, Value>) -> Value {
+    responses.insert(
+        "401".into(),
+        error_response("API_TOKEN is set and the request lacks it"),
+    );
+    responses.insert("503".into(), error_response("PostgreSQL is unavailable"));
+    Value::Object(responses)
+}
+
+fn responses(pairs: &[(&str, Value)]) -> serde_json::Map<String, Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+fn spec() -> Value {
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "message-dispatcher",
+            "version": BUILD.version,
+            "description": "Drains a PostgreSQL queue of SMS messages into a provider's HTTP API. Every replica serves this API; control operations act on the whole cluster."
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "Required on /api/* only when API_TOKEN is set"}},
+            "schemas": schemas()
+        },
+        "paths": paths()
+    })
+}
+
+fn schemas() -> Value {
+    let timestamp = json!({"type": "string", "format": "date-time"});
+    let nullable_timestamp = json!({"type": ["string", "null"], "format": "date-time"});
+    json!({
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "field": {"type": ["string", "null"]},
+                    "index": {"type": ["integer", "null"]}
+                }
+            }}
+        },
+        "Version": {
+            "type": "object",
+            "required": ["version", "commit", "build_time"],
+            "properties": {"version": {"type": "string"}, "commit": {"type": "string"}, "build_time": {"type": "string"}}
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status", "processing_status", "leader", "replica_id", "version", "dependencies"],
+            "properties": {
+                "status": {"enum": ["healthy", "degraded", "unhealthy"]},
+                "processing_status": {"enum": ["running", "stopped"]},
+                "leader": {"type": "boolean"},
+                "replica_id": {"type": "string"},
+                "version": schema_ref("Version"),
+                "dependencies": {
+                    "type": "object",
+                    "required": ["database", "redis"],
+                    "properties": {
+                        "database": {"enum": ["healthy", "unhealthy"]},
+                        "redis": {"enum": ["healthy", "unhealthy"]}
+                    }
+                }
+            }
+        },
+        "Probe": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "reason": {"type": "string"}}},
+        "NewMessage": {
+            "type": "object",
+            "required": ["phone_number", "content"],
+            "properties": {
+                "phone_number": {"type": "string", "pattern": "^\\+?[0-9]+$", "minLength": 10, "maxLength": 20},
+                "content": {"type": "string", "minLength": 1, "maxLength": 160}
+            }
+        },
+        "Message": {
+            "type": "object",
+            "required": ["id", "phone_number", "content", "status", "sent", "attempts", "next_attempt_at", "created_at", "sent_at", "message_id", "last_error", "cached_at"],
+            "properties": {
+                "id": {"type": "integer", "format": "int64"},
+                "phone_number": {"type": "string"},
+                "content": {"type": "string"},
+                "status": {"enum": ["pending", "sending", "sent", "failed"]},
+                "sent": {"type": "boolean"},
+                "attempts": {"type": "integer"},
+                "next_attempt_at": timestamp,
+                "created_at": timestamp,
+                "sent_at": nullable_timestamp,
+                "message_id": {"type": ["string", "null"], "description": "the provider's id"},
+                "last_error": {"type": ["string", "null"]},
+                "cached_at": nullable_timestamp
+            }
+        },
+        "SentMessage": {
+            "type": "object",
+            "required": ["id", "phone_number", "content", "sent", "created_at", "sent_at", "message_id", "cached_at"],
+            "properties": {
+                "id": {"type": "integer", "format": "int64"},
+                "phone_number": {"type": "string"},
+                "content": {"type": "string"},
+                "sent": {"type": "boolean"},
+                "created_at": timestamp,
+                "sent_at": nullable_timestamp,
+                "message_id": {"type": ["string", "null"]},
+                "cached_at": nullable_timestamp
+            }
+        },
+        "MessagePage": {
+            "type": "object",
+            "required": ["messages", "total", "next_cursor"],
+            "properties": {
+                "messages": {"type": "array", "items": schema_ref("Message")},
+                "total": {"type": "integer"},
+                "next_cursor": {"type": ["integer", "null"]}
+            }
+        },
+        "SentPage": {
+            "type": "object",
+            "required": ["messages", "total", "next_cursor"],
+            "properties": {
+                "messages": {"type": "array", "items": schema_ref("SentMessage")},
+                "total": {"type": "integer"},
+                "next_cursor": {"type": ["integer", "null"]}
+            }
+        },
+        "ControlAnswer": {
+            "type": "object",
+            "required": ["status", "message"],
+            "properties": {"status": {"enum": ["started", "running", "stopped"]}, "message": {"type": "string"}}
+        },
+        "Schedule": {
+            "type": "object",
+            "required": ["batch_size", "processing_interval", "processing_interval_ms", "overrides"],
+            "properties": {
+                "batch_size": {"type": "integer"},
+                "processing_interval": {"type": "string"},
+                "processing_interval_ms": {"type": "integer"},
+                "overrides": {
+                    "type": "object",
+                    "properties": {
+                        "batch_size": {"type": ["integer", "null"]},
+                        "processing_interval": {"type": ["string", "null"]}
+                    }
+                },
+                "updated_at": timestamp,
+                "updated_by": {"type": ["string", "null"]}
+            }
+        },
+        "ConfigChange": {
+            "type": "object",
+            "additionalProperties": false,
+            "minProperties": 1,
+            "properties": {
+                "batch_size": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000},
+                "processing_interval": {"type": ["string", "null"], "examples": ["30s", "2m", "500ms"]}
+            }
+        },
+        "Status": {
+            "type": "object",
+            "required": ["running", "leader", "last_batch_at", "next_batch_at", "batch_size", "processing_interval", "this_replica", "replicas"],
+            "properties": {
+                "running": {"type": "boolean"},
+                "leader": {
+                    "type": ["object", "null"],
+                    "properties": {
+                        "replica_id": {"type": "string"},
+                        "epoch": {"type": "integer"},
+                        "since": nullable_timestamp,
+                        "alive": {"type": "boolean"}
+                    }
+                },
+                "last_batch_at": nullable_timestamp,
+                "next_batch_at": nullable_timestamp,
+                "batch_size": {"type": "integer"},
+                "processing_interval": {"type": "string"},
+                "processing_interval_ms": {"type": "integer"},
+                "config": schema_ref("Schedule"),
+                "this_replica": {
+                    "type": "object",
+                    "required": ["replica_id", "leader"],
+                    "properties": {"replica_id": {"type": "string"}, "leader": {"type": "boolean"}, "epoch": {"type": ["integer", "null"]}}
+                },
+                "replicas": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["replica_id", "version", "started_at", "last_seen_at"],
+                    "properties": {
+                        "replica_id": {"type": "string"},
+                        "version": {"type": "string"},
+                        "started_at": timestamp,
+                        "last_seen_at": timestamp
+                    }
+                }}
+            }
+        }
+    })
+}
+
+fn paths() -> Value {
+    let page_params = json!([
+        {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
+        {"name": "cursor", "in": "query", "required": false, "description": "next_cursor of the previous page", "schema": {"type": "integer", "minimum": 1}}
+    ]);
+    let id_param = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "format": "int64", "minimum": 1}});
+    json!({
+        "/health": {"get": {
+            "summary": "Overall health with dependencies",
+            "operationId": "health",
+            "responses": {
+                "200": json_response("healthy or degraded (Redis down)", schema_ref("Health")),
+                "503": json_response("unhealthy: PostgreSQL down", schema_ref("Health"))
+            }
+        }},
+        "/health/live": {"get": {
+            "summary": "Liveness: the process serves requests",
+            "operationId": "live",
+            "responses": {"200": json_response("alive", schema_ref("Probe"))}
+        }},
+        "/health/ready": {"get": {
+            "summary": "Readiness: PostgreSQL answers, migrations applied, not shutting down",
+            "operationId": "ready",
+            "responses": {
+                "200": json_response("ready", schema_ref("Probe")),
+                "503": json_response("not ready", schema_ref("Probe"))
+            }
+        }},
+        "/version": {"get": {
+            "summary": "Version, commit and build time",
+            "operationId": "version",
+            "responses": {"200": json_response("build information", schema_ref("Version"))}
+        }},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics (text format)",
+            "operationId": "metrics",
+            "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+        }},
+        "/openapi.json": {"get": {
+            "summary": "This document",
+            "operationId": "openapi",
+            "responses": {"200": json_response("OpenAPI document", json!({"type": "object"}))}
+        }},
+        "/api/messaging/start": {"post": {
+            "summary": "Start processing on the whole cluster",
+            "operationId": "start",
+            "security": [{"bearer": []}],
+            "responses": api_errors(responses(&[("200", json_response("started (or already running)", schema_ref("ControlAnswer")))]))
+        }},
+        "/api/messaging/stop": {"post": {
+            "summary": "Stop processing on the whole cluster; no new batch starts after this returns",
+            "operationId": "stop",
+            "security": [{"bearer": []}],
+            "responses": api_errors(responses(&[("200", json_response("stopped", schema_ref("ControlAnswer")))]))
+        }},
+        "/api/messaging/status": {"get": {
+            "summary": "Desired state, leader, schedule and live replicas",
+            "operationId": "status",
+            "security": [{"bearer": []}],
+            "responses": api_errors(responses(&[("200", json_response("status", schema_ref("Status")))]))
+        }},
+        "/api/messaging/config": {"put": {
+            "summary": "Change batch size and/or interval for the whole cluster (null clears an override)",
+            "operationId": "updateConfig",
+            "security": [{"bearer": []}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("ConfigChange")}}},
+            "responses": api_errors(responses(&[
+                ("200", json_response("the schedule now in force", schema_ref("Schedule"))),
+                ("400", error_response("not JSON")),
+                ("413", error_response("body over 1 MiB")),
+                ("422", error_response("invalid value or unknown field"))
+            ]))
+        }},
+        "/api/messages": {
+            "get": {
+                "summary": "Messages of any status, newest first",
+                "operationId": "listMessages",
+                "security": [{"bearer": []}],
+                "parameters": page_params.as_array().unwrap_or(&Vec::new()).iter().cloned()
+                    .chain([json!({"name": "status", "in": "query", "required": false, "schema": {"enum": ["pending", "sending", "sent", "failed"]}})])
+                    .collect::<Vec<_>>(),
+                "responses": api_errors(responses(&[
+                    ("200", json_response("a page of messages", schema_ref("MessagePage"))),
+                    ("400", error_response("bad query parameter"))
+                ]))
+            },
+            "post": {
+                "summary": "Create one message or up to 1000",
+                "operationId": "createMessages",
+                "security": [{"bearer": []}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"oneOf": [
+                    schema_ref("NewMessage"),
+                    {"type": "array", "items": schema_ref("NewMessage"), "minItems": 1, "maxItems": 1000}
+                ]}}}},
+                "responses": api_errors(responses(&[
+                    ("201", json_response("created: an object for an object, an array for an array", json!({"oneOf": [
+                        schema_ref("Message"),
+                        {"type": "array", "items": schema_ref("Message")}
+                    ]}))),
+                    ("400", error_response("not JSON")),
+                    ("413", error_response("body over 1 MiB")),
+                    ("422", error_response("a field is invalid; the error names it and its index"))
+                ]))
+            }
+        },
+        "/api/messages/sent": {"get": {
+            "summary": "Sent messages, newest first, with cached_at from Redis",
+            "operationId": "listSent",
+            "security": [{"bearer": []}],
+            "parameters": page_params,
+            "responses": api_errors(responses(&[
+                ("200", json_response("a page of sent messages", schema_ref("SentPage"))),
+                ("400", error_response("bad query parameter"))
+            ]))
+        }},
+        "/api/messages/{id}": {"get": {
+            "summary": "One message",
+            "operationId": "getMessage",
+            "security": [{"bearer": []}],
+            "parameters": [id_param],
+            "responses": api_errors(responses(&[
+                ("200", json_response("the message", schema_ref("Message"))),
+                ("404", error_response("no such message"))
+            ]))
+        }},
+        "/api/messages/{id}/retry": {"post": {
+            "summary": "Move a failed message back to pending",
+            "operationId": "retryMessage",
+            "security": [{"bearer": []}],
+            "parameters": [id_param],
+            "responses": api_errors(responses(&[
+                ("200", json_response("the message, pending again", schema_ref("Message"))),
+                ("404", error_response("no such message")),
+                ("409", error_response("the message is not failed"))
+            ]))
+        }}
+    })
+}

@@ -1,0 +1,283 @@
+//! The election loops: Redis lease mode and single-replica mode.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::Retryable;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{Leadership, RedisLease, Term};
+use crate::domain::LeaseToken;
+use crate::metrics::Metrics;
+use crate::retry::connect_backoff;
+use crate::store::Store;
+
+/// Timing of the Redis lease.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTiming {
+    pub ttl: Duration,
+    pub retry_interval: Duration,
+}
+
+impl LeaseTiming {
+    /// Safety margin subtracted from the TTL for the local deadline: clock rate
+    /// differences between this host and Redis (as in Redlock: 1 % + 2 ms) plus a
+    /// little scheduling slack.
+    fn drift(&self) -> Duration {
+        self.ttl / 100 + Duration::from_millis(2) + self.ttl / 50
+    }
+
+    fn extend_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// After a failed extension, try again this soon (still well inside the TTL).
+    fn extend_retry(&self) -> Duration {
+        (self.ttl / 10).max(Duration::from_millis(50))
+    }
+
+    /// The follower's next attempt: the retry interval ± 20 % jitter.
+    fn follower_wait(&self) -> Duration {
+        let jitter = 0.8 + 0.4 * rand::random::<f64>();
+        self.retry_interval.mul_f64(jitter)
+    }
+}
+
+/// Everything the Redis elector needs.
+pub struct Elector {
+    pub lease: RedisLease,
+    pub timing: LeaseTiming,
+    pub store: Store,
+    pub leadership: Arc<Leadership>,
+    pub metrics: Arc<Metrics>,
+    pub replica_id: String,
+    /// Notified when a leaving leader announces the lock is free.
+    pub released: Arc<Notify>,
+}
+
+enum TermEnd {
+    Resigned,
+    Lost(&'static str),
+    Fenced,
+}
+
+/// Runs the lease loop until `resign` fires. On resign as leader the lock is released
+/// and followers are told, so one of them takes over at once.
+pub async fn run_redis_elector(elector: Elector, resign: CancellationToken) {
+    let mut redis_ok = true;
+    loop {
+        let Some((token, attempt_started)) = elector.acquire(&resign, &mut redis_ok).await else {
+            return;
+        };
+        let deadline = attempt_started + elector.timing.ttl - elector.timing.drift();
+        let epoch = tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            elector.store.bump_epoch(&elector.replica_id),
+        )
+        .await;
+        let epoch = match epoch {
+            Ok(Ok(epoch)) => epoch,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "won the lock but could not fence in PostgreSQL; letting it go");
+                elector.release(&token, false).await;
+                elector.pause(&resign).await;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "won the lock but PostgreSQL did not answer within the lease; letting it go"
+                );
+                elector.release(&token, false).await;
+                elector.pause(&resign).await;
+                continue;
+            }
+        };
+        let term = Term::new(epoch, deadline);
+        if !term.is_valid() {
+            elector.release(&token, false).await;
+            continue;
+        }
+        elector.leadership.begin(term.clone());
+        let end = elector.keep(&token, &term, &resign).await;
+        match end {
+            TermEnd::Resigned => {
+                elector.leadership.end(&term, "shutting down");
+                elector.release(&token, true).await;
+                return;
+            }
+            TermEnd::Lost(reason) => {
+                elector.leadership.end(&term, reason);
+                elector.release(&token, false).await;
+            }
+            TermEnd::Fenced => {
+                elector.leadership.end(&term, "fenced by a newer epoch");
+                elector.release(&token, true).await;
+                elector.pause(&resign).await;
+            }
+        }
+    }
+}
+
+impl Elector {
+    /// Follower loop: try `SET NX` every retry interval (with jitter), or at once when
+    /// the leader announces its release. Returns the token and when the winning
+    /// attempt started (the lease is measured from then).
+    async fn acquire(
+        &self,
+        resign: &CancellationToken,
+        redis_ok: &mut bool,
+    ) -> Option<(LeaseToken, Instant)> {
+        loop {
+            if resign.is_cancelled() {
+                return None;
+            }
+            let started = Instant::now();
+            match self.lease.try_acquire().await {
+                Ok(Some(token)) => {
+                    self.metrics.lock_op("acquire", "ok");
+                    if !*redis_ok {
+                        tracing::info!("Redis answers again");
+                        *redis_ok = true;
+                    }
+                    return Some((token, started));
+                }
+                Ok(None) => {
+                    self.metrics.lock_op("acquire", "busy");
+                    if !*redis_ok {
+                        tracing::info!("Redis answers again");
+                        *redis_ok = true;
+                    }
+                }
+                Err(err) => {
+                    self.metrics.lock_op("acquire", "error");
+                    if *redis_ok {
+                        tracing::warn!(error = %err.details(), "cannot reach Redis; no replica can lead until it answers");
+                        *redis_ok = false;
+                    }
+                }
+            }
+            tokio::select! {
+                () = resign.cancelled() => return None,
+                () = tokio::time::sleep(self.timing.follower_wait()) => {}
+                () = self.released.notified() => {}
+            }
+        }
+    }
+
+    /// Leader loop: extend every TTL/3 while the local deadline holds.
+    async fn keep(&self, token: &LeaseToken, term: &Term, resign: &CancellationToken) -> TermEnd {
+        let mut next_extend = Instant::now() + self.timing.extend_every();
+        loop {
+            tokio::select! {
+                biased;
+                () = resign.cancelled() => return TermEnd::Resigned,
+                () = self.leadership.fenced.notified() => {
+                    if term.is_revoked() {
+                        return TermEnd::Fenced;
+                    }
+                }
+                () = tokio::time::sleep_until(term.deadline().into()) => {
+                    self.metrics.lock_op("extend", "lost");
+                    return TermEnd::Lost("lease deadline passed without a successful extension");
+                }
+                () = tokio::time::sleep_until(next_extend.into()) => {
+                    if !term.is_valid() {
+                        return TermEnd::Lost("lease deadline passed");
+                    }
+                    let sent = Instant::now();
+                    match self.lease.extend(token).await {
+                        Ok(true) => {
+                            self.metrics.lock_op("extend", "ok");
+                            term.extend_until(sent + self.timing.ttl - self.timing.drift());
+                            next_extend = sent + self.timing.extend_every();
+                        }
+                        Ok(false) => {
+                            self.metrics.lock_op("extend", "lost");
+                            return TermEnd::Lost("lock expired or taken by another replica");
+                        }
+                        Err(err) => {
+                            self.metrics.lock_op("extend", "error");
+                            tracing::warn!(error = %err.details(), "could not extend the lease; retrying until its deadline");
+                            next_extend = Instant::now() + self.timing.extend_retry();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Compare-and-delete the lock; with `announce`, tell followers it is free.
+    async fn release(&self, token: &LeaseToken, announce: bool) {
+        match self.lease.release(token).await {
+            Ok(true) => {
+                self.metrics.lock_op("release", "ok");
+                if announce {
+                    if let Err(err) = self.lease.announce_release(&self.replica_id).await {
+                        tracing::warn!(error = %err.details(), "could not announce the release");
+                    }
+                }
+                tracing::info!("released the leader lock");
+            }
+            Ok(false) => self.metrics.lock_op("release", "lost"),
+            Err(err) => {
+                self.metrics.lock_op("release", "error");
+                tracing::warn!(error = %err.details(), "could not release the lock; it expires by itself");
+            }
+        }
+    }
+
+    /// A short wait before competing again after giving a lock back.
+    async fn pause(&self, resign: &CancellationToken) {
+        tokio::select! {
+            () = resign.cancelled() => {}
+            () = tokio::time::sleep(self.timing.follower_wait()) => {}
+        }
+    }
+}
+
+/// Single-replica mode (`DISTRIBUTED_LOCK_ENABLED=false`): no lock; the replica fences
+/// itself with a new epoch once PostgreSQL answers and leads until it stops or a
+/// newer epoch appears (a second replica in this mode), in which case it stands down
+/// for good rather than fight.
+pub async fn run_single_replica(
+    store: Store,
+    leadership: Arc<Leadership>,
+    replica_id: String,
+    resign: CancellationToken,
+) {
+    let bump = || store.bump_epoch(&replica_id);
+    let epoch = tokio::select! {
+        () = resign.cancelled() => return,
+        result = bump.retry(connect_backoff()).notify(|err, wait| {
+            tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "cannot fence in PostgreSQL yet");
+        }) => match result {
+            Ok(epoch) => epoch,
+            Err(err) => {
+                tracing::error!(error = %err, "giving up on fencing; this replica will not dispatch");
+                return;
+            }
+        },
+    };
+    let term = Term::unbounded(epoch);
+    leadership.begin(term.clone());
+    loop {
+        tokio::select! {
+            () = resign.cancelled() => {
+                leadership.end(&term, "shutting down");
+                return;
+            }
+            () = leadership.fenced.notified() => {
+                if term.is_revoked() {
+                    tracing::error!(
+                        "another replica took a newer epoch while DISTRIBUTED_LOCK_ENABLED=false; \
+                         two replicas in single-replica mode fence each other out. This one stops dispatching."
+                    );
+                    leadership.end(&term, "fenced by a newer epoch");
+                    resign.cancelled().await;
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! message-dispatcher: drains a PostgreSQL queue of SMS messages into a provider's
+//! HTTP API at a controlled rate, from exactly one leader among many replicas.
+//!
+//! Layout follows the architecture: [`config`] reads the environment, [`store`] owns
+//! PostgreSQL (queue, fence, control), [`leadership`] elects with a Redis lease and
+//! fences with the epoch, [`dispatch`] claims, sends and records, [`provider`] talks to
+//! the SMS API (and mocks it), [`http`] serves the API, [`app`] wires one replica.
+
+pub mod app;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod dispatch;
+pub mod domain;
+pub mod duration;
+pub mod health;
+pub mod http;
+pub mod leadership;
+pub mod metrics;
+pub mod provider;
+pub mod redis;
+pub mod retry;
+pub mod store;
+pub mod telemetry;
+pub mod version;
+
+/// Installs the process-wide rustls crypto provider (aws-lc-rs) so no TLS user has to
+/// guess. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

@@ -1,0 +1,20 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use message_dispatcher::cli::Cli;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    message_dispatcher::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(cli.run())
+}

@@ -1,0 +1,271 @@
+//! Prometheus metrics (SPEC §8). One registry per replica, rendered by `/metrics`.
+//!
+//! Every labelled series that operators alert on is created at start with value 0,
+//! so `rate()` and absence alerts work before the first event.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::domain::MessageStatus;
+use crate::version::BUILD;
+
+pub struct Metrics {
+    registry: Registry,
+    pub messages_sent: IntCounter,
+    pub messages_failed: IntCounterVec,
+    pub messages_retried: IntCounter,
+    pub messages_rescued: IntCounter,
+    pub provider_requests: IntCounterVec,
+    pub provider_request_duration: Histogram,
+    pub batches: IntCounterVec,
+    pub batch_duration: Histogram,
+    pub queue_messages: IntGaugeVec,
+    pub oldest_pending_age: Gauge,
+    pub is_leader: IntGauge,
+    pub leader_epoch: IntGauge,
+    pub lock_operations: IntCounterVec,
+    pub leadership_changes: IntCounter,
+    pub fencing_rejections: IntCounter,
+    pub scheduler_running: IntGauge,
+    pub dependency_up: IntGaugeVec,
+}
+
+/// Why a message ended `failed`.
+pub const FAILED_REJECTED: &str = "rejected";
+pub const FAILED_MAX_ATTEMPTS: &str = "max_attempts";
+
+/// How a batch ended.
+pub const BATCH_COMPLETE: &str = "complete";
+pub const BATCH_PARTIAL: &str = "partial";
+pub const BATCH_FAILED: &str = "failed";
+pub const BATCH_INTERRUPTED: &str = "interrupted";
+
+pub const LOCK_OPS: [&str; 3] = ["acquire", "extend", "release"];
+pub const LOCK_RESULTS: [&str; 4] = ["ok", "busy", "lost", "error"];
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+impl Metrics {
+    /// Builds the registry. Names are constants, so registration cannot fail at run
+    /// time; the `expect`s document that, they do not guard input.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let metrics = Self {
+            messages_sent: counter(
+                &r,
+                "dispatcher_messages_sent_total",
+                "Messages the provider accepted.",
+            ),
+            messages_failed: counter_vec(
+                &r,
+                "dispatcher_messages_failed_total",
+                "Messages marked failed, by reason (rejected by the provider, or out of attempts).",
+                &["reason"],
+            ),
+            messages_retried: counter(
+                &r,
+                "dispatcher_messages_retried_total",
+                "Sends that failed transiently and were scheduled for another attempt.",
+            ),
+            messages_rescued: counter(
+                &r,
+                "dispatcher_messages_rescued_total",
+                "Claims of a dead or deposed leader returned to pending by this replica.",
+            ),
+            provider_requests: counter_vec(
+                &r,
+                "dispatcher_provider_requests_total",
+                "Requests to the SMS provider by HTTP status code or error kind.",
+                &["code"],
+            ),
+            provider_request_duration: histogram(
+                &r,
+                "dispatcher_provider_request_duration_seconds",
+                "Time from sending a request to the provider to its answer or error.",
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            ),
+            batches: counter_vec(
+                &r,
+                "dispatcher_batches_total",
+                "Batches run by this replica, by outcome.",
+                &["outcome"],
+            ),
+            batch_duration: histogram(
+                &r,
+                "dispatcher_batch_duration_seconds",
+                "Time from claiming a batch to recording its last result.",
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            ),
+            queue_messages: gauge_vec(
+                &r,
+                "dispatcher_queue_messages",
+                "Messages in the queue by status (read from PostgreSQL at scrape time).",
+                &["status"],
+            ),
+            oldest_pending_age: {
+                let g = Gauge::new(
+                    "dispatcher_oldest_pending_message_age_seconds",
+                    "Age of the oldest pending message (0 when none).",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            is_leader: gauge(
+                &r,
+                "dispatcher_is_leader",
+                "1 while this replica holds the leadership.",
+            ),
+            leader_epoch: gauge(
+                &r,
+                "dispatcher_leader_epoch",
+                "Epoch of this replica's current or last leadership term.",
+            ),
+            lock_operations: counter_vec(
+                &r,
+                "dispatcher_lock_operations_total",
+                "Redis lock operations by operation and result.",
+                &["op", "result"],
+            ),
+            leadership_changes: counter(
+                &r,
+                "dispatcher_leadership_changes_total",
+                "Times this replica became leader or stopped being leader.",
+            ),
+            fencing_rejections: counter(
+                &r,
+                "dispatcher_fencing_rejections_total",
+                "Claims PostgreSQL refused because a newer epoch exists.",
+            ),
+            scheduler_running: gauge(
+                &r,
+                "dispatcher_scheduler_running",
+                "1 when the cluster's desired state is running.",
+            ),
+            dependency_up: gauge_vec(
+                &r,
+                "dispatcher_dependency_up",
+                "1 when the dependency answered the last health check.",
+                &["dependency"],
+            ),
+            registry: r,
+        };
+        metrics.register_process_and_build_info();
+        metrics.create_known_series();
+        metrics
+    }
+
+    fn register_process_and_build_info(&self) {
+        let build = IntGaugeVec::new(
+            Opts::new(
+                "dispatcher_build_info",
+                "Always 1; labels say which build is running.",
+            ),
+            &["version", "commit"],
+        )
+        .expect("valid metric");
+        build
+            .with_label_values(&[BUILD.version, BUILD.commit])
+            .set(1);
+        self.registry
+            .register(Box::new(build))
+            .expect("unique metric");
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        self.registry
+            .register(Box::new(process))
+            .expect("unique metric");
+    }
+
+    fn create_known_series(&self) {
+        for reason in [FAILED_REJECTED, FAILED_MAX_ATTEMPTS] {
+            self.messages_failed.with_label_values(&[reason]);
+        }
+        for outcome in [
+            BATCH_COMPLETE,
+            BATCH_PARTIAL,
+            BATCH_FAILED,
+            BATCH_INTERRUPTED,
+        ] {
+            self.batches.with_label_values(&[outcome]);
+        }
+        for op in LOCK_OPS {
+            for result in LOCK_RESULTS {
+                self.lock_operations.with_label_values(&[op, result]);
+            }
+        }
+        for dependency in ["database", "redis"] {
+            self.dependency_up.with_label_values(&[dependency]);
+        }
+        for status in MessageStatus::ALL {
+            self.queue_messages.with_label_values(&[status.as_str()]);
+        }
+    }
+
+    pub fn lock_op(&self, op: &str, result: &str) {
+        self.lock_operations.with_label_values(&[op, result]).inc();
+    }
+
+    pub fn set_dependency(&self, dependency: &str, up: bool) {
+        self.dependency_up
+            .with_label_values(&[dependency])
+            .set(i64::from(up));
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::error!(%err, "could not encode metrics");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

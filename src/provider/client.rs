@@ -1,0 +1,284 @@
+//! The provider client (SPEC §6 steps 6–7): one POST per message, classified into
+//! accepted / retry later / rejected.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
+use serde_json::{Value, json};
+
+use crate::config::ProviderConfig;
+use crate::metrics::Metrics;
+use crate::version::BUILD;
+
+/// What the provider's answer means for the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Any 2xx. The id comes from the body's `messageId`, `message_id` or `id`.
+    Accepted { provider_message_id: Option<String> },
+    /// 408, 425, 429, 5xx, timeouts, connection and TLS errors: try again later,
+    /// not before `retry_after` when the provider said so.
+    Transient {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    /// Any other answer: retrying would not help (a bad number stays bad).
+    Rejected { error: String },
+}
+
+pub struct ProviderClient {
+    http: reqwest::Client,
+    url: Url,
+    auth_header: HeaderName,
+    auth_value: HeaderValue,
+    metrics: Arc<Metrics>,
+}
+
+impl ProviderClient {
+    pub fn new(config: &ProviderConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            .user_agent(format!("message-dispatcher/{}", BUILD.version))
+            // A redirect is an answer to classify, not to follow (a POST must not turn
+            // into a GET somewhere else).
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(path) = &config.ca_cert {
+            let pem = std::fs::read(path)
+                .map_err(|err| anyhow::anyhow!("SMS_API_CA_CERT {}: {err}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|err| {
+                anyhow::anyhow!(
+                    "SMS_API_CA_CERT {}: not PEM certificates: {err}",
+                    path.display()
+                )
+            })?;
+            if certs.is_empty() {
+                anyhow::bail!("SMS_API_CA_CERT {}: no certificate found", path.display());
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        if config.insecure_skip_verify {
+            tracing::warn!(
+                "SMS_API_INSECURE_SKIP_VERIFY=true: the provider's TLS certificate is not checked; \
+                 anyone on the network path can read and answer these requests"
+            );
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        let (auth_header, auth_value) = match &config.auth_header {
+            Some(name) => (
+                HeaderName::from_bytes(name.as_bytes())?,
+                HeaderValue::from_str(config.token.expose())?,
+            ),
+            None => (
+                AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {}", config.token.expose()))?,
+            ),
+        };
+        let mut auth_value = auth_value;
+        auth_value.set_sensitive(true);
+        Ok(Self {
+            http: builder.build()?,
+            url: Url::parse(&config.url)?,
+            auth_header,
+            auth_value,
+            metrics,
+        })
+    }
+
+    /// Sends one message. Never fails: every error is an outcome for the row.
+    pub async fn send(&self, id: i64, to: &str, content: &str) -> SendOutcome {
+        let started = Instant::now();
+        let result = self
+            .http
+            .post(self.url.clone())
+            .header(self.auth_header.clone(), self.auth_value.clone())
+            .header("Idempotency-Key", id.to_string())
+            .json(&json!({ "to": to, "content": content }))
+            .send()
+            .await;
+        let outcome = match result {
+            Ok(response) => {
+                let status = response.status();
+                let headers = response.headers().clone();
+                let body = response.bytes().await.unwrap_or_default();
+                self.metrics
+                    .provider_requests
+                    .with_label_values(&[status.as_str()])
+                    .inc();
+                classify_response(status, &headers, &body)
+            }
+            Err(err) => {
+                let kind = error_kind(&err);
+                self.metrics
+                    .provider_requests
+                    .with_label_values(&[kind])
+                    .inc();
+                SendOutcome::Transient {
+                    error: format!("{kind}: {}", error_chain(&err)),
+                    retry_after: None,
+                }
+            }
+        };
+        self.metrics
+            .provider_request_duration
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+}
+
+/// The response classification of SPEC §6 step 7, as a pure function.
+pub fn classify_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> SendOutcome {
+    if status.is_success() {
+        return SendOutcome::Accepted {
+            provider_message_id: message_id(body),
+        };
+    }
+    let error = format!("HTTP {}: {}", status.as_u16(), body_excerpt(body));
+    let transient = matches!(status.as_u16(), 408 | 425 | 429) || status.is_server_error();
+    if transient {
+        SendOutcome::Transient {
+            error,
+            retry_after: headers.get(RETRY_AFTER).and_then(parse_retry_after),
+        }
+    } else {
+        SendOutcome::Rejected { error }
+    }
+}
+
+fn message_id(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    ["messageId", "message_id", "id"]
+        .iter()
+        .find_map(|key| match value.get(key)? {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(text).ok()?;
+    let wait = when.signed_duration_since(chrono::Utc::now());
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The first 200 characters of a body, for `last_error`.
+fn body_excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let trimmed = text.trim();
+    match trimmed.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}…", &trimmed[..cut]),
+        None if trimmed.is_empty() => "(empty body)".into(),
+        None => trimmed.to_string(),
+    }
+}
+
+/// A metric label for a request that got no HTTP answer.
+fn error_kind(err: &reqwest::Error) -> &'static str {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(current) = source {
+        if current.downcast_ref::<rustls::Error>().is_some() {
+            return "tls";
+        }
+        source = current.source();
+    }
+    if err.is_timeout() {
+        "timeout"
+    } else if err.is_connect() {
+        "connect"
+    } else {
+        "error"
+    }
+}
+
+/// The error and its causes on one line (reqwest's own message hides the cause).
+fn error_chain(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(status: u16, retry_after: Option<&str>, body: &str) -> SendOutcome {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = retry_after {
+            headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        }
+        classify_response(
+            StatusCode::from_u16(status).unwrap(),
+            &headers,
+            body.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn every_2xx_is_accepted_with_its_id() {
+        let accepted = |id: &str| SendOutcome::Accepted {
+            provider_message_id: Some(id.into()),
+        };
+        assert_eq!(
+            classify(202, None, r#"{"message":"Accepted","messageId":"a1"}"#),
+            accepted("a1")
+        );
+        assert_eq!(
+            classify(200, None, r#"{"message_id":"b2"}"#),
+            accepted("b2")
+        );
+        assert_eq!(classify(201, None, r#"{"id":42}"#), accepted("42"));
+        assert_eq!(
+            classify(200, None, "ok"),
+            SendOutcome::Accepted {
+                provider_message_id: None
+            }
+        );
+    }
+
+    #[test]
+    fn transient_answers_are_retried_and_honour_retry_after() {
+        for status in [408, 425, 429, 500, 502, 503, 504] {
+            assert!(
+                matches!(classify(status, None, ""), SendOutcome::Transient { .. }),
+                "{status}"
+            );
+        }
+        match classify(429, Some("120"), "slow down") {
+            SendOutcome::Transient { retry_after, error } => {
+                assert_eq!(retry_after, Some(Duration::from_secs(120)));
+                assert!(error.contains("429") && error.contains("slow down"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let date = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc2822();
+        match classify(503, Some(&date), "") {
+            SendOutcome::Transient {
+                retry_after: Some(wait),
+                ..
+            } => assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn other_client_errors_are_final() {
+        for status in [400, 401, 403, 404, 409, 422] {
+            assert!(
+                matches!(classify(status, None, "bad"), SendOutcome::Rejected { .. }),
+                "{status}"
+            );
+        }
+    }
+}

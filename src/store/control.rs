@@ -1,0 +1,215 @@
+//! The control tables: the fence (leader row), the desired state, and the replica
+//! registry.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Store, StoreError};
+use crate::domain::Epoch;
+
+/// The fence row as the status API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaderRecord {
+    pub epoch: i64,
+    pub holder: Option<String>,
+    pub acquired_at: Option<DateTime<Utc>>,
+    pub last_batch_at: Option<DateTime<Utc>>,
+}
+
+/// The cluster's desired state and runtime overrides.
+#[derive(Debug, Clone)]
+pub struct ControlRecord {
+    pub running: bool,
+    pub batch_size: Option<u32>,
+    pub interval: Option<Duration>,
+    pub updated_at: DateTime<Utc>,
+    pub updated_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaRecord {
+    pub replica_id: String,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+}
+
+/// A change to the runtime overrides. `Some(None)` clears an override.
+#[derive(Debug, Clone, Default)]
+pub struct OverrideChange {
+    pub batch_size: Option<Option<u32>>,
+    pub interval: Option<Option<Duration>>,
+}
+
+/// Locks the fence row first so that a state change and a claim never interleave: a
+/// claim that commits after `stop` returns has seen `running = false`.
+const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR UPDATE";
+
+impl Store {
+    /// Starts a new leadership term: the epoch goes up and every claim stamped with an
+    /// older one is refused from now on (SPEC §6 step 2).
+    pub async fn bump_epoch(&self, holder: &str) -> Result<Epoch, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "UPDATE dispatcher_leader SET epoch = epoch + 1, holder = $1, acquired_at = now()
+                 WHERE id = 1 RETURNING epoch",
+                &[&holder],
+            )
+            .await?;
+        Ok(Epoch(row.get(0)))
+    }
+
+    /// The current epoch (tests and the status API).
+    pub async fn leader_record(&self) -> Result<LeaderRecord, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT epoch, holder, acquired_at, last_batch_at FROM dispatcher_leader WHERE id = 1",
+                &[],
+            )
+            .await?;
+        Ok(LeaderRecord {
+            epoch: row.get(0),
+            holder: row.get(1),
+            acquired_at: row.get(2),
+            last_batch_at: row.get(3),
+        })
+    }
+
+    /// Applies `AUTO_START` if no replica has ever set the desired state.
+    pub async fn apply_auto_start(
+        &self,
+        auto_start: bool,
+        replica_id: &str,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE dispatcher_control SET running = $1, updated_at = now(), updated_by = $2
+                 WHERE id = 1 AND running IS NULL",
+                &[&auto_start, &replica_id],
+            )
+            .await?;
+        if n == 1 {
+            tracing::info!(
+                running = auto_start,
+                "first start of the cluster: applied AUTO_START"
+            );
+        }
+        Ok(())
+    }
+
+    /// Sets the cluster-wide desired state. Returns whether it changed.
+    pub async fn set_running(&self, running: bool, by: &str) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(LOCK_FENCE, &[]).await?;
+        let n = tx
+            .execute(
+                "UPDATE dispatcher_control SET running = $1, updated_at = now(), updated_by = $2
+                 WHERE id = 1 AND running IS DISTINCT FROM $1",
+                &[&running, &by],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    pub async fn set_overrides(
+        &self,
+        change: &OverrideChange,
+        by: &str,
+    ) -> Result<ControlRecord, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(LOCK_FENCE, &[]).await?;
+        if let Some(batch_size) = change.batch_size {
+            let value = batch_size.map(|b| b as i32);
+            tx.execute(
+                "UPDATE dispatcher_control SET batch_size = $1, updated_at = now(), updated_by = $2 WHERE id = 1",
+                &[&value, &by],
+            )
+            .await?;
+        }
+        if let Some(interval) = change.interval {
+            let value = interval.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            tx.execute(
+                "UPDATE dispatcher_control SET processing_interval_ms = $1, updated_at = now(), updated_by = $2 WHERE id = 1",
+                &[&value, &by],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        self.control_record().await
+    }
+
+    pub async fn control_record(&self) -> Result<ControlRecord, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT coalesce(running, false), batch_size, processing_interval_ms, updated_at, updated_by
+                 FROM dispatcher_control WHERE id = 1",
+                &[],
+            )
+            .await?;
+        Ok(ControlRecord {
+            running: row.get(0),
+            batch_size: row.get::<_, Option<i32>>(1).map(|b| b.max(1) as u32),
+            interval: row
+                .get::<_, Option<i64>>(2)
+                .map(|ms| Duration::from_millis(ms.max(0) as u64)),
+            updated_at: row.get(3),
+            updated_by: row.get(4),
+        })
+    }
+
+    /// Registers this replica or refreshes its heartbeat.
+    pub async fn heartbeat(&self, replica_id: &str, version: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO dispatcher_replicas (replica_id, version) VALUES ($1, $2)
+                 ON CONFLICT (replica_id) DO UPDATE SET last_seen_at = now(), version = EXCLUDED.version",
+                &[&replica_id, &version],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Removes this replica from the registry (clean shutdown), and forgets replicas
+    /// that have been silent for a day.
+    pub async fn deregister(&self, replica_id: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM dispatcher_replicas WHERE replica_id = $1 OR last_seen_at < now() - interval '1 day'",
+                &[&replica_id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Replicas whose heartbeat is younger than `within`.
+    pub async fn live_replicas(&self, within: Duration) -> Result<Vec<ReplicaRecord>, StoreError> {
+        let client = self.client().await?;
+        let ms = i64::try_from(within.as_millis()).unwrap_or(i64::MAX);
+        Ok(client
+            .query(
+                "SELECT replica_id, version, started_at, last_seen_at FROM dispatcher_replicas
+                 WHERE last_seen_at > now() - $1::bigint * interval '1 millisecond' ORDER BY replica_id",
+                &[&ms],
+            )
+            .await?
+            .iter()
+            .map(|row| ReplicaRecord {
+                replica_id: row.get(0),
+                version: row.get(1),
+                started_at: row.get(2),
+                last_seen_at: row.get(3),
+            })
+            .collect())
+    }
+}

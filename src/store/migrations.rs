@@ -1,0 +1,136 @@
+//! The migration runner: numbered files from `sql/`, embedded in the binary.
+//!
+//! One transaction per file, recorded in `schema_migrations` with its SHA-256, under a
+//! session advisory lock so replicas that start together apply each file once. A file
+//! that was applied and has since changed is refused: the schema would no longer match
+//! the file, and guessing is worse than stopping.
+
+use tokio_postgres::Client;
+
+use super::{Store, StoreError};
+
+/// One embedded migration file.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, in order. Add a file to `sql/` and a line here.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_messages.sql",
+        sql: include_str!("../../sql/0001_messages.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_control.sql",
+        sql: include_str!("../../sql/0002_control.sql"),
+    },
+];
+
+/// Advisory lock key shared by every replica ("msgdisp" in ASCII).
+const MIGRATION_LOCK: i64 = 0x006d_7367_6469_7370;
+
+const CREATE_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)";
+
+/// What a run did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub applied: Vec<&'static str>,
+    pub already_applied: usize,
+}
+
+pub fn checksum(sql: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, sql.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn latest_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+impl Store {
+    /// Applies every pending migration. Safe to run from many replicas at once.
+    pub async fn migrate(&self) -> Result<MigrationReport, StoreError> {
+        let mut client = self.client().await?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        let result = apply_pending(&mut client).await;
+        // Unlock even on failure; if the connection is gone the lock went with it.
+        let _ = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await;
+        result
+    }
+
+    /// True when every embedded migration has been applied (readiness needs this).
+    pub async fn schema_is_current(&self) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT CASE WHEN to_regclass('schema_migrations') IS NULL THEN 0
+                        ELSE (SELECT coalesce(max(version), 0) FROM schema_migrations) END",
+                &[],
+            )
+            .await?;
+        Ok(row.get::<_, i32>(0) >= latest_version())
+    }
+}
+
+async fn apply_pending(client: &mut Client) -> Result<MigrationReport, StoreError> {
+    client.batch_execute(CREATE_TABLE).await?;
+    let applied: Vec<(i32, String, String)> = client
+        .query(
+            "SELECT version, name, checksum FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+
+    let mut report = MigrationReport::default();
+    for migration in MIGRATIONS {
+        let sum = checksum(migration.sql);
+        if let Some((_, name, stored)) = applied.iter().find(|(v, ..)| *v == migration.version) {
+            if *stored != sum {
+                return Err(StoreError::Migration(format!(
+                    "{} was applied as {name} with checksum {stored}, but the embedded file now has {sum}; \
+                     restore the original file and add a new migration instead",
+                    migration.name
+                )));
+            }
+            report.already_applied += 1;
+            continue;
+        }
+        let tx = client.transaction().await?;
+        tx.batch_execute(migration.sql)
+            .await
+            .map_err(|err| StoreError::Migration(format!("{} failed: {err}", migration.name)))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            &[&migration.version, &migration.name, &sum],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(migration = migration.name, "applied migration");
+        report.applied.push(migration.name);
+    }
+    if let Some((version, name, _)) = applied.iter().find(|(v, ..)| *v > latest_version()) {
+        tracing::warn!(
+            version,
+            name,
+            "database has a migration this binary does not know; is an older version running?"
+        );
+    }
+    Ok(report)
+}

@@ -1,0 +1,140 @@
+//! PostgreSQL: the connection pool, migrations, the queue and the control tables.
+//!
+//! PostgreSQL is the source of truth. Redis only elects; everything that must not be
+//! lost or doubled (claims, results, the fence, the desired state) lives here.
+
+pub mod control;
+pub mod migrations;
+pub mod queue;
+mod tls;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+
+use crate::config::{DatabaseConfig, DbSslMode};
+
+/// How long a health probe or a pool checkout may wait before the database counts as
+/// unavailable.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Errors of the storage layer. `Unavailable` means "try again later" (the database
+/// could not be reached); `Query` is a statement the server refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Query(tokio_postgres::Error),
+    #[error("migration refused: {0}")]
+    Migration(String),
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        // Unavailable = the connection broke or could not be made (an I/O error or a
+        // closed connection); anything else is a statement the server or the driver
+        // refused, which retrying will not fix.
+        if err.is_closed() || io_error_in_chain(&err) {
+            Self::Unavailable(err.to_string())
+        } else {
+            Self::Query(err)
+        }
+    }
+}
+
+fn io_error_in_chain(err: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if cause.is::<std::io::Error>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        Self::Unavailable(err.to_string())
+    }
+}
+
+/// A handle on the database. Cheap to clone; connections are made lazily, so a
+/// `Store` can be built while PostgreSQL is still down.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    pub fn new(config: &DatabaseConfig) -> anyhow::Result<Self> {
+        let mut pg = match &config.url {
+            Some(url) => tokio_postgres::Config::from_str(url.expose())?,
+            None => {
+                let mut pg = tokio_postgres::Config::new();
+                pg.host(&config.host)
+                    .port(config.port)
+                    .dbname(&config.name)
+                    .user(&config.user)
+                    .password(config.password.expose());
+                pg
+            }
+        };
+        pg.application_name("message-dispatcher")
+            // NOTICEs (such as "already exists, skipping") are not worth a log line.
+            .options("-c client_min_messages=warning")
+            .connect_timeout(Duration::from_secs(3))
+            .keepalives_idle(Duration::from_secs(10));
+        match config.ssl_mode {
+            DbSslMode::Disable if config.url.is_some() => {} // the URL's own sslmode applies
+            DbSslMode::Disable => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            }
+            DbSslMode::Prefer => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Prefer);
+            }
+            DbSslMode::Require | DbSslMode::VerifyFull => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            }
+        }
+        let manager = Manager::from_config(
+            pg,
+            tls::connector(config.ssl_mode)?,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CHECKOUT_TIMEOUT))
+            .create_timeout(Some(CHECKOUT_TIMEOUT + Duration::from_secs(1)))
+            .recycle_timeout(Some(CHECKOUT_TIMEOUT))
+            .build()?;
+        Ok(Self { pool })
+    }
+
+    /// A pooled connection, or `Unavailable` within a few seconds.
+    pub async fn client(&self) -> Result<Object, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Answers whether PostgreSQL is reachable right now (one round trip, bounded).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let check = async {
+            self.client().await?.simple_query("SELECT 1").await?;
+            Ok(())
+        };
+        tokio::time::timeout(CHECKOUT_TIMEOUT * 2, check)
+            .await
+            .map_err(|_| StoreError::Unavailable("health check timed out".into()))?
+    }
+}

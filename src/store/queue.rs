@@ -1,0 +1,509 @@
+//! The message queue: creating and listing messages, and the dispatcher's claim /
+//! record cycle.
+//!
+//! The claim is one transaction that checks the fence and the cluster schedule before
+//! it takes rows; every result is recorded by its own statement guarded by
+//! `status = 'sending' AND claim_epoch = <epoch>`, so a row that was rescued and
+//! re-claimed under a newer epoch is never touched by the leader that lost it.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::Row;
+
+use super::{Store, StoreError};
+use crate::domain::{Epoch, MessageContent, MessageStatus, PhoneNumber};
+
+/// A message as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Message {
+    pub id: i64,
+    pub phone_number: String,
+    pub content: String,
+    pub status: MessageStatus,
+    pub sent: bool,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    /// The provider's id for the message (`provider_message_id` in the table).
+    pub message_id: Option<String>,
+    pub last_error: Option<String>,
+}
+
+const MESSAGE_COLUMNS: &str = "id, phone_number, content, status, attempts, next_attempt_at, \
+                               created_at, sent_at, provider_message_id, last_error";
+
+impl Message {
+    fn from_row(row: &Row) -> Self {
+        let status_text: &str = row.get("status");
+        let status = MessageStatus::parse(status_text).unwrap_or(MessageStatus::Pending);
+        Self {
+            id: row.get("id"),
+            phone_number: row.get("phone_number"),
+            content: row.get("content"),
+            status,
+            sent: status == MessageStatus::Sent,
+            attempts: row.get("attempts"),
+            next_attempt_at: row.get("next_attempt_at"),
+            created_at: row.get("created_at"),
+            sent_at: row.get("sent_at"),
+            message_id: row.get("provider_message_id"),
+            last_error: row.get("last_error"),
+        }
+    }
+}
+
+/// A validated message to insert.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub phone_number: PhoneNumber,
+    pub content: MessageContent,
+}
+
+/// One page of a newest-first listing. `next_cursor` is the id to pass as `cursor`
+/// for the next (older) page; `None` on the last page.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    pub messages: Vec<Message>,
+    pub total: i64,
+    pub next_cursor: Option<i64>,
+}
+
+/// Result of asking to retry a message.
+#[derive(Debug)]
+pub enum RetryRequest {
+    Retried(Message),
+    NotFound,
+    NotFailed(MessageStatus),
+}
+
+/// Queue depth per status and the age of the oldest due work, for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct QueueStats {
+    pub counts: Vec<(MessageStatus, i64)>,
+    pub oldest_pending_age: Option<Duration>,
+}
+
+/// A message taken by a claim, ready to send.
+#[derive(Debug, Clone)]
+pub struct ClaimedMessage {
+    pub id: i64,
+    pub phone_number: String,
+    pub content: String,
+    pub attempts: i32,
+}
+
+/// The schedule in force: configured values, possibly overridden at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    pub batch_size: u32,
+    pub interval: Duration,
+}
+
+/// What one claim attempt found.
+#[derive(Debug)]
+pub enum Claim {
+    /// Rows moved to `sending` under our epoch, oldest first; `last_batch_at` was set.
+    Batch(Vec<ClaimedMessage>),
+    /// The cluster's previous batch was less than an interval ago.
+    NotDue(Duration),
+    /// The desired state is stopped.
+    Stopped,
+    /// Nothing is due.
+    Empty,
+    /// Another replica holds a newer epoch: we are no longer the leader.
+    Fenced(Epoch),
+}
+
+/// The outcome of a claim plus the side work it did.
+#[derive(Debug)]
+pub struct ClaimResult {
+    pub claim: Claim,
+    pub schedule: Schedule,
+    /// Rows of dead leaders returned to `pending` by this transaction.
+    pub rescued: u64,
+}
+
+/// Timing that decides when another leader's claims are abandoned (SPEC §6 step 8).
+#[derive(Debug, Clone, Copy)]
+pub struct RescuePolicy {
+    /// A claim older than this (`SMS_API_TIMEOUT + DISTRIBUTED_LOCK_TTL + margin`)...
+    pub claim_age: Duration,
+    /// ...is rescued once our own term is at least this old (`SMS_API_TIMEOUT +
+    /// margin`): the old leader lost its lease before we got ours, so by then any send
+    /// it started has finished or timed out.
+    pub term_age: Duration,
+}
+
+/// How a send ended, as recorded in the row.
+#[derive(Debug, Clone)]
+pub enum Recorded {
+    Sent,
+    /// Back to `pending`, due again at `next_attempt_at`.
+    Retrying,
+    /// Gave up: rejected by the provider, or out of attempts.
+    Failed,
+    /// The row was no longer ours (rescued and re-claimed by a newer leader).
+    NotOurs,
+}
+
+/// Locks the fence row and reads the schedule. `wait_ms` is NULL when a batch is due.
+const LOCK_FENCE: &str = "
+SELECT l.epoch,
+       coalesce(c.running, false) AS running,
+       coalesce(c.batch_size, $1::int) AS batch_size,
+       coalesce(c.processing_interval_ms, $2::bigint) AS interval_ms,
+       ceil(extract(epoch FROM (l.last_batch_at
+            + coalesce(c.processing_interval_ms, $2::bigint) * interval '1 millisecond' - now())) * 1000)::bigint AS wait_ms
+FROM dispatcher_leader l CROSS JOIN dispatcher_control c
+WHERE l.id = 1 AND c.id = 1
+FOR UPDATE OF l";
+
+const RESCUE: &str = "
+UPDATE messages AS m
+SET status = 'pending',
+    next_attempt_at = now(),
+    last_error = 'claim by ' || coalesce(m.claimed_by, '?') || ' (epoch ' || m.claim_epoch || ') never completed; rescued'
+FROM dispatcher_leader l
+WHERE l.id = 1
+  AND m.status = 'sending'
+  AND m.claim_epoch < $1::bigint
+  AND m.claimed_at < now() - $2::bigint * interval '1 millisecond'
+  AND l.acquired_at < now() - $3::bigint * interval '1 millisecond'";
+
+const CLAIM: &str = "
+WITH due AS (
+    SELECT id FROM messages
+    WHERE status = 'pending' AND next_attempt_at <= now()
+    ORDER BY created_at, id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE messages AS m
+SET status = 'sending', claim_epoch = $2, claimed_by = $3, claimed_at = now(), attempts = m.attempts + 1
+FROM due
+WHERE m.id = due.id
+RETURNING m.id, m.phone_number, m.content, m.attempts, m.created_at";
+
+const MARK_SENT: &str = "
+UPDATE messages
+SET status = 'sent', sent_at = $3, provider_message_id = $4, last_error = NULL
+WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
+
+const MARK_RETRY: &str = "
+UPDATE messages
+SET status = CASE WHEN $3::int > 0 AND attempts >= $3::int THEN 'failed' ELSE 'pending' END,
+    next_attempt_at = now() + $4::bigint * interval '1 millisecond',
+    last_error = $5
+WHERE id = $1 AND status = 'sending' AND claim_epoch = $2
+RETURNING status";
+
+const MARK_FAILED: &str = "
+UPDATE messages
+SET status = 'failed', last_error = $3
+WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
+
+/// Claimed but never sent: back to pending, and the attempt that never happened is
+/// not counted.
+const RELEASE_UNSENT: &str = "
+UPDATE messages
+SET status = 'pending', attempts = greatest(attempts - 1, 0)
+WHERE id = ANY($1) AND status = 'sending' AND claim_epoch = $2";
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Inserts messages in one statement; returns them in input order.
+    pub async fn insert_messages(
+        &self,
+        messages: &[NewMessage],
+    ) -> Result<Vec<Message>, StoreError> {
+        let phones: Vec<&str> = messages.iter().map(|m| m.phone_number.as_str()).collect();
+        let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO messages (phone_number, content)
+             SELECT p, c FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(p, c, n) ORDER BY n
+             RETURNING {MESSAGE_COLUMNS}"
+        );
+        let mut rows: Vec<Message> = client
+            .query(&sql, &[&phones, &contents])
+            .await?
+            .iter()
+            .map(Message::from_row)
+            .collect();
+        rows.sort_by_key(|m| m.id);
+        Ok(rows)
+    }
+
+    /// Inserts `count` demo messages in chunks; returns how many were inserted.
+    pub async fn seed(&self, count: u64) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let mut inserted = 0;
+        while inserted < count {
+            let chunk = (count - inserted).min(50_000) as i64;
+            let n = client
+                .execute(
+                    "INSERT INTO messages (phone_number, content)
+                     SELECT '+90555' || lpad((s % 10000000)::text, 7, '0'),
+                            'Demo message ' || s || ' from message-dispatcher'
+                     FROM generate_series($1::bigint + 1, $1::bigint + $2::bigint) AS s",
+                    &[&(inserted as i64), &chunk],
+                )
+                .await?;
+            inserted += n;
+        }
+        Ok(inserted)
+    }
+
+    /// Newest-first keyset page, optionally filtered by status.
+    pub async fn list_messages(
+        &self,
+        status: Option<MessageStatus>,
+        cursor: Option<i64>,
+        limit: i64,
+    ) -> Result<Page, StoreError> {
+        let client = self.client().await?;
+        let status = status.map(MessageStatus::as_str);
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR id < $2)
+             ORDER BY id DESC LIMIT $3"
+        );
+        let mut messages: Vec<Message> = client
+            .query(&sql, &[&status, &cursor, &(limit + 1)])
+            .await?
+            .iter()
+            .map(Message::from_row)
+            .collect();
+        let next_cursor = if messages.len() as i64 > limit {
+            messages.truncate(limit as usize);
+            messages.last().map(|m| m.id)
+        } else {
+            None
+        };
+        let total: i64 = client
+            .query_one(
+                "SELECT count(*) FROM messages WHERE ($1::text IS NULL OR status = $1)",
+                &[&status],
+            )
+            .await?
+            .get(0);
+        Ok(Page {
+            messages,
+            total,
+            next_cursor,
+        })
+    }
+
+    pub async fn get_message(&self, id: i64) -> Result<Option<Message>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1");
+        Ok(client
+            .query_opt(&sql, &[&id])
+            .await?
+            .as_ref()
+            .map(Message::from_row))
+    }
+
+    /// Moves a `failed` message back to `pending`, due now, with a fresh attempt count.
+    pub async fn retry_failed(&self, id: i64) -> Result<RetryRequest, StoreError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "UPDATE messages SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
+             WHERE id = $1 AND status = 'failed' RETURNING {MESSAGE_COLUMNS}"
+        );
+        if let Some(row) = client.query_opt(&sql, &[&id]).await? {
+            return Ok(RetryRequest::Retried(Message::from_row(&row)));
+        }
+        Ok(match self.get_message(id).await? {
+            Some(message) => RetryRequest::NotFailed(message.status),
+            None => RetryRequest::NotFound,
+        })
+    }
+
+    pub async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        let client = self.client().await?;
+        let counts = client
+            .query("SELECT status, count(*) FROM messages GROUP BY status", &[])
+            .await?
+            .iter()
+            .filter_map(|row| Some((MessageStatus::parse(row.get(0))?, row.get::<_, i64>(1))))
+            .collect();
+        let age: Option<f64> = client
+            .query_one(
+                "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM messages WHERE status = 'pending'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(QueueStats {
+            counts,
+            oldest_pending_age: age.map(|secs| Duration::from_secs_f64(secs.max(0.0))),
+        })
+    }
+
+    /// The claim transaction (SPEC §6 step 5): lock the fence, check the epoch, the
+    /// desired state and the cluster schedule, rescue dead leaders' claims, then move
+    /// up to a batch of due rows to `sending`. Commits before any HTTP call.
+    pub async fn claim_batch(
+        &self,
+        epoch: Epoch,
+        replica_id: &str,
+        configured: Schedule,
+        rescue: RescuePolicy,
+    ) -> Result<ClaimResult, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let fence = tx
+            .query_one(
+                LOCK_FENCE,
+                &[
+                    &(configured.batch_size as i32),
+                    &millis(configured.interval),
+                ],
+            )
+            .await?;
+        let schedule = Schedule {
+            batch_size: fence.get::<_, i32>("batch_size").max(1) as u32,
+            interval: Duration::from_millis(fence.get::<_, i64>("interval_ms").max(0) as u64),
+        };
+        let result = |claim| ClaimResult {
+            claim,
+            schedule,
+            rescued: 0,
+        };
+        let current = Epoch(fence.get("epoch"));
+        if current != epoch {
+            return Ok(result(Claim::Fenced(current)));
+        }
+        if !fence.get::<_, bool>("running") {
+            return Ok(result(Claim::Stopped));
+        }
+        if let Some(wait_ms) = fence.get::<_, Option<i64>>("wait_ms") {
+            if wait_ms > 0 {
+                return Ok(result(Claim::NotDue(Duration::from_millis(wait_ms as u64))));
+            }
+        }
+
+        let rescued = tx
+            .execute(
+                RESCUE,
+                &[
+                    &epoch.0,
+                    &millis(rescue.claim_age),
+                    &millis(rescue.term_age),
+                ],
+            )
+            .await?;
+        let mut rows: Vec<(DateTime<Utc>, ClaimedMessage)> = tx
+            .query(
+                CLAIM,
+                &[&i64::from(schedule.batch_size), &epoch.0, &replica_id],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                (
+                    row.get("created_at"),
+                    ClaimedMessage {
+                        id: row.get("id"),
+                        phone_number: row.get("phone_number"),
+                        content: row.get("content"),
+                        attempts: row.get("attempts"),
+                    },
+                )
+            })
+            .collect();
+        // RETURNING has no order; the send order is the FIFO order.
+        rows.sort_by_key(|(created_at, m)| (*created_at, m.id));
+        let claim = if rows.is_empty() {
+            Claim::Empty
+        } else {
+            tx.execute(
+                "UPDATE dispatcher_leader SET last_batch_at = now() WHERE id = 1",
+                &[],
+            )
+            .await?;
+            Claim::Batch(rows.into_iter().map(|(_, m)| m).collect())
+        };
+        tx.commit().await?;
+        Ok(ClaimResult {
+            claim,
+            schedule,
+            rescued,
+        })
+    }
+
+    pub async fn mark_sent(
+        &self,
+        id: i64,
+        epoch: Epoch,
+        sent_at: DateTime<Utc>,
+        provider_message_id: Option<&str>,
+    ) -> Result<Recorded, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(MARK_SENT, &[&id, &epoch.0, &sent_at, &provider_message_id])
+            .await?;
+        Ok(if n == 1 {
+            Recorded::Sent
+        } else {
+            Recorded::NotOurs
+        })
+    }
+
+    /// Back to pending after `delay`, or `failed` once `max_attempts` (> 0) is reached.
+    pub async fn mark_retry(
+        &self,
+        id: i64,
+        epoch: Epoch,
+        max_attempts: u32,
+        delay: Duration,
+        error: &str,
+    ) -> Result<Recorded, StoreError> {
+        let client = self.client().await?;
+        let max_attempts = i32::try_from(max_attempts).unwrap_or(i32::MAX);
+        let row = client
+            .query_opt(
+                MARK_RETRY,
+                &[&id, &epoch.0, &max_attempts, &millis(delay), &error],
+            )
+            .await?;
+        Ok(match row.as_ref().map(|r| r.get::<_, &str>(0)) {
+            None => Recorded::NotOurs,
+            Some("failed") => Recorded::Failed,
+            Some(_) => Recorded::Retrying,
+        })
+    }
+
+    pub async fn mark_failed(
+        &self,
+        id: i64,
+        epoch: Epoch,
+        error: &str,
+    ) -> Result<Recorded, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(MARK_FAILED, &[&id, &epoch.0, &error])
+            .await?;
+        Ok(if n == 1 {
+            Recorded::Failed
+        } else {
+            Recorded::NotOurs
+        })
+    }
+
+    /// Returns claimed rows that were never sent to `pending`.
+    pub async fn release_unsent(&self, ids: &[i64], epoch: Epoch) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let client = self.client().await?;
+        Ok(client.execute(RELEASE_UNSENT, &[&ids, &epoch.0]).await?)
+    }
+}
