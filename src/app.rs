@@ -258,6 +258,9 @@ async fn prepare_database(state: Arc<AppState>, schema_ready: watch::Sender<bool
         result = prepared => match result {
             Ok(()) => {
                 tracing::info!("database ready");
+                if let Err(err) = state.store.heartbeat(&config.replica_id, BUILD.version).await {
+                    tracing::debug!(error = %err, "heartbeat not recorded");
+                }
                 state.schema_ready.store(true, Ordering::Release);
                 schema_ready.send_replace(true);
             }

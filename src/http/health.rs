@@ -97,8 +97,10 @@ async fn ready(state: State) -> Response {
 }
 
 /// Prometheus text format. Queue gauges are read from PostgreSQL at scrape time
-/// (bounded); if it does not answer, the last values stay and `dependency_up` says why.
+/// (bounded), as are the dependency gauges; if PostgreSQL does not answer, the last
+/// queue values stay and `dependency_up` says why.
 async fn metrics(state: State) -> Response {
+    health::check(&state.store, &state.redis, &state.metrics).await;
     if state.schema_ready.load(Ordering::Acquire) {
         if let Ok(Ok(stats)) =
             tokio::time::timeout(Duration::from_secs(2), state.store.queue_stats()).await

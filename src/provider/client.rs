@@ -183,7 +183,12 @@ fn body_excerpt(body: &[u8]) -> String {
 fn error_kind(err: &reqwest::Error) -> &'static str {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(current) = source {
-        if current.downcast_ref::<rustls::Error>().is_some() {
+        let is_tls = current.is::<rustls::Error>()
+            || current
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<rustls::Error>());
+        if is_tls {
             return "tls";
         }
         source = current.source();

@@ -149,17 +149,21 @@ pub enum Recorded {
     NotOurs,
 }
 
-/// Locks the fence row and reads the schedule. `wait_ms` is NULL when a batch is due.
-const LOCK_FENCE: &str = "
-SELECT l.epoch,
-       coalesce(c.running, false) AS running,
+/// Locks the fence row: claims, epoch bumps and state changes queue up here.
+const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR UPDATE";
+
+/// Reads the schedule once the fence is locked. `clock_timestamp()`, not `now()`: the
+/// transaction may have waited for the lock while the previous batch committed.
+/// `wait_ms` is NULL or ≤ 0 when a batch is due.
+const READ_SCHEDULE: &str = "
+SELECT coalesce(c.running, false) AS running,
        coalesce(c.batch_size, $1::int) AS batch_size,
        coalesce(c.processing_interval_ms, $2::bigint) AS interval_ms,
        ceil(extract(epoch FROM (l.last_batch_at
-            + coalesce(c.processing_interval_ms, $2::bigint) * interval '1 millisecond' - now())) * 1000)::bigint AS wait_ms
+            + coalesce(c.processing_interval_ms, $2::bigint) * interval '1 millisecond'
+            - clock_timestamp())) * 1000)::bigint AS wait_ms
 FROM dispatcher_leader l CROSS JOIN dispatcher_control c
-WHERE l.id = 1 AND c.id = 1
-FOR UPDATE OF l";
+WHERE l.id = 1 AND c.id = 1";
 
 const RESCUE: &str = "
 UPDATE messages AS m
@@ -359,9 +363,10 @@ impl Store {
     ) -> Result<ClaimResult, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        let current = Epoch(tx.query_one(LOCK_FENCE, &[]).await?.get(0));
         let fence = tx
             .query_one(
-                LOCK_FENCE,
+                READ_SCHEDULE,
                 &[
                     &(configured.batch_size as i32),
                     &millis(configured.interval),
@@ -377,7 +382,6 @@ impl Store {
             schedule,
             rescued: 0,
         };
-        let current = Epoch(fence.get("epoch"));
         if current != epoch {
             return Ok(result(Claim::Fenced(current)));
         }
@@ -425,7 +429,7 @@ impl Store {
             Claim::Empty
         } else {
             tx.execute(
-                "UPDATE dispatcher_leader SET last_batch_at = now() WHERE id = 1",
+                "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp() WHERE id = 1",
                 &[],
             )
             .await?;

@@ -1,0 +1,112 @@
+# Shared helpers for the scripts in this directory. Source it; do not run it.
+# shellcheck shell=bash
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else die "need root to run: $*"
+  fi
+}
+
+# ensure_packages CMD:PACKAGE ... installs each Debian package whose command is missing.
+ensure_packages() {
+  local missing=() pair cmd pkg
+  for pair in "$@"; do
+    cmd="${pair%%:*}" pkg="${pair#*:}"
+    if [ "$cmd" = pg ]; then
+      pg_bin_dir >/dev/null 2>&1 || missing+=("$pkg")
+    elif ! command -v "$cmd" >/dev/null 2>&1; then
+      missing+=("$pkg")
+    fi
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+pg_bin_dir() {
+  if [ -n "${PG_BIN:-}" ]; then echo "$PG_BIN"; return; fi
+  local dir
+  dir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+  [ -n "$dir" ] && [ -x "$dir/postgres" ] || return 1
+  echo "$dir"
+}
+
+# free_port [preferred]: the preferred port if free, else any free port.
+free_port() {
+  python3 - "${1:-0}" <<'PY'
+import socket, sys
+want = int(sys.argv[1])
+for port in ([want] if want else []) + [0]:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        print(s.getsockname()[1]); break
+    except OSError:
+        pass
+    finally:
+        s.close()
+PY
+}
+
+# wait_http URL [seconds]: until URL answers 200.
+wait_http() {
+  local url="$1" deadline=$((SECONDS + ${2:-60}))
+  until curl -fsS -o /dev/null "$url" 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.2
+  done
+}
+
+# Runs a command as the postgres user when we are root (PostgreSQL refuses root).
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# start_postgres DIR PORT: initdb DIR/data once, start the server, create messages_db.
+start_postgres() {
+  local dir="$1" port="$2" bin
+  bin="$(pg_bin_dir)" || die "PostgreSQL server binaries not found"
+  mkdir -p "$dir"
+  if [ "$(id -u)" = 0 ]; then chown postgres: "$dir"; fi
+  if [ ! -f "$dir/data/PG_VERSION" ]; then
+    as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >/dev/null
+  fi
+  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200" \
+    start >/dev/null
+  psql -h 127.0.0.1 -p "$port" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'messages_db'" | grep -q 1 ||
+    psql -h 127.0.0.1 -p "$port" -U postgres -qc "CREATE DATABASE messages_db"
+}
+
+stop_postgres() {
+  local dir="$1" bin
+  bin="$(pg_bin_dir)" || return 0
+  [ -f "$dir/data/postmaster.pid" ] && as_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true
+}
+
+# start_redis DIR PORT
+start_redis() {
+  local dir="$1" port="$2"
+  mkdir -p "$dir"
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" \
+    --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+  local deadline=$((SECONDS + 20))
+  until redis-cli -p "$port" ping 2>/dev/null | grep -q PONG; do
+    [ "$SECONDS" -lt "$deadline" ] || die "redis did not start (see $dir/redis.log)"
+    sleep 0.1
+  done
+}
+
+stop_redis() {
+  local dir="$1"
+  [ -f "$dir/redis.pid" ] && kill "$(cat "$dir/redis.pid")" 2>/dev/null || true
+  rm -f "$dir/redis.pid"
+}

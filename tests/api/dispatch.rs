@@ -1,0 +1,432 @@
+//! The dispatch cycle against real servers: FIFO, batch size, result classification,
+//! retries without head-of-line blocking, and the claim's row locking.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use message_dispatcher::config::Config;
+use message_dispatcher::domain::Epoch;
+use message_dispatcher::store::Store;
+use message_dispatcher::store::control::OverrideChange;
+use message_dispatcher::store::queue::{Claim, RescuePolicy, Schedule};
+
+use crate::support::replica::run_command;
+use crate::support::{TestEnv, wait_for};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Splits deliveries (microsecond timestamps, ascending) into batches: sends of one
+/// batch are milliseconds apart, batches a whole interval apart.
+fn batch_sizes(times_us: &[i64], gap_us: i64) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    let mut previous: Option<i64> = None;
+    for &t in times_us {
+        match previous {
+            Some(p) if t - p < gap_us => *sizes.last_mut().unwrap() += 1,
+            _ => sizes.push(1),
+        }
+        previous = Some(t);
+    }
+    sizes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_fifo_in_batches_of_batch_size_and_nothing_when_empty() {
+    let env = TestEnv::start().await;
+    let replica = env
+        .replica(
+            "r1",
+            &[("BATCH_SIZE", "3"), ("PROCESSING_INTERVAL", "1500ms")],
+        )
+        .await;
+    wait_for("leadership", TEST_TIMEOUT, || async {
+        replica.is_leader().await.then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(
+        env.mock().stats().await.requests,
+        0,
+        "an empty queue makes no request"
+    );
+
+    let contents: Vec<String> = (1..=7).map(|i| format!("fifo {i}")).collect();
+    let ids = env
+        .create_messages(
+            &replica,
+            &contents.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .await;
+    env.wait_drained(TEST_TIMEOUT).await;
+
+    let deliveries = env.mock().deliveries().await;
+    let keys: Vec<String> = deliveries.iter().map(|d| d.key.clone()).collect();
+    let expected: Vec<String> = ids.iter().map(i64::to_string).collect();
+    assert_eq!(keys, expected, "delivered in creation order, each once");
+    assert!(deliveries.iter().all(|d| d.times_seen == 1));
+    let times: Vec<i64> = deliveries.iter().map(|d| d.first_seen_us).collect();
+    assert_eq!(
+        batch_sizes(&times, 700_000),
+        vec![3, 3, 1],
+        "batches of BATCH_SIZE, then the rest"
+    );
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap < 700_000 || gap >= 1_400_000,
+            "batches start an interval apart, gap {gap}us"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_send_retries_later_without_blocking_younger_messages() {
+    let env = TestEnv::with_scripted().await;
+    let replica = env
+        .replica(
+            "r1",
+            &[
+                ("BATCH_SIZE", "2"),
+                ("PROCESSING_INTERVAL", "300ms"),
+                ("RETRY_BACKOFF_BASE", "4s"),
+                ("RETRY_BACKOFF_MAX", "4s"),
+            ],
+        )
+        .await;
+    let ids = env
+        .create_messages(
+            &replica,
+            &["first", "second reply:500-once", "third", "fourth"],
+        )
+        .await;
+    let db = env.db().await;
+
+    // M1 sent, M2 back to pending with one attempt and a later due time.
+    let m2 = wait_for("M2 to be scheduled for retry", TEST_TIMEOUT, || async {
+        let row = db
+            .query_one(
+                "SELECT status, attempts, next_attempt_at, last_error FROM messages WHERE id = $1",
+                &[&ids[1]],
+            )
+            .await
+            .unwrap();
+        let status: String = row.get(0);
+        let attempts: i32 = row.get(1);
+        (status == "pending" && attempts == 1).then(|| {
+            (
+                row.get::<_, DateTime<Utc>>(2),
+                row.get::<_, Option<String>>(3),
+            )
+        })
+    })
+    .await;
+    assert!(
+        m2.0 > Utc::now() + chrono::Duration::milliseconds(500),
+        "retry is in the future"
+    );
+    assert!(
+        m2.1.unwrap_or_default().contains("500"),
+        "last_error says why"
+    );
+    let m1: String = db
+        .query_one("SELECT status FROM messages WHERE id = $1", &[&ids[0]])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(m1, "sent", "M1 succeeded in the same batch");
+
+    // Younger messages go out while M2 waits.
+    wait_for(
+        "M3 and M4 to be sent while M2 waits",
+        TEST_TIMEOUT,
+        || async {
+            let rows = db
+                .query("SELECT id, status FROM messages ORDER BY id", &[])
+                .await
+                .unwrap();
+            let status = |i: usize| rows[i].get::<_, String>(1);
+            (status(2) == "sent" && status(3) == "sent").then_some(())
+        },
+    )
+    .await;
+    let m2_status: String = db
+        .query_one("SELECT status FROM messages WHERE id = $1", &[&ids[1]])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        m2_status, "pending",
+        "M2 is still waiting for its retry time"
+    );
+
+    env.wait_drained(TEST_TIMEOUT).await;
+    let row = db
+        .query_one(
+            "SELECT status, attempts FROM messages WHERE id = $1",
+            &[&ids[1]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i32>(1)),
+        ("sent".into(), 2)
+    );
+    let requests = env.scripted().requests_for(ids[1]);
+    assert_eq!(
+        requests.len(),
+        2,
+        "M2 was tried twice under the same Idempotency-Key"
+    );
+    assert_eq!(env.scripted().requests_for(ids[0]).len(), 1);
+    assert_eq!(
+        requests[0].headers.get("authorization").map(String::as_str),
+        Some("Bearer mock-token")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classification_of_provider_answers() {
+    let env = TestEnv::with_scripted().await;
+    let replica = env
+        .replica(
+            "r1",
+            &[
+                ("BATCH_SIZE", "10"),
+                ("PROCESSING_INTERVAL", "300ms"),
+                ("SMS_API_TIMEOUT", "1s"),
+                ("RETRY_BACKOFF_BASE", "1m"),
+                ("RETRY_BACKOFF_MAX", "1m"),
+            ],
+        )
+        .await;
+    let ids = env
+        .create_messages(
+            &replica,
+            &[
+                "rejected reply:400",
+                "limited reply:429-after-120",
+                "slow reply:sleep-3000",
+                "plain 200 reply:200",
+                "accepted 202",
+                "no id reply:200-noid",
+            ],
+        )
+        .await;
+    let db = env.db().await;
+    let row = |id: i64| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT status, attempts, last_error, provider_message_id,
+                        extract(epoch FROM next_attempt_at - now())::float8
+                 FROM messages WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    wait_for("every answer to be recorded", TEST_TIMEOUT, || async {
+        let n = env.count("sending").await;
+        let attempted: i64 = db
+            .query_one("SELECT count(*) FROM messages WHERE attempts > 0", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == 0 && attempted == 6).then_some(())
+    })
+    .await;
+
+    let rejected = row(ids[0]).await;
+    assert_eq!(rejected.get::<_, String>(0), "failed", "a 400 is final");
+    assert!(
+        rejected
+            .get::<_, Option<String>>(2)
+            .unwrap()
+            .contains("400")
+    );
+
+    let limited = row(ids[1]).await;
+    assert_eq!(limited.get::<_, String>(0), "pending", "a 429 is retried");
+    let wait: f64 = limited.get(4);
+    assert!(
+        (100.0..=121.0).contains(&wait),
+        "Retry-After: 120 honoured, due in {wait}s"
+    );
+
+    let slow = row(ids[2]).await;
+    assert_eq!(slow.get::<_, String>(0), "pending", "a timeout is retried");
+    assert_eq!(slow.get::<_, i32>(1), 1);
+    assert!(
+        slow.get::<_, Option<String>>(2)
+            .unwrap()
+            .contains("timeout"),
+        "last_error names the timeout"
+    );
+    let wait: f64 = slow.get(4);
+    assert!(
+        wait > 20.0,
+        "retry after the backoff (base 1m with jitter), due in {wait}s"
+    );
+
+    let plain = row(ids[3]).await;
+    assert_eq!(plain.get::<_, String>(0), "sent", "200 counts as sent");
+    assert_eq!(
+        plain.get::<_, Option<String>>(3),
+        Some(format!("id-{}", ids[3]))
+    );
+    let accepted = row(ids[4]).await;
+    assert_eq!(accepted.get::<_, String>(0), "sent", "202 counts as sent");
+    assert_eq!(
+        accepted.get::<_, Option<String>>(3),
+        Some(format!("id-{}", ids[4]))
+    );
+    let no_id = row(ids[5]).await;
+    assert_eq!(
+        no_id.get::<_, String>(0),
+        "sent",
+        "a 2xx without messageId is still sent"
+    );
+    assert_eq!(no_id.get::<_, Option<String>>(3), None);
+    assert!(
+        replica.logs().contains("without a messageId"),
+        "and a warning is logged"
+    );
+
+    // The rejected message is never tried again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.scripted().requests_for(ids[0]).len(), 1);
+    assert_eq!(env.scripted().requests_for(ids[1]).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_attempts_turns_a_retrying_message_into_failed() {
+    let env = TestEnv::with_scripted().await;
+    let replica = env
+        .replica(
+            "r1",
+            &[
+                ("MAX_ATTEMPTS", "3"),
+                ("PROCESSING_INTERVAL", "100ms"),
+                ("RETRY_BACKOFF_BASE", "100ms"),
+                ("RETRY_BACKOFF_MAX", "200ms"),
+            ],
+        )
+        .await;
+    let ids = env
+        .create_messages(&replica, &["always down reply:500"])
+        .await;
+    wait_for("the message to fail", TEST_TIMEOUT, || async {
+        (env.count("failed").await == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        env.scripted().requests_for(ids[0]).len(),
+        3,
+        "exactly MAX_ATTEMPTS tries"
+    );
+    let attempts: i32 = env
+        .db()
+        .await
+        .query_one("SELECT attempts FROM messages WHERE id = $1", &[&ids[0]])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 3);
+    let metrics = crate::support::http()
+        .get(replica.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("dispatcher_messages_failed_total{reason=\"max_attempts\"} 1"));
+    assert!(metrics.contains("dispatcher_messages_retried_total 2"));
+}
+
+/// Two (and more) claimers in parallel transactions never take the same row: the
+/// claim's `FOR UPDATE SKIP LOCKED` holds inside its transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_claimers_never_share_a_row() {
+    let env = TestEnv::start().await;
+    let migrate_env = env.base_env();
+    let (status, output) = run_command(&["migrate"], &migrate_env);
+    assert!(status.success(), "{output}");
+    let config = Config::from_vars(migrate_env).unwrap();
+    let store = Store::new(&config.database).unwrap();
+    let total = 600;
+    env.insert_messages(total).await;
+    store.apply_auto_start(true, "test").await.unwrap();
+    store
+        .set_overrides(
+            &OverrideChange {
+                batch_size: None,
+                interval: Some(Some(Duration::ZERO)),
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    let epoch: Epoch = store.bump_epoch("test").await.unwrap();
+    let schedule = Schedule {
+        batch_size: 7,
+        interval: Duration::ZERO,
+    };
+    let rescue = RescuePolicy {
+        claim_age: Duration::from_secs(3600),
+        term_age: Duration::from_secs(3600),
+    };
+
+    let mut claimers = Vec::new();
+    for n in 0..8 {
+        let store = store.clone();
+        claimers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                match store
+                    .claim_batch(epoch, &format!("claimer-{n}"), schedule, rescue)
+                    .await
+                    .unwrap()
+                    .claim
+                {
+                    Claim::Batch(messages) => {
+                        assert!(messages.len() <= 7);
+                        mine.extend(messages.iter().map(|m| m.id));
+                    }
+                    Claim::Empty => return mine,
+                    other => panic!("unexpected claim outcome {other:?}"),
+                }
+            }
+        }));
+    }
+    let mut seen = HashSet::new();
+    let mut claimed = 0;
+    for claimer in claimers {
+        for id in claimer.await.unwrap() {
+            claimed += 1;
+            assert!(seen.insert(id), "message {id} was claimed twice");
+        }
+    }
+    assert_eq!(claimed, total);
+    assert_eq!(env.count("sending").await, total as i64);
+
+    // A stale epoch is refused outright.
+    store.bump_epoch("newer").await.unwrap();
+    env.insert_messages(1).await;
+    let refused = store
+        .claim_batch(epoch, "stale", schedule, rescue)
+        .await
+        .unwrap();
+    assert!(matches!(refused.claim, Claim::Fenced(_)), "{refused:?}");
+}
+
+#[test]
+fn batch_sizes_groups_by_gaps() {
+    assert_eq!(
+        batch_sizes(&[0, 10, 20, 2_000_000, 2_000_010, 5_000_000], 700_000),
+        vec![3, 2, 1]
+    );
+}

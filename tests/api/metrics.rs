@@ -1,0 +1,118 @@
+//! `/metrics` is valid Prometheus text (checked by promtool) and its counters move.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::{TestEnv, http};
+
+fn value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn promtool_check(metrics: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is required (apt-get install prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_counters_move() {
+    let env = TestEnv::start().await;
+    let replica = env
+        .replica(
+            "r1",
+            &[("BATCH_SIZE", "5"), ("PROCESSING_INTERVAL", "200ms")],
+        )
+        .await;
+    let scrape = || async {
+        http()
+            .get(replica.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+
+    let before = scrape().await;
+    promtool_check(&before);
+    assert_eq!(value(&before, "dispatcher_messages_sent_total"), Some(0.0));
+    for name in [
+        "dispatcher_messages_failed_total{reason=\"rejected\"}",
+        "dispatcher_messages_retried_total",
+        "dispatcher_messages_rescued_total",
+        "dispatcher_batch_duration_seconds_count",
+        "dispatcher_provider_request_duration_seconds_count",
+        "dispatcher_oldest_pending_message_age_seconds",
+        "dispatcher_is_leader",
+        "dispatcher_leader_epoch",
+        "dispatcher_lock_operations_total{op=\"acquire\",result=\"ok\"}",
+        "dispatcher_leadership_changes_total",
+        "dispatcher_fencing_rejections_total",
+        "dispatcher_scheduler_running",
+        "dispatcher_dependency_up{dependency=\"database\"}",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(
+            value(&before, name).is_some(),
+            "{name} missing from /metrics"
+        );
+    }
+    assert!(
+        before.contains("dispatcher_build_info{commit="),
+        "build_info present"
+    );
+
+    env.create_messages(&replica, &["m1", "m2", "m3", "m4", "m5", "m6", "m7"])
+        .await;
+    env.wait_drained(Duration::from_secs(30)).await;
+    let after = scrape().await;
+    promtool_check(&after);
+    assert_eq!(value(&after, "dispatcher_messages_sent_total"), Some(7.0));
+    assert_eq!(
+        value(&after, "dispatcher_provider_requests_total{code=\"202\"}"),
+        Some(7.0)
+    );
+    assert!(value(&after, "dispatcher_batches_total{outcome=\"complete\"}").unwrap() >= 2.0);
+    assert_eq!(
+        value(&after, "dispatcher_provider_request_duration_seconds_count"),
+        Some(7.0)
+    );
+    assert_eq!(
+        value(&after, "dispatcher_queue_messages{status=\"sent\"}"),
+        Some(7.0)
+    );
+    assert_eq!(
+        value(&after, "dispatcher_queue_messages{status=\"pending\"}"),
+        Some(0.0)
+    );
+    assert_eq!(value(&after, "dispatcher_is_leader"), Some(1.0));
+    assert_eq!(
+        value(&after, "dispatcher_dependency_up{dependency=\"redis\"}"),
+        Some(1.0)
+    );
+    assert!(!after.contains("905550"), "no phone numbers in metrics");
+}

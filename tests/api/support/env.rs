@@ -1,0 +1,194 @@
+//! One test's world: PostgreSQL, Redis, a provider, and replicas wired to them.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio_postgres::Client;
+
+use super::postgres::Postgres;
+use super::redis::Redis;
+use super::{MockProvider, Replica, ScriptedProvider, TempDir, http, wait_for};
+
+pub struct TestEnv {
+    pub dir: TempDir,
+    pub pg: Postgres,
+    pub redis: Redis,
+    /// Where replicas send messages.
+    pub provider_url: String,
+    pub mock: Option<MockProvider>,
+    pub scripted: Option<ScriptedProvider>,
+}
+
+impl TestEnv {
+    /// PostgreSQL, Redis and the real mock provider (with `mock_args`).
+    pub async fn with_mock(mock_args: &[&str]) -> Self {
+        rustls_provider();
+        let (pg, redis, mock) = tokio::join!(
+            Postgres::start(),
+            Redis::start(),
+            MockProvider::start(mock_args)
+        );
+        Self {
+            dir: TempDir::new("env"),
+            provider_url: mock.send_url(),
+            pg,
+            redis,
+            mock: Some(mock),
+            scripted: None,
+        }
+    }
+
+    pub async fn start() -> Self {
+        Self::with_mock(&[]).await
+    }
+
+    /// PostgreSQL, Redis and the scripted provider.
+    pub async fn with_scripted() -> Self {
+        rustls_provider();
+        let (pg, redis, scripted) =
+            tokio::join!(Postgres::start(), Redis::start(), ScriptedProvider::start());
+        Self {
+            dir: TempDir::new("env"),
+            provider_url: scripted.send_url(),
+            pg,
+            redis,
+            mock: None,
+            scripted: Some(scripted),
+        }
+    }
+
+    pub fn mock(&self) -> &MockProvider {
+        self.mock
+            .as_ref()
+            .expect("this test uses the mock provider")
+    }
+
+    pub fn scripted(&self) -> &ScriptedProvider {
+        self.scripted
+            .as_ref()
+            .expect("this test uses the scripted provider")
+    }
+
+    /// The settings every test replica starts from: fast timings, JSON logs.
+    pub fn base_env(&self) -> Vec<(String, String)> {
+        [
+            ("DATABASE_URL", self.pg.url()),
+            ("REDIS_URL", self.redis.url()),
+            ("SMS_API_URL", self.provider_url.clone()),
+            ("LOG_FORMAT", "json".into()),
+            ("LOG_LEVEL", "info,message_dispatcher=debug".into()),
+            ("BATCH_SIZE", "2".into()),
+            ("PROCESSING_INTERVAL", "200ms".into()),
+            ("DISTRIBUTED_LOCK_TTL", "2s".into()),
+            ("LOCK_RETRY_INTERVAL", "250ms".into()),
+            ("SMS_API_TIMEOUT", "2s".into()),
+            ("RETRY_BACKOFF_BASE", "1s".into()),
+            ("RETRY_BACKOFF_MAX", "2s".into()),
+            ("SHUTDOWN_TIMEOUT", "5s".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The base settings with `overrides` applied (an empty value removes a variable).
+    pub fn env_with(&self, overrides: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut env = self.base_env();
+        for (key, value) in overrides {
+            env.retain(|(k, _)| k != key);
+            if !value.is_empty() {
+                env.push((key.to_string(), value.to_string()));
+            }
+        }
+        env
+    }
+
+    /// Starts a replica and waits until it is ready.
+    pub async fn replica(&self, name: &str, overrides: &[(&str, &str)]) -> Replica {
+        let replica = self.spawn_replica(name, overrides);
+        replica.wait_ready().await;
+        replica
+    }
+
+    /// Starts a replica without waiting.
+    pub fn spawn_replica(&self, name: &str, overrides: &[(&str, &str)]) -> Replica {
+        Replica::spawn(name, self.dir.path(), self.env_with(overrides))
+    }
+
+    pub async fn db(&self) -> Client {
+        self.pg.client().await
+    }
+
+    /// Creates messages through the API of `replica`; returns their ids in order.
+    pub async fn create_messages(&self, replica: &Replica, contents: &[&str]) -> Vec<i64> {
+        let body: Vec<Value> = contents
+            .iter()
+            .enumerate()
+            .map(|(i, content)| json!({"phone_number": format!("+9055500{:05}", i), "content": content}))
+            .collect();
+        let response = http()
+            .post(replica.url("/api/messages"))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /api/messages");
+        assert_eq!(response.status(), 201, "creating messages");
+        let created: Vec<Value> = response.json().await.unwrap();
+        created.iter().map(|m| m["id"].as_i64().unwrap()).collect()
+    }
+
+    /// Creates one message with an API token.
+    pub async fn create_messages_with_token(&self, replica: &Replica, token: &str) {
+        let response = http()
+            .post(replica.url("/api/messages"))
+            .bearer_auth(token)
+            .json(&json!({"phone_number": "+905550000001", "content": "secret test"}))
+            .send()
+            .await
+            .expect("POST /api/messages");
+        assert_eq!(response.status(), 201);
+    }
+
+    /// Inserts `count` messages straight into the table; returns their ids in order.
+    pub async fn insert_messages(&self, count: usize) -> Vec<i64> {
+        let db = self.db().await;
+        let rows = db
+            .query(
+                "INSERT INTO messages (phone_number, content)
+                 SELECT '+9055500' || lpad(s::text, 5, '0'), 'message ' || s
+                 FROM generate_series(1, $1::int) s ORDER BY s RETURNING id",
+                &[&(count as i32)],
+            )
+            .await
+            .expect("insert messages");
+        let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Status counts from the table.
+    pub async fn count(&self, status: &str) -> i64 {
+        self.db()
+            .await
+            .query_one(
+                "SELECT count(*) FROM messages WHERE status = $1",
+                &[&status],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Waits until no message is pending or sending.
+    pub async fn wait_drained(&self, timeout: Duration) {
+        wait_for("the queue to drain", timeout, || async {
+            let open = self.count("pending").await + self.count("sending").await;
+            (open == 0).then_some(())
+        })
+        .await;
+    }
+}
+
+fn rustls_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

@@ -1,0 +1,118 @@
+//! The test harness: real PostgreSQL and Redis servers on free ports, the real binary
+//! as replica processes, and real HTTP providers (the mock-provider subcommand, or a
+//! scripted in-process server for exact answers).
+//!
+//! Every test gets its own PostgreSQL cluster (copied from a template made once per
+//! machine), its own Redis and its own provider, so tests share nothing and can stop,
+//! pause or kill any of them. Child processes die with the test (PR_SET_PDEATHSIG).
+
+#![allow(dead_code)] // each test module uses a different part of the harness
+
+pub mod env;
+pub mod postgres;
+pub mod provider;
+pub mod redis;
+pub mod replica;
+pub mod tls;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use env::TestEnv;
+pub use provider::{MockProvider, ScriptedProvider};
+pub use replica::Replica;
+
+/// The binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_message-dispatcher")
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Makes `command`'s process die when the test's thread exits, even on a crash.
+pub fn die_with_test(command: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "md-test-{label}-{}-{}-{:08x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A shared HTTP client for talking to replicas and providers.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) with a pid we spawned.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}

@@ -1,0 +1,247 @@
+//! Providers for tests: the real `mock-provider` subcommand as a process, and a
+//! scripted in-process server whose answer each message's content chooses.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use warp::Filter;
+use warp::http::StatusCode;
+use warp::reply::Reply;
+
+use super::{TempDir, binary, die_with_test, free_port, http, wait_for};
+
+/// One entry of the mock provider's `/deliveries`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Delivery {
+    pub key: String,
+    pub to: String,
+    pub content: String,
+    pub message_id: String,
+    pub first_seen_us: i64,
+    pub times_seen: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Stats {
+    pub requests: u64,
+    pub accepted: u64,
+    pub unique_keys: u64,
+    pub duplicates: u64,
+    pub injected_failures: u64,
+    pub rejected: u64,
+}
+
+/// `message-dispatcher mock-provider` as a real process.
+pub struct MockProvider {
+    pub port: u16,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl MockProvider {
+    pub async fn start(extra_args: &[&str]) -> Self {
+        let dir = TempDir::new("mock");
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("mock.log")).unwrap();
+        let mut command = Command::new(binary());
+        command
+            .args(["mock-provider", "--port", &port.to_string()])
+            .args(extra_args)
+            .env("LOG_LEVEL", "warn")
+            .stdout(log)
+            .stderr(Stdio::null());
+        die_with_test(&mut command);
+        let child = command.spawn().expect("start mock provider");
+        let provider = Self {
+            port,
+            child,
+            _dir: dir,
+        };
+        let url = provider.url("/health");
+        wait_for("the mock provider", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                http()
+                    .get(url)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
+            }
+        })
+        .await;
+        provider
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn send_url(&self) -> String {
+        self.url("/send")
+    }
+
+    pub async fn deliveries(&self) -> Vec<Delivery> {
+        http()
+            .get(self.url("/deliveries"))
+            .send()
+            .await
+            .expect("GET /deliveries")
+            .json()
+            .await
+            .expect("deliveries JSON")
+    }
+
+    pub async fn stats(&self) -> Stats {
+        http()
+            .get(self.url("/stats"))
+            .send()
+            .await
+            .expect("GET /stats")
+            .json()
+            .await
+            .expect("stats JSON")
+    }
+}
+
+impl Drop for MockProvider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A request the scripted provider received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub key: Option<String>,
+    pub to: String,
+    pub content: String,
+    pub headers: HashMap<String, String>,
+    pub at: Instant,
+}
+
+/// An in-process provider that answers according to the message content:
+///
+/// - `reply:500` → always 500; `reply:500-once` → 500 the first time for a key, then 202
+/// - `reply:400` → 400 (a bad number)
+/// - `reply:429-after-N` → 429 with `Retry-After: N`
+/// - `reply:200` → 200 with a `messageId`; `reply:200-noid` → 200 without one
+/// - `reply:sleep-MS` → waits MS milliseconds, then 202
+/// - anything else → 202 `{"message": "Accepted", "messageId": "id-<key>"}`
+#[derive(Clone)]
+pub struct ScriptedProvider {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl ScriptedProvider {
+    pub async fn start() -> Self {
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let log = received.clone();
+        let route = warp::path!("send")
+            .and(warp::post())
+            .and(warp::header::headers_cloned())
+            .and(warp::body::json::<serde_json::Value>())
+            .then(
+                move |headers: warp::http::HeaderMap, body: serde_json::Value| {
+                    let log = log.clone();
+                    async move { answer(&log, &headers, &body).await }
+                },
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(warp::serve(route).incoming(listener).run());
+        Self { addr, received }
+    }
+
+    pub fn send_url(&self) -> String {
+        format!("http://{}/send", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Requests for one idempotency key.
+    pub fn requests_for(&self, id: i64) -> Vec<Received> {
+        let key = id.to_string();
+        self.received()
+            .into_iter()
+            .filter(|r| r.key.as_deref() == Some(key.as_str()))
+            .collect()
+    }
+}
+
+async fn answer(
+    log: &Mutex<Vec<Received>>,
+    headers: &warp::http::HeaderMap,
+    body: &serde_json::Value,
+) -> warp::reply::Response {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let content = body["content"].as_str().unwrap_or_default().to_string();
+    let seen_before = {
+        let mut log = log.lock().unwrap();
+        let seen = log.iter().filter(|r| r.key == key).count();
+        log.push(Received {
+            key: key.clone(),
+            to: body["to"].as_str().unwrap_or_default().to_string(),
+            content: content.clone(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        v.to_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect(),
+            at: Instant::now(),
+        });
+        seen
+    };
+    let id = format!("id-{}", key.unwrap_or_default());
+    let accepted = || {
+        warp::reply::with_status(
+            warp::reply::json(&serde_json::json!({"message": "Accepted", "messageId": id})),
+            StatusCode::ACCEPTED,
+        )
+        .into_response()
+    };
+    let status = |code: u16, text: &str| {
+        warp::reply::with_status(text.to_string(), StatusCode::from_u16(code).unwrap())
+            .into_response()
+    };
+    let directive = content
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("reply:"))
+        .unwrap_or("");
+    match directive {
+        "500" => status(500, "provider down"),
+        "500-once" if seen_before == 0 => status(500, "provider hiccup"),
+        "400" => status(400, "invalid phone number"),
+        "200" => warp::reply::json(&serde_json::json!({"message_id": id})).into_response(),
+        "200-noid" => warp::reply::json(&serde_json::json!({"message": "ok"})).into_response(),
+        other => {
+            if let Some(secs) = other.strip_prefix("429-after-") {
+                let mut response = status(429, "slow down");
+                response
+                    .headers_mut()
+                    .insert("retry-after", secs.parse().unwrap());
+                return response;
+            }
+            if let Some(ms) = other.strip_prefix("sleep-") {
+                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+            }
+            accepted()
+        }
+    }
+}

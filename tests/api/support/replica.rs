@@ -1,0 +1,201 @@
+//! A replica: the real binary running `serve` as a child process.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{binary, die_with_test, free_port, http, signal, wait_for};
+
+pub struct Replica {
+    pub name: String,
+    pub port: u16,
+    child: Option<Child>,
+    log_path: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Replica {
+    /// Starts `serve` with exactly `env` (plus PATH), logging to `log_dir`.
+    pub fn spawn(name: &str, log_dir: &std::path::Path, env: Vec<(String, String)>) -> Self {
+        let port = free_port();
+        let mut replica = Self {
+            name: name.to_string(),
+            port,
+            child: None,
+            log_path: log_dir.join(format!("{name}.log")),
+            env,
+        };
+        replica.start_process();
+        replica
+    }
+
+    fn start_process(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let mut command = Command::new(binary());
+        command
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("SERVER_PORT", self.port.to_string())
+            .env("REPLICA_ID", &self.name)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        die_with_test(&mut command);
+        self.child = Some(command.spawn().expect("start replica"));
+    }
+
+    /// Starts the same replica again (same name, port and settings).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "{} is still running", self.name);
+        self.start_process();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("replica is running").id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Waits until `/health/ready` answers 200.
+    pub async fn wait_ready(&self) {
+        let url = self.url("/health/ready");
+        let name = self.name.clone();
+        wait_for(
+            &format!("{name} to be ready"),
+            Duration::from_secs(60),
+            || {
+                let url = url.clone();
+                async move {
+                    let response = http().get(url).send().await.ok()?;
+                    (response.status() == 200).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = http().get(self.url(path)).send().await.expect("GET");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = http().post(self.url(path));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("POST");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// True when this replica says it leads.
+    pub async fn is_leader(&self) -> bool {
+        let Ok(response) = http()
+            .get(self.url("/health"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        else {
+            return false;
+        };
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        body["leader"] == Value::Bool(true)
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        signal(self.pid(), sig);
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// SIGTERM and wait (up to `timeout`) for a clean exit.
+    pub async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("replica is running");
+        signal(child.id(), libc::SIGTERM);
+        let status = wait_for(&format!("{} to exit", self.name), timeout, || {
+            let status = child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await;
+        status
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("replica is running");
+        wait_for(&format!("{} to exit", self.name), timeout, || {
+            let status = child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGCONT);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            eprintln!("---- last log lines of {} ----", self.name);
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Spawns a one-shot subcommand (`migrate`, `seed`, …) with `env` and returns its
+/// exit status and combined output.
+pub fn run_command(args: &[&str], env: &[(String, String)]) -> (ExitStatus, String) {
+    let output = Command::new(binary())
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run binary");
+    let mut text = String::from_utf8_lossy(&output.stdout).to_string();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    (output.status, text)
+}

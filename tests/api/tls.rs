@@ -1,0 +1,75 @@
+//! HTTPS providers with self-signed certificates.
+
+use std::time::Duration;
+
+use crate::support::tls::{self_signed, terminate_tls};
+use crate::support::{TestEnv, wait_for};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_signed_provider_needs_the_ca_or_the_insecure_flag() {
+    let env = TestEnv::with_scripted().await;
+    let certificate = self_signed();
+    let tls = terminate_tls(&certificate, env.scripted().addr).await;
+    let https_url = format!("https://localhost:{}/send", tls.port());
+    let ca = certificate.cert.to_str().unwrap().to_string();
+    let base = [
+        ("SMS_API_URL", https_url.as_str()),
+        ("BATCH_SIZE", "1"),
+        ("PROCESSING_INTERVAL", "100ms"),
+        ("RETRY_BACKOFF_BASE", "1h"),
+        ("RETRY_BACKOFF_MAX", "1h"),
+        ("DISTRIBUTED_LOCK_ENABLED", "false"),
+    ];
+    let db = env.db().await;
+
+    // Neither: the TLS handshake fails, the message waits for a retry, nothing arrives.
+    let mut plain = env.replica("plain", &base).await;
+    let ids = env.create_messages(&plain, &["over tls"]).await;
+    let error: String = wait_for(
+        "the TLS failure to be recorded",
+        Duration::from_secs(30),
+        || async {
+            let row = db
+                .query_one(
+                    "SELECT status, last_error FROM messages WHERE id = $1",
+                    &[&ids[0]],
+                )
+                .await
+                .unwrap();
+            let status: String = row.get(0);
+            (status == "pending")
+                .then(|| row.get::<_, Option<String>>(1))
+                .flatten()
+        },
+    )
+    .await;
+    assert!(
+        error.starts_with("tls:") || error.contains("certificate"),
+        "{error}"
+    );
+    assert!(env.scripted().received().is_empty());
+    plain.terminate(Duration::from_secs(15)).await;
+
+    // With SMS_API_CA_CERT.
+    db.execute(
+        "UPDATE messages SET next_attempt_at = now() WHERE id = $1",
+        &[&ids[0]],
+    )
+    .await
+    .unwrap();
+    let mut with_ca = base.to_vec();
+    with_ca.push(("SMS_API_CA_CERT", &ca));
+    let mut trusted = env.replica("trusted", &with_ca).await;
+    env.wait_drained(Duration::from_secs(30)).await;
+    assert_eq!(env.scripted().requests_for(ids[0]).len(), 1);
+    trusted.terminate(Duration::from_secs(15)).await;
+
+    // With SMS_API_INSECURE_SKIP_VERIFY (and a warning at start).
+    let mut insecure = base.to_vec();
+    insecure.push(("SMS_API_INSECURE_SKIP_VERIFY", "true"));
+    let replica = env.replica("insecure", &insecure).await;
+    let more = env.create_messages(&replica, &["insecure"]).await;
+    env.wait_drained(Duration::from_secs(30)).await;
+    assert_eq!(env.scripted().requests_for(more[0]).len(), 1);
+    assert!(replica.logs().contains("SMS_API_INSECURE_SKIP_VERIFY=true"));
+}
