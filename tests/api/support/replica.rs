@@ -143,12 +143,11 @@ impl Replica {
     pub async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("replica is running");
         signal(child.id(), libc::SIGTERM);
-        let status = wait_for(&format!("{} to exit", self.name), timeout, || {
+        wait_for(&format!("{} to exit", self.name), timeout, || {
             let status = child.try_wait().ok().flatten();
             async move { status }
         })
-        .await;
-        status
+        .await
     }
 
     /// Waits for the process to exit by itself.
