@@ -32,13 +32,14 @@ pub struct ProviderClient {
     url: Url,
     auth_header: HeaderName,
     auth_value: HeaderValue,
+    timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl ProviderClient {
     pub fn new(config: &ProviderConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        // The overall timeout is applied per exchange in `send`.
         let mut builder = reqwest::Client::builder()
-            .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
             .user_agent(format!("message-dispatcher/{}", BUILD.version))
             // A redirect is an answer to classify, not to follow (a POST must not turn
@@ -82,6 +83,7 @@ impl ProviderClient {
             url: Url::parse(&config.url)?,
             auth_header,
             auth_value,
+            timeout: config.timeout,
             metrics,
         })
     }
@@ -89,33 +91,51 @@ impl ProviderClient {
     /// Sends one message. Never fails: every error is an outcome for the row.
     pub async fn send(&self, id: i64, to: &str, content: &str) -> SendOutcome {
         let started = Instant::now();
-        let result = self
-            .http
-            .post(self.url.clone())
-            .header(self.auth_header.clone(), self.auth_value.clone())
-            .header("Idempotency-Key", id.to_string())
-            .json(&json!({ "to": to, "content": content }))
-            .send()
-            .await;
+        let exchange = async {
+            let response = self
+                .http
+                .post(self.url.clone())
+                .header(self.auth_header.clone(), self.auth_value.clone())
+                .header("Idempotency-Key", id.to_string())
+                .json(&json!({ "to": to, "content": content }))
+                .send()
+                .await?;
+            let status = response.status();
+            let headers = response.headers().clone();
+            let body = response.bytes().await?;
+            Ok::<_, reqwest::Error>((status, headers, body))
+        };
+        let mut exchange = std::pin::pin!(exchange);
+        let result = match tokio::time::timeout(self.timeout, &mut exchange).await {
+            Ok(result) => result.map_err(Failure::Http),
+            // The timer can win the race against an answer that is already in the
+            // socket when this process was frozen (SIGSTOP, a VM stall) past the
+            // timeout: give the answer a moment before calling it a timeout, so a
+            // paused replica does not misread a delivered message as lost.
+            Err(_) => match tokio::time::timeout(TIMEOUT_GRACE, &mut exchange).await {
+                Ok(result) => result.map_err(Failure::Http),
+                Err(_) => Err(Failure::Timeout),
+            },
+        };
         let outcome = match result {
-            Ok(response) => {
-                let status = response.status();
-                let headers = response.headers().clone();
-                let body = response.bytes().await.unwrap_or_default();
+            Ok((status, headers, body)) => {
                 self.metrics
                     .provider_requests
                     .with_label_values(&[status.as_str()])
                     .inc();
                 classify_response(status, &headers, &body)
             }
-            Err(err) => {
-                let kind = error_kind(&err);
+            Err(failure) => {
+                let (kind, detail) = match &failure {
+                    Failure::Timeout => ("timeout", format!("no answer within {:?}", self.timeout)),
+                    Failure::Http(err) => (error_kind(err), error_chain(err)),
+                };
                 self.metrics
                     .provider_requests
                     .with_label_values(&[kind])
                     .inc();
                 SendOutcome::Transient {
-                    error: format!("{kind}: {}", error_chain(&err)),
+                    error: format!("{kind}: {detail}"),
                     retry_after: None,
                 }
             }
@@ -126,6 +146,15 @@ impl ProviderClient {
         outcome
     }
 }
+
+/// Why an exchange with the provider produced no answer.
+enum Failure {
+    Timeout,
+    Http(reqwest::Error),
+}
+
+/// How long an answer may still arrive after `SMS_API_TIMEOUT` fired (see `send`).
+const TIMEOUT_GRACE: Duration = Duration::from_millis(100);
 
 /// The response classification of SPEC §6 step 7, as a pure function.
 pub fn classify_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> SendOutcome {

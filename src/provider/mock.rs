@@ -35,8 +35,9 @@ struct Delivery {
     to: String,
     content: String,
     message_id: String,
+    /// When the first request with this key arrived.
     first_seen: DateTime<Utc>,
-    /// Microseconds since the Unix epoch, for scripts that check delivery rates.
+    /// The same in microseconds since the Unix epoch, for scripts that check rates.
     first_seen_us: i64,
     times_seen: u64,
 }
@@ -174,6 +175,8 @@ async fn send(
     let reply = |status: StatusCode, value: serde_json::Value| {
         with_status(json(&value), status).into_response()
     };
+    // When the request arrived, before any injected latency: when a real provider saw it.
+    let now = Utc::now();
     lock(ledger).stats.requests += 1;
     if let Some(token) = &options.token {
         let presented = match &options.auth_header {
@@ -222,7 +225,6 @@ async fn send(
             serde_json::json!({"error": "to and content are required"}),
         );
     }
-    let now = Utc::now();
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())

@@ -39,15 +39,23 @@ impl StoreError {
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
-        // Unavailable = the connection broke or could not be made (an I/O error or a
-        // closed connection); anything else is a statement the server or the driver
-        // refused, which retrying will not fix.
-        if err.is_closed() || io_error_in_chain(&err) {
+        // Unavailable = worth retrying: the connection broke or could not be made,
+        // or the server said so itself (shutting down, starting up, out of
+        // connections, a serialization conflict). Anything else is a statement the
+        // server or the driver refused, which retrying will not fix.
+        if err.is_closed() || io_error_in_chain(&err) || err.code().is_some_and(is_transient) {
             Self::Unavailable(err.to_string())
         } else {
             Self::Query(err)
         }
     }
+}
+
+/// SQLSTATE classes that mean "try again": 08 connection exception, 53 insufficient
+/// resources, 57 operator intervention (admin shutdown, cannot connect now), and 40
+/// transaction rollback (serialization failure, deadlock).
+fn is_transient(code: &tokio_postgres::error::SqlState) -> bool {
+    matches!(&code.code()[..2], "08" | "53" | "57" | "40")
 }
 
 fn io_error_in_chain(err: &tokio_postgres::Error) -> bool {

@@ -122,11 +122,14 @@ pub enum Claim {
 pub struct ClaimResult {
     pub claim: Claim,
     pub schedule: Schedule,
-    /// Rows of dead leaders returned to `pending` by this transaction.
+    /// Abandoned claims returned to `pending` by this transaction.
     pub rescued: u64,
 }
 
-/// Timing that decides when another leader's claims are abandoned (SPEC §6 step 8).
+/// Timing that decides when a claim is abandoned (SPEC §6 step 8). Older epochs are
+/// dead or deposed leaders; a claim of our own epoch that is still `sending` when we
+/// claim again lost its result (the dispatcher runs one batch at a time, so nothing of
+/// ours is in flight then), and is returned after the same age.
 #[derive(Debug, Clone, Copy)]
 pub struct RescuePolicy {
     /// A claim older than this (`SMS_API_TIMEOUT + DISTRIBUTED_LOCK_TTL + margin`)...
@@ -173,9 +176,9 @@ SET status = 'pending',
 FROM dispatcher_leader l
 WHERE l.id = 1
   AND m.status = 'sending'
-  AND m.claim_epoch < $1::bigint
+  AND m.claim_epoch <= $1::bigint
   AND m.claimed_at < now() - $2::bigint * interval '1 millisecond'
-  AND l.acquired_at < now() - $3::bigint * interval '1 millisecond'";
+  AND (m.claim_epoch = $1::bigint OR l.acquired_at < now() - $3::bigint * interval '1 millisecond')";
 
 const CLAIM: &str = "
 WITH due AS (

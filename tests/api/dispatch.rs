@@ -228,13 +228,15 @@ async fn classification_of_provider_answers() {
         }
     };
     wait_for("every answer to be recorded", TEST_TIMEOUT, || async {
-        let n = env.count("sending").await;
-        let attempted: i64 = db
-            .query_one("SELECT count(*) FROM messages WHERE attempts > 0", &[])
+        let counts = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'sending'), count(*) FILTER (WHERE attempts > 0)
+                 FROM messages",
+                &[],
+            )
             .await
-            .unwrap()
-            .get(0);
-        (n == 0 && attempted == 6).then_some(())
+            .unwrap();
+        (counts.get::<_, i64>(0) == 0 && counts.get::<_, i64>(1) == 6).then_some(())
     })
     .await;
 
@@ -421,6 +423,71 @@ async fn parallel_claimers_never_share_a_row() {
         .await
         .unwrap();
     assert!(matches!(refused.claim, Claim::Fenced(_)), "{refused:?}");
+}
+
+/// The rescue rule of SPEC §6 step 8: another epoch's claims once they are older than
+/// timeout + TTL + margin and our own term is older than timeout + margin; our own
+/// epoch's leftovers (a result that could not be recorded) after the same claim age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_claims_are_rescued_only_when_old_enough() {
+    let env = TestEnv::start().await;
+    let vars = env.base_env();
+    let (status, output) = run_command(&["migrate"], &vars);
+    assert!(status.success(), "{output}");
+    let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
+    store.apply_auto_start(true, "test").await.unwrap();
+    env.insert_messages(3).await;
+    let schedule = Schedule {
+        batch_size: 3,
+        interval: Duration::ZERO,
+    };
+    let policy = |claim_secs: u64, term_secs: u64| RescuePolicy {
+        claim_age: Duration::from_secs(claim_secs),
+        term_age: Duration::from_secs(term_secs),
+    };
+    let claim = |epoch: Epoch, rescue: RescuePolicy| {
+        let store = store.clone();
+        async move {
+            store
+                .claim_batch(epoch, "test", schedule, rescue)
+                .await
+                .unwrap()
+        }
+    };
+
+    let first = store.bump_epoch("first").await.unwrap();
+    assert!(
+        matches!(claim(first, policy(3600, 3600)).await.claim, Claim::Batch(ref m) if m.len() == 3)
+    );
+    // Too young to rescue, even our own.
+    let again = claim(first, policy(3600, 0)).await;
+    assert_eq!(again.rescued, 0);
+    assert!(matches!(again.claim, Claim::Empty));
+    // Our own leftovers, old enough: rescued and claimed again in the same transaction.
+    let own = claim(first, policy(0, 3600)).await;
+    assert_eq!(
+        own.rescued, 3,
+        "own-epoch leftovers do not wait for a term age"
+    );
+    assert!(matches!(own.claim, Claim::Batch(ref m) if m.len() == 3));
+
+    // A newer leader waits until its own term is old enough.
+    let second = store.bump_epoch("second").await.unwrap();
+    let young = claim(second, policy(0, 3600)).await;
+    assert_eq!(
+        young.rescued, 0,
+        "the old leader may still be finishing a send"
+    );
+    let old_enough = claim(second, policy(0, 0)).await;
+    assert_eq!(old_enough.rescued, 3);
+    let last_error: Option<String> = env
+        .db()
+        .await
+        .query_one("SELECT last_error FROM messages ORDER BY id LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(last_error.unwrap_or_default().contains("rescued"));
 }
 
 #[test]

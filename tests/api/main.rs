@@ -2,9 +2,11 @@
 //! replica processes. See `support/` for the harness.
 
 mod api;
+mod cluster;
 mod config;
 mod dispatch;
 mod faults;
+mod lease;
 mod metrics;
 mod migrations;
 mod support;

@@ -8,6 +8,7 @@
 
 #![allow(dead_code)] // each test module uses a different part of the harness
 
+pub mod cluster;
 pub mod env;
 pub mod postgres;
 pub mod provider;
