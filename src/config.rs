@@ -84,6 +84,10 @@ pub struct DatabaseConfig {
     pub password: Secret,
     pub ssl_mode: DbSslMode,
     pub pool_size: usize,
+    /// PostgreSQL ends a session that sits idle inside a transaction this long
+    /// (`DISTRIBUTED_LOCK_TTL`): a replica frozen in the middle of a claim must not
+    /// hold the fence row, and with it every failover, hostage.
+    pub idle_in_transaction_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -210,6 +214,29 @@ impl Config {
     }
 
     fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
+        let lock = LockConfig {
+            enabled: boolean(
+                "DISTRIBUTED_LOCK_ENABLED",
+                raw.distributed_lock_enabled,
+                true,
+            )?,
+            key: raw
+                .distributed_lock_key
+                .unwrap_or_else(|| "message-dispatcher:lock".into()),
+            ttl: nonzero_duration("DISTRIBUTED_LOCK_TTL", raw.distributed_lock_ttl, "15s")?,
+            retry_interval: nonzero_duration("LOCK_RETRY_INTERVAL", raw.lock_retry_interval, "2s")?,
+        };
+        if lock.ttl <= lock.retry_interval * 3 {
+            return Err(ConfigError::new(
+                "DISTRIBUTED_LOCK_TTL",
+                format!(
+                    "{} must be greater than 3 x LOCK_RETRY_INTERVAL ({})",
+                    duration::format(lock.ttl),
+                    duration::format(lock.retry_interval)
+                ),
+            ));
+        }
+
         let database = DatabaseConfig {
             url: raw.database_url.map(Secret::new),
             host: raw.db_host.unwrap_or_else(|| "localhost".into()),
@@ -219,6 +246,7 @@ impl Config {
             password: Secret::new(raw.db_password.unwrap_or_else(|| "password".into())),
             ssl_mode: db_ssl_mode(raw.db_sslmode)?,
             pool_size: positive("DB_POOL_SIZE", raw.db_pool_size, 8)?,
+            idle_in_transaction_timeout: lock.ttl,
         };
         if let Some(url) = &database.url {
             tokio_postgres::Config::from_str(url.expose()).map_err(|err| {
@@ -326,29 +354,6 @@ impl Config {
             auto_start: boolean("AUTO_START", raw.auto_start, true)?,
             shutdown_timeout: duration_var("SHUTDOWN_TIMEOUT", raw.shutdown_timeout, "30s")?,
         };
-
-        let lock = LockConfig {
-            enabled: boolean(
-                "DISTRIBUTED_LOCK_ENABLED",
-                raw.distributed_lock_enabled,
-                true,
-            )?,
-            key: raw
-                .distributed_lock_key
-                .unwrap_or_else(|| "message-dispatcher:lock".into()),
-            ttl: nonzero_duration("DISTRIBUTED_LOCK_TTL", raw.distributed_lock_ttl, "15s")?,
-            retry_interval: nonzero_duration("LOCK_RETRY_INTERVAL", raw.lock_retry_interval, "2s")?,
-        };
-        if lock.ttl <= lock.retry_interval * 3 {
-            return Err(ConfigError::new(
-                "DISTRIBUTED_LOCK_TTL",
-                format!(
-                    "{} must be greater than 3 x LOCK_RETRY_INTERVAL ({})",
-                    duration::format(lock.ttl),
-                    duration::format(lock.retry_interval)
-                ),
-            ));
-        }
 
         let replica_id = match raw.replica_id {
             Some(id) => id,

@@ -98,7 +98,10 @@ impl Store {
         };
         pg.application_name("message-dispatcher")
             // NOTICEs (such as "already exists, skipping") are not worth a log line.
-            .options("-c client_min_messages=warning")
+            .options(&format!(
+                "-c client_min_messages=warning -c idle_in_transaction_session_timeout={}",
+                config.idle_in_transaction_timeout.as_millis().max(1000)
+            ))
             .connect_timeout(Duration::from_secs(3))
             .keepalives_idle(Duration::from_secs(10));
         match config.ssl_mode {

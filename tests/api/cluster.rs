@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::cluster::{Cluster, assert_each_once, assert_fifo, assert_rate};
-use crate::support::{TestEnv, http, wait_for};
+use crate::support::{TestEnv, wait_for};
 
 const TTL: Duration = Duration::from_secs(2);
 const RETRY: Duration = Duration::from_millis(250);
@@ -136,14 +136,7 @@ async fn sigkill_of_the_leader_fails_over_and_its_claims_are_rescued() {
         repeated <= 1,
         "at most the one in-flight send can repeat, got {repeated}"
     );
-    let rescued = http()
-        .get(cluster.replicas[new_leader].url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let rescued = cluster.replicas[new_leader].metrics().await;
     assert!(
         !rescued.contains("dispatcher_messages_rescued_total 0"),
         "the new leader rescued the orphaned claims"

@@ -337,14 +337,7 @@ async fn max_attempts_turns_a_retrying_message_into_failed() {
         .unwrap()
         .get(0);
     assert_eq!(attempts, 3);
-    let metrics = crate::support::http()
-        .get(replica.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = replica.metrics().await;
     assert!(metrics.contains("dispatcher_messages_failed_total{reason=\"max_attempts\"} 1"));
     assert!(metrics.contains("dispatcher_messages_retried_total 2"));
 }
@@ -488,6 +481,44 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
         .unwrap()
         .get(0);
     assert!(last_error.unwrap_or_default().contains("rescued"));
+}
+
+/// A replica frozen (SIGSTOP, VM stall) in the middle of a claim transaction holds the
+/// fence row; PostgreSQL ends its session after the lock TTL so the next leader's epoch
+/// bump, and with it the failover, is not held hostage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_transaction_on_the_fence_row_does_not_block_the_next_leader() {
+    let env = TestEnv::start().await;
+    let vars = env.env_with(&[("DISTRIBUTED_LOCK_TTL", "1s")]);
+    let (status, output) = run_command(&["migrate"], &vars);
+    assert!(status.success(), "{output}");
+    let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
+
+    let mut frozen = store.client().await.unwrap();
+    let tx = frozen.transaction().await.unwrap();
+    tx.execute(
+        "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    // The "frozen" holder now sends nothing more. The next leader's bump waits for
+    // the row, then gets it once PostgreSQL ends the idle transaction.
+    let started = std::time::Instant::now();
+    let bump = tokio::time::timeout(Duration::from_secs(10), store.bump_epoch("next")).await;
+    assert!(
+        bump.expect("the bump was blocked by the frozen transaction")
+            .is_ok()
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800),
+        "the row really was locked ({waited:?})"
+    );
+    assert!(
+        tx.commit().await.is_err(),
+        "the frozen transaction was ended by the server"
+    );
 }
 
 #[test]

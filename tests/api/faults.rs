@@ -56,14 +56,7 @@ async fn redis_outage_in_single_replica_mode_degrades_but_keeps_sending() {
         sent["messages"][0]["cached_at"].is_null(),
         "cached_at is null when Redis is down"
     );
-    let metrics = http()
-        .get(replica.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = replica.metrics().await;
     assert!(metrics.contains("dispatcher_dependency_up{dependency=\"redis\"} 0"));
 
     env.redis.start_again().await;

@@ -7,9 +7,9 @@ use message_dispatcher::config::Config;
 use message_dispatcher::domain::LeaseToken;
 use message_dispatcher::leadership::RedisLease;
 
+use crate::support::TestEnv;
 use crate::support::cluster::Cluster;
 use crate::support::redis::Redis;
-use crate::support::{TestEnv, wait_for};
 
 async fn connected_client(redis: &Redis) -> Client {
     let config = Config::from_vars([("REDIS_URL".to_string(), redis.url())]).unwrap();
@@ -132,22 +132,12 @@ async fn a_batch_slower_than_the_ttl_keeps_the_lease() {
     for id in ids {
         assert_eq!(env.scripted().requests_for(id).len(), 1);
     }
-    wait_for("metrics", Duration::from_secs(5), || async {
-        let text = crate::support::http()
-            .get(cluster.replicas[leader].url("/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines()
-            .find(|l| {
-                l.starts_with("dispatcher_lock_operations_total{op=\"extend\",result=\"ok\"}")
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .filter(|n| *n >= 4.0)
-            .map(|_| ())
-    })
-    .await;
+    let extensions = cluster.replicas[leader]
+        .metric("dispatcher_lock_operations_total{op=\"extend\",result=\"ok\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        extensions >= 4.0,
+        "the lease was extended during the batch ({extensions} extensions)"
+    );
 }

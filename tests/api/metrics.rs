@@ -4,15 +4,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{TestEnv, http};
-
-fn value(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
+use crate::support::TestEnv;
+use crate::support::replica::metric_value;
 
 fn promtool_check(metrics: &str) {
     let mut child = Command::new("promtool")
@@ -46,20 +39,12 @@ async fn metrics_pass_promtool_and_counters_move() {
             &[("BATCH_SIZE", "5"), ("PROCESSING_INTERVAL", "200ms")],
         )
         .await;
-    let scrape = || async {
-        http()
-            .get(replica.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-
-    let before = scrape().await;
+    let before = replica.metrics().await;
     promtool_check(&before);
-    assert_eq!(value(&before, "dispatcher_messages_sent_total"), Some(0.0));
+    assert_eq!(
+        metric_value(&before, "dispatcher_messages_sent_total"),
+        Some(0.0)
+    );
     for name in [
         "dispatcher_messages_failed_total{reason=\"rejected\"}",
         "dispatcher_messages_retried_total",
@@ -77,7 +62,7 @@ async fn metrics_pass_promtool_and_counters_move() {
         "process_resident_memory_bytes",
     ] {
         assert!(
-            value(&before, name).is_some(),
+            metric_value(&before, name).is_some(),
             "{name} missing from /metrics"
         );
     }
@@ -89,29 +74,32 @@ async fn metrics_pass_promtool_and_counters_move() {
     env.create_messages(&replica, &["m1", "m2", "m3", "m4", "m5", "m6", "m7"])
         .await;
     env.wait_drained(Duration::from_secs(30)).await;
-    let after = scrape().await;
+    let after = replica.metrics().await;
     promtool_check(&after);
-    assert_eq!(value(&after, "dispatcher_messages_sent_total"), Some(7.0));
     assert_eq!(
-        value(&after, "dispatcher_provider_requests_total{code=\"202\"}"),
-        Some(7.0)
-    );
-    assert!(value(&after, "dispatcher_batches_total{outcome=\"complete\"}").unwrap() >= 2.0);
-    assert_eq!(
-        value(&after, "dispatcher_provider_request_duration_seconds_count"),
+        metric_value(&after, "dispatcher_messages_sent_total"),
         Some(7.0)
     );
     assert_eq!(
-        value(&after, "dispatcher_queue_messages{status=\"sent\"}"),
+        metric_value(&after, "dispatcher_provider_requests_total{code=\"202\"}"),
+        Some(7.0)
+    );
+    assert!(metric_value(&after, "dispatcher_batches_total{outcome=\"complete\"}").unwrap() >= 2.0);
+    assert_eq!(
+        metric_value(&after, "dispatcher_provider_request_duration_seconds_count"),
         Some(7.0)
     );
     assert_eq!(
-        value(&after, "dispatcher_queue_messages{status=\"pending\"}"),
+        metric_value(&after, "dispatcher_queue_messages{status=\"sent\"}"),
+        Some(7.0)
+    );
+    assert_eq!(
+        metric_value(&after, "dispatcher_queue_messages{status=\"pending\"}"),
         Some(0.0)
     );
-    assert_eq!(value(&after, "dispatcher_is_leader"), Some(1.0));
+    assert_eq!(metric_value(&after, "dispatcher_is_leader"), Some(1.0));
     assert_eq!(
-        value(&after, "dispatcher_dependency_up{dependency=\"redis\"}"),
+        metric_value(&after, "dispatcher_dependency_up{dependency=\"redis\"}"),
         Some(1.0)
     );
     assert!(!after.contains("905550"), "no phone numbers in metrics");

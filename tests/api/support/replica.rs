@@ -105,6 +105,23 @@ impl Replica {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        http()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// One sample of `/metrics`, e.g. `dispatcher_batches_total{outcome="complete"}`.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.metrics().await, series)
+    }
+
     /// True when this replica says it leads.
     pub async fn is_leader(&self) -> bool {
         let Ok(response) = http()
@@ -181,6 +198,14 @@ impl Drop for Replica {
             }
         }
     }
+}
+
+/// The value of `series` (name plus labels exactly as rendered) in a metrics text.
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
 }
 
 /// Spawns a one-shot subcommand (`migrate`, `seed`, …) with `env` and returns its
