@@ -17,7 +17,8 @@ WORKDIR /build
 #    main.rs/lib.rs/build.rs let cargo resolve and build every dependency;
 #    the stub crate's own artefacts are deleted afterwards so the real build
 #    below can never pick them up (cargo compares mtimes, and the stubs are
-#    newer than the copied sources).
+#    newer than the copied sources). If Cargo.toml ever declares targets at
+#    other paths ([[bin]], [[bench]], [lib] path = ...), stub those here too.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \

@@ -56,6 +56,7 @@ fi
 
 # ---------------------------------------------------------------- cleanup ---
 PG_DATA=""
+PG_DIR=""
 PG_BIN=/usr/lib/postgresql/15/bin
 REDIS_PIDFILE=""
 CONTAINERS=()
@@ -81,6 +82,8 @@ cleanup() {
   if [[ -n "$PG_DATA" && -f "$PG_DATA/postmaster.pid" ]]; then
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast stop >/dev/null 2>&1
   fi
+  [[ -n "$PG_DIR" ]] && rm -rf "$PG_DIR"
+  [[ -n "$REDIS_PIDFILE" ]] && rm -f "$REDIS_PIDFILE" "$WORK/redis-$$.log"
   for m in "${MOUNTED[@]}"; do umount -l "$m" 2>/dev/null; done
   [[ $rc -ne 0 && $FAILED -eq 0 ]] && RESULTS+=("FAIL  aborted (exit $rc)") && FAILED=1
   summary
@@ -263,7 +266,7 @@ else
   fail "image User is root or unset ($USER_CFG)"
 fi
 [[ $HC_CFG == *healthcheck* ]] && pass "image has a HEALTHCHECK ($HC_CFG)" || fail "image has no HEALTHCHECK"
-VERSION_OUT=$("${PODMAN[@]}" run --rm --network host --pull=never "$IMAGE" --version) \
+VERSION_OUT=$("${PODMAN[@]}" run --rm --network host --pull=never --no-healthcheck "$IMAGE" --version) \
   && pass "message-dispatcher --version: $VERSION_OUT" || fail "--version failed"
 
 # --------------------------------------------------- PostgreSQL and Redis ---
@@ -279,21 +282,23 @@ REDIS_PASSWORD="verify-$RANDOM-redis"
 SMS_TOKEN="verify-$RANDOM-sms"
 
 log "starting PostgreSQL 15 on 127.0.0.1:$PG_PORT"
-PG_DATA="$WORK/pg-$$"
-rm -rf "$PG_DATA" "$WORK/pgsock-$$"
-mkdir -p "$PG_DATA" "$WORK/pgsock-$$"
-chown postgres: "$PG_DATA" "$WORK/pgsock-$$"
-chmod 700 "$PG_DATA"
-printf '%s\n' "$DB_PASSWORD" >"$WORK/pgpw-$$"
-chown postgres: "$WORK/pgpw-$$"
-runuser -u postgres -- "$PG_BIN/initdb" -D "$PG_DATA" -U postgres --pwfile="$WORK/pgpw-$$" \
+# The server refuses to run as root: everything lives in a dir owned by postgres.
+PG_DIR="$WORK/pg-$$"
+PG_DATA="$PG_DIR/data"
+rm -rf "$PG_DIR"
+mkdir -p "$PG_DATA" "$PG_DIR/sock"
+printf '%s\n' "$DB_PASSWORD" >"$PG_DIR/pwfile"
+chown -R postgres: "$PG_DIR"
+chmod 700 "$PG_DIR" "$PG_DATA"
+runuser -u postgres -- "$PG_BIN/initdb" -D "$PG_DATA" -U postgres --pwfile="$PG_DIR/pwfile" \
   --auth-local=trust --auth-host=scram-sha-256 >"$WORK/initdb.log" 2>&1 \
   || { cat "$WORK/initdb.log"; die "initdb failed"; }
-rm -f "$WORK/pgpw-$$"
-runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DATA" -w -l "$WORK/pg-$$.log" \
-  -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK/pgsock-$$ -c fsync=off" start >/dev/null
-runuser -u postgres -- psql -h "$WORK/pgsock-$$" -p "$PG_PORT" -qc 'CREATE DATABASE messages_db' postgres
-psql_q() { runuser -u postgres -- psql -h "$WORK/pgsock-$$" -p "$PG_PORT" -d messages_db -tAc "$1"; }
+rm -f "$PG_DIR/pwfile"
+runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DATA" -w -l "$PG_DIR/postgres.log" \
+  -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_DIR/sock -c fsync=off" start >/dev/null \
+  || { cat "$PG_DIR/postgres.log"; die "PostgreSQL did not start"; }
+runuser -u postgres -- psql -h "$PG_DIR/sock" -p "$PG_PORT" -qc 'CREATE DATABASE messages_db' postgres
+psql_q() { runuser -u postgres -- psql -h "$PG_DIR/sock" -p "$PG_PORT" -d messages_db -tAc "$1"; }
 
 log "starting Redis on 127.0.0.1:$REDIS_PORT"
 REDIS_PIDFILE="$WORK/redis-$$.pid"
@@ -312,14 +317,18 @@ ENV_ARGS=(
 )
 # Hardened run options, the same as the Helm chart sets.
 RUN_ARGS=(--network host --pull=never --read-only --cap-drop ALL --security-opt no-new-privileges)
+# One-shot jobs and the mock provider don't serve /health/ready: no HEALTHCHECK for them.
+# (For the dispatcher, podman logs "unable to get systemd connection" because it
+# cannot schedule periodic checks without systemd; `podman healthcheck run` works.)
+ONESHOT_ARGS=("${RUN_ARGS[@]}" --no-healthcheck)
 
 # --------------------------------------------------------- migrate + seed ---
 STEP_START=$(date +%s)
 log "migrate"
-"${PODMAN[@]}" run --rm "${RUN_ARGS[@]}" "${ENV_ARGS[@]}" "$IMAGE" migrate \
+"${PODMAN[@]}" run --rm "${ONESHOT_ARGS[@]}" "${ENV_ARGS[@]}" "$IMAGE" migrate \
   && pass "migrate ($(elapsed))" || die "migrate failed"
 log "seed --count 10"
-"${PODMAN[@]}" run --rm "${RUN_ARGS[@]}" "${ENV_ARGS[@]}" "$IMAGE" seed --count 10 \
+"${PODMAN[@]}" run --rm "${ONESHOT_ARGS[@]}" "${ENV_ARGS[@]}" "$IMAGE" seed --count 10 \
   && pass "seed --count 10" || die "seed failed"
 PENDING=$(psql_q "SELECT count(*) FROM messages WHERE status = 'pending'")
 [[ $PENDING == 10 ]] && pass "10 pending messages in PostgreSQL" || fail "expected 10 pending messages, found $PENDING"
@@ -328,7 +337,7 @@ PENDING=$(psql_q "SELECT count(*) FROM messages WHERE status = 'pending'")
 log "mock-provider on 127.0.0.1:$MOCK_PORT"
 MOCK="md-mock-$SUFFIX"
 CONTAINERS+=("$MOCK")
-"${PODMAN[@]}" run -d --name "$MOCK" "${RUN_ARGS[@]}" "$IMAGE" mock-provider --port "$MOCK_PORT" --token "$SMS_TOKEN" >/dev/null
+"${PODMAN[@]}" run -d --name "$MOCK" "${ONESHOT_ARGS[@]}" "$IMAGE" mock-provider --port "$MOCK_PORT" --token "$SMS_TOKEN" >/dev/null
 wait_http() { # url, seconds
   local i
   for i in $(seq $(( $2 * 4 ))); do

@@ -98,7 +98,7 @@ impl Store {
         };
         pg.application_name("message-dispatcher")
             // NOTICEs (such as "already exists, skipping") are not worth a log line.
-            .options(&format!(
+            .options(format!(
                 "-c client_min_messages=warning -c idle_in_transaction_session_timeout={}",
                 config.idle_in_transaction_timeout.as_millis().max(1000)
             ))
