@@ -21,6 +21,8 @@
 #   VERIFY_IMAGE_WORKDIR  scratch dir (default /var/tmp/message-dispatcher-verify)
 #   VERIFY_IMAGE_TAG      tag for the built image (default message-dispatcher:verify)
 #   REBUILD_BASE=1        recreate the local base images even if they exist
+# pass/fail always return 0, so `cond && pass ... || fail ...` is an if/else here.
+# shellcheck disable=SC2015
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -339,8 +341,8 @@ MOCK="md-mock-$SUFFIX"
 CONTAINERS+=("$MOCK")
 "${PODMAN[@]}" run -d --name "$MOCK" "${ONESHOT_ARGS[@]}" "$IMAGE" mock-provider --port "$MOCK_PORT" --token "$SMS_TOKEN" >/dev/null
 wait_http() { # url, seconds
-  local i
-  for i in $(seq $(( $2 * 4 ))); do
+  local _
+  for _ in $(seq $(( $2 * 4 ))); do
     curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null && return 0
     sleep 0.25
   done

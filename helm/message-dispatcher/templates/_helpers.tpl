@@ -115,7 +115,8 @@ Null computes TTL + SHUTDOWN_TIMEOUT + 15s; an explicit value is checked.
 {{- if le $ttl (mulf 3 $retry) }}
 {{- fail (printf "config.DISTRIBUTED_LOCK_TTL (%gs) must be greater than 3 x config.LOCK_RETRY_INTERVAL (%gs)" $ttl $retry) }}
 {{- end }}
-{{- if and (eq (toString (default "true" .Values.config.DISTRIBUTED_LOCK_ENABLED)) "false") (gt (int .Values.replicaCount) 1) }}
+{{- $lockEnabled := lower (toString (default "true" .Values.config.DISTRIBUTED_LOCK_ENABLED)) }}
+{{- if and (has $lockEnabled (list "false" "0" "no" "off")) (gt (int .Values.replicaCount) 1) }}
 {{- fail "config.DISTRIBUTED_LOCK_ENABLED=false is single-replica mode: set replicaCount to 1 (replicas in this mode fence each other out)" }}
 {{- end }}
 {{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) }}
