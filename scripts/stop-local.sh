@@ -3,11 +3,14 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 STATE="$ROOT/.local"
+# Only processes that still run our binary: a stale pid file (after a reboot) must not
+# kill whatever reused those pids.
+ours() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q "target/release/message-dispatcher"; }
 if [ -f "$STATE/pids" ]; then
-  while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$STATE/pids"
+  while read -r pid; do ours "$pid" && kill "$pid" 2>/dev/null || true; done <"$STATE/pids"
   for _ in $(seq 1 100); do
     alive=0
-    while read -r pid; do kill -0 "$pid" 2>/dev/null && alive=1; done <"$STATE/pids"
+    while read -r pid; do ours "$pid" && alive=1; done <"$STATE/pids"
     [ "$alive" = 0 ] && break
     sleep 0.2
   done
