@@ -75,7 +75,11 @@ start_postgres() {
   local dir="$1" port="$2" bin
   bin="$(pg_bin_dir)" || die "PostgreSQL server binaries not found"
   mkdir -p "$dir"
-  if [ "$(id -u)" = 0 ]; then chown postgres: "$dir"; fi
+  if [ "$(id -u)" = 0 ]; then
+    chown postgres: "$dir"
+    runuser -u postgres -- test -w "$dir" ||
+      die "user postgres cannot reach $dir (a parent directory is not searchable; chmod o+x it)"
+  fi
   if [ ! -f "$dir/data/PG_VERSION" ]; then
     as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >/dev/null
   fi
