@@ -180,6 +180,7 @@ impl Replica {
             metrics: state.metrics.clone(),
             settings: dispatch_settings(&config),
             wake: state.wake.clone(),
+            pacer: Default::default(),
         };
         let dispatcher_task = tokio::spawn(dispatcher.run(shutdown.clone()).in_current_span());
 

@@ -445,7 +445,7 @@ fn duration_var(
     default: &str,
 ) -> Result<Duration, ConfigError> {
     let text = value.unwrap_or_else(|| default.to_string());
-    duration::parse(&text).map_err(|problem| {
+    duration::parse(text.trim()).map_err(|problem| {
         ConfigError::new(
             variable,
             format!("{problem}; expected a duration like 500ms, 15s or 2m"),

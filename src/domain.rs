@@ -48,8 +48,11 @@ impl MessageContent {
             field: "content",
             problem: p,
         };
-        if input.trim().is_empty() {
+        if input.chars().all(char::is_whitespace) {
             return Err(problem("must not be empty".into()));
+        }
+        if input.contains('\0') {
+            return Err(problem("must not contain NUL characters".into()));
         }
         let chars = input.chars().count();
         if chars > max_chars {
@@ -153,5 +156,7 @@ mod tests {
         assert!(MessageContent::parse(&"a".repeat(161), 160).is_err());
         assert!(MessageContent::parse("   ", 160).is_err());
         assert!(MessageContent::parse("", 160).is_err());
+        assert!(MessageContent::parse("a\0b", 160).is_err());
+        assert!(MessageContent::parse("\u{3000}\n", 160).is_err());
     }
 }

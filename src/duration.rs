@@ -5,10 +5,12 @@
 
 use std::time::Duration;
 
-/// Parses a Go-style duration. The error says what was expected, never echoes secrets
-/// (durations are never secret, so the caller may echo the input).
-pub fn parse(input: &str) -> Result<Duration, String> {
-    let text = input.trim();
+/// Parses a Go-style duration: one or more `<number><unit>` parts, where a number is
+/// digits with an optional decimal fraction (`1.5s`). Nothing else is accepted (no
+/// spaces, signs or bare numbers other than `0`), so the API's documented pattern and
+/// this parser agree exactly. The error says what was expected (durations are never
+/// secret, so it may echo the input).
+pub fn parse(text: &str) -> Result<Duration, String> {
     if text.is_empty() {
         return Err("empty duration".into());
     }
@@ -21,10 +23,19 @@ pub fn parse(input: &str) -> Result<Duration, String> {
         let number_len = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(|| format!("missing unit in {text:?} (use ms, s, m or h)"))?;
-        if number_len == 0 {
-            return Err(format!("expected a number in {text:?}"));
+        let number = &rest[..number_len];
+        let well_formed = match number.split_once('.') {
+            None => !number.is_empty(),
+            Some((whole, fraction)) => {
+                !whole.is_empty()
+                    && !fraction.is_empty()
+                    && fraction.bytes().all(|b| b.is_ascii_digit())
+            }
+        };
+        if !well_formed {
+            return Err(format!("expected a number like 15 or 1.5 in {text:?}"));
         }
-        let number: f64 = rest[..number_len]
+        let value: f64 = number
             .parse()
             .map_err(|_| format!("bad number in {text:?}"))?;
         rest = &rest[number_len..];
@@ -45,9 +56,9 @@ pub fn parse(input: &str) -> Result<Duration, String> {
             }
         };
         rest = &rest[unit_len..];
-        total_nanos += number * nanos_per_unit;
+        total_nanos += value * nanos_per_unit;
     }
-    if !total_nanos.is_finite() || total_nanos > u64::MAX as f64 {
+    if !total_nanos.is_finite() || total_nanos >= u64::MAX as f64 {
         return Err(format!("duration {text:?} is too large"));
     }
     Ok(Duration::from_nanos(total_nanos.round() as u64))
@@ -95,7 +106,21 @@ mod tests {
 
     #[test]
     fn rejects_garbage_with_a_reason() {
-        for bad in ["abc", "", "15", "5 minutes", "ms", "1x", "-1s", "1..2s"] {
+        for bad in [
+            "abc",
+            "",
+            "15",
+            "5 minutes",
+            "ms",
+            "1x",
+            "-1s",
+            "1..2s",
+            ".5s",
+            "1.s",
+            " 2m",
+            "2m ",
+            "1e3s",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }

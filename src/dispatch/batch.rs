@@ -20,7 +20,7 @@ use crate::metrics::{
 use crate::provider::SendOutcome;
 use crate::retry::connect_backoff;
 use crate::store::StoreError;
-use crate::store::queue::{ClaimedMessage, Recorded};
+use crate::store::queue::{ClaimedMessage, Recorded, Schedule};
 
 /// What became of one claimed message in this batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +38,7 @@ impl Dispatcher {
     pub(super) async fn run_batch(
         &self,
         term: &Term,
+        schedule: Schedule,
         messages: Vec<ClaimedMessage>,
         shutdown: &CancellationToken,
     ) {
@@ -48,7 +49,7 @@ impl Dispatcher {
             tracing::info!("batch claimed");
             let begun: Mutex<HashSet<i64>> = Mutex::default();
             let sends = futures::stream::iter(messages)
-                .map(|message| self.deliver(term, message, shutdown, &begun))
+                .map(|message| self.deliver(term, schedule, message, shutdown, &begun))
                 .buffered(self.settings.send_concurrency)
                 .collect::<Vec<Fate>>();
             // On shutdown, in-flight sends get SHUTDOWN_TIMEOUT; after that they are
@@ -69,6 +70,11 @@ impl Dispatcher {
                 .filter(|id| !begun.contains(id))
                 .collect();
             self.release_unsent(term, &unsent).await;
+            // An abandoned batch (shutdown grace over) stays open: sends of unknown
+            // outcome may still be on the wire.
+            if fates.is_some() {
+                self.close_batch(term).await;
+            }
 
             let outcome = match &fates {
                 None => BATCH_INTERRUPTED,
@@ -106,10 +112,16 @@ impl Dispatcher {
     async fn deliver(
         &self,
         term: &Term,
+        schedule: Schedule,
         message: ClaimedMessage,
         shutdown: &CancellationToken,
         begun: &Mutex<HashSet<i64>>,
     ) -> Fate {
+        let start_at = self.pacer.reserve(schedule.batch_size, schedule.interval);
+        tokio::select! {
+            () = tokio::time::sleep_until(start_at.into()) => {}
+            () = shutdown.cancelled() => return Fate::NotStarted,
+        }
         if shutdown.is_cancelled() || !term.is_valid() {
             return Fate::NotStarted;
         }
@@ -217,6 +229,19 @@ impl Dispatcher {
                 tracing::error!(message_id = id, error = %err, ?outcome, "could not record the result");
                 Fate::NotOurs
             }
+        }
+    }
+
+    /// Marks the batch finished in the fence row (retrying while PostgreSQL is down,
+    /// as results are). A batch left open makes the next leader wait a full interval.
+    async fn close_batch(&self, term: &Term) {
+        let close = || self.store.close_batch(term.epoch);
+        let closed = close
+            .retry(connect_backoff().with_max_times(10))
+            .when(StoreError::is_unavailable)
+            .await;
+        if let Err(err) = closed {
+            tracing::warn!(error = %err, "could not close the batch; the next leader will wait a full interval");
         }
     }
 

@@ -2,6 +2,7 @@
 //! the cluster's schedule says so, send it, record every result.
 
 mod batch;
+mod pacer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use crate::provider::ProviderClient;
 use crate::retry::RetryPolicy;
 use crate::store::Store;
 use crate::store::queue::{Claim, RescuePolicy, Schedule};
+pub use pacer::Pacer;
 
 /// Settings of the dispatch loop, fixed at start (runtime overrides of batch size and
 /// interval live in PostgreSQL and come back with every claim).
@@ -41,6 +43,7 @@ pub struct Dispatcher {
     pub settings: DispatchSettings,
     /// Poked by the API (new messages, start, config change) to skip the idle wait.
     pub wake: Arc<Notify>,
+    pub pacer: Pacer,
 }
 
 impl Dispatcher {
@@ -112,7 +115,8 @@ impl Dispatcher {
             .set(i64::from(!matches!(result.claim, Claim::Stopped)));
         match result.claim {
             Claim::Batch(messages) => {
-                self.run_batch(term, messages, shutdown).await;
+                self.run_batch(term, result.schedule, messages, shutdown)
+                    .await;
                 // Back to back when the interval is 0; otherwise the next claim
                 // learns how long to wait.
                 Duration::ZERO

@@ -120,6 +120,14 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         if err.is_unavailable() {
             Self::Unavailable("database unavailable; try again shortly".into())
+        } else if err.is_bad_data() {
+            // Validation should have caught it; the database is the last line.
+            tracing::warn!(error = %err, "the database refused request data");
+            Self::Validation {
+                message: format!("the database refused the data: {err}"),
+                field: None,
+                index: None,
+            }
         } else {
             Self::Internal(err.to_string())
         }

@@ -29,10 +29,11 @@ type State = Arc<AppState>;
 
 /// Every route of the API.
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
+    let max_content_chars = state.config.message_max_length;
     let open = health::routes(state.clone())
         .or(warp::path!("openapi.json")
             .and(warp::get())
-            .map(|| openapi::document().into_response()))
+            .map(move || openapi::document(max_content_chars)))
         .unify();
     let api = warp::path("api").and(authorized(state.clone())).and(
         messaging::routes(state.clone())
@@ -40,6 +41,8 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
             .unify(),
     );
     open.or(api)
+        .unify()
+        .or(method_not_allowed())
         .unify()
         .recover(error::recover)
         .unify()
@@ -54,6 +57,27 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         }))
         .map(Reply::into_response)
         .boxed()
+}
+
+/// The last route: a documented path asked with a method it does not take gets 405
+/// with the `Allow` header (RFC 9110). Anything else falls through, so the other
+/// routes' own rejections (bad body, missing token, …) still decide the answer.
+fn method_not_allowed() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path::full().and(warp::method()).and_then(
+        |path: warp::path::FullPath, method: warp::http::Method| async move {
+            let allowed = openapi::allowed_methods(path.as_str());
+            if allowed.is_empty() || allowed.iter().any(|m| m == method.as_str()) {
+                return Err(warp::reject::not_found());
+            }
+            let mut response = ApiError::MethodNotAllowed.into_response();
+            if let Ok(value) = warp::http::HeaderValue::from_str(&allowed.join(", ")) {
+                response
+                    .headers_mut()
+                    .insert(warp::http::header::ALLOW, value);
+            }
+            Ok(response)
+        },
+    )
 }
 
 /// Passes the state to a handler.

@@ -8,8 +8,56 @@ use warp::reply::Response;
 
 use crate::version::BUILD;
 
-pub fn document() -> Response {
-    super::json(StatusCode::OK, &spec())
+pub fn document(max_content_chars: usize) -> Response {
+    super::json(StatusCode::OK, &spec(max_content_chars))
+}
+
+/// Characters `char::is_whitespace` knows (Unicode White_Space), spelled out so that
+/// every regex engine reads "not blank" the way the API does.
+const WHITESPACE_CLASS: &str =
+    "\\t\\n\\u000b\\f\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000";
+
+/// A duration as `duration::parse` reads it, bounded so every match also fits.
+const DURATION_PATTERN: &str = "^(0|([0-9]{1,6}(\\.[0-9]{1,9})?(ns|us|µs|ms|s|m|h)){1,4})$";
+
+/// The methods the document lists for a concrete request path (`{id}` matches an
+/// integer), for the `Allow` header of a 405.
+pub fn allowed_methods(path: &str) -> Vec<String> {
+    static ROUTES: std::sync::OnceLock<Vec<(Vec<String>, Vec<String>)>> =
+        std::sync::OnceLock::new();
+    let routes = ROUTES.get_or_init(|| {
+        paths()
+            .as_object()
+            .map(|paths| {
+                paths
+                    .iter()
+                    .map(|(template, operations)| {
+                        let segments = template.split('/').map(str::to_string).collect();
+                        let methods = operations
+                            .as_object()
+                            .map(|ops| ops.keys().map(|m| m.to_uppercase()).collect())
+                            .unwrap_or_default();
+                        (segments, methods)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    let requested: Vec<&str> = path.split('/').collect();
+    routes
+        .iter()
+        .filter(|(segments, _)| {
+            segments.len() == requested.len()
+                && segments.iter().zip(&requested).all(|(template, actual)| {
+                    if template.starts_with('{') {
+                        actual.parse::<i64>().is_ok()
+                    } else {
+                        template == actual
+                    }
+                })
+        })
+        .flat_map(|(_, methods)| methods.iter().cloned())
+        .collect()
 }
 
 fn error_response(description: &str) -> Value {
@@ -41,7 +89,7 @@ fn responses(pairs: &[(&str, Value)]) -> serde_json::Map<String, Value> {
         .collect()
 }
 
-fn spec() -> Value {
+fn spec(max_content_chars: usize) -> Value {
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -51,13 +99,23 @@ fn spec() -> Value {
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "Required on /api/* only when API_TOKEN is set"}},
-            "schemas": schemas()
+            "schemas": schemas(max_content_chars)
         },
         "paths": paths()
     })
 }
 
-fn schemas() -> Value {
+fn schemas(max_content_chars: usize) -> Value {
+    let content = json!({
+        "type": "string",
+        "minLength": 1,
+        "maxLength": max_content_chars,
+        "description": "not blank, no NUL characters; at most MESSAGE_MAX_LENGTH characters",
+        "allOf": [
+            {"pattern": "^[^\\u0000]*$"},
+            {"pattern": format!("[^{WHITESPACE_CLASS}]")}
+        ]
+    });
     let timestamp = json!({"type": "string", "format": "date-time"});
     let nullable_timestamp = json!({"type": ["string", "null"], "format": "date-time"});
     json!({
@@ -105,7 +163,7 @@ fn schemas() -> Value {
             "required": ["phone_number", "content"],
             "properties": {
                 "phone_number": {"type": "string", "pattern": "^\\+?[0-9]+$", "minLength": 10, "maxLength": 20},
-                "content": {"type": "string", "minLength": 1, "maxLength": 160}
+                "content": content
             }
         },
         "Message": {
@@ -187,7 +245,7 @@ fn schemas() -> Value {
             "minProperties": 1,
             "properties": {
                 "batch_size": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000},
-                "processing_interval": {"type": ["string", "null"], "examples": ["30s", "2m", "500ms"]}
+                "processing_interval": {"type": ["string", "null"], "pattern": DURATION_PATTERN, "examples": ["30s", "2m", "500ms"]}
             }
         },
         "Status": {
@@ -233,7 +291,7 @@ fn schemas() -> Value {
 fn paths() -> Value {
     let page_params = json!([
         {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
-        {"name": "cursor", "in": "query", "required": false, "description": "next_cursor of the previous page", "schema": {"type": "integer", "minimum": 1}}
+        {"name": "cursor", "in": "query", "required": false, "description": "next_cursor of the previous page", "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": i64::MAX}}
     ]);
     let id_param = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "format": "int64", "minimum": 1}});
     json!({

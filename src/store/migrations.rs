@@ -28,6 +28,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_control.sql",
         sql: include_str!("../../sql/0002_control.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_batch_open.sql",
+        sql: include_str!("../../sql/0003_batch_open.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

@@ -25,7 +25,7 @@ const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum StoreError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe(.0))]
     Query(tokio_postgres::Error),
     #[error("migration refused: {0}")]
     Migration(String),
@@ -34,6 +34,25 @@ pub enum StoreError {
 impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
+    }
+
+    /// The server refused the data itself (SQLSTATE class 22 data exception or 23
+    /// integrity constraint): the request was bad, not the service.
+    pub fn is_bad_data(&self) -> bool {
+        match self {
+            Self::Query(err) => err
+                .code()
+                .is_some_and(|code| matches!(&code.code()[..2], "22" | "23")),
+            _ => false,
+        }
+    }
+}
+
+/// The server's own message and SQLSTATE rather than the driver's bare "db error".
+fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => err.to_string(),
     }
 }
 

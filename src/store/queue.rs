@@ -157,16 +157,26 @@ const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR U
 
 /// Reads the schedule once the fence is locked. `clock_timestamp()`, not `now()`: the
 /// transaction may have waited for the lock while the previous batch committed.
-/// `wait_ms` is NULL or ≤ 0 when a batch is due.
+/// `wait_ms` is NULL or ≤ 0 when a batch is due: an interval after the previous
+/// batch's start, and, when that batch is still open (its leader died mid-batch), also
+/// an interval after this term began.
 const READ_SCHEDULE: &str = "
 SELECT coalesce(c.running, false) AS running,
        coalesce(c.batch_size, $1::int) AS batch_size,
-       coalesce(c.processing_interval_ms, $2::bigint) AS interval_ms,
-       ceil(extract(epoch FROM (l.last_batch_at
-            + coalesce(c.processing_interval_ms, $2::bigint) * interval '1 millisecond'
-            - clock_timestamp())) * 1000)::bigint AS wait_ms
-FROM dispatcher_leader l CROSS JOIN dispatcher_control c
+       s.interval_ms,
+       ceil(extract(epoch FROM (
+            CASE WHEN l.batch_open
+                 THEN greatest(l.last_batch_at, l.acquired_at)
+                 ELSE l.last_batch_at
+            END + s.interval_ms * interval '1 millisecond' - clock_timestamp())) * 1000)::bigint AS wait_ms
+FROM dispatcher_leader l
+CROSS JOIN dispatcher_control c
+CROSS JOIN LATERAL (SELECT coalesce(c.processing_interval_ms, $2::bigint) AS interval_ms) s
 WHERE l.id = 1 AND c.id = 1";
+
+/// Marks the batch finished (only if we still hold the epoch that opened it).
+const CLOSE_BATCH: &str =
+    "UPDATE dispatcher_leader SET batch_open = false WHERE id = 1 AND epoch = $1";
 
 const RESCUE: &str = "
 UPDATE messages AS m
@@ -432,7 +442,7 @@ impl Store {
             Claim::Empty
         } else {
             tx.execute(
-                "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp() WHERE id = 1",
+                "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true WHERE id = 1",
                 &[],
             )
             .await?;
@@ -503,6 +513,13 @@ impl Store {
         } else {
             Recorded::NotOurs
         })
+    }
+
+    /// Closes the batch this epoch opened: every send is done and recorded.
+    pub async fn close_batch(&self, epoch: Epoch) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.execute(CLOSE_BATCH, &[&epoch.0]).await?;
+        Ok(())
     }
 
     /// Returns claimed rows that were never sent to `pending`.

@@ -273,6 +273,17 @@ async fn bad_requests_get_the_error_shape_with_the_right_status() {
         422,
         "validation_failed",
     );
+    let answer = post(r#"{"phone_number": "+905551111111", "content": "a\u0000b"}"#).await;
+    assert_error(&answer, 422, "validation_failed");
+    assert_eq!(
+        answer.1["error"]["field"], "content",
+        "NUL is refused before the database sees it"
+    );
+    assert_error(
+        &post(r#"{"phone_number": "+905551111111", "content": "\u3000\n"}"#).await,
+        422,
+        "validation_failed",
+    );
     assert_error(&post("[]").await, 422, "validation_failed");
     assert_error(&post("42").await, 422, "validation_failed");
     let too_many = serde_json::to_string(&vec![
@@ -331,6 +342,28 @@ async fn bad_requests_get_the_error_shape_with_the_right_status() {
         405,
         "method_not_allowed",
     );
+    let allow = http().delete(url("/api/messages/1")).send().await.unwrap();
+    assert_eq!(allow.status(), 405);
+    assert_eq!(
+        allow.headers()["allow"],
+        "GET",
+        "405 names the allowed methods"
+    );
+    let allow = http()
+        .get(url("/api/messages/1/retry"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allow.headers()["allow"], "POST");
+    assert_eq!(
+        http()
+            .put(url("/api/messages"))
+            .send()
+            .await
+            .unwrap()
+            .headers()["allow"],
+        "GET, POST"
+    );
     assert_error(
         &send(Method::GET, url("/api/messages?limit=0"), None, None).await,
         400,
@@ -354,6 +387,15 @@ async fn bad_requests_get_the_error_shape_with_the_right_status() {
 
     let config =
         |body: &'static str| send(Method::PUT, url("/api/messaging/config"), Some(body), None);
+    let (status, accepted) = config(r#"{"batch_size": 5.0, "processing_interval": "1m30s"}"#).await;
+    assert_eq!(status, 200, "5.0 is the integer 5 in JSON: {accepted}");
+    assert_eq!(accepted["batch_size"], 5);
+    assert_eq!(accepted["processing_interval"], "1m30s");
+    assert_error(
+        &config(r#"{"processing_interval": " 2m"}"#).await,
+        422,
+        "validation_failed",
+    );
     assert_error(
         &config(r#"{"batch_size": 0}"#).await,
         422,

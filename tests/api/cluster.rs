@@ -52,14 +52,14 @@ async fn one_leader_each_message_once_in_order_within_the_rate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_leader_fails_over_and_its_claims_are_rescued() {
-    // Latency keeps the leader inside a batch most of the time, so the kill leaves
-    // claimed rows behind.
-    let env = TestEnv::with_mock(&["--latency-ms", "300"]).await;
+    // A slow provider keeps the leader inside a batch (two 1 s sends), so the kill
+    // leaves claimed rows behind.
+    let env = TestEnv::with_mock(&["--latency-ms", "1000"]).await;
     let mut cluster = Cluster::start(&env, 3, &settings()).await;
-    let (leader, _) = cluster
+    cluster
         .wait_single_leader(&cluster.all(), Duration::from_secs(20))
         .await;
-    let ids = env.insert_messages(16).await;
+    let ids = env.insert_messages(8).await;
     let db = env.db().await;
     wait_for(
         "the leader to be mid-batch",
@@ -77,11 +77,18 @@ async fn sigkill_of_the_leader_fails_over_and_its_claims_are_rescued() {
         },
     )
     .await;
-    let killed_epoch: i64 = db
-        .query_one("SELECT epoch FROM dispatcher_leader", &[])
+    // Kill whoever holds the fence now (the holder found at start could have changed).
+    let fence = db
+        .query_one("SELECT epoch, holder FROM dispatcher_leader", &[])
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let killed_epoch: i64 = fence.get(0);
+    let holder: String = fence.get(1);
+    let leader = cluster
+        .replicas
+        .iter()
+        .position(|r| r.name == holder)
+        .expect("the fence names a replica");
     cluster.replicas[leader].kill();
     let killed_at = Instant::now();
     let orphaned: Vec<i64> = db
@@ -365,6 +372,48 @@ async fn postgres_restart_under_load_loses_and_doubles_nothing() {
             replica.name
         );
     }
+}
+
+/// A batch held up mid-way (its results waiting for PostgreSQL) must not send its tail
+/// back to back with the next batch: the provider never sees more than BATCH_SIZE in
+/// any window of PROCESSING_INTERVAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stalled_by_postgres_does_not_burst_into_the_next() {
+    let mut env = TestEnv::with_mock(&["--latency-ms", "200"]).await;
+    let interval = Duration::from_secs(1);
+    let replica = env
+        .replica(
+            "r1",
+            &[
+                ("BATCH_SIZE", "3"),
+                ("PROCESSING_INTERVAL", "1s"),
+                ("SMS_API_TIMEOUT", "2s"),
+            ],
+        )
+        .await;
+    let ids = env.insert_messages(15).await;
+    wait_for("a batch to be half sent", Duration::from_secs(30), || async {
+        let db = env.db().await;
+        let row = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'sending'), count(*) FILTER (WHERE status = 'sent')
+                 FROM messages",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (sending, sent): (i64, i64) = (row.get(0), row.get(1));
+        (sending == 2 && sent % 3 == 1).then_some(())
+    })
+    .await;
+    env.pg.stop().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    env.pg.restart().await;
+    env.wait_drained(DRAIN).await;
+    let deliveries = env.mock().deliveries().await;
+    assert_each_once(&deliveries, &ids);
+    assert_rate(&deliveries, 3, interval, Duration::from_millis(50));
+    drop(replica);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
