@@ -303,6 +303,37 @@ async fn classification_of_provider_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_goes_in_sms_api_auth_header_when_set() {
+    let env = TestEnv::with_scripted().await;
+    let replica = env
+        .replica(
+            "r1",
+            &[
+                ("SMS_API_AUTH_HEADER", "x-ins-auth-key"),
+                ("SMS_API_TOKEN", "tok-123"),
+            ],
+        )
+        .await;
+    let ids = env.create_messages(&replica, &["custom header"]).await;
+    env.wait_drained(TEST_TIMEOUT).await;
+    let request = &env.scripted().requests_for(ids[0])[0];
+    assert_eq!(
+        request.headers.get("x-ins-auth-key").map(String::as_str),
+        Some("tok-123")
+    );
+    assert!(
+        !request.headers.contains_key("authorization"),
+        "no Bearer header as well"
+    );
+    assert_eq!(
+        request.headers.get("idempotency-key"),
+        Some(&ids[0].to_string())
+    );
+    assert_eq!(request.to, "+905550000000");
+    assert_eq!(request.content, "custom header");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_attempts_turns_a_retrying_message_into_failed() {
     let env = TestEnv::with_scripted().await;
     let replica = env

@@ -73,3 +73,48 @@ async fn self_signed_provider_needs_the_ca_or_the_insecure_flag() {
     assert_eq!(env.scripted().requests_for(more[0]).len(), 1);
     assert!(replica.logs().contains("SMS_API_INSECURE_SKIP_VERIFY=true"));
 }
+
+/// PostgreSQL over TLS (rustls): `require` encrypts without checking the certificate,
+/// as libpq does; `verify-full` refuses a certificate no system root vouches for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_require_and_verify_full() {
+    let mut env = TestEnv::start().await;
+    let certificate = self_signed();
+    env.pg.enable_ssl(&certificate).await;
+
+    let replica = env.replica("encrypted", &[("DB_SSLMODE", "require")]).await;
+    let db = env.db().await;
+    let encrypted: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'message-dispatcher' AND s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted > 0, "the replica's connections use TLS");
+    let plain: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'message-dispatcher' AND NOT s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(plain, 0, "and none goes without");
+    drop(replica);
+
+    let strict = env.spawn_replica("strict", &[("DB_SSLMODE", "verify-full")]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        strict.get("/health/ready").await.0,
+        503,
+        "an untrusted certificate is refused"
+    );
+    assert!(
+        strict.logs().contains("certificate"),
+        "and the log says why"
+    );
+}

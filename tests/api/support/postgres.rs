@@ -133,6 +133,26 @@ impl Postgres {
         pg
     }
 
+    /// Turns TLS on with `certificate` (connections may still come without it) and
+    /// restarts the server.
+    pub async fn enable_ssl(&mut self, certificate: &super::tls::SelfSigned) {
+        let data = self.data_dir();
+        std::fs::copy(&certificate.cert, data.join("server.crt")).unwrap();
+        std::fs::copy(&certificate.key, data.join("server.key")).unwrap();
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut conf, b"\nssl = on\n").unwrap();
+        chown_to_server_user(&data);
+        self.restart().await;
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
