@@ -174,6 +174,9 @@ CROSS JOIN dispatcher_control c
 CROSS JOIN LATERAL (SELECT coalesce(c.processing_interval_ms, $2::bigint) AS interval_ms) s
 WHERE l.id = 1 AND c.id = 1";
 
+/// Records the batch start (the cluster's rhythm) and marks the batch open.
+const OPEN_BATCH: &str = "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true WHERE id = 1";
+
 /// Marks the batch finished (only if we still hold the epoch that opened it).
 const CLOSE_BATCH: &str =
     "UPDATE dispatcher_leader SET batch_open = false WHERE id = 1 AND epoch = $1";
@@ -376,10 +379,14 @@ impl Store {
     ) -> Result<ClaimResult, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let current = Epoch(tx.query_one(LOCK_FENCE, &[]).await?.get(0));
+        let current = Epoch(
+            tx.query_one(&tx.prepare_cached(LOCK_FENCE).await?, &[])
+                .await?
+                .get(0),
+        );
         let fence = tx
             .query_one(
-                READ_SCHEDULE,
+                &tx.prepare_cached(READ_SCHEDULE).await?,
                 &[
                     &(configured.batch_size as i32),
                     &millis(configured.interval),
@@ -409,7 +416,7 @@ impl Store {
 
         let rescued = tx
             .execute(
-                RESCUE,
+                &tx.prepare_cached(RESCUE).await?,
                 &[
                     &epoch.0,
                     &millis(rescue.claim_age),
@@ -419,7 +426,7 @@ impl Store {
             .await?;
         let mut rows: Vec<(DateTime<Utc>, ClaimedMessage)> = tx
             .query(
-                CLAIM,
+                &tx.prepare_cached(CLAIM).await?,
                 &[&i64::from(schedule.batch_size), &epoch.0, &replica_id],
             )
             .await?
@@ -441,11 +448,8 @@ impl Store {
         let claim = if rows.is_empty() {
             Claim::Empty
         } else {
-            tx.execute(
-                "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true WHERE id = 1",
-                &[],
-            )
-            .await?;
+            tx.execute(&tx.prepare_cached(OPEN_BATCH).await?, &[])
+                .await?;
             Claim::Batch(rows.into_iter().map(|(_, m)| m).collect())
         };
         tx.commit().await?;
@@ -465,7 +469,10 @@ impl Store {
     ) -> Result<Recorded, StoreError> {
         let client = self.client().await?;
         let n = client
-            .execute(MARK_SENT, &[&id, &epoch.0, &sent_at, &provider_message_id])
+            .execute(
+                &client.prepare_cached(MARK_SENT).await?,
+                &[&id, &epoch.0, &sent_at, &provider_message_id],
+            )
             .await?;
         Ok(if n == 1 {
             Recorded::Sent
@@ -487,7 +494,7 @@ impl Store {
         let max_attempts = i32::try_from(max_attempts).unwrap_or(i32::MAX);
         let row = client
             .query_opt(
-                MARK_RETRY,
+                &client.prepare_cached(MARK_RETRY).await?,
                 &[&id, &epoch.0, &max_attempts, &millis(delay), &error],
             )
             .await?;
@@ -506,7 +513,10 @@ impl Store {
     ) -> Result<Recorded, StoreError> {
         let client = self.client().await?;
         let n = client
-            .execute(MARK_FAILED, &[&id, &epoch.0, &error])
+            .execute(
+                &client.prepare_cached(MARK_FAILED).await?,
+                &[&id, &epoch.0, &error],
+            )
             .await?;
         Ok(if n == 1 {
             Recorded::Failed
@@ -518,7 +528,9 @@ impl Store {
     /// Closes the batch this epoch opened: every send is done and recorded.
     pub async fn close_batch(&self, epoch: Epoch) -> Result<(), StoreError> {
         let client = self.client().await?;
-        client.execute(CLOSE_BATCH, &[&epoch.0]).await?;
+        client
+            .execute(&client.prepare_cached(CLOSE_BATCH).await?, &[&epoch.0])
+            .await?;
         Ok(())
     }
 
@@ -528,6 +540,11 @@ impl Store {
             return Ok(0);
         }
         let client = self.client().await?;
-        Ok(client.execute(RELEASE_UNSENT, &[&ids, &epoch.0]).await?)
+        Ok(client
+            .execute(
+                &client.prepare_cached(RELEASE_UNSENT).await?,
+                &[&ids, &epoch.0],
+            )
+            .await?)
     }
 }
