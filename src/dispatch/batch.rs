@@ -118,9 +118,13 @@ impl Dispatcher {
         begun: &Mutex<HashSet<i64>>,
     ) -> Fate {
         let start_at = self.pacer.reserve(schedule.batch_size, schedule.interval);
-        tokio::select! {
-            () = tokio::time::sleep_until(start_at.into()) => {}
-            () = shutdown.cancelled() => return Fate::NotStarted,
+        // Only wait when the pacer says so: tokio's timer rounds up to its next 1 ms
+        // tick, so sleeping until "now" would cost each send up to a millisecond.
+        if start_at > Instant::now() {
+            tokio::select! {
+                () = tokio::time::sleep_until(start_at.into()) => {}
+                () = shutdown.cancelled() => return Fate::NotStarted,
+            }
         }
         if shutdown.is_cancelled() || !term.is_valid() {
             return Fate::NotStarted;
