@@ -30,10 +30,15 @@ for bench in ${ONLY:-failover throughput footprint api}; do
   [ -x "$ROOT/scripts/bench-$bench.sh" ] || die "no such benchmark: $bench"
   log "bench-$bench"
   started=$SECONDS
-  if ! BENCH_RESULT="$RESULTS/$bench.json" "$ROOT/scripts/bench-$bench.sh"; then
-    log "bench-$bench failed"
-    failed=1
-  fi
+  rc=0
+  BENCH_RESULT="$RESULTS/$bench.json" "$ROOT/scripts/bench-$bench.sh" || rc=$?
+  # 130/143: the benchmark was interrupted (Ctrl-C, SIGTERM); stop here rather than
+  # start the next one.
+  case "$rc" in
+    0) ;;
+    130 | 143) log "bench-$bench interrupted"; exit "$rc" ;;
+    *) log "bench-$bench failed (exit $rc)"; failed=1 ;;
+  esac
   files+=("$RESULTS/$bench.json")
   timings+=("bench-$bench: $((SECONDS - started)) s")
 done
