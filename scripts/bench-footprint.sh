@@ -10,11 +10,13 @@
 # same processes are measured) and SEND_CONCURRENCY (default 1); RSS right after the
 # drain, 10 s later, and the peak (VmHWM). bench-throughput.sh also prints the RSS
 # after each of its drains (including SEND_CONCURRENCY 32).
+# Last, start-up: STARTS (10) fresh replicas, one at a time, each timed from spawn to
+# its first /health/ready 200 (polled every 2 ms), PostgreSQL and Redis already up.
 #
 #   ./scripts/bench-footprint.sh                    # about 2.5 minutes
 #   IDLE_SECONDS=10 N=10000 ./scripts/bench-footprint.sh
 #
-# Settings (environment): IDLE_SECONDS (60), N (100000), SEND_CONCURRENCY (1),
+# Settings (environment): IDLE_SECONDS (60), N (100000), SEND_CONCURRENCY (1), STARTS (10),
 # WARMUP (5 s after the election before the window opens), AFTER_DRAIN_WAIT (10),
 # RSS_TARGET_MIB (20), BIN, KEEP_BENCH_DIR=1 keeps the logs.
 set -euo pipefail

@@ -917,7 +917,25 @@ def cmd_footprint() -> int:
                       "target": "-", "result": "-" if once else "FAIL (not exactly once)"})
     for r in replicas:
         r.stop()
+
+    # Start-up: a fresh replica (PostgreSQL and Redis up, schema applied) from spawn to
+    # the first 200 of /health/ready, polled every 2 ms; STARTS times, one at a time.
+    starts = env_int("STARTS", 10)
+    start_s = []
+    for i in range(starts):
+        r = Replica(100 + i, extra)
+        t_spawn = time.time()
+        r.start()
+        wait_until(lambda: r.alive() and http(r.url + "/health/ready", timeout=1)[0] == 200, 30, 0.002,
+                   f"{r.id} ready")
+        start_s.append(time.time() - t_spawn)
+        r.stop()
     stop(mock)
+    if start_s:
+        json_rows.append({"figure": "start -> /health/ready 200", "n": len(start_s),
+                          "value": f"min {min(start_s) * 1000:.0f} / med {statistics.median(start_s) * 1000:.0f} / "
+                                   f"max {max(start_s) * 1000:.0f} ms",
+                          "target": "-", "result": "-"})
     print()
     print(idle_table)
     print()
@@ -926,6 +944,11 @@ def cmd_footprint() -> int:
                 f"After draining {n} messages (BATCH_SIZE 500, interval 0s, SEND_CONCURRENCY "
                 f"{extra['SEND_CONCURRENCY']}) in {drain_s:.1f} s; provider: {stats['unique_keys']} unique, "
                 f"{stats['duplicates']} duplicates"))
+    if start_s:
+        print()
+        print(f"Start-up ({len(start_s)} runs, PostgreSQL and Redis up, schema applied): spawn -> /health/ready 200 "
+              f"min {min(start_s) * 1000:.0f} / median {statistics.median(start_s) * 1000:.0f} / "
+              f"max {max(start_s) * 1000:.0f} ms")
     write_result("footprint", json_rows)
     return 0
 

@@ -811,6 +811,19 @@ def analyse(run, settle_seconds):
             run.warn("rate burst at the provider: " + text)
         else:
             run.violation("rate at the provider: " + text)
+    # The strict form of the limit at the provider: any BATCH_SIZE + 1 consecutive first
+    # deliveries span at least one interval. Report the tightest such span and whose
+    # sends it holds, so an overshoot is measured, not just counted.
+    tightest = min(((times[k + BATCH_SIZE] - times[k], k) for k in range(len(times) - BATCH_SIZE)),
+                   default=None)
+    if tightest is not None:
+        span, k = tightest
+        group = arrivals[k:k + BATCH_SIZE + 1]
+        report["tightest span"] = "%d consecutive first deliveries within %.1f ms (interval %d ms) at %s; " \
+            "batches %s" % (BATCH_SIZE + 1, span / 1000, INTERVAL_MS, iso(group[0][0] / US)[11:23],
+                            ", ".join("%s(epoch %s)" % (iso(b / US)[17:23], ep) for b, ep in sorted(
+                                {(a[2], next((c["epoch"] for c in claims[a[1]] if c["txid"] == a[3]), "?"))
+                                 for a in group})))
     pct = lambda p: spreads[min(len(spreads) - 1, int(p * len(spreads)))] / 1000 if spreads else float("nan")
     report["rate (provider)"] = "max %d first deliveries in any %d ms window (limit %d; window = %d ms interval - %d ms " \
         "send spread); bursts over the limit: %d explained by a slow batch, %d unexplained; " \
