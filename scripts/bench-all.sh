@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every benchmark of issue 5 one after the other (failover, throughput,
-# footprint, API; about 25 minutes with the defaults), each printing its own tables,
+# footprint, API; about 15 minutes with the defaults), each printing its own tables,
 # then one combined table with the date, the machine (CPUs, CPU model, memory) and the
 # binary's version. Each benchmark starts and cleans up its own PostgreSQL, Redis and
 # mock provider; their settings (KILLS, N, IDLE_SECONDS, DURATION, ...) pass through.

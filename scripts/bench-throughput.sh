@@ -2,7 +2,7 @@
 # Throughput ceiling (issue 5): how fast one leader drains the queue end to end, next
 # to what PostgreSQL alone can do with the same statements, measured in the same run.
 #
-#   ./scripts/bench-throughput.sh                      # the full run (about 12 minutes)
+#   ./scripts/bench-throughput.sh                      # the full run (about 8 minutes)
 #   N=20000 SLOW_N=2000 ./scripts/bench-throughput.sh  # a quick one
 #
 # Set-up: local PostgreSQL 15 (fsync=off, as the test suite), Redis and the mock
