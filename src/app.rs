@@ -145,10 +145,8 @@ impl Replica {
         );
 
         let http_stop = CancellationToken::new();
-        let server = warp::serve(http::routes(state.clone()))
-            .incoming(listener)
-            .graceful(http_stop.clone().cancelled_owned());
-        let http_task = tokio::spawn(server.run().in_current_span());
+        let http_task =
+            tokio::spawn(http::serve(listener, state.clone(), http_stop.clone()).in_current_span());
 
         let (schema_tx, schema_rx) = watch::channel(false);
         tasks.spawn(prepare_database(state.clone(), schema_tx).in_current_span());

@@ -11,6 +11,7 @@ mod health;
 mod messages;
 mod messaging;
 mod openapi;
+mod serve;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
 pub use error::ApiError;
+pub use serve::serve;
 
 use crate::app::AppState;
 

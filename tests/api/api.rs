@@ -521,3 +521,46 @@ async fn the_openapi_document_matches_the_routes() {
     )
     .await;
 }
+
+/// A client that hangs up before its answer comes (a probe or client timing out) is
+/// routine, not a server error: the replica keeps serving and writes no ERROR line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hanging_up_before_its_answer_is_not_logged_as_an_error() {
+    use tokio::io::AsyncWriteExt;
+    let env = TestEnv::start().await;
+    let replica = env.replica("r1", &[]).await;
+    let address = replica.url("").trim_start_matches("http://").to_string();
+
+    // Hold the messages table so that listing it waits, then ask for it and hang up.
+    let mut db = env.db().await;
+    let lock = db.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    for request in [
+        &b"GET /api/messages HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &b"GET /health HTTP/1.1\r\nHost: x\r\n"[..], // the head never completes
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.rollback().await.unwrap();
+
+    let (status, _) = send(
+        reqwest::Method::GET,
+        replica.url("/api/messages"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "the replica still serves");
+    let logs = replica.logs();
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("\"level\":\"ERROR\""))
+        .collect();
+    assert!(errors.is_empty(), "ERROR lines: {errors:#?}");
+}
