@@ -13,13 +13,7 @@ cd "$ROOT"
 
 ensure_packages pg:postgresql psql:postgresql-client redis-server:redis-server \
   redis-cli:redis-tools curl:curl python3:python3 wrk:wrk
-if [ -z "${BIN:-}" ]; then
-  command -v cargo >/dev/null || die "cargo is required (or set BIN=/path/to/message-dispatcher)"
-  log "building message-dispatcher (release)"
-  cargo build --release --locked --quiet
-  BIN="$ROOT/target/release/message-dispatcher"
-fi
-export BIN
+PROFILE=release ensure_binary # figures from a debug build would mislead
 
 RESULTS="$(mktemp -d /tmp/md-bench-all.XXXXXX)"
 trap 'rm -rf "$RESULTS"' EXIT

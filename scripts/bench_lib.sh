@@ -17,14 +17,7 @@ bench_init() {
   PG_BIN="$(pg_bin_dir)" || die "PostgreSQL server binaries not found"
   export PG_BIN
   [ -x "$PG_BIN/pgbench" ] || die "pgbench not found in $PG_BIN"
-  if [ -z "${BIN:-}" ]; then
-    command -v cargo >/dev/null || die "cargo is required (or set BIN=/path/to/message-dispatcher)"
-    log "building message-dispatcher (release)"
-    (cd "$ROOT" && cargo build --release --locked --quiet)
-    BIN="$ROOT/target/release/message-dispatcher"
-  fi
-  [ -x "$BIN" ] || die "binary not found: $BIN"
-  export BIN
+  PROFILE=release ensure_binary # figures from a debug build would mislead
   BENCH_DIR="$(mktemp -d "/tmp/md-bench-$name.XXXXXX")"
   chmod 755 "$BENCH_DIR" # the postgres user must reach its data dir below it
   mkdir -p "$BENCH_DIR/logs"

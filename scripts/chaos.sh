@@ -59,19 +59,7 @@ PROFILE="${PROFILE:-release}"
 
 ensure_packages pg:postgresql psql:postgresql-client redis-server:redis-server redis-cli:redis-tools curl:curl python3:python3
 
-if [ -z "${BIN:-}" ]; then
-  command -v cargo >/dev/null || die "cargo is required (or set BIN=/path/to/message-dispatcher)"
-  if [ "$PROFILE" = release ]; then
-    log "building message-dispatcher (release)"
-    cargo build --release --locked --quiet
-  else
-    log "building message-dispatcher (debug)"
-    cargo build --locked --quiet
-  fi
-  BIN="$ROOT/target/$PROFILE/message-dispatcher"
-fi
-[ -x "$BIN" ] || die "no binary at $BIN"
-export BIN
+ensure_binary
 
 WORK="$(mktemp -d /tmp/md-chaos.XXXXXX)"
 chmod 755 "$WORK"

@@ -74,18 +74,7 @@ ST="$ST_VENV/bin/st"
 log "$("$ST" --version)"
 
 # --- the binary -------------------------------------------------------------------
-if [ -z "${BIN:-}" ]; then
-  command -v cargo >/dev/null || die "cargo is required (or set BIN=/path/to/message-dispatcher)"
-  if [ "$PROFILE" = release ]; then
-    log "building message-dispatcher (release)"
-    cargo build --release --locked --quiet
-  else
-    log "building message-dispatcher (debug)"
-    cargo build --locked --quiet
-  fi
-  BIN="$ROOT/target/$PROFILE/message-dispatcher"
-fi
-[ -x "$BIN" ] || die "no binary at $BIN"
+ensure_binary
 
 # --- the stack --------------------------------------------------------------------
 WORK="$(mktemp -d /tmp/md-fuzz.XXXXXX)"

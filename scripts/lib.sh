@@ -6,6 +6,25 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# ensure_binary: sets and exports BIN. Unless BIN already names a binary, builds
+# message-dispatcher with cargo: PROFILE=release (the default) or PROFILE=debug.
+ensure_binary() {
+  if [ -z "${BIN:-}" ]; then
+    command -v cargo >/dev/null || die "cargo is required (or set BIN=/path/to/message-dispatcher)"
+    local profile="${PROFILE:-release}" flags=()
+    case "$profile" in
+      release) flags=(--release) ;;
+      debug) ;;
+      *) die "PROFILE must be release or debug, not $profile" ;;
+    esac
+    log "building message-dispatcher ($profile)"
+    (cd "$ROOT" && cargo build "${flags[@]}" --locked --quiet)
+    BIN="$ROOT/target/$profile/message-dispatcher"
+  fi
+  [ -x "$BIN" ] || die "no binary at $BIN"
+  export BIN
+}
+
 as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"
   elif command -v sudo >/dev/null; then sudo "$@"
