@@ -65,9 +65,12 @@ async fn sigkill_of_the_leader_fails_over_and_its_claims_are_rescued() {
         "the leader to be mid-batch",
         Duration::from_secs(30),
         || async {
+            // A batch claimed within the last 500 ms still has over a second of sends
+            // ahead of it, so its rows are still `sending` when the kill lands.
             let sending: i64 = db
                 .query_one(
-                    "SELECT count(*) FROM messages WHERE status = 'sending'",
+                    "SELECT count(*) FROM messages WHERE status = 'sending' \
+                     AND claimed_at > now() - interval '500 milliseconds'",
                     &[],
                 )
                 .await
