@@ -157,6 +157,18 @@ impl Store {
         Ok(self.pool.get().await?)
     }
 
+    /// Runs one statement on a pooled connection, prepared once per connection: the
+    /// dispatch path runs the same few statements for every message.
+    pub async fn execute_prepared(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.execute(&statement, params).await?)
+    }
+
     /// Answers whether PostgreSQL is reachable right now (one round trip, bounded).
     pub async fn ping(&self) -> Result<(), StoreError> {
         let check = async {

@@ -467,12 +467,8 @@ impl Store {
         sent_at: DateTime<Utc>,
         provider_message_id: Option<&str>,
     ) -> Result<Recorded, StoreError> {
-        let client = self.client().await?;
-        let n = client
-            .execute(
-                &client.prepare_cached(MARK_SENT).await?,
-                &[&id, &epoch.0, &sent_at, &provider_message_id],
-            )
+        let n = self
+            .execute_prepared(MARK_SENT, &[&id, &epoch.0, &sent_at, &provider_message_id])
             .await?;
         Ok(if n == 1 {
             Recorded::Sent
@@ -511,12 +507,8 @@ impl Store {
         epoch: Epoch,
         error: &str,
     ) -> Result<Recorded, StoreError> {
-        let client = self.client().await?;
-        let n = client
-            .execute(
-                &client.prepare_cached(MARK_FAILED).await?,
-                &[&id, &epoch.0, &error],
-            )
+        let n = self
+            .execute_prepared(MARK_FAILED, &[&id, &epoch.0, &error])
             .await?;
         Ok(if n == 1 {
             Recorded::Failed
@@ -527,10 +519,7 @@ impl Store {
 
     /// Closes the batch this epoch opened: every send is done and recorded.
     pub async fn close_batch(&self, epoch: Epoch) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(&client.prepare_cached(CLOSE_BATCH).await?, &[&epoch.0])
-            .await?;
+        self.execute_prepared(CLOSE_BATCH, &[&epoch.0]).await?;
         Ok(())
     }
 
@@ -539,12 +528,7 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let client = self.client().await?;
-        Ok(client
-            .execute(
-                &client.prepare_cached(RELEASE_UNSENT).await?,
-                &[&ids, &epoch.0],
-            )
-            .await?)
+        self.execute_prepared(RELEASE_UNSENT, &[&ids, &epoch.0])
+            .await
     }
 }
