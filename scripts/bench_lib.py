@@ -339,12 +339,12 @@ class Replica:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 60, step: float = 0.05) -> None:
         def ready():
             if not self.alive():
                 raise RuntimeError(f"{self.id} exited (see {self.log})")
             return http(self.url + "/health/ready")[0] == 200
-        wait_until(ready, timeout, 0.05, f"{self.id} ready")
+        wait_until(ready, timeout, step, f"{self.id} ready")
         self.ready_at = time.time()
 
     def stop(self, sig: int = signal.SIGTERM) -> float:
@@ -926,9 +926,8 @@ def cmd_footprint() -> int:
         r = Replica(100 + i, extra)
         t_spawn = time.time()
         r.start()
-        wait_until(lambda: r.alive() and http(r.url + "/health/ready", timeout=1)[0] == 200, 30, 0.002,
-                   f"{r.id} ready")
-        start_s.append(time.time() - t_spawn)
+        r.wait_ready(timeout=30, step=0.002)
+        start_s.append(r.ready_at - t_spawn)
         r.stop()
     stop(mock)
     if start_s:

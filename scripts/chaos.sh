@@ -98,20 +98,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Ports below the kernel's ephemeral range (32768+), so that no outgoing connection
-# takes one between choosing it and binding it (also after a restart).
-pick_port() {
-  local port
-  for _ in $(seq 1 100); do
-    port=$((20000 + RANDOM % 12000))
-    if [ "$(free_port "$port")" = "$port" ] && ! grep -qx "$port" "$WORK/ports" 2>/dev/null; then
-      echo "$port" >>"$WORK/ports"
-      echo "$port"
-      return
-    fi
-  done
-  die "no free port found"
-}
+pick_port() { stable_port "$WORK/ports"; }
 export PG_PORT REDIS_PORT MOCK_PORT API_PORTS
 PG_PORT="$(pick_port)"
 REDIS_PORT="$(pick_port)"

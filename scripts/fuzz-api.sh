@@ -106,16 +106,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Ports below the kernel's ephemeral range (32768+), so that an outgoing connection of
-# this or another test cannot take one between choosing it and binding it.
-pick_port() {
-  local port
-  for _ in $(seq 1 50); do
-    port=$((20000 + RANDOM % 12000))
-    [ "$(free_port "$port")" = "$port" ] && { echo "$port"; return; }
-  done
-  free_port
-}
+pick_port() { stable_port "$WORK/ports"; }
 PG_PORT="$(pick_port)"
 REDIS_PORT="$(pick_port)"
 MOCK_PORT="$(pick_port)"

@@ -76,6 +76,24 @@ PY
 }
 
 # wait_http URL [seconds]: until URL answers 200.
+
+# stable_port FILE: a free port below the kernel's ephemeral range (32768+), so that no
+# outgoing connection takes it between choosing it and binding it, also when a
+# process is restarted on it. Ports already listed in FILE are skipped; the chosen one
+# is added to it.
+stable_port() {
+  local taken="$1" port
+  for _ in $(seq 1 100); do
+    port=$((20000 + RANDOM % 12000))
+    if [ "$(free_port "$port")" = "$port" ] && ! grep -qx "$port" "$taken" 2>/dev/null; then
+      echo "$port" >>"$taken"
+      echo "$port"
+      return
+    fi
+  done
+  die "no free port found below 32000"
+}
+
 wait_http() {
   local url="$1" deadline=$((SECONDS + ${2:-60}))
   until curl -fsS -o /dev/null "$url" 2>/dev/null; do
