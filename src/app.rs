@@ -12,7 +12,7 @@ use backon::Retryable;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -20,12 +20,12 @@ use tracing::Instrument;
 use crate::cache::DeliveryCache;
 use crate::config::Config;
 use crate::dispatch::{DispatchSettings, Dispatcher};
-use crate::leadership::{self, Leadership, RedisLease};
+use crate::leadership::{self, FenceTiming, Leadership, RedisLease};
 use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
 use crate::retry::connect_backoff;
-use crate::store::Store;
 use crate::store::queue::{RescuePolicy, Schedule};
+use crate::store::{Store, StoreError};
 use crate::version::BUILD;
 use crate::{health, http, redis};
 
@@ -33,8 +33,6 @@ use crate::{health, http, redis};
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// A replica whose heartbeat is older than this is not listed as live.
 pub const LIVE_WITHIN: Duration = Duration::from_secs(10);
-/// Added to the rescue thresholds of SPEC §6 step 8, for recording and clock slack.
-const RESCUE_MARGIN: Duration = Duration::from_secs(5);
 
 /// What the HTTP handlers share.
 pub struct AppState {
@@ -149,7 +147,8 @@ impl Replica {
             tokio::spawn(http::serve(listener, state.clone(), http_stop.clone()).in_current_span());
 
         let (schema_tx, schema_rx) = watch::channel(false);
-        tasks.spawn(prepare_database(state.clone(), schema_tx).in_current_span());
+        let (fatal_tx, fatal_rx) = oneshot::channel();
+        tasks.spawn(prepare_database(state.clone(), schema_tx, fatal_tx).in_current_span());
         {
             let (redis, shutdown) = (state.redis.clone(), shutdown.clone());
             tasks.spawn(
@@ -182,7 +181,16 @@ impl Replica {
         };
         let dispatcher_task = tokio::spawn(dispatcher.run(shutdown.clone()).in_current_span());
 
-        stop.await;
+        let fatal = async {
+            match fatal_rx.await {
+                Ok(err) => err,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let failure = tokio::select! {
+            () = stop => None,
+            err = fatal => Some(err),
+        };
         tracing::info!("shutdown requested; finishing in-flight work");
         shutdown.cancel();
         let _ = dispatcher_task.await;
@@ -200,12 +208,15 @@ impl Replica {
         let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), state.redis.quit()).await;
         tracing::info!("replica stopped");
-        Ok(())
+        match failure {
+            Some(err) => Err(err.into()),
+            None => Ok(()),
+        }
     }
 }
 
 fn dispatch_settings(config: &Config) -> DispatchSettings {
-    let timeout = config.provider.timeout;
+    let fence = FenceTiming::for_lease(config.lock.ttl);
     DispatchSettings {
         replica_id: config.replica_id.clone(),
         configured: Schedule {
@@ -213,9 +224,10 @@ fn dispatch_settings(config: &Config) -> DispatchSettings {
             interval: config.dispatch.interval,
         },
         rescue: RescuePolicy {
-            claim_age: timeout + config.lock.ttl + RESCUE_MARGIN,
-            term_age: timeout + RESCUE_MARGIN,
+            wait: fence.rescue_wait(ProviderClient::longest_exchange(config.provider.timeout)),
+            max_attempts: config.dispatch.max_attempts,
         },
+        fence,
         retry: config.dispatch.retry,
         max_attempts: config.dispatch.max_attempts,
         send_concurrency: config.dispatch.send_concurrency,
@@ -229,7 +241,13 @@ fn dispatch_settings(config: &Config) -> DispatchSettings {
 
 /// Waits for PostgreSQL (backoff with jitter, each attempt logged), applies migrations
 /// when `AUTO_MIGRATE` is on or waits for them otherwise, and settles `AUTO_START`.
-async fn prepare_database(state: Arc<AppState>, schema_ready: watch::Sender<bool>) {
+/// An applied migration that has changed is not retried: it goes to `fatal`, and the
+/// replica stops with the configuration exit status.
+async fn prepare_database(
+    state: Arc<AppState>,
+    schema_ready: watch::Sender<bool>,
+    fatal: oneshot::Sender<StoreError>,
+) {
     let config = &state.config;
     let attempt = || async {
         if config.auto_migrate {
@@ -238,7 +256,7 @@ async fn prepare_database(state: Arc<AppState>, schema_ready: watch::Sender<bool
                 tracing::info!(applied = ?report.applied, "database migrated");
             }
         } else if !state.store.schema_is_current().await? {
-            return Err(crate::store::StoreError::Migration(
+            return Err(StoreError::Migration(
                 "schema is not migrated yet (AUTO_MIGRATE=false): run `message-dispatcher migrate`"
                     .into(),
             ));
@@ -250,6 +268,7 @@ async fn prepare_database(state: Arc<AppState>, schema_ready: watch::Sender<bool
     };
     let prepared = attempt
         .retry(connect_backoff())
+        .when(|err| !matches!(err, StoreError::MigrationChanged(_)))
         .notify(|err, wait| {
             tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "PostgreSQL not ready yet");
         });
@@ -263,7 +282,10 @@ async fn prepare_database(state: Arc<AppState>, schema_ready: watch::Sender<bool
                 state.schema_ready.store(true, Ordering::Release);
                 schema_ready.send_replace(true);
             }
-            Err(err) => tracing::error!(error = %err, "giving up on the database"),
+            Err(err) => {
+                tracing::error!(error = %err, "giving up on the database");
+                let _ = fatal.send(err);
+            }
         },
         () = state.shutdown.cancelled() => {}
     }
@@ -324,6 +346,7 @@ async fn run_elector(
             state.store.clone(),
             state.leadership.clone(),
             config.replica_id.clone(),
+            FenceTiming::for_lease(config.lock.ttl),
             resign,
         )
         .await;
@@ -357,6 +380,7 @@ async fn run_elector(
         metrics: state.metrics.clone(),
         replica_id: config.replica_id.clone(),
         released,
+        fence: FenceTiming::for_lease(config.lock.ttl),
     };
     leadership::run_redis_elector(elector, resign).await;
 }

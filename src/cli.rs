@@ -12,7 +12,7 @@ use crate::app::Replica;
 use crate::config::{Config, LogFormat};
 use crate::provider::mock::{self, MockOptions};
 use crate::retry::connect_backoff;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::telemetry;
 use crate::version::LONG_VERSION;
 
@@ -119,13 +119,17 @@ where
     report(job(config).instrument(span).await)
 }
 
+/// Exit 0, or 1 with the error; 2 when no retry can help (a changed migration).
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "exiting with an error");
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            match err.downcast_ref::<StoreError>() {
+                Some(StoreError::MigrationChanged(_)) => ExitCode::from(EXIT_CONFIG),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

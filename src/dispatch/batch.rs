@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use backon::Retryable;
@@ -12,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Dispatcher;
-use crate::leadership::Term;
+use crate::leadership::{Permit, Term};
 use crate::metrics::{
     BATCH_COMPLETE, BATCH_FAILED, BATCH_INTERRUPTED, BATCH_PARTIAL, FAILED_MAX_ATTEMPTS,
     FAILED_REJECTED,
@@ -21,6 +22,9 @@ use crate::provider::SendOutcome;
 use crate::retry::connect_backoff;
 use crate::store::StoreError;
 use crate::store::queue::{ClaimedMessage, Recorded, Schedule};
+
+/// `last_error` when PostgreSQL refused the provider's own text.
+const UNSTORABLE_ERROR: &str = "the provider's answer could not be stored; see the replica's log";
 
 /// What became of one claimed message in this batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,8 +52,9 @@ impl Dispatcher {
             let started = Instant::now();
             tracing::info!("batch claimed");
             let begun: Mutex<HashSet<i64>> = Mutex::default();
+            let halted = AtomicBool::new(false);
             let sends = futures::stream::iter(messages)
-                .map(|message| self.deliver(term, schedule, message, shutdown, &begun))
+                .map(|message| self.deliver(term, schedule, message, shutdown, &begun, &halted))
                 .buffered(self.settings.send_concurrency)
                 .collect::<Vec<Fate>>();
             // On shutdown, in-flight sends get SHUTDOWN_TIMEOUT; after that they are
@@ -73,7 +78,7 @@ impl Dispatcher {
             // An abandoned batch (shutdown grace over) stays open: sends of unknown
             // outcome may still be on the wire.
             if fates.is_some() {
-                self.close_batch(term).await;
+                self.close_batch(term, schedule).await;
             }
 
             let outcome = match &fates {
@@ -107,8 +112,9 @@ impl Dispatcher {
         .await
     }
 
-    /// Sends one message and records the result. Re-checks the lease first: a send
-    /// never starts once this replica may no longer be the leader.
+    /// Sends one message and records the result. A send starts only with a permit of
+    /// the term (lease and PostgreSQL fence both fresh, cluster running) and when the
+    /// pacer allows it; once a permit is refused, nothing else in this batch starts.
     async fn deliver(
         &self,
         term: &Term,
@@ -116,18 +122,30 @@ impl Dispatcher {
         message: ClaimedMessage,
         shutdown: &CancellationToken,
         begun: &Mutex<HashSet<i64>>,
+        halted: &AtomicBool,
     ) -> Fate {
-        let start_at = self.pacer.reserve(schedule.batch_size, schedule.interval);
-        // Only wait when the pacer says so: tokio's timer rounds up to its next 1 ms
-        // tick, so sleeping until "now" would cost each send up to a millisecond.
-        if start_at > Instant::now() {
-            tokio::select! {
-                () = tokio::time::sleep_until(start_at.into()) => {}
-                () = shutdown.cancelled() => return Fate::NotStarted,
+        loop {
+            if halted.load(Ordering::Acquire) {
+                return Fate::NotStarted;
             }
-        }
-        if shutdown.is_cancelled() || !term.is_valid() {
-            return Fate::NotStarted;
+            let permit = tokio::select! {
+                permit = term.send_permit() => permit,
+                () = shutdown.cancelled() => return Fate::NotStarted,
+            };
+            if permit != Permit::Granted {
+                if !halted.swap(true, Ordering::AcqRel) {
+                    tracing::info!(?permit, "no more sends in this batch");
+                }
+                return Fate::NotStarted;
+            }
+            match self.pacer.try_start(schedule.batch_size, schedule.interval) {
+                Ok(()) => break,
+                // Asks again after the wait: the permit may have lapsed meanwhile.
+                Err(free_at) => tokio::select! {
+                    () = tokio::time::sleep_until(free_at.into()) => {}
+                    () = shutdown.cancelled() => return Fate::NotStarted,
+                },
+            }
         }
         begun
             .lock()
@@ -137,42 +155,72 @@ impl Dispatcher {
             .provider
             .send(message.id, &message.phone_number, &message.content)
             .await;
-        self.record(term, &message, outcome).await
+        let sent_at = Utc::now();
+        if let SendOutcome::Accepted {
+            provider_message_id,
+        } = &outcome
+        {
+            // Before the result is recorded: if it never is, the rescue finds this.
+            self.cache.remember(
+                message.id,
+                message.created_at,
+                provider_message_id.clone(),
+                sent_at,
+            );
+        }
+        self.record(term, &message, outcome, sent_at).await
     }
 
     /// Writes the result, retrying while PostgreSQL is unreachable: a result the
     /// provider gave is kept and recorded when the database returns, never re-sent.
-    async fn record(&self, term: &Term, message: &ClaimedMessage, outcome: SendOutcome) -> Fate {
-        let sent_at = Utc::now();
+    /// A write PostgreSQL refuses for any other reason (a value it will not store)
+    /// falls back to a minimal one of constants, so no row is left `sending`.
+    async fn record(
+        &self,
+        term: &Term,
+        message: &ClaimedMessage,
+        outcome: SendOutcome,
+        sent_at: chrono::DateTime<Utc>,
+    ) -> Fate {
         let id = message.id;
-        let write = || async {
-            match &outcome {
+        let attempts = u32::try_from(message.attempts).unwrap_or(1);
+        let result = &outcome;
+        let write = |minimal: bool| async move {
+            match result {
                 SendOutcome::Accepted {
                     provider_message_id,
                 } => {
+                    let provider_message_id = provider_message_id.as_deref().filter(|_| !minimal);
                     self.store
-                        .mark_sent(id, term.epoch, sent_at, provider_message_id.as_deref())
+                        .mark_sent(id, term.epoch, sent_at, provider_message_id)
                         .await
                 }
                 SendOutcome::Transient { error, retry_after } => {
-                    let attempts = u32::try_from(message.attempts).unwrap_or(1);
-                    let delay = retry_after.unwrap_or_else(|| self.settings.retry.delay(attempts));
+                    let delay = self.settings.retry.next_delay(attempts, *retry_after);
+                    let error = if minimal { UNSTORABLE_ERROR } else { error };
                     self.store
                         .mark_retry(id, term.epoch, self.settings.max_attempts, delay, error)
                         .await
                 }
                 SendOutcome::Rejected { error } => {
+                    let error = if minimal { UNSTORABLE_ERROR } else { error };
                     self.store.mark_failed(id, term.epoch, error).await
                 }
             }
         };
-        let recorded = write
-            .retry(connect_backoff())
-            .when(StoreError::is_unavailable)
-            .notify(|err, wait| {
-                tracing::warn!(message_id = id, error = %err, retry_in_ms = wait.as_millis() as u64, "result not recorded yet; holding it");
-            })
-            .await;
+        let persist = |minimal: bool| {
+            (move || write(minimal))
+                .retry(connect_backoff())
+                .when(StoreError::is_unavailable)
+                .notify(move |err, wait| {
+                    tracing::warn!(message_id = id, error = %err, retry_in_ms = wait.as_millis() as u64, "result not recorded yet; holding it");
+                })
+        };
+        let mut recorded = persist(false).await;
+        if let Err(err) = &recorded {
+            tracing::warn!(message_id = id, error = %err, "PostgreSQL refused the result; recording it without the provider's values");
+            recorded = persist(true).await;
+        }
         match (recorded, &outcome) {
             (
                 Ok(Recorded::Sent),
@@ -187,8 +235,6 @@ impl Dispatcher {
                     );
                 }
                 self.metrics.messages_sent.inc();
-                self.cache
-                    .remember(id, provider_message_id.clone(), sent_at);
                 Fate::Sent
             }
             (Ok(Recorded::Sent), _) => Fate::Sent,
@@ -236,10 +282,15 @@ impl Dispatcher {
         }
     }
 
-    /// Marks the batch finished in the fence row (retrying while PostgreSQL is down,
-    /// as results are). A batch left open makes the next leader wait a full interval.
-    async fn close_batch(&self, term: &Term) {
-        let close = || self.store.close_batch(term.epoch);
+    /// Marks the batch finished in the fence row with the start times of the newest
+    /// sends, for the next leader's pacer (retrying while PostgreSQL is down, as
+    /// results are). A batch left open makes the next leader wait a full interval.
+    async fn close_batch(&self, term: &Term, schedule: Schedule) {
+        let close = || {
+            let ages = self.pacer.recent_ages_us(schedule.batch_size as usize);
+            let store = self.store.clone();
+            async move { store.close_batch(term.epoch, &ages).await }
+        };
         let closed = close
             .retry(connect_backoff().with_max_times(10))
             .when(StoreError::is_unavailable)

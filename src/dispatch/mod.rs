@@ -5,19 +5,23 @@ mod batch;
 mod pacer;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::DeliveryCache;
-use crate::leadership::{Leadership, Term};
-use crate::metrics::Metrics;
+use crate::domain::Epoch;
+use crate::leadership::{FenceTiming, Leadership, Term};
+use crate::metrics::{FAILED_MAX_ATTEMPTS, Metrics};
 use crate::provider::ProviderClient;
 use crate::retry::RetryPolicy;
-use crate::store::Store;
 use crate::store::queue::{Claim, RescuePolicy, Schedule};
+use crate::store::{Store, StoreError};
 pub use pacer::Pacer;
+
+/// How often the leader looks for abandoned claims once its term is old enough.
+const RESCUE_EVERY: Duration = Duration::from_secs(1);
 
 /// Settings of the dispatch loop, fixed at start (runtime overrides of batch size and
 /// interval live in PostgreSQL and come back with every claim).
@@ -26,6 +30,7 @@ pub struct DispatchSettings {
     pub replica_id: String,
     pub configured: Schedule,
     pub rescue: RescuePolicy,
+    pub fence: FenceTiming,
     pub retry: RetryPolicy,
     pub max_attempts: u32,
     pub send_concurrency: usize,
@@ -46,12 +51,33 @@ pub struct Dispatcher {
     pub pacer: Pacer,
 }
 
+/// What the dispatch loop remembers between claims.
+struct LoopState {
+    /// The term the fields below belong to.
+    epoch: Option<Epoch>,
+    /// Since when claims have failed in this term (PostgreSQL unreachable, pool
+    /// starved): past `FenceTiming::resign_after` the leader resigns.
+    claims_failing_since: Option<Instant>,
+    /// When to look for abandoned claims next.
+    next_rescue: Instant,
+    /// A claim whose outcome is unknown (its COMMIT reply was lost): its epoch and
+    /// token, so its rows can be returned before the next claim.
+    in_doubt: Option<(Epoch, i64)>,
+    db_ok: bool,
+}
+
 impl Dispatcher {
     /// Runs until `shutdown`; an in-flight batch gets `SHUTDOWN_TIMEOUT` to finish
     /// and its unsent claims go back to pending before this returns.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut terms = self.leadership.subscribe();
-        let mut db_ok = true;
+        let mut state = LoopState {
+            epoch: None,
+            claims_failing_since: None,
+            next_rescue: Instant::now(),
+            in_doubt: None,
+            db_ok: true,
+        };
         while !shutdown.is_cancelled() {
             let Some(term) = self.leadership.current() else {
                 tokio::select! {
@@ -61,7 +87,14 @@ impl Dispatcher {
                 }
                 continue;
             };
-            let wait = self.step(&term, &shutdown, &mut db_ok).await;
+            if state.epoch != Some(term.epoch) {
+                state.epoch = Some(term.epoch);
+                state.claims_failing_since = None;
+                // Before the rescue wait, no older epoch's row may be touched; the
+                // query would find nothing.
+                state.next_rescue = term.began + self.settings.rescue.wait;
+            }
+            let wait = self.step(&term, &shutdown, &mut state).await;
             if !wait.is_zero() {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -76,60 +109,142 @@ impl Dispatcher {
 
     /// One claim attempt and, if it yields a batch, the batch. Returns how long to
     /// wait before the next attempt.
-    async fn step(&self, term: &Term, shutdown: &CancellationToken, db_ok: &mut bool) -> Duration {
+    async fn step(
+        &self,
+        term: &Term,
+        shutdown: &CancellationToken,
+        state: &mut LoopState,
+    ) -> Duration {
         let settings = &self.settings;
-        let result = self
+        match self.claim_and_rescue(term, state).await {
+            Ok(Some(result)) => {
+                if !state.db_ok {
+                    tracing::info!("PostgreSQL answers again; dispatch resumes");
+                    state.db_ok = true;
+                }
+                state.claims_failing_since = None;
+                self.metrics
+                    .scheduler_running
+                    .set(i64::from(!matches!(result.claim, Claim::Stopped)));
+                match result.claim {
+                    Claim::Batch(messages) => {
+                        self.run_batch(term, result.schedule, messages, shutdown)
+                            .await;
+                        // Back to back when the interval is 0; otherwise the next
+                        // claim learns how long to wait.
+                        Duration::ZERO
+                    }
+                    Claim::NotDue(wait) => wait.min(settings.poll),
+                    Claim::Stopped => settings.poll,
+                    Claim::Empty => settings
+                        .poll
+                        .min(result.schedule.interval.max(Duration::from_millis(50))),
+                    Claim::Fenced(newer) => {
+                        self.leadership.report_fenced(term, newer);
+                        Duration::ZERO
+                    }
+                }
+            }
+            Ok(None) => settings.poll,
+            Err(err) => {
+                if state.db_ok {
+                    tracing::warn!(error = %err, "cannot claim; will retry");
+                    state.db_ok = false;
+                }
+                let since = *state.claims_failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= settings.fence.resign_after {
+                    self.leadership.report_database_lost(term, since.elapsed());
+                }
+                settings.poll
+            }
+        }
+    }
+
+    /// Settles a claim left in doubt, rescues abandoned claims when due, then claims.
+    /// `Ok(None)`: the term ended before the claim.
+    async fn claim_and_rescue(
+        &self,
+        term: &Term,
+        state: &mut LoopState,
+    ) -> Result<Option<crate::store::queue::ClaimResult>, StoreError> {
+        if let Some((epoch, token)) = state.in_doubt {
+            let released = self.store.release_claim(epoch, token).await?;
+            if released > 0 {
+                tracing::warn!(
+                    released,
+                    "returned the rows of a claim whose answer was lost to pending"
+                );
+            }
+            state.in_doubt = None;
+        }
+        if Instant::now() >= state.next_rescue {
+            self.rescue(term).await?;
+            state.next_rescue = Instant::now() + RESCUE_EVERY;
+        }
+        if !term.is_valid() {
+            return Ok(None);
+        }
+        let token = rand::random::<i64>();
+        let claim = self
             .store
             .claim_batch(
                 term.epoch,
-                &settings.replica_id,
-                settings.configured,
-                settings.rescue,
+                &self.settings.replica_id,
+                self.settings.configured,
+                self.settings.fence.window,
+                token,
             )
             .await;
-        let result = match result {
-            Ok(result) => {
-                if !*db_ok {
-                    tracing::info!("PostgreSQL answers again; dispatch resumes");
-                    *db_ok = true;
-                }
-                result
-            }
+        let result = match claim {
+            Ok(result) => result,
             Err(err) => {
-                if *db_ok {
-                    tracing::warn!(error = %err, "cannot claim; will retry");
-                    *db_ok = false;
-                }
-                return settings.poll;
+                // The COMMIT may have happened with its reply lost.
+                state.in_doubt = Some((term.epoch, token));
+                return Err(err);
             }
         };
-        if result.rescued > 0 {
+        self.pacer
+            .seed(term.epoch, Instant::now(), &result.recent_send_ages_us);
+        Ok(Some(result))
+    }
+
+    /// Returns abandoned claims (SPEC §6 step 8): an older epoch's rows once the
+    /// rescue wait since our epoch began has passed, and our own leftovers that old.
+    /// Rows the provider is known (from the delivery cache) to have accepted are
+    /// recorded as sent instead of being sent again.
+    async fn rescue(&self, term: &Term) -> Result<(), StoreError> {
+        let policy = self.settings.rescue;
+        let candidates = self.store.rescue_candidates(term.epoch, policy).await?;
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let known = self.cache.known_deliveries(&candidates).await;
+        let recorded = self
+            .store
+            .record_known_deliveries(term.epoch, &known)
+            .await?;
+        if recorded > 0 {
             tracing::warn!(
-                count = result.rescued,
-                "rescued claims of a previous leader"
+                recorded,
+                ids = ?known.iter().map(|k| k.id).collect::<Vec<_>>(),
+                "recorded as sent: accepted by the provider, result lost by a previous claim (from the delivery cache)"
             );
-            self.metrics.messages_rescued.inc_by(result.rescued);
         }
-        self.metrics
-            .scheduler_running
-            .set(i64::from(!matches!(result.claim, Claim::Stopped)));
-        match result.claim {
-            Claim::Batch(messages) => {
-                self.run_batch(term, result.schedule, messages, shutdown)
-                    .await;
-                // Back to back when the interval is 0; otherwise the next claim
-                // learns how long to wait.
-                Duration::ZERO
-            }
-            Claim::NotDue(wait) => wait.min(settings.poll),
-            Claim::Stopped => settings.poll,
-            Claim::Empty => settings
-                .poll
-                .min(result.schedule.interval.max(Duration::from_millis(50))),
-            Claim::Fenced(newer) => {
-                self.leadership.report_fenced(term, newer);
-                Duration::ZERO
-            }
+        let rescued = self.store.rescue(term.epoch, policy).await?;
+        if rescued.pending > 0 {
+            tracing::warn!(count = rescued.pending, "rescued abandoned claims");
+            self.metrics.messages_rescued.inc_by(rescued.pending);
         }
+        if rescued.failed > 0 {
+            tracing::warn!(
+                count = rescued.failed,
+                "abandoned claims out of attempts (MAX_ATTEMPTS): failed"
+            );
+            self.metrics
+                .messages_failed
+                .with_label_values(&[FAILED_MAX_ATTEMPTS])
+                .inc_by(rescued.failed);
+        }
+        Ok(())
     }
 }

@@ -1,43 +1,95 @@
 //! The send pacer: no send starts less than `PROCESSING_INTERVAL` after the send
-//! `BATCH_SIZE` places before it.
+//! `BATCH_SIZE` places before it, in this replica or, across a handover, in the one
+//! that led before.
 //!
 //! Batches are claimed an interval apart (start to start, on PostgreSQL's clock), and
 //! their sends normally go out within milliseconds, so the pacer rarely waits. It
 //! matters when a batch's sends are held up (results waiting for PostgreSQL, a slow
 //! provider): without it, the late tail of one batch and the head of the next would
 //! reach the provider back to back, more than BATCH_SIZE within one interval.
+//!
+//! The pacer records only real starts: a send asks [`Pacer::try_start`] at the moment
+//! it would start, and either starts then (recorded) or learns when to ask again.
+//! When a batch closes, the leader writes its newest starts into the fence row; a new
+//! leader [seeds](Pacer::seed) its pacer from them, so the rule holds across handovers.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::MAX_BATCH_SIZE;
+use crate::domain::Epoch;
 
 #[derive(Default)]
 pub struct Pacer {
-    /// Start times handed out, oldest first (at most `MAX_BATCH_SIZE`).
-    starts: Mutex<VecDeque<Instant>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The term whose history this is; a new term reseeds from the fence row.
+    epoch: Option<Epoch>,
+    /// Start times, oldest first (at most `MAX_BATCH_SIZE`).
+    starts: VecDeque<Instant>,
 }
 
 impl Pacer {
-    /// Reserves a start time for one send and returns it (now, or later when the
-    /// window is full). An interval of zero means no limit.
-    pub fn reserve(&self, batch_size: u32, interval: Duration) -> Instant {
+    /// At the first claim of a term, replaces the history with the cluster's, read
+    /// from the fence row: starts `ages_us` microseconds before `read_at` (the local
+    /// time the claim's answer arrived, so the estimates are at or after the real
+    /// starts). Later calls in the same term change nothing.
+    pub fn seed(&self, epoch: Epoch, read_at: Instant, ages_us: &[i64]) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.epoch == Some(epoch) {
+            return;
+        }
+        let mut starts: Vec<Instant> = ages_us
+            .iter()
+            .map(|&age| {
+                let magnitude = Duration::from_micros(age.unsigned_abs());
+                if age >= 0 {
+                    read_at.checked_sub(magnitude).unwrap_or(read_at)
+                } else {
+                    read_at + magnitude
+                }
+            })
+            .collect();
+        starts.sort();
+        state.epoch = Some(epoch);
+        state.starts = starts.into();
+    }
+
+    /// Starts a send now if the window allows, recording the start; otherwise returns
+    /// when to ask again. An interval of zero means no limit.
+    pub fn try_start(&self, batch_size: u32, interval: Duration) -> Result<(), Instant> {
         let now = Instant::now();
-        if interval.is_zero() {
-            return now;
-        }
-        let mut starts = self.starts.lock().unwrap_or_else(|p| p.into_inner());
-        let mut start = starts.back().map_or(now, |last| now.max(*last));
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let window = batch_size as usize;
-        if window > 0 && starts.len() >= window {
-            start = start.max(starts[starts.len() - window] + interval);
+        if !interval.is_zero() && window > 0 && state.starts.len() >= window {
+            let free_at = state.starts[state.starts.len() - window] + interval;
+            if free_at > now {
+                return Err(free_at);
+            }
         }
-        starts.push_back(start);
-        while starts.len() > MAX_BATCH_SIZE as usize {
-            starts.pop_front();
+        state.starts.push_back(now);
+        while state.starts.len() > MAX_BATCH_SIZE as usize {
+            state.starts.pop_front();
         }
-        start
+        Ok(())
+    }
+
+    /// How long ago (microseconds) the newest `count` sends started, oldest first,
+    /// for the fence row.
+    pub fn recent_ages_us(&self, count: usize) -> Vec<i64> {
+        let now = Instant::now();
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let skip = state.starts.len().saturating_sub(count);
+        state
+            .starts
+            .iter()
+            .skip(skip)
+            .map(|start| i64::try_from(now.duration_since(*start).as_micros()).unwrap_or(i64::MAX))
+            .collect()
     }
 }
 
@@ -49,19 +101,41 @@ mod tests {
     fn the_send_after_a_full_window_waits_for_the_interval() {
         let pacer = Pacer::default();
         let interval = Duration::from_secs(10);
-        let first = pacer.reserve(2, interval);
-        let second = pacer.reserve(2, interval);
-        assert!(second - first < Duration::from_millis(50));
-        let third = pacer.reserve(2, interval);
+        let before = Instant::now();
+        assert!(pacer.try_start(2, interval).is_ok());
+        assert!(pacer.try_start(2, interval).is_ok());
+        let free_at = pacer.try_start(2, interval).unwrap_err();
         assert!(
-            third >= first + interval,
-            "the third send waits for the first to age out"
+            free_at >= before + interval,
+            "the third waits for the first to age out"
         );
-        let fourth = pacer.reserve(2, interval);
-        assert!(fourth >= second + interval);
         assert!(
-            pacer.reserve(2, Duration::ZERO) <= Instant::now(),
+            pacer.try_start(2, Duration::ZERO).is_ok(),
             "interval 0: no limit"
         );
+    }
+
+    #[test]
+    fn a_new_term_inherits_the_cluster_history_and_keeps_its_own_afterwards() {
+        let pacer = Pacer::default();
+        let interval = Duration::from_secs(4);
+        let now = Instant::now();
+        // The previous leader's last two sends started 3 s and 1 s ago.
+        pacer.seed(Epoch(7), now, &[3_000_000, 1_000_000]);
+        let free_at = pacer.try_start(2, interval).unwrap_err();
+        assert!(
+            free_at >= now + Duration::from_millis(999),
+            "waits for the older one"
+        );
+        assert!(free_at <= now + Duration::from_millis(1_100));
+        // Same term: our own history is not replaced.
+        pacer.seed(Epoch(7), now, &[]);
+        assert!(pacer.try_start(2, interval).is_err());
+        // A new term with an empty record starts at once.
+        pacer.seed(Epoch(8), now, &[]);
+        assert!(pacer.try_start(2, interval).is_ok());
+        let ages = pacer.recent_ages_us(2);
+        assert_eq!(ages.len(), 1);
+        assert!(ages[0] >= 0);
     }
 }

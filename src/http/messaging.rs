@@ -14,6 +14,7 @@ use super::{ApiError, State, body, json, respond, with_state};
 use crate::app::LIVE_WITHIN;
 use crate::config::MAX_BATCH_SIZE;
 use crate::duration;
+use crate::leadership::FenceTiming;
 use crate::store::control::{ControlRecord, OverrideChange};
 use crate::store::queue::Schedule;
 
@@ -49,6 +50,11 @@ async fn set_running(state: State, running: bool) -> Result<Response, ApiError> 
     let by = format!("api@{}", state.config.replica_id);
     let changed = state.store.set_running(running, &by).await?;
     state.wake.notify_one();
+    if !running {
+        // Answer only once the leader can start nothing more (see `FenceTiming`).
+        let fence = FenceTiming::for_lease(state.config.lock.ttl);
+        tokio::time::sleep(fence.stop_settles_after()).await;
+    }
     state.metrics.scheduler_running.set(i64::from(running));
     let (status, message) = match (running, changed) {
         (true, true) => (
@@ -58,7 +64,7 @@ async fn set_running(state: State, running: bool) -> Result<Response, ApiError> 
         (true, false) => ("running", "message processing was already running"),
         (false, true) => (
             "stopped",
-            "message processing stopped for the whole cluster; no new batch will start",
+            "message processing stopped for the whole cluster; no new send starts",
         ),
         (false, false) => ("stopped", "message processing was already stopped"),
     };

@@ -106,10 +106,7 @@ fn authorized(state: State) -> impl Filter<Extract = (), Error = warp::Rejection
             let Some(token) = &state.config.api_token else {
                 return Ok(());
             };
-            let presented = header
-                .as_deref()
-                .and_then(|h| h.strip_prefix("Bearer "))
-                .unwrap_or("");
+            let presented = header.as_deref().and_then(bearer_token).unwrap_or("");
             if constant_time_eq(presented.as_bytes(), token.expose().as_bytes()) {
                 Ok(())
             } else {
@@ -117,6 +114,15 @@ fn authorized(state: State) -> impl Filter<Extract = (), Error = warp::Rejection
             }
         })
         .untuple_one()
+}
+
+/// The token of an `Authorization: Bearer <token>` header. The scheme name is
+/// case-insensitive (RFC 7235); the token is taken as it is.
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -128,7 +134,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{bearer_token, constant_time_eq};
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
 
     #[test]
     fn token_comparison() {

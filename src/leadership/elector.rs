@@ -7,6 +7,7 @@ use backon::Retryable;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::fence::{self, FenceTiming};
 use super::{Leadership, RedisLease, Term};
 use crate::domain::LeaseToken;
 use crate::metrics::Metrics;
@@ -32,11 +33,6 @@ impl LeaseTiming {
         self.ttl / 3
     }
 
-    /// After a failed extension, try again this soon (still well inside the TTL).
-    fn extend_retry(&self) -> Duration {
-        (self.ttl / 10).max(Duration::from_millis(50))
-    }
-
     /// The follower's next attempt: the retry interval ± 20 % jitter.
     fn follower_wait(&self) -> Duration {
         let jitter = 0.8 + 0.4 * rand::random::<f64>();
@@ -54,12 +50,30 @@ pub struct Elector {
     pub replica_id: String,
     /// Notified when a leaving leader announces the lock is free.
     pub released: Arc<Notify>,
+    pub fence: FenceTiming,
 }
 
 enum TermEnd {
     Resigned,
     Lost(&'static str),
-    Fenced,
+    /// Fenced out by a newer epoch, or PostgreSQL unreachable for too long.
+    Abandoned,
+}
+
+/// Starts the fence keeper of a term that just began; the term must end (and the
+/// returned handle be aborted) before the next one begins.
+fn spawn_fence_keeper(
+    term: &Term,
+    store: &Store,
+    leadership: &Arc<Leadership>,
+    timing: FenceTiming,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(fence::keep(
+        term.clone(),
+        store.clone(),
+        leadership.clone(),
+        timing,
+    ))
 }
 
 /// Runs the lease loop until `resign` fires. On resign as leader the lock is released
@@ -99,7 +113,9 @@ pub async fn run_redis_elector(elector: Elector, resign: CancellationToken) {
             continue;
         }
         elector.leadership.begin(term.clone());
+        let keeper = spawn_fence_keeper(&term, &elector.store, &elector.leadership, elector.fence);
         let end = elector.keep(&token, &term, &resign).await;
+        keeper.abort();
         match end {
             TermEnd::Resigned => {
                 elector.leadership.end(&term, "shutting down");
@@ -110,8 +126,13 @@ pub async fn run_redis_elector(elector: Elector, resign: CancellationToken) {
                 elector.leadership.end(&term, reason);
                 elector.release(&token, false).await;
             }
-            TermEnd::Fenced => {
-                elector.leadership.end(&term, "fenced by a newer epoch");
+            TermEnd::Abandoned => {
+                let reason = if term.was_fenced() {
+                    "fenced by a newer epoch"
+                } else {
+                    "PostgreSQL unreachable"
+                };
+                elector.leadership.end(&term, reason);
                 elector.release(&token, true).await;
                 elector.pause(&resign).await;
             }
@@ -121,16 +142,36 @@ pub async fn run_redis_elector(elector: Elector, resign: CancellationToken) {
 
 impl Elector {
     /// Follower loop: try `SET NX` every retry interval (with jitter), or at once when
-    /// the leader announces its release. Returns the token and when the winning
-    /// attempt started (the lease is measured from then).
+    /// the leader announces its release. A replica that cannot reach PostgreSQL does
+    /// not campaign: it could neither fence nor send. Returns the token and when the
+    /// winning attempt started (the lease is measured from then).
     async fn acquire(
         &self,
         resign: &CancellationToken,
         redis_ok: &mut bool,
     ) -> Option<(LeaseToken, Instant)> {
+        let mut database_ok = true;
         loop {
             if resign.is_cancelled() {
                 return None;
+            }
+            match self.store.ping().await {
+                Ok(()) if !database_ok => {
+                    tracing::info!("PostgreSQL answers again; campaigning for leadership");
+                    database_ok = true;
+                }
+                Ok(()) => {}
+                Err(err) => {
+                    if database_ok {
+                        tracing::warn!(error = %err, "cannot reach PostgreSQL; not campaigning for leadership");
+                        database_ok = false;
+                    }
+                    tokio::select! {
+                        () = resign.cancelled() => return None,
+                        () = tokio::time::sleep(self.timing.follower_wait()) => {}
+                    }
+                    continue;
+                }
             }
             let started = Instant::now();
             match self.lease.try_acquire().await {
@@ -165,16 +206,18 @@ impl Elector {
         }
     }
 
-    /// Leader loop: extend every TTL/3 while the local deadline holds.
+    /// Leader loop: extend every TTL/3 while the local deadline holds. A failed or
+    /// errored extension ends the term at once (SPEC §6 step 3): the key may be gone
+    /// and another replica may already hold it.
     async fn keep(&self, token: &LeaseToken, term: &Term, resign: &CancellationToken) -> TermEnd {
         let mut next_extend = Instant::now() + self.timing.extend_every();
         loop {
             tokio::select! {
                 biased;
                 () = resign.cancelled() => return TermEnd::Resigned,
-                () = self.leadership.fenced.notified() => {
+                () = self.leadership.abandoned.notified() => {
                     if term.is_revoked() {
-                        return TermEnd::Fenced;
+                        return TermEnd::Abandoned;
                     }
                 }
                 () = tokio::time::sleep_until(term.deadline().into()) => {
@@ -198,8 +241,8 @@ impl Elector {
                         }
                         Err(err) => {
                             self.metrics.lock_op("extend", "error");
-                            tracing::warn!(error = %err.details(), "could not extend the lease; retrying until its deadline");
-                            next_extend = Instant::now() + self.timing.extend_retry();
+                            tracing::warn!(error = %err.details(), "could not extend the lease");
+                            return TermEnd::Lost("lease extension failed");
                         }
                     }
                 }
@@ -237,47 +280,58 @@ impl Elector {
 }
 
 /// Single-replica mode (`DISTRIBUTED_LOCK_ENABLED=false`): no lock; the replica fences
-/// itself with a new epoch once PostgreSQL answers and leads until it stops or a
-/// newer epoch appears (a second replica in this mode), in which case it stands down
-/// for good rather than fight.
+/// itself with a new epoch once PostgreSQL answers and leads until it stops. If
+/// PostgreSQL stays away for `resign_after` it stands down and fences itself again once
+/// PostgreSQL answers. If a newer epoch appears (a second replica in this mode), it
+/// stands down for good rather than fight.
 pub async fn run_single_replica(
     store: Store,
     leadership: Arc<Leadership>,
     replica_id: String,
+    fence: FenceTiming,
     resign: CancellationToken,
 ) {
-    let bump = || store.bump_epoch(&replica_id);
-    let epoch = tokio::select! {
-        () = resign.cancelled() => return,
-        result = bump.retry(connect_backoff()).notify(|err, wait| {
-            tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "cannot fence in PostgreSQL yet");
-        }) => match result {
-            Ok(epoch) => epoch,
-            Err(err) => {
-                tracing::error!(error = %err, "giving up on fencing; this replica will not dispatch");
-                return;
-            }
-        },
-    };
-    let term = Term::unbounded(epoch);
-    leadership.begin(term.clone());
     loop {
-        tokio::select! {
-            () = resign.cancelled() => {
-                leadership.end(&term, "shutting down");
-                return;
-            }
-            () = leadership.fenced.notified() => {
-                if term.is_revoked() {
-                    tracing::error!(
-                        "another replica took a newer epoch while DISTRIBUTED_LOCK_ENABLED=false; \
-                         two replicas in single-replica mode fence each other out. This one stops dispatching."
-                    );
-                    leadership.end(&term, "fenced by a newer epoch");
-                    resign.cancelled().await;
+        let bump = || store.bump_epoch(&replica_id);
+        let epoch = tokio::select! {
+            () = resign.cancelled() => return,
+            result = bump.retry(connect_backoff()).notify(|err, wait| {
+                tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "cannot fence in PostgreSQL yet");
+            }) => match result {
+                Ok(epoch) => epoch,
+                Err(err) => {
+                    tracing::error!(error = %err, "giving up on fencing; this replica will not dispatch");
                     return;
+                }
+            },
+        };
+        let term = Term::unbounded(epoch);
+        leadership.begin(term.clone());
+        let keeper = spawn_fence_keeper(&term, &store, &leadership, fence);
+        loop {
+            tokio::select! {
+                () = resign.cancelled() => {
+                    keeper.abort();
+                    leadership.end(&term, "shutting down");
+                    return;
+                }
+                () = leadership.abandoned.notified() => {
+                    if term.is_revoked() {
+                        break;
+                    }
                 }
             }
         }
+        keeper.abort();
+        if term.was_fenced() {
+            tracing::error!(
+                "another replica took a newer epoch while DISTRIBUTED_LOCK_ENABLED=false; \
+                 two replicas in single-replica mode fence each other out. This one stops dispatching."
+            );
+            leadership.end(&term, "fenced by a newer epoch");
+            resign.cancelled().await;
+            return;
+        }
+        leadership.end(&term, "PostgreSQL unreachable");
     }
 }

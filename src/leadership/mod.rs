@@ -1,12 +1,15 @@
 //! Who may dispatch (SPEC §6 steps 1–4, 10): Redis elects, PostgreSQL enforces.
 //!
 //! The elector holds a Redis lease and, on every acquisition, bumps the epoch in the
-//! fence row. It publishes the resulting [`Term`] here. The dispatcher asks
-//! [`Term::is_valid`] before every claim and every send; that check reads only the
-//! local monotonic clock, so a leader that was paused past its lease stops by itself
-//! the moment it runs again, whatever the elector task is doing.
+//! fence row. It publishes the resulting [`Term`] here. A term has two deadlines on
+//! the local monotonic clock: the lease's (Redis) and the fence's (PostgreSQL, see
+//! [`fence`]). The dispatcher claims only while the lease holds, and starts a send only
+//! while both hold ([`Term::send_permit`]); both checks read the local clock, so a
+//! leader that was paused past either stops by itself the moment it runs again,
+//! whatever its other tasks are doing.
 
 mod elector;
+pub mod fence;
 mod lease;
 
 use std::sync::Arc;
@@ -17,6 +20,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, watch};
 
 pub use elector::{Elector, LeaseTiming, run_redis_elector, run_single_replica};
+pub use fence::FenceTiming;
 pub use lease::RedisLease;
 
 use crate::domain::Epoch;
@@ -27,32 +31,57 @@ use crate::metrics::Metrics;
 pub struct Term {
     pub epoch: Epoch,
     pub since: DateTime<Utc>,
+    /// When the term began on the local clock (after the epoch bump answered).
+    pub began: Instant,
     validity: Arc<Validity>,
 }
 
-/// The term's deadline on the monotonic clock, stored as nanoseconds after `origin`
-/// so the elector can move it forward without a lock.
+/// The term's deadlines on the monotonic clock, stored as nanoseconds after `origin`
+/// so the elector and the fence keeper can move them forward without a lock.
 #[derive(Debug)]
 struct Validity {
     origin: Instant,
-    deadline_nanos: AtomicU64,
+    lease_deadline_nanos: AtomicU64,
+    fence_deadline_nanos: AtomicU64,
     revoked: AtomicBool,
+    /// Set when a newer epoch took over (as opposed to any other end).
+    fenced: AtomicBool,
+    /// The cluster's desired state as the last fence confirmation read it.
+    stopped: AtomicBool,
+    /// Wakes sends waiting for a permit whenever any of the above changes.
+    changed: Notify,
+}
+
+/// The answer to "may this send start now?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permit {
+    Granted,
+    /// The cluster was stopped: nothing new starts.
+    Stopped,
+    /// The term is over (lease deadline passed, fenced, resigned).
+    Ended,
 }
 
 impl Term {
-    /// A term valid until `deadline` (on the monotonic clock).
-    pub fn new(epoch: Epoch, deadline: Instant) -> Self {
+    /// A term whose lease holds until `lease_deadline`; no send may start until the
+    /// fence keeper's first confirmation.
+    pub fn new(epoch: Epoch, lease_deadline: Instant) -> Self {
         let origin = Instant::now();
         let term = Self {
             epoch,
             since: Utc::now(),
+            began: origin,
             validity: Arc::new(Validity {
                 origin,
-                deadline_nanos: AtomicU64::new(0),
+                lease_deadline_nanos: AtomicU64::new(0),
+                fence_deadline_nanos: AtomicU64::new(0),
                 revoked: AtomicBool::new(false),
+                fenced: AtomicBool::new(false),
+                stopped: AtomicBool::new(false),
+                changed: Notify::new(),
             }),
         };
-        term.extend_until(deadline);
+        term.extend_until(lease_deadline);
         term
     }
 
@@ -65,31 +94,90 @@ impl Term {
     }
 
     /// True while the lease is certainly still ours: not revoked and the local
-    /// deadline (lease start + TTL − drift) not reached.
+    /// deadline (lease start + TTL − drift) not reached. Claims need this.
     pub fn is_valid(&self) -> bool {
-        !self.validity.revoked.load(Ordering::Acquire) && Instant::now() < self.deadline()
+        !self.is_revoked() && Instant::now() < self.deadline()
+    }
+
+    /// True while a send may start: the lease holds, PostgreSQL confirmed the epoch
+    /// recently enough (the fence deadline), and the cluster was running then.
+    pub fn may_send(&self) -> bool {
+        self.is_valid()
+            && !self.validity.stopped.load(Ordering::Acquire)
+            && Instant::now() < self.fence_deadline()
+    }
+
+    /// Waits until a send may start or never will in this term. A fence deadline that
+    /// passed (PostgreSQL slow or briefly away) is waited out: the fence keeper either
+    /// confirms again or, after `FenceTiming::resign_after`, ends the term.
+    pub async fn send_permit(&self) -> Permit {
+        loop {
+            let changed = self.validity.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if !self.is_valid() {
+                return Permit::Ended;
+            }
+            if self.validity.stopped.load(Ordering::Acquire) {
+                return Permit::Stopped;
+            }
+            if Instant::now() < self.fence_deadline() {
+                return Permit::Granted;
+            }
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(self.deadline().into()) => {}
+            }
+        }
     }
 
     pub fn deadline(&self) -> Instant {
-        let nanos = self.validity.deadline_nanos.load(Ordering::Acquire);
-        self.validity.origin + Duration::from_nanos(nanos)
+        self.instant(&self.validity.lease_deadline_nanos)
+    }
+
+    pub fn fence_deadline(&self) -> Instant {
+        self.instant(&self.validity.fence_deadline_nanos)
+    }
+
+    fn instant(&self, nanos: &AtomicU64) -> Instant {
+        self.validity.origin + Duration::from_nanos(nanos.load(Ordering::Acquire))
+    }
+
+    fn store_instant(&self, nanos: &AtomicU64, at: Instant) {
+        let value = at
+            .saturating_duration_since(self.validity.origin)
+            .as_nanos();
+        nanos.store(u64::try_from(value).unwrap_or(u64::MAX), Ordering::Release);
     }
 
     fn extend_until(&self, deadline: Instant) {
-        let nanos = deadline
-            .saturating_duration_since(self.validity.origin)
-            .as_nanos();
-        self.validity
-            .deadline_nanos
-            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Release);
+        self.store_instant(&self.validity.lease_deadline_nanos, deadline);
+        self.validity.changed.notify_waiters();
+    }
+
+    /// Records a fence confirmation: PostgreSQL said, for a query sent at `sent`,
+    /// that our epoch is current and whether the cluster runs. Sends may start until
+    /// `sent + window` (only while running).
+    fn confirm(&self, sent: Instant, window: Duration, running: bool) {
+        self.validity.stopped.store(!running, Ordering::Release);
+        if running {
+            self.store_instant(&self.validity.fence_deadline_nanos, sent + window);
+        }
+        self.validity.changed.notify_waiters();
     }
 
     fn revoke(&self) {
         self.validity.revoked.store(true, Ordering::Release);
+        self.validity.changed.notify_waiters();
     }
 
     fn is_revoked(&self) -> bool {
         self.validity.revoked.load(Ordering::Acquire)
+    }
+
+    /// True when the term ended because a newer epoch took over.
+    fn was_fenced(&self) -> bool {
+        self.validity.fenced.load(Ordering::Acquire)
     }
 }
 
@@ -97,8 +185,9 @@ impl Term {
 /// HTTP API.
 pub struct Leadership {
     term: watch::Sender<Option<Term>>,
-    /// Wakes the elector when the dispatcher learns it was fenced out.
-    fenced: Notify,
+    /// Wakes the elector when the term was abandoned (fenced out, or PostgreSQL
+    /// unreachable for too long).
+    abandoned: Notify,
     metrics: Arc<Metrics>,
 }
 
@@ -106,7 +195,7 @@ impl Leadership {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             term: watch::Sender::new(None),
-            fenced: Notify::new(),
+            abandoned: Notify::new(),
             metrics,
         }
     }
@@ -121,17 +210,38 @@ impl Leadership {
         self.term.subscribe()
     }
 
-    /// Called by the dispatcher when PostgreSQL refused a claim because a newer epoch
-    /// exists: the term ends at once and the elector lets the lock go.
+    /// Called when PostgreSQL showed a newer epoch (a refused claim, a fence
+    /// confirmation): the term ends at once and the elector lets the lock go.
     pub fn report_fenced(&self, term: &Term, newer: Epoch) {
+        if term.is_revoked() {
+            return;
+        }
         tracing::warn!(
             epoch = term.epoch.0,
             newer_epoch = newer.0,
             "fenced out by a newer leader; stepping down"
         );
         self.metrics.fencing_rejections.inc();
+        term.validity.fenced.store(true, Ordering::Release);
         term.revoke();
-        self.fenced.notify_one();
+        self.abandoned.notify_one();
+    }
+
+    /// Called when PostgreSQL has not answered this leader's claims or fence
+    /// confirmations for `FenceTiming::resign_after`: the term ends, and the elector
+    /// releases the lock and announces it, so a replica that can reach PostgreSQL
+    /// takes over.
+    pub fn report_database_lost(&self, term: &Term, failing_for: Duration) {
+        if term.is_revoked() {
+            return;
+        }
+        tracing::error!(
+            epoch = term.epoch.0,
+            failing_for_ms = failing_for.as_millis() as u64,
+            "cannot reach PostgreSQL; resigning so that a replica that can takes over"
+        );
+        term.revoke();
+        self.abandoned.notify_one();
     }
 
     fn begin(&self, term: Term) {
@@ -165,5 +275,47 @@ mod tests {
         assert!(term.is_valid());
         term.revoke();
         assert!(!term.is_valid());
+    }
+
+    #[test]
+    fn a_send_needs_a_fresh_fence_confirmation_and_a_running_cluster() {
+        let term = Term::new(Epoch(1), Instant::now() + Duration::from_secs(60));
+        assert!(term.is_valid());
+        assert!(!term.may_send(), "no send before the first confirmation");
+        term.confirm(Instant::now(), Duration::from_millis(30), true);
+        assert!(term.may_send());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(term.is_valid(), "the lease still holds");
+        assert!(!term.may_send(), "but the confirmation is too old");
+        term.confirm(Instant::now(), Duration::from_secs(10), false);
+        assert!(!term.may_send(), "stopped");
+        term.confirm(Instant::now(), Duration::from_secs(10), true);
+        assert!(term.may_send());
+        term.revoke();
+        assert!(!term.may_send());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_send_gets_its_permit_with_the_next_confirmation() {
+        let term = Term::new(Epoch(1), Instant::now() + Duration::from_secs(60));
+        let waiting = tokio::spawn({
+            let term = term.clone();
+            async move { term.send_permit().await }
+        });
+        tokio::task::yield_now().await;
+        term.confirm(Instant::now(), Duration::from_secs(10), true);
+        assert_eq!(waiting.await.unwrap(), Permit::Granted);
+
+        let stopped = Term::new(Epoch(2), Instant::now() + Duration::from_secs(60));
+        stopped.confirm(Instant::now(), Duration::from_secs(10), false);
+        assert_eq!(stopped.send_permit().await, Permit::Stopped);
+        let revoked = Term::new(Epoch(3), Instant::now() + Duration::from_secs(60));
+        let waiting = tokio::spawn({
+            let term = revoked.clone();
+            async move { term.send_permit().await }
+        });
+        tokio::task::yield_now().await;
+        revoked.revoke();
+        assert_eq!(waiting.await.unwrap(), Permit::Ended);
     }
 }

@@ -1,5 +1,11 @@
 //! The provider client (SPEC §6 steps 6–7): one POST per message, classified into
 //! accepted / retry later / rejected.
+//!
+//! Everything taken from the provider's answer is bounded and cleaned here, before it
+//! can reach SQL: the body is read up to [`MAX_BODY`], NUL bytes and other control
+//! characters are dropped, a `messageId` longer than [`MAX_PROVIDER_ID`] is not kept,
+//! and errors are cut to [`MAX_ERROR_CHARS`]. (`Retry-After` is capped by the retry
+//! policy, which knows `RETRY_BACKOFF_MAX`.)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +23,8 @@ use crate::version::BUILD;
 pub enum SendOutcome {
     /// Any 2xx. The id comes from the body's `messageId`, `message_id` or `id`.
     Accepted { provider_message_id: Option<String> },
-    /// 408, 425, 429, 5xx, timeouts, connection and TLS errors: try again later,
-    /// not before `retry_after` when the provider said so.
+    /// 3xx, 408, 425, 429, 5xx, timeouts, connection and TLS errors: try again
+    /// later, not before `retry_after` when the provider said so.
     Transient {
         error: String,
         retry_after: Option<Duration>,
@@ -88,11 +94,18 @@ impl ProviderClient {
         })
     }
 
+    /// The longest a send can last once started, with `SMS_API_TIMEOUT` = `timeout`:
+    /// the timeout plus the grace for an answer already in the socket. The rescue
+    /// wait is built on it.
+    pub fn longest_exchange(timeout: Duration) -> Duration {
+        timeout + TIMEOUT_GRACE
+    }
+
     /// Sends one message. Never fails: every error is an outcome for the row.
     pub async fn send(&self, id: i64, to: &str, content: &str) -> SendOutcome {
         let started = Instant::now();
         let exchange = async {
-            let response = self
+            let mut response = self
                 .http
                 .post(self.url.clone())
                 .header(self.auth_header.clone(), self.auth_value.clone())
@@ -102,7 +115,16 @@ impl ProviderClient {
                 .await?;
             let status = response.status();
             let headers = response.headers().clone();
-            let body = response.bytes().await?;
+            // Read at most MAX_BODY: a provider (or whatever answers at its address)
+            // cannot make us hold megabytes per message.
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await? {
+                let room = MAX_BODY - body.len();
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if body.len() >= MAX_BODY {
+                    break;
+                }
+            }
             Ok::<_, reqwest::Error>((status, headers, body))
         };
         let mut exchange = std::pin::pin!(exchange);
@@ -128,7 +150,7 @@ impl ProviderClient {
             Err(failure) => {
                 let (kind, detail) = match &failure {
                     Failure::Timeout => ("timeout", format!("no answer within {:?}", self.timeout)),
-                    Failure::Http(err) => (error_kind(err), error_chain(err)),
+                    Failure::Http(err) => (error_kind(err), clean_text(&error_chain(err))),
                 };
                 self.metrics
                     .provider_requests
@@ -156,11 +178,36 @@ enum Failure {
 /// How long an answer may still arrive after `SMS_API_TIMEOUT` fired (see `send`).
 const TIMEOUT_GRACE: Duration = Duration::from_millis(100);
 
+/// The most of an answer's body that is read.
+pub const MAX_BODY: usize = 64 * 1024;
+/// A longer `messageId` is not kept (it would not fit what receipts are matched on).
+pub const MAX_PROVIDER_ID: usize = 255;
+/// `last_error` is cut to this many characters.
+pub const MAX_ERROR_CHARS: usize = 500;
+
 /// The response classification of SPEC §6 step 7, as a pure function.
+///
+/// 3xx: redirects are not followed (a POST must not turn into a GET elsewhere), so a
+/// redirect means the provider did not take the message; it is usually a wrong
+/// `SMS_API_URL`, which the operator can fix. It is retried like a 5xx, so no message
+/// is failed for good by a configuration mistake, and `MAX_ATTEMPTS` still bounds it.
 pub fn classify_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> SendOutcome {
     if status.is_success() {
         return SendOutcome::Accepted {
             provider_message_id: message_id(body),
+        };
+    }
+    if status.is_redirection() {
+        let location = headers
+            .get(reqwest::header::LOCATION)
+            .map(|v| clean_text(&String::from_utf8_lossy(v.as_bytes())))
+            .unwrap_or_else(|| "(no Location)".into());
+        return SendOutcome::Transient {
+            error: clean_text(&format!(
+                "HTTP {}: redirect to {location} not followed; check SMS_API_URL",
+                status.as_u16()
+            )),
+            retry_after: None,
         };
     }
     let error = format!("HTTP {}: {}", status.as_u16(), body_excerpt(body));
@@ -175,21 +222,29 @@ pub fn classify_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -
     }
 }
 
+/// The provider's id for the message, cleaned; `None` when absent, empty after
+/// cleaning, or longer than [`MAX_PROVIDER_ID`] (logged by the caller as missing).
 fn message_id(body: &[u8]) -> Option<String> {
     let value: Value = serde_json::from_slice(body).ok()?;
-    ["messageId", "message_id", "id"]
+    let raw = ["messageId", "message_id", "id"]
         .iter()
         .find_map(|key| match value.get(key)? {
-            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::String(s) => Some(s.clone()),
             Value::Number(n) => Some(n.to_string()),
             _ => None,
-        })
+        })?;
+    let id: String = raw.chars().filter(|c| !c.is_control()).collect();
+    let id = id.trim();
+    (!id.is_empty() && id.len() <= MAX_PROVIDER_ID).then(|| id.to_string())
 }
 
-/// `Retry-After` as seconds or an HTTP date.
+/// `Retry-After` as seconds or an HTTP date. Any value parses to some duration;
+/// the retry policy caps it (`RetryPolicy::after`).
 fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
     let text = value.to_str().ok()?.trim();
-    if let Ok(secs) = text.parse::<u64>() {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        // Saturates instead of failing on absurd values such as 99999999999999999999.
+        let secs = text.parse::<u64>().unwrap_or(u64::MAX);
         return Some(Duration::from_secs(secs));
     }
     let when = chrono::DateTime::parse_from_rfc2822(text).ok()?;
@@ -199,13 +254,28 @@ fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
 
 /// The first 200 characters of a body, for `last_error`.
 fn body_excerpt(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
+    let text = clean_text(&String::from_utf8_lossy(body));
     let trimmed = text.trim();
     match trimmed.char_indices().nth(200) {
         Some((cut, _)) => format!("{}…", &trimmed[..cut]),
         None if trimmed.is_empty() => "(empty body)".into(),
         None => trimmed.to_string(),
     }
+}
+
+/// Text from outside made safe to store and log: control characters (NUL above all,
+/// which PostgreSQL refuses in text) become spaces, and the length is bounded.
+pub fn clean_text(text: &str) -> String {
+    let mut clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_ERROR_CHARS)
+        .collect();
+    if text.chars().nth(MAX_ERROR_CHARS).is_some() {
+        clean.pop();
+        clean.push('…');
+    }
+    clean
 }
 
 /// A metric label for a request that got no HTTP answer.
@@ -302,6 +372,54 @@ mod tests {
                 retry_after: Some(wait),
                 ..
             } => assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn provider_values_are_cleaned_and_bounded_before_they_reach_sql() {
+        match classify(202, None, "{\"messageId\": \"ab\\u0000c\"}") {
+            SendOutcome::Accepted {
+                provider_message_id: Some(id),
+            } => assert_eq!(id, "abc"),
+            other => panic!("{other:?}"),
+        }
+        let long = format!("{{\"messageId\": \"{}\"}}", "x".repeat(MAX_PROVIDER_ID + 1));
+        assert_eq!(
+            classify(202, None, &long),
+            SendOutcome::Accepted {
+                provider_message_id: None
+            }
+        );
+        match classify(500, Some("99999999999999999999"), "bad\0body") {
+            SendOutcome::Transient { error, retry_after } => {
+                assert!(!error.contains('\0'), "{error:?}");
+                assert_eq!(retry_after, Some(Duration::from_secs(u64::MAX)));
+            }
+            other => panic!("{other:?}"),
+        }
+        let huge = "e".repeat(10_000);
+        match classify(400, None, &huge) {
+            SendOutcome::Rejected { error } => assert!(error.chars().count() <= 220),
+            other => panic!("{other:?}"),
+        }
+        assert!(clean_text(&"é".repeat(2 * MAX_ERROR_CHARS)).chars().count() <= MAX_ERROR_CHARS);
+    }
+
+    #[test]
+    fn a_redirect_is_retried_and_names_its_target() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            reqwest::header::LOCATION,
+            HeaderValue::from_static("https://elsewhere.example/send"),
+        );
+        match classify_response(StatusCode::FOUND, &headers, b"") {
+            SendOutcome::Transient { error, .. } => {
+                assert!(
+                    error.contains("302") && error.contains("elsewhere.example"),
+                    "{error}"
+                );
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -49,12 +49,15 @@ const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR U
 
 impl Store {
     /// Starts a new leadership term: the epoch goes up and every claim stamped with an
-    /// older one is refused from now on (SPEC §6 step 2).
+    /// older one is refused from now on (SPEC §6 step 2). `acquired_at` is taken after
+    /// the row lock is held (`clock_timestamp()`, not the transaction's start), just
+    /// before the commit: the moment from which PostgreSQL stops confirming the older
+    /// epoch, which the rescue wait is counted from.
     pub async fn bump_epoch(&self, holder: &str) -> Result<Epoch, StoreError> {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "UPDATE dispatcher_leader SET epoch = epoch + 1, holder = $1, acquired_at = now()
+                "UPDATE dispatcher_leader SET epoch = epoch + 1, holder = $1, acquired_at = clock_timestamp()
                  WHERE id = 1 RETURNING epoch",
                 &[&holder],
             )

@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_batch_open.sql",
         sql: include_str!("../../sql/0003_batch_open.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_fenced_sends.sql",
+        sql: include_str!("../../sql/0004_fenced_sends.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).
@@ -108,7 +113,7 @@ async fn apply_pending(client: &mut Client) -> Result<MigrationReport, StoreErro
         let sum = checksum(migration.sql);
         if let Some((_, name, stored)) = applied.iter().find(|(v, ..)| *v == migration.version) {
             if *stored != sum {
-                return Err(StoreError::Migration(format!(
+                return Err(StoreError::MigrationChanged(format!(
                     "{} was applied as {name} with checksum {stored}, but the embedded file now has {sum}; \
                      restore the original file and add a new migration instead",
                     migration.name

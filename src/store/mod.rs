@@ -4,6 +4,7 @@
 //! lost or doubled (claims, results, the fence, the desired state) lives here.
 
 pub mod control;
+pub mod fence;
 pub mod migrations;
 pub mod queue;
 mod tls;
@@ -11,7 +12,10 @@ mod tls;
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{DatabaseConfig, DbSslMode};
 
@@ -29,6 +33,9 @@ pub enum StoreError {
     Query(tokio_postgres::Error),
     #[error("migration refused: {0}")]
     Migration(String),
+    /// An applied migration file has changed since: no retry can fix that.
+    #[error("migration refused: {0}")]
+    MigrationChanged(String),
 }
 
 impl StoreError {
@@ -99,6 +106,8 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// How to open a connection outside the pool (the leader's fence session).
+    connect: Arc<(tokio_postgres::Config, MakeRustlsConnect)>,
 }
 
 impl Store {
@@ -135,9 +144,11 @@ impl Store {
                 pg.ssl_mode(tokio_postgres::config::SslMode::Require);
             }
         }
+        let connector = tls::connector(config.ssl_mode)?;
+        let connect = Arc::new((pg.clone(), connector.clone()));
         let manager = Manager::from_config(
             pg,
-            tls::connector(config.ssl_mode)?,
+            connector,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -149,7 +160,20 @@ impl Store {
             .create_timeout(Some(CHECKOUT_TIMEOUT + Duration::from_secs(1)))
             .recycle_timeout(Some(CHECKOUT_TIMEOUT))
             .build()?;
-        Ok(Self { pool })
+        Ok(Self { pool, connect })
+    }
+
+    /// A connection of its own, outside the pool: the fence session must not wait
+    /// behind result writes for a pooled connection. Ends when the client is dropped.
+    pub async fn dedicated_connection(&self) -> Result<tokio_postgres::Client, StoreError> {
+        let (config, connector) = &*self.connect;
+        let (client, connection) = config.connect(connector.clone()).await?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "dedicated PostgreSQL connection ended");
+            }
+        });
+        Ok(client)
     }
 
     /// A pooled connection, or `Unavailable` within a few seconds.

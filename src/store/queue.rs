@@ -93,6 +93,7 @@ pub struct ClaimedMessage {
     pub phone_number: String,
     pub content: String,
     pub attempts: i32,
+    pub created_at: DateTime<Utc>,
 }
 
 /// The schedule in force: configured values, possibly overridden at run time.
@@ -117,27 +118,54 @@ pub enum Claim {
     Fenced(Epoch),
 }
 
-/// The outcome of a claim plus the side work it did.
+/// The outcome of a claim, with what the fence row said about the schedule.
 #[derive(Debug)]
 pub struct ClaimResult {
     pub claim: Claim,
     pub schedule: Schedule,
-    /// Abandoned claims returned to `pending` by this transaction.
-    pub rescued: u64,
+    /// How long ago (microseconds, PostgreSQL's clock) the cluster's newest sends
+    /// started, as the last closed batch recorded them; negative when in the future.
+    /// A new leader seeds its pacer from these.
+    pub recent_send_ages_us: Vec<i64>,
 }
 
-/// Timing that decides when a claim is abandoned (SPEC §6 step 8). Older epochs are
-/// dead or deposed leaders; a claim of our own epoch that is still `sending` when we
-/// claim again lost its result (the dispatcher runs one batch at a time, so nothing of
-/// ours is in flight then), and is returned after the same age.
+/// When a `sending` row may be returned to `pending` (SPEC §6 step 8). The wait comes
+/// from `leadership::fence::FenceTiming::rescue_wait`, which explains it.
 #[derive(Debug, Clone, Copy)]
 pub struct RescuePolicy {
-    /// A claim older than this (`SMS_API_TIMEOUT + DISTRIBUTED_LOCK_TTL + margin`)...
-    pub claim_age: Duration,
-    /// ...is rescued once our own term is at least this old (`SMS_API_TIMEOUT +
-    /// margin`): the old leader lost its lease before we got ours, so by then any send
-    /// it started has finished or timed out.
-    pub term_age: Duration,
+    /// An older epoch's rows: this long after the current epoch was taken. Our own
+    /// epoch's leftovers (a claim whose reply was lost, a result that could not be
+    /// written): this long after they were claimed.
+    pub wait: Duration,
+    /// A rescued row that has used up `MAX_ATTEMPTS` (> 0) becomes `failed`.
+    pub max_attempts: u32,
+}
+
+/// A row the rescue may return, with what is needed to look up its delivery.
+#[derive(Debug, Clone)]
+pub struct RescueCandidate {
+    pub id: i64,
+    pub created_at: DateTime<Utc>,
+    pub claim_epoch: Epoch,
+}
+
+/// A delivery that is known (from the delivery cache) to have been accepted by the
+/// provider although its result never reached PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct KnownDelivery {
+    pub id: i64,
+    pub claim_epoch: Epoch,
+    pub sent_at: DateTime<Utc>,
+    pub provider_message_id: Option<String>,
+}
+
+/// What one rescue pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rescued {
+    /// Returned to `pending`.
+    pub pending: u64,
+    /// Out of attempts: `failed`.
+    pub failed: u64,
 }
 
 /// How a send ended, as recorded in the row.
@@ -158,17 +186,20 @@ const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR U
 /// Reads the schedule once the fence is locked. `clock_timestamp()`, not `now()`: the
 /// transaction may have waited for the lock while the previous batch committed.
 /// `wait_ms` is NULL or ≤ 0 when a batch is due: an interval after the previous
-/// batch's start, and, when that batch is still open (its leader died mid-batch), also
-/// an interval after this term began.
+/// batch's start, and, when that batch is still open (its leader died or was deposed
+/// mid-batch, so nobody knows when its last send started), an interval after the last
+/// moment that leader could start one: this term's start plus the fence window ($3).
 const READ_SCHEDULE: &str = "
 SELECT coalesce(c.running, false) AS running,
        coalesce(c.batch_size, $1::int) AS batch_size,
        s.interval_ms,
        ceil(extract(epoch FROM (
             CASE WHEN l.batch_open
-                 THEN greatest(l.last_batch_at, l.acquired_at)
+                 THEN greatest(l.last_batch_at, l.acquired_at + $3::bigint * interval '1 millisecond')
                  ELSE l.last_batch_at
-            END + s.interval_ms * interval '1 millisecond' - clock_timestamp())) * 1000)::bigint AS wait_ms
+            END + s.interval_ms * interval '1 millisecond' - clock_timestamp())) * 1000)::bigint AS wait_ms,
+       ARRAY(SELECT (extract(epoch FROM clock_timestamp() - r) * 1000000)::bigint
+             FROM unnest(l.recent_sends) AS r) AS recent_send_ages_us
 FROM dispatcher_leader l
 CROSS JOIN dispatcher_control c
 CROSS JOIN LATERAL (SELECT coalesce(c.processing_interval_ms, $2::bigint) AS interval_ms) s
@@ -177,21 +208,73 @@ WHERE l.id = 1 AND c.id = 1";
 /// Records the batch start (the cluster's rhythm) and marks the batch open.
 const OPEN_BATCH: &str = "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true WHERE id = 1";
 
-/// Marks the batch finished (only if we still hold the epoch that opened it).
-const CLOSE_BATCH: &str =
-    "UPDATE dispatcher_leader SET batch_open = false WHERE id = 1 AND epoch = $1";
+/// Marks the batch finished (only if we still hold the epoch that opened it) and
+/// records when its newest sends started: `$2` holds their ages in microseconds on
+/// this replica's clock just before the statement was sent, so the stored times are
+/// at or after the real ones (a new leader waits a little long, never too short).
+const CLOSE_BATCH: &str = "
+UPDATE dispatcher_leader
+SET batch_open = false,
+    recent_sends = ARRAY(SELECT clock_timestamp() - age * interval '1 microsecond'
+                         FROM unnest($2::bigint[]) AS age)
+WHERE id = 1 AND epoch = $1";
 
-const RESCUE: &str = "
-UPDATE messages AS m
-SET status = 'pending',
+/// Which `sending` rows the rescue may return, for the leader of epoch `$1` (only
+/// while it is the current epoch) after the rescue wait `$2` (milliseconds). A macro so
+/// that both statements below use the same text.
+macro_rules! rescuable {
+    () => {
+        "
+    l.id = 1 AND l.epoch = $1::bigint
+    AND m.status = 'sending'
+    AND ((m.claim_epoch < $1::bigint
+          AND l.acquired_at <= clock_timestamp() - $2::bigint * interval '1 millisecond')
+      OR (m.claim_epoch = $1::bigint
+          AND m.claimed_at <= clock_timestamp() - $2::bigint * interval '1 millisecond'))"
+    };
+}
+
+const RESCUE_CANDIDATES: &str = concat!(
+    "SELECT m.id, m.created_at, m.claim_epoch FROM messages AS m, dispatcher_leader AS l WHERE",
+    rescuable!(),
+    " ORDER BY m.id LIMIT 10000"
+);
+
+/// Returns abandoned claims to `pending`, or to `failed` once they have used up
+/// `MAX_ATTEMPTS` ($3 > 0): a claim counts as an attempt, so MAX_ATTEMPTS holds even
+/// for a message whose sends never got a result.
+const RESCUE: &str = concat!(
+    "UPDATE messages AS m
+SET status = CASE WHEN $3::int > 0 AND m.attempts >= $3::int THEN 'failed' ELSE 'pending' END,
     next_attempt_at = now(),
-    last_error = 'claim by ' || coalesce(m.claimed_by, '?') || ' (epoch ' || m.claim_epoch || ') never completed; rescued'
-FROM dispatcher_leader l
-WHERE l.id = 1
-  AND m.status = 'sending'
-  AND m.claim_epoch <= $1::bigint
-  AND m.claimed_at < now() - $2::bigint * interval '1 millisecond'
-  AND (m.claim_epoch = $1::bigint OR l.acquired_at < now() - $3::bigint * interval '1 millisecond')";
+    last_error = 'claim by ' || coalesce(m.claimed_by, '?') || ' (epoch ' || m.claim_epoch
+                 || ') never completed; '
+                 || CASE WHEN $3::int > 0 AND m.attempts >= $3::int
+                         THEN 'MAX_ATTEMPTS reached' ELSE 'rescued' END
+FROM dispatcher_leader AS l
+WHERE",
+    rescuable!(),
+    " RETURNING m.status"
+);
+
+/// Rows the provider accepted but whose result never reached PostgreSQL, learned
+/// from the delivery cache: recorded as sent instead of being sent again.
+const RECORD_KNOWN_DELIVERIES: &str = "
+UPDATE messages AS m
+SET status = 'sent', sent_at = d.sent_at, provider_message_id = d.provider_id,
+    last_error = NULL
+FROM unnest($2::bigint[], $3::bigint[], $4::timestamptz[], $5::text[])
+         AS d(id, claim_epoch, sent_at, provider_id),
+     dispatcher_leader l
+WHERE l.id = 1 AND l.epoch = $1::bigint
+  AND m.id = d.id AND m.status = 'sending' AND m.claim_epoch = d.claim_epoch";
+
+/// Claimed by a claim whose COMMIT reply was lost: never sent, so back to pending
+/// with the attempt uncounted.
+const RELEASE_CLAIM: &str = "
+UPDATE messages
+SET status = 'pending', attempts = greatest(attempts - 1, 0)
+WHERE status = 'sending' AND claim_epoch = $1 AND claim_token = $2";
 
 const CLAIM: &str = "
 WITH due AS (
@@ -202,7 +285,8 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE messages AS m
-SET status = 'sending', claim_epoch = $2, claimed_by = $3, claimed_at = now(), attempts = m.attempts + 1
+SET status = 'sending', claim_epoch = $2, claimed_by = $3, claimed_at = now(),
+    claim_token = $4, attempts = m.attempts + 1
 FROM due
 WHERE m.id = due.id
 RETURNING m.id, m.phone_number, m.content, m.attempts, m.created_at";
@@ -368,14 +452,15 @@ impl Store {
     }
 
     /// The claim transaction (SPEC §6 step 5): lock the fence, check the epoch, the
-    /// desired state and the cluster schedule, rescue dead leaders' claims, then move
-    /// up to a batch of due rows to `sending`. Commits before any HTTP call.
+    /// desired state and the cluster schedule, then move up to a batch of due rows to
+    /// `sending`, stamped with `token`. Commits before any HTTP call.
     pub async fn claim_batch(
         &self,
         epoch: Epoch,
         replica_id: &str,
         configured: Schedule,
-        rescue: RescuePolicy,
+        fence_window: Duration,
+        token: i64,
     ) -> Result<ClaimResult, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
@@ -390,6 +475,7 @@ impl Store {
                 &[
                     &(configured.batch_size as i32),
                     &millis(configured.interval),
+                    &millis(fence_window),
                 ],
             )
             .await?;
@@ -400,7 +486,7 @@ impl Store {
         let result = |claim| ClaimResult {
             claim,
             schedule,
-            rescued: 0,
+            recent_send_ages_us: fence.get("recent_send_ages_us"),
         };
         if current != epoch {
             return Ok(result(Claim::Fenced(current)));
@@ -414,49 +500,111 @@ impl Store {
             }
         }
 
-        let rescued = tx
-            .execute(
-                &tx.prepare_cached(RESCUE).await?,
-                &[
-                    &epoch.0,
-                    &millis(rescue.claim_age),
-                    &millis(rescue.term_age),
-                ],
-            )
-            .await?;
-        let mut rows: Vec<(DateTime<Utc>, ClaimedMessage)> = tx
+        let mut messages: Vec<ClaimedMessage> = tx
             .query(
                 &tx.prepare_cached(CLAIM).await?,
-                &[&i64::from(schedule.batch_size), &epoch.0, &replica_id],
+                &[
+                    &i64::from(schedule.batch_size),
+                    &epoch.0,
+                    &replica_id,
+                    &token,
+                ],
             )
             .await?
             .iter()
-            .map(|row| {
-                (
-                    row.get("created_at"),
-                    ClaimedMessage {
-                        id: row.get("id"),
-                        phone_number: row.get("phone_number"),
-                        content: row.get("content"),
-                        attempts: row.get("attempts"),
-                    },
-                )
+            .map(|row| ClaimedMessage {
+                id: row.get("id"),
+                phone_number: row.get("phone_number"),
+                content: row.get("content"),
+                attempts: row.get("attempts"),
+                created_at: row.get("created_at"),
             })
             .collect();
         // RETURNING has no order; the send order is the FIFO order.
-        rows.sort_by_key(|(created_at, m)| (*created_at, m.id));
-        let claim = if rows.is_empty() {
+        messages.sort_by_key(|m| (m.created_at, m.id));
+        let claim = if messages.is_empty() {
             Claim::Empty
         } else {
             tx.execute(&tx.prepare_cached(OPEN_BATCH).await?, &[])
                 .await?;
-            Claim::Batch(rows.into_iter().map(|(_, m)| m).collect())
+            Claim::Batch(messages)
         };
         tx.commit().await?;
-        Ok(ClaimResult {
-            claim,
-            schedule,
-            rescued,
+        Ok(result(claim))
+    }
+
+    /// Returns the rows of a claim whose outcome is unknown (its COMMIT reply was lost)
+    /// to `pending`, attempt uncounted: the claimer never sent them.
+    pub async fn release_claim(&self, epoch: Epoch, token: i64) -> Result<u64, StoreError> {
+        self.execute_prepared(RELEASE_CLAIM, &[&epoch.0, &token])
+            .await
+    }
+
+    /// The rows a rescue by the leader of `epoch` would return now.
+    pub async fn rescue_candidates(
+        &self,
+        epoch: Epoch,
+        policy: RescuePolicy,
+    ) -> Result<Vec<RescueCandidate>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &client.prepare_cached(RESCUE_CANDIDATES).await?,
+                &[&epoch.0, &millis(policy.wait)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| RescueCandidate {
+                id: row.get(0),
+                created_at: row.get(1),
+                claim_epoch: Epoch(row.get(2)),
+            })
+            .collect())
+    }
+
+    /// Records deliveries the provider accepted but whose results were lost (found in
+    /// the delivery cache) as sent. Returns how many rows changed.
+    pub async fn record_known_deliveries(
+        &self,
+        epoch: Epoch,
+        deliveries: &[KnownDelivery],
+    ) -> Result<u64, StoreError> {
+        if deliveries.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
+        let epochs: Vec<i64> = deliveries.iter().map(|d| d.claim_epoch.0).collect();
+        let sent_at: Vec<DateTime<Utc>> = deliveries.iter().map(|d| d.sent_at).collect();
+        let provider_ids: Vec<Option<&str>> = deliveries
+            .iter()
+            .map(|d| d.provider_message_id.as_deref())
+            .collect();
+        self.execute_prepared(
+            RECORD_KNOWN_DELIVERIES,
+            &[&epoch.0, &ids, &epochs, &sent_at, &provider_ids],
+        )
+        .await
+    }
+
+    /// Returns abandoned claims (SPEC §6 step 8) to `pending`, or `failed` once out of
+    /// attempts. Only the current epoch's leader rescues, and only after the wait.
+    pub async fn rescue(&self, epoch: Epoch, policy: RescuePolicy) -> Result<Rescued, StoreError> {
+        let client = self.client().await?;
+        let max_attempts = i32::try_from(policy.max_attempts).unwrap_or(i32::MAX);
+        let rows = client
+            .query(
+                &client.prepare_cached(RESCUE).await?,
+                &[&epoch.0, &millis(policy.wait), &max_attempts],
+            )
+            .await?;
+        let failed = rows
+            .iter()
+            .filter(|r| r.get::<_, &str>(0) == "failed")
+            .count() as u64;
+        Ok(Rescued {
+            pending: rows.len() as u64 - failed,
+            failed,
         })
     }
 
@@ -517,9 +665,15 @@ impl Store {
         })
     }
 
-    /// Closes the batch this epoch opened: every send is done and recorded.
-    pub async fn close_batch(&self, epoch: Epoch) -> Result<(), StoreError> {
-        self.execute_prepared(CLOSE_BATCH, &[&epoch.0]).await?;
+    /// Closes the batch this epoch opened (every send is done and recorded) and
+    /// records when the newest sends started, `recent_send_ages_us` microseconds ago.
+    pub async fn close_batch(
+        &self,
+        epoch: Epoch,
+        recent_send_ages_us: &[i64],
+    ) -> Result<(), StoreError> {
+        self.execute_prepared(CLOSE_BATCH, &[&epoch.0, &recent_send_ages_us])
+            .await?;
         Ok(())
     }
 

@@ -472,6 +472,29 @@ async fn api_token_guards_the_api_but_not_health_or_metrics() {
     )
     .await;
     assert_eq!(status, 201);
+    // The scheme name is case-insensitive (RFC 7235); the token is not.
+    for header in [
+        "bearer s3cret-token",
+        "BEARER s3cret-token",
+        "Bearer  s3cret-token",
+    ] {
+        let status = http()
+            .get(url("/api/messaging/status"))
+            .header("authorization", header)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200, "{header:?}");
+    }
+    let status = http()
+        .get(url("/api/messaging/status"))
+        .header("authorization", "Bearer S3CRET-TOKEN")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 401);
     for open in [
         "/health",
         "/health/live",

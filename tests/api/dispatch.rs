@@ -9,7 +9,7 @@ use message_dispatcher::config::Config;
 use message_dispatcher::domain::Epoch;
 use message_dispatcher::store::Store;
 use message_dispatcher::store::control::OverrideChange;
-use message_dispatcher::store::queue::{Claim, RescuePolicy, Schedule};
+use message_dispatcher::store::queue::{Claim, KnownDelivery, RescuePolicy, Schedule};
 
 use crate::support::replica::run_command;
 use crate::support::{TestEnv, wait_for};
@@ -196,7 +196,7 @@ async fn classification_of_provider_answers() {
                 ("PROCESSING_INTERVAL", "300ms"),
                 ("SMS_API_TIMEOUT", "1s"),
                 ("RETRY_BACKOFF_BASE", "1m"),
-                ("RETRY_BACKOFF_MAX", "1m"),
+                ("RETRY_BACKOFF_MAX", "5m"),
             ],
         )
         .await;
@@ -401,10 +401,9 @@ async fn parallel_claimers_never_share_a_row() {
         batch_size: 7,
         interval: Duration::ZERO,
     };
-    let rescue = RescuePolicy {
-        claim_age: Duration::from_secs(3600),
-        term_age: Duration::from_secs(3600),
-    };
+    // Batches stay open here (nobody closes them), so no fence window may hold the
+    // next claim back.
+    let window = Duration::ZERO;
 
     let mut claimers = Vec::new();
     for n in 0..8 {
@@ -413,7 +412,7 @@ async fn parallel_claimers_never_share_a_row() {
             let mut mine = Vec::new();
             loop {
                 match store
-                    .claim_batch(epoch, &format!("claimer-{n}"), schedule, rescue)
+                    .claim_batch(epoch, &format!("claimer-{n}"), schedule, window, n)
                     .await
                     .unwrap()
                     .claim
@@ -443,15 +442,17 @@ async fn parallel_claimers_never_share_a_row() {
     store.bump_epoch("newer").await.unwrap();
     env.insert_messages(1).await;
     let refused = store
-        .claim_batch(epoch, "stale", schedule, rescue)
+        .claim_batch(epoch, "stale", schedule, window, 0)
         .await
         .unwrap();
     assert!(matches!(refused.claim, Claim::Fenced(_)), "{refused:?}");
 }
 
-/// The rescue rule of SPEC §6 step 8: another epoch's claims once they are older than
-/// timeout + TTL + margin and our own term is older than timeout + margin; our own
-/// epoch's leftovers (a result that could not be recorded) after the same claim age.
+/// The rescue rule of SPEC §6 step 8: an older epoch's claims once the current epoch
+/// is older than the rescue wait (no matter how old the claims are), our own epoch's
+/// leftovers once they are that old; `MAX_ATTEMPTS` holds; a claim whose answer was
+/// lost is returned by its token, attempt uncounted; a delivery known from the cache is
+/// recorded as sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_claims_are_rescued_only_when_old_enough() {
     let env = TestEnv::start().await;
@@ -460,58 +461,108 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     assert!(status.success(), "{output}");
     let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
     store.apply_auto_start(true, "test").await.unwrap();
-    env.insert_messages(3).await;
+    let ids = env.insert_messages(3).await;
     let schedule = Schedule {
         batch_size: 3,
         interval: Duration::ZERO,
     };
-    let policy = |claim_secs: u64, term_secs: u64| RescuePolicy {
-        claim_age: Duration::from_secs(claim_secs),
-        term_age: Duration::from_secs(term_secs),
+    let window = Duration::from_secs(1);
+    let policy = |wait_secs: u64, max_attempts: u32| RescuePolicy {
+        wait: Duration::from_secs(wait_secs),
+        max_attempts,
     };
-    let claim = |epoch: Epoch, rescue: RescuePolicy| {
+    let claim = |epoch: Epoch, token: i64| {
         let store = store.clone();
         async move {
             store
-                .claim_batch(epoch, "test", schedule, rescue)
+                .claim_batch(epoch, "test", schedule, window, token)
                 .await
                 .unwrap()
+                .claim
         }
+    };
+    let attempts = || async {
+        env.db()
+            .await
+            .query("SELECT attempts FROM messages ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<Vec<_>>()
     };
 
     let first = store.bump_epoch("first").await.unwrap();
-    assert!(
-        matches!(claim(first, policy(3600, 3600)).await.claim, Claim::Batch(ref m) if m.len() == 3)
-    );
-    // Too young to rescue, even our own.
-    let again = claim(first, policy(3600, 0)).await;
-    assert_eq!(again.rescued, 0);
-    assert!(matches!(again.claim, Claim::Empty));
-    // Our own leftovers, old enough: rescued and claimed again in the same transaction.
-    let own = claim(first, policy(0, 3600)).await;
+    assert!(matches!(claim(first, 1).await, Claim::Batch(ref m) if m.len() == 3));
+    store.close_batch(first, &[]).await.unwrap();
+    // A claim whose answer was lost: its rows come back by its token, attempt uncounted.
     assert_eq!(
-        own.rescued, 3,
-        "own-epoch leftovers do not wait for a term age"
+        store.release_claim(first, 2).await.unwrap(),
+        0,
+        "other token"
     );
-    assert!(matches!(own.claim, Claim::Batch(ref m) if m.len() == 3));
+    assert_eq!(store.release_claim(first, 1).await.unwrap(), 3);
+    assert_eq!(attempts().await, vec![0, 0, 0]);
+    assert!(matches!(claim(first, 3).await, Claim::Batch(ref m) if m.len() == 3));
+    store.close_batch(first, &[]).await.unwrap();
 
-    // A newer leader waits until its own term is old enough.
-    let second = store.bump_epoch("second").await.unwrap();
-    let young = claim(second, policy(0, 3600)).await;
+    // Too young to rescue, even our own.
     assert_eq!(
-        young.rescued, 0,
-        "the old leader may still be finishing a send"
+        store.rescue(first, policy(3600, 0)).await.unwrap().pending,
+        0
     );
-    let old_enough = claim(second, policy(0, 0)).await;
-    assert_eq!(old_enough.rescued, 3);
-    let last_error: Option<String> = env
-        .db()
+    // Our own leftovers, old enough.
+    assert_eq!(store.rescue(first, policy(0, 0)).await.unwrap().pending, 3);
+    assert!(matches!(claim(first, 4).await, Claim::Batch(ref m) if m.len() == 3));
+    store.close_batch(first, &[]).await.unwrap();
+
+    // A newer leader waits for the rescue wait counted from its own epoch, however
+    // old the claims are.
+    let second = store.bump_epoch("second").await.unwrap();
+    assert!(
+        store
+            .rescue_candidates(second, policy(3600, 0))
+            .await
+            .unwrap()
+            .is_empty(),
+        "the old leader may still be sending"
+    );
+    assert_eq!(
+        store.rescue(second, policy(3600, 0)).await.unwrap().pending,
+        0
+    );
+    assert_eq!(
+        store.rescue(first, policy(0, 0)).await.unwrap(),
+        Default::default(),
+        "only the current epoch rescues"
+    );
+    let candidates = store.rescue_candidates(second, policy(0, 0)).await.unwrap();
+    assert_eq!(candidates.len(), 3);
+    // The first was accepted by the provider (the delivery cache says so): recorded,
+    // not rescued. The others, with 2 attempts each, fail under MAX_ATTEMPTS 2.
+    let known = KnownDelivery {
+        id: ids[0],
+        claim_epoch: candidates[0].claim_epoch,
+        sent_at: Utc::now(),
+        provider_message_id: Some("p-1".into()),
+    };
+    assert_eq!(
+        store
+            .record_known_deliveries(second, &[known])
+            .await
+            .unwrap(),
+        1
+    );
+    let rescued = store.rescue(second, policy(0, 2)).await.unwrap();
+    assert_eq!((rescued.pending, rescued.failed), (0, 2));
+    let db = env.db().await;
+    let rows = db
+        .query("SELECT status, last_error FROM messages ORDER BY id", &[])
         .await
-        .query_one("SELECT last_error FROM messages ORDER BY id LIMIT 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(last_error.unwrap_or_default().contains("rescued"));
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "sent");
+    assert_eq!(rows[1].get::<_, String>(0), "failed");
+    assert!(rows[1].get::<_, String>(1).contains("MAX_ATTEMPTS"));
 }
 
 /// A replica frozen (SIGSTOP, VM stall) in the middle of a claim transaction holds the

@@ -1,6 +1,7 @@
 //! The migration runner: idempotent, safe under concurrency, strict on checksums.
 
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use crate::support::replica::run_command;
 use crate::support::{TestEnv, binary};
@@ -81,10 +82,21 @@ async fn migrate_twice_is_a_no_op_and_concurrent_runs_do_not_race() {
     .await
     .unwrap();
     let (status, output) = run_command(&["migrate"], &vars);
-    assert_eq!(status.code(), Some(1), "{output}");
+    assert_eq!(status.code(), Some(2), "{output}");
     assert!(
         output.contains("0001_messages.sql") && output.contains("checksum"),
         "{output}"
+    );
+
+    // `serve` refuses it too, at once and with the configuration exit status: retrying
+    // cannot fix an edited migration file.
+    let mut replica = env.spawn_replica("r1", &[]);
+    let status = replica.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(2), "{}", replica.logs());
+    assert!(
+        replica.logs().contains("0001_messages.sql"),
+        "{}",
+        replica.logs()
     );
 }
 

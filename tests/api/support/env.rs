@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use tokio_postgres::Client;
 
 use super::postgres::Postgres;
+use super::proxy::Proxy;
 use super::redis::Redis;
 use super::{MockProvider, Replica, ScriptedProvider, TempDir, http, wait_for};
 
@@ -113,6 +114,24 @@ impl TestEnv {
     /// Starts a replica without waiting.
     pub fn spawn_replica(&self, name: &str, overrides: &[(&str, &str)]) -> Replica {
         Replica::spawn(name, self.dir.path(), self.env_with(overrides))
+    }
+
+    /// A proxy in front of this test's PostgreSQL, and the `DATABASE_URL` through it.
+    pub async fn postgres_proxy(&self) -> (Proxy, String) {
+        let proxy = Proxy::start(([127, 0, 0, 1], self.pg.port).into()).await;
+        let url = format!(
+            "postgres://postgres@127.0.0.1:{}/{}",
+            proxy.port,
+            super::postgres::DATABASE
+        );
+        (proxy, url)
+    }
+
+    /// A proxy in front of this test's Redis, and the `REDIS_URL` through it.
+    pub async fn redis_proxy(&self) -> (Proxy, String) {
+        let proxy = Proxy::start(([127, 0, 0, 1], self.redis.port).into()).await;
+        let url = format!("redis://127.0.0.1:{}", proxy.port);
+        (proxy, url)
     }
 
     pub async fn db(&self) -> Client {

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod env;
 pub mod postgres;
 pub mod provider;
+pub mod proxy;
 pub mod redis;
 pub mod replica;
 pub mod tls;

@@ -133,6 +133,11 @@ pub struct Received {
 /// - `reply:429-after-N` → 429 with `Retry-After: N`
 /// - `reply:200` → 200 with a `messageId`; `reply:200-noid` → 200 without one
 /// - `reply:sleep-MS` → waits MS milliseconds, then 202
+/// - answers PostgreSQL would refuse if stored as they come: `reply:202-nul-id` (a NUL
+///   byte in `messageId`), `reply:202-long-id` (a 100,000-character `messageId`),
+///   `reply:500-nul-body` (a NUL byte in the error body), `reply:500-huge-body` (a
+///   4 MiB error body), `reply:503-retry-after-huge` (`Retry-After:
+///   99999999999999999`), and `reply:302` (a redirect)
 /// - anything else → 202 `{"message": "Accepted", "messageId": "id-<key>"}`
 #[derive(Clone)]
 pub struct ScriptedProvider {
@@ -230,6 +235,32 @@ async fn answer(
         "400" => status(400, "invalid phone number"),
         "200" => warp::reply::json(&serde_json::json!({"message_id": id})).into_response(),
         "200-noid" => warp::reply::json(&serde_json::json!({"message": "ok"})).into_response(),
+        "202-nul-id" => warp::reply::with_status(
+            warp::reply::json(&serde_json::json!({"messageId": format!("{id}\u{0}x")})),
+            StatusCode::ACCEPTED,
+        )
+        .into_response(),
+        "202-long-id" => warp::reply::with_status(
+            warp::reply::json(&serde_json::json!({"messageId": "x".repeat(100_000)})),
+            StatusCode::ACCEPTED,
+        )
+        .into_response(),
+        "500-nul-body" => status(500, "broken\u{0}body"),
+        "500-huge-body" => status(500, &"e".repeat(4 << 20)),
+        "503-retry-after-huge" => {
+            let mut response = status(503, "busy");
+            response
+                .headers_mut()
+                .insert("retry-after", "99999999999999999".parse().unwrap());
+            response
+        }
+        "302" => {
+            let mut response = status(302, "moved");
+            response
+                .headers_mut()
+                .insert("location", "http://127.0.0.1:1/elsewhere".parse().unwrap());
+            response
+        }
         other => {
             if let Some(secs) = other.strip_prefix("429-after-") {
                 let mut response = status(429, "slow down");

@@ -1,0 +1,217 @@
+//! PostgreSQL fences every send, not only claims and results (SPEC §6 steps 3, 6, 8).
+//!
+//! The Redis lease says who *should* dispatch, but Redis can lose the key (a failover
+//! to a lagging replica, a restart without persistence, an eviction) while the holder
+//! is cut off from Redis and still sending. Then a second replica acquires, bumps the
+//! epoch and, sooner or later, re-claims the first one's rows. Whether the first one
+//! has stopped by then must not depend on anything Redis says.
+//!
+//! # The rule
+//!
+//! While it leads, a replica's fence keeper reads the fence row every
+//! [`FenceTiming::confirm_every`] on a connection of its own. A reading that shows our
+//! epoch, for a query *sent* at local time `s`, lets sends start until `s + window`
+//! ([`Term::send_permit`]). A reading with a newer epoch ends the term at once.
+//!
+//! # Why a new leader may re-claim older epochs' rows after [`FenceTiming::rescue_wait`]
+//!
+//! Let `T` be the moment the new epoch's bump commits (the fence row's `acquired_at`,
+//! taken just before the commit). A confirmation of an older epoch read a snapshot
+//! taken before `T`, so its query was sent at `s < T`, and it lets sends start only
+//! until `s + window < T + window`. A send that started by then has its answer, or has
+//! been abandoned, `longest_send` later (`SMS_API_TIMEOUT` plus the client's grace).
+//! So from `T + window + longest_send` on, no send of an older epoch can start or be
+//! in flight, whatever Redis did: the rescue waits that plus [`RESCUE_MARGIN`]. The
+//! argument uses only PostgreSQL's commit order and the old leader's own monotonic
+//! clock; the margin covers the rate difference between two clocks over a few
+//! seconds, and the few instructions between a permit and the request leaving.
+//!
+//! What it cannot cover, and the README states as a duplicate window: a process
+//! frozen (SIGSTOP, a VM stall) for longer than the margin exactly between its permit
+//! and the moment its request leaves. The duplicate then carries the same
+//! `Idempotency-Key`.
+//!
+//! The same confirmation carries the desired state: a stopped cluster gets no new
+//! fence, so `stop` only has to wait out one window to know that nothing starts after
+//! it answers.
+//!
+//! A leader whose confirmations fail for [`FenceTiming::resign_after`] resigns (it
+//! cannot record results either), so that a replica that can reach PostgreSQL leads.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Leadership, Term};
+use crate::store::Store;
+use crate::store::fence::FenceSession;
+
+/// Added to the rescue wait for clock rates, scheduling and the commit of the bump
+/// (see the module documentation).
+pub const RESCUE_MARGIN: Duration = Duration::from_secs(2);
+
+/// Timing of the PostgreSQL fence, derived from the lease TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FenceTiming {
+    /// How long one confirmation lets sends start.
+    pub window: Duration,
+    /// How often the keeper confirms: four times per window, so one slow or lost
+    /// reading never lets a healthy leader's fence lapse.
+    pub confirm_every: Duration,
+    /// A leader whose claims or confirmations have failed this long resigns.
+    pub resign_after: Duration,
+}
+
+impl FenceTiming {
+    /// A third of the TTL, between 100 ms and 1 s: short enough that a stop answers
+    /// and a rescue starts within seconds, long enough that a confirmation (one small
+    /// read) every quarter of it costs nothing. Resigning takes two TTLs of failure:
+    /// a PostgreSQL blip does not move leadership, a partition does.
+    pub fn for_lease(ttl: Duration) -> Self {
+        let window = (ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        Self {
+            window,
+            confirm_every: window / 4,
+            resign_after: ttl * 2,
+        }
+    }
+
+    /// How long `stop` waits after its commit before it answers: every confirmation
+    /// that still saw the cluster running was sent before the commit, so its window
+    /// closes within `window` of it (plus a little for the two clocks). After that no
+    /// send starts until `start`.
+    pub fn stop_settles_after(&self) -> Duration {
+        self.window + Duration::from_millis(50)
+    }
+
+    /// How long after the epoch bump the new leader waits before it returns an older
+    /// epoch's `sending` rows to `pending`. `longest_send` is the longest a send can
+    /// last once started (`ProviderClient::longest_exchange`).
+    pub fn rescue_wait(&self, longest_send: Duration) -> Duration {
+        self.window + longest_send + RESCUE_MARGIN
+    }
+}
+
+/// Keeps confirming `term`'s epoch until the term ends (the caller aborts this task)
+/// or PostgreSQL shows a newer epoch, or stops answering for `resign_after`.
+pub async fn keep(term: Term, store: Store, leadership: Arc<Leadership>, timing: FenceTiming) {
+    let mut session: Option<FenceSession> = None;
+    let mut last_confirmed = term.began;
+    let mut failing = false;
+    loop {
+        if term.is_revoked() {
+            return;
+        }
+        let sent = Instant::now();
+        let reading = tokio::time::timeout(timing.window, async {
+            if session.as_ref().is_none_or(FenceSession::is_closed) {
+                session = Some(FenceSession::open(&store).await?);
+            }
+            match &session {
+                Some(session) => session.read().await,
+                None => unreachable!("opened above"),
+            }
+        })
+        .await;
+        match reading {
+            Ok(Ok(reading)) if reading.epoch == term.epoch => {
+                if failing {
+                    tracing::info!(epoch = term.epoch.0, "PostgreSQL confirms the epoch again");
+                    failing = false;
+                }
+                last_confirmed = sent;
+                term.confirm(sent, timing.window, reading.running);
+            }
+            Ok(Ok(reading)) => {
+                leadership.report_fenced(&term, reading.epoch);
+                return;
+            }
+            Ok(Err(err)) => {
+                session = None;
+                if !failing {
+                    tracing::warn!(error = %err, "cannot confirm the epoch; no send starts until PostgreSQL does");
+                    failing = true;
+                }
+            }
+            Err(_) => {
+                // A silent connection (a stalled path): start afresh next time.
+                session = None;
+                if !failing {
+                    tracing::warn!(
+                        timeout_ms = timing.window.as_millis() as u64,
+                        "PostgreSQL did not confirm the epoch in time; no send starts until it does"
+                    );
+                    failing = true;
+                }
+            }
+        }
+        let failing_for = last_confirmed.elapsed();
+        if failing && failing_for >= timing.resign_after {
+            leadership.report_database_lost(&term, failing_for);
+            return;
+        }
+        tokio::time::sleep_until((sent + timing.confirm_every).into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The longest a send lasts with `SMS_API_TIMEOUT` = `timeout` (the provider
+    /// client's own bound, not a number made up here).
+    fn longest_send(timeout: Duration) -> Duration {
+        crate::provider::ProviderClient::longest_exchange(timeout)
+    }
+
+    #[test]
+    fn defaults_give_a_one_second_fence_and_a_nine_second_rescue() {
+        let timing = FenceTiming::for_lease(Duration::from_secs(15));
+        assert_eq!(timing.window, Duration::from_secs(1));
+        assert_eq!(timing.confirm_every, Duration::from_millis(250));
+        assert_eq!(timing.resign_after, Duration::from_secs(30));
+        assert_eq!(
+            timing.rescue_wait(longest_send(Duration::from_secs(6))),
+            Duration::from_millis(9_100)
+        );
+    }
+
+    /// The rescue argument of the module documentation, played out on a timeline for
+    /// many TTLs and provider timeouts: the old leader's last confirmation query leaves
+    /// just before the bump commits, its last send starts at the very end of that
+    /// confirmation's window and lasts as long as a send can. The rescue comes later,
+    /// by at least the margin, whatever the lease TTL is.
+    #[test]
+    fn the_rescue_starts_after_the_last_possible_send_of_an_older_epoch_ends() {
+        for ttl_ms in [400, 1_000, 2_000, 8_000, 15_000, 20_000, 36_000, 120_000] {
+            for timeout_ms in [100, 1_000, 2_000, 6_000, 30_000] {
+                let ttl = Duration::from_millis(ttl_ms);
+                let timeout = Duration::from_millis(timeout_ms);
+                let timing = FenceTiming::for_lease(ttl);
+                let bump_commit = Duration::from_secs(1_000);
+                let last_confirmation_sent = bump_commit - Duration::from_nanos(1);
+                let last_send_start = last_confirmation_sent + timing.window;
+                let last_send_end = last_send_start + longest_send(timeout);
+                let rescue = bump_commit + timing.rescue_wait(longest_send(timeout));
+                assert!(
+                    rescue >= last_send_end + RESCUE_MARGIN,
+                    "ttl {ttl:?} timeout {timeout:?}: rescue at {rescue:?}, last send ends {last_send_end:?}"
+                );
+            }
+        }
+    }
+
+    /// A healthy leader's fence never lapses between confirmations (at least three
+    /// more readings fit in a window), and a leader resigns for PostgreSQL only after
+    /// its lease could have been renewed several times: a blip does not move
+    /// leadership.
+    #[test]
+    fn confirmations_overlap_and_resigning_takes_longer_than_a_lease() {
+        for ttl_ms in [400, 1_000, 2_000, 8_000, 15_000, 60_000] {
+            let ttl = Duration::from_millis(ttl_ms);
+            let timing = FenceTiming::for_lease(ttl);
+            assert!(timing.confirm_every * 4 <= timing.window, "{timing:?}");
+            assert!(timing.window <= ttl / 3 || timing.window == Duration::from_millis(100));
+            assert!(timing.resign_after > ttl, "{timing:?}");
+        }
+    }
+}
