@@ -610,7 +610,7 @@ def sql_drift() -> list[str]:
         consts["SET_LAST_BATCH_AT"] = _sql_norm(m.group(1))
     claim = set(_script_statements(SCRIPTS / "bench" / "claim.sql"))
     mark = set(_script_statements(SCRIPTS / "bench" / "mark.sql"))
-    wanted = {"LOCK_FENCE": claim, "READ_SCHEDULE": claim, "RESCUE": claim, "CLAIM": claim,
+    wanted = {"LOCK_FENCE": claim, "READ_SCHEDULE": claim, "CLAIM": claim,
               "SET_LAST_BATCH_AT": claim, "CLOSE_BATCH": claim, "MARK_SENT": mark}
     drift = []
     for name, statements in wanted.items():
@@ -634,12 +634,14 @@ def pg_reference(concurrency: int, n: int, batch: int, ttl_s: float, timeout_s: 
     psql("UPDATE dispatcher_leader SET epoch = 1, holder = 'pgbench', acquired_at = now(); "
          "UPDATE dispatcher_control SET running = true", db)
     seed(n, db)
-    margin = 5.0
     claims = math.ceil(n / batch)
+    # The fence window as the service derives it from the TTL (src/leadership/fence.rs);
+    # batches are closed here, so it only enters the schedule's arithmetic.
+    window_ms = min(max(int(ttl_s * 1000) // 3, 100), 1000)
     claim = pgbench(["-c", "1", "-j", "1", "-t", str(claims),
-                     "-D", f"batch={batch}", "-D", "interval_ms=0", "-D", "epoch=1",
-                     "-D", f"claim_age_ms={int((timeout_s + ttl_s + margin) * 1000)}",
-                     "-D", f"term_age_ms={int((timeout_s + margin) * 1000)}", "-D", "replica=pgbench",
+                     "-D", f"batch={batch}", "-D", "interval_ms=0", "-D", f"window_ms={window_ms}",
+                     "-D", "epoch=1", "-D", "replica=pgbench", "-D", "token=42",
+                     "-D", "ages={0,1000,2000}",
                      "-f", str(SCRIPTS / "bench" / "claim.sql")], db)
     sending = int(psql("SELECT count(*) FROM messages WHERE status = 'sending' AND claim_epoch = 1", db))
     if sending != n:

@@ -47,6 +47,12 @@ enum Command {
         /// Delay before each answer, in milliseconds.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
+        /// Share of requests answered after --slow-ms instead (0.0 to 1.0).
+        #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+        slow_rate: f64,
+        /// Delay of the slow share, in milliseconds.
+        #[arg(long, default_value_t = 1500)]
+        slow_ms: u64,
         /// Require this token (as `Authorization: Bearer <token>`, or in --auth-header).
         #[arg(long)]
         token: Option<String>,
@@ -83,6 +89,8 @@ impl Cli {
                 port,
                 fail_rate,
                 latency_ms,
+                slow_rate,
+                slow_ms,
                 token,
                 auth_header,
             } => {
@@ -91,6 +99,8 @@ impl Cli {
                     port,
                     fail_rate,
                     latency: Duration::from_millis(latency_ms),
+                    slow_rate,
+                    slow_latency: Duration::from_millis(slow_ms),
                     token,
                     auth_header,
                 };

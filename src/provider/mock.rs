@@ -23,6 +23,10 @@ pub struct MockOptions {
     /// Share of requests answered 500 without being accepted (0.0–1.0).
     pub fail_rate: f64,
     pub latency: Duration,
+    /// Share of requests that take `slow_latency` instead of `latency` (0.0–1.0): a
+    /// latency mix with a slow tail, for long batches.
+    pub slow_rate: f64,
+    pub slow_latency: Duration,
     /// When set, requests must carry it (`Authorization: Bearer <token>`, or in
     /// `auth_header` when that is set).
     pub token: Option<String>,
@@ -52,9 +56,19 @@ struct Stats {
     rejected: u64,
 }
 
+/// One request as it arrived, whatever its answer: the oracle for the rate limit,
+/// which counts every send, accepted or not.
+#[derive(Debug, Clone, Serialize)]
+struct Arrival {
+    key: String,
+    at_us: i64,
+    status: u16,
+}
+
 #[derive(Default)]
 struct Ledger {
     deliveries: HashMap<String, Delivery>,
+    arrivals: Vec<Arrival>,
     stats: Stats,
 }
 
@@ -135,6 +149,10 @@ fn routes(
             *lock(&ledger) = Ledger::default();
             StatusCode::NO_CONTENT.into_response()
         });
+    let requests = warp::path!("requests")
+        .and(warp::get())
+        .and(with_ledger.clone())
+        .map(|ledger: Shared| json(&lock(&ledger).arrivals).into_response());
     let stats = warp::path!("stats")
         .and(warp::get())
         .and(with_ledger)
@@ -144,6 +162,8 @@ fn routes(
         .map(|| json(&serde_json::json!({"status": "ok"})).into_response());
 
     send.or(deliveries)
+        .unify()
+        .or(requests)
         .unify()
         .or(reset)
         .unify()
@@ -166,17 +186,39 @@ fn routes(
         .unify()
 }
 
+/// Answers one request and logs its arrival (time, key, status) for `/requests`.
 async fn send(
     headers: &warp::http::HeaderMap,
     body: &[u8],
     ledger: &Shared,
     options: &MockOptions,
 ) -> Response {
+    // When the request arrived, before any injected latency: when a real provider saw it.
+    let now = Utc::now();
+    let response = answer(headers, body, ledger, options, now).await;
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    lock(ledger).arrivals.push(Arrival {
+        key,
+        at_us: now.timestamp_micros(),
+        status: response.status().as_u16(),
+    });
+    response
+}
+
+async fn answer(
+    headers: &warp::http::HeaderMap,
+    body: &[u8],
+    ledger: &Shared,
+    options: &MockOptions,
+    now: DateTime<Utc>,
+) -> Response {
     let reply = |status: StatusCode, value: serde_json::Value| {
         with_status(json(&value), status).into_response()
     };
-    // When the request arrived, before any injected latency: when a real provider saw it.
-    let now = Utc::now();
     lock(ledger).stats.requests += 1;
     if let Some(token) = &options.token {
         let presented = match &options.auth_header {
@@ -198,8 +240,13 @@ async fn send(
             );
         }
     }
-    if !options.latency.is_zero() {
-        tokio::time::sleep(options.latency).await;
+    let latency = if options.slow_rate > 0.0 && rand::random::<f64>() < options.slow_rate {
+        options.slow_latency
+    } else {
+        options.latency
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
     }
     if options.fail_rate > 0.0 && rand::random::<f64>() < options.fail_rate {
         lock(ledger).stats.injected_failures += 1;
