@@ -20,45 +20,15 @@ use tracing::Instrument;
 use crate::cache::DeliveryCache;
 use crate::config::Config;
 use crate::dispatch::{DispatchSettings, Dispatcher};
-use crate::leadership::{self, FenceTiming, Leadership, RedisLease};
+use crate::leadership::{self, FenceTiming, Leadership};
 use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
 use crate::retry::connect_backoff;
+use crate::state::{AppState, HEARTBEAT_INTERVAL};
 use crate::store::queue::{RescuePolicy, Schedule};
 use crate::store::{Store, StoreError};
 use crate::version::BUILD;
-use crate::{health, http, redis};
-
-/// How often a replica checks its dependencies and refreshes its registry heartbeat.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
-/// A replica whose heartbeat is older than this is not listed as live.
-pub const LIVE_WITHIN: Duration = Duration::from_secs(10);
-
-/// What the HTTP handlers share.
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub store: Store,
-    pub redis: Client,
-    pub cache: DeliveryCache,
-    pub leadership: Arc<Leadership>,
-    pub metrics: Arc<Metrics>,
-    /// Set once migrations are applied (or found applied) and AUTO_START is settled.
-    pub schema_ready: AtomicBool,
-    /// Cancelled when shutdown begins; readiness answers 503 from then on.
-    pub shutdown: CancellationToken,
-    /// Pokes the dispatcher (new messages, start, config change).
-    pub wake: Arc<Notify>,
-}
-
-impl AppState {
-    /// The batch size and interval in force: configured values unless overridden.
-    pub fn configured_schedule(&self) -> Schedule {
-        Schedule {
-            batch_size: self.config.dispatch.batch_size,
-            interval: self.config.dispatch.interval,
-        }
-    }
-}
+use crate::{dependencies, http, redis};
 
 pub struct Replica {
     listener: TcpListener,
@@ -159,12 +129,21 @@ impl Replica {
         tasks.spawn(housekeeping(state.clone()).in_current_span());
 
         let resign = CancellationToken::new();
+        let campaign = leadership::Campaign {
+            lock: config.lock.clone(),
+            replica_id: config.replica_id.clone(),
+            store: state.store.clone(),
+            redis: state.redis.clone(),
+            subscriber,
+            leadership: state.leadership.clone(),
+            metrics: state.metrics.clone(),
+        };
         let elector_task = tokio::spawn(
-            run_elector(
-                state.clone(),
-                subscriber,
+            leadership::campaign::run(
+                campaign,
                 schema_rx,
                 resign.clone(),
+                shutdown.clone(),
                 tasks.clone(),
             )
             .in_current_span(),
@@ -296,8 +275,8 @@ async fn prepare_database(
 async fn housekeeping(state: Arc<AppState>) {
     let mut database_up = true;
     loop {
-        let deps = health::check(&state.store, &state.redis, &state.metrics).await;
-        let up = deps.database == health::Status::Healthy;
+        let deps = dependencies::check(&state.store, &state.redis, &state.metrics).await;
+        let up = deps.database == dependencies::Status::Healthy;
         if up != database_up {
             if up {
                 tracing::info!("PostgreSQL answers again");
@@ -326,94 +305,4 @@ async fn housekeeping(state: Arc<AppState>) {
             () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
         }
     }
-}
-
-/// Starts the elector for the configured mode once the schema exists.
-async fn run_elector(
-    state: Arc<AppState>,
-    subscriber: Option<SubscriberClient>,
-    mut schema_ready: watch::Receiver<bool>,
-    resign: CancellationToken,
-    tasks: TaskTracker,
-) {
-    tokio::select! {
-        ready = schema_ready.wait_for(|ready| *ready) => if ready.is_err() { return },
-        () = resign.cancelled() => return,
-    }
-    let config = &state.config;
-    if !config.lock.enabled {
-        leadership::run_single_replica(
-            state.store.clone(),
-            state.leadership.clone(),
-            config.replica_id.clone(),
-            FenceTiming::for_lease(config.lock.ttl),
-            resign,
-        )
-        .await;
-        return;
-    }
-    let lease = RedisLease::new(
-        state.redis.clone(),
-        config.lock.key.clone(),
-        config.lock.ttl,
-    );
-    let released = Arc::new(Notify::new());
-    if let Some(subscriber) = subscriber {
-        tasks.spawn(
-            listen_for_releases(
-                subscriber,
-                lease.release_channel(),
-                released.clone(),
-                state.shutdown.clone(),
-            )
-            .in_current_span(),
-        );
-    }
-    let elector = leadership::Elector {
-        lease,
-        timing: leadership::LeaseTiming {
-            ttl: config.lock.ttl,
-            retry_interval: config.lock.retry_interval,
-        },
-        store: state.store.clone(),
-        leadership: state.leadership.clone(),
-        metrics: state.metrics.clone(),
-        replica_id: config.replica_id.clone(),
-        released,
-        fence: FenceTiming::for_lease(config.lock.ttl),
-    };
-    leadership::run_redis_elector(elector, resign).await;
-}
-
-/// Forwards "leader released the lock" announcements to the elector.
-async fn listen_for_releases(
-    subscriber: SubscriberClient,
-    channel: String,
-    released: Arc<Notify>,
-    shutdown: CancellationToken,
-) {
-    if !redis::connect(&subscriber, "subscriber", &shutdown).await {
-        return;
-    }
-    let _resubscriber = subscriber.manage_subscriptions();
-    let mut messages = subscriber.message_rx();
-    let subscribe = || subscriber.subscribe(channel.clone());
-    let subscribed = tokio::select! {
-        result = subscribe.retry(connect_backoff()) => result.is_ok(),
-        () = shutdown.cancelled() => false,
-    };
-    if !subscribed {
-        return;
-    }
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            message = messages.recv() => match message {
-                Ok(_) => released.notify_one(),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => released.notify_one(),
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-            },
-        }
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(1), subscriber.quit()).await;
 }

@@ -4,22 +4,24 @@
 //! Layout follows the architecture: [`config`] reads the environment, [`store`] owns
 //! PostgreSQL (queue, fence, control), [`leadership`] elects with a Redis lease and
 //! fences with the epoch, [`dispatch`] claims, sends and records, [`provider`] talks to
-//! the SMS API (and mocks it), [`http`] serves the API, [`app`] wires one replica.
+//! the SMS API (and mocks it), [`http`] serves the API from the shared [`state`],
+//! [`dependencies`] probes PostgreSQL and Redis, [`app`] wires one replica.
 
 pub mod app;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod dependencies;
 pub mod dispatch;
 pub mod domain;
 pub mod duration;
-pub mod health;
 pub mod http;
 pub mod leadership;
 pub mod metrics;
 pub mod provider;
 pub mod redis;
 pub mod retry;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod version;

@@ -10,7 +10,7 @@ use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
 use super::{State, json, with_state};
-use crate::health::{self, Status};
+use crate::dependencies::{self, Status};
 use crate::version::BUILD;
 
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
@@ -48,13 +48,13 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
 /// be dispatched or recorded without it; `degraded` when Redis is down (no leader can
 /// be proven, the API still works).
 async fn health(state: State) -> Response {
-    let deps = health::check(&state.store, &state.redis, &state.metrics).await;
+    let deps = dependencies::check(&state.store, &state.redis, &state.metrics).await;
     let (status, code) = match deps {
-        health::Dependencies {
+        dependencies::Dependencies {
             database: Status::Unhealthy,
             ..
         } => ("unhealthy", StatusCode::SERVICE_UNAVAILABLE),
-        health::Dependencies {
+        dependencies::Dependencies {
             redis: Status::Unhealthy,
             ..
         } => ("degraded", StatusCode::OK),
@@ -100,7 +100,7 @@ async fn ready(state: State) -> Response {
 /// (bounded), as are the dependency gauges; if PostgreSQL does not answer, the last
 /// queue values stay and `dependency_up` says why.
 async fn metrics(state: State) -> Response {
-    health::check(&state.store, &state.redis, &state.metrics).await;
+    dependencies::check(&state.store, &state.redis, &state.metrics).await;
     if state.schema_ready.load(Ordering::Acquire) {
         if let Ok(Ok(stats)) =
             tokio::time::timeout(Duration::from_secs(2), state.store.queue_stats()).await

@@ -26,28 +26,28 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .and(with_state(state.clone()))
         .and(query)
         .then(|state: State, query: HashMap<String, String>| async move {
-            respond(list_sent(state, query).await)
+            respond(list_sent(state, query)).await
         });
     let list = warp::path!("messages")
         .and(warp::get())
         .and(with_state(state.clone()))
         .and(query)
         .then(|state: State, query: HashMap<String, String>| async move {
-            respond(list(state, query).await)
+            respond(list(state, query)).await
         });
     let create = warp::path!("messages")
         .and(warp::post())
         .and(with_state(state.clone()))
         .and(body::json_value())
-        .then(|state: State, body: Value| async move { respond(create(state, body).await) });
+        .then(|state: State, body: Value| async move { respond(create(state, body)).await });
     let get = warp::path!("messages" / i64)
         .and(warp::get())
         .and(with_state(state.clone()))
-        .then(|id: i64, state: State| async move { respond(get(state, id).await) });
+        .then(|id: i64, state: State| async move { respond(get(state, id)).await });
     let retry = warp::path!("messages" / i64 / "retry")
         .and(warp::post())
         .and(with_state(state))
-        .then(|id: i64, state: State| async move { respond(retry(state, id).await) });
+        .then(|id: i64, state: State| async move { respond(retry(state, id)).await });
     sent.or(list)
         .unify()
         .or(create)

@@ -11,10 +11,10 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::{ApiError, State, body, json, respond, with_state};
-use crate::app::LIVE_WITHIN;
 use crate::config::MAX_BATCH_SIZE;
 use crate::duration;
 use crate::leadership::FenceTiming;
+use crate::state::LIVE_WITHIN;
 use crate::store::control::{ControlRecord, OverrideChange};
 use crate::store::queue::Schedule;
 
@@ -22,20 +22,20 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     let start = warp::path!("messaging" / "start")
         .and(warp::post())
         .and(with_state(state.clone()))
-        .then(|state: State| async move { respond(set_running(state, true).await) });
+        .then(|state: State| async move { respond(set_running(state, true)).await });
     let stop = warp::path!("messaging" / "stop")
         .and(warp::post())
         .and(with_state(state.clone()))
-        .then(|state: State| async move { respond(set_running(state, false).await) });
+        .then(|state: State| async move { respond(set_running(state, false)).await });
     let status = warp::path!("messaging" / "status")
         .and(warp::get())
         .and(with_state(state.clone()))
-        .then(|state: State| async move { respond(status(state).await) });
+        .then(|state: State| async move { respond(status(state)).await });
     let config = warp::path!("messaging" / "config")
         .and(warp::put())
         .and(with_state(state))
         .and(body::json_value())
-        .then(|state: State, body: Value| async move { respond(update_config(state, body).await) });
+        .then(|state: State, body: Value| async move { respond(update_config(state, body)).await });
     start
         .or(stop)
         .unify()

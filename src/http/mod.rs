@@ -15,6 +15,7 @@ mod serve;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use warp::Filter;
@@ -25,7 +26,7 @@ use warp::reply::{Reply, Response};
 pub use error::ApiError;
 pub use serve::serve;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 type State = Arc<AppState>;
 
@@ -92,9 +93,21 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     warp::reply::with_status(warp::reply::json(body), status).into_response()
 }
 
-/// Turns a handler result into a response.
-fn respond(result: Result<Response, ApiError>) -> Response {
-    result.unwrap_or_else(ApiError::into_response)
+/// How long an API handler may take. PostgreSQL that stops answering (a stalled
+/// network path) must not hold a client forever: it gets a 503 and can retry.
+const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a handler (bounded by [`HANDLER_TIMEOUT`]) and turns its result into a
+/// response.
+async fn respond(handler: impl Future<Output = Result<Response, ApiError>>) -> Response {
+    match tokio::time::timeout(HANDLER_TIMEOUT, handler).await {
+        Ok(result) => result.unwrap_or_else(ApiError::into_response),
+        Err(_) => ApiError::Unavailable(format!(
+            "PostgreSQL did not answer within {}s; try again shortly",
+            HANDLER_TIMEOUT.as_secs()
+        ))
+        .into_response(),
+    }
 }
 
 /// When `API_TOKEN` is set, requires `Authorization: Bearer <token>`, compared in

@@ -8,6 +8,7 @@
 //! leader that was paused past either stops by itself the moment it runs again,
 //! whatever its other tasks are doing.
 
+pub mod campaign;
 mod elector;
 pub mod fence;
 mod lease;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, watch};
 
+pub use campaign::Campaign;
 pub use elector::{Elector, LeaseTiming, run_redis_elector, run_single_replica};
 pub use fence::FenceTiming;
 pub use lease::RedisLease;

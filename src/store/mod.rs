@@ -23,6 +23,9 @@ use crate::config::{DatabaseConfig, DbSslMode};
 /// unavailable.
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A connection whose sent data stays unacknowledged this long is closed by the kernel.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Errors of the storage layer. `Unavailable` means "try again later" (the database
 /// could not be reached); `Query` is a statement the server refused.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +134,13 @@ impl Store {
                 config.idle_in_transaction_timeout.as_millis().max(1000)
             ))
             .connect_timeout(Duration::from_secs(3))
-            .keepalives_idle(Duration::from_secs(10));
+            // A dead peer or a black-holed path ends the connection (and with it a
+            // query waiting on it) within seconds, not at the kernel's defaults of
+            // minutes: idle connections are probed, unacknowledged writes time out.
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .tcp_user_timeout(TCP_USER_TIMEOUT);
         match config.ssl_mode {
             DbSslMode::Disable if config.url.is_some() => {} // the URL's own sslmode applies
             DbSslMode::Disable => {

@@ -1,4 +1,5 @@
-//! Dependency health: what `/health`, readiness and `dispatcher_dependency_up` report.
+//! Probes of the dependencies (PostgreSQL, Redis): what `/health`, readiness and
+//! `dispatcher_dependency_up` report. The routes that serve them are `http::health`.
 
 use std::time::Duration;
 
