@@ -125,12 +125,15 @@ impl Dispatcher {
         halted: &AtomicBool,
     ) -> Fate {
         loop {
-            if halted.load(Ordering::Acquire) {
+            // Shutdown first, always: a permit that is ready at the same moment must
+            // not win the race (select! picks at random among ready branches).
+            if halted.load(Ordering::Acquire) || shutdown.is_cancelled() {
                 return Fate::NotStarted;
             }
             let permit = tokio::select! {
-                permit = term.send_permit() => permit,
+                biased;
                 () = shutdown.cancelled() => return Fate::NotStarted,
+                permit = term.send_permit() => permit,
             };
             if permit != Permit::Granted {
                 if !halted.swap(true, Ordering::AcqRel) {
@@ -142,8 +145,9 @@ impl Dispatcher {
                 Ok(()) => break,
                 // Asks again after the wait: the permit may have lapsed meanwhile.
                 Err(free_at) => tokio::select! {
-                    () = tokio::time::sleep_until(free_at.into()) => {}
+                    biased;
                     () = shutdown.cancelled() => return Fate::NotStarted,
+                    () = tokio::time::sleep_until(free_at.into()) => {}
                 },
             }
         }
