@@ -297,12 +297,20 @@ def main() -> int:
         dep = by_kind(objs, "Deployment")[0]
         check("topologySpreadConstraints" not in dep["spec"]["template"]["spec"], "single-replica: no spread constraint")
 
+    def expect_sentinel(objs, f):
+        check(f["config"].get("REDIS_SENTINELS", "").count(":26379") == 3, "sentinel: REDIS_SENTINELS in the ConfigMap")
+        check(f["config"].get("REDIS_SENTINEL_SERVICE") == "mymaster", "sentinel: REDIS_SENTINEL_SERVICE in the ConfigMap")
+        secret = by_kind(objs, "Secret", hook=False)[0]
+        check("REDIS_SENTINEL_PASSWORD" in (secret.get("data") or {}), "sentinel: the sentinels' password in the Secret")
+        check("REDIS_SENTINEL_PASSWORD" not in f["config"], "sentinel: no password in the ConfigMap")
+
     scenarios = [
         ("default", [], [], expect_default),
         ("existing-secret", [os.path.join(ci, "existing-secret-values.yaml")], [], expect_existing),
         ("servicemonitor", [os.path.join(ci, "servicemonitor-values.yaml")], ["monitoring.coreos.com/v1"], expect_sm),
         ("servicemonitor-without-crd", [os.path.join(ci, "servicemonitor-values.yaml")], [], expect_sm_no_crd),
         ("single-replica", [os.path.join(ci, "single-replica-values.yaml")], [], expect_single),
+        ("sentinel", [os.path.join(ci, "sentinel-values.yaml")], [], expect_sentinel),
     ]
     ci_files = sorted(f for f in os.listdir(ci) if f.endswith(".yaml"))
     covered = {os.path.basename(f) for _, files, _, _ in scenarios for f in files}
@@ -320,6 +328,7 @@ def main() -> int:
         "short-grace-period.yaml": "terminationGracePeriodSeconds",
         "lock-ttl-too-short.yaml": "DISTRIBUTED_LOCK_TTL",
         "lockless-multi-replica.yaml": "DISTRIBUTED_LOCK_ENABLED",
+        "bad-sentinels.yaml": "REDIS_SENTINELS",
     }
     check(sorted(os.listdir(invalid_dir)) == sorted(must_mention),
           f"ci/invalid holds exactly the expected files ({sorted(os.listdir(invalid_dir))})")

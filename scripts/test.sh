@@ -6,7 +6,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
-ensure_packages pg:postgresql redis-server:redis-server redis-cli:redis-tools promtool:prometheus openssl:openssl
+ensure_packages pg:postgresql redis-server:redis-server redis-cli:redis-tools redis-sentinel:redis-sentinel promtool:prometheus openssl:openssl
 command -v cargo >/dev/null || die "cargo is required (https://rustup.rs)"
 
 if cargo nextest --version >/dev/null 2>&1; then

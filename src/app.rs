@@ -107,6 +107,7 @@ impl Replica {
             version = BUILD.version,
             commit = BUILD.commit,
             lock_enabled = config.lock.enabled,
+            leader_eligible = config.leader_eligible,
             batch_size = config.dispatch.batch_size,
             interval = %crate::duration::format(config.dispatch.interval),
             "replica starting"
@@ -131,6 +132,7 @@ impl Replica {
         let resign = CancellationToken::new();
         let campaign = leadership::Campaign {
             lock: config.lock.clone(),
+            eligible: config.leader_eligible,
             replica_id: config.replica_id.clone(),
             store: state.store.clone(),
             redis: state.redis.clone(),

@@ -97,6 +97,18 @@ pub struct RedisConfig {
     pub port: u16,
     pub password: Secret,
     pub db: u8,
+    /// Redis behind Sentinel: the sentinels are asked where the primary is.
+    pub sentinel: Option<SentinelConfig>,
+}
+
+/// `REDIS_SENTINELS`, `REDIS_SENTINEL_SERVICE`, `REDIS_SENTINEL_PASSWORD`.
+#[derive(Debug, Clone)]
+pub struct SentinelConfig {
+    pub hosts: Vec<(String, u16)>,
+    /// The master name the sentinels monitor.
+    pub service: String,
+    /// The sentinels' own password (`requirepass` of the sentinels), if any.
+    pub password: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +156,8 @@ pub struct Config {
     pub auto_migrate: bool,
     pub api_token: Option<Secret>,
     pub replica_id: String,
+    /// false: serve the API, never campaign for leadership.
+    pub leader_eligible: bool,
 }
 
 /// The raw environment, every variable as optional text (envy lower-cases the names).
@@ -162,6 +176,9 @@ struct RawEnv {
     redis_port: Option<String>,
     redis_password: Option<String>,
     redis_db: Option<String>,
+    redis_sentinels: Option<String>,
+    redis_sentinel_service: Option<String>,
+    redis_sentinel_password: Option<String>,
     server_port: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
@@ -188,6 +205,7 @@ struct RawEnv {
     auto_migrate: Option<String>,
     api_token: Option<String>,
     replica_id: Option<String>,
+    leader_eligible: Option<String>,
 }
 
 /// Upper bound on `BATCH_SIZE`: a batch is claimed in one transaction and held in memory.
@@ -260,7 +278,18 @@ impl Config {
             port: number("REDIS_PORT", raw.redis_port, 6379)?,
             password: Secret::new(raw.redis_password.unwrap_or_default()),
             db: number("REDIS_DB", raw.redis_db, 0)?,
+            sentinel: sentinel_config(
+                raw.redis_sentinels,
+                raw.redis_sentinel_service,
+                raw.redis_sentinel_password,
+            )?,
         };
+        if redis.sentinel.is_some() && redis.url.is_some() {
+            return Err(ConfigError::new(
+                "REDIS_SENTINELS",
+                "set either REDIS_SENTINELS (with REDIS_SENTINEL_SERVICE) or REDIS_URL, not both",
+            ));
+        }
         if let Some(url) = &redis.url {
             fred::types::config::Config::from_url(url.expose()).map_err(|err| {
                 ConfigError::new("REDIS_URL", format!("not a Redis URL ({})", err.details()))
@@ -374,6 +403,7 @@ impl Config {
             auto_migrate: boolean("AUTO_MIGRATE", raw.auto_migrate, true)?,
             api_token: raw.api_token.map(Secret::new),
             replica_id,
+            leader_eligible: boolean("LEADER_ELIGIBLE", raw.leader_eligible, true)?,
         })
     }
 }
@@ -465,6 +495,52 @@ fn nonzero_duration(
     Ok(parsed)
 }
 
+/// `host:port,host:port` and the service name; both or neither.
+fn sentinel_config(
+    sentinels: Option<String>,
+    service: Option<String>,
+    password: Option<String>,
+) -> Result<Option<SentinelConfig>, ConfigError> {
+    let Some(list) = sentinels else {
+        if service.is_some() {
+            return Err(ConfigError::new(
+                "REDIS_SENTINEL_SERVICE",
+                "is set but REDIS_SENTINELS is not",
+            ));
+        }
+        return Ok(None);
+    };
+    let mut hosts = Vec::new();
+    for entry in list.split(',').map(str::trim) {
+        let parsed = entry
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty() && !host.contains(char::is_whitespace))
+            .and_then(|(host, port)| Some((host.to_string(), port.parse::<u16>().ok()?)))
+            .filter(|(_, port)| *port > 0);
+        match parsed {
+            Some(host) => hosts.push(host),
+            None => {
+                return Err(ConfigError::new(
+                    "REDIS_SENTINELS",
+                    format!("{entry:?} is not host:port (expected host:port,host:port,...)"),
+                ));
+            }
+        }
+    }
+    let service = service.map(|s| s.trim().to_string()).unwrap_or_default();
+    if service.is_empty() {
+        return Err(ConfigError::new(
+            "REDIS_SENTINEL_SERVICE",
+            "is required with REDIS_SENTINELS (the master name the sentinels monitor)",
+        ));
+    }
+    Ok(Some(SentinelConfig {
+        hosts,
+        service,
+        password: password.map(Secret::new),
+    }))
+}
+
 fn db_ssl_mode(value: Option<String>) -> Result<DbSslMode, ConfigError> {
     match value.as_deref().map(str::trim) {
         None | Some("disable") => Ok(DbSslMode::Disable),
@@ -513,10 +589,60 @@ mod tests {
             ("SMS_API_URL", "ftp://x"),
             ("AUTO_START", "perhaps"),
             ("SEND_CONCURRENCY", "0"),
+            ("LEADER_ELIGIBLE", "sometimes"),
+            ("REDIS_SENTINELS", "no-port"),
+            ("REDIS_SENTINEL_SERVICE", "mymaster"),
         ];
         for (variable, value) in cases {
             let err = config(&[(variable, value)]).unwrap_err();
             assert_eq!(err.variable, variable, "{err}");
+        }
+    }
+
+    #[test]
+    fn sentinels_need_a_service_and_host_port_pairs() {
+        let ok = config(&[
+            ("REDIS_SENTINELS", "s1:26379, 10.0.0.2:26380"),
+            ("REDIS_SENTINEL_SERVICE", "mymaster"),
+            ("REDIS_SENTINEL_PASSWORD", "hunter2"),
+        ])
+        .unwrap();
+        let sentinel = ok.redis.sentinel.as_ref().unwrap();
+        assert_eq!(
+            sentinel.hosts,
+            vec![("s1".to_string(), 26379), ("10.0.0.2".to_string(), 26380)]
+        );
+        assert!(!format!("{ok:?}").contains("hunter2"));
+        for (vars, variable) in [
+            (
+                vec![("REDIS_SENTINELS", "s1:26379")],
+                "REDIS_SENTINEL_SERVICE",
+            ),
+            (
+                vec![("REDIS_SENTINELS", "s1:0"), ("REDIS_SENTINEL_SERVICE", "m")],
+                "REDIS_SENTINELS",
+            ),
+            (
+                vec![
+                    ("REDIS_SENTINELS", "s1:26379,"),
+                    ("REDIS_SENTINEL_SERVICE", "m"),
+                ],
+                "REDIS_SENTINELS",
+            ),
+            (
+                vec![("REDIS_SENTINEL_SERVICE", "m")],
+                "REDIS_SENTINEL_SERVICE",
+            ),
+            (
+                vec![
+                    ("REDIS_SENTINELS", "s1:26379"),
+                    ("REDIS_SENTINEL_SERVICE", "m"),
+                    ("REDIS_URL", "redis://x"),
+                ],
+                "REDIS_SENTINELS",
+            ),
+        ] {
+            assert_eq!(config(&vars).unwrap_err().variable, variable, "{vars:?}");
         }
     }
 

@@ -19,9 +19,24 @@ use crate::retry::connect_backoff;
 
 /// Builds the fred configuration from `REDIS_URL` or the parts.
 fn fred_config(config: &RedisConfig) -> anyhow::Result<FredConfig> {
-    let mut fred = match &config.url {
-        Some(url) => FredConfig::from_url(url.expose())?,
-        None => FredConfig {
+    let mut fred = match (&config.sentinel, &config.url) {
+        (Some(sentinel), _) => FredConfig {
+            server: ServerConfig::Sentinel {
+                hosts: sentinel
+                    .hosts
+                    .iter()
+                    .map(|(host, port)| Server::new(host.clone(), *port))
+                    .collect(),
+                service_name: sentinel.service.clone(),
+                username: None,
+                password: sentinel.password.as_ref().map(|p| p.expose().to_string()),
+            },
+            password: (!config.password.is_empty()).then(|| config.password.expose().to_string()),
+            database: Some(config.db),
+            ..FredConfig::default()
+        },
+        (None, Some(url)) => FredConfig::from_url(url.expose())?,
+        (None, None) => FredConfig {
             server: ServerConfig::Centralized {
                 server: Server::new(config.host.clone(), config.port),
             },

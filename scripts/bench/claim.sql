@@ -13,7 +13,7 @@ SELECT coalesce(c.running, false) AS running,
        s.interval_ms,
        ceil(extract(epoch FROM (
             CASE WHEN l.batch_open
-                 THEN greatest(l.last_batch_at, l.acquired_at + :window_ms::bigint * interval '1 millisecond')
+                 THEN greatest(l.last_batch_at, coalesce(l.quiet_at, l.acquired_at + :window_ms::bigint * interval '1 millisecond'))
                  ELSE l.last_batch_at
             END + s.interval_ms * interval '1 millisecond' - clock_timestamp())) * 1000)::bigint AS wait_ms,
        ARRAY(SELECT (extract(epoch FROM clock_timestamp() - r) * 1000000)::bigint

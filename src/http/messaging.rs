@@ -134,6 +134,7 @@ async fn status(state: State) -> Result<Response, ApiError> {
             "config": schedule_json(state.configured_schedule(), &control),
             "this_replica": {
                 "replica_id": state.config.replica_id,
+                "eligible": state.config.leader_eligible,
                 "leader": term.is_some(),
                 "epoch": term.map(|t| t.epoch.0),
             },

@@ -26,6 +26,8 @@ use crate::store::Store;
 /// What one replica's campaign needs.
 pub struct Campaign {
     pub lock: LockConfig,
+    /// `LEADER_ELIGIBLE`: false never campaigns.
+    pub eligible: bool,
     pub replica_id: String,
     pub store: Store,
     pub redis: Client,
@@ -48,6 +50,11 @@ pub async fn run(
     tokio::select! {
         ready = schema_ready.wait_for(|ready| *ready) => if ready.is_err() { return },
         () = resign.cancelled() => return,
+    }
+    if !campaign.eligible {
+        tracing::info!("LEADER_ELIGIBLE=false: this replica serves the API and never leads");
+        resign.cancelled().await;
+        return;
     }
     let lock = &campaign.lock;
     let fence = FenceTiming::for_lease(lock.ttl);

@@ -8,11 +8,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::fence::{self, FenceTiming};
-use super::{Leadership, RedisLease, Term};
+use super::{Leadership, RedisLease, Term, takeover};
 use crate::domain::LeaseToken;
 use crate::metrics::Metrics;
 use crate::retry::connect_backoff;
 use crate::store::Store;
+use crate::store::fence::LeaderSession;
 
 /// Timing of the Redis lease.
 #[derive(Debug, Clone, Copy)]
@@ -62,18 +63,41 @@ enum TermEnd {
 
 /// Starts the fence keeper of a term that just began; the term must end (and the
 /// returned handle be aborted) before the next one begins.
+/// `session`, when given, already holds the leader lock (a takeover).
 fn spawn_fence_keeper(
     term: &Term,
     store: &Store,
     leadership: &Arc<Leadership>,
     timing: FenceTiming,
+    session: Option<LeaderSession>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(fence::keep(
         term.clone(),
         store.clone(),
         leadership.clone(),
         timing,
+        session,
     ))
+}
+
+/// How a lock was won.
+struct Acquired {
+    token: LeaseToken,
+    /// When the winning attempt started: the lease is measured from then.
+    started: Instant,
+    /// Set when it was taken over from a dead leader: the session holding the leader
+    /// lock, whose term's sends are all over already.
+    session: Option<LeaderSession>,
+}
+
+/// Ends a term's fence session: first the fence row forgets it (so followers do not
+/// take its end for a death), then the session closes, releasing the leader lock.
+async fn close_fence_session(store: &Store, term: &Term, keeper: tokio::task::JoinHandle<()>) {
+    let forget = store.clear_leader_session(term.epoch);
+    if let Ok(Err(err)) = tokio::time::timeout(Duration::from_secs(1), forget).await {
+        tracing::debug!(error = %err, "could not clear the leader session");
+    }
+    keeper.abort();
 }
 
 /// Runs the lease loop until `resign` fires. On resign as leader the lock is released
@@ -81,13 +105,27 @@ fn spawn_fence_keeper(
 pub async fn run_redis_elector(elector: Elector, resign: CancellationToken) {
     let mut redis_ok = true;
     loop {
-        let Some((token, attempt_started)) = elector.acquire(&resign, &mut redis_ok).await else {
+        let Some(acquired) = elector.acquire(&resign, &mut redis_ok).await else {
             return;
         };
+        let Acquired {
+            token,
+            started: attempt_started,
+            session,
+        } = acquired;
         let deadline = attempt_started + elector.timing.ttl - elector.timing.drift();
+        // After a takeover from a dead leader its sends are over already; otherwise
+        // the old leader may start one until a fence window after this bump.
+        let quiet_after = if session.is_some() {
+            Duration::ZERO
+        } else {
+            elector.fence.window
+        };
         let epoch = tokio::time::timeout(
             deadline.saturating_duration_since(Instant::now()),
-            elector.store.bump_epoch(&elector.replica_id),
+            elector
+                .store
+                .start_term(&elector.replica_id, Some(token.as_str()), quiet_after),
         )
         .await;
         let epoch = match epoch {
@@ -113,9 +151,15 @@ pub async fn run_redis_elector(elector: Elector, resign: CancellationToken) {
             continue;
         }
         elector.leadership.begin(term.clone());
-        let keeper = spawn_fence_keeper(&term, &elector.store, &elector.leadership, elector.fence);
+        let keeper = spawn_fence_keeper(
+            &term,
+            &elector.store,
+            &elector.leadership,
+            elector.fence,
+            session,
+        );
         let end = elector.keep(&token, &term, &resign).await;
-        keeper.abort();
+        close_fence_session(&elector.store, &term, keeper).await;
         match end {
             TermEnd::Resigned => {
                 elector.leadership.end(&term, "shutting down");
@@ -142,15 +186,18 @@ pub async fn run_redis_elector(elector: Elector, resign: CancellationToken) {
 
 impl Elector {
     /// Follower loop: try `SET NX` every retry interval (with jitter), or at once when
-    /// the leader announces its release. A replica that cannot reach PostgreSQL does
-    /// not campaign: it could neither fence nor send. Returns the token and when the
-    /// winning attempt started (the lease is measured from then).
-    async fn acquire(
-        &self,
-        resign: &CancellationToken,
-        redis_ok: &mut bool,
-    ) -> Option<(LeaseToken, Instant)> {
+    /// the leader announces its release, or take over the moment the leader's
+    /// PostgreSQL session ends (`leadership::takeover`). A replica that cannot reach
+    /// PostgreSQL does not campaign: it could neither fence nor send.
+    async fn acquire(&self, resign: &CancellationToken, redis_ok: &mut bool) -> Option<Acquired> {
         let mut database_ok = true;
+        let dead_leader = takeover::for_a_dead_leader(
+            &self.store,
+            &self.lease,
+            self.fence,
+            self.timing.retry_interval,
+        );
+        let mut dead_leader = std::pin::pin!(dead_leader);
         loop {
             if resign.is_cancelled() {
                 return None;
@@ -181,7 +228,11 @@ impl Elector {
                         tracing::info!("Redis answers again");
                         *redis_ok = true;
                     }
-                    return Some((token, started));
+                    return Some(Acquired {
+                        token,
+                        started,
+                        session: None,
+                    });
                 }
                 Ok(None) => {
                     self.metrics.lock_op("acquire", "busy");
@@ -202,6 +253,15 @@ impl Elector {
                 () = resign.cancelled() => return None,
                 () = tokio::time::sleep(self.timing.follower_wait()) => {}
                 () = self.released.notified() => {}
+                takeover = &mut dead_leader => {
+                    self.metrics.lock_op("acquire", "ok");
+                    tracing::info!("took the lock over from a dead leader");
+                    return Some(Acquired {
+                        token: takeover.token,
+                        started: takeover.started,
+                        session: Some(takeover.session),
+                    });
+                }
             }
         }
     }
@@ -292,7 +352,7 @@ pub async fn run_single_replica(
     resign: CancellationToken,
 ) {
     loop {
-        let bump = || store.bump_epoch(&replica_id);
+        let bump = || store.start_term(&replica_id, None, fence.window);
         let epoch = tokio::select! {
             () = resign.cancelled() => return,
             result = bump.retry(connect_backoff()).notify(|err, wait| {
@@ -307,11 +367,11 @@ pub async fn run_single_replica(
         };
         let term = Term::unbounded(epoch);
         leadership.begin(term.clone());
-        let keeper = spawn_fence_keeper(&term, &store, &leadership, fence);
+        let keeper = spawn_fence_keeper(&term, &store, &leadership, fence, None);
         loop {
             tokio::select! {
                 () = resign.cancelled() => {
-                    keeper.abort();
+                    close_fence_session(&store, &term, keeper).await;
                     leadership.end(&term, "shutting down");
                     return;
                 }

@@ -37,13 +37,25 @@
 //!
 //! A leader whose confirmations fail for [`FenceTiming::resign_after`] resigns (it
 //! cannot record results either), so that a replica that can reach PostgreSQL leads.
+//!
+//! # The leader lock
+//!
+//! Confirmations run only on the leader's fence session, and that session holds the
+//! leader advisory lock (`store::fence::LEADER_LOCK`) for the whole term. A session
+//! that lost the lock (it ended: the process died, the connection broke) can confirm
+//! nothing more, and a new session must take the lock again first; the current
+//! epoch's leader may end a stale holder's session to get it. So once a follower holds
+//! the lock, the old leader's permits end within one window of its session's end:
+//! what lets `leadership::takeover` replace a crashed leader without waiting for its
+//! Redis lease.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Leadership, Term};
-use crate::store::Store;
-use crate::store::fence::FenceSession;
+use crate::domain::Epoch;
+use crate::store::fence::LeaderSession;
+use crate::store::{Store, StoreError};
 
 /// Added to the rescue wait for clock rates, scheduling and the commit of the bump
 /// (see the module documentation).
@@ -62,12 +74,13 @@ pub struct FenceTiming {
 }
 
 impl FenceTiming {
-    /// A third of the TTL, between 100 ms and 1 s: short enough that a stop answers
-    /// and a rescue starts within seconds, long enough that a confirmation (one small
-    /// read) every quarter of it costs nothing. Resigning takes two TTLs of failure:
-    /// a PostgreSQL blip does not move leadership, a partition does.
+    /// A third of the TTL, between 100 ms and 500 ms: short enough that a stop answers,
+    /// a crashed leader is replaced and a rescue starts within a second or seconds,
+    /// long enough that a confirmation (one small read) every quarter of it costs
+    /// nothing. Resigning takes two TTLs of failure: a PostgreSQL blip does not move
+    /// leadership, a partition does.
     pub fn for_lease(ttl: Duration) -> Self {
-        let window = (ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let window = (ttl / 3).clamp(Duration::from_millis(100), Duration::from_millis(500));
         Self {
             window,
             confirm_every: window / 4,
@@ -83,6 +96,13 @@ impl FenceTiming {
         self.window + Duration::from_millis(50)
     }
 
+    /// How long a follower holding the leader lock waits, after the old leader's
+    /// session ended, before it replaces the old term: the old leader's last
+    /// confirmation ran on that session, so its permits end within a window of it.
+    pub fn takeover_after(&self) -> Duration {
+        self.window + Duration::from_millis(50)
+    }
+
     /// How long after the epoch bump the new leader waits before it returns an older
     /// epoch's `sending` rows to `pending`. `longest_send` is the longest a send can
     /// last once started (`ProviderClient::longest_exchange`).
@@ -91,57 +111,124 @@ impl FenceTiming {
     }
 }
 
+/// How long (re)establishing the fence session may take before the attempt counts
+/// as failed.
+const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a fence session could not be established.
+enum EstablishError {
+    /// A newer epoch exists.
+    Fenced(Epoch),
+    Failed(String),
+}
+
+impl From<StoreError> for EstablishError {
+    fn from(err: StoreError) -> Self {
+        Self::Failed(err.to_string())
+    }
+}
+
+/// Makes `session` (or a new one) the term's fence session: it holds the leader lock
+/// (ending a stale holder's session if need be: we are the current epoch) and is
+/// recorded in the fence row.
+async fn establish(
+    store: &Store,
+    epoch: Epoch,
+    session: Option<LeaderSession>,
+) -> Result<LeaderSession, EstablishError> {
+    let session = match session {
+        Some(session) => session,
+        None => {
+            let session = LeaderSession::open(store).await?;
+            while !session.try_lock().await? {
+                let record = session.leader_record().await?;
+                if record.epoch != epoch {
+                    return Err(EstablishError::Fenced(record.epoch));
+                }
+                if let Some(holder) = session.lock_holder().await? {
+                    if holder != session.pid() {
+                        tracing::info!(pid = holder, "ending a stale holder of the leader lock");
+                        session.terminate(holder).await?;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            session
+        }
+    };
+    if !session.record_as_leader(epoch).await? {
+        let record = session.leader_record().await?;
+        return Err(EstablishError::Fenced(record.epoch));
+    }
+    Ok(session)
+}
+
 /// Keeps confirming `term`'s epoch until the term ends (the caller aborts this task)
 /// or PostgreSQL shows a newer epoch, or stops answering for `resign_after`.
-pub async fn keep(term: Term, store: Store, leadership: Arc<Leadership>, timing: FenceTiming) {
-    let mut session: Option<FenceSession> = None;
+/// `session`, when given, already holds the leader lock (a takeover after the old
+/// leader's session ended).
+pub async fn keep(
+    term: Term,
+    store: Store,
+    leadership: Arc<Leadership>,
+    timing: FenceTiming,
+    session: Option<LeaderSession>,
+) {
+    let mut given = session;
+    let mut session: Option<LeaderSession> = None;
     let mut last_confirmed = term.began;
     let mut failing = false;
     loop {
         if term.is_revoked() {
             return;
         }
+        let mut problem: Option<String> = None;
+        if session.as_ref().is_none_or(LeaderSession::is_closed) {
+            session = None;
+            let attempt = establish(&store, term.epoch, given.take());
+            match tokio::time::timeout(ESTABLISH_TIMEOUT, attempt).await {
+                Ok(Ok(established)) => session = Some(established),
+                Ok(Err(EstablishError::Fenced(newer))) => {
+                    leadership.report_fenced(&term, newer);
+                    return;
+                }
+                Ok(Err(EstablishError::Failed(err))) => problem = Some(err),
+                Err(_) => problem = Some("no fence session within 2 s".into()),
+            }
+        }
         let sent = Instant::now();
-        let reading = tokio::time::timeout(timing.window, async {
-            if session.as_ref().is_none_or(FenceSession::is_closed) {
-                session = Some(FenceSession::open(&store).await?);
-            }
-            match &session {
-                Some(session) => session.read().await,
-                None => unreachable!("opened above"),
-            }
-        })
-        .await;
-        match reading {
-            Ok(Ok(reading)) if reading.epoch == term.epoch => {
-                if failing {
-                    tracing::info!(epoch = term.epoch.0, "PostgreSQL confirms the epoch again");
-                    failing = false;
+        if let Some(current) = &session {
+            match tokio::time::timeout(timing.window, current.read()).await {
+                Ok(Ok(reading)) if reading.epoch == term.epoch => {
+                    if failing {
+                        tracing::info!(epoch = term.epoch.0, "PostgreSQL confirms the epoch again");
+                        failing = false;
+                    }
+                    last_confirmed = sent;
+                    term.confirm(sent, timing.window, reading.running);
                 }
-                last_confirmed = sent;
-                term.confirm(sent, timing.window, reading.running);
-            }
-            Ok(Ok(reading)) => {
-                leadership.report_fenced(&term, reading.epoch);
-                return;
-            }
-            Ok(Err(err)) => {
-                session = None;
-                if !failing {
-                    tracing::warn!(error = %err, "cannot confirm the epoch; no send starts until PostgreSQL does");
-                    failing = true;
+                Ok(Ok(reading)) => {
+                    leadership.report_fenced(&term, reading.epoch);
+                    return;
+                }
+                Ok(Err(err)) => {
+                    session = None;
+                    problem = Some(err.to_string());
+                }
+                Err(_) => {
+                    // A silent connection (a stalled path): start afresh next time.
+                    session = None;
+                    problem = Some(format!("no answer within {} ms", timing.window.as_millis()));
                 }
             }
-            Err(_) => {
-                // A silent connection (a stalled path): start afresh next time.
-                session = None;
-                if !failing {
-                    tracing::warn!(
-                        timeout_ms = timing.window.as_millis() as u64,
-                        "PostgreSQL did not confirm the epoch in time; no send starts until it does"
-                    );
-                    failing = true;
-                }
+        }
+        if let Some(problem) = problem {
+            if !failing {
+                tracing::warn!(
+                    error = problem,
+                    "cannot confirm the epoch; no send starts until PostgreSQL does"
+                );
+                failing = true;
             }
         }
         let failing_for = last_confirmed.elapsed();
@@ -164,14 +251,14 @@ mod tests {
     }
 
     #[test]
-    fn defaults_give_a_one_second_fence_and_a_nine_second_rescue() {
+    fn defaults_give_a_half_second_fence_and_an_eight_second_rescue() {
         let timing = FenceTiming::for_lease(Duration::from_secs(15));
-        assert_eq!(timing.window, Duration::from_secs(1));
-        assert_eq!(timing.confirm_every, Duration::from_millis(250));
+        assert_eq!(timing.window, Duration::from_millis(500));
+        assert_eq!(timing.confirm_every, Duration::from_millis(125));
         assert_eq!(timing.resign_after, Duration::from_secs(30));
         assert_eq!(
             timing.rescue_wait(longest_send(Duration::from_secs(6))),
-            Duration::from_millis(9_100)
+            Duration::from_millis(8_600)
         );
     }
 

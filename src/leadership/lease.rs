@@ -13,6 +13,14 @@ const EXTEND: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then \
                         return redis.call('pexpire', KEYS[1], ARGV[2]) \
                       else return 0 end";
 
+/// Replace the key only if it still holds the dead term's token (ARGV[1]): a
+/// compare-and-DEL of that term's key and our SET in one step, so no other replica's
+/// newer key is ever touched, and no other acquisition slips in between.
+const TAKE_OVER: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then \
+                           redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) \
+                           return 1 \
+                         else return 0 end";
+
 /// Delete only if the key still holds our token.
 const RELEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then \
                          return redis.call('del', KEYS[1]) \
@@ -64,6 +72,25 @@ impl RedisLease {
         // key holds it, the lock is ours.
         let holder: Option<String> = self.client.get(&self.key).await?;
         Ok((holder.as_deref() == Some(token.as_str())).then_some(token))
+    }
+
+    /// Takes the lock from a term whose leader is known to be gone: only if the key
+    /// still holds `dead_token`. `Ok(None)`: it does not (expired, or someone else's).
+    pub async fn take_over(&self, dead_token: &str) -> Result<Option<LeaseToken>, Error> {
+        let token = LeaseToken::generate();
+        let replaced: i64 = self
+            .client
+            .eval(
+                TAKE_OVER,
+                vec![self.key.as_str()],
+                vec![
+                    dead_token.to_string(),
+                    token.as_str().to_string(),
+                    self.ttl_ms().to_string(),
+                ],
+            )
+            .await?;
+        Ok((replaced == 1).then_some(token))
     }
 
     /// Pushes the expiry to now + TTL. `Ok(false)`: the key is gone or not ours.

@@ -12,6 +12,7 @@ pub mod campaign;
 mod elector;
 pub mod fence;
 mod lease;
+pub mod takeover;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -52,17 +52,56 @@ impl Store {
     /// older one is refused from now on (SPEC §6 step 2). `acquired_at` is taken after
     /// the row lock is held (`clock_timestamp()`, not the transaction's start), just
     /// before the commit: the moment from which PostgreSQL stops confirming the older
-    /// epoch, which the rescue wait is counted from.
+    /// epoch, which the rescue wait is counted from. The term's lease token is
+    /// recorded, its session pid cleared (the new leader records it once its fence
+    /// session holds the leader lock), and `quiet_at` set `quiet_after` after the bump
+    /// (see `sql/0005_leader_session.sql`).
+    pub async fn start_term(
+        &self,
+        holder: &str,
+        lease_token: Option<&str>,
+        quiet_after: Duration,
+    ) -> Result<Epoch, StoreError> {
+        let client = self.client().await?;
+        let quiet_ms = i64::try_from(quiet_after.as_millis()).unwrap_or(i64::MAX);
+        let row = client
+            .query_one(
+                "UPDATE dispatcher_leader
+                 SET epoch = epoch + 1, holder = $1, acquired_at = clock_timestamp(),
+                     lease_token = $2, session_pid = NULL,
+                     quiet_at = clock_timestamp() + $3::bigint * interval '1 millisecond'
+                 WHERE id = 1 RETURNING epoch",
+                &[&holder, &lease_token, &quiet_ms],
+            )
+            .await?;
+        Ok(Epoch(row.get(0)))
+    }
+
+    /// A term with no lease token whose `quiet_at` is left to the claim's fence window
+    /// (single-replica mode starts its terms with `start_term`; tests use this).
     pub async fn bump_epoch(&self, holder: &str) -> Result<Epoch, StoreError> {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "UPDATE dispatcher_leader SET epoch = epoch + 1, holder = $1, acquired_at = clock_timestamp()
+                "UPDATE dispatcher_leader
+                 SET epoch = epoch + 1, holder = $1, acquired_at = clock_timestamp(),
+                     lease_token = NULL, session_pid = NULL, quiet_at = NULL
                  WHERE id = 1 RETURNING epoch",
                 &[&holder],
             )
             .await?;
         Ok(Epoch(row.get(0)))
+    }
+
+    /// Forgets the leader's session pid when the term ends cleanly, so followers that
+    /// see the session end do not take it for a death.
+    pub async fn clear_leader_session(&self, epoch: Epoch) -> Result<(), StoreError> {
+        self.execute_prepared(
+            "UPDATE dispatcher_leader SET session_pid = NULL WHERE id = 1 AND epoch = $1",
+            &[&epoch.0],
+        )
+        .await?;
+        Ok(())
     }
 
     /// The current epoch (tests and the status API).

@@ -1,17 +1,34 @@
-//! The leader's fence session: one PostgreSQL connection of its own, outside the pool,
-//! on which the leader keeps confirming that its epoch is still the newest and that
-//! the cluster is still running. See `leadership::fence` for why sends depend on it.
+//! Leader sessions: PostgreSQL connections of their own, outside the pool.
+//!
+//! - The leader's **fence session** holds the leader advisory lock for the whole term
+//!   and is the only session its fence confirmations run on (see `leadership::fence`):
+//!   PostgreSQL confirms the epoch only to a session that holds the lock.
+//! - A follower's **watch** session waits for that lock. PostgreSQL ends a session the
+//!   moment its process dies (the kernel closes the socket), which releases the lock
+//!   and wakes the waiter: how a crashed leader is noticed in milliseconds instead of
+//!   at the end of its Redis lease (see `leadership::takeover`).
 
 use tokio_postgres::{Client, Statement};
 
 use super::{Store, StoreError};
 use crate::domain::Epoch;
 
+/// The session-level advisory lock the leader's fence session holds ("mdleader").
+pub const LEADER_LOCK: i64 = 0x6d64_6c65_6164_6572;
+
 /// What one confirmation read from the fence row and the desired state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FenceReading {
     pub epoch: Epoch,
     pub running: bool,
+}
+
+/// The current term as the fence row records it, for a follower's watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderRecord {
+    pub epoch: Epoch,
+    pub lease_token: Option<String>,
+    pub session_pid: Option<i32>,
 }
 
 /// A plain read: it never waits for the row lock a claim holds, and its snapshot is
@@ -22,18 +39,47 @@ SELECT l.epoch, coalesce(c.running, false)
 FROM dispatcher_leader l CROSS JOIN dispatcher_control c
 WHERE l.id = 1 AND c.id = 1";
 
-pub struct FenceSession {
+/// The backend holding the leader lock, if any (a bigint advisory key is stored as
+/// two 32-bit halves, `objsubid` 1).
+const LOCK_HOLDER: &str = "
+SELECT pid FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 1
+  AND classid = (($1::bigint >> 32) & 4294967295)::oid
+  AND objid = ($1::bigint & 4294967295)::oid
+LIMIT 1";
+
+/// A dedicated connection for a leader's fence or a follower's watch.
+pub struct LeaderSession {
     client: Client,
     confirm: Statement,
+    pid: i32,
 }
 
-impl FenceSession {
+impl LeaderSession {
     pub async fn open(store: &Store) -> Result<Self, StoreError> {
         let client = store.dedicated_connection().await?;
         let confirm = client.prepare(CONFIRM).await?;
-        Ok(Self { client, confirm })
+        let pid = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        Ok(Self {
+            client,
+            confirm,
+            pid,
+        })
     }
 
+    /// This session's backend pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// The fence reading the leader's permits come from.
     pub async fn read(&self) -> Result<FenceReading, StoreError> {
         let row = self.client.query_one(&self.confirm, &[]).await?;
         Ok(FenceReading {
@@ -42,7 +88,86 @@ impl FenceSession {
         })
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.client.is_closed()
+    pub async fn leader_record(&self) -> Result<LeaderRecord, StoreError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT epoch, lease_token, session_pid FROM dispatcher_leader WHERE id = 1",
+                &[],
+            )
+            .await?;
+        Ok(LeaderRecord {
+            epoch: Epoch(row.get(0)),
+            lease_token: row.get(1),
+            session_pid: row.get(2),
+        })
+    }
+
+    /// Takes the leader lock without waiting. `true` when this session holds it now.
+    pub async fn try_lock(&self) -> Result<bool, StoreError> {
+        Ok(self
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+            .await?
+            .get(0))
+    }
+
+    /// Waits, as long as it takes, until this session holds the leader lock.
+    pub async fn lock(&self) -> Result<(), StoreError> {
+        self.client
+            .execute("SELECT pg_advisory_lock($1)", &[&LEADER_LOCK])
+            .await?;
+        Ok(())
+    }
+
+    pub async fn unlock(&self) -> Result<(), StoreError> {
+        self.client
+            .execute("SELECT pg_advisory_unlock($1)", &[&LEADER_LOCK])
+            .await?;
+        Ok(())
+    }
+
+    /// The backend pid holding the leader lock, if any.
+    pub async fn lock_holder(&self) -> Result<Option<i32>, StoreError> {
+        Ok(self
+            .client
+            .query_opt(LOCK_HOLDER, &[&LEADER_LOCK])
+            .await?
+            .map(|row| row.get(0)))
+    }
+
+    /// True while a backend with this pid exists.
+    pub async fn backend_alive(&self, pid: i32) -> Result<bool, StoreError> {
+        Ok(self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+                &[&pid],
+            )
+            .await?
+            .get(0))
+    }
+
+    /// Ends another backend (a stale holder of the leader lock). Only the current
+    /// epoch's leader does this.
+    pub async fn terminate(&self, pid: i32) -> Result<bool, StoreError> {
+        Ok(self
+            .client
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await?
+            .get(0))
+    }
+
+    /// Records this session as the leader's (only while `epoch` is current). `false`
+    /// when a newer epoch exists.
+    pub async fn record_as_leader(&self, epoch: Epoch) -> Result<bool, StoreError> {
+        let n = self
+            .client
+            .execute(
+                "UPDATE dispatcher_leader SET session_pid = pg_backend_pid() WHERE id = 1 AND epoch = $1",
+                &[&epoch.0],
+            )
+            .await?;
+        Ok(n == 1)
     }
 }

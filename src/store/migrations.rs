@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_fenced_sends.sql",
         sql: include_str!("../../sql/0004_fenced_sends.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_leader_session.sql",
+        sql: include_str!("../../sql/0005_leader_session.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

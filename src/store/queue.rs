@@ -188,14 +188,15 @@ const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR U
 /// `wait_ms` is NULL or ≤ 0 when a batch is due: an interval after the previous
 /// batch's start, and, when that batch is still open (its leader died or was deposed
 /// mid-batch, so nobody knows when its last send started), an interval after the last
-/// moment that leader could start one: this term's start plus the fence window ($3).
+/// moment that leader could start one: `quiet_at`, or this term's start plus the fence
+/// window ($3) when the term did not record one.
 const READ_SCHEDULE: &str = "
 SELECT coalesce(c.running, false) AS running,
        coalesce(c.batch_size, $1::int) AS batch_size,
        s.interval_ms,
        ceil(extract(epoch FROM (
             CASE WHEN l.batch_open
-                 THEN greatest(l.last_batch_at, l.acquired_at + $3::bigint * interval '1 millisecond')
+                 THEN greatest(l.last_batch_at, coalesce(l.quiet_at, l.acquired_at + $3::bigint * interval '1 millisecond'))
                  ELSE l.last_batch_at
             END + s.interval_ms * interval '1 millisecond' - clock_timestamp())) * 1000)::bigint AS wait_ms,
        ARRAY(SELECT (extract(epoch FROM clock_timestamp() - r) * 1000000)::bigint

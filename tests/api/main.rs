@@ -5,6 +5,7 @@ mod api;
 mod cluster;
 mod config;
 mod dispatch;
+mod failover;
 mod faults;
 mod fencing;
 mod lease;

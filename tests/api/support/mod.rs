@@ -15,6 +15,7 @@ pub mod provider;
 pub mod proxy;
 pub mod redis;
 pub mod replica;
+pub mod sentinel;
 pub mod tls;
 
 use std::future::Future;

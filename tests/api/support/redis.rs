@@ -11,18 +11,34 @@ pub struct Redis {
     dir: TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// Extra server arguments (e.g. `--replicaof`).
+    args: Vec<String>,
 }
 
 impl Redis {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A server with extra arguments, e.g. `["--replicaof", "127.0.0.1 6379"]`.
+    pub async fn start_with(args: &[&str]) -> Self {
         let mut redis = Self {
             dir: TempDir::new("redis"),
             port: free_port(),
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         redis.spawn();
         redis.wait_ready().await;
         redis
+    }
+
+    /// SIGKILL: the server is gone at once, with whatever it had not replicated.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     fn spawn(&mut self) {
@@ -37,6 +53,7 @@ impl Redis {
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.args)
             .stdout(log)
             .stderr(Stdio::null());
         die_with_test(&mut command);
