@@ -417,7 +417,7 @@ def verdict(ok: bool | None) -> str:
 def cmd_failover() -> int:
     kills, terms, stops = env_int("KILLS", 10), env_int("TERMS", 10), env_int("STOPS", 3)
     ttl, retry = parse_duration(env("TTL", "15s")), parse_duration(env("RETRY", "2s"))
-    interval = env("INTERVAL", "200ms")
+    interval = env("INTERVAL", "20ms")
     settle = env_float("SETTLE", 2.0)
     bound = ttl + retry
     extra = {

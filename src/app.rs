@@ -159,6 +159,7 @@ impl Replica {
             settings: dispatch_settings(&config),
             wake: state.wake.clone(),
             pacer: Default::default(),
+            recorder: crate::dispatch::Recorder::start(state.store.clone()),
         };
         let dispatcher_task = tokio::spawn(dispatcher.run(shutdown.clone()).in_current_span());
 

@@ -1,5 +1,6 @@
 //! One batch: send the claimed messages (at most `SEND_CONCURRENCY` at a time, in FIFO
-//! order), record each result on its own, and hand back whatever was never sent.
+//! order), record each result (accepted ones in groups, behind the sends: see
+//! `recorder`), and hand back whatever was never sent.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -25,6 +26,16 @@ use crate::store::queue::{ClaimedMessage, Recorded, Schedule};
 
 /// `last_error` when PostgreSQL refused the provider's own text.
 const UNSTORABLE_ERROR: &str = "the provider's answer could not be stored; see the replica's log";
+
+/// A send's result as `deliver` leaves it: settled, or accepted and being recorded.
+enum Delivered {
+    Done(Fate),
+    Recording {
+        id: i64,
+        without_id: bool,
+        outcome: tokio::sync::oneshot::Receiver<Recorded>,
+    },
+}
 
 /// What became of one claimed message in this batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,10 +64,15 @@ impl Dispatcher {
             tracing::info!("batch claimed");
             let begun: Mutex<HashSet<i64>> = Mutex::default();
             let halted = AtomicBool::new(false);
-            let sends = futures::stream::iter(messages)
-                .map(|message| self.deliver(term, schedule, message, shutdown, &begun, &halted))
-                .buffered(self.settings.send_concurrency)
-                .collect::<Vec<Fate>>();
+            let work = async {
+                let delivered = futures::stream::iter(messages)
+                    .map(|message| self.deliver(term, schedule, message, shutdown, &begun, &halted))
+                    .buffered(self.settings.send_concurrency)
+                    .collect::<Vec<Delivered>>()
+                    .await;
+                self.recorder.flush();
+                futures::future::join_all(delivered.into_iter().map(|d| self.settle(d))).await
+            };
             // On shutdown, in-flight sends get SHUTDOWN_TIMEOUT; after that they are
             // abandoned with their rows still `sending` (outcome unknown), for the
             // rescue to retry under the same Idempotency-Key.
@@ -65,7 +81,7 @@ impl Dispatcher {
                 tokio::time::sleep(self.settings.shutdown_timeout).await;
             };
             let fates = tokio::select! {
-                fates = sends => Some(fates),
+                fates = work => Some(fates),
                 () = grace_expired => None,
             };
             let begun = begun.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -123,30 +139,30 @@ impl Dispatcher {
         shutdown: &CancellationToken,
         begun: &Mutex<HashSet<i64>>,
         halted: &AtomicBool,
-    ) -> Fate {
+    ) -> Delivered {
         loop {
             // Shutdown first, always: a permit that is ready at the same moment must
             // not win the race (select! picks at random among ready branches).
             if halted.load(Ordering::Acquire) || shutdown.is_cancelled() {
-                return Fate::NotStarted;
+                return Delivered::Done(Fate::NotStarted);
             }
             let permit = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return Fate::NotStarted,
+                () = shutdown.cancelled() => return Delivered::Done(Fate::NotStarted),
                 permit = term.send_permit() => permit,
             };
             if permit != Permit::Granted {
                 if !halted.swap(true, Ordering::AcqRel) {
                     tracing::info!(?permit, "no more sends in this batch");
                 }
-                return Fate::NotStarted;
+                return Delivered::Done(Fate::NotStarted);
             }
             match self.pacer.try_start(schedule.batch_size, schedule.interval) {
                 Ok(()) => break,
                 // Asks again after the wait: the permit may have lapsed meanwhile.
                 Err(free_at) => tokio::select! {
                     biased;
-                    () = shutdown.cancelled() => return Fate::NotStarted,
+                    () = shutdown.cancelled() => return Delivered::Done(Fate::NotStarted),
                     () = tokio::time::sleep_until(free_at.into()) => {}
                 },
             }
@@ -160,19 +176,62 @@ impl Dispatcher {
             .send(message.id, &message.phone_number, &message.content)
             .await;
         let sent_at = Utc::now();
-        if let SendOutcome::Accepted {
-            provider_message_id,
-        } = &outcome
-        {
-            // Before the result is recorded: if it never is, the rescue finds this.
-            self.cache.remember(
-                message.id,
-                message.created_at,
-                provider_message_id.clone(),
-                sent_at,
-            );
+        match outcome {
+            SendOutcome::Accepted {
+                provider_message_id,
+            } => {
+                // Before the result is recorded: if it never is, the rescue finds this.
+                self.cache.remember(
+                    message.id,
+                    message.created_at,
+                    provider_message_id.clone(),
+                    sent_at,
+                );
+                let without_id = provider_message_id.is_none();
+                let outcome = self
+                    .recorder
+                    .sent(message.id, term.epoch, sent_at, provider_message_id)
+                    .await;
+                Delivered::Recording {
+                    id: message.id,
+                    without_id,
+                    outcome,
+                }
+            }
+            other => Delivered::Done(self.record(term, &message, other, sent_at).await),
         }
-        self.record(term, &message, outcome, sent_at).await
+    }
+
+    /// Waits for an accepted send's group to be recorded.
+    async fn settle(&self, delivered: Delivered) -> Fate {
+        let (id, without_id, outcome) = match delivered {
+            Delivered::Done(fate) => return fate,
+            Delivered::Recording {
+                id,
+                without_id,
+                outcome,
+            } => (id, without_id, outcome),
+        };
+        match outcome.await {
+            Ok(Recorded::Sent) => {
+                if without_id {
+                    tracing::warn!(
+                        message_id = id,
+                        "provider accepted the message without a messageId"
+                    );
+                }
+                self.metrics.messages_sent.inc();
+                Fate::Sent
+            }
+            Ok(_) => {
+                tracing::warn!(
+                    message_id = id,
+                    "result not recorded: a newer leader rescued this message"
+                );
+                Fate::NotOurs
+            }
+            Err(_) => Fate::NotOurs,
+        }
     }
 
     /// Writes the result, retrying while PostgreSQL is unreachable: a result the

@@ -3,6 +3,7 @@
 
 mod batch;
 mod pacer;
+mod recorder;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use crate::retry::RetryPolicy;
 use crate::store::queue::{Claim, RescuePolicy, Schedule};
 use crate::store::{Store, StoreError};
 pub use pacer::Pacer;
+pub use recorder::Recorder;
 
 /// How often the leader looks for abandoned claims once its term is old enough.
 const RESCUE_EVERY: Duration = Duration::from_secs(1);
@@ -49,6 +51,8 @@ pub struct Dispatcher {
     /// Poked by the API (new messages, start, config change) to skip the idle wait.
     pub wake: Arc<Notify>,
     pub pacer: Pacer,
+    /// Records accepted sends in groups, behind the sends.
+    pub recorder: Recorder,
 }
 
 /// What the dispatch loop remembers between claims.

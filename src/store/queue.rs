@@ -168,6 +168,15 @@ pub struct Rescued {
     pub failed: u64,
 }
 
+/// A send the provider accepted, to record.
+#[derive(Debug, Clone)]
+pub struct SentResult {
+    pub id: i64,
+    pub epoch: Epoch,
+    pub sent_at: DateTime<Utc>,
+    pub provider_message_id: Option<String>,
+}
+
 /// How a send ended, as recorded in the row.
 #[derive(Debug, Clone)]
 pub enum Recorded {
@@ -296,6 +305,16 @@ const MARK_SENT: &str = "
 UPDATE messages
 SET status = 'sent', sent_at = $3, provider_message_id = $4, last_error = NULL
 WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
+
+/// MARK_SENT for many rows in one statement, each guarded as MARK_SENT is; returns the
+/// rows that were still ours.
+const MARK_SENT_GROUP: &str = "
+UPDATE messages AS m
+SET status = 'sent', sent_at = r.sent_at, provider_message_id = r.provider_id, last_error = NULL
+FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[])
+         AS r(id, epoch, sent_at, provider_id)
+WHERE m.id = r.id AND m.status = 'sending' AND m.claim_epoch = r.epoch
+RETURNING m.id";
 
 const MARK_RETRY: &str = "
 UPDATE messages
@@ -624,6 +643,29 @@ impl Store {
         } else {
             Recorded::NotOurs
         })
+    }
+
+    /// Records a group of accepted sends in one statement; returns the ids that were
+    /// still ours (`sending` under the epoch that claimed them).
+    pub async fn mark_sent_group(
+        &self,
+        results: &[SentResult],
+    ) -> Result<std::collections::HashSet<i64>, StoreError> {
+        let ids: Vec<i64> = results.iter().map(|r| r.id).collect();
+        let epochs: Vec<i64> = results.iter().map(|r| r.epoch.0).collect();
+        let sent_at: Vec<DateTime<Utc>> = results.iter().map(|r| r.sent_at).collect();
+        let provider_ids: Vec<Option<&str>> = results
+            .iter()
+            .map(|r| r.provider_message_id.as_deref())
+            .collect();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &client.prepare_cached(MARK_SENT_GROUP).await?,
+                &[&ids, &epochs, &sent_at, &provider_ids],
+            )
+            .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
     /// Back to pending after `delay`, or `failed` once `max_attempts` (> 0) is reached.

@@ -1,0 +1,170 @@
+//! Group commit of accepted sends: the results the provider accepted are recorded
+//! many rows per statement, behind the sends.
+//!
+//! A send no longer waits for its own result's commit: the claim is already durable
+//! (the row is `sending` under our epoch), so the result can follow. The recorder takes
+//! whatever accepted results are waiting, up to [`GROUP_MAX`], and writes them in one
+//! UPDATE, still guarded row by row by `status = 'sending' AND claim_epoch = <epoch>`.
+//! A group is written when it holds [`GROUP_MAX`] results or [`GROUP_LINGER`] after
+//! its first one, whichever comes first; while that statement runs, the next group
+//! gathers.
+//!
+//! Bounds: at most [`MAX_UNRECORDED`] accepted results wait here (the sends wait when
+//! it is full), and a result waits at most [`GROUP_LINGER`] plus the statement before its own. While
+//! PostgreSQL is unreachable a group is held and retried (no result is lost on an
+//! outage; the fence stops new sends within a window meanwhile). A crash loses what
+//! waits here: those messages are resent with the same Idempotency-Key, unless their
+//! delivery entries (written in Redis the moment the provider accepted) let the rescue
+//! record them as sent. A statement PostgreSQL refuses for any other reason falls back
+//! to row-by-row writes without the provider's values.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::Retryable;
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::domain::Epoch;
+use crate::retry::connect_backoff;
+use crate::store::queue::{Recorded, SentResult};
+use crate::store::{Store, StoreError};
+
+/// The most rows one statement records.
+pub const GROUP_MAX: usize = 256;
+/// How long a group gathers after its first result before it is written.
+pub const GROUP_LINGER: Duration = Duration::from_millis(20);
+/// The most accepted results waiting to be recorded; the sends wait beyond it.
+pub const MAX_UNRECORDED: usize = 1024;
+
+struct Entry {
+    result: SentResult,
+    done: oneshot::Sender<Recorded>,
+}
+
+/// The handle the dispatcher submits accepted results to. Dropping it lets the
+/// recorder finish what it holds and stop.
+pub struct Recorder {
+    tx: mpsc::Sender<Entry>,
+    flush: Arc<Notify>,
+}
+
+impl Recorder {
+    pub fn start(store: Store) -> Self {
+        let (tx, rx) = mpsc::channel(MAX_UNRECORDED);
+        let flush = Arc::new(Notify::new());
+        tokio::spawn(record_groups(store, rx, flush.clone()));
+        Self { tx, flush }
+    }
+
+    /// Writes the group gathering now instead of at its linger's end: for a batch
+    /// whose sends are all done, nothing more is coming.
+    pub fn flush(&self) {
+        self.flush.notify_one();
+    }
+
+    /// Queues an accepted send for recording (waiting while [`MAX_UNRECORDED`] results
+    /// are queued) and returns where its outcome will arrive.
+    pub async fn sent(
+        &self,
+        id: i64,
+        epoch: Epoch,
+        sent_at: DateTime<Utc>,
+        provider_message_id: Option<String>,
+    ) -> oneshot::Receiver<Recorded> {
+        let (done, outcome) = oneshot::channel();
+        let entry = Entry {
+            result: SentResult {
+                id,
+                epoch,
+                sent_at,
+                provider_message_id,
+            },
+            done,
+        };
+        // A closed recorder drops the entry; the caller then sees the outcome channel
+        // closed and treats the result as not recorded.
+        let _ = self.tx.send(entry).await;
+        outcome
+    }
+}
+
+async fn record_groups(store: Store, mut rx: mpsc::Receiver<Entry>, flush: Arc<Notify>) {
+    let mut group: Vec<Entry> = Vec::with_capacity(GROUP_MAX);
+    while let Some(first) = rx.recv().await {
+        group.push(first);
+        let flush_at = tokio::time::sleep(GROUP_LINGER);
+        tokio::pin!(flush_at);
+        while group.len() < GROUP_MAX {
+            // What is already queued joins first: a flush asked for by a batch whose
+            // sends are done must include that batch's last results.
+            match rx.try_recv() {
+                Ok(entry) => {
+                    group.push(entry);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            tokio::select! {
+                entry = rx.recv() => match entry {
+                    Some(entry) => group.push(entry),
+                    None => break,
+                },
+                () = &mut flush_at => break,
+                () = flush.notified() => break,
+            }
+        }
+        record_group(&store, std::mem::take(&mut group)).await;
+    }
+}
+
+async fn record_group(store: &Store, group: Vec<Entry>) {
+    let results: Vec<SentResult> = group.iter().map(|e| e.result.clone()).collect();
+    let write = || store.mark_sent_group(&results);
+    let recorded = write
+        .retry(connect_backoff())
+        .when(StoreError::is_unavailable)
+        .notify(|err, wait| {
+            tracing::warn!(count = results.len(), error = %err, retry_in_ms = wait.as_millis() as u64, "results not recorded yet; holding them");
+        })
+        .await;
+    let ours: HashSet<i64> = match recorded {
+        Ok(ours) => ours,
+        Err(err) => {
+            tracing::warn!(count = results.len(), error = %err, "PostgreSQL refused a group of results; recording them one by one without the provider's values");
+            one_by_one(store, &results).await
+        }
+    };
+    for entry in group {
+        let outcome = if ours.contains(&entry.result.id) {
+            Recorded::Sent
+        } else {
+            Recorded::NotOurs
+        };
+        let _ = entry.done.send(outcome);
+    }
+}
+
+/// The fallback: each row on its own, with only constants besides the id and time.
+async fn one_by_one(store: &Store, results: &[SentResult]) -> HashSet<i64> {
+    let mut ours = HashSet::new();
+    for result in results {
+        let write = || store.mark_sent(result.id, result.epoch, result.sent_at, None);
+        match write
+            .retry(connect_backoff())
+            .when(StoreError::is_unavailable)
+            .await
+        {
+            Ok(Recorded::Sent) => {
+                ours.insert(result.id);
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::error!(message_id = result.id, error = %err, "could not record the result");
+            }
+        }
+    }
+    ours
+}
