@@ -29,6 +29,7 @@ pub struct Metrics {
     pub leadership_changes: IntCounter,
     pub fencing_rejections: IntCounter,
     pub scheduler_running: IntGauge,
+    pub configured_rate: Gauge,
     pub dependency_up: IntGaugeVec,
 }
 
@@ -185,6 +186,17 @@ impl Metrics {
                 "dispatcher_scheduler_running",
                 "1 when the cluster's desired state is running.",
             ),
+            configured_rate: {
+                let g = Gauge::new(
+                    "dispatcher_configured_rate_per_second",
+                    "The most messages per second the schedule in force allows \
+                     (batch size / interval; +Inf with a zero interval). The achieved \
+                     rate is rate(dispatcher_messages_sent_total[5m]) summed over replicas.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             dependency_up: gauge_vec(
                 &r,
                 "dispatcher_dependency_up",

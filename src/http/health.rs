@@ -123,6 +123,15 @@ async fn metrics(state: State) -> Response {
                     .map_or(0.0, |age| age.as_secs_f64()),
             );
         }
+        if let Ok(Ok(control)) =
+            tokio::time::timeout(Duration::from_secs(2), state.store.control_record()).await
+        {
+            let schedule = state.configured_schedule().overridden_by(&control);
+            state
+                .metrics
+                .configured_rate
+                .set(schedule.rate_per_second());
+        }
     }
     warp::reply::with_header(
         state.metrics.render(),

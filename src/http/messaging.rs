@@ -75,16 +75,8 @@ async fn set_running(state: State, running: bool) -> Result<Response, ApiError> 
     ))
 }
 
-/// The schedule in force, from the configured values and the stored overrides.
-fn effective(configured: Schedule, control: &ControlRecord) -> Schedule {
-    Schedule {
-        batch_size: control.batch_size.unwrap_or(configured.batch_size),
-        interval: control.interval.unwrap_or(configured.interval),
-    }
-}
-
 fn schedule_json(configured: Schedule, control: &ControlRecord) -> Value {
-    let schedule = effective(configured, control);
+    let schedule = configured.overridden_by(control);
     json!({
         "batch_size": schedule.batch_size,
         "processing_interval": duration::format(schedule.interval),
@@ -102,7 +94,7 @@ async fn status(state: State) -> Result<Response, ApiError> {
     let control = state.store.control_record().await?;
     let leader = state.store.leader_record().await?;
     let replicas = state.store.live_replicas(LIVE_WITHIN).await?;
-    let schedule = effective(state.configured_schedule(), &control);
+    let schedule = state.configured_schedule().overridden_by(&control);
     let next_batch_at: Option<DateTime<Utc>> = control.running.then(|| {
         let interval =
             chrono::Duration::from_std(schedule.interval).unwrap_or(chrono::Duration::MAX);

@@ -103,6 +103,21 @@ pub struct Schedule {
     pub interval: Duration,
 }
 
+impl Schedule {
+    /// This schedule with the stored overrides applied.
+    pub fn overridden_by(self, control: &crate::store::control::ControlRecord) -> Self {
+        Self {
+            batch_size: control.batch_size.unwrap_or(self.batch_size),
+            interval: control.interval.unwrap_or(self.interval),
+        }
+    }
+
+    /// The most messages per second it allows: infinite with a zero interval.
+    pub fn rate_per_second(self) -> f64 {
+        f64::from(self.batch_size) / self.interval.as_secs_f64()
+    }
+}
+
 /// What one claim attempt found.
 #[derive(Debug)]
 pub enum Claim {

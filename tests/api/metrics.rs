@@ -4,8 +4,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::TestEnv;
 use crate::support::replica::metric_value;
+use crate::support::{TestEnv, wait_for};
 
 fn promtool_check(metrics: &str) {
     let mut child = Command::new("promtool")
@@ -74,8 +74,25 @@ async fn metrics_pass_promtool_and_counters_move() {
     env.create_messages(&replica, &["m1", "m2", "m3", "m4", "m5", "m6", "m7"])
         .await;
     env.wait_drained(Duration::from_secs(30)).await;
-    let after = replica.metrics().await;
+    // The counters move right after the rows are recorded and the batch closes, so
+    // they may trail the drain by a moment.
+    let after = wait_for(
+        "7 sends and the batches counted",
+        Duration::from_secs(10),
+        || async {
+            let text = replica.metrics().await;
+            let sent = metric_value(&text, "dispatcher_messages_sent_total");
+            let batches = metric_value(&text, "dispatcher_batches_total{outcome=\"complete\"}");
+            (sent == Some(7.0) && batches >= Some(2.0)).then_some(text)
+        },
+    )
+    .await;
     promtool_check(&after);
+    // BATCH_SIZE 5 every 200ms.
+    assert_eq!(
+        metric_value(&after, "dispatcher_configured_rate_per_second"),
+        Some(25.0)
+    );
     assert_eq!(
         metric_value(&after, "dispatcher_messages_sent_total"),
         Some(7.0)
