@@ -193,11 +193,13 @@ async fn every_route_answers_as_documented() {
     let (_, config) = send(
         Method::PUT,
         url("/api/messaging/config"),
-        Some(r#"{"batch_size": null}"#),
+        Some(r#"{"batch_size": null, "processing_interval": null}"#),
         None,
     )
     .await;
     assert_eq!(config["batch_size"], 10, "null clears the override");
+    // Cleared too: left at 1m, the retried message could wait a minute for its batch.
+    assert_eq!(config["processing_interval"], "200ms");
     assert_eq!(
         send(Method::POST, url("/api/messaging/stop"), None, None)
             .await
@@ -220,13 +222,20 @@ async fn every_route_answers_as_documented() {
             .unwrap()
             .starts_with("text/plain")
     );
-    assert!(
-        metrics
+    // The counter moves right after the row is recorded, so it may trail the drain.
+    wait_for("4 sends counted", Duration::from_secs(10), || async {
+        let text = http()
+            .get(url("/metrics"))
+            .send()
+            .await
+            .ok()?
             .text()
             .await
-            .unwrap()
-            .contains("dispatcher_messages_sent_total 4")
-    );
+            .ok()?;
+        text.contains("dispatcher_messages_sent_total 4")
+            .then_some(())
+    })
+    .await;
     let (status, doc) = send(Method::GET, url("/openapi.json"), None, None).await;
     assert_eq!(status, 200);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
