@@ -10,12 +10,13 @@ exits 1 if any fails.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
 import yaml
 
-EXPECTED_SERVICES = {"postgres", "redis", "migrate", "mock-provider", "dispatcher", "lb", "prometheus"}
+EXPECTED_SERVICES = {"postgres", "redis", "migrate", "mock-provider", "dispatcher", "lb", "prometheus", "grafana"}
 ONE_SHOT = {"migrate"}
 DISPATCHER_IMAGE = "message-dispatcher:local"
 # DISTRIBUTED_LOCK_TTL (15s) + SHUTDOWN_TIMEOUT (30s)
@@ -134,11 +135,19 @@ def check_compose(path: str) -> dict:
           "replicas reach Redis at the redis service")
     check(env.get("SERVER_PORT") in (None, "8080", 8080), "replicas listen on 8080")
 
+    check((services.get("dispatcher", {}).get("deploy") or {}).get("mode") == "replicated",
+          "dispatcher deploy.mode is replicated (podman-compose needs it for replicas)")
     lb_volumes = " ".join(map(str, services.get("lb", {}).get("volumes") or []))
     check("deploy/nginx/nginx.conf" in lb_volumes, "lb mounts deploy/nginx/nginx.conf")
     prom_volumes = " ".join(map(str, services.get("prometheus", {}).get("volumes") or []))
     check("deploy/prometheus/prometheus.yml" in prom_volumes,
           "prometheus mounts deploy/prometheus/prometheus.yml")
+    check("deploy/prometheus/alerts.yml" in prom_volumes,
+          "prometheus mounts deploy/prometheus/alerts.yml")
+    graf_volumes = " ".join(map(str, services.get("grafana", {}).get("volumes") or []))
+    check("deploy/grafana/provisioning" in graf_volumes
+          and "deploy/grafana/message-dispatcher.json" in graf_volumes,
+          "grafana mounts its provisioning and the dashboard")
     return doc
 
 
@@ -146,8 +155,16 @@ def check_nginx(path: str) -> None:
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     print(f"nginx config {path}")
-    check(re.search(r"^\s*resolver\s+127\.0\.0\.11\b", text, re.M) is not None,
-          "nginx uses Docker's DNS resolver 127.0.0.11")
+    check(re.search(r"^\s*resolver\s", text, re.M) is None
+          and re.search(r"^\s*include\s+/tmp/nginx-resolver\*\.conf;", text, re.M) is not None,
+          "nginx takes its resolver from start.sh (no engine-specific address)")
+    start = os.path.join(os.path.dirname(path), "start.sh")
+    check(os.path.isfile(start) and "/etc/resolv.conf" in open(start, encoding="utf-8").read(),
+          "start.sh writes the resolver from /etc/resolv.conf")
+    check(re.search(r"location = /lb-health \{[^}]*proxy_pass", text, re.S) is not None,
+          "the lb health check goes through an upstream")
+    timeouts = re.findall(r"proxy_connect_timeout\s+(\d+)ms;", text)
+    check(bool(timeouts) and all(int(t) < 1000 for t in timeouts), "proxy_connect_timeout well under 1 s")
     check(re.search(r"set\s+\$\w+\s+http://dispatcher:8080", text) is not None
           and re.search(r"proxy_pass\s+\$\w+", text) is not None,
           "nginx proxies to dispatcher:8080 through a variable (re-resolved per request)")
@@ -166,6 +183,7 @@ def check_prometheus(path: str) -> None:
                 check(job.get("metrics_path", "/metrics") == "/metrics",
                       f"job {job.get('job_name')} scrapes /metrics")
     check(found, "a scrape job uses dns_sd_configs {names: [dispatcher], type: A, port: 8080}")
+    check("alerts.yml" in (prom.get("rule_files") or []), "rule_files loads alerts.yml")
 
 
 def main() -> int:

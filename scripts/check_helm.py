@@ -14,10 +14,13 @@ Exit status 1 if anything fails.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import kubernetes_validate
 import yaml
@@ -83,6 +86,20 @@ def validate_objects(objs: list[dict], versions: list[str]) -> int:
             else:
                 count += 1
     return count
+
+
+def promtool_accepts(spec: dict) -> bool:
+    """promtool check rules on a PrometheusRule's spec (the same shape as a rule file)."""
+    if shutil.which("promtool") is None:
+        print("  (promtool not installed: rule syntax not checked)")
+        return True
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as fh:
+        yaml.safe_dump(spec, fh)
+    proc = subprocess.run(["promtool", "check", "rules", fh.name], capture_output=True, text=True, check=False)
+    os.unlink(fh.name)
+    if proc.returncode != 0:
+        print(proc.stdout + proc.stderr)
+    return proc.returncode == 0
 
 
 def check_pod_spec(spec: dict, where: str) -> None:
@@ -245,6 +262,7 @@ def main() -> int:
     print(f"rendering {chart}; validating against Kubernetes {', '.join(versions)} (strict)")
 
     def expect_default(objs, f):
+        expect_no_extras(objs, f)
         check(f.get("replicas") == 3, "default: replicas 3")
         check(len(by_kind(objs, "PodDisruptionBudget")) == 1, "default: PDB rendered")
         check(len(by_kind(objs, "Secret", hook=False)) == 1, "default: chart Secret rendered")
@@ -304,6 +322,52 @@ def main() -> int:
         check("REDIS_SENTINEL_PASSWORD" in (secret.get("data") or {}), "sentinel: the sentinels' password in the Secret")
         check("REDIS_SENTINEL_PASSWORD" not in f["config"], "sentinel: no password in the ConfigMap")
 
+    alerts_file = os.path.join(os.path.dirname(os.path.abspath(chart)), "..", "deploy", "prometheus", "alerts.yml")
+    with open(alerts_file, encoding="utf-8") as fh:
+        alerts_doc = yaml.safe_load(fh)
+
+    def rendered_rules(objs) -> list[dict]:
+        rules = by_kind(objs, "PrometheusRule")
+        if not check(len(rules) == 1, "a PrometheusRule is rendered"):
+            return []
+        check(promtool_accepts(rules[0]["spec"]), "promtool check rules accepts the PrometheusRule's groups")
+        return rules[0]["spec"]["groups"][0]["rules"]
+
+    def normal(rule: dict) -> dict:
+        out = dict(rule)
+        out["expr"] = " ".join(str(rule["expr"]).split())
+        out["annotations"] = {k: " ".join(v.split()) for k, v in rule["annotations"].items()}
+        return out
+
+    def expect_rules(objs, f):
+        got = [normal(r) for r in rendered_rules(objs)]
+        want = [normal(r) for r in alerts_doc["groups"][0]["rules"]]
+        check(got == want, "prometheusrule: with default thresholds the rules equal deploy/prometheus/alerts.yml"
+              + ("" if got == want else f" (first difference: {next((g, w) for g, w in zip(got + [None] * 99, want) if g != w)})"))
+        rule = by_kind(objs, "PrometheusRule")
+        check(bool(rule) and rule[0]["metadata"]["labels"].get("release") == "kube-prometheus-stack",
+              "prometheusrule: extra labels")
+        boards = [c for c in by_kind(objs, "ConfigMap") if (c["metadata"].get("labels") or {}).get("grafana_dashboard") == "1"]
+        dashboard = os.path.join(os.path.dirname(alerts_file), "..", "grafana", "message-dispatcher.json")
+        with open(dashboard, encoding="utf-8") as fh:
+            want_board = json.load(fh)
+        check(len(boards) == 1 and json.loads(boards[0]["data"]["message-dispatcher.json"]) == want_board,
+              "prometheusrule: the dashboard ConfigMap (grafana_dashboard: \"1\") holds deploy/grafana/message-dispatcher.json")
+
+    def expect_no_extras(objs, f):
+        check(not by_kind(objs, "PrometheusRule"), "default: no PrometheusRule unless enabled")
+        check(not any((c["metadata"].get("labels") or {}).get("grafana_dashboard") for c in by_kind(objs, "ConfigMap")),
+              "default: no dashboard ConfigMap unless enabled")
+
+    def expect_thresholds(objs, f):
+        rules = {r["alert"]: r for r in rendered_rules(objs)}
+        want = {"DispatcherNoLeader": ("for", "2m"), "DispatcherSplitLeadership": ("for", "45s"),
+                "DispatcherBacklogGrowing": ("expr", "> 1800"), "DispatcherProviderErrors": ("expr", "> 0.25"),
+                "DispatcherMessagesFailing": ("expr", "> 0.02"), "DispatcherRateBelowConfigured": ("expr", "0.3 *"),
+                "DispatcherTargetDown": ("expr", 'job="md-message-dispatcher"')}
+        for alert, (field, text) in want.items():
+            check(text in str(rules.get(alert, {}).get(field, "")), f"prometheusrule-thresholds: {alert} {field} has {text!r}")
+
     scenarios = [
         ("default", [], [], expect_default),
         ("existing-secret", [os.path.join(ci, "existing-secret-values.yaml")], [], expect_existing),
@@ -311,6 +375,10 @@ def main() -> int:
         ("servicemonitor-without-crd", [os.path.join(ci, "servicemonitor-values.yaml")], [], expect_sm_no_crd),
         ("single-replica", [os.path.join(ci, "single-replica-values.yaml")], [], expect_single),
         ("sentinel", [os.path.join(ci, "sentinel-values.yaml")], [], expect_sentinel),
+        ("prometheusrule", [os.path.join(ci, "prometheusrule-values.yaml")], ["monitoring.coreos.com/v1"],
+         expect_rules),
+        ("prometheusrule-thresholds", [os.path.join(ci, "prometheusrule-thresholds-values.yaml")],
+         ["monitoring.coreos.com/v1"], expect_thresholds),
     ]
     ci_files = sorted(f for f in os.listdir(ci) if f.endswith(".yaml"))
     covered = {os.path.basename(f) for _, files, _, _ in scenarios for f in files}

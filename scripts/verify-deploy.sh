@@ -4,7 +4,10 @@
 #   - hadolint on the Dockerfile
 #   - docker-compose config on docker-compose.multi.yml, then
 #     scripts/check_compose.py on the file and on docker-compose's rendering
-#   - promtool check config on deploy/prometheus/prometheus.yml
+#   - promtool check config on deploy/prometheus/prometheus.yml (which loads
+#     alerts.yml), promtool check rules and promtool test rules on the alerts
+#   - the Grafana dashboard: valid JSON, datasource as a variable, every panel's
+#     query (scripts/check_dashboard.py)
 #   - nginx -t on deploy/nginx/nginx.conf
 #   - helm lint (Helm's Go code via the PyPI package helm-python-sdk) with the
 #     default values and every helm/message-dispatcher/ci/*.yaml
@@ -156,9 +159,15 @@ step "check_compose.py on the file (+ prometheus.yml, nginx.conf)" \
 step "check_compose.py on docker-compose's rendering" compose_rendered
 if command -v promtool >/dev/null; then
   step "promtool check config deploy/prometheus/prometheus.yml" promtool check config "$PROM_CFG"
+  step "promtool check rules deploy/prometheus/alerts.yml" promtool check rules "$ROOT/deploy/prometheus/alerts.yml"
+  step "promtool test rules deploy/prometheus/alerts.test.yml (every alert fires and stays quiet)" \
+    promtool test rules "$ROOT/deploy/prometheus/alerts.test.yml"
 else
   skip "promtool not installed"
 fi
+step "check_dashboard.py deploy/grafana/message-dispatcher.json (+ the chart's copy)" \
+  "$PYTHON" "$ROOT/scripts/check_dashboard.py" "$ROOT/deploy/grafana/message-dispatcher.json" \
+  "$CHART/dashboards/message-dispatcher.json"
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
 if [[ -x $NGINX_BIN ]]; then
   step "nginx -t deploy/nginx/nginx.conf" "$NGINX_BIN" -t -c "$NGINX_CFG" -g "error_log $TMP/nginx-error.log;"

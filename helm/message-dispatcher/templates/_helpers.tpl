@@ -159,3 +159,12 @@ Values are always strings.
 {{ include "message-dispatcher.selectorLabels" . }}
 app.kubernetes.io/component: dispatcher
 {{- end }}
+
+{{/*
+The `job` label Prometheus gives this release's targets: a ServiceMonitor names the
+job after the Service. Override with metrics.prometheusRule.scrapeJob (for example
+"kubernetes-pods" when scraping through the prometheus.io annotations).
+*/}}
+{{- define "message-dispatcher.scrapeJob" -}}
+{{- .Values.metrics.prometheusRule.scrapeJob | default (include "message-dispatcher.fullname" .) -}}
+{{- end }}
