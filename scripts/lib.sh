@@ -151,3 +151,41 @@ stop_redis() {
   [ -f "$dir/redis.pid" ] && kill "$(cat "$dir/redis.pid")" 2>/dev/null || true
   rm -f "$dir/redis.pid"
 }
+# start_prometheus DIR PORT INTERVAL TARGET...: a Prometheus (Debian's package) on
+# 127.0.0.1:PORT that scrapes each TARGET (host:port) as job message-dispatcher every
+# INTERVAL, evaluates deploy/prometheus/alerts.yml at the same pace, and keeps its
+# data in DIR.
+start_prometheus() {
+  local dir="$1" port="$2" interval="$3"
+  shift 3
+  local targets
+  targets="$(printf '"%s", ' "$@")"
+  mkdir -p "$dir/data"
+  cp "$ROOT/deploy/prometheus/alerts.yml" "$dir/alerts.yml"
+  cat >"$dir/prometheus.yml" <<YML
+global:
+  scrape_interval: $interval
+  scrape_timeout: $interval
+  evaluation_interval: $interval
+rule_files: [alerts.yml]
+scrape_configs:
+  - job_name: message-dispatcher
+    static_configs:
+      - targets: [${targets%, }]
+YML
+  promtool check config "$dir/prometheus.yml" >/dev/null || die "generated $dir/prometheus.yml is invalid"
+  nohup prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
+    --web.listen-address="127.0.0.1:$port" >"$dir/prometheus.log" 2>&1 &
+  echo "$!" >"$dir/prometheus.pid"
+  wait_http "http://127.0.0.1:$port/-/ready" 30 || die "prometheus did not start (see $dir/prometheus.log)"
+}
+stop_prometheus() {
+  local dir="$1" pid
+  [ -f "$dir/prometheus.pid" ] || return 0
+  pid="$(cat "$dir/prometheus.pid")"
+  if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "^prometheus "; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$dir/prometheus.pid"
+}
