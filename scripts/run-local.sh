@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Runs the whole thing on this machine: PostgreSQL, Redis, the mock SMS provider and
-# three dispatcher replicas, each a local process with its data under .local/.
-# Installs what is missing (postgresql, redis-server) with apt-get.
+# Runs the whole thing on this machine: PostgreSQL, Redis, the mock SMS provider,
+# three dispatcher replicas and a Prometheus that scrapes them with the alert rules
+# (deploy/prometheus/alerts.yml), each a local process with its data under .local/.
+# Installs what is missing (postgresql, redis-server, prometheus) with apt-get.
 #
 #   ./scripts/run-local.sh            start everything, print where it is
 #   ./scripts/stop-local.sh           stop everything
 #
 # Settings (environment): SEED (demo messages, default 20), BATCH_SIZE (2),
 # PROCESSING_INTERVAL (10s, faster than the 2m default so the demo moves),
-# PG_PORT (55432), REDIS_PORT (56379), MOCK_PORT (3001), API_PORTS ("8081 8082 8083").
+# PG_PORT (55432), REDIS_PORT (56379), MOCK_PORT (3001), API_PORTS ("8081 8082 8083"),
+# PROMETHEUS_PORT (9090).
 # A busy port is replaced by a free one.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -21,7 +23,8 @@ if [ -f "$STATE/pids" ]; then
 fi
 mkdir -p "$STATE/logs"
 
-ensure_packages pg:postgresql psql:postgresql-client redis-server:redis-server curl:curl python3:python3
+ensure_packages pg:postgresql psql:postgresql-client redis-server:redis-server curl:curl python3:python3 \
+  prometheus:prometheus promtool:prometheus
 command -v cargo >/dev/null || die "cargo is required (https://rustup.rs)"
 
 log "building message-dispatcher (release)"
@@ -66,6 +69,10 @@ for port in "${PORTS[@]}"; do
   wait_http "http://127.0.0.1:$port/health/ready" 60 || die "replica on :$port is not ready (see $STATE/logs/)"
 done
 
+PROMETHEUS_PORT="$(free_port "${PROMETHEUS_PORT:-9090}")"
+log "starting Prometheus on 127.0.0.1:$PROMETHEUS_PORT (scrapes the replicas, evaluates the alerts)"
+start_prometheus "$STATE/prometheus" "$PROMETHEUS_PORT" 5s $(printf '127.0.0.1:%s ' "${PORTS[@]}")
+
 cat >"$STATE/env" <<ENV
 DATABASE_URL=$DATABASE_URL
 REDIS_URL=$REDIS_URL
@@ -73,6 +80,7 @@ SMS_API_URL=$SMS_API_URL
 PG_PORT=$PG_PORT
 REDIS_PORT=$REDIS_PORT
 MOCK_PORT=$MOCK_PORT
+PROMETHEUS_PORT=$PROMETHEUS_PORT
 API_PORTS="${PORTS[*]}"
 ENV
 
@@ -86,6 +94,7 @@ message-dispatcher is running (BATCH_SIZE=$BATCH_SIZE every $PROCESSING_INTERVAL
   sent messages   curl -s http://127.0.0.1:${PORTS[0]}/api/messages/sent
   metrics         curl -s http://127.0.0.1:${PORTS[0]}/metrics
   mock provider   http://127.0.0.1:$MOCK_PORT/deliveries   /stats
+  Prometheus      http://127.0.0.1:$PROMETHEUS_PORT   (alerts: /alerts)
   PostgreSQL      psql $DATABASE_URL
   Redis           redis-cli -p $REDIS_PORT
   logs            $STATE/logs/

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stops what scripts/run-local.sh started (replicas get SIGTERM and hand over cleanly).
+# Stops what scripts/run-local.sh started (replicas get SIGTERM and hand over cleanly;
+# Prometheus, Redis and PostgreSQL follow).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 STATE="$ROOT/.local"
@@ -16,6 +17,7 @@ if [ -f "$STATE/pids" ]; then
   done
   rm -f "$STATE/pids"
 fi
+stop_prometheus "$STATE/prometheus"
 stop_redis "$STATE/redis"
 stop_postgres "$STATE/postgres"
 log "stopped (data kept in $STATE; delete it for a fresh start)"
