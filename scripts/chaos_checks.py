@@ -161,6 +161,11 @@ def analyse(run, settle_seconds):
     report["duplicate keys"] = "%d keys, %d extra deliveries: explained %d, unexplained %d%s" % (
         len(dups), extra, explained, unexplained,
         (" (" + ", ".join("%s x%d" % kv for kv in sorted(causes.items())) + ")") if causes else "")
+    # Group commit widens the crash window (results waiting for their group die with the
+    # process): the figure to watch is extra deliveries per crash of a leader.
+    leader_kills = sum(1 for f in run.faults if f["kind"] == "kill" and f.get("leader"))
+    report["duplicates per leader crash"] = "%d extra deliveries / %d SIGKILLs of the leader = %s" % (
+        extra, leader_kills, ("%.2f" % (extra / leader_kills)) if leader_kills else "n/a")
 
     # (c) rate ----------------------------------------------------------------------------
     interval_us = INTERVAL_MS * 1000
