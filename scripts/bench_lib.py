@@ -10,6 +10,7 @@ measure, verify and print a table:
     bench_lib.py throughput   drain N messages; pgbench reference of the same SQL
     bench_lib.py footprint    idle RSS/CPU of leader and follower; RSS after a drain
     bench_lib.py api          wrk against four endpoints of one replica
+    bench_lib.py peers        ours against graphile-worker and pg-boss (bench_peers.py)
     bench_lib.py combine F..  one table out of the result files of the others
     bench_lib.py machine      date, CPU, memory, binary version (one line each)
 
@@ -225,16 +226,28 @@ def children_of(ppid: int) -> list[int]:
 def postgres_ticks() -> int:
     """CPU ticks of the benchmark's PostgreSQL: the postmaster, its live children
     (backends, background processes) and the children it has reaped (backends of
-    connections that ended)."""
+    connections that ended). A backend reaped while the children are being read would
+    be missed (reaped after the postmaster's figures were read, gone before its own
+    were): the read is repeated until no child was reaped during it."""
     pidfile = BENCH_DIR / "postgres" / "data" / "postmaster.pid"
     master = int(pidfile.read_text().split()[0])
-    total = cpu_ticks(master, reaped_children=True)
-    for pid in children_of(master):
-        try:
-            total += cpu_ticks(pid)
-        except OSError:
-            pass
-    return total
+
+    def own_and_reaped() -> tuple[int, int]:
+        with open(f"/proc/{master}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+    for _ in range(50):
+        own, reaped = own_and_reaped()
+        live = 0
+        for pid in children_of(master):
+            try:
+                live += cpu_ticks(pid)
+            except OSError:
+                pass
+        if own_and_reaped()[1] == reaped:
+            break
+    return own + reaped + live
 
 
 def redis_ticks() -> int:
@@ -1061,6 +1074,16 @@ def cmd_api() -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ peers
+
+
+def cmd_peers() -> int:
+    """The same job through ours, graphile-worker and pg-boss, alternating; the code is in
+    scripts/bench_peers.py, which uses this module's helpers."""
+    import bench_peers
+    return bench_peers.cmd_peers(sys.modules[__name__])
+
+
 # ---------------------------------------------------------------------------- combine
 
 
@@ -1107,7 +1130,7 @@ def main() -> int:
         return 2
     cmd, args = sys.argv[1], sys.argv[2:]
     commands = {"failover": cmd_failover, "throughput": cmd_throughput, "footprint": cmd_footprint,
-                "api": cmd_api, "machine": cmd_machine}
+                "api": cmd_api, "peers": cmd_peers, "machine": cmd_machine}
     if cmd == "combine":
         return cmd_combine(args)
     if cmd not in commands:
