@@ -41,14 +41,17 @@ for run in $(seq 1 "$RUNS"); do
   tests="$(grep -oE '[0-9]+ tests run' <<<"$summary" | grep -oE '[0-9]+' || echo 0)"
   total_tests=$((total_tests + tests))
   printf 'run %d/%d: %s in %ds (%s)\n' "$run" "$RUNS" "$result" "$((SECONDS - start))" "${summary:-no summary}"
-  grep -E '^\s+(FAIL|TIMEOUT|SIGSEGV|SIGABRT) \[' "$log_file" | sed 's/^/    /' || true
+  # nextest names a failure twice (as it happens and in the summary): once per run here.
+  grep -E '^\s+(FAIL|TIMEOUT|SIGSEGV|SIGABRT) \[' "$log_file" | sed -E 's/.*\] +//' | sort -u | sed 's/^/    /' || true
 done
 
 echo
 echo "soak: $RUNS runs, $total_tests tests run, $failed_runs run(s) with failures${STRESS_PID:+ (under stress-ng)}"
 if [ "$failed_runs" -gt 0 ]; then
   echo "failures per test:"
-  cat "$LOGS"/run-*.log | grep -E '^\s+(FAIL|TIMEOUT) \[' | sed -E 's/.*\] +//' | sort | uniq -c | sort -rn
+  for f in "$LOGS"/run-*.log; do
+    grep -E '^\s+(FAIL|TIMEOUT|SIGSEGV|SIGABRT) \[' "$f" | sed -E 's/.*\] +//' | sort -u
+  done | sort | uniq -c | sort -rn
 fi
 echo "logs: $LOGS"
 [ "$failed_runs" -eq 0 ]

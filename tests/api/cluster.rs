@@ -38,7 +38,7 @@ async fn one_leader_each_message_once_in_order_within_the_rate() {
         .await;
     let ids = env.insert_messages(24).await;
     let started = Instant::now();
-    while env.count("pending").await + env.count("sending").await > 0 {
+    while env.open_count().await > 0 {
         let leaders = cluster.leaders_among(&cluster.all()).await;
         assert!(leaders.len() <= 1, "two leaders at once: {leaders:?}");
         assert!(started.elapsed() < DRAIN, "queue did not drain");

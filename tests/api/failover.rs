@@ -64,6 +64,27 @@ async fn a_killed_leader_is_replaced_in_well_under_its_lease() {
         (env.count("sent").await >= 5).then_some(())
     })
     .await;
+    // The followers watch the leader's session only once they have seen it recorded
+    // (they look at the retry cadence): wait until both block on its lock.
+    wait_for(
+        "both followers waiting on the leader's lock",
+        Duration::from_secs(30),
+        || async {
+            let waiting: i64 = env
+                .db()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND objsubid = 1 AND NOT granted",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (waiting >= 2).then_some(())
+        },
+    )
+    .await;
     let (epoch, name) = holder(&env).await;
     let leader = cluster
         .replicas

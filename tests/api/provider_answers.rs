@@ -37,7 +37,7 @@ async fn bad_provider_answers_end_sent_or_failed_and_never_block_the_queue() {
     // Final state, generously bounded: every row terminal (the retries take about
     // 1 s + 2 s each).
     wait_for("every message to end", Duration::from_secs(60), || async {
-        let open = env.count("pending").await + env.count("sending").await;
+        let open = env.open_count().await;
         (open == 0).then_some(())
     })
     .await;
