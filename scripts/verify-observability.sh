@@ -22,9 +22,11 @@ WORK="$(mktemp -d /tmp/md-observability.XXXXXX)"
 chmod 755 "$WORK"
 PIDS=()
 cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  # Prometheus first: it is a child of this shell too, and a bare `wait` would wait
+  # for it forever.
   stop_prometheus "$WORK/prometheus"
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   stop_redis "$WORK/redis"
   stop_postgres "$WORK/postgres"
   if [ "${KEEP:-0}" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
