@@ -368,7 +368,10 @@ else
   die "/health/ready did not answer 200 within 60s"
 fi
 curl -fsS -o /dev/null "http://127.0.0.1:$APP_PORT/health/live" && pass "/health/live 200" || fail "/health/live"
-curl -fsS "http://127.0.0.1:$APP_PORT/metrics" | grep -q '^dispatcher_' \
+# Read the whole body first: `curl | grep -q` fails under pipefail once the body is
+# larger than a pipe buffer (grep stops at its first match, curl gets SIGPIPE).
+metrics_body="$(curl -fsS "http://127.0.0.1:$APP_PORT/metrics" || true)"
+grep -q '^dispatcher_' <<<"$metrics_body" \
   && pass "/metrics serves dispatcher_* series" || fail "/metrics has no dispatcher_* series"
 
 log "waiting for the 10 messages to reach the mock provider"
