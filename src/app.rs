@@ -275,6 +275,23 @@ async fn prepare_database(
 
 /// Every few seconds: check the dependencies (gauges, logs) and refresh this replica's
 /// registry heartbeat and the desired-state gauge.
+/// Applies delivery receipts that arrived before their message's send result, and
+/// drops what the stats no longer read. Every replica does it; each step is idempotent.
+async fn tidy_messages(store: &crate::store::Store) {
+    match store.apply_held_receipts(None).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            applied = n,
+            "applied delivery receipts that arrived before their send results"
+        ),
+        Err(err) => tracing::debug!(error = %err, "held receipts not applied yet"),
+    }
+    let pruned = tokio::join!(store.prune_held_receipts(), store.prune_sent_seconds());
+    if let (Err(err), _) | (_, Err(err)) = pruned {
+        tracing::debug!(error = %err, "pruning skipped");
+    }
+}
+
 async fn housekeeping(state: Arc<AppState>) {
     let mut database_up = true;
     loop {
@@ -302,6 +319,7 @@ async fn housekeeping(state: Arc<AppState>) {
                     .scheduler_running
                     .set(i64::from(control.running));
             }
+            tidy_messages(&state.store).await;
         }
         tokio::select! {
             () = state.shutdown.cancelled() => return,

@@ -59,6 +59,20 @@ enum Command {
         /// Header that carries the token instead of Authorization.
         #[arg(long)]
         auth_header: Option<String>,
+        /// POST a delivery receipt for every accepted message to this URL (the
+        /// dispatcher's /api/delivery-receipts).
+        #[arg(long)]
+        dlr_url: Option<String>,
+        /// Delay before each receipt, in milliseconds. 0 posts it before the send is
+        /// even answered: the receipt always beats the send result.
+        #[arg(long, default_value_t = 1000)]
+        dlr_delay_ms: u64,
+        /// Share of receipts that say `undelivered` (0.0 to 1.0).
+        #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+        undelivered_rate: f64,
+        /// Bearer token for the receipts (the dispatcher's DLR_TOKEN or API_TOKEN).
+        #[arg(long)]
+        dlr_token: Option<String>,
     },
     /// Exit 0 if /health/ready answers 200 (for container health checks).
     Healthcheck {
@@ -93,6 +107,10 @@ impl Cli {
                 slow_ms,
                 token,
                 auth_header,
+                dlr_url,
+                dlr_delay_ms,
+                undelivered_rate,
+                dlr_token,
             } => {
                 init_logging_from_env();
                 let options = MockOptions {
@@ -103,6 +121,12 @@ impl Cli {
                     slow_latency: Duration::from_millis(slow_ms),
                     token,
                     auth_header,
+                    receipts: dlr_url.map(|url| mock::ReceiptOptions {
+                        url,
+                        delay: Duration::from_millis(dlr_delay_ms),
+                        undelivered_rate,
+                        token: dlr_token,
+                    }),
                 };
                 report(mock::run(options, shutdown_signal()).await)
             }

@@ -151,10 +151,14 @@ pub struct Config {
     pub provider: ProviderConfig,
     pub dispatch: DispatchConfig,
     pub message_max_length: usize,
+    /// Most SMS segments one message may take (`MESSAGE_MAX_SEGMENTS`).
+    pub message_max_segments: u32,
     pub lock: LockConfig,
     pub cache_ttl: Duration,
     pub auto_migrate: bool,
     pub api_token: Option<Secret>,
+    /// Bearer token for `POST /api/delivery-receipts`; unset = the `API_TOKEN` rule.
+    pub dlr_token: Option<Secret>,
     pub replica_id: String,
     /// false: serve the API, never campaign for leadership.
     pub leader_eligible: bool,
@@ -192,6 +196,7 @@ struct RawEnv {
     processing_interval: Option<String>,
     send_concurrency: Option<String>,
     message_max_length: Option<String>,
+    message_max_segments: Option<String>,
     max_attempts: Option<String>,
     retry_backoff_base: Option<String>,
     retry_backoff_max: Option<String>,
@@ -204,6 +209,7 @@ struct RawEnv {
     shutdown_timeout: Option<String>,
     auto_migrate: Option<String>,
     api_token: Option<String>,
+    dlr_token: Option<String>,
     replica_id: Option<String>,
     leader_eligible: Option<String>,
 }
@@ -398,10 +404,12 @@ impl Config {
             provider,
             dispatch,
             message_max_length: positive("MESSAGE_MAX_LENGTH", raw.message_max_length, 160)?,
+            message_max_segments: positive("MESSAGE_MAX_SEGMENTS", raw.message_max_segments, 10)?,
             lock,
             cache_ttl: nonzero_duration("REDIS_CACHE_TTL", raw.redis_cache_ttl, "24h")?,
             auto_migrate: boolean("AUTO_MIGRATE", raw.auto_migrate, true)?,
             api_token: raw.api_token.map(Secret::new),
+            dlr_token: raw.dlr_token.filter(|t| !t.is_empty()).map(Secret::new),
             replica_id,
             leader_eligible: boolean("LEADER_ELIGIBLE", raw.leader_eligible, true)?,
         })

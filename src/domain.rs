@@ -38,12 +38,17 @@ impl PhoneNumber {
     }
 }
 
-/// Message text: not blank and at most `MESSAGE_MAX_LENGTH` characters (not bytes).
+/// Message text: not blank, at most `MESSAGE_MAX_LENGTH` characters (not bytes) and at
+/// most `MESSAGE_MAX_SEGMENTS` SMS segments.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MessageContent(String);
 
 impl MessageContent {
-    pub fn parse(input: &str, max_chars: usize) -> Result<Self, ValidationError> {
+    pub fn parse(
+        input: &str,
+        max_chars: usize,
+        max_segments: u32,
+    ) -> Result<Self, ValidationError> {
         let problem = |p: String| ValidationError {
             field: "content",
             problem: p,
@@ -58,6 +63,13 @@ impl MessageContent {
         if chars > max_chars {
             return Err(problem(format!(
                 "is {chars} characters long, the maximum is {max_chars}"
+            )));
+        }
+        let segmentation = crate::encoding::segment(input);
+        if segmentation.segments > max_segments {
+            return Err(problem(format!(
+                "takes {} SMS segments ({:?}), the maximum is {max_segments}",
+                segmentation.segments, segmentation.encoding
             )));
         }
         Ok(Self(input.to_string()))
@@ -101,7 +113,8 @@ impl fmt::Debug for LeaseToken {
     }
 }
 
-/// Message lifecycle, as stored in `messages.status`.
+/// Message lifecycle, as stored in `messages.status`. `sent`, `failed`, `expired` and
+/// `cancelled` are terminal (a `failed` message can be retried by hand).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageStatus {
@@ -109,10 +122,19 @@ pub enum MessageStatus {
     Sending,
     Sent,
     Failed,
+    Expired,
+    Cancelled,
 }
 
 impl MessageStatus {
-    pub const ALL: [MessageStatus; 4] = [Self::Pending, Self::Sending, Self::Sent, Self::Failed];
+    pub const ALL: [MessageStatus; 6] = [
+        Self::Pending,
+        Self::Sending,
+        Self::Sent,
+        Self::Failed,
+        Self::Expired,
+        Self::Cancelled,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -120,11 +142,89 @@ impl MessageStatus {
             Self::Sending => "sending",
             Self::Sent => "sent",
             Self::Failed => "failed",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
         }
     }
 
     pub fn parse(text: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// What the provider's delivery receipt said (`messages.delivery_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryStatus {
+    Delivered,
+    Undelivered,
+    Failed,
+}
+
+impl DeliveryStatus {
+    pub const ALL: [DeliveryStatus; 3] = [Self::Delivered, Self::Undelivered, Self::Failed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Undelivered => "undelivered",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// SMPP `priority_flag`: 0 (default) to 3 (most urgent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize)]
+pub struct Priority(i16);
+
+impl Priority {
+    pub const MAX: i16 = 3;
+
+    pub fn parse(value: i64) -> Result<Self, ValidationError> {
+        if (0..=i64::from(Self::MAX)).contains(&value) {
+            Ok(Self(value as i16))
+        } else {
+            Err(ValidationError {
+                field: "priority",
+                problem: format!("must be an integer from 0 to {} (got {value})", Self::MAX),
+            })
+        }
+    }
+
+    pub fn get(self) -> i16 {
+        self.0
+    }
+}
+
+/// A client's idempotency key: 1–255 visible ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub const MAX_LEN: usize = 255;
+
+    pub fn parse(input: &str) -> Result<Self, ValidationError> {
+        let ok = (1..=Self::MAX_LEN).contains(&input.len())
+            && input.bytes().all(|b| b.is_ascii_graphic());
+        if ok {
+            Ok(Self(input.to_string()))
+        } else {
+            Err(ValidationError {
+                field: "idempotency_key",
+                problem: format!(
+                    "must be 1 to {} visible ASCII characters (no spaces)",
+                    Self::MAX_LEN
+                ),
+            })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -152,11 +252,26 @@ mod tests {
 
     #[test]
     fn content_counts_characters() {
-        assert!(MessageContent::parse(&"é".repeat(160), 160).is_ok());
-        assert!(MessageContent::parse(&"a".repeat(161), 160).is_err());
-        assert!(MessageContent::parse("   ", 160).is_err());
-        assert!(MessageContent::parse("", 160).is_err());
-        assert!(MessageContent::parse("a\0b", 160).is_err());
-        assert!(MessageContent::parse("\u{3000}\n", 160).is_err());
+        assert!(MessageContent::parse(&"é".repeat(160), 160, 10).is_ok());
+        assert!(MessageContent::parse(&"a".repeat(161), 160, 10).is_err());
+        assert!(MessageContent::parse("   ", 160, 10).is_err());
+        assert!(MessageContent::parse("", 160, 10).is_err());
+        assert!(MessageContent::parse("a\0b", 160, 10).is_err());
+        assert!(MessageContent::parse("\u{3000}\n", 160, 10).is_err());
+        // 135 UCS-2 characters take 3 segments: within 160 characters, over 2 segments.
+        assert!(MessageContent::parse(&"ş".repeat(135), 160, 2).is_err());
+        assert!(MessageContent::parse(&"ş".repeat(134), 160, 2).is_ok());
+    }
+
+    #[test]
+    fn priorities_and_keys() {
+        assert_eq!(Priority::parse(3).unwrap().get(), 3);
+        assert!(Priority::parse(4).is_err());
+        assert!(Priority::parse(-1).is_err());
+        assert!(IdempotencyKey::parse("order-42:sms").is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(255)).is_ok());
+        for bad in ["", "has space", "tab\t", "é", &"k".repeat(256)] {
+            assert!(IdempotencyKey::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod dependencies;
 pub mod dispatch;
 pub mod domain;
 pub mod duration;
+pub mod encoding;
 pub mod http;
 pub mod leadership;
 pub mod metrics;

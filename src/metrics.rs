@@ -8,7 +8,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use crate::domain::MessageStatus;
+use crate::domain::{DeliveryStatus, MessageStatus};
 use crate::version::BUILD;
 
 pub struct Metrics {
@@ -17,6 +17,9 @@ pub struct Metrics {
     pub messages_failed: IntCounterVec,
     pub messages_retried: IntCounter,
     pub messages_rescued: IntCounter,
+    pub messages_expired: IntCounter,
+    pub messages_cancelled: IntCounter,
+    pub delivery_receipts: IntCounterVec,
     pub provider_requests: IntCounterVec,
     pub provider_request_duration: Histogram,
     pub batches: IntCounterVec,
@@ -113,6 +116,22 @@ impl Metrics {
                 &r,
                 "dispatcher_messages_rescued_total",
                 "Claims of a dead or deposed leader returned to pending by this replica.",
+            ),
+            messages_expired: counter(
+                &r,
+                "dispatcher_messages_expired_total",
+                "Messages this replica found past their expires_at and never sent.",
+            ),
+            messages_cancelled: counter(
+                &r,
+                "dispatcher_messages_cancelled_total",
+                "Pending messages cancelled through this replica's API.",
+            ),
+            delivery_receipts: counter_vec(
+                &r,
+                "dispatcher_delivery_receipts_total",
+                "Delivery receipts this replica accepted, by the status they report.",
+                &["status"],
             ),
             provider_requests: counter_vec(
                 &r,
@@ -253,6 +272,9 @@ impl Metrics {
         }
         for status in MessageStatus::ALL {
             self.queue_messages.with_label_values(&[status.as_str()]);
+        }
+        for status in DeliveryStatus::ALL {
+            self.delivery_receipts.with_label_values(&[status.as_str()]);
         }
     }
 

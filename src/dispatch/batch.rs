@@ -47,6 +47,8 @@ enum Fate {
     NotStarted,
     /// Sent, but the row had been rescued by a newer leader meanwhile.
     NotOurs,
+    /// Past its `expires_at` before its send could start: never sent.
+    Expired,
 }
 
 impl Dispatcher {
@@ -120,6 +122,7 @@ impl Dispatcher {
                 failed = count(Fate::Failed),
                 not_sent = unsent.len(),
                 lost_to_rescue = count(Fate::NotOurs),
+                expired = count(Fate::Expired),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "batch finished"
             );
@@ -166,6 +169,10 @@ impl Dispatcher {
                     () = tokio::time::sleep_until(free_at.into()) => {}
                 },
             }
+        }
+        // The last moment to refuse: a message past its validity is never sent.
+        if message.expires_at.is_some_and(|at| Utc::now() >= at) {
+            return Delivered::Done(self.expire(term, &message).await);
         }
         begun
             .lock()
@@ -341,6 +348,30 @@ impl Dispatcher {
             (Err(err), _) => {
                 tracing::error!(message_id = id, error = %err, ?outcome, "could not record the result");
                 Fate::NotOurs
+            }
+        }
+    }
+
+    /// Records a claimed message that expired before its send. If that cannot be
+    /// written, the row goes back to `pending` with the unsent ones and the next
+    /// claim's expiry sweep marks it.
+    async fn expire(&self, term: &Term, message: &ClaimedMessage) -> Fate {
+        let id = message.id;
+        let mark = || self.store.mark_expired(id, term.epoch);
+        let marked = mark
+            .retry(connect_backoff().with_max_times(10))
+            .when(StoreError::is_unavailable)
+            .await;
+        match marked {
+            Ok(true) => {
+                tracing::info!(message_id = id, expires_at = ?message.expires_at, "expired while claimed; not sent");
+                self.metrics.messages_expired.inc();
+                Fate::Expired
+            }
+            Ok(false) => Fate::NotOurs,
+            Err(err) => {
+                tracing::warn!(message_id = id, error = %err, "could not mark the message expired; it goes back to pending and expires at the next claim");
+                Fate::NotStarted
             }
         }
     }

@@ -209,6 +209,13 @@ impl Dispatcher {
         };
         self.pacer
             .seed(term.epoch, Instant::now(), &result.recent_send_ages_us);
+        if result.expired > 0 {
+            tracing::info!(
+                count = result.expired,
+                "pending messages past their expires_at: expired, never sent"
+            );
+            self.metrics.messages_expired.inc_by(result.expired);
+        }
         Ok(Some(result))
     }
 

@@ -22,6 +22,8 @@ pub enum ApiError {
     MethodNotAllowed,
     /// 409: the request conflicts with the resource's state.
     Conflict(String),
+    /// 409: an idempotency key was reused for a different message.
+    IdempotencyConflict(String),
     PayloadTooLarge,
     /// 422: well-formed JSON with a bad value; names the field and, in a list, the index.
     Validation {
@@ -79,6 +81,9 @@ impl ApiError {
                 "this path does not accept that method".into(),
             ),
             Self::Conflict(message) => (StatusCode::CONFLICT, "conflict", message),
+            Self::IdempotencyConflict(message) => {
+                (StatusCode::CONFLICT, "idempotency_conflict", message)
+            }
             Self::PayloadTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",

@@ -1,4 +1,4 @@
-//! Messages: create, list, fetch, retry.
+//! Messages: create (idempotent), list, fetch, retry, cancel, stats.
 
 use std::collections::HashMap;
 
@@ -11,8 +11,8 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::{ApiError, State, body, json, respond, with_state};
-use crate::domain::{MessageContent, MessageStatus, PhoneNumber};
-use crate::store::queue::{Message, NewMessage, RetryRequest};
+use crate::domain::{IdempotencyKey, MessageContent, MessageStatus, PhoneNumber, Priority};
+use crate::store::queue::{Inserted, ListFilter, Message, NewMessage, StatusChange};
 
 /// Most messages one `POST /api/messages` may create.
 const MAX_CREATE: usize = 1000;
@@ -38,23 +38,40 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     let create = warp::path!("messages")
         .and(warp::post())
         .and(with_state(state.clone()))
+        .and(warp::header::optional::<String>("idempotency-key"))
         .and(body::json_value())
-        .then(|state: State, body: Value| async move { respond(create(state, body)).await });
+        .then(
+            |state: State, key: Option<String>, body: Value| async move {
+                respond(create(state, key, body)).await
+            },
+        );
+    let stats = warp::path!("messages" / "stats")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .then(|state: State| async move { respond(stats(state)).await });
     let get = warp::path!("messages" / i64)
         .and(warp::get())
         .and(with_state(state.clone()))
         .then(|id: i64, state: State| async move { respond(get(state, id)).await });
     let retry = warp::path!("messages" / i64 / "retry")
         .and(warp::post())
-        .and(with_state(state))
+        .and(with_state(state.clone()))
         .then(|id: i64, state: State| async move { respond(retry(state, id)).await });
-    sent.or(list)
+    let cancel = warp::path!("messages" / i64 / "cancel")
+        .and(warp::post())
+        .and(with_state(state))
+        .then(|id: i64, state: State| async move { respond(cancel(state, id)).await });
+    sent.or(stats)
+        .unify()
+        .or(list)
         .unify()
         .or(create)
         .unify()
         .or(get)
         .unify()
         .or(retry)
+        .unify()
+        .or(cancel)
         .unify()
         .boxed()
 }
@@ -80,6 +97,16 @@ struct DetailView<'a> {
     cached_at: Option<DateTime<Utc>>,
 }
 
+impl<'a> DetailView<'a> {
+    /// Without a look at the delivery cache.
+    fn of(message: &'a Message) -> Self {
+        Self {
+            message,
+            cached_at: None,
+        }
+    }
+}
+
 /// `limit` and `cursor` from the query string.
 fn page_params(query: &HashMap<String, String>) -> Result<(i64, Option<i64>), ApiError> {
     let limit = match query.get("limit") {
@@ -103,10 +130,11 @@ fn page_params(query: &HashMap<String, String>) -> Result<(i64, Option<i64>), Ap
 
 async fn list_sent(state: State, query: HashMap<String, String>) -> Result<Response, ApiError> {
     let (limit, cursor) = page_params(&query)?;
-    let page = state
-        .store
-        .list_messages(Some(MessageStatus::Sent), cursor, limit)
-        .await?;
+    let filter = ListFilter {
+        status: Some(MessageStatus::Sent),
+        ..ListFilter::default()
+    };
+    let page = state.store.list_messages(&filter, cursor, limit).await?;
     let ids: Vec<i64> = page.messages.iter().map(|m| m.id).collect();
     let cached = state.cache.cached_at(&ids).await;
     let messages: Vec<SentView> = page
@@ -129,17 +157,52 @@ async fn list_sent(state: State, query: HashMap<String, String>) -> Result<Respo
     ))
 }
 
-async fn list(state: State, query: HashMap<String, String>) -> Result<Response, ApiError> {
-    let (limit, cursor) = page_params(&query)?;
-    let status = match query.get("status").map(String::as_str) {
-        None | Some("") => None,
+/// The filters of `GET /api/messages`; a bad value is a 400 naming the parameter.
+fn list_filter(query: &HashMap<String, String>) -> Result<ListFilter, ApiError> {
+    let given = |name: &str| {
+        query
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    };
+    let status = match given("status") {
+        None => None,
         Some(text) => Some(MessageStatus::parse(text).ok_or_else(|| {
+            let known: Vec<&str> = MessageStatus::ALL.iter().map(|s| s.as_str()).collect();
             ApiError::bad_request(format!(
-                "status must be one of pending, sending, sent, failed (got {text:?})"
+                "status must be one of {} (got {text:?})",
+                known.join(", ")
             ))
         })?),
     };
-    let page = state.store.list_messages(status, cursor, limit).await?;
+    let phone_number = match given("phone_number") {
+        None => None,
+        Some(text) => Some(
+            PhoneNumber::parse(text)
+                .map_err(|err| ApiError::bad_request(err.to_string()))?
+                .as_str()
+                .to_string(),
+        ),
+    };
+    let time = |name: &'static str| -> Result<Option<DateTime<Utc>>, ApiError> {
+        given(name)
+            .map(|text| {
+                parse_time(name, text).map_err(|err| ApiError::bad_request(err.to_string()))
+            })
+            .transpose()
+    };
+    Ok(ListFilter {
+        status,
+        phone_number,
+        since: time("since")?,
+        until: time("until")?,
+    })
+}
+
+async fn list(state: State, query: HashMap<String, String>) -> Result<Response, ApiError> {
+    let (limit, cursor) = page_params(&query)?;
+    let filter = list_filter(&query)?;
+    let page = state.store.list_messages(&filter, cursor, limit).await?;
     let ids: Vec<i64> = page
         .messages
         .iter()
@@ -178,28 +241,44 @@ async fn get(state: State, id: i64) -> Result<Response, ApiError> {
 }
 
 async fn retry(state: State, id: i64) -> Result<Response, ApiError> {
-    match state.store.retry_failed(id).await? {
-        RetryRequest::Retried(message) => {
-            state.wake.notify_one();
-            Ok(json(
-                StatusCode::OK,
-                &DetailView {
-                    message: &message,
-                    cached_at: None,
-                },
-            ))
-        }
-        RetryRequest::NotFound => Err(ApiError::NotFound(format!("message {id} does not exist"))),
-        RetryRequest::NotFailed(status) => Err(ApiError::Conflict(format!(
-            "message {id} is {}; only failed messages can be retried",
+    let change = state.store.retry_failed(id).await?;
+    let message = changed(change, id, "only failed messages can be retried")?;
+    state.wake.notify_one();
+    Ok(json(StatusCode::OK, &DetailView::of(&message)))
+}
+
+async fn cancel(state: State, id: i64) -> Result<Response, ApiError> {
+    let change = state.store.cancel_pending(id).await?;
+    let message = changed(change, id, "only pending messages can be cancelled")?;
+    state.metrics.messages_cancelled.inc();
+    tracing::info!(message_id = id, "message cancelled");
+    Ok(json(StatusCode::OK, &DetailView::of(&message)))
+}
+
+/// The changed message, or 404 / 409 saying why not.
+fn changed(change: StatusChange, id: i64, rule: &str) -> Result<Message, ApiError> {
+    match change {
+        StatusChange::Changed(message) => Ok(*message),
+        StatusChange::NotFound => Err(ApiError::NotFound(format!("message {id} does not exist"))),
+        StatusChange::Refused(status) => Err(ApiError::Conflict(format!(
+            "message {id} is {}; {rule}",
             status.as_str()
         ))),
     }
 }
 
+async fn stats(state: State) -> Result<Response, ApiError> {
+    Ok(json(StatusCode::OK, &state.store.message_stats().await?))
+}
+
 /// `POST /api/messages`: one object, or an array of up to 1000. The answer mirrors the
-/// input: an object for an object, an array for an array.
-async fn create(state: State, body: Value) -> Result<Response, ApiError> {
+/// input: an object for an object, an array for an array. 201 when anything was
+/// created; 200 when every item repeated an idempotency key (the original rows).
+async fn create(
+    state: State,
+    header_key: Option<String>,
+    body: Value,
+) -> Result<Response, ApiError> {
     let (items, single) = match body {
         Value::Array(items) => (items, false),
         object @ Value::Object(_) => (vec![object], true),
@@ -225,12 +304,21 @@ async fn create(state: State, body: Value) -> Result<Response, ApiError> {
             ),
         ));
     }
-    let max_chars = state.config.message_max_length;
-    let messages = items
+    if header_key.is_some() && !single {
+        return Err(ApiError::validation(
+            "Idempotency-Key",
+            "the Idempotency-Key header applies to a single message; give each array item its own idempotency_key",
+        ));
+    }
+    let limits = ContentLimits {
+        max_chars: state.config.message_max_length,
+        max_segments: state.config.message_max_segments,
+    };
+    let mut messages = items
         .iter()
         .enumerate()
         .map(|(index, item)| {
-            let parsed = parse_new_message(item, max_chars);
+            let parsed = parse_new_message(item, limits);
             if single {
                 parsed
             } else {
@@ -238,45 +326,136 @@ async fn create(state: State, body: Value) -> Result<Response, ApiError> {
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let created = state.store.insert_messages(&messages).await?;
-    state.wake.notify_one();
-    let views: Vec<DetailView> = created
+    if let Some(header) = header_key {
+        let key = IdempotencyKey::parse(&header)
+            .map_err(|err| ApiError::validation("Idempotency-Key", err.to_string()))?;
+        match &messages[0].idempotency_key {
+            Some(body_key) if *body_key != key => {
+                return Err(ApiError::validation(
+                    "idempotency_key",
+                    "the Idempotency-Key header and the body's idempotency_key differ",
+                ));
+            }
+            _ => messages[0].idempotency_key = Some(key),
+        }
+    }
+    let rows = match state.store.insert_messages(&messages).await? {
+        Inserted::Rows(rows) => rows,
+        Inserted::KeyConflict { index, existing_id } => {
+            let at = if single {
+                String::new()
+            } else {
+                format!("[{index}] ")
+            };
+            return Err(ApiError::IdempotencyConflict(format!(
+                "{at}idempotency key {:?} was used for message {existing_id}, with a different payload",
+                messages[index]
+                    .idempotency_key
+                    .as_ref()
+                    .map_or("", IdempotencyKey::as_str)
+            )));
+        }
+    };
+    let any_created = rows.iter().any(|(_, created)| *created);
+    if any_created {
+        state.wake.notify_one();
+    }
+    let status = if any_created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let views: Vec<DetailView> = rows
         .iter()
-        .map(|message| DetailView {
-            message,
-            cached_at: None,
-        })
+        .map(|(message, _)| DetailView::of(message))
         .collect();
     if single {
-        Ok(json(StatusCode::CREATED, &views[0]))
+        Ok(json(status, &views[0]))
     } else {
-        Ok(json(StatusCode::CREATED, &views))
+        Ok(json(status, &views))
     }
 }
 
-fn parse_new_message(item: &Value, max_chars: usize) -> Result<NewMessage, ApiError> {
+/// What `MESSAGE_MAX_LENGTH` and `MESSAGE_MAX_SEGMENTS` allow.
+#[derive(Debug, Clone, Copy)]
+struct ContentLimits {
+    max_chars: usize,
+    max_segments: u32,
+}
+
+/// An RFC 3339 time with an offset, kept to whole microseconds as PostgreSQL keeps it.
+pub(super) fn parse_time(
+    field: &'static str,
+    text: &str,
+) -> Result<DateTime<Utc>, crate::domain::ValidationError> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .and_then(|t| DateTime::from_timestamp_micros(t.timestamp_micros()))
+        .ok_or_else(|| crate::domain::ValidationError {
+            field,
+            problem: format!(
+                "must be an RFC 3339 time with an offset, like 2026-12-01T09:30:00Z (got {text:?})"
+            ),
+        })
+}
+
+fn parse_new_message(item: &Value, limits: ContentLimits) -> Result<NewMessage, ApiError> {
     let Value::Object(fields) = item else {
         return Err(ApiError::validation(
             "body",
             "each message must be an object",
         ));
     };
-    let text = |name: &'static str| -> Result<&str, ApiError> {
+    let wrong_type = |name: &'static str, what: &str| {
+        ApiError::validation(name, format!("{name} must be {what}"))
+    };
+    let optional_text = |name: &'static str| -> Result<Option<&str>, ApiError> {
         match fields.get(name) {
-            None | Some(Value::Null) => {
-                Err(ApiError::validation(name, format!("{name} is required")))
-            }
-            Some(Value::String(s)) => Ok(s),
-            Some(_) => Err(ApiError::validation(
-                name,
-                format!("{name} must be a string"),
-            )),
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(wrong_type(name, "a string")),
         }
+    };
+    let text = |name: &'static str| -> Result<&str, ApiError> {
+        optional_text(name)?
+            .ok_or_else(|| ApiError::validation(name, format!("{name} is required")))
     };
     let validation =
         |err: crate::domain::ValidationError| ApiError::validation(err.field, err.to_string());
+    let time = |name: &'static str| -> Result<Option<DateTime<Utc>>, ApiError> {
+        optional_text(name)?
+            .map(|t| parse_time(name, t).map_err(validation))
+            .transpose()
+    };
+    let priority = match fields.get("priority") {
+        None | Some(Value::Null) => Priority::default(),
+        Some(Value::Number(n)) => Priority::parse(
+            n.as_i64()
+                .ok_or_else(|| wrong_type("priority", "an integer from 0 to 3"))?,
+        )
+        .map_err(validation)?,
+        Some(_) => return Err(wrong_type("priority", "an integer from 0 to 3")),
+    };
+    let send_at = time("send_at")?;
+    let expires_at = time("expires_at")?;
+    if let (Some(send_at), Some(expires_at)) = (send_at, expires_at) {
+        if expires_at <= send_at {
+            return Err(ApiError::validation(
+                "expires_at",
+                "expires_at: must be after send_at",
+            ));
+        }
+    }
     Ok(NewMessage {
         phone_number: PhoneNumber::parse(text("phone_number")?).map_err(validation)?,
-        content: MessageContent::parse(text("content")?, max_chars).map_err(validation)?,
+        content: MessageContent::parse(text("content")?, limits.max_chars, limits.max_segments)
+            .map_err(validation)?,
+        idempotency_key: optional_text("idempotency_key")?
+            .map(IdempotencyKey::parse)
+            .transpose()
+            .map_err(validation)?,
+        send_at,
+        expires_at,
+        priority,
     })
 }

@@ -11,6 +11,7 @@ mod health;
 mod messages;
 mod messaging;
 mod openapi;
+mod receipts;
 mod serve;
 
 use std::convert::Infallible;
@@ -38,12 +39,16 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
             .and(warp::get())
             .map(move || openapi::document(max_content_chars)))
         .unify();
+    // Receipts authenticate on their own (DLR_TOKEN), so they come before the rest.
+    let receipts = warp::path("api").and(receipts::routes(state.clone()));
     let api = warp::path("api").and(authorized(state.clone())).and(
         messaging::routes(state.clone())
             .or(messages::routes(state))
             .unify(),
     );
-    open.or(api)
+    open.or(receipts)
+        .unify()
+        .or(api)
         .unify()
         .or(method_not_allowed())
         .unify()

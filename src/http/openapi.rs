@@ -20,6 +20,18 @@ const WHITESPACE_CLASS: &str =
 /// A duration as `duration::parse` reads it, bounded so every match also fits.
 const DURATION_PATTERN: &str = "^(0|([0-9]{1,6}(\\.[0-9]{1,9})?(ns|us|µs|ms|s|m|h)){1,4})$";
 
+const STATUSES: [&str; 6] = [
+    "pending",
+    "sending",
+    "sent",
+    "failed",
+    "expired",
+    "cancelled",
+];
+
+/// An idempotency key: 1–255 visible ASCII characters.
+const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,255}$";
+
 /// The methods the document lists for a concrete request path (`{id}` matches an
 /// integer), for the `Allow` header of a 405.
 pub fn allowed_methods(path: &str) -> Vec<String> {
@@ -163,17 +175,62 @@ fn schemas(max_content_chars: usize) -> Value {
             "required": ["phone_number", "content"],
             "properties": {
                 "phone_number": {"type": "string", "pattern": "^\\+?[0-9]+$", "minLength": 10, "maxLength": 20},
-                "content": content
+                "content": content,
+                "idempotency_key": {"type": ["string", "null"], "pattern": IDEMPOTENCY_KEY_PATTERN, "description": "a repeat with the same key and payload returns the original message (200); a different payload gets 409"},
+                "send_at": {"type": ["string", "null"], "format": "date-time", "description": "not dispatched before this time (RFC 3339 with offset; a past value means now)"},
+                "expires_at": {"type": ["string", "null"], "format": "date-time", "description": "never sent at or after this time (status expired); must be after send_at"},
+                "priority": {"type": ["integer", "null"], "minimum": 0, "maximum": 3, "description": "SMPP priority_flag, 3 most urgent; default 0"}
+            }
+        },
+        "Receipt": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["message_id", "status"],
+            "properties": {
+                "message_id": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[^\\u0000]*$", "description": "the provider's messageId"},
+                "status": {"enum": ["delivered", "undelivered", "failed"]},
+                "error_code": {"type": ["string", "null"], "minLength": 1, "maxLength": 255, "pattern": "^[^\\u0000]*$"},
+                "delivered_at": {"type": ["string", "null"], "format": "date-time"}
+            }
+        },
+        "ReceiptOutcome": {
+            "type": "object",
+            "required": ["message_id", "outcome"],
+            "properties": {
+                "message_id": {"type": "string"},
+                "outcome": {"enum": ["applied", "already_delivered", "held"], "description": "held: no message carries this id yet; applied once one does"}
+            }
+        },
+        "Stats": {
+            "type": "object",
+            "required": ["by_status", "scheduled", "oldest_pending_age_seconds", "sent_last_minute", "sent_last_hour", "delivery"],
+            "properties": {
+                "by_status": {"type": "object", "required": ["pending", "sending", "sent", "failed", "expired", "cancelled"], "additionalProperties": {"type": "integer"}},
+                "scheduled": {"type": "integer"},
+                "oldest_pending_age_seconds": {"type": ["number", "null"]},
+                "sent_last_minute": {"type": "integer"},
+                "sent_last_hour": {"type": "integer"},
+                "delivery": {"type": "object", "required": ["delivered", "undelivered", "failed", "awaiting"], "additionalProperties": {"type": "integer"}}
             }
         },
         "Message": {
             "type": "object",
-            "required": ["id", "phone_number", "content", "status", "sent", "attempts", "next_attempt_at", "created_at", "sent_at", "message_id", "last_error", "cached_at"],
+            "required": ["id", "phone_number", "content", "status", "sent", "attempts", "next_attempt_at", "created_at", "sent_at", "message_id", "last_error", "cached_at",
+                         "idempotency_key", "send_at", "expires_at", "priority", "encoding", "segments", "delivery_status", "delivered_at", "delivery_error"],
             "properties": {
                 "id": {"type": "integer", "format": "int64"},
                 "phone_number": {"type": "string"},
                 "content": {"type": "string"},
-                "status": {"enum": ["pending", "sending", "sent", "failed"]},
+                "status": {"enum": STATUSES},
+                "idempotency_key": {"type": ["string", "null"]},
+                "send_at": nullable_timestamp,
+                "expires_at": nullable_timestamp,
+                "priority": {"type": "integer", "minimum": 0, "maximum": 3},
+                "encoding": {"enum": ["gsm7", "ucs2"]},
+                "segments": {"type": "integer", "minimum": 1},
+                "delivery_status": {"enum": ["delivered", "undelivered", "failed", null]},
+                "delivered_at": nullable_timestamp,
+                "delivery_error": {"type": ["string", "null"]},
                 "sent": {"type": "boolean"},
                 "attempts": {"type": "integer"},
                 "next_attempt_at": timestamp,
@@ -367,7 +424,12 @@ fn paths() -> Value {
                 "operationId": "listMessages",
                 "security": [{"bearer": []}],
                 "parameters": page_params.as_array().unwrap_or(&Vec::new()).iter().cloned()
-                    .chain([json!({"name": "status", "in": "query", "required": false, "schema": {"enum": ["pending", "sending", "sent", "failed"]}})])
+                    .chain([
+                        json!({"name": "status", "in": "query", "required": false, "schema": {"enum": STATUSES}}),
+                        json!({"name": "phone_number", "in": "query", "required": false, "description": "exact number", "schema": {"type": "string", "pattern": "^\\+?[0-9]+$", "minLength": 10, "maxLength": 20}}),
+                        json!({"name": "since", "in": "query", "required": false, "description": "created_at at or after (RFC 3339)", "schema": {"type": "string", "format": "date-time"}}),
+                        json!({"name": "until", "in": "query", "required": false, "description": "created_at before (RFC 3339)", "schema": {"type": "string", "format": "date-time"}})
+                    ])
                     .collect::<Vec<_>>(),
                 "responses": api_errors(responses(&[
                     ("200", json_response("a page of messages", schema_ref("MessagePage"))),
@@ -375,9 +437,10 @@ fn paths() -> Value {
                 ]))
             },
             "post": {
-                "summary": "Create one message or up to 1000",
+                "summary": "Create one message or up to 1000 (idempotent with a key)",
                 "operationId": "createMessages",
                 "security": [{"bearer": []}],
+                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false, "description": "for a single message (an array gives each item its own idempotency_key)", "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN}}],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"oneOf": [
                     schema_ref("NewMessage"),
                     {"type": "array", "items": schema_ref("NewMessage"), "minItems": 1, "maxItems": 1000}
@@ -387,7 +450,12 @@ fn paths() -> Value {
                         schema_ref("Message"),
                         {"type": "array", "items": schema_ref("Message")}
                     ]}))),
-                    ("400", error_response("not JSON")),
+                    ("200", json_response("every item repeated an idempotency key: the original messages", json!({"oneOf": [
+                        schema_ref("Message"),
+                        {"type": "array", "items": schema_ref("Message")}
+                    ]}))),
+                    ("409", error_response("an idempotency key was used before with a different payload (code idempotency_conflict)")),
+                    ("400", error_response("not JSON, or a bad header")),
                     ("413", error_response("body over 1 MiB")),
                     ("422", error_response("a field is invalid; the error names it and its index"))
                 ]))
@@ -411,6 +479,41 @@ fn paths() -> Value {
             "responses": api_errors(responses(&[
                 ("200", json_response("the message", schema_ref("Message"))),
                 ("404", error_response("no such message"))
+            ]))
+        }},
+        "/api/messages/stats": {"get": {
+            "summary": "Counts by status, scheduled, oldest pending age, recent sends, delivery receipts",
+            "operationId": "messageStats",
+            "security": [{"bearer": []}],
+            "responses": api_errors(responses(&[("200", json_response("the stats", schema_ref("Stats")))]))
+        }},
+        "/api/messages/{id}/cancel": {"post": {
+            "summary": "Cancel a pending message",
+            "operationId": "cancelMessage",
+            "security": [{"bearer": []}],
+            "parameters": [id_param],
+            "responses": api_errors(responses(&[
+                ("200", json_response("the message, cancelled", schema_ref("Message"))),
+                ("404", error_response("no such message")),
+                ("409", error_response("the message is not pending"))
+            ]))
+        }},
+        "/api/delivery-receipts": {"post": {
+            "summary": "Delivery receipts from the provider (one object or up to 1000); DLR_TOKEN when set",
+            "operationId": "deliveryReceipts",
+            "security": [{"bearer": []}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"oneOf": [
+                schema_ref("Receipt"),
+                {"type": "array", "items": schema_ref("Receipt"), "minItems": 1, "maxItems": 1000}
+            ]}}}},
+            "responses": api_errors(responses(&[
+                ("200", json_response("what became of each receipt: an object for an object, an array for an array", json!({"oneOf": [
+                    schema_ref("ReceiptOutcome"),
+                    {"type": "array", "items": schema_ref("ReceiptOutcome")}
+                ]}))),
+                ("400", error_response("not JSON")),
+                ("413", error_response("body over 1 MiB")),
+                ("422", error_response("a field is invalid or unknown; the error names it and its index"))
             ]))
         }},
         "/api/messages/{id}/retry": {"post": {

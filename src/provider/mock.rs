@@ -2,7 +2,8 @@
 //!
 //! `POST /send` answers 202 with a `messageId`; the same `Idempotency-Key` always gets
 //! the same id and is stored once, its repeats counted. `GET /deliveries` and
-//! `GET /stats` let demos, tests and benchmarks check what arrived.
+//! `GET /stats` let demos, tests and benchmarks check what arrived. With `--dlr-url`
+//! it posts a delivery receipt for every newly accepted message, as real providers do.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -31,6 +32,19 @@ pub struct MockOptions {
     /// `auth_header` when that is set).
     pub token: Option<String>,
     pub auth_header: Option<String>,
+    /// Where and how to post delivery receipts; `None`: no receipts.
+    pub receipts: Option<ReceiptOptions>,
+}
+
+/// Delivery receipts the mock posts back for accepted messages.
+#[derive(Debug, Clone)]
+pub struct ReceiptOptions {
+    pub url: String,
+    /// Zero: posted (and answered) before the send itself is answered.
+    pub delay: Duration,
+    /// Share of receipts that say `undelivered`.
+    pub undelivered_rate: f64,
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,6 +68,9 @@ struct Stats {
     duplicates: u64,
     injected_failures: u64,
     rejected: u64,
+    /// Delivery receipts posted and answered 2xx, and those that were not.
+    receipts_posted: u64,
+    receipts_failed: u64,
 }
 
 /// One request as it arrived, whatever its answer: the oracle for the rate limit,
@@ -278,37 +295,95 @@ async fn answer(
         .map(str::to_string)
         .unwrap_or_else(|| format!("no-key-{}", random_uuid()));
 
-    let mut ledger = lock(ledger);
-    let ledger = &mut *ledger;
-    ledger.stats.accepted += 1;
-    let message_id = match ledger.deliveries.get_mut(&key) {
-        Some(existing) => {
-            existing.times_seen += 1;
-            ledger.stats.duplicates += 1;
-            existing.message_id.clone()
-        }
-        None => {
-            let message_id = random_uuid();
-            ledger.deliveries.insert(
-                key.clone(),
-                Delivery {
-                    key,
-                    to: parsed.to,
-                    content: parsed.content,
-                    message_id: message_id.clone(),
-                    first_seen: now,
-                    first_seen_us: now.timestamp_micros(),
-                    times_seen: 1,
-                },
-            );
-            ledger.stats.unique_keys += 1;
-            message_id
+    let shared = ledger;
+    let (message_id, first) = {
+        let mut guard = lock(shared);
+        let ledger = &mut *guard;
+        ledger.stats.accepted += 1;
+        match ledger.deliveries.get_mut(&key) {
+            Some(existing) => {
+                existing.times_seen += 1;
+                ledger.stats.duplicates += 1;
+                (existing.message_id.clone(), false)
+            }
+            None => {
+                let message_id = random_uuid();
+                ledger.deliveries.insert(
+                    key.clone(),
+                    Delivery {
+                        key,
+                        to: parsed.to,
+                        content: parsed.content,
+                        message_id: message_id.clone(),
+                        first_seen: now,
+                        first_seen_us: now.timestamp_micros(),
+                        times_seen: 1,
+                    },
+                );
+                ledger.stats.unique_keys += 1;
+                (message_id, true)
+            }
         }
     };
+    if let (true, Some(receipts)) = (first, &options.receipts) {
+        let post = post_receipt(receipts.clone(), message_id.clone(), shared.clone());
+        if receipts.delay.is_zero() {
+            post.await;
+        } else {
+            tokio::spawn(post);
+        }
+    }
     reply(
         StatusCode::ACCEPTED,
         serde_json::json!({"message": "Accepted", "messageId": message_id}),
     )
+}
+
+/// Posts one receipt after the configured delay, trying a few times: the dispatcher
+/// may be restarting.
+async fn post_receipt(options: ReceiptOptions, message_id: String, ledger: Shared) {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default()
+    });
+    tokio::time::sleep(options.delay).await;
+    let undelivered =
+        options.undelivered_rate > 0.0 && rand::random::<f64>() < options.undelivered_rate;
+    let mut body = serde_json::json!({
+        "message_id": message_id,
+        "status": if undelivered { "undelivered" } else { "delivered" },
+        "delivered_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    });
+    if undelivered {
+        body["error_code"] = "absent_subscriber".into();
+    }
+    for attempt in 0..5u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        let mut request = client.post(&options.url).json(&body);
+        if let Some(token) = &options.token {
+            request = request.bearer_auth(token);
+        }
+        match request.send().await {
+            Ok(response) if response.status().is_success() => {
+                lock(&ledger).stats.receipts_posted += 1;
+                return;
+            }
+            Ok(response) => {
+                tracing::warn!(status = response.status().as_u16(), %message_id, "receipt refused");
+                // A 4xx will not change on a retry.
+                if response.status().is_client_error() {
+                    break;
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, %message_id, "receipt not delivered"),
+        }
+    }
+    lock(&ledger).stats.receipts_failed += 1;
 }
 
 /// A random RFC 4122 version-4 UUID.

@@ -185,6 +185,9 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        // Back to the pool first: a nested checkout can wait on a pool that concurrent
+        // requests hold the same way.
+        drop(client);
         self.control_record().await
     }
 

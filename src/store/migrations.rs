@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_leader_session.sql",
         sql: include_str!("../../sql/0005_leader_session.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_message_lifecycle.sql",
+        sql: include_str!("../../sql/0006_message_lifecycle.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

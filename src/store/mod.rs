@@ -7,6 +7,7 @@ pub mod control;
 pub mod fence;
 pub mod migrations;
 pub mod queue;
+pub mod receipts;
 mod tls;
 
 use std::str::FromStr;
@@ -39,6 +40,9 @@ pub enum StoreError {
     /// An applied migration file has changed since: no retry can fix that.
     #[error("migration refused: {0}")]
     MigrationChanged(String),
+    /// The database answered something our own statements rule out.
+    #[error("unexpected database state: {0}")]
+    Invariant(String),
 }
 
 impl StoreError {

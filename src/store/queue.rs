@@ -13,7 +13,10 @@ use serde::Serialize;
 use tokio_postgres::Row;
 
 use super::{Store, StoreError};
-use crate::domain::{Epoch, MessageContent, MessageStatus, PhoneNumber};
+use crate::domain::{
+    DeliveryStatus, Epoch, IdempotencyKey, MessageContent, MessageStatus, PhoneNumber, Priority,
+};
+use crate::encoding::{Encoding, segment};
 
 /// A message as the API shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -30,19 +33,33 @@ pub struct Message {
     /// The provider's id for the message (`provider_message_id` in the table).
     pub message_id: Option<String>,
     pub last_error: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub send_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub priority: i16,
+    /// Computed from the content (GSM 03.38), not stored.
+    pub encoding: Encoding,
+    pub segments: u32,
+    pub delivery_status: Option<DeliveryStatus>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub delivery_error: Option<String>,
 }
 
 const MESSAGE_COLUMNS: &str = "id, phone_number, content, status, attempts, next_attempt_at, \
-                               created_at, sent_at, provider_message_id, last_error";
+                               created_at, sent_at, provider_message_id, last_error, \
+                               idempotency_key, send_at, expires_at, priority, \
+                               delivery_status, delivered_at, delivery_error";
 
 impl Message {
     fn from_row(row: &Row) -> Self {
         let status_text: &str = row.get("status");
         let status = MessageStatus::parse(status_text).unwrap_or(MessageStatus::Pending);
+        let content: String = row.get("content");
+        let segmentation = segment(&content);
         Self {
             id: row.get("id"),
             phone_number: row.get("phone_number"),
-            content: row.get("content"),
+            content,
             status,
             sent: status == MessageStatus::Sent,
             attempts: row.get("attempts"),
@@ -51,15 +68,60 @@ impl Message {
             sent_at: row.get("sent_at"),
             message_id: row.get("provider_message_id"),
             last_error: row.get("last_error"),
+            idempotency_key: row.get("idempotency_key"),
+            send_at: row.get("send_at"),
+            expires_at: row.get("expires_at"),
+            priority: row.get("priority"),
+            encoding: segmentation.encoding,
+            segments: segmentation.segments,
+            delivery_status: row
+                .get::<_, Option<&str>>("delivery_status")
+                .and_then(DeliveryStatus::parse),
+            delivered_at: row.get("delivered_at"),
+            delivery_error: row.get("delivery_error"),
         }
+    }
+
+    /// Whether this stored message is what `new` asks for (an idempotent repeat).
+    fn matches(&self, new: &NewMessage) -> bool {
+        self.phone_number == new.phone_number.as_str()
+            && self.content == new.content.as_str()
+            && self.send_at == new.send_at
+            && self.expires_at == new.expires_at
+            && self.priority == new.priority.get()
     }
 }
 
-/// A validated message to insert.
+/// A validated message to insert. Times are whole microseconds, as PostgreSQL keeps them.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     pub phone_number: PhoneNumber,
     pub content: MessageContent,
+    pub idempotency_key: Option<IdempotencyKey>,
+    pub send_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub priority: Priority,
+}
+
+/// What an insert did, item by item in input order.
+#[derive(Debug)]
+pub enum Inserted {
+    /// Each item's row, and whether this request created it (false: an earlier request
+    /// with the same idempotency key did).
+    Rows(Vec<(Message, bool)>),
+    /// Item `index` reuses an idempotency key whose stored message differs from it;
+    /// nothing was inserted.
+    KeyConflict { index: usize, existing_id: i64 },
+}
+
+/// Filters of a listing; every one optional.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<MessageStatus>,
+    pub phone_number: Option<String>,
+    /// `created_at` from (inclusive) and until (exclusive).
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
 }
 
 /// One page of a newest-first listing. `next_cursor` is the id to pass as `cursor`
@@ -71,12 +133,27 @@ pub struct Page {
     pub next_cursor: Option<i64>,
 }
 
-/// Result of asking to retry a message.
+/// Result of asking to change one message's status by hand (retry, cancel).
 #[derive(Debug)]
-pub enum RetryRequest {
-    Retried(Message),
+pub enum StatusChange {
+    Changed(Box<Message>),
     NotFound,
-    NotFailed(MessageStatus),
+    /// The message's status does not allow the change.
+    Refused(MessageStatus),
+}
+
+/// `GET /api/messages/stats`: read from the trigger-kept counters and a few index
+/// probes, never by counting the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageStats {
+    pub by_status: std::collections::BTreeMap<&'static str, i64>,
+    /// Pending with `send_at` in the future.
+    pub scheduled: i64,
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub sent_last_minute: i64,
+    pub sent_last_hour: i64,
+    /// delivered / undelivered / failed from receipts, and `awaiting`: sent, no receipt.
+    pub delivery: std::collections::BTreeMap<&'static str, i64>,
 }
 
 /// Queue depth per status and the age of the oldest due work, for metrics.
@@ -94,6 +171,9 @@ pub struct ClaimedMessage {
     pub content: String,
     pub attempts: i32,
     pub created_at: DateTime<Utc>,
+    pub priority: i16,
+    /// Checked again right before the HTTP call: an expired message is never sent.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// The schedule in force: configured values, possibly overridden at run time.
@@ -142,6 +222,8 @@ pub struct ClaimResult {
     /// started, as the last closed batch recorded them; negative when in the future.
     /// A new leader seeds its pacer from these.
     pub recent_send_ages_us: Vec<i64>,
+    /// Pending messages found past their `expires_at` and marked `expired`.
+    pub expired: u64,
 }
 
 /// When a `sending` row may be returned to `pending` (SPEC §6 step 8). The wait comes
@@ -301,11 +383,23 @@ UPDATE messages
 SET status = 'pending', attempts = greatest(attempts - 1, 0)
 WHERE status = 'sending' AND claim_epoch = $1 AND claim_token = $2";
 
+/// Pending messages past their validity never go out: `expired`, at claim time (and the
+/// dispatcher checks again right before each send). Served by the partial expiry index.
+const EXPIRE_DUE: &str = "
+UPDATE messages
+SET status = 'expired',
+    last_error = 'expired at ' || to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+                 || ' before it was sent'
+WHERE status = 'pending' AND expires_at <= now()";
+
+/// Due pending rows, most urgent first and FIFO within a priority, through the partial
+/// claim index `(priority DESC, created_at, id) WHERE status = 'pending'`: an index
+/// scan that stops after `$1` due rows, never a sort of the queue.
 const CLAIM: &str = "
 WITH due AS (
     SELECT id FROM messages
     WHERE status = 'pending' AND next_attempt_at <= now()
-    ORDER BY created_at, id
+    ORDER BY priority DESC, created_at, id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
@@ -314,7 +408,15 @@ SET status = 'sending', claim_epoch = $2, claimed_by = $3, claimed_at = now(),
     claim_token = $4, attempts = m.attempts + 1
 FROM due
 WHERE m.id = due.id
-RETURNING m.id, m.phone_number, m.content, m.attempts, m.created_at";
+RETURNING m.id, m.phone_number, m.content, m.attempts, m.created_at, m.priority, m.expires_at";
+
+/// A claimed message found expired right before its send: never sent.
+const MARK_EXPIRED: &str = "
+UPDATE messages
+SET status = 'expired', attempts = greatest(attempts - 1, 0),
+    last_error = 'expired at ' || to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+                 || ' while claimed, before it was sent'
+WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
 
 const MARK_SENT: &str = "
 UPDATE messages
@@ -351,32 +453,111 @@ UPDATE messages
 SET status = 'pending', attempts = greatest(attempts - 1, 0)
 WHERE id = ANY($1) AND status = 'sending' AND claim_epoch = $2";
 
+/// Seconds since the oldest pending message that is due (scheduled ones count once
+/// their `send_at` has come) was created: one probe of the claim index per priority.
+const OLDEST_PENDING_AGE: &str = "
+(SELECT extract(epoch FROM now() - min(oldest))::float8
+ FROM generate_series(0, 3) AS p(priority)
+ CROSS JOIN LATERAL (
+     SELECT created_at AS oldest FROM messages
+     WHERE status = 'pending' AND priority = p.priority
+       AND (send_at IS NULL OR send_at <= now())
+     ORDER BY priority DESC, created_at, id LIMIT 1) AS o)";
+
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl Store {
-    /// Inserts messages in one statement; returns them in input order.
-    pub async fn insert_messages(
-        &self,
-        messages: &[NewMessage],
-    ) -> Result<Vec<Message>, StoreError> {
+    /// Inserts messages in one transaction and returns each item's row, in input order.
+    /// An item whose idempotency key is already stored (by an earlier request, a
+    /// concurrent one through another replica, or an earlier item of this one) gets
+    /// that row instead of a new one: the unique index decides, so racing repeats
+    /// create exactly one row. A key whose stored message differs rolls everything back.
+    pub async fn insert_messages(&self, messages: &[NewMessage]) -> Result<Inserted, StoreError> {
         let phones: Vec<&str> = messages.iter().map(|m| m.phone_number.as_str()).collect();
         let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-        let client = self.client().await?;
+        let keys: Vec<Option<&str>> = messages
+            .iter()
+            .map(|m| m.idempotency_key.as_ref().map(IdempotencyKey::as_str))
+            .collect();
+        let send_at: Vec<Option<DateTime<Utc>>> = messages.iter().map(|m| m.send_at).collect();
+        let expires_at: Vec<Option<DateTime<Utc>>> =
+            messages.iter().map(|m| m.expires_at).collect();
+        let priorities: Vec<i16> = messages.iter().map(|m| m.priority.get()).collect();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
         let sql = format!(
-            "INSERT INTO messages (phone_number, content)
-             SELECT p, c FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(p, c, n) ORDER BY n
+            "INSERT INTO messages (phone_number, content, idempotency_key, send_at, expires_at,
+                                   priority, next_attempt_at)
+             SELECT p, c, k, s, e, pr, greatest(now(), coalesce(s, now()))
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
+                         $5::timestamptz[], $6::int2[])
+                  WITH ORDINALITY AS t(p, c, k, s, e, pr, n)
+             ORDER BY n
+             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING {MESSAGE_COLUMNS}"
         );
-        let mut rows: Vec<Message> = client
-            .query(&sql, &[&phones, &contents])
+        let mut created: Vec<Message> = tx
+            .query(
+                &sql,
+                &[
+                    &phones,
+                    &contents,
+                    &keys,
+                    &send_at,
+                    &expires_at,
+                    &priorities,
+                ],
+            )
             .await?
             .iter()
             .map(Message::from_row)
             .collect();
-        rows.sort_by_key(|m| m.id);
-        Ok(rows)
+        created.sort_by_key(|m| m.id);
+        let created_ids: std::collections::HashSet<i64> = created.iter().map(|m| m.id).collect();
+        let given: Vec<&str> = keys.iter().flatten().copied().collect();
+        let mut by_key: std::collections::HashMap<String, Message> = if given.is_empty() {
+            Default::default()
+        } else {
+            let sql = format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE idempotency_key = ANY($1::text[])"
+            );
+            tx.query(&sql, &[&given])
+                .await?
+                .iter()
+                .map(Message::from_row)
+                .filter_map(|m| Some((m.idempotency_key.clone()?, m)))
+                .collect()
+        };
+        // Rows created without a key, in id order, are the keyless items in input order.
+        let mut keyless = created.into_iter().filter(|m| m.idempotency_key.is_none());
+        let mut rows = Vec::with_capacity(messages.len());
+        for (index, new) in messages.iter().enumerate() {
+            let message = match &new.idempotency_key {
+                None => keyless.next(),
+                Some(key) => by_key.get_mut(key.as_str()).map(|m| m.clone()),
+            };
+            let Some(message) = message else {
+                return Err(StoreError::Invariant(format!(
+                    "message {index} of the request was neither created nor found"
+                )));
+            };
+            if !message.matches(new) {
+                return Ok(Inserted::KeyConflict {
+                    index,
+                    existing_id: message.id,
+                });
+            }
+            // A key repeated within this request: only its first item created the row.
+            let created = created_ids.contains(&message.id)
+                && !rows
+                    .iter()
+                    .any(|(m, _): &(Message, bool)| m.id == message.id);
+            rows.push((message, created));
+        }
+        tx.commit().await?;
+        Ok(Inserted::Rows(rows))
     }
 
     /// Inserts `count` demo messages in chunks; returns how many were inserted.
@@ -399,22 +580,38 @@ impl Store {
         Ok(inserted)
     }
 
-    /// Newest-first keyset page, optionally filtered by status.
+    /// Newest-first keyset page, filtered.
     pub async fn list_messages(
         &self,
-        status: Option<MessageStatus>,
+        filter: &ListFilter,
         cursor: Option<i64>,
         limit: i64,
     ) -> Result<Page, StoreError> {
         let client = self.client().await?;
-        let status = status.map(MessageStatus::as_str);
+        let status = filter.status.map(MessageStatus::as_str);
+        let filters =
+            "($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR phone_number = $2)
+             AND ($3::timestamptz IS NULL OR created_at >= $3)
+             AND ($4::timestamptz IS NULL OR created_at < $4)";
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&status, &filter.phone_number, &filter.since, &filter.until];
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages
-             WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR id < $2)
-             ORDER BY id DESC LIMIT $3"
+             WHERE {filters} AND ($5::bigint IS NULL OR id < $5)
+             ORDER BY id DESC LIMIT $6"
         );
         let mut messages: Vec<Message> = client
-            .query(&sql, &[&status, &cursor, &(limit + 1)])
+            .query(
+                &sql,
+                &[
+                    params[0],
+                    params[1],
+                    params[2],
+                    params[3],
+                    &cursor,
+                    &(limit + 1),
+                ],
+            )
             .await?
             .iter()
             .map(Message::from_row)
@@ -427,8 +624,8 @@ impl Store {
         };
         let total: i64 = client
             .query_one(
-                "SELECT count(*) FROM messages WHERE ($1::text IS NULL OR status = $1)",
-                &[&status],
+                &format!("SELECT count(*) FROM messages WHERE {filters}"),
+                &params,
             )
             .await?
             .get(0);
@@ -450,40 +647,132 @@ impl Store {
     }
 
     /// Moves a `failed` message back to `pending`, due now, with a fresh attempt count.
-    pub async fn retry_failed(&self, id: i64) -> Result<RetryRequest, StoreError> {
+    pub async fn retry_failed(&self, id: i64) -> Result<StatusChange, StoreError> {
+        self.change_status(
+            id,
+            "status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL",
+            MessageStatus::Failed,
+        )
+        .await
+    }
+
+    /// Moves a `pending` message to `cancelled`. A claim takes rows with
+    /// `FOR UPDATE SKIP LOCKED`, so this UPDATE either runs first (the claim skips or
+    /// no longer sees the row) or waits for the claim and then finds it `sending`:
+    /// a message is claimed or cancelled, never both.
+    pub async fn cancel_pending(&self, id: i64) -> Result<StatusChange, StoreError> {
+        self.change_status(
+            id,
+            "status = 'cancelled', last_error = 'cancelled through the API'",
+            MessageStatus::Pending,
+        )
+        .await
+    }
+
+    /// Applies `set` to message `id` if its status is `from`.
+    async fn change_status(
+        &self,
+        id: i64,
+        set: &str,
+        from: MessageStatus,
+    ) -> Result<StatusChange, StoreError> {
         let client = self.client().await?;
         let sql = format!(
-            "UPDATE messages SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
-             WHERE id = $1 AND status = 'failed' RETURNING {MESSAGE_COLUMNS}"
+            "UPDATE messages SET {set} WHERE id = $1 AND status = $2 RETURNING {MESSAGE_COLUMNS}"
         );
-        if let Some(row) = client.query_opt(&sql, &[&id]).await? {
-            return Ok(RetryRequest::Retried(Message::from_row(&row)));
+        if let Some(row) = client.query_opt(&sql, &[&id, &from.as_str()]).await? {
+            return Ok(StatusChange::Changed(Box::new(Message::from_row(&row))));
         }
-        Ok(match self.get_message(id).await? {
-            Some(message) => RetryRequest::NotFailed(message.status),
-            None => RetryRequest::NotFound,
+        // On the same connection: a second checkout while holding this one could wait
+        // for a pool that every concurrent request holds the same way.
+        let status = client
+            .query_opt("SELECT status FROM messages WHERE id = $1", &[&id])
+            .await?;
+        Ok(match status {
+            Some(row) => StatusChange::Refused(
+                MessageStatus::parse(row.get(0)).unwrap_or(MessageStatus::Pending),
+            ),
+            None => StatusChange::NotFound,
         })
     }
 
+    /// Queue depth per status (from the counters) and the oldest pending age.
     pub async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
         let client = self.client().await?;
         let counts = client
-            .query("SELECT status, count(*) FROM messages GROUP BY status", &[])
+            .query(
+                "SELECT status, sum(n)::bigint FROM message_counts GROUP BY status",
+                &[],
+            )
             .await?
             .iter()
             .filter_map(|row| Some((MessageStatus::parse(row.get(0))?, row.get::<_, i64>(1))))
             .collect();
         let age: Option<f64> = client
-            .query_one(
-                "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM messages WHERE status = 'pending'",
-                &[],
-            )
+            .query_one(&format!("SELECT {OLDEST_PENDING_AGE}"), &[])
             .await?
             .get(0);
         Ok(QueueStats {
             counts,
             oldest_pending_age: age.map(|secs| Duration::from_secs_f64(secs.max(0.0))),
         })
+    }
+
+    /// `GET /api/messages/stats`: counters and index probes, O(1) in the table size
+    /// (the scheduled count reads only the scheduled rows' index entries).
+    pub async fn message_stats(&self) -> Result<MessageStats, StoreError> {
+        let client = self.client().await?;
+        let counts = client
+            .query("SELECT status, delivery, n FROM message_counts", &[])
+            .await?;
+        let mut by_status: std::collections::BTreeMap<&'static str, i64> =
+            MessageStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        let mut delivery: std::collections::BTreeMap<&'static str, i64> = DeliveryStatus::ALL
+            .iter()
+            .map(|s| (s.as_str(), 0))
+            .chain([("awaiting", 0)])
+            .collect();
+        for row in &counts {
+            let (status, receipt, n): (&str, &str, i64) = (row.get(0), row.get(1), row.get(2));
+            if let Some(status) = MessageStatus::parse(status) {
+                *by_status.entry(status.as_str()).or_default() += n;
+            }
+            if let Some(receipt) = DeliveryStatus::parse(receipt) {
+                *delivery.entry(receipt.as_str()).or_default() += n;
+            } else if status == "sent" {
+                *delivery.entry("awaiting").or_default() += n;
+            }
+        }
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT (SELECT count(*) FROM messages WHERE status = 'pending' AND send_at > now()),
+                            {OLDEST_PENDING_AGE},
+                            (SELECT coalesce(sum(n), 0)::bigint FROM message_sent_seconds
+                             WHERE second > now() - interval '1 minute'),
+                            (SELECT coalesce(sum(n), 0)::bigint FROM message_sent_seconds
+                             WHERE second > now() - interval '1 hour')"
+                ),
+                &[],
+            )
+            .await?;
+        Ok(MessageStats {
+            by_status,
+            scheduled: row.get(0),
+            oldest_pending_age_seconds: row.get::<_, Option<f64>>(1).map(|s| s.max(0.0)),
+            sent_last_minute: row.get(2),
+            sent_last_hour: row.get(3),
+            delivery,
+        })
+    }
+
+    /// Drops per-second send counts older than an hour (the stats read the last hour).
+    pub async fn prune_sent_seconds(&self) -> Result<u64, StoreError> {
+        self.execute_prepared(
+            "DELETE FROM message_sent_seconds WHERE second < now() - interval '1 hour'",
+            &[],
+        )
+        .await
     }
 
     /// The claim transaction (SPEC §6 step 5): lock the fence, check the epoch, the
@@ -518,22 +807,29 @@ impl Store {
             batch_size: fence.get::<_, i32>("batch_size").max(1) as u32,
             interval: Duration::from_millis(fence.get::<_, i64>("interval_ms").max(0) as u64),
         };
-        let result = |claim| ClaimResult {
+        let result = |claim, expired| ClaimResult {
             claim,
             schedule,
             recent_send_ages_us: fence.get("recent_send_ages_us"),
+            expired,
         };
         if current != epoch {
-            return Ok(result(Claim::Fenced(current)));
+            return Ok(result(Claim::Fenced(current), 0));
         }
         if !fence.get::<_, bool>("running") {
-            return Ok(result(Claim::Stopped));
+            return Ok(result(Claim::Stopped, 0));
         }
         if let Some(wait_ms) = fence.get::<_, Option<i64>>("wait_ms") {
             if wait_ms > 0 {
-                return Ok(result(Claim::NotDue(Duration::from_millis(wait_ms as u64))));
+                return Ok(result(
+                    Claim::NotDue(Duration::from_millis(wait_ms as u64)),
+                    0,
+                ));
             }
         }
+        let expired = tx
+            .execute(&tx.prepare_cached(EXPIRE_DUE).await?, &[])
+            .await?;
 
         let mut messages: Vec<ClaimedMessage> = tx
             .query(
@@ -553,10 +849,12 @@ impl Store {
                 content: row.get("content"),
                 attempts: row.get("attempts"),
                 created_at: row.get("created_at"),
+                priority: row.get("priority"),
+                expires_at: row.get("expires_at"),
             })
             .collect();
-        // RETURNING has no order; the send order is the FIFO order.
-        messages.sort_by_key(|m| (m.created_at, m.id));
+        // RETURNING has no order; the send order is the claim order.
+        messages.sort_by_key(|m| (std::cmp::Reverse(m.priority), m.created_at, m.id));
         let claim = if messages.is_empty() {
             Claim::Empty
         } else {
@@ -565,7 +863,7 @@ impl Store {
             Claim::Batch(messages)
         };
         tx.commit().await?;
-        Ok(result(claim))
+        Ok(result(claim, expired))
     }
 
     /// Returns the rows of a claim whose outcome is unknown (its COMMIT reply was lost)
@@ -705,6 +1003,14 @@ impl Store {
             Some("failed") => Recorded::Failed,
             Some(_) => Recorded::Retrying,
         })
+    }
+
+    /// A claimed message that expired before its send: `expired`, attempt uncounted.
+    pub async fn mark_expired(&self, id: i64, epoch: Epoch) -> Result<bool, StoreError> {
+        Ok(self
+            .execute_prepared(MARK_EXPIRED, &[&id, &epoch.0])
+            .await?
+            == 1)
     }
 
     pub async fn mark_failed(

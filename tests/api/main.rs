@@ -9,6 +9,7 @@ mod failover;
 mod faults;
 mod fencing;
 mod lease;
+mod lifecycle;
 mod metrics;
 mod migrations;
 mod provider_answers;

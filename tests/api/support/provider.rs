@@ -33,6 +33,8 @@ pub struct Stats {
     pub duplicates: u64,
     pub injected_failures: u64,
     pub rejected: u64,
+    pub receipts_posted: u64,
+    pub receipts_failed: u64,
 }
 
 /// `message-dispatcher mock-provider` as a real process.
@@ -44,8 +46,12 @@ pub struct MockProvider {
 
 impl MockProvider {
     pub async fn start(extra_args: &[&str]) -> Self {
+        Self::start_on(free_port(), extra_args).await
+    }
+
+    /// On a port chosen beforehand (so replicas can be told it before it runs).
+    pub async fn start_on(port: u16, extra_args: &[&str]) -> Self {
         let dir = TempDir::new("mock");
-        let port = free_port();
         let log = std::fs::File::create(dir.path().join("mock.log")).unwrap();
         let mut command = Command::new(binary());
         command
