@@ -50,6 +50,19 @@ ensure_packages() {
   fi
 }
 
+# venv_install VENV PACKAGE...: pip-installs PACKAGE... into the virtualenv VENV, creating
+# it first (Debian's python3 refuses system-wide pip installs, PEP 668).
+venv_install() {
+  local venv="$1"
+  shift
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv" 2>/dev/null || {
+    ensure_packages _python3_venv_:python3-venv
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+  }
+  "$venv/bin/pip" install -q --disable-pip-version-check "$@"
+}
+
 pg_bin_dir() {
   if [ -n "${PG_BIN:-}" ]; then echo "$PG_BIN"; return; fi
   local dir

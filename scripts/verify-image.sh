@@ -26,7 +26,10 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-WORK="${VERIFY_IMAGE_WORKDIR:-/var/tmp/message-dispatcher-verify}"
+# PODMAN, pass/fail/info/die, print_summary, podman_setup, the debootstrap base image.
+# shellcheck source=scripts/verify_lib.sh
+source "$ROOT/scripts/verify_lib.sh"
+WORK="$VERIFY_WORK"
 IMAGE="${VERIFY_IMAGE_TAG:-message-dispatcher:verify}"
 BASE_ONLY=0
 NO_CACHE=()
@@ -38,18 +41,11 @@ for arg in "$@"; do
   esac
 done
 
-PODMAN=(podman --runtime runc)
 SUFFIX="verify-$$"
-T_START=$(date +%s)
 STEP_START=$T_START
-RESULTS=()
-FAILED=0
 
 log() { printf '\n==> %s\n' "$*"; }
 elapsed() { echo $(( $(date +%s) - STEP_START ))s; }
-pass() { RESULTS+=("PASS  $*"); echo "PASS: $*"; }
-fail() { RESULTS+=("FAIL  $*"); echo "FAIL: $*" >&2; FAILED=1; }
-die() { fail "$*"; exit 1; }
 
 if [[ $(id -u) -ne 0 ]]; then
   echo "run as root (podman with runc, debootstrap, chroot)" >&2
@@ -63,14 +59,6 @@ PG_BIN=/usr/lib/postgresql/15/bin
 REDIS_PIDFILE=""
 CONTAINERS=()
 MOUNTED=()
-summary() {
-  echo
-  echo "================ verify-image summary ================"
-  local r
-  for r in "${RESULTS[@]}"; do echo "$r"; done
-  echo "total time: $(( $(date +%s) - T_START ))s"
-  if [[ $FAILED -eq 0 ]]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; fi
-}
 cleanup() {
   local rc=$?
   set +e
@@ -88,7 +76,7 @@ cleanup() {
   [[ -n "$REDIS_PIDFILE" ]] && rm -f "$REDIS_PIDFILE" "$WORK/redis-$$.log"
   for m in "${MOUNTED[@]}"; do umount -l "$m" 2>/dev/null; done
   [[ $rc -ne 0 && $FAILED -eq 0 ]] && RESULTS+=("FAIL  aborted (exit $rc)") && FAILED=1
-  summary
+  print_summary verify-image
   [[ $FAILED -ne 0 ]] && exit 1
   exit "$rc"
 }
@@ -108,30 +96,18 @@ if [[ ${#need[@]} -gt 0 ]]; then
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}"
 fi
-# podman's default ulimits (nofile/nproc) cannot be set inside this sandbox.
-if [[ ! -f /etc/containers/containers.conf ]]; then
-  mkdir -p /etc/containers
-  printf '[containers]\ndefault_ulimits = []\n' > /etc/containers/containers.conf
-elif ! grep -q default_ulimits /etc/containers/containers.conf; then
-  echo "warning: /etc/containers/containers.conf exists without default_ulimits; leaving it alone" >&2
-fi
+podman_setup
 mkdir -p "$WORK"
 
 # ------------------------------------------------------------ base images ---
 # The names exactly as the Dockerfile's FROM lines spell them (stage aliases skipped).
 mapfile -t FROMS < <(awk 'toupper($1)=="FROM" { for (i=2;i<=NF;i++) if ($i !~ /^--/) { print $i; break } }' "$ROOT/Dockerfile" | sort -u)
-qualify() { # docker.io/library/ prefix, as podman stores unqualified official names
-  local n=$1
-  [[ $n == */* ]] || n="library/$n"
-  [[ ${n%%/*} == *.* || ${n%%/*} == localhost ]] || n="docker.io/$n"
-  echo "$n"
-}
 DEBIAN_IMAGE=""
 RUST_IMAGE=""
 for f in "${FROMS[@]}"; do
   case "$f" in
-    *debian:*) DEBIAN_IMAGE=$(qualify "$f") ;;
-    *rust:*) RUST_IMAGE=$(qualify "$f") ;;
+    *debian:*) DEBIAN_IMAGE=$(qualify_image "$f") ;;
+    *rust:*) RUST_IMAGE=$(qualify_image "$f") ;;
     builder|runtime) ;;
     *) grep -qiE "^FROM .* AS $f\$" "$ROOT/Dockerfile" || die "Dockerfile names an unexpected base image: $f" ;;
   esac
@@ -140,49 +116,14 @@ done
 echo "base images: $DEBIAN_IMAGE, $RUST_IMAGE"
 
 ROOTFS="$WORK/rootfs-bookworm"
-make_rootfs() {
-  [[ -x $ROOTFS/bin/sh && -f $ROOTFS/.verify-image-complete ]] && return
-  rm -rf "$ROOTFS"
-  log "debootstrap --variant=minbase bookworm"
-  debootstrap --variant=minbase bookworm "$ROOTFS" >"$WORK/debootstrap.log" 2>&1 \
-    || { tail -20 "$WORK/debootstrap.log"; die "debootstrap failed"; }
-  # Slim it like the official -slim images: no docs/man/locales now or later.
-  cat >"$ROOTFS/etc/dpkg/dpkg.cfg.d/docker-slim" <<'EOF'
-path-exclude /usr/share/doc/*
-path-include /usr/share/doc/*/copyright
-path-exclude /usr/share/man/*
-path-exclude /usr/share/groff/*
-path-exclude /usr/share/info/*
-path-exclude /usr/share/locale/*
-path-exclude /usr/share/lintian/*
-EOF
-  # The apt settings of the official images: no package caches left in layers.
-  cat >"$ROOTFS/etc/apt/apt.conf.d/docker-clean" <<'EOF2'
-DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
-APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
-Dir::Cache::pkgcache "";
-Dir::Cache::srcpkgcache "";
-EOF2
-  echo 'Acquire::GzipIndexes "true";' >"$ROOTFS/etc/apt/apt.conf.d/docker-gzip-indexes"
-  echo 'Acquire::Languages "none";' >"$ROOTFS/etc/apt/apt.conf.d/docker-no-languages"
-  echo 'Apt::AutoRemove::SuggestsImportant "false";' >"$ROOTFS/etc/apt/apt.conf.d/docker-autoremove-suggests"
-  find "$ROOTFS/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete 2>/dev/null || true
-  rm -rf "$ROOTFS"/usr/share/{man,groff,info,locale,lintian}/* \
-         "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/* \
-         "$ROOTFS"/var/cache/apt/*.bin "$ROOTFS"/var/log/*.log "$ROOTFS"/var/cache/debconf/*-old
-  touch "$ROOTFS/.verify-image-complete"
-}
+make_rootfs() { make_bookworm_rootfs "$ROOTFS" || die "debootstrap failed"; }
 
-if [[ ${REBUILD_BASE:-0} == 1 ]] || ! "${PODMAN[@]}" image exists "$DEBIAN_IMAGE"; then
-  STEP_START=$(date +%s)
-  make_rootfs
-  log "importing $DEBIAN_IMAGE"
-  tar -C "$ROOTFS" --exclude=./.verify-image-complete -c . \
-    | "${PODMAN[@]}" import --change 'CMD ["bash"]' - "$DEBIAN_IMAGE" >/dev/null
-  pass "base image $DEBIAN_IMAGE created from debootstrap ($(elapsed))"
-else
-  pass "base image $DEBIAN_IMAGE already present"
-fi
+STEP_START=$(date +%s)
+case "$(ensure_debian_base "$DEBIAN_IMAGE")" in
+  created) pass "base image $DEBIAN_IMAGE created from debootstrap ($(elapsed))" ;;
+  present) pass "base image $DEBIAN_IMAGE already present" ;;
+  *) die "could not create $DEBIAN_IMAGE" ;;
+esac
 
 if [[ ${REBUILD_BASE:-0} == 1 ]] || ! "${PODMAN[@]}" image exists "$RUST_IMAGE"; then
   STEP_START=$(date +%s)
@@ -213,12 +154,12 @@ if [[ ${REBUILD_BASE:-0} == 1 ]] || ! "${PODMAN[@]}" image exists "$RUST_IMAGE";
   mkdir -p "$RUSTFS/usr/local/rust" "$RUSTFS/usr/local/cargo/bin"
   tar -C "$SYSROOT" --exclude=./share/doc -c . | tar -C "$RUSTFS/usr/local/rust" -x
   log "importing $RUST_IMAGE"
-  tar -C "$RUSTFS" --exclude=./.verify-image-complete -c . | "${PODMAN[@]}" import \
+  import_rootfs "$RUSTFS" "$RUST_IMAGE" \
     --change 'ENV PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV CARGO_HOME=/usr/local/cargo' \
     --change 'ENV RUSTUP_HOME=/usr/local/rustup' \
     --change 'CMD ["bash"]' \
-    - "$RUST_IMAGE" >/dev/null
+    || die "podman import of $RUST_IMAGE failed"
   rm -rf "$RUSTFS"
   "${PODMAN[@]}" run --rm --network host --pull=never "$RUST_IMAGE" cargo --version
   pass "base image $RUST_IMAGE created (debootstrap + gcc + host toolchain $(rustc --version | awk '{print $2}')) ($(elapsed))"
