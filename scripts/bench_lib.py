@@ -650,7 +650,7 @@ def sql_drift() -> list[str]:
         consts["SET_LAST_BATCH_AT"] = _sql_norm(m.group(1))
     claim = set(_script_statements(SCRIPTS / "bench" / "claim.sql"))
     mark = set(_script_statements(SCRIPTS / "bench" / "mark.sql"))
-    wanted = {"LOCK_FENCE": claim, "READ_SCHEDULE": claim, "CLAIM": claim,
+    wanted = {"LOCK_FENCE": claim, "READ_SCHEDULE": claim, "EXPIRE_DUE": claim, "CLAIM": claim,
               "SET_LAST_BATCH_AT": claim, "CLOSE_BATCH": claim, "MARK_SENT": mark}
     drift = []
     for name, statements in wanted.items():

@@ -125,7 +125,7 @@ impl Cli {
                         url,
                         delay: Duration::from_millis(dlr_delay_ms),
                         undelivered_rate,
-                        token: dlr_token,
+                        token: dlr_token.filter(|t| !t.is_empty()),
                     }),
                 };
                 report(mock::run(options, shutdown_signal()).await)

@@ -1,5 +1,5 @@
 -- One claim of the leader, as src/store/queue.rs runs it, for pgbench -M prepared -c 1:
--- the claim transaction (LOCK_FENCE, READ_SCHEDULE, CLAIM, then last_batch_at and
+-- the claim transaction (LOCK_FENCE, READ_SCHEDULE, EXPIRE_DUE, CLAIM, then last_batch_at and
 -- batch_open), and the CLOSE_BATCH statement the leader runs once the batch's results
 -- are recorded (its own statement, autocommit). Same SQL text as the service; each $n
 -- is a pgbench variable (-D batch, interval_ms, window_ms, epoch, replica, token,
@@ -22,10 +22,15 @@ FROM dispatcher_leader l
 CROSS JOIN dispatcher_control c
 CROSS JOIN LATERAL (SELECT coalesce(c.processing_interval_ms, :interval_ms::bigint) AS interval_ms) s
 WHERE l.id = 1 AND c.id = 1;
+UPDATE messages
+SET status = 'expired',
+    last_error = 'expired at ' || (expires_at AT TIME ZONE 'UTC')::text
+                 || ' UTC' || ' before it was sent'
+WHERE status = 'pending' AND expires_at <= now();
 WITH due AS (
     SELECT id FROM messages
     WHERE status = 'pending' AND next_attempt_at <= now()
-    ORDER BY created_at, id
+    ORDER BY priority DESC, created_at, id
     LIMIT :batch
     FOR UPDATE SKIP LOCKED
 )
@@ -34,7 +39,7 @@ SET status = 'sending', claim_epoch = :epoch, claimed_by = :replica, claimed_at 
     claim_token = :token, attempts = m.attempts + 1
 FROM due
 WHERE m.id = due.id
-RETURNING m.id, m.phone_number, m.content, m.attempts, m.created_at;
+RETURNING m.id, m.phone_number, m.content, m.attempts, m.created_at, m.priority, m.expires_at;
 UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true WHERE id = 1;
 COMMIT;
 UPDATE dispatcher_leader

@@ -52,6 +52,46 @@ where
     Ok(body)
 }
 
+/// A body that is one object or an array of 1 to `max` objects, each parsed by
+/// `parse`. Returns the items and whether it was a single object (the answer mirrors
+/// the input); an item's error names its index in an array.
+pub fn one_or_many<T>(
+    body: Value,
+    max: usize,
+    noun: &str,
+    parse: impl Fn(&Value) -> Result<T, ApiError>,
+) -> Result<(Vec<T>, bool), ApiError> {
+    let (items, single) = match body {
+        Value::Array(items) => (items, false),
+        object @ Value::Object(_) => (vec![object], true),
+        _ => {
+            return Err(ApiError::validation(
+                "body",
+                format!("expected a {noun} object or an array of {noun} objects"),
+            ));
+        }
+    };
+    if items.is_empty() || items.len() > max {
+        return Err(ApiError::validation(
+            "body",
+            format!("{} {noun}s in one request; send 1 to {max}", items.len()),
+        ));
+    }
+    let parsed = items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| {
+            let parsed = parse(item);
+            if single {
+                parsed
+            } else {
+                parsed.map_err(|err| err.at_index(index))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((parsed, single))
+}
+
 fn parse(bytes: &[u8]) -> Result<Value, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::BadRequest {

@@ -279,53 +279,19 @@ async fn create(
     header_key: Option<String>,
     body: Value,
 ) -> Result<Response, ApiError> {
-    let (items, single) = match body {
-        Value::Array(items) => (items, false),
-        object @ Value::Object(_) => (vec![object], true),
-        _ => {
-            return Err(ApiError::validation(
-                "body",
-                "expected a message object or an array of message objects",
-            ));
-        }
+    let limits = ContentLimits {
+        max_chars: state.config.message_max_length,
+        max_segments: state.config.message_max_segments,
     };
-    if items.is_empty() {
-        return Err(ApiError::validation(
-            "body",
-            "the array is empty; send at least one message",
-        ));
-    }
-    if items.len() > MAX_CREATE {
-        return Err(ApiError::validation(
-            "body",
-            format!(
-                "{} messages in one request; the maximum is {MAX_CREATE}",
-                items.len()
-            ),
-        ));
-    }
+    let (mut messages, single) = body::one_or_many(body, MAX_CREATE, "message", |item| {
+        parse_new_message(item, limits)
+    })?;
     if header_key.is_some() && !single {
         return Err(ApiError::validation(
             "Idempotency-Key",
             "the Idempotency-Key header applies to a single message; give each array item its own idempotency_key",
         ));
     }
-    let limits = ContentLimits {
-        max_chars: state.config.message_max_length,
-        max_segments: state.config.message_max_segments,
-    };
-    let mut messages = items
-        .iter()
-        .enumerate()
-        .map(|(index, item)| {
-            let parsed = parse_new_message(item, limits);
-            if single {
-                parsed
-            } else {
-                parsed.map_err(|err| err.at_index(index))
-            }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     if let Some(header) = header_key {
         let key = IdempotencyKey::parse(&header)
             .map_err(|err| ApiError::validation("Idempotency-Key", err.to_string()))?;

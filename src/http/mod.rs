@@ -115,13 +115,22 @@ async fn respond(handler: impl Future<Output = Result<Response, ApiError>>) -> R
     }
 }
 
-/// When `API_TOKEN` is set, requires `Authorization: Bearer <token>`, compared in
-/// constant time so the token cannot be guessed byte by byte from response times.
+/// When `API_TOKEN` is set, requires `Authorization: Bearer <token>`.
 fn authorized(state: State) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    bearer_required(state, |config| config.api_token.as_ref())
+}
+
+/// Requires `Authorization: Bearer <token>` when `token` names one (open otherwise),
+/// compared in constant time so the token cannot be guessed byte by byte from
+/// response times.
+fn bearer_required(
+    state: State,
+    token: fn(&crate::config::Config) -> Option<&crate::config::Secret>,
+) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
     warp::header::optional::<String>("authorization")
         .and(with_state(state))
-        .and_then(|header: Option<String>, state: State| async move {
-            let Some(token) = &state.config.api_token else {
+        .and_then(move |header: Option<String>, state: State| async move {
+            let Some(token) = token(&state.config) else {
                 return Ok(());
             };
             let presented = header.as_deref().and_then(bearer_token).unwrap_or("");

@@ -11,7 +11,7 @@ use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
-use super::{ApiError, State, bearer_token, body, constant_time_eq, json, respond, with_state};
+use super::{ApiError, State, bearer_required, body, json, respond, with_state};
 use crate::domain::DeliveryStatus;
 use crate::store::receipts::{Receipt, ReceiptOutcome};
 
@@ -33,21 +33,9 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
 
 /// `DLR_TOKEN` when set, else `API_TOKEN` when set, else open.
 fn authorized(state: State) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
-    warp::header::optional::<String>("authorization")
-        .and(with_state(state))
-        .and_then(|header: Option<String>, state: State| async move {
-            let config = &state.config;
-            let Some(token) = config.dlr_token.as_ref().or(config.api_token.as_ref()) else {
-                return Ok(());
-            };
-            let presented = header.as_deref().and_then(bearer_token).unwrap_or("");
-            if constant_time_eq(presented.as_bytes(), token.expose().as_bytes()) {
-                Ok(())
-            } else {
-                Err(warp::reject::custom(ApiError::Unauthorized))
-            }
-        })
-        .untuple_one()
+    bearer_required(state, |config| {
+        config.dlr_token.as_ref().or(config.api_token.as_ref())
+    })
 }
 
 #[derive(Serialize)]
@@ -57,37 +45,7 @@ struct Answer<'a> {
 }
 
 async fn receive(state: State, body: Value) -> Result<Response, ApiError> {
-    let (items, single) = match body {
-        Value::Array(items) => (items, false),
-        object @ Value::Object(_) => (vec![object], true),
-        _ => {
-            return Err(ApiError::validation(
-                "body",
-                "expected a receipt object or an array of receipt objects",
-            ));
-        }
-    };
-    if items.is_empty() || items.len() > MAX_RECEIPTS {
-        return Err(ApiError::validation(
-            "body",
-            format!(
-                "{} receipts in one request; send 1 to {MAX_RECEIPTS}",
-                items.len()
-            ),
-        ));
-    }
-    let receipts = items
-        .iter()
-        .enumerate()
-        .map(|(index, item)| {
-            let parsed = parse_receipt(item);
-            if single {
-                parsed
-            } else {
-                parsed.map_err(|err| err.at_index(index))
-            }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let (receipts, single) = body::one_or_many(body, MAX_RECEIPTS, "receipt", parse_receipt)?;
     let mut outcomes = Vec::with_capacity(receipts.len());
     for receipt in &receipts {
         let outcome = state.store.record_receipt(receipt).await?;

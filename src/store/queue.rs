@@ -388,7 +388,8 @@ WHERE status = 'sending' AND claim_epoch = $1 AND claim_token = $2";
 const EXPIRE_DUE: &str = "
 UPDATE messages
 SET status = 'expired',
-    last_error = 'expired at ' || to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+    last_error = 'expired at ' || (expires_at AT TIME ZONE 'UTC')::text
+                 || ' UTC'
                  || ' before it was sent'
 WHERE status = 'pending' AND expires_at <= now()";
 
@@ -414,7 +415,8 @@ RETURNING m.id, m.phone_number, m.content, m.attempts, m.created_at, m.priority,
 const MARK_EXPIRED: &str = "
 UPDATE messages
 SET status = 'expired', attempts = greatest(attempts - 1, 0),
-    last_error = 'expired at ' || to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+    last_error = 'expired at ' || (expires_at AT TIME ZONE 'UTC')::text
+                 || ' UTC'
                  || ' while claimed, before it was sent'
 WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
 

@@ -23,6 +23,14 @@ async fn post_json(url: String, body: &Value, headers: &[(&str, &str)]) -> (u16,
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// Posts a message that must be refused with 422 naming `field`; returns the error.
+async fn refused(replica: &Replica, body: &Value, headers: &[(&str, &str)], field: &str) -> Value {
+    let (status, error) = post_json(replica.url("/api/messages"), body, headers).await;
+    assert_eq!(status, 422, "{headers:?} {body}: {error}");
+    assert_eq!(error["error"]["field"], field, "{error}");
+    error
+}
+
 async fn message(replica: &Replica, id: i64) -> Value {
     let (status, body) = replica.get(&format!("/api/messages/{id}")).await;
     assert_eq!(status, 200, "GET message {id}: {body}");
@@ -173,9 +181,7 @@ async fn idempotency_keys_create_one_row_even_racing_through_two_replicas() {
             "idempotency_key",
         ),
     ] {
-        let (status, error) = post_json(r1.url("/api/messages"), &body, &headers).await;
-        assert_eq!(status, 422, "{headers:?} {body}: {error}");
-        assert_eq!(error["error"]["field"], field, "{error}");
+        refused(&r1, &body, &headers, field).await;
     }
 }
 
@@ -257,29 +263,17 @@ async fn send_at_is_respected_and_expired_messages_never_reach_the_provider() {
     assert_eq!(expired_total, Some(1.0));
 
     // expires_at must be after send_at.
-    let (status, error) = post_json(
-        replica.url("/api/messages"),
-        &json!({"phone_number": "+905552220002", "content": "x", "send_at": rfc3339(send_at),
-                "expires_at": rfc3339(send_at)}),
-        &[],
-    )
-    .await;
-    assert_eq!(status, 422);
-    assert_eq!(error["error"]["field"], "expires_at");
+    let body = json!({"phone_number": "+905552220002", "content": "x", "send_at": rfc3339(send_at),
+                      "expires_at": rfc3339(send_at)});
+    refused(&replica, &body, &[], "expires_at").await;
     for bad in [
         "tomorrow",
         "2026-12-01T10:00:00",
         "2026-13-01T10:00:00Z",
         "",
     ] {
-        let (status, error) = post_json(
-            replica.url("/api/messages"),
-            &json!({"phone_number": "+905552220002", "content": "x", "send_at": bad}),
-            &[],
-        )
-        .await;
-        assert_eq!(status, 422, "{bad:?}: {error}");
-        assert_eq!(error["error"]["field"], "send_at");
+        let body = json!({"phone_number": "+905552220002", "content": "x", "send_at": bad});
+        refused(&replica, &body, &[], "send_at").await;
     }
 }
 
@@ -372,14 +366,8 @@ async fn higher_priority_goes_first_and_fifo_within_a_priority() {
     assert_eq!(order, ["c", "e", "d", "a", "b", "f"]);
 
     for bad in [json!(4), json!(-1), json!(1.5), json!("3")] {
-        let (status, error) = post_json(
-            replica.url("/api/messages"),
-            &json!({"phone_number": "+905554440000", "content": "x", "priority": bad}),
-            &[],
-        )
-        .await;
-        assert_eq!(status, 422, "{bad}: {error}");
-        assert_eq!(error["error"]["field"], "priority");
+        let body = json!({"phone_number": "+905554440000", "content": "x", "priority": bad});
+        refused(&replica, &body, &[], "priority").await;
     }
 }
 
@@ -505,14 +493,8 @@ async fn every_message_shows_its_encoding_and_segments() {
     assert_eq!(listed["messages"][0]["segments"], 2);
 
     // 4 segments where 3 are allowed.
-    let (status, error) = post_json(
-        replica.url("/api/messages"),
-        &json!({"phone_number": "+905555550000", "content": "a".repeat(460)}),
-        &[],
-    )
-    .await;
-    assert_eq!(status, 422, "{error}");
-    assert_eq!(error["error"]["field"], "content");
+    let body = json!({"phone_number": "+905555550000", "content": "a".repeat(460)});
+    let error = refused(&replica, &body, &[], "content").await;
     assert!(
         error["error"]["message"]
             .as_str()
