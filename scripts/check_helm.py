@@ -162,7 +162,7 @@ def check_common(objs: list[dict], scenario: str) -> dict:
     check(isinstance(grace, int) and grace > ttl + shutdown,
           f"{scenario}: terminationGracePeriodSeconds {grace} > TTL + SHUTDOWN_TIMEOUT ({ttl + shutdown:g})")
     check(config.get("SERVER_PORT") == str(c["ports"][0]["containerPort"]), f"{scenario}: SERVER_PORT matches containerPort")
-    for key in ("DB_PASSWORD", "REDIS_PASSWORD", "SMS_API_TOKEN", "API_TOKEN", "DATABASE_URL", "REDIS_URL"):
+    for key in ("DB_PASSWORD", "REDIS_PASSWORD", "SMS_API_TOKEN", "API_TOKEN", "DLR_TOKEN", "DATABASE_URL", "REDIS_URL"):
         check(key not in config, f"{scenario}: no credential {key} in the ConfigMap")
 
     svc = by_kind(objs, "Service")

@@ -47,8 +47,17 @@ export BATCH_SIZE="${BATCH_SIZE:-2}"
 export PROCESSING_INTERVAL="${PROCESSING_INTERVAL:-10s}"
 export LOG_FORMAT="${LOG_FORMAT:-json}"
 
-log "starting the mock SMS provider on :$MOCK_PORT"
-nohup "$BIN" mock-provider --port "$MOCK_PORT" >"$STATE/logs/mock-provider.log" 2>&1 &
+PORTS=()
+for wanted in ${API_PORTS:-8081 8082 8083}; do
+  PORTS+=("$(free_port "$wanted")")
+done
+
+# The mock posts a delivery receipt for every accepted message a second later, to the
+# first replica, as a real provider's status callback would.
+log "starting the mock SMS provider on :$MOCK_PORT (delivery receipts to :${PORTS[0]})"
+nohup "$BIN" mock-provider --port "$MOCK_PORT" \
+  --dlr-url "http://127.0.0.1:${PORTS[0]}/api/delivery-receipts" --dlr-delay-ms 1000 \
+  ${API_TOKEN:+--dlr-token "$API_TOKEN"} >"$STATE/logs/mock-provider.log" 2>&1 &
 echo "$!" >>"$STATE/pids"
 wait_http "http://127.0.0.1:$MOCK_PORT/health" 20 || die "mock provider did not start (see $STATE/logs/mock-provider.log)"
 
@@ -56,11 +65,8 @@ log "migrating and seeding ${SEED:-20} demo messages"
 "$BIN" migrate >>"$STATE/logs/migrate.log" 2>&1 || die "migrate failed (see $STATE/logs/migrate.log)"
 "$BIN" seed --count "${SEED:-20}" >>"$STATE/logs/migrate.log" 2>&1
 
-PORTS=()
 i=1
-for wanted in ${API_PORTS:-8081 8082 8083}; do
-  port="$(free_port "$wanted")"
-  PORTS+=("$port")
+for port in "${PORTS[@]}"; do
   SERVER_PORT="$port" REPLICA_ID="replica-$i" nohup "$BIN" serve >"$STATE/logs/replica-$i.log" 2>&1 &
   echo "$!" >>"$STATE/pids"
   i=$((i + 1))
@@ -92,6 +98,7 @@ message-dispatcher is running (BATCH_SIZE=$BATCH_SIZE every $PROCESSING_INTERVAL
   replicas        $(for p in "${PORTS[@]}"; do printf 'http://127.0.0.1:%s  ' "$p"; done)
   status          curl -s http://127.0.0.1:${PORTS[0]}/api/messaging/status
   sent messages   curl -s http://127.0.0.1:${PORTS[0]}/api/messages/sent
+  stats           curl -s http://127.0.0.1:${PORTS[0]}/api/messages/stats
   metrics         curl -s http://127.0.0.1:${PORTS[0]}/metrics
   mock provider   http://127.0.0.1:$MOCK_PORT/deliveries   /stats
   Prometheus      http://127.0.0.1:$PROMETHEUS_PORT   (alerts: /alerts)
