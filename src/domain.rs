@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 /// Why a value was refused; the HTTP layer turns it into a 422 naming the field.
@@ -78,6 +79,67 @@ impl MessageContent {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// An RFC 3339 time with an offset (`2026-12-01T09:30:00Z`, `…T12:30:00.5+03:00`),
+/// kept to whole microseconds as PostgreSQL keeps it. Exactly the strings the OpenAPI
+/// document's pattern admits: `T`/`t`, seconds 00–59, at most 9 fraction digits,
+/// `Z`/`z` or an offset up to ±23:59, and a real calendar date.
+pub fn parse_time(field: &'static str, text: &str) -> Result<DateTime<Utc>, ValidationError> {
+    let refuse = || ValidationError {
+        field,
+        problem: format!(
+            "must be an RFC 3339 time with an offset, like 2026-12-01T09:30:00Z (got {text:?})"
+        ),
+    };
+    let b = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| -> Option<u32> {
+        let part = b.get(range)?;
+        part.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| part.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0')))
+    };
+    let at = |i: usize, allowed: &[u8]| b.get(i).is_some_and(|c| allowed.contains(c));
+    let fixed = digits(0..4).is_some()
+        && at(4, b"-")
+        && digits(5..7).is_some()
+        && at(7, b"-")
+        && digits(8..10).is_some()
+        && at(10, b"Tt")
+        && digits(11..13).is_some_and(|h| h <= 23)
+        && at(13, b":")
+        && digits(14..16).is_some_and(|m| m <= 59)
+        && at(16, b":")
+        && digits(17..19).is_some_and(|s| s <= 59);
+    if !fixed {
+        return Err(refuse());
+    }
+    let mut rest = &text[19..];
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let n = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if !(1..=9).contains(&n) {
+            return Err(refuse());
+        }
+        rest = &fraction[n..];
+    }
+    let offset_ok = match rest.as_bytes() {
+        [b'Z' | b'z'] => true,
+        [b'+' | b'-', h1, h2, b':', m1, m2] => {
+            [h1, h2, m1, m2].iter().all(|d| d.is_ascii_digit())
+                && (h1 - b'0') * 10 + (h2 - b'0') <= 23
+                && (m1 - b'0') * 10 + (m2 - b'0') <= 59
+        }
+        _ => false,
+    };
+    if !offset_ok {
+        return Err(refuse());
+    }
+    // The shape is right; chrono checks the calendar (30 February, leap years).
+    let normalised = text.to_ascii_uppercase();
+    DateTime::parse_from_rfc3339(&normalised)
+        .ok()
+        .and_then(|t| DateTime::from_timestamp_micros(t.timestamp_micros()))
+        .ok_or_else(refuse)
 }
 
 /// A leadership term number from the fence row. Every claim and every result is
@@ -261,6 +323,51 @@ mod tests {
         // 135 UCS-2 characters take 3 segments: within 160 characters, over 2 segments.
         assert!(MessageContent::parse(&"ş".repeat(135), 160, 2).is_err());
         assert!(MessageContent::parse(&"ş".repeat(134), 160, 2).is_ok());
+    }
+
+    #[test]
+    fn rfc3339_times() {
+        let ok = |t: &str| parse_time("t", t).unwrap_or_else(|e| panic!("{t}: {e}"));
+        assert_eq!(
+            ok("2026-12-01T09:30:00Z").to_rfc3339(),
+            "2026-12-01T09:30:00+00:00"
+        );
+        assert_eq!(
+            ok("2026-12-01t12:30:00.5+03:00"),
+            ok("2026-12-01T09:30:00.500Z")
+        );
+        assert_eq!(
+            ok("2026-12-01T09:30:00.123456789z").timestamp_subsec_micros(),
+            123456
+        );
+        ok("2024-02-29T00:00:00Z");
+        ok("2000-02-29T00:00:00Z");
+        ok("0000-01-01T00:00:00+23:59");
+        ok("9999-12-31T23:59:59-23:59");
+        ok("0000-02-29T00:00:00Z");
+        for bad in [
+            "",
+            "tomorrow",
+            "2026-12-01",
+            "2026-12-01T09:30:00",
+            "2026-12-01 09:30:00Z",
+            "2026-13-01T09:30:00Z",
+            "2026-02-29T09:30:00Z",
+            "1900-02-29T09:30:00Z",
+            "2026-04-31T09:30:00Z",
+            "2026-12-01T24:00:00Z",
+            "2026-12-01T09:60:00Z",
+            "2026-12-01T09:30:60Z",
+            "2026-12-01T09:30:00.Z",
+            "2026-12-01T09:30:00.1234567890Z",
+            "2026-12-01T09:30:00+24:00",
+            "2026-12-01T09:30:00+0300",
+            "2026-12-01T09:30:00Zjunk",
+            "+2026-12-01T09:30:00Z",
+            "2026-12-01T09:30:00ż",
+        ] {
+            assert!(parse_time("t", bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -11,7 +11,9 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::{ApiError, State, body, json, respond, with_state};
-use crate::domain::{IdempotencyKey, MessageContent, MessageStatus, PhoneNumber, Priority};
+use crate::domain::{
+    IdempotencyKey, MessageContent, MessageStatus, PhoneNumber, Priority, parse_time,
+};
 use crate::store::queue::{Inserted, ListFilter, Message, NewMessage, StatusChange};
 
 /// Most messages one `POST /api/messages` may create.
@@ -159,13 +161,9 @@ async fn list_sent(state: State, query: HashMap<String, String>) -> Result<Respo
 
 /// The filters of `GET /api/messages`; a bad value is a 400 naming the parameter.
 fn list_filter(query: &HashMap<String, String>) -> Result<ListFilter, ApiError> {
-    let given = |name: &str| {
-        query
-            .get(name)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
-    };
-    let status = match given("status") {
+    // An empty `status=` has always meant "any"; the other filters take what they get.
+    let given = |name: &str| query.get(name).map(String::as_str);
+    let status = match given("status").filter(|v| !v.is_empty()) {
         None => None,
         Some(text) => Some(MessageStatus::parse(text).ok_or_else(|| {
             let known: Vec<&str> = MessageStatus::ALL.iter().map(|s| s.as_str()).collect();
@@ -347,22 +345,6 @@ async fn create(
 struct ContentLimits {
     max_chars: usize,
     max_segments: u32,
-}
-
-/// An RFC 3339 time with an offset, kept to whole microseconds as PostgreSQL keeps it.
-pub(super) fn parse_time(
-    field: &'static str,
-    text: &str,
-) -> Result<DateTime<Utc>, crate::domain::ValidationError> {
-    DateTime::parse_from_rfc3339(text)
-        .ok()
-        .and_then(|t| DateTime::from_timestamp_micros(t.timestamp_micros()))
-        .ok_or_else(|| crate::domain::ValidationError {
-            field,
-            problem: format!(
-                "must be an RFC 3339 time with an offset, like 2026-12-01T09:30:00Z (got {text:?})"
-            ),
-        })
 }
 
 fn parse_new_message(item: &Value, limits: ContentLimits) -> Result<NewMessage, ApiError> {

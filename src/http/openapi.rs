@@ -20,6 +20,14 @@ const WHITESPACE_CLASS: &str =
 /// A duration as `duration::parse` reads it, bounded so every match also fits.
 const DURATION_PATTERN: &str = "^(0|([0-9]{1,6}(\\.[0-9]{1,9})?(ns|us|µs|ms|s|m|h)){1,4})$";
 
+/// RFC 3339 with an offset, as `domain::parse_time` reads it: a real calendar date
+/// (leap years included), `T`, seconds 00–59, up to 9 fraction digits, `Z` or ±HH:MM.
+const RFC3339_PATTERN: &str = concat!(
+    "^(?:[0-9]{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))",
+    "|(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:[02468][048]|[13579][26])00)-02-29)",
+    "[Tt](?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]{1,9})?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$"
+);
+
 const STATUSES: [&str; 6] = [
     "pending",
     "sending",
@@ -177,8 +185,8 @@ fn schemas(max_content_chars: usize) -> Value {
                 "phone_number": {"type": "string", "pattern": "^\\+?[0-9]+$", "minLength": 10, "maxLength": 20},
                 "content": content,
                 "idempotency_key": {"type": ["string", "null"], "pattern": IDEMPOTENCY_KEY_PATTERN, "description": "a repeat with the same key and payload returns the original message (200); a different payload gets 409"},
-                "send_at": {"type": ["string", "null"], "format": "date-time", "description": "not dispatched before this time (RFC 3339 with offset; a past value means now)"},
-                "expires_at": {"type": ["string", "null"], "format": "date-time", "description": "never sent at or after this time (status expired); must be after send_at"},
+                "send_at": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "not dispatched before this time (RFC 3339 with offset; a past value means now)"},
+                "expires_at": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "never sent at or after this time (status expired); must be after send_at"},
                 "priority": {"type": ["integer", "null"], "minimum": 0, "maximum": 3, "description": "SMPP priority_flag, 3 most urgent; default 0"}
             }
         },
@@ -190,7 +198,7 @@ fn schemas(max_content_chars: usize) -> Value {
                 "message_id": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[^\\u0000]*$", "description": "the provider's messageId"},
                 "status": {"enum": ["delivered", "undelivered", "failed"]},
                 "error_code": {"type": ["string", "null"], "minLength": 1, "maxLength": 255, "pattern": "^[^\\u0000]*$"},
-                "delivered_at": {"type": ["string", "null"], "format": "date-time"}
+                "delivered_at": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN}
             }
         },
         "ReceiptOutcome": {
@@ -271,6 +279,25 @@ fn schemas(max_content_chars: usize) -> Value {
                 "messages": {"type": "array", "items": schema_ref("SentMessage")},
                 "total": {"type": "integer"},
                 "next_cursor": {"type": ["integer", "null"]}
+            }
+        },
+        "Activity": {
+            "type": "object",
+            "required": ["from", "until", "seconds"],
+            "description": "sent, failed and retried per second in (from, until]; seconds without activity are left out",
+            "properties": {
+                "from": timestamp,
+                "until": timestamp,
+                "seconds": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["at", "sent", "failed", "retried"],
+                    "properties": {
+                        "at": timestamp,
+                        "sent": {"type": "integer"},
+                        "failed": {"type": "integer"},
+                        "retried": {"type": "integer"}
+                    }
+                }}
             }
         },
         "ControlAnswer": {
@@ -427,8 +454,8 @@ fn paths() -> Value {
                     .chain([
                         json!({"name": "status", "in": "query", "required": false, "schema": {"enum": STATUSES}}),
                         json!({"name": "phone_number", "in": "query", "required": false, "description": "exact number", "schema": {"type": "string", "pattern": "^\\+?[0-9]+$", "minLength": 10, "maxLength": 20}}),
-                        json!({"name": "since", "in": "query", "required": false, "description": "created_at at or after (RFC 3339)", "schema": {"type": "string", "format": "date-time"}}),
-                        json!({"name": "until", "in": "query", "required": false, "description": "created_at before (RFC 3339)", "schema": {"type": "string", "format": "date-time"}})
+                        json!({"name": "since", "in": "query", "required": false, "description": "created_at at or after (RFC 3339)", "schema": {"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}}),
+                        json!({"name": "until", "in": "query", "required": false, "description": "created_at before (RFC 3339)", "schema": {"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}})
                     ])
                     .collect::<Vec<_>>(),
                 "responses": api_errors(responses(&[
@@ -486,6 +513,16 @@ fn paths() -> Value {
             "operationId": "messageStats",
             "security": [{"bearer": []}],
             "responses": api_errors(responses(&[("200", json_response("the stats", schema_ref("Stats")))]))
+        }},
+        "/api/messages/activity": {"get": {
+            "summary": "Sent, failed and retried per second (cluster-wide, the last hour at most), for the operator console's chart",
+            "operationId": "messageActivity",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "minutes", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 60, "default": 15}}],
+            "responses": api_errors(responses(&[
+                ("200", json_response("the window and its seconds with activity", schema_ref("Activity"))),
+                ("400", error_response("bad query parameter"))
+            ]))
         }},
         "/api/messages/{id}/cancel": {"post": {
             "summary": "Cancel a pending message",

@@ -113,7 +113,7 @@ fn parse_receipt(item: &Value) -> Result<Receipt, ApiError> {
     })?;
     let delivered_at = text("delivered_at", false)?
         .map(|t| {
-            super::messages::parse_time("delivered_at", &t)
+            crate::domain::parse_time("delivered_at", &t)
                 .map_err(|err| ApiError::validation(err.field, err.to_string()))
         })
         .transpose()?;
