@@ -128,6 +128,16 @@ impl Replica {
             );
         }
         tasks.spawn(housekeeping(state.clone()).in_current_span());
+        // Stopped after the dispatcher, so its last results are charted too.
+        let activity_stop = CancellationToken::new();
+        tasks.spawn(
+            crate::dispatch::activity::record(
+                state.store.clone(),
+                state.metrics.clone(),
+                activity_stop.clone(),
+            )
+            .in_current_span(),
+        );
 
         let resign = CancellationToken::new();
         let campaign = leadership::Campaign {
@@ -176,6 +186,7 @@ impl Replica {
         tracing::info!("shutdown requested; finishing in-flight work");
         shutdown.cancel();
         let _ = dispatcher_task.await;
+        activity_stop.cancel();
         resign.cancel();
         let _ = elector_task.await;
         if state.schema_ready.load(Ordering::Acquire) {
@@ -286,8 +297,12 @@ async fn tidy_messages(store: &crate::store::Store) {
         ),
         Err(err) => tracing::debug!(error = %err, "held receipts not applied yet"),
     }
-    let pruned = tokio::join!(store.prune_held_receipts(), store.prune_sent_seconds());
-    if let (Err(err), _) | (_, Err(err)) = pruned {
+    let pruned = tokio::join!(
+        store.prune_held_receipts(),
+        store.prune_sent_seconds(),
+        store.prune_activity()
+    );
+    if let (Err(err), _, _) | (_, Err(err), _) | (_, _, Err(err)) = pruned {
         tracing::debug!(error = %err, "pruning skipped");
     }
 }

@@ -1,6 +1,7 @@
 //! The dispatcher (SPEC §6 steps 4–10): while this replica leads, claim a batch when
 //! the cluster's schedule says so, send it, record every result.
 
+pub mod activity;
 mod batch;
 mod pacer;
 mod recorder;

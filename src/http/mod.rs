@@ -5,7 +5,9 @@
 //! every warp rejection goes through [`error::recover`], so no request ever gets a
 //! non-JSON error.
 
+mod activity;
 mod body;
+mod console;
 mod error;
 mod health;
 mod messages;
@@ -38,11 +40,15 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .or(warp::path!("openapi.json")
             .and(warp::get())
             .map(move || openapi::document(max_content_chars)))
+        .unify()
+        .or(console::routes())
         .unify();
     // Receipts authenticate on their own (DLR_TOKEN), so they come before the rest.
     let receipts = warp::path("api").and(receipts::routes(state.clone()));
     let api = warp::path("api").and(authorized(state.clone())).and(
         messaging::routes(state.clone())
+            .or(activity::routes(state.clone()))
+            .unify()
             .or(messages::routes(state))
             .unify(),
     );
@@ -73,7 +79,8 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
 fn method_not_allowed() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path::full().and(warp::method()).and_then(
         |path: warp::path::FullPath, method: warp::http::Method| async move {
-            let allowed = openapi::allowed_methods(path.as_str());
+            let mut allowed = openapi::allowed_methods(path.as_str());
+            allowed.extend(console::allowed_methods(path.as_str()));
             if allowed.is_empty() || allowed.iter().any(|m| m == method.as_str()) {
                 return Err(warp::reject::not_found());
             }

@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_message_lifecycle.sql",
         sql: include_str!("../../sql/0006_message_lifecycle.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_message_activity.sql",
+        sql: include_str!("../../sql/0007_message_activity.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

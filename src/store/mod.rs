@@ -3,6 +3,7 @@
 //! PostgreSQL is the source of truth. Redis only elects; everything that must not be
 //! lost or doubled (claims, results, the fence, the desired state) lives here.
 
+pub mod activity;
 pub mod control;
 pub mod fence;
 pub mod migrations;

@@ -4,6 +4,7 @@
 mod api;
 mod cluster;
 mod config;
+mod console;
 mod dispatch;
 mod failover;
 mod faults;

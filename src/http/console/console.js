@@ -1,0 +1,542 @@
+// The operator console. Plain JavaScript, no build step: everything it shows or does
+// goes through this replica's public /api (relative URLs, so any prefix or load
+// balancer in front keeps working), with the operator's token when API_TOKEN is set.
+// Data is put into the page with textContent only: message contents are user input.
+"use strict";
+
+(() => {
+  const API = "../api/";
+  const TOKEN_KEY = "message-dispatcher.api-token";
+  const REFRESH_MS = 1500; // plus the requests themselves: a view is never older than ~2 s
+  const PAGE_SIZE = 25;
+  const CHART_MINUTES = 15;
+  const STATUSES = ["pending", "sending", "sent", "failed", "expired", "cancelled"];
+
+  const $ = (id) => document.getElementById(id);
+  const el = (tag, props = {}, children = []) => {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props)) {
+      if (key === "text") node.textContent = value;
+      else if (key === "class") node.className = value;
+      else if (key.startsWith("data-") || key.startsWith("aria-")) node.setAttribute(key, value);
+      else node[key] = value;
+    }
+    for (const child of children) node.append(child);
+    return node;
+  };
+
+  // ---------------------------------------------------------------- the API ---
+  let token = sessionStorage.getItem(TOKEN_KEY);
+  let waitingForToken = false;
+
+  class ApiError extends Error {
+    constructor(status, body, fallback) {
+      const error = (body && body.error) || {};
+      super(error.message || fallback || `HTTP ${status}`);
+      this.status = status;
+      this.code = error.code || "";
+      this.field = error.field || null;
+    }
+  }
+
+  async function api(method, path, body) {
+    const headers = { Accept: "application/json" };
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const init = { method, headers, cache: "no-store" };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    let response;
+    try {
+      response = await fetch(API + path, init);
+    } catch (err) {
+      throw new ApiError(0, null, "this replica cannot be reached");
+    }
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (_) {
+      // not JSON: the error below says the status
+    }
+    if (response.status === 401) {
+      askForToken(token
+        ? "The token was refused. Enter the API token of this cluster (API_TOKEN)."
+        : null);
+      throw new ApiError(401, data, "an API token is required");
+    }
+    if (!response.ok) throw new ApiError(response.status, data);
+    return data;
+  }
+
+  // ------------------------------------------------------------------- token ---
+  function askForToken(reason) {
+    waitingForToken = true;
+    $("main").hidden = true;
+    $("token-panel").hidden = false;
+    if (reason) $("token-reason").textContent = reason;
+    setLive("bad", "API token required");
+    if (document.activeElement !== $("token-input")) $("token-input").focus();
+  }
+
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const value = $("token-input").value.trim();
+    if (!value) return;
+    token = value;
+    sessionStorage.setItem(TOKEN_KEY, value);
+    $("token-input").value = "";
+    $("token-panel").hidden = true;
+    $("main").hidden = false;
+    $("forget-token").hidden = false;
+    waitingForToken = false;
+    refreshSoon(0);
+  });
+
+  $("forget-token").addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    token = null;
+    $("forget-token").hidden = true;
+    refreshSoon(0);
+  });
+  $("forget-token").hidden = !token;
+
+  // ---------------------------------------------------------------- helpers ---
+  const pad = (n) => String(n).padStart(2, "0");
+  function formatTime(text) {
+    if (!text) return "–";
+    const t = new Date(text);
+    return `${t.getUTCFullYear()}-${pad(t.getUTCMonth() + 1)}-${pad(t.getUTCDate())} ` +
+      `${pad(t.getUTCHours())}:${pad(t.getUTCMinutes())}:${pad(t.getUTCSeconds())} UTC`;
+  }
+  function formatAge(seconds) {
+    if (seconds === null || seconds === undefined) return "–";
+    const s = Math.max(0, Math.round(seconds));
+    if (s < 60) return `${s} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+    return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+  }
+  const ago = (text) => (text ? `${formatAge((Date.now() - new Date(text)) / 1000)} ago` : "–");
+  const statusBadge = (status) => el("span", { class: `status st-${status}`, text: status });
+
+  function setLive(kind, text) {
+    $("live").className = `live ${kind}`;
+    $("live").textContent = text;
+  }
+  function showBanner(text) {
+    $("banner").hidden = !text;
+    $("banner").textContent = text || "";
+  }
+
+  // Asks before an action that changes the cluster or a message.
+  function confirmAction(title, text, yes) {
+    const dialog = $("confirm");
+    $("confirm-title").textContent = title;
+    $("confirm-text").textContent = text;
+    $("confirm-yes").textContent = yes;
+    return new Promise((resolve) => {
+      dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+      dialog.returnValue = "";
+      dialog.showModal();
+      $("confirm-no").focus();
+    });
+  }
+
+  // ---------------------------------------------------------------- cluster ---
+  let nextBatchAt = null;
+  let running = null;
+
+  function renderStatus(status) {
+    running = status.running;
+    const badge = $("running");
+    badge.textContent = status.running ? "running" : "stopped";
+    badge.className = `badge ${status.running ? "running" : "stopped"}`;
+    const leader = status.leader;
+    $("leader").textContent = leader
+      ? leader.replica_id + (leader.alive ? "" : " (not seen recently: no live leader)")
+      : "none yet";
+    $("epoch").textContent = leader ? leader.epoch : "–";
+    $("leader-since").textContent = leader && leader.since ? `${formatTime(leader.since)} (${ago(leader.since)})` : "–";
+    nextBatchAt = status.next_batch_at ? new Date(status.next_batch_at) : null;
+    $("next-batch").textContent = status.running ? formatTime(status.next_batch_at) : "none: the cluster is stopped";
+    tickCountdown();
+    $("batch-size").textContent = status.batch_size;
+    $("interval").textContent = status.processing_interval;
+    $("served-by").textContent = `served by ${status.this_replica.replica_id}`;
+    $("start").disabled = controlBusy || status.running;
+    $("stop").disabled = controlBusy || !status.running;
+
+    const form = $("config-form");
+    if (!configDirty && !form.contains(document.activeElement)) {
+      $("config-batch-size").value = status.batch_size;
+      $("config-interval").value = status.processing_interval;
+    }
+
+    const body = $("replicas").tBodies[0];
+    const rows = status.replicas.map((replica) => {
+      const roles = [];
+      if (leader && leader.replica_id === replica.replica_id) roles.push("leader");
+      else roles.push("follower");
+      if (replica.replica_id === status.this_replica.replica_id) roles.push("serves this page");
+      return el("tr", { "data-replica": replica.replica_id }, [
+        el("td", { text: replica.replica_id }),
+        el("td", { text: roles.join(", ") }),
+        el("td", { text: replica.version }),
+        el("td", { text: formatTime(replica.started_at) }),
+        el("td", { text: ago(replica.last_seen_at) }),
+      ]);
+    });
+    body.replaceChildren(...rows);
+  }
+
+  function tickCountdown() {
+    const text = !running || !nextBatchAt
+      ? ""
+      : (() => {
+          const left = (nextBatchAt - Date.now()) / 1000;
+          return left <= 0 ? "(due now)" : `(in ${formatAge(Math.ceil(left))})`;
+        })();
+    $("countdown").textContent = text;
+  }
+  setInterval(tickCountdown, 250);
+
+  let controlBusy = false;
+  async function setRunning(start) {
+    const ok = await confirmAction(
+      start ? "Start the cluster?" : "Stop the cluster?",
+      start
+        ? "The leader starts dispatching pending messages again, on the cluster's schedule."
+        : "No new send starts anywhere in the cluster until it is started again. Sends in flight finish.",
+      start ? "Start cluster" : "Stop cluster");
+    if (!ok) return;
+    controlBusy = true;
+    $("start").disabled = $("stop").disabled = true;
+    $("control-result").textContent = start ? "starting…" : "stopping… (answers once the leader can start nothing more)";
+    try {
+      const answer = await api("POST", start ? "messaging/start" : "messaging/stop");
+      $("control-result").textContent = answer.message;
+    } catch (err) {
+      $("control-result").textContent = `Not done: ${err.message}`;
+    } finally {
+      controlBusy = false;
+      refreshSoon(0);
+    }
+  }
+  $("start").addEventListener("click", () => setRunning(true));
+  $("stop").addEventListener("click", () => setRunning(false));
+
+  let configDirty = false;
+  $("config-form").addEventListener("input", () => { configDirty = true; });
+  $("config-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const fields = {
+      batch_size: { input: $("config-batch-size"), error: $("config-batch-size-error") },
+      processing_interval: { input: $("config-interval"), error: $("config-interval-error") },
+    };
+    for (const f of Object.values(fields)) {
+      f.error.textContent = "";
+      f.input.removeAttribute("aria-invalid");
+    }
+    $("config-error").textContent = "";
+    $("config-result").textContent = "";
+    // What was typed goes to the server as it is (a number when it is one): the API
+    // decides what is valid, and its answer is shown next to the field it names.
+    const body = {};
+    const size = fields.batch_size.input.value.trim();
+    if (size !== "") body.batch_size = /^-?\d+(\.\d+)?$/.test(size) ? Number(size) : size;
+    const interval = fields.processing_interval.input.value.trim();
+    if (interval !== "") body.processing_interval = interval;
+    try {
+      const schedule = await api("PUT", "messaging/config", body);
+      configDirty = false;
+      $("config-result").textContent =
+        `Applied: batch size ${schedule.batch_size}, interval ${schedule.processing_interval}.`;
+      refreshSoon(0);
+    } catch (err) {
+      const target = fields[err.field];
+      if (target) {
+        target.error.textContent = err.message;
+        target.input.setAttribute("aria-invalid", "true");
+        target.input.focus();
+      } else {
+        $("config-error").textContent = err.message;
+      }
+    }
+  });
+
+  // ------------------------------------------------------------------ queue ---
+  function renderStats(stats) {
+    const counts = STATUSES.map((status) =>
+      el("div", { class: "count", "data-status": status }, [
+        el("div", { class: "n", text: String(stats.by_status[status] ?? 0) }),
+        el("div", { class: "label", text: status }),
+      ]));
+    $("counts").replaceChildren(...counts);
+    $("oldest-pending").textContent = stats.oldest_pending_age_seconds === null
+      ? "none pending" : formatAge(stats.oldest_pending_age_seconds);
+    $("scheduled").textContent = stats.scheduled;
+    $("sent-minute").textContent = stats.sent_last_minute;
+    $("sent-hour").textContent = stats.sent_last_hour;
+    const d = stats.delivery;
+    $("delivery").textContent =
+      `${d.delivered} delivered · ${d.undelivered} undelivered · ${d.failed} failed · ${d.awaiting} awaiting`;
+  }
+
+  let chart = null;
+  function chartWidth() {
+    return Math.max(280, $("chart").clientWidth);
+  }
+  function renderActivity(activity) {
+    // The API lists only seconds with activity; the chart shows every second.
+    const from = Math.floor(new Date(activity.from) / 1000) + 1;
+    const until = Math.floor(new Date(activity.until) / 1000);
+    const n = Math.max(0, until - from + 1);
+    const x = new Array(n), sent = new Array(n).fill(0), failed = new Array(n).fill(0), retried = new Array(n).fill(0);
+    for (let i = 0; i < n; i++) x[i] = from + i;
+    const totals = { sent: 0, failed: 0, retried: 0 };
+    for (const s of activity.seconds) {
+      const i = Math.floor(new Date(s.at) / 1000) - from;
+      if (i < 0 || i >= n) continue;
+      sent[i] += s.sent; failed[i] += s.failed; retried[i] += s.retried;
+      totals.sent += s.sent; totals.failed += s.failed; totals.retried += s.retried;
+    }
+    $("chart-summary").textContent =
+      `Last ${CHART_MINUTES} minutes, whole cluster: ${totals.sent} sent, ${totals.failed} failed, ${totals.retried} retried.`;
+    const data = [x, sent, failed, retried];
+    if (typeof uPlot === "undefined") return;
+    if (chart) {
+      chart.setData(data);
+      return;
+    }
+    chart = new uPlot({
+      width: chartWidth(),
+      height: 220,
+      tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), "Etc/UTC"),
+      scales: { y: { range: (u, min, max) => [0, Math.max(1, max)] } },
+      series: [
+        { label: "time (UTC)" },
+        { label: "sent/s", stroke: "#0a6b2c", width: 1.5, fill: "rgba(10,107,44,.08)" },
+        { label: "failed/s", stroke: "#b3261e", width: 1.5 },
+        { label: "retried/s", stroke: "#8a4b00", width: 1.5, dash: [6, 3] },
+      ],
+      axes: [
+        { values: (u, splits) => splits.map((ts) => formatTime(new Date(ts * 1000).toISOString()).slice(11, 16)) },
+        { label: "per second", size: 50 },
+      ],
+    }, data, $("chart"));
+    new ResizeObserver(() => chart.setSize({ width: chartWidth(), height: 220 })).observe($("chart"));
+  }
+
+  // --------------------------------------------------------------- messages ---
+  const view = { status: "", phone: "", id: null, cursor: null, older: [], nextCursor: null };
+  let selected = null;
+
+  function listPath() {
+    const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
+    if (view.status) params.set("status", view.status);
+    if (view.phone) params.set("phone_number", view.phone);
+    if (view.cursor) params.set("cursor", String(view.cursor));
+    return `messages?${params}`;
+  }
+
+  async function loadMessages() {
+    if (view.id !== null) {
+      try {
+        const message = await api("GET", `messages/${view.id}`);
+        renderMessages({ messages: [message], total: 1, next_cursor: null });
+      } catch (err) {
+        if (err.status !== 404) throw err;
+        renderMessages({ messages: [], total: 0, next_cursor: null }, `No message ${view.id}.`);
+      }
+      return;
+    }
+    try {
+      renderMessages(await api("GET", listPath()));
+      $("filter-error").textContent = "";
+    } catch (err) {
+      if (err.status === 400) {
+        $("filter-error").textContent = err.message;
+        renderMessages({ messages: [], total: 0, next_cursor: null }, "No results: see the error above.");
+        return;
+      }
+      throw err;
+    }
+  }
+
+  function renderMessages(page, empty) {
+    const rows = page.messages.map((m) => {
+      const open = el("button", { type: "button", class: "id-button", text: String(m.id), "aria-label": `Message ${m.id}: details` });
+      open.addEventListener("click", () => openDetail(m.id));
+      const content = m.content.length > 80 ? `${m.content.slice(0, 80)}…` : m.content;
+      return el("tr", { "data-id": String(m.id), "data-status": m.status, class: selected === m.id ? "selected" : "" }, [
+        el("td", {}, [open]),
+        el("td", {}, [statusBadge(m.status)]),
+        el("td", { text: m.phone_number }),
+        el("td", { class: "content", text: content }),
+        el("td", { text: String(m.attempts) }),
+        el("td", { text: formatTime(m.created_at) }),
+        el("td", { class: "wide-only", text: formatTime(m.sent_at) }),
+        el("td", { class: "wide-only delivery", "data-delivery": m.delivery_status || "", text: m.delivery_status || "–" }),
+      ]);
+    });
+    if (rows.length === 0) {
+      rows.push(el("tr", {}, [el("td", { colSpan: 8, class: "muted", text: empty || "No messages match." })]));
+    }
+    $("messages").tBodies[0].replaceChildren(...rows);
+    view.nextCursor = page.next_cursor;
+    $("page-older").disabled = !page.next_cursor;
+    $("page-first").disabled = view.cursor === null;
+    const pageNo = view.older.length + 1;
+    $("page-info").textContent = view.id !== null
+      ? `message ${view.id}`
+      : `page ${pageNo} · ${page.total} matching`;
+  }
+
+  $("filter-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const search = $("filter-search").value.trim();
+    view.status = $("filter-status").value;
+    view.cursor = null;
+    view.older = [];
+    view.id = null;
+    view.phone = "";
+    // An id is short digits; anything else is a phone number, checked by the API.
+    if (/^\d{1,9}$/.test(search)) view.id = Number(search);
+    else view.phone = search;
+    $("filter-error").textContent = "";
+    refreshSoon(0);
+  });
+  $("filter-status").addEventListener("change", () => $("filter-form").requestSubmit());
+  $("filter-clear").addEventListener("click", () => {
+    $("filter-search").value = "";
+    $("filter-status").value = "";
+    $("filter-form").requestSubmit();
+  });
+  $("page-older").addEventListener("click", () => {
+    if (!view.nextCursor) return;
+    view.older.push(view.cursor);
+    view.cursor = view.nextCursor;
+    refreshSoon(0);
+  });
+  $("page-first").addEventListener("click", () => {
+    view.cursor = null;
+    view.older = [];
+    refreshSoon(0);
+  });
+
+  // ----------------------------------------------------------------- detail ---
+  const DETAIL_FIELDS = [
+    ["status", "Status"], ["phone_number", "Phone number"], ["content", "Content"],
+    ["attempts", "Attempts"], ["last_error", "Last error"], ["message_id", "Provider id"],
+    ["priority", "Priority"], ["encoding", "Encoding"], ["segments", "Segments"],
+    ["created_at", "Created"], ["send_at", "Send at"], ["next_attempt_at", "Next attempt"],
+    ["expires_at", "Expires at"], ["sent_at", "Sent"], ["cached_at", "Cached (Redis)"],
+    ["delivery_status", "Delivery status"], ["delivered_at", "Delivered"],
+    ["delivery_error", "Delivery error"], ["idempotency_key", "Idempotency key"],
+  ];
+
+  async function openDetail(id) {
+    selected = id;
+    $("detail-result").textContent = "";
+    $("detail").hidden = false;
+    await loadDetail();
+    $("detail").focus();
+  }
+
+  async function loadDetail() {
+    if (selected === null) return;
+    const m = await api("GET", `messages/${selected}`);
+    $("detail-title").textContent = `Message ${m.id}`;
+    const items = [];
+    for (const [key, label] of DETAIL_FIELDS) {
+      let value = m[key];
+      if (key.endsWith("_at")) value = value ? formatTime(value) : "–";
+      else if (value === null || value === undefined || value === "") value = "–";
+      const dd = key === "status" ? el("dd", { "data-field": key }, [statusBadge(m.status)]) : el("dd", { "data-field": key, text: String(value) });
+      items.push(el("dt", { text: label }), dd);
+    }
+    $("detail-fields").replaceChildren(...items);
+    $("detail").dataset.status = m.status;
+    $("detail-retry").hidden = m.status !== "failed";
+    $("detail-cancel").hidden = m.status !== "pending";
+    for (const row of $("messages").tBodies[0].rows) {
+      row.classList.toggle("selected", row.dataset.id === String(m.id));
+    }
+  }
+
+  async function messageAction(action) {
+    const id = selected;
+    if (action === "cancel") {
+      const ok = await confirmAction(`Cancel message ${id}?`, "It will never be sent. This cannot be undone.", "Cancel message");
+      if (!ok) return;
+    }
+    try {
+      const m = await api("POST", `messages/${id}/${action}`);
+      $("detail-result").textContent = action === "retry"
+        ? `Message ${m.id} is ${m.status} again and will be sent on the cluster's schedule.`
+        : `Message ${m.id} is ${m.status}.`;
+    } catch (err) {
+      $("detail-result").textContent = `Not done: ${err.message}`;
+    }
+    refreshSoon(0);
+  }
+  $("detail-retry").addEventListener("click", () => messageAction("retry"));
+  $("detail-cancel").addEventListener("click", () => messageAction("cancel"));
+  $("detail-close").addEventListener("click", () => {
+    selected = null;
+    $("detail").hidden = true;
+    for (const row of $("messages").tBodies[0].rows) row.classList.remove("selected");
+  });
+
+  // ---------------------------------------------------------------- refresh ---
+  let timer = null;
+  let refreshing = false;
+  let again = false;
+
+  async function refresh() {
+    if (refreshing) {
+      again = true;
+      return;
+    }
+    refreshing = true;
+    try {
+      const results = await Promise.allSettled([
+        api("GET", "messaging/status").then(renderStatus),
+        api("GET", "messages/stats").then(renderStats),
+        api("GET", `messages/activity?minutes=${CHART_MINUTES}`).then(renderActivity),
+        loadMessages(),
+        loadDetail(),
+      ]);
+      const failure = results.find((r) => r.status === "rejected");
+      if (waitingForToken) {
+        showBanner("");
+      } else if (failure) {
+        const err = failure.reason;
+        setLive("bad", "not updating");
+        showBanner(err.status === 0
+          ? "This replica cannot be reached; the view is stale. Retrying every 2 s."
+          : `The API answered an error: ${err.message}`);
+      } else {
+        showBanner("");
+        setLive("ok", `live · updated ${formatTime(new Date().toISOString()).slice(11)}`);
+      }
+    } finally {
+      refreshing = false;
+    }
+    if (again) {
+      again = false;
+      refreshSoon(0);
+    } else {
+      refreshSoon(REFRESH_MS);
+    }
+  }
+
+  function refreshSoon(delay) {
+    clearTimeout(timer);
+    if (waitingForToken && delay !== 0) return;
+    timer = setTimeout(refresh, delay);
+  }
+
+  refreshSoon(0);
+})();
