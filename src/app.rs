@@ -284,8 +284,6 @@ async fn prepare_database(
     }
 }
 
-/// Every few seconds: check the dependencies (gauges, logs) and refresh this replica's
-/// registry heartbeat and the desired-state gauge.
 /// Applies delivery receipts that arrived before their message's send result, and
 /// drops what the stats no longer read. Every replica does it; each step is idempotent.
 async fn tidy_messages(store: &crate::store::Store) {
@@ -307,6 +305,8 @@ async fn tidy_messages(store: &crate::store::Store) {
     }
 }
 
+/// Every few seconds: check the dependencies (gauges, logs), refresh this replica's
+/// registry heartbeat and the desired-state gauge, and tidy the message tables.
 async fn housekeeping(state: Arc<AppState>) {
     let mut database_up = true;
     loop {

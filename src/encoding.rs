@@ -66,18 +66,20 @@ fn segments(units: impl Iterator<Item = u32> + Clone, single: u32, concatenated:
 }
 
 pub fn segment(text: &str) -> Segmentation {
-    if text.chars().all(|c| gsm7_septets(c).is_some()) {
-        let units = text.chars().map(|c| gsm7_septets(c).unwrap_or(1));
-        Segmentation {
+    let septets: Option<Vec<u32>> = text.chars().map(gsm7_septets).collect();
+    match septets {
+        Some(septets) => Segmentation {
             encoding: Encoding::Gsm7,
-            segments: segments(units, GSM7_SINGLE, GSM7_CONCATENATED),
-        }
-    } else {
-        let units = text.chars().map(|c| c.len_utf16() as u32);
-        Segmentation {
+            segments: segments(septets.into_iter(), GSM7_SINGLE, GSM7_CONCATENATED),
+        },
+        None => Segmentation {
             encoding: Encoding::Ucs2,
-            segments: segments(units, UCS2_SINGLE, UCS2_CONCATENATED),
-        }
+            segments: segments(
+                text.chars().map(|c| c.len_utf16() as u32),
+                UCS2_SINGLE,
+                UCS2_CONCATENATED,
+            ),
+        },
     }
 }
 

@@ -517,9 +517,12 @@ impl Store {
             .map(Message::from_row)
             .collect();
         created.sort_by_key(|m| m.id);
-        let created_ids: std::collections::HashSet<i64> = created.iter().map(|m| m.id).collect();
+        // Taken out as items claim them: a key repeated within this request finds its
+        // row already taken, so only its first item counts as having created it.
+        let mut created_ids: std::collections::HashSet<i64> =
+            created.iter().map(|m| m.id).collect();
         let given: Vec<&str> = keys.iter().flatten().copied().collect();
-        let mut by_key: std::collections::HashMap<String, Message> = if given.is_empty() {
+        let by_key: std::collections::HashMap<String, Message> = if given.is_empty() {
             Default::default()
         } else {
             let sql = format!(
@@ -538,7 +541,7 @@ impl Store {
         for (index, new) in messages.iter().enumerate() {
             let message = match &new.idempotency_key {
                 None => keyless.next(),
-                Some(key) => by_key.get_mut(key.as_str()).map(|m| m.clone()),
+                Some(key) => by_key.get(key.as_str()).cloned(),
             };
             let Some(message) = message else {
                 return Err(StoreError::Invariant(format!(
@@ -551,11 +554,7 @@ impl Store {
                     existing_id: message.id,
                 });
             }
-            // A key repeated within this request: only its first item created the row.
-            let created = created_ids.contains(&message.id)
-                && !rows
-                    .iter()
-                    .any(|(m, _): &(Message, bool)| m.id == message.id);
+            let created = created_ids.remove(&message.id);
             rows.push((message, created));
         }
         tx.commit().await?;
@@ -602,18 +601,9 @@ impl Store {
              WHERE {filters} AND ($5::bigint IS NULL OR id < $5)
              ORDER BY id DESC LIMIT $6"
         );
+        let paging: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&cursor, &(limit + 1)];
         let mut messages: Vec<Message> = client
-            .query(
-                &sql,
-                &[
-                    params[0],
-                    params[1],
-                    params[2],
-                    params[3],
-                    &cursor,
-                    &(limit + 1),
-                ],
-            )
+            .query(&sql, &[&params[..], &paging[..]].concat())
             .await?
             .iter()
             .map(Message::from_row)
