@@ -365,7 +365,8 @@ WHERE",
 );
 
 /// Rows the provider accepted but whose result never reached PostgreSQL, learned
-/// from the delivery cache: recorded as sent instead of being sent again.
+/// from the delivery cache: recorded as sent instead of being sent again. Each row is
+/// found by its primary key (the guard is written as in [`MARK_SENT_GROUP`]).
 const RECORD_KNOWN_DELIVERIES: &str = "
 UPDATE messages AS m
 SET status = 'sent', sent_at = d.sent_at, provider_message_id = d.provider_id,
@@ -374,7 +375,7 @@ FROM unnest($2::bigint[], $3::bigint[], $4::timestamptz[], $5::text[])
          AS d(id, claim_epoch, sent_at, provider_id),
      dispatcher_leader l
 WHERE l.id = 1 AND l.epoch = $1::bigint
-  AND m.id = d.id AND m.status = 'sending' AND m.claim_epoch = d.claim_epoch";
+  AND m.id = d.id AND (m.status = 'sending') IS TRUE AND m.claim_epoch = d.claim_epoch";
 
 /// Claimed by a claim whose COMMIT reply was lost: never sent, so back to pending
 /// with the attempt uncounted.
@@ -427,12 +428,20 @@ WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
 
 /// MARK_SENT for many rows in one statement, each guarded as MARK_SENT is; returns the
 /// rows that were still ours.
-const MARK_SENT_GROUP: &str = "
+///
+/// `(m.status = 'sending') IS TRUE` is the guard written so that it cannot be an index
+/// condition: each row is found by its primary key. Written plainly, the planner (which
+/// rarely sees `sending` rows in the statistics) scanned the whole `sending` range of
+/// the `(status, id)` index and hashed it, and that range keeps an entry for every row
+/// claimed since the table's last vacuum until a scan marks it dead: 11 ms instead of
+/// 2.5 ms for a group of 140 after 28,000 rows had been through `sending`. Public so
+/// that a test can check the plan.
+pub const MARK_SENT_GROUP: &str = "
 UPDATE messages AS m
 SET status = 'sent', sent_at = r.sent_at, provider_message_id = r.provider_id, last_error = NULL
 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[])
          AS r(id, epoch, sent_at, provider_id)
-WHERE m.id = r.id AND m.status = 'sending' AND m.claim_epoch = r.epoch
+WHERE m.id = r.id AND (m.status = 'sending') IS TRUE AND m.claim_epoch = r.epoch
 RETURNING m.id";
 
 const MARK_RETRY: &str = "
@@ -449,11 +458,12 @@ SET status = 'failed', last_error = $3
 WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
 
 /// Claimed but never sent: back to pending, and the attempt that never happened is
-/// not counted.
+/// not counted. Each row is found by its primary key (the guard is written as in
+/// [`MARK_SENT_GROUP`]).
 const RELEASE_UNSENT: &str = "
 UPDATE messages
 SET status = 'pending', attempts = greatest(attempts - 1, 0)
-WHERE id = ANY($1) AND status = 'sending' AND claim_epoch = $2";
+WHERE id = ANY($1) AND (status = 'sending') IS TRUE AND claim_epoch = $2";
 
 /// Seconds since the oldest pending message that is due (scheduled ones count once
 /// their `send_at` has come) was created: one probe of the claim index per priority.

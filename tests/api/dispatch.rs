@@ -9,7 +9,9 @@ use message_dispatcher::config::Config;
 use message_dispatcher::domain::Epoch;
 use message_dispatcher::store::Store;
 use message_dispatcher::store::control::OverrideChange;
-use message_dispatcher::store::queue::{Claim, KnownDelivery, RescuePolicy, Schedule};
+use message_dispatcher::store::queue::{
+    Claim, KnownDelivery, MARK_SENT_GROUP, RescuePolicy, Schedule,
+};
 
 use crate::support::replica::run_command;
 use crate::support::{TestEnv, wait_for};
@@ -601,6 +603,62 @@ async fn a_frozen_transaction_on_the_fence_row_does_not_block_the_next_leader() 
         tx.commit().await.is_err(),
         "the frozen transaction was ended by the server"
     );
+}
+
+/// The group result write finds each row by its primary key, whatever the statistics
+/// say. It once scanned the `sending` range of the `(status, id)` index, which keeps an
+/// entry for every row claimed since the last vacuum until a scan marks it dead (see
+/// `MARK_SENT_GROUP`). Here 20,000 rows have been through `sending` since the statistics
+/// were taken, as in a drain, and the prepared statement's generic plan (what a pooled
+/// connection runs from its sixth execution on) is checked, then run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_results_are_written_by_primary_key_lookups() {
+    let env = TestEnv::start().await;
+    let (status, output) = run_command(&["migrate"], &env.base_env());
+    assert!(status.success(), "{output}");
+    let ids = env.insert_messages(20_100).await;
+    let db = env.db().await;
+    db.batch_execute(
+        "ANALYZE messages;
+         UPDATE messages SET status = 'sending', claim_epoch = 1, claimed_at = now(), attempts = 1;
+         UPDATE messages SET status = 'sent', sent_at = now() WHERE id <= (SELECT min(id) + 19999 FROM messages);
+         SET plan_cache_mode = force_generic_plan;",
+    )
+    .await
+    .unwrap();
+    let group: Vec<i64> = ids[20_000..].to_vec();
+    let epochs = vec![1_i64; group.len()];
+    let times = vec![Utc::now(); group.len()];
+    let provider_ids: Vec<String> = group.iter().map(|id| format!("p-{id}")).collect();
+    let statement = db.prepare(MARK_SENT_GROUP).await.unwrap();
+    let explain = db
+        .prepare(&format!("EXPLAIN (FORMAT TEXT) {MARK_SENT_GROUP}"))
+        .await
+        .unwrap();
+    let plan: Vec<String> = db
+        .query(&explain, &[&group, &epochs, &times, &provider_ids])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Scan using messages_pkey") && !plan.contains("messages_status_id_idx"),
+        "the group write must look rows up by primary key:\n{plan}"
+    );
+    let written = db
+        .query(&statement, &[&group, &epochs, &times, &provider_ids])
+        .await
+        .unwrap();
+    assert_eq!(written.len(), group.len(), "every row of the group written");
+    assert_eq!(env.count("sent").await, 20_100);
+    // The guard still holds: a row of another epoch, or no longer `sending`, is not ours.
+    let again = db
+        .query(&statement, &[&group, &epochs, &times, &provider_ids])
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "rows already sent are not written again");
 }
 
 #[test]
