@@ -169,9 +169,9 @@ impl Replica {
             settings: dispatch_settings(&config),
             wake: state.wake.clone(),
             pacer: Default::default(),
-            recorder: crate::dispatch::Recorder::start(state.store.clone()),
+            recorder: crate::dispatch::Recorder::new(state.store.clone()),
         };
-        let dispatcher_task = tokio::spawn(dispatcher.run(shutdown.clone()).in_current_span());
+        let dispatcher_task = dispatcher.spawn(shutdown.clone())?;
 
         let fatal = async {
             match fatal_rx.await {

@@ -19,7 +19,7 @@
 //! to row-by-row writes without the provider's values.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::Retryable;
@@ -48,14 +48,28 @@ struct Entry {
 pub struct Recorder {
     tx: mpsc::Sender<Entry>,
     flush: Arc<Notify>,
+    /// What the writing task needs, until [`Recorder::start`] spawns it.
+    idle: Mutex<Option<(Store, mpsc::Receiver<Entry>)>>,
 }
 
 impl Recorder {
-    pub fn start(store: Store) -> Self {
+    /// A recorder whose writing task is not running yet: the dispatcher starts it on
+    /// its own runtime, next to the sends (see `Dispatcher::spawn`).
+    pub fn new(store: Store) -> Self {
         let (tx, rx) = mpsc::channel(MAX_UNRECORDED);
-        let flush = Arc::new(Notify::new());
-        tokio::spawn(record_groups(store, rx, flush.clone()));
-        Self { tx, flush }
+        Self {
+            tx,
+            flush: Arc::new(Notify::new()),
+            idle: Mutex::new(Some((store, rx))),
+        }
+    }
+
+    /// Spawns the writing task on the current runtime (once; later calls do nothing).
+    pub fn start(&self) {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((store, rx)) = idle {
+            tokio::spawn(record_groups(store, rx, self.flush.clone()));
+        }
     }
 
     /// Writes the group gathering now instead of at its linger's end: for a batch
