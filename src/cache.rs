@@ -2,10 +2,12 @@
 //! send. Best effort by design: a Redis failure here never fails or delays a send,
 //! and readers treat a missing entry as "not cached".
 //!
-//! The entry is written the moment the provider accepts, before the result is
-//! recorded in PostgreSQL. So when a result never reaches PostgreSQL (the leader was
-//! cut off from it, or stopped while holding results), the leader that rescues the row
-//! finds the entry and records the message as sent instead of sending it again. The
+//! The entry is handed to a writer task the moment the provider accepts, and written
+//! within [`WRITE_LINGER`] (in one pipeline with the others of that moment), so
+//! normally before the result, which lingers longer in its own group, is recorded in
+//! PostgreSQL. So when a result never reaches PostgreSQL (the leader was cut off from
+//! it, or stopped while holding results), the leader that rescues the row finds the
+//! entry and records the message as sent instead of sending it again. The
 //! entry carries the row's `created_at`, so an entry left over from another database
 //! with the same ids is never mistaken for this row's delivery.
 
@@ -15,6 +17,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use fred::prelude::*;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use crate::store::queue::{KnownDelivery, RescueCandidate};
 
@@ -36,16 +39,32 @@ struct Entry {
 #[derive(Clone)]
 pub struct DeliveryCache {
     client: Client,
-    ttl: Duration,
+    /// Entries on their way to the writer task (see [`write_entries`]).
+    writes: mpsc::Sender<Entry>,
 }
+
+/// How long the writer gathers entries after the first before it writes them, in one
+/// pipeline: one round trip (and one wake-up of the writer) for many sends instead of
+/// one each. The crash window it adds is this small against the recorder's own.
+const WRITE_LINGER: Duration = Duration::from_millis(5);
+/// The most entries one pipeline carries.
+const WRITE_GROUP_MAX: usize = 256;
+/// Entries waiting for the writer; beyond it an entry is dropped (the cache is best
+/// effort: a send never waits for it).
+const WRITE_QUEUE: usize = 8192;
 
 fn key(id: i64) -> String {
     format!("delivery:{id}")
 }
 
 impl DeliveryCache {
+    /// Starts the writer task on the current runtime (the main one), so writes handed
+    /// over by the dispatcher's own runtime still finish when that one stops.
     pub fn new(client: Client, ttl: Duration) -> Self {
-        Self { client, ttl }
+        let (writes, queued) = mpsc::channel(WRITE_QUEUE);
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+        tokio::spawn(write_entries(client.clone(), ttl, queued));
+        Self { client, writes }
     }
 
     /// Records a delivery in the background; the caller never waits for Redis.
@@ -56,34 +75,19 @@ impl DeliveryCache {
         provider_message_id: Option<String>,
         sent_at: DateTime<Utc>,
     ) {
-        let client = self.client.clone();
-        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX).max(1);
-        tokio::spawn(async move {
-            let entry = Entry {
+        let entry = Entry {
+            message_id,
+            provider_message_id,
+            sent_at,
+            cached_at: Utc::now(),
+            created_at: Some(created_at),
+        };
+        if self.writes.try_send(entry).is_err() {
+            tracing::debug!(
                 message_id,
-                provider_message_id,
-                sent_at,
-                cached_at: Utc::now(),
-                created_at: Some(created_at),
-            };
-            let Ok(value) = serde_json::to_string(&entry) else {
-                return;
-            };
-            let write = client.set::<(), _, _>(
-                key(message_id),
-                value,
-                Some(Expiration::EX(ttl)),
-                None,
-                false,
+                "delivery not cached: the cache writer is behind"
             );
-            match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => {
-                    tracing::debug!(message_id, error = %err.details(), "delivery not cached")
-                }
-                Err(_) => tracing::debug!(message_id, "delivery not cached: Redis too slow"),
-            }
-        });
+        }
     }
 
     /// `cached_at` for each id that has an entry; empty when Redis is unavailable.
@@ -129,5 +133,50 @@ impl DeliveryCache {
             .zip(values)
             .filter_map(|(id, value)| Some((*id, serde_json::from_str(&value?).ok()?)))
             .collect()
+    }
+}
+
+/// Writes remembered deliveries, many per pipeline: a group gathers for
+/// [`WRITE_LINGER`] after its first entry (or until [`WRITE_GROUP_MAX`]). Stops when
+/// every [`DeliveryCache`] is gone.
+async fn write_entries(client: Client, ttl: i64, mut queued: mpsc::Receiver<Entry>) {
+    let mut group = Vec::with_capacity(WRITE_GROUP_MAX);
+    while let Some(first) = queued.recv().await {
+        group.push(first);
+        let deadline = tokio::time::sleep(WRITE_LINGER);
+        tokio::pin!(deadline);
+        while group.len() < WRITE_GROUP_MAX {
+            tokio::select! {
+                entry = queued.recv() => match entry {
+                    Some(entry) => group.push(entry),
+                    None => break,
+                },
+                () = &mut deadline => break,
+            }
+        }
+        let pipeline = client.pipeline();
+        for entry in group.drain(..) {
+            let Ok(value) = serde_json::to_string(&entry) else {
+                continue;
+            };
+            // Queued in memory; nothing goes out before `try_all`.
+            let _: Result<(), _> = pipeline
+                .set(
+                    key(entry.message_id),
+                    value,
+                    Some(Expiration::EX(ttl)),
+                    None,
+                    false,
+                )
+                .await;
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, pipeline.try_all::<Value>()).await {
+            Ok(results) => {
+                if let Some(Err(err)) = results.into_iter().find(Result::is_err) {
+                    tracing::debug!(error = %err.details(), "deliveries not cached");
+                }
+            }
+            Err(_) => tracing::debug!("deliveries not cached: Redis too slow"),
+        }
     }
 }
