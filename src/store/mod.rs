@@ -118,6 +118,53 @@ pub struct Store {
     connect: Arc<(tokio_postgres::Config, MakeRustlsConnect)>,
 }
 
+/// Opens the pool's connections on the runtime the store was made on (the main one),
+/// whichever runtime asks for one. The dispatcher runs on a runtime of its own and
+/// checks connections out too; a connection opened there would have its socket and
+/// its I/O task on that runtime, so it would break when the dispatcher stops at
+/// shutdown (while the API and the registry still use the pool), and API queries on it
+/// would wait behind the sends.
+struct ConnectOnHome {
+    tls: MakeRustlsConnect,
+    /// `None` when the store was made outside a runtime: then where it is asked.
+    home: Option<tokio::runtime::Handle>,
+}
+
+impl deadpool_postgres::Connect for ConnectOnHome {
+    fn connect(
+        &self,
+        pg_config: &tokio_postgres::Config,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let tls = self.tls.clone();
+        let pg_config = pg_config.clone();
+        let open = async move {
+            let (client, connection) = pg_config.connect(tls).await?;
+            let io = tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::warn!(error = %err, "PostgreSQL connection ended");
+                }
+            });
+            Ok((client, io))
+        };
+        let home = self.home.clone();
+        Box::pin(async move {
+            let Some(home) = home else {
+                return open.await;
+            };
+            match home.spawn(open).await {
+                Ok(opened) => opened,
+                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                // The main runtime is shutting down: no connection; the pool's create
+                // timeout answers the caller.
+                Err(_) => std::future::pending().await,
+            }
+        })
+    }
+}
+
 impl Store {
     pub fn new(config: &DatabaseConfig) -> anyhow::Result<Self> {
         let mut pg = match &config.url {
@@ -160,9 +207,12 @@ impl Store {
         }
         let connector = tls::connector(config.ssl_mode)?;
         let connect = Arc::new((pg.clone(), connector.clone()));
-        let manager = Manager::from_config(
+        let manager = Manager::from_connect(
             pg,
-            connector,
+            ConnectOnHome {
+                tls: connector,
+                home: tokio::runtime::Handle::try_current().ok(),
+            },
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
