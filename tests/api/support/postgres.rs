@@ -106,9 +106,26 @@ fn template() -> PathBuf {
     root.join("data")
 }
 
+/// How many ports `start` tries. A port found free can be taken before the server
+/// binds it, by another test's outgoing connection (those take their local ports from
+/// the same ephemeral range); the server then exits at once.
+const START_ATTEMPTS: usize = 5;
+
+/// What became of a server being started.
+enum Started {
+    Ready,
+    /// The process exited (its port was taken, most likely).
+    Exited,
+}
+
 impl Postgres {
     /// A fresh cluster with an empty `dispatcher` database.
     pub async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    /// [`Postgres::start`], trying `port` first and other free ports after it.
+    pub async fn start_on(port: u16) -> Self {
         let dir = TempDir::new("pg");
         let status = Command::new("cp")
             .arg("-a")
@@ -120,11 +137,20 @@ impl Postgres {
         chown_to_server_user(dir.path());
         let mut pg = Self {
             dir,
-            port: free_port(),
+            port,
             child: None,
         };
-        pg.spawn();
-        pg.wait_ready().await;
+        for attempt in 1.. {
+            pg.spawn();
+            match pg.ready_or_exited().await {
+                Started::Ready => break,
+                Started::Exited if attempt < START_ATTEMPTS => pg.port = free_port(),
+                Started::Exited => panic!(
+                    "PostgreSQL exited at start on {START_ATTEMPTS} ports; its log:\n{}",
+                    pg.log()
+                ),
+            }
+        }
         pg.admin()
             .await
             .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
@@ -193,19 +219,50 @@ impl Postgres {
         self.child = Some(command.spawn().expect("start postgres"));
     }
 
-    async fn wait_ready(&self) {
-        let port = self.port;
-        wait_for(
-            "PostgreSQL to accept connections",
-            Duration::from_secs(30),
-            || async move {
-                tokio_postgres::connect(&conninfo(port, "postgres"), NoTls)
+    async fn wait_ready(&mut self) {
+        if let Started::Exited = self.ready_or_exited().await {
+            panic!("PostgreSQL exited at start; its log:\n{}", self.log());
+        }
+    }
+
+    /// Waits (30 s at most) until this server, and not another one on the same port,
+    /// accepts connections, or until its process has exited.
+    async fn ready_or_exited(&mut self) -> Started {
+        let data = self.data_dir();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|child| child.try_wait().ok().flatten().is_some());
+            if exited {
+                return Started::Exited;
+            }
+            // Bounded: whatever holds the port may accept and never answer.
+            let probe = async {
+                let (client, connection) =
+                    tokio_postgres::connect(&conninfo(self.port, "postgres"), NoTls)
+                        .await
+                        .ok()?;
+                tokio::spawn(connection);
+                let row = client
+                    .query_one("SELECT current_setting('data_directory')", &[])
                     .await
-                    .ok()
-                    .map(|_| ())
-            },
-        )
-        .await;
+                    .ok()?;
+                Some(PathBuf::from(row.get::<_, String>(0)))
+            };
+            let serves = tokio::time::timeout(Duration::from_secs(1), probe).await;
+            if serves.ok().flatten().is_some_and(|dir| dir == data) {
+                return Started::Ready;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after 30s waiting for PostgreSQL on port {} to accept connections; its log:\n{}",
+                self.port,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A connection to the `postgres` database.
@@ -267,4 +324,15 @@ async fn connect(port: u16, database: &str) -> Client {
         let _ = connection.await;
     });
     client
+}
+
+/// A port taken between `free_port` and the server's bind (see [`START_ATTEMPTS`])
+/// no longer fails the test that drew it: the server comes up on another port.
+#[tokio::test]
+async fn a_taken_port_moves_the_server_to_another() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let pg = Postgres::start_on(port).await;
+    assert_ne!(pg.port, port);
+    pg.client().await.simple_query("SELECT 1").await.unwrap();
 }
