@@ -22,15 +22,62 @@ impl Redis {
 
     /// A server with extra arguments, e.g. `["--replicaof", "127.0.0.1 6379"]`.
     pub async fn start_with(args: &[&str]) -> Self {
+        Self::start_on(free_port(), args).await
+    }
+
+    /// [`Redis::start_with`], trying `port` first: as the PostgreSQL harness does, a
+    /// port taken between `free_port` and the bind (the server then exits at once) is
+    /// replaced by another, a few times over.
+    pub async fn start_on(port: u16, args: &[&str]) -> Self {
         let mut redis = Self {
             dir: TempDir::new("redis"),
-            port: free_port(),
+            port,
             child: None,
             args: args.iter().map(|a| a.to_string()).collect(),
         };
-        redis.spawn();
-        redis.wait_ready().await;
+        for attempt in 1.. {
+            redis.spawn();
+            if redis.ready_or_exited().await {
+                break;
+            }
+            assert!(
+                attempt < 5,
+                "redis-server exited at start on 5 ports; its log:\n{}",
+                redis.log()
+            );
+            redis.port = free_port();
+        }
         redis
+    }
+
+    /// Waits (20 s at most) until this server answers PING (true), or until its
+    /// process has exited (false). The answer counts only once its own log says it
+    /// listens, so another test's server on the same port is never taken for it.
+    async fn ready_or_exited(&mut self) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|child| child.try_wait().ok().flatten().is_some());
+            if exited {
+                return false;
+            }
+            if self.log().contains("Ready to accept connections") && ping(self.port) {
+                return true;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after 20s waiting for Redis on port {}; its log:\n{}",
+                self.port,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
     /// SIGKILL: the server is gone at once, with whatever it had not replicated.
@@ -126,4 +173,14 @@ fn ping(port: u16) -> bool {
     }
     let mut buf = [0u8; 7];
     stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// A port taken between `free_port` and the bind no longer fails the test that drew it.
+#[tokio::test]
+async fn a_taken_port_moves_the_server_to_another() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let redis = Redis::start_on(port, &[]).await;
+    assert_ne!(redis.port, port);
+    assert!(ping(redis.port));
 }
