@@ -22,7 +22,7 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -99,6 +99,44 @@ where
         assert!(
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many ports a test server's start tries. A port `free_port` found free can be
+/// taken before the server binds it, by another test's outgoing connection (those take
+/// their local ports from the same ephemeral range); the server then exits at once.
+pub const START_ATTEMPTS: usize = 5;
+
+/// Polls until `ready` says the server answers (true), or until the server's process
+/// `child` has exited (false); after `timeout`, panics with `what` and the server's
+/// `log`.
+pub async fn ready_or_exited<Fut>(
+    what: &str,
+    timeout: Duration,
+    child: &mut Option<Child>,
+    mut ready: impl FnMut() -> Fut,
+    log: impl Fn() -> String,
+) -> bool
+where
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let exited = child
+            .as_mut()
+            .is_some_and(|child| child.try_wait().ok().flatten().is_some());
+        if exited {
+            return false;
+        }
+        if ready().await {
+            return true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; its log:\n{}",
+            log()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

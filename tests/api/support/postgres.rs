@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
 
-use super::{TempDir, die_with_test, free_port, signal, wait_for};
+use super::{START_ATTEMPTS, TempDir, die_with_test, free_port, ready_or_exited, signal, wait_for};
 
 pub const DATABASE: &str = "dispatcher";
 
@@ -106,18 +106,6 @@ fn template() -> PathBuf {
     root.join("data")
 }
 
-/// How many ports `start` tries. A port found free can be taken before the server
-/// binds it, by another test's outgoing connection (those take their local ports from
-/// the same ephemeral range); the server then exits at once.
-const START_ATTEMPTS: usize = 5;
-
-/// What became of a server being started.
-enum Started {
-    Ready,
-    /// The process exited (its port was taken, most likely).
-    Exited,
-}
-
 impl Postgres {
     /// A fresh cluster with an empty `dispatcher` database.
     pub async fn start() -> Self {
@@ -142,14 +130,15 @@ impl Postgres {
         };
         for attempt in 1.. {
             pg.spawn();
-            match pg.ready_or_exited().await {
-                Started::Ready => break,
-                Started::Exited if attempt < START_ATTEMPTS => pg.port = free_port(),
-                Started::Exited => panic!(
-                    "PostgreSQL exited at start on {START_ATTEMPTS} ports; its log:\n{}",
-                    pg.log()
-                ),
+            if pg.ready_or_exited().await {
+                break;
             }
+            assert!(
+                attempt < START_ATTEMPTS,
+                "PostgreSQL exited at start on {START_ATTEMPTS} ports; its log:\n{}",
+                pg.log()
+            );
+            pg.port = free_port();
         }
         pg.admin()
             .await
@@ -220,49 +209,24 @@ impl Postgres {
     }
 
     async fn wait_ready(&mut self) {
-        if let Started::Exited = self.ready_or_exited().await {
+        if !self.ready_or_exited().await {
             panic!("PostgreSQL exited at start; its log:\n{}", self.log());
         }
     }
 
     /// Waits (30 s at most) until this server, and not another one on the same port,
-    /// accepts connections, or until its process has exited.
-    async fn ready_or_exited(&mut self) -> Started {
-        let data = self.data_dir();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let exited = self
-                .child
-                .as_mut()
-                .is_some_and(|child| child.try_wait().ok().flatten().is_some());
-            if exited {
-                return Started::Exited;
-            }
-            // Bounded: whatever holds the port may accept and never answer.
-            let probe = async {
-                let (client, connection) =
-                    tokio_postgres::connect(&conninfo(self.port, "postgres"), NoTls)
-                        .await
-                        .ok()?;
-                tokio::spawn(connection);
-                let row = client
-                    .query_one("SELECT current_setting('data_directory')", &[])
-                    .await
-                    .ok()?;
-                Some(PathBuf::from(row.get::<_, String>(0)))
-            };
-            let serves = tokio::time::timeout(Duration::from_secs(1), probe).await;
-            if serves.ok().flatten().is_some_and(|dir| dir == data) {
-                return Started::Ready;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out after 30s waiting for PostgreSQL on port {} to accept connections; its log:\n{}",
-                self.port,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    /// accepts connections (true), or until its process has exited (false).
+    async fn ready_or_exited(&mut self) -> bool {
+        let (port, data) = (self.port, self.data_dir());
+        let log = self.dir.path().join("postgres.log");
+        ready_or_exited(
+            &format!("PostgreSQL on port {port} to accept connections"),
+            Duration::from_secs(30),
+            &mut self.child,
+            || serves(port, data.clone()),
+            || std::fs::read_to_string(&log).unwrap_or_default(),
+        )
+        .await
     }
 
     /// A connection to the `postgres` database.
@@ -324,6 +288,24 @@ async fn connect(port: u16, database: &str) -> Client {
         let _ = connection.await;
     });
     client
+}
+
+/// Whether the server on `port` is the one with the data directory `data`. Bounded:
+/// whatever holds the port may accept and never answer.
+async fn serves(port: u16, data: PathBuf) -> bool {
+    let probe = async {
+        let (client, connection) = tokio_postgres::connect(&conninfo(port, "postgres"), NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(connection);
+        let row = client
+            .query_one("SELECT current_setting('data_directory')", &[])
+            .await
+            .ok()?;
+        Some(PathBuf::from(row.get::<_, String>(0)))
+    };
+    let serving = tokio::time::timeout(Duration::from_secs(1), probe).await;
+    serving.ok().flatten().is_some_and(|dir| dir == data)
 }
 
 /// A port taken between `free_port` and the server's bind (see [`START_ATTEMPTS`])

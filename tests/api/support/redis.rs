@@ -5,7 +5,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{TempDir, die_with_test, free_port, signal, wait_for};
+use super::{START_ATTEMPTS, TempDir, die_with_test, free_port, ready_or_exited, signal, wait_for};
 
 pub struct Redis {
     dir: TempDir,
@@ -41,8 +41,8 @@ impl Redis {
                 break;
             }
             assert!(
-                attempt < 5,
-                "redis-server exited at start on 5 ports; its log:\n{}",
+                attempt < START_ATTEMPTS,
+                "redis-server exited at start on {START_ATTEMPTS} ports; its log:\n{}",
                 redis.log()
             );
             redis.port = free_port();
@@ -54,26 +54,20 @@ impl Redis {
     /// process has exited (false). The answer counts only once its own log says it
     /// listens, so another test's server on the same port is never taken for it.
     async fn ready_or_exited(&mut self) -> bool {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let exited = self
-                .child
-                .as_mut()
-                .is_some_and(|child| child.try_wait().ok().flatten().is_some());
-            if exited {
-                return false;
-            }
-            if self.log().contains("Ready to accept connections") && ping(self.port) {
-                return true;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out after 20s waiting for Redis on port {}; its log:\n{}",
-                self.port,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let port = self.port;
+        let log = self.dir.path().join("redis.log");
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        ready_or_exited(
+            &format!("Redis on port {port} to answer PING"),
+            Duration::from_secs(20),
+            &mut self.child,
+            || {
+                let ready = read_log().contains("Ready to accept connections") && ping(port);
+                async move { ready }
+            },
+            read_log,
+        )
+        .await
     }
 
     fn log(&self) -> String {
@@ -111,16 +105,6 @@ impl Redis {
         );
     }
 
-    async fn wait_ready(&self) {
-        let port = self.port;
-        wait_for(
-            "Redis to answer PING",
-            Duration::from_secs(20),
-            || async move { ping(port).then_some(()) },
-        )
-        .await;
-    }
-
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
@@ -140,7 +124,11 @@ impl Redis {
     pub async fn start_again(&mut self) {
         assert!(self.child.is_none(), "Redis is still running");
         self.spawn();
-        self.wait_ready().await;
+        assert!(
+            self.ready_or_exited().await,
+            "redis-server exited at restart; its log:\n{}",
+            self.log()
+        );
     }
 
     /// Runs a command with redis-cli and returns its output.
