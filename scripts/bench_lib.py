@@ -681,7 +681,7 @@ def pg_reference(concurrency: int, n: int, batch: int, ttl_s: float, timeout_s: 
     claim = pgbench(["-c", "1", "-j", "1", "-t", str(claims),
                      "-D", f"batch={batch}", "-D", "interval_ms=0", "-D", f"window_ms={window_ms}",
                      "-D", "epoch=1", "-D", "replica=pgbench", "-D", "token=42",
-                     "-D", "ages={0,1000,2000}",
+                     "-D", "ages={0,1000,2000}", "-D", "opened_at=2026-01-01T00:00:00Z",
                      "-f", str(SCRIPTS / "bench" / "claim.sql")], db)
     sending = int(psql("SELECT count(*) FROM messages WHERE status = 'sending' AND claim_epoch = 1", db))
     if sending != n:

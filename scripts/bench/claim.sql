@@ -3,7 +3,7 @@
 -- batch_open), and the CLOSE_BATCH statement the leader runs once the batch's results
 -- are recorded (its own statement, autocommit). Same SQL text as the service; each $n
 -- is a pgbench variable (-D batch, interval_ms, window_ms, epoch, replica, token,
--- ages), which -M prepared binds as a parameter, as the service does.
+-- ages, opened_at), which -M prepared binds as a parameter, as the service does.
 -- bench_lib.py checks before every run that these statements still match
 -- src/store/queue.rs.
 BEGIN;
@@ -40,10 +40,10 @@ SET status = 'sending', claim_epoch = :epoch, claimed_by = :replica, claimed_at 
 FROM due
 WHERE m.id = due.id
 RETURNING m.id, m.phone_number, m.content, m.attempts, m.created_at, m.priority, m.expires_at;
-UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true WHERE id = 1;
+UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true WHERE id = 1 RETURNING last_batch_at;
 COMMIT;
 UPDATE dispatcher_leader
-SET batch_open = false,
+SET batch_open = batch_open AND last_batch_at IS DISTINCT FROM :opened_at,
     recent_sends = ARRAY(SELECT clock_timestamp() - age * interval '1 microsecond'
                          FROM unnest(:ages::bigint[]) AS age)
 WHERE id = 1 AND epoch = :epoch;

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use backon::Retryable;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -22,7 +23,7 @@ use crate::metrics::{
 use crate::provider::SendOutcome;
 use crate::retry::connect_backoff;
 use crate::store::StoreError;
-use crate::store::queue::{ClaimedMessage, Recorded, Schedule};
+use crate::store::queue::{ClaimedMessage, OpenedBatch, Recorded, Schedule};
 
 /// `last_error` when PostgreSQL refused the provider's own text.
 const UNSTORABLE_ERROR: &str = "the provider's answer could not be stored; see the replica's log";
@@ -33,7 +34,7 @@ enum Delivered {
     Recording {
         id: i64,
         without_id: bool,
-        outcome: tokio::sync::oneshot::Receiver<Recorded>,
+        outcome: oneshot::Receiver<Recorded>,
     },
 }
 
@@ -52,13 +53,22 @@ enum Fate {
 }
 
 impl Dispatcher {
+    /// Runs one batch to its end: sends, results recorded, unsent claims released,
+    /// batch closed. `sends_done` fires once every send has its answer (or never
+    /// started), so the caller can claim the next batch while this one's last results
+    /// are still being recorded.
     pub(super) async fn run_batch(
         &self,
         term: &Term,
         schedule: Schedule,
-        messages: Vec<ClaimedMessage>,
+        batch: OpenedBatch,
         shutdown: &CancellationToken,
+        sends_done: oneshot::Sender<()>,
     ) {
+        let OpenedBatch {
+            messages,
+            opened_at,
+        } = batch;
         let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
         let span = tracing::info_span!("batch", epoch = term.epoch.0, size = ids.len(), ids = ?ids);
         async {
@@ -72,6 +82,7 @@ impl Dispatcher {
                     .buffered(self.settings.send_concurrency)
                     .collect::<Vec<Delivered>>()
                     .await;
+                let _ = sends_done.send(());
                 self.recorder.flush();
                 futures::future::join_all(delivered.into_iter().map(|d| self.settle(d))).await
             };
@@ -96,7 +107,7 @@ impl Dispatcher {
             // An abandoned batch (shutdown grace over) stays open: sends of unknown
             // outcome may still be on the wire.
             if fates.is_some() {
-                self.close_batch(term, schedule).await;
+                self.close_batch(term, schedule, opened_at).await;
             }
 
             let outcome = match &fates {
@@ -379,11 +390,11 @@ impl Dispatcher {
     /// Marks the batch finished in the fence row with the start times of the newest
     /// sends, for the next leader's pacer (retrying while PostgreSQL is down, as
     /// results are). A batch left open makes the next leader wait a full interval.
-    async fn close_batch(&self, term: &Term, schedule: Schedule) {
+    async fn close_batch(&self, term: &Term, schedule: Schedule, opened_at: DateTime<Utc>) {
         let close = || {
             let ages = self.pacer.recent_ages_us(schedule.batch_size as usize);
             let store = self.store.clone();
-            async move { store.close_batch(term.epoch, &ages).await }
+            async move { store.close_batch(term.epoch, opened_at, &ages).await }
         };
         let closed = close
             .retry(connect_backoff().with_max_times(10))

@@ -6,6 +6,8 @@ mod batch;
 mod pacer;
 mod recorder;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,8 +59,15 @@ pub struct Dispatcher {
     pub recorder: Recorder,
 }
 
+/// The rest of a batch whose sends are all done: its last results being recorded,
+/// its unsent claims released, its close.
+type Settling<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
+
 /// What the dispatch loop remembers between claims.
-struct LoopState {
+struct LoopState<'a> {
+    /// The previous batch, finishing while the next one is claimed and sent (at most
+    /// one: a batch's sends end only once the one before it has settled).
+    settling: Option<Settling<'a>>,
     /// The term the fields below belong to.
     epoch: Option<Epoch>,
     /// Since when claims have failed in this term (PostgreSQL unreachable, pool
@@ -70,6 +79,15 @@ struct LoopState {
     /// token, so its rows can be returned before the next claim.
     in_doubt: Option<(Epoch, i64)>,
     db_ok: bool,
+}
+
+impl LoopState<'_> {
+    /// Waits for the previous batch to settle, if one is settling.
+    async fn finish_settling(&mut self) {
+        if let Some(settling) = self.settling.take() {
+            settling.await;
+        }
+    }
 }
 
 impl Dispatcher {
@@ -106,6 +124,7 @@ impl Dispatcher {
         self.recorder.start();
         let mut terms = self.leadership.subscribe();
         let mut state = LoopState {
+            settling: None,
             epoch: None,
             claims_failing_since: None,
             next_rescue: Instant::now(),
@@ -114,6 +133,7 @@ impl Dispatcher {
         };
         while !shutdown.is_cancelled() {
             let Some(term) = self.leadership.current() else {
+                state.finish_settling().await;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     changed = terms.changed() => if changed.is_err() { break },
@@ -130,6 +150,7 @@ impl Dispatcher {
             }
             let wait = self.step(&term, &shutdown, &mut state).await;
             if !wait.is_zero() {
+                debug_assert!(state.settling.is_none(), "a wait follows no batch");
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(wait) => {}
@@ -138,16 +159,54 @@ impl Dispatcher {
                 }
             }
         }
+        state.finish_settling().await;
         tracing::info!("dispatcher stopped");
     }
 
-    /// One claim attempt and, if it yields a batch, the batch. Returns how long to
-    /// wait before the next attempt.
-    async fn step(
-        &self,
+    /// One claim attempt and, if it yields a batch, that batch's sends, while the
+    /// previous batch (if any) settles. Returns how long to wait before the next
+    /// attempt; zero after a batch, whose own settling is then left in `state`.
+    ///
+    /// Why the overlap: at the end of a batch the last group of results is written,
+    /// then the batch closes. Done before the next claim, those statements and the
+    /// claim ran one after the other with no send in flight, the provider and this
+    /// replica idle for a third of each batch at `BATCH_SIZE` 500. The next claim
+    /// does not depend on them: the rows it takes are `pending`, and a close that
+    /// comes after a newer batch opened leaves that batch open (`CLOSE_BATCH`).
+    /// Delivery order is kept: the next batch is claimed only once every send of the
+    /// previous one has its answer.
+    async fn step<'a>(
+        &'a self,
         term: &Term,
-        shutdown: &CancellationToken,
-        state: &mut LoopState,
+        shutdown: &'a CancellationToken,
+        state: &mut LoopState<'a>,
+    ) -> Duration {
+        let mut previous = state.settling.take();
+        if Instant::now() >= state.next_rescue {
+            // The rescue returns our own epoch's claims once they are as old as the
+            // rescue wait. A long batch's rows can be that old while their results
+            // are still being recorded: the rescue must not see them (it would put
+            // them back to pending, and they would be sent again).
+            if let Some(previous) = previous.take() {
+                previous.await;
+            }
+        }
+        let settle_previous = async {
+            if let Some(previous) = previous {
+                previous.await;
+            }
+        };
+        let (wait, ()) = tokio::join!(self.claim_and_send(term, shutdown, state), settle_previous);
+        wait
+    }
+
+    /// One claim attempt and, if it yields a batch, its sends; the batch's settling
+    /// goes to `state`. Returns how long to wait before the next attempt.
+    async fn claim_and_send<'a>(
+        &'a self,
+        term: &Term,
+        shutdown: &'a CancellationToken,
+        state: &mut LoopState<'a>,
     ) -> Duration {
         let settings = &self.settings;
         match self.claim_and_rescue(term, state).await {
@@ -161,9 +220,21 @@ impl Dispatcher {
                     .scheduler_running
                     .set(i64::from(!matches!(result.claim, Claim::Stopped)));
                 match result.claim {
-                    Claim::Batch(messages) => {
-                        self.run_batch(term, result.schedule, messages, shutdown)
-                            .await;
+                    Claim::Batch(batch) => {
+                        let (sends_done, on_sends_done) = oneshot::channel();
+                        let term = term.clone();
+                        let schedule = result.schedule;
+                        let mut run: Settling<'a> = Box::pin(async move {
+                            self.run_batch(&term, schedule, batch, shutdown, sends_done)
+                                .await;
+                        });
+                        tokio::select! {
+                            biased;
+                            () = &mut run => {}
+                            // Dropped unsent only when the batch ends without its sends
+                            // (shutdown grace over): `run` finishes at once then.
+                            _ = on_sends_done => state.settling = Some(run),
+                        }
                         // Back to back when the interval is 0; otherwise the next
                         // claim learns how long to wait.
                         Duration::ZERO
@@ -199,7 +270,7 @@ impl Dispatcher {
     async fn claim_and_rescue(
         &self,
         term: &Term,
-        state: &mut LoopState,
+        state: &mut LoopState<'_>,
     ) -> Result<Option<crate::store::queue::ClaimResult>, StoreError> {
         if let Some((epoch, token)) = state.in_doubt {
             let released = self.store.release_claim(epoch, token).await?;

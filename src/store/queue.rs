@@ -198,11 +198,19 @@ impl Schedule {
     }
 }
 
+/// A claimed batch: its rows, oldest first, and its start (`last_batch_at`), which
+/// names it when it closes.
+#[derive(Debug)]
+pub struct OpenedBatch {
+    pub messages: Vec<ClaimedMessage>,
+    pub opened_at: DateTime<Utc>,
+}
+
 /// What one claim attempt found.
 #[derive(Debug)]
 pub enum Claim {
-    /// Rows moved to `sending` under our epoch, oldest first; `last_batch_at` was set.
-    Batch(Vec<ClaimedMessage>),
+    /// Rows moved to `sending` under our epoch; the batch is open.
+    Batch(OpenedBatch),
     /// The cluster's previous batch was less than an interval ago.
     NotDue(Duration),
     /// The desired state is stopped.
@@ -312,16 +320,21 @@ CROSS JOIN dispatcher_control c
 CROSS JOIN LATERAL (SELECT coalesce(c.processing_interval_ms, $2::bigint) AS interval_ms) s
 WHERE l.id = 1 AND c.id = 1";
 
-/// Records the batch start (the cluster's rhythm) and marks the batch open.
-const OPEN_BATCH: &str = "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true WHERE id = 1";
+/// Records the batch start (the cluster's rhythm) and marks the batch open. The start
+/// also names the batch: see [`CLOSE_BATCH`].
+const OPEN_BATCH: &str = "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true WHERE id = 1 RETURNING last_batch_at";
 
-/// Marks the batch finished (only if we still hold the epoch that opened it) and
-/// records when its newest sends started: `$2` holds their ages in microseconds on
-/// this replica's clock just before the statement was sent, so the stored times are
-/// at or after the real ones (a new leader waits a little long, never too short).
+/// Records when the newest sends started (only if we still hold the epoch that opened
+/// the batch), and marks the batch finished unless a newer one (another `last_batch_at`)
+/// has opened since: the leader claims its next batch while the previous one's last
+/// results are still being recorded, and an open batch tells a new leader that sends
+/// may have started up to the old term's end. `$2` holds the sends' ages in
+/// microseconds on this replica's clock just before the statement was sent, so the
+/// stored times are at or after the real ones (a new leader waits a little long,
+/// never too short).
 const CLOSE_BATCH: &str = "
 UPDATE dispatcher_leader
-SET batch_open = false,
+SET batch_open = batch_open AND last_batch_at IS DISTINCT FROM $3,
     recent_sends = ARRAY(SELECT clock_timestamp() - age * interval '1 microsecond'
                          FROM unnest($2::bigint[]) AS age)
 WHERE id = 1 AND epoch = $1";
@@ -860,9 +873,14 @@ impl Store {
         let claim = if messages.is_empty() {
             Claim::Empty
         } else {
-            tx.execute(&tx.prepare_cached(OPEN_BATCH).await?, &[])
-                .await?;
-            Claim::Batch(messages)
+            let opened_at = tx
+                .query_one(&tx.prepare_cached(OPEN_BATCH).await?, &[])
+                .await?
+                .get(0);
+            Claim::Batch(OpenedBatch {
+                messages,
+                opened_at,
+            })
         };
         tx.commit().await?;
         Ok(result(claim, expired))
@@ -1031,14 +1049,16 @@ impl Store {
         })
     }
 
-    /// Closes the batch this epoch opened (every send is done and recorded) and
-    /// records when the newest sends started, `recent_send_ages_us` microseconds ago.
+    /// Closes the batch this epoch opened at `opened_at` (every send is done and
+    /// recorded) unless a newer one is open, and records when the newest sends
+    /// started, `recent_send_ages_us` microseconds ago.
     pub async fn close_batch(
         &self,
         epoch: Epoch,
+        opened_at: DateTime<Utc>,
         recent_send_ages_us: &[i64],
     ) -> Result<(), StoreError> {
-        self.execute_prepared(CLOSE_BATCH, &[&epoch.0, &recent_send_ages_us])
+        self.execute_prepared(CLOSE_BATCH, &[&epoch.0, &recent_send_ages_us, &opened_at])
             .await?;
         Ok(())
     }

@@ -10,7 +10,7 @@ use message_dispatcher::domain::Epoch;
 use message_dispatcher::store::Store;
 use message_dispatcher::store::control::OverrideChange;
 use message_dispatcher::store::queue::{
-    Claim, KnownDelivery, MARK_SENT_GROUP, RescuePolicy, Schedule,
+    Claim, KnownDelivery, MARK_SENT_GROUP, OpenedBatch, RescuePolicy, Schedule,
 };
 
 use crate::support::replica::run_command;
@@ -419,7 +419,8 @@ async fn parallel_claimers_never_share_a_row() {
                     .unwrap()
                     .claim
                 {
-                    Claim::Batch(messages) => {
+                    Claim::Batch(batch) => {
+                        let messages = batch.messages;
                         assert!(messages.len() <= 7);
                         mine.extend(messages.iter().map(|m| m.id));
                     }
@@ -448,6 +449,81 @@ async fn parallel_claimers_never_share_a_row() {
         .await
         .unwrap();
     assert!(matches!(refused.claim, Claim::Fenced(_)), "{refused:?}");
+}
+
+/// The batch of a claim that must have taken one.
+fn opened(claim: Claim) -> OpenedBatch {
+    match claim {
+        Claim::Batch(batch) => batch,
+        other => panic!("expected a batch, got {other:?}"),
+    }
+}
+
+/// The leader claims its next batch while the previous one's last results are being
+/// recorded, so batches close out of step with their opening: a close that comes after
+/// a newer batch opened must leave the newer one open (a new leader that finds it open
+/// waits out the old term, since that batch's sends may still start), and the newest
+/// batch's close closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_batch_leaves_a_newer_open_batch_open() {
+    let env = TestEnv::start().await;
+    let vars = env.base_env();
+    let (status, output) = run_command(&["migrate"], &vars);
+    assert!(status.success(), "{output}");
+    let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
+    store.apply_auto_start(true, "test").await.unwrap();
+    env.insert_messages(4).await;
+    let schedule = Schedule {
+        batch_size: 2,
+        interval: Duration::ZERO,
+    };
+    let epoch = store.bump_epoch("test").await.unwrap();
+    let claim = |token: i64| {
+        let store = store.clone();
+        async move {
+            opened(
+                store
+                    .claim_batch(epoch, "test", schedule, Duration::ZERO, token)
+                    .await
+                    .unwrap()
+                    .claim,
+            )
+        }
+    };
+    let batch_open = || async {
+        env.db()
+            .await
+            .query_one("SELECT batch_open FROM dispatcher_leader", &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+
+    let first = claim(1).await;
+    let second = claim(2).await;
+    assert!(second.opened_at > first.opened_at);
+    store
+        .close_batch(epoch, first.opened_at, &[5_000])
+        .await
+        .unwrap();
+    assert!(batch_open().await, "the second batch is still being sent");
+    let recorded: Vec<i64> = env
+        .db()
+        .await
+        .query_one(
+            "SELECT ARRAY(SELECT (extract(epoch FROM clock_timestamp() - r) * 1000000)::bigint
+                          FROM unnest(recent_sends) AS r) FROM dispatcher_leader",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded.len(), 1, "the first close still records its sends");
+    store
+        .close_batch(epoch, second.opened_at, &[])
+        .await
+        .unwrap();
+    assert!(!batch_open().await, "the newest batch's close closes it");
 }
 
 /// The rescue rule of SPEC §6 step 8: an older epoch's claims once the current epoch
@@ -495,8 +571,12 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     };
 
     let first = store.bump_epoch("first").await.unwrap();
-    assert!(matches!(claim(first, 1).await, Claim::Batch(ref m) if m.len() == 3));
-    store.close_batch(first, &[]).await.unwrap();
+    let batch = opened(claim(first, 1).await);
+    assert_eq!(batch.messages.len(), 3);
+    store
+        .close_batch(first, batch.opened_at, &[])
+        .await
+        .unwrap();
     // A claim whose answer was lost: its rows come back by its token, attempt uncounted.
     assert_eq!(
         store.release_claim(first, 2).await.unwrap(),
@@ -505,8 +585,12 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     );
     assert_eq!(store.release_claim(first, 1).await.unwrap(), 3);
     assert_eq!(attempts().await, vec![0, 0, 0]);
-    assert!(matches!(claim(first, 3).await, Claim::Batch(ref m) if m.len() == 3));
-    store.close_batch(first, &[]).await.unwrap();
+    let batch = opened(claim(first, 3).await);
+    assert_eq!(batch.messages.len(), 3);
+    store
+        .close_batch(first, batch.opened_at, &[])
+        .await
+        .unwrap();
 
     // Too young to rescue, even our own.
     assert_eq!(
@@ -515,8 +599,12 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     );
     // Our own leftovers, old enough.
     assert_eq!(store.rescue(first, policy(0, 0)).await.unwrap().pending, 3);
-    assert!(matches!(claim(first, 4).await, Claim::Batch(ref m) if m.len() == 3));
-    store.close_batch(first, &[]).await.unwrap();
+    let batch = opened(claim(first, 4).await);
+    assert_eq!(batch.messages.len(), 3);
+    store
+        .close_batch(first, batch.opened_at, &[])
+        .await
+        .unwrap();
 
     // A newer leader waits for the rescue wait counted from its own epoch, however
     // old the claims are.
