@@ -28,6 +28,21 @@ use crate::store::queue::{ClaimedMessage, OpenedBatch, Recorded, Schedule};
 /// `last_error` when PostgreSQL refused the provider's own text.
 const UNSTORABLE_ERROR: &str = "the provider's answer could not be stored; see the replica's log";
 
+/// How a batch overlaps its neighbours. A batch of `BATCH_SIZE` 500 spends about a
+/// fifth of its time in its claim and a fifth after its last send (the last group of
+/// results, the close); run one after another, those left the provider and this
+/// replica idle. So the leader claims the next batch once half of this batch's sends
+/// have started, and that batch starts sending once every send of this one has its
+/// answer, while this one records its last results and closes.
+pub(super) struct Handoff {
+    /// Completes when the previous batch's sends are all done.
+    pub previous_sends_done: oneshot::Receiver<()>,
+    /// Fired when half of this batch's sends have started: claim the next batch now.
+    pub claim_next: oneshot::Sender<()>,
+    /// Fired when every send of this batch has its answer (or will never start).
+    pub sends_done: oneshot::Sender<()>,
+}
+
 /// A send's result as `deliver` leaves it: settled, or accepted and being recorded.
 enum Delivered {
     Done(Fate),
@@ -53,22 +68,30 @@ enum Fate {
 }
 
 impl Dispatcher {
-    /// Runs one batch to its end: sends, results recorded, unsent claims released,
-    /// batch closed. `sends_done` fires once every send has its answer (or never
-    /// started), so the caller can claim the next batch while this one's last results
-    /// are still being recorded.
+    /// Runs one batch to its end: sends (once the previous batch's are done),
+    /// results recorded, unsent claims released, batch closed. See [`Handoff`].
     pub(super) async fn run_batch(
         &self,
         term: &Term,
         schedule: Schedule,
         batch: OpenedBatch,
         shutdown: &CancellationToken,
-        sends_done: oneshot::Sender<()>,
+        handoff: Handoff,
     ) {
         let OpenedBatch {
             messages,
             opened_at,
         } = batch;
+        let Handoff {
+            previous_sends_done,
+            claim_next,
+            sends_done,
+        } = handoff;
+        // Delivery order: no send of this batch starts before every send of the
+        // previous one has its answer. (A dropped sender means that batch is over.)
+        let _ = previous_sends_done.await;
+        let mut claim_next = Some(claim_next);
+        let claim_next_at = messages.len() / 2;
         let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
         let span = tracing::info_span!("batch", epoch = term.epoch.0, size = ids.len(), ids = ?ids);
         async {
@@ -77,8 +100,15 @@ impl Dispatcher {
             let begun: Mutex<HashSet<i64>> = Mutex::default();
             let halted = AtomicBool::new(false);
             let work = async {
-                let delivered = futures::stream::iter(messages)
-                    .map(|message| self.deliver(term, schedule, message, shutdown, &begun, &halted))
+                let delivered = futures::stream::iter(messages.into_iter().enumerate())
+                    .map(|(index, message)| {
+                        if index >= claim_next_at {
+                            if let Some(claim_next) = claim_next.take() {
+                                let _ = claim_next.send(());
+                            }
+                        }
+                        self.deliver(term, schedule, message, shutdown, &begun, &halted)
+                    })
                     .buffered(self.settings.send_concurrency)
                     .collect::<Vec<Delivered>>()
                     .await;

@@ -65,9 +65,11 @@ type Settling<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
 
 /// What the dispatch loop remembers between claims.
 struct LoopState<'a> {
-    /// The previous batch, finishing while the next one is claimed and sent (at most
-    /// one: a batch's sends end only once the one before it has settled).
+    /// The previous batch, finishing (its last sends, then its results) while the
+    /// next one is claimed and starts; at most one, see `batch::Handoff`.
     settling: Option<Settling<'a>>,
+    /// Completes when the sends of the newest batch are all done.
+    previous_sends_done: oneshot::Receiver<()>,
     /// The term the fields below belong to.
     epoch: Option<Epoch>,
     /// Since when claims have failed in this term (PostgreSQL unreachable, pool
@@ -125,6 +127,7 @@ impl Dispatcher {
         let mut terms = self.leadership.subscribe();
         let mut state = LoopState {
             settling: None,
+            previous_sends_done: oneshot::channel().1,
             epoch: None,
             claims_failing_since: None,
             next_rescue: Instant::now(),
@@ -163,18 +166,15 @@ impl Dispatcher {
         tracing::info!("dispatcher stopped");
     }
 
-    /// One claim attempt and, if it yields a batch, that batch's sends, while the
-    /// previous batch (if any) settles. Returns how long to wait before the next
-    /// attempt; zero after a batch, whose own settling is then left in `state`.
+    /// One claim attempt and, if it yields a batch, the first half of that batch's
+    /// sends, while the previous batch (if any) finishes. Returns how long to wait
+    /// before the next attempt; zero after a batch, whose second half is then left
+    /// in `state` to run beside the next claim (see `batch::Handoff` for why).
     ///
-    /// Why the overlap: at the end of a batch the last group of results is written,
-    /// then the batch closes. Done before the next claim, those statements and the
-    /// claim ran one after the other with no send in flight, the provider and this
-    /// replica idle for a third of each batch at `BATCH_SIZE` 500. The next claim
-    /// does not depend on them: the rows it takes are `pending`, and a close that
+    /// The overlap is safe: the next claim takes only `pending` rows; its sends wait
+    /// for the previous batch's (delivery order, `SEND_CONCURRENCY`); every send
+    /// still asks the term for a permit and the pacer for a start; and a close that
     /// comes after a newer batch opened leaves that batch open (`CLOSE_BATCH`).
-    /// Delivery order is kept: the next batch is claimed only once every send of the
-    /// previous one has its answer.
     async fn step<'a>(
         &'a self,
         term: &Term,
@@ -221,19 +221,28 @@ impl Dispatcher {
                     .set(i64::from(!matches!(result.claim, Claim::Stopped)));
                 match result.claim {
                     Claim::Batch(batch) => {
+                        let (claim_next, on_claim_next) = oneshot::channel();
                         let (sends_done, on_sends_done) = oneshot::channel();
+                        let handoff = batch::Handoff {
+                            previous_sends_done: std::mem::replace(
+                                &mut state.previous_sends_done,
+                                on_sends_done,
+                            ),
+                            claim_next,
+                            sends_done,
+                        };
                         let term = term.clone();
                         let schedule = result.schedule;
                         let mut run: Settling<'a> = Box::pin(async move {
-                            self.run_batch(&term, schedule, batch, shutdown, sends_done)
+                            self.run_batch(&term, schedule, batch, shutdown, handoff)
                                 .await;
                         });
                         tokio::select! {
                             biased;
                             () = &mut run => {}
-                            // Dropped unsent only when the batch ends without its sends
-                            // (shutdown grace over): `run` finishes at once then.
-                            _ = on_sends_done => state.settling = Some(run),
+                            // Dropped unsent only when the batch ends before half its
+                            // sends start (shutdown, leadership lost): `run` ends soon.
+                            _ = on_claim_next => state.settling = Some(run),
                         }
                         // Back to back when the interval is 0; otherwise the next
                         // claim learns how long to wait.
