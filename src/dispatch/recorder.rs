@@ -5,9 +5,9 @@
 //! (the row is `sending` under our epoch), so the result can follow. The recorder takes
 //! whatever accepted results are waiting, up to [`GROUP_MAX`], and writes them in one
 //! UPDATE, still guarded row by row by `status = 'sending' AND claim_epoch = <epoch>`.
-//! A group is written when it holds [`GROUP_MAX`] results or [`GROUP_LINGER`] after
-//! its first one, whichever comes first; while that statement runs, the next group
-//! gathers.
+//! A group is written when it holds [`GROUP_MAX`] results, when the batch flushes it
+//! (its sends are done), or [`GROUP_LINGER`] after its first one, whichever comes
+//! first; while that statement runs, the next group gathers.
 //!
 //! Bounds: at most [`MAX_UNRECORDED`] accepted results wait here (the sends wait when
 //! it is full), and a result waits at most [`GROUP_LINGER`] plus the statement before its own. While
@@ -19,12 +19,12 @@
 //! to row-by-row writes without the provider's values.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use backon::Retryable;
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::Epoch;
 use crate::retry::connect_backoff;
@@ -43,39 +43,52 @@ struct Entry {
     done: oneshot::Sender<Recorded>,
 }
 
+/// What the recorder's queue carries. A flush travels in the same queue as the
+/// results, so it always comes after every result submitted before it.
+enum Item {
+    Sent(Entry),
+    Flush,
+}
+
 /// The handle the dispatcher submits accepted results to. Dropping it lets the
 /// recorder finish what it holds and stop.
 pub struct Recorder {
-    tx: mpsc::Sender<Entry>,
-    flush: Arc<Notify>,
+    tx: mpsc::Sender<Item>,
     /// What the writing task needs, until [`Recorder::start`] spawns it.
-    idle: Mutex<Option<(Store, mpsc::Receiver<Entry>)>>,
+    idle: Mutex<Option<(Store, mpsc::Receiver<Item>, Duration)>>,
 }
 
 impl Recorder {
     /// A recorder whose writing task is not running yet: the dispatcher starts it on
     /// its own runtime, next to the sends (see `Dispatcher::spawn`).
     pub fn new(store: Store) -> Self {
+        Self::with_linger(store, GROUP_LINGER)
+    }
+
+    /// [`Recorder::new`] with another linger than [`GROUP_LINGER`] (tests use a very
+    /// long one, so that only a flush or a full group writes).
+    pub fn with_linger(store: Store, linger: Duration) -> Self {
         let (tx, rx) = mpsc::channel(MAX_UNRECORDED);
         Self {
             tx,
-            flush: Arc::new(Notify::new()),
-            idle: Mutex::new(Some((store, rx))),
+            idle: Mutex::new(Some((store, rx, linger))),
         }
     }
 
     /// Spawns the writing task on the current runtime (once; later calls do nothing).
     pub fn start(&self) {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some((store, rx)) = idle {
-            tokio::spawn(record_groups(store, rx, self.flush.clone()));
+        if let Some((store, rx, linger)) = idle {
+            tokio::spawn(record_groups(store, rx, linger));
         }
     }
 
     /// Writes the group gathering now instead of at its linger's end: for a batch
-    /// whose sends are all done, nothing more is coming.
+    /// whose sends are all done, nothing more is coming. The group written includes
+    /// every result submitted before this call. When the queue is full, the flush is
+    /// not needed: a full group is written at once.
     pub fn flush(&self) {
-        self.flush.notify_one();
+        let _ = self.tx.try_send(Item::Flush);
     }
 
     /// Queues an accepted send for recording (waiting while [`MAX_UNRECORDED`] results
@@ -99,35 +112,35 @@ impl Recorder {
         };
         // A closed recorder drops the entry; the caller then sees the outcome channel
         // closed and treats the result as not recorded.
-        let _ = self.tx.send(entry).await;
+        let _ = self.tx.send(Item::Sent(entry)).await;
         outcome
     }
 }
 
-async fn record_groups(store: Store, mut rx: mpsc::Receiver<Entry>, flush: Arc<Notify>) {
+/// Gathers results into groups and writes each: a group ends when it is full, at a
+/// flush, or `linger` after its first result. A flush with nothing gathered does
+/// nothing (its results were written with an earlier group).
+async fn record_groups(store: Store, mut rx: mpsc::Receiver<Item>, linger: Duration) {
     let mut group: Vec<Entry> = Vec::with_capacity(GROUP_MAX);
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = loop {
+            match rx.recv().await {
+                Some(Item::Sent(entry)) => break entry,
+                Some(Item::Flush) => {}
+                None => return,
+            }
+        };
         group.push(first);
-        let flush_at = tokio::time::sleep(GROUP_LINGER);
+        let flush_at = tokio::time::sleep(linger);
         tokio::pin!(flush_at);
         while group.len() < GROUP_MAX {
-            // What is already queued joins first: a flush asked for by a batch whose
-            // sends are done must include that batch's last results.
-            match rx.try_recv() {
-                Ok(entry) => {
-                    group.push(entry);
-                    continue;
-                }
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {}
-            }
-            tokio::select! {
-                entry = rx.recv() => match entry {
-                    Some(entry) => group.push(entry),
-                    None => break,
-                },
+            let item = tokio::select! {
+                item = rx.recv() => item,
                 () = &mut flush_at => break,
-                () = flush.notified() => break,
+            };
+            match item {
+                Some(Item::Sent(entry)) => group.push(entry),
+                Some(Item::Flush) | None => break,
             }
         }
         record_group(&store, std::mem::take(&mut group)).await;

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use message_dispatcher::config::Config;
+use message_dispatcher::dispatch::Recorder;
 use message_dispatcher::domain::Epoch;
 use message_dispatcher::store::Store;
 use message_dispatcher::store::control::OverrideChange;
 use message_dispatcher::store::queue::{
-    Claim, KnownDelivery, MARK_SENT_GROUP, OpenedBatch, RescuePolicy, Schedule,
+    Claim, KnownDelivery, MARK_SENT_GROUP, OpenedBatch, Recorded, RescuePolicy, Schedule,
 };
 
 use crate::support::replica::run_command;
@@ -570,6 +571,53 @@ async fn closing_a_batch_leaves_a_newer_open_batch_open() {
         .await
         .unwrap();
     assert!(!batch_open().await, "the newest batch's close closes it");
+}
+
+/// A flush writes every result submitted before it, whatever the recorder was doing
+/// when it came. The recorder here lingers an hour, so only flushes write. Each round
+/// is one batch at `SEND_CONCURRENCY` 1: a result, the next send's wait, another
+/// result, the flush. The flush was a `Notify` permit: one left over from the previous
+/// round ended the next group after its first result, and the round's own flush, merged
+/// into that permit, was gone, so the second result waited out the linger.
+#[tokio::test(flavor = "current_thread")]
+async fn a_flush_writes_every_result_submitted_before_it() {
+    let env = TestEnv::start().await;
+    let vars = env.base_env();
+    let (status, output) = run_command(&["migrate"], &vars);
+    assert!(status.success(), "{output}");
+    let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
+    store.apply_auto_start(true, "test").await.unwrap();
+    let rounds = 12;
+    env.insert_messages(rounds * 2).await;
+    let epoch = store.bump_epoch("test").await.unwrap();
+    let schedule = Schedule {
+        batch_size: (rounds * 2) as u32,
+        interval: Duration::ZERO,
+    };
+    let batch = opened(
+        store
+            .claim_batch(epoch, "test", schedule, Duration::ZERO, 1)
+            .await
+            .unwrap()
+            .claim,
+    );
+    let recorder = Recorder::with_linger(store.clone(), Duration::from_secs(3600));
+    recorder.start();
+    for pair in batch.messages.chunks(2) {
+        let first = recorder.sent(pair[0].id, epoch, Utc::now(), None).await;
+        // The next send's HTTP exchange: the recorder task runs meanwhile.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let second = recorder.sent(pair[1].id, epoch, Utc::now(), None).await;
+        recorder.flush();
+        for (id, outcome) in [(pair[0].id, first), (pair[1].id, second)] {
+            let recorded = tokio::time::timeout(TEST_TIMEOUT, outcome)
+                .await
+                .unwrap_or_else(|_| panic!("message {id}: not written after the flush"))
+                .unwrap();
+            assert!(matches!(recorded, Recorded::Sent), "{id}: {recorded:?}");
+        }
+    }
+    assert_eq!(env.count("sent").await, (rounds * 2) as i64);
 }
 
 /// The rescue rule of SPEC §6 step 8: an older epoch's claims once the current epoch
