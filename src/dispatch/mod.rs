@@ -196,8 +196,13 @@ impl Dispatcher {
                 previous.await;
             }
         };
-        let (wait, ()) = tokio::join!(self.claim_and_send(term, shutdown, state), settle_previous);
-        wait
+        // The wait counts from the claim, not from when the previous batch is done.
+        let next_attempt = async {
+            let wait = self.claim_and_send(term, shutdown, state).await;
+            Instant::now() + wait
+        };
+        let (next_attempt, ()) = tokio::join!(next_attempt, settle_previous);
+        next_attempt.saturating_duration_since(Instant::now())
     }
 
     /// One claim attempt and, if it yields a batch, its sends; the batch's settling
