@@ -28,19 +28,24 @@ use crate::store::queue::{ClaimedMessage, OpenedBatch, Recorded, Schedule};
 /// `last_error` when PostgreSQL refused the provider's own text.
 const UNSTORABLE_ERROR: &str = "the provider's answer could not be stored; see the replica's log";
 
-/// How a batch overlaps its neighbours. A batch of `BATCH_SIZE` 500 spends about a
-/// fifth of its time in its claim and a fifth after its last send (the last group of
-/// results, the close); run one after another, those left the provider and this
-/// replica idle. So the leader claims the next batch once half of this batch's sends
-/// have started, and that batch starts sending once every send of this one has its
-/// answer, while this one records its last results and closes.
+/// How a batch overlaps its neighbours. Run one after another, a batch's claim and
+/// the statements after its last send (the last group of results, the close) took
+/// about a third of a 500-message batch, with the provider and this replica idle. So
+/// the leader claims the next batch once half of this batch's sends have started, and
+/// that batch starts sending once every send of this one has its answer, while this
+/// one records its last results and closes.
 pub(super) struct Handoff {
-    /// Completes when the previous batch's sends are all done.
-    pub previous_sends_done: oneshot::Receiver<()>,
+    /// How the previous batch's sends ended: `true` when every one of its messages
+    /// was sent (or expired). `false` when it stopped sending (leadership lost,
+    /// cluster stopped, shutdown) and an error when it was abandoned at shutdown:
+    /// then none of this batch's start either, so that the previous batch's unsent
+    /// (older) rows are not overtaken; all go back to pending.
+    pub previous_sends: oneshot::Receiver<bool>,
     /// Fired when half of this batch's sends have started: claim the next batch now.
+    /// Never fired once the batch has stopped sending.
     pub claim_next: oneshot::Sender<()>,
-    /// Fired when every send of this batch has its answer (or will never start).
-    pub sends_done: oneshot::Sender<()>,
+    /// Fired when every send of this batch has its answer or will never start.
+    pub sends_done: oneshot::Sender<bool>,
 }
 
 /// A send's result as `deliver` leaves it: settled, or accepted and being recorded.
@@ -83,13 +88,10 @@ impl Dispatcher {
             opened_at,
         } = batch;
         let Handoff {
-            previous_sends_done,
+            previous_sends,
             claim_next,
             sends_done,
         } = handoff;
-        // Delivery order: no send of this batch starts before every send of the
-        // previous one has its answer. (A dropped sender means that batch is over.)
-        let _ = previous_sends_done.await;
         let mut claim_next = Some(claim_next);
         let claim_next_at = messages.len() / 2;
         let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
@@ -97,12 +99,22 @@ impl Dispatcher {
         async {
             let started = Instant::now();
             tracing::info!("batch claimed");
+            // Delivery order and SEND_CONCURRENCY: no send of this batch starts before
+            // every send of the previous one has its answer, and none at all if the
+            // previous batch stopped sending.
+            let previous = previous_sends.await;
+            let previous_abandoned = previous.is_err();
             let begun: Mutex<HashSet<i64>> = Mutex::default();
-            let halted = AtomicBool::new(false);
+            let halted = AtomicBool::new(previous != Ok(true));
+            if previous != Ok(true) {
+                tracing::info!("the previous batch stopped sending; this one sends nothing either");
+            }
             let work = async {
                 let delivered = futures::stream::iter(messages.into_iter().enumerate())
                     .map(|(index, message)| {
-                        if index >= claim_next_at {
+                        // A batch that stopped sending claims no successor: its rows go
+                        // back to pending first, so the next claim takes them in order.
+                        if index >= claim_next_at && !halted.load(Ordering::Acquire) {
                             if let Some(claim_next) = claim_next.take() {
                                 let _ = claim_next.send(());
                             }
@@ -112,7 +124,10 @@ impl Dispatcher {
                     .buffered(self.settings.send_concurrency)
                     .collect::<Vec<Delivered>>()
                     .await;
-                let _ = sends_done.send(());
+                let all_sent = !delivered
+                    .iter()
+                    .any(|d| matches!(d, Delivered::Done(Fate::NotStarted)));
+                let _ = sends_done.send(all_sent);
                 self.recorder.flush();
                 futures::future::join_all(delivered.into_iter().map(|d| self.settle(d))).await
             };
@@ -135,8 +150,9 @@ impl Dispatcher {
                 .collect();
             self.release_unsent(term, &unsent).await;
             // An abandoned batch (shutdown grace over) stays open: sends of unknown
-            // outcome may still be on the wire.
-            if fates.is_some() {
+            // outcome may still be on the wire. So does the batch after it (which sent
+            // nothing), as its close would close the abandoned one's.
+            if fates.is_some() && !previous_abandoned {
                 self.close_batch(term, schedule, opened_at).await;
             }
 

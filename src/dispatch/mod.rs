@@ -6,12 +6,12 @@ mod batch;
 mod pacer;
 mod recorder;
 
-use std::future::Future;
-use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, oneshot};
+use tokio::task::{JoinHandle, LocalSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -21,7 +21,7 @@ use crate::leadership::{FenceTiming, Leadership, Term};
 use crate::metrics::{FAILED_MAX_ATTEMPTS, Metrics};
 use crate::provider::ProviderClient;
 use crate::retry::RetryPolicy;
-use crate::store::queue::{Claim, RescuePolicy, Schedule};
+use crate::store::queue::{Claim, OpenedBatch, RescuePolicy, Schedule};
 use crate::store::{Store, StoreError};
 pub use pacer::Pacer;
 pub use recorder::Recorder;
@@ -59,17 +59,15 @@ pub struct Dispatcher {
     pub recorder: Recorder,
 }
 
-/// The rest of a batch whose sends are all done: its last results being recorded,
-/// its unsent claims released, its close.
-type Settling<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
-
 /// What the dispatch loop remembers between claims.
-struct LoopState<'a> {
-    /// The previous batch, finishing (its last sends, then its results) while the
-    /// next one is claimed and starts; at most one, see `batch::Handoff`.
-    settling: Option<Settling<'a>>,
-    /// Completes when the sends of the newest batch are all done.
-    previous_sends_done: oneshot::Receiver<()>,
+struct LoopState {
+    /// The newest batch, a task of its own on this thread: its second half of sends,
+    /// then its results and its close, while the next batch is claimed. At most one
+    /// is left running: see `batch::Handoff`.
+    running: Option<JoinHandle<()>>,
+    /// How the newest batch's sends end (see `batch::Handoff`); the next batch waits
+    /// for it before its first send.
+    newest_sends: oneshot::Receiver<bool>,
     /// The term the fields below belong to.
     epoch: Option<Epoch>,
     /// Since when claims have failed in this term (PostgreSQL unreachable, pool
@@ -83,13 +81,27 @@ struct LoopState<'a> {
     db_ok: bool,
 }
 
-impl LoopState<'_> {
-    /// Waits for the previous batch to settle, if one is settling.
-    async fn finish_settling(&mut self) {
-        if let Some(settling) = self.settling.take() {
-            settling.await;
+impl LoopState {
+    /// Waits for the running batch to end, if one is running.
+    async fn finish_running_batch(&mut self) {
+        if let Some(batch) = self.running.take() {
+            await_batch(batch).await;
         }
     }
+}
+
+/// Waits for a batch's task to end.
+async fn await_batch(batch: JoinHandle<()>) {
+    if let Err(err) = batch.await {
+        tracing::error!(error = %err, "a batch ended abnormally; its claims are left to the rescue");
+    }
+}
+
+/// A receiver that already says "every send done", for the first batch.
+fn no_sends_pending() -> oneshot::Receiver<bool> {
+    let (done, pending) = oneshot::channel();
+    let _ = done.send(true);
+    pending
 }
 
 impl Dispatcher {
@@ -122,12 +134,21 @@ impl Dispatcher {
 
     /// Runs until `shutdown`; an in-flight batch gets `SHUTDOWN_TIMEOUT` to finish
     /// and its unsent claims go back to pending before this returns.
+    ///
+    /// Batches run as tasks of their own on this thread (`spawn_local`), so a batch
+    /// keeps sending and recording whatever the loop is waiting for.
     pub async fn run(self, shutdown: CancellationToken) {
+        LocalSet::new()
+            .run_until(Rc::new(self).dispatch(shutdown))
+            .await;
+    }
+
+    async fn dispatch(self: Rc<Self>, shutdown: CancellationToken) {
         self.recorder.start();
         let mut terms = self.leadership.subscribe();
         let mut state = LoopState {
-            settling: None,
-            previous_sends_done: oneshot::channel().1,
+            running: None,
+            newest_sends: no_sends_pending(),
             epoch: None,
             claims_failing_since: None,
             next_rescue: Instant::now(),
@@ -136,7 +157,7 @@ impl Dispatcher {
         };
         while !shutdown.is_cancelled() {
             let Some(term) = self.leadership.current() else {
-                state.finish_settling().await;
+                state.finish_running_batch().await;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     changed = terms.changed() => if changed.is_err() { break },
@@ -153,7 +174,6 @@ impl Dispatcher {
             }
             let wait = self.step(&term, &shutdown, &mut state).await;
             if !wait.is_zero() {
-                debug_assert!(state.settling.is_none(), "a wait follows no batch");
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(wait) => {}
@@ -162,59 +182,33 @@ impl Dispatcher {
                 }
             }
         }
-        state.finish_settling().await;
+        state.finish_running_batch().await;
         tracing::info!("dispatcher stopped");
     }
 
     /// One claim attempt and, if it yields a batch, the first half of that batch's
-    /// sends, while the previous batch (if any) finishes. Returns how long to wait
-    /// before the next attempt; zero after a batch, whose second half is then left
-    /// in `state` to run beside the next claim (see `batch::Handoff` for why).
+    /// sends. Returns how long to wait before the next attempt (counted from the
+    /// claim); zero after a batch, whose task is then left running in `state` beside
+    /// the next claim (see `batch::Handoff` for why).
     ///
     /// The overlap is safe: the next claim takes only `pending` rows; its sends wait
-    /// for the previous batch's (delivery order, `SEND_CONCURRENCY`); every send
-    /// still asks the term for a permit and the pacer for a start; and a close that
-    /// comes after a newer batch opened leaves that batch open (`CLOSE_BATCH`).
-    async fn step<'a>(
-        &'a self,
+    /// for the previous batch's (delivery order, `SEND_CONCURRENCY`), and none start if
+    /// the previous batch stopped sending; every send still asks the term for a permit
+    /// and the pacer for a start; a close that comes after a newer batch opened leaves
+    /// that batch open (`CLOSE_BATCH`); and the rescue waits for the running batch.
+    async fn step(
+        self: &Rc<Self>,
         term: &Term,
-        shutdown: &'a CancellationToken,
-        state: &mut LoopState<'a>,
+        shutdown: &CancellationToken,
+        state: &mut LoopState,
     ) -> Duration {
-        let mut previous = state.settling.take();
-        if Instant::now() >= state.next_rescue {
-            // The rescue returns our own epoch's claims once they are as old as the
-            // rescue wait. A long batch's rows can be that old while their results
-            // are still being recorded: the rescue must not see them (it would put
-            // them back to pending, and they would be sent again).
-            if let Some(previous) = previous.take() {
-                previous.await;
-            }
+        if shutdown.is_cancelled() {
+            return Duration::ZERO;
         }
-        let settle_previous = async {
-            if let Some(previous) = previous {
-                previous.await;
-            }
-        };
-        // The wait counts from the claim, not from when the previous batch is done.
-        let next_attempt = async {
-            let wait = self.claim_and_send(term, shutdown, state).await;
-            Instant::now() + wait
-        };
-        let (next_attempt, ()) = tokio::join!(next_attempt, settle_previous);
-        next_attempt.saturating_duration_since(Instant::now())
-    }
-
-    /// One claim attempt and, if it yields a batch, its sends; the batch's settling
-    /// goes to `state`. Returns how long to wait before the next attempt.
-    async fn claim_and_send<'a>(
-        &'a self,
-        term: &Term,
-        shutdown: &'a CancellationToken,
-        state: &mut LoopState<'a>,
-    ) -> Duration {
         let settings = &self.settings;
-        match self.claim_and_rescue(term, state).await {
+        let claimed = self.claim_and_rescue(term, state).await;
+        let claimed_at = Instant::now();
+        let wait = match claimed {
             Ok(Some(result)) => {
                 if !state.db_ok {
                     tracing::info!("PostgreSQL answers again; dispatch resumes");
@@ -226,31 +220,8 @@ impl Dispatcher {
                     .set(i64::from(!matches!(result.claim, Claim::Stopped)));
                 match result.claim {
                     Claim::Batch(batch) => {
-                        let (claim_next, on_claim_next) = oneshot::channel();
-                        let (sends_done, on_sends_done) = oneshot::channel();
-                        let handoff = batch::Handoff {
-                            previous_sends_done: std::mem::replace(
-                                &mut state.previous_sends_done,
-                                on_sends_done,
-                            ),
-                            claim_next,
-                            sends_done,
-                        };
-                        let term = term.clone();
-                        let schedule = result.schedule;
-                        let mut run: Settling<'a> = Box::pin(async move {
-                            self.run_batch(&term, schedule, batch, shutdown, handoff)
-                                .await;
-                        });
-                        tokio::select! {
-                            biased;
-                            () = &mut run => {}
-                            // Dropped unsent only when the batch ends before half its
-                            // sends start (shutdown, leadership lost): `run` ends soon.
-                            _ = on_claim_next => state.settling = Some(run),
-                        }
-                        // Back to back when the interval is 0; otherwise the next
-                        // claim learns how long to wait.
+                        self.start_batch(term, result.schedule, batch, shutdown, state)
+                            .await;
                         Duration::ZERO
                     }
                     Claim::NotDue(wait) => wait.min(settings.poll),
@@ -276,6 +247,61 @@ impl Dispatcher {
                 }
                 settings.poll
             }
+        };
+        (claimed_at + wait).saturating_duration_since(Instant::now())
+    }
+
+    /// Starts a claimed batch as a task of its own and returns once half of its sends
+    /// have started (or it has ended) and the batch before it has ended, leaving it
+    /// running in `state`.
+    async fn start_batch(
+        self: &Rc<Self>,
+        term: &Term,
+        schedule: Schedule,
+        batch: OpenedBatch,
+        shutdown: &CancellationToken,
+        state: &mut LoopState,
+    ) {
+        let (claim_next, on_claim_next) = oneshot::channel();
+        let (sends_done, on_sends_done) = oneshot::channel();
+        let previous = state.running.take();
+        let newest_sends = std::mem::replace(&mut state.newest_sends, on_sends_done);
+        // A batch that had ended before this claim has released its unsent rows, so
+        // this one cannot overtake them, however its sends ended.
+        let previous_sends = match &previous {
+            Some(previous) if !previous.is_finished() => newest_sends,
+            _ => no_sends_pending(),
+        };
+        let handoff = batch::Handoff {
+            previous_sends,
+            claim_next,
+            sends_done,
+        };
+        let dispatcher = Rc::clone(self);
+        let (term, shutdown) = (term.clone(), shutdown.clone());
+        let mut task = tokio::task::spawn_local(
+            async move {
+                dispatcher
+                    .run_batch(&term, schedule, batch, &shutdown, handoff)
+                    .await;
+            }
+            .instrument(tracing::Span::current()),
+        );
+        let ended = tokio::select! {
+            biased;
+            ended = &mut task => Some(ended),
+            // Fired at the batch's middle send; dropped unfired when it ends first.
+            _ = on_claim_next => None,
+        };
+        if let Some(previous) = previous {
+            await_batch(previous).await;
+        }
+        match ended {
+            None => state.running = Some(task),
+            Some(Err(err)) => {
+                tracing::error!(error = %err, "a batch ended abnormally; its claims are left to the rescue")
+            }
+            Some(Ok(())) => {}
         }
     }
 
@@ -284,7 +310,7 @@ impl Dispatcher {
     async fn claim_and_rescue(
         &self,
         term: &Term,
-        state: &mut LoopState<'_>,
+        state: &mut LoopState,
     ) -> Result<Option<crate::store::queue::ClaimResult>, StoreError> {
         if let Some((epoch, token)) = state.in_doubt {
             let released = self.store.release_claim(epoch, token).await?;
@@ -297,6 +323,12 @@ impl Dispatcher {
             state.in_doubt = None;
         }
         if Instant::now() >= state.next_rescue {
+            // The rescue returns our own epoch's claims once they are as old as the
+            // rescue wait. A long batch's rows can be that old while they are still
+            // being sent or recorded: the rescue must not see them (it would put them
+            // back to pending, and they would be sent again), so the running batch
+            // ends first.
+            state.finish_running_batch().await;
             self.rescue(term).await?;
             state.next_rescue = Instant::now() + RESCUE_EVERY;
         }

@@ -4,9 +4,10 @@
 //!
 //! Batches are claimed an interval apart (start to start, on PostgreSQL's clock), and
 //! their sends normally go out within milliseconds, so the pacer rarely waits. It
-//! matters when a batch's sends are held up (results waiting for PostgreSQL, a slow
-//! provider): without it, the late tail of one batch and the head of the next would
-//! reach the provider back to back, more than BATCH_SIZE within one interval.
+//! matters when a batch's sends are held up (a slow provider, a batch claimed while
+//! the one before it is still sending, which it then waits for): without it, the late
+//! tail of one batch and the head of the next would reach the provider back to back,
+//! more than BATCH_SIZE within one interval.
 //!
 //! The pacer records only real starts: a send asks [`Pacer::try_start`] at the moment
 //! it would start, and either starts then (recorded) or learns when to ask again.

@@ -67,6 +67,7 @@ impl Recorder {
 
     /// [`Recorder::new`] with another linger than [`GROUP_LINGER`] (tests use a very
     /// long one, so that only a flush or a full group writes).
+    #[doc(hidden)]
     pub fn with_linger(store: Store, linger: Duration) -> Self {
         let (tx, rx) = mpsc::channel(MAX_UNRECORDED);
         Self {
@@ -85,8 +86,9 @@ impl Recorder {
 
     /// Writes the group gathering now instead of at its linger's end: for a batch
     /// whose sends are all done, nothing more is coming. The group written includes
-    /// every result submitted before this call. When the queue is full, the flush is
-    /// not needed: a full group is written at once.
+    /// every result submitted before this call. When the queue is full the flush is
+    /// dropped: the groups ahead are full and written at once, and the last one waits
+    /// at most its linger.
     pub fn flush(&self) {
         let _ = self.tx.try_send(Item::Flush);
     }

@@ -129,6 +129,58 @@ async fn back_to_back_batches_keep_fifo_and_one_send_in_flight() {
     }
 }
 
+/// A batch claimed while the previous one finishes keeps sending while that one's
+/// results wait for PostgreSQL. Here they wait on a row lock: once the first message
+/// is being sent (each send takes a second), the test locks its row, so the write of
+/// its result blocks, and with it the first batch, until the test lets go. Before
+/// batches ran as tasks of their own, the second batch was driven only up to its
+/// middle send and then left waiting for the first, its in-flight send with it (one
+/// the provider accepted then had no delivery entry either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_keeps_sending_while_the_previous_one_waits_for_its_results() {
+    let env = TestEnv::with_mock(&["--latency-ms", "1000"]).await;
+    let (status, output) = run_command(&["migrate"], &env.base_env());
+    assert!(status.success(), "{output}");
+    let ids = env.insert_messages(8).await;
+    let _replica = env
+        .replica(
+            "r1",
+            &[
+                ("BATCH_SIZE", "4"),
+                ("PROCESSING_INTERVAL", "0s"),
+                ("SEND_CONCURRENCY", "1"),
+            ],
+        )
+        .await;
+    wait_for("the first message being sent", TEST_TIMEOUT, || async {
+        (env.count("sending").await > 0).then_some(())
+    })
+    .await;
+    let mut db = env.db().await;
+    let hold = db.transaction().await.unwrap();
+    hold.execute(
+        "SELECT 1 FROM messages WHERE id = $1 FOR UPDATE",
+        &[&ids[0]],
+    )
+    .await
+    .unwrap();
+
+    wait_for("all 8 messages at the provider", TEST_TIMEOUT, || async {
+        (env.mock().stats().await.requests >= 8).then_some(())
+    })
+    .await;
+    assert_eq!(env.count("sent").await, 0, "the first result is still held");
+    hold.commit().await.unwrap();
+
+    env.wait_drained(TEST_TIMEOUT).await;
+    let deliveries = env.mock().deliveries().await;
+    let keys: Vec<String> = deliveries.iter().map(|d| d.key.clone()).collect();
+    let expected: Vec<String> = ids.iter().map(i64::to_string).collect();
+    assert_eq!(keys, expected, "delivered in creation order");
+    assert!(deliveries.iter().all(|d| d.times_seen == 1), "each once");
+    assert_eq!(env.count("sent").await, 8);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_send_retries_later_without_blocking_younger_messages() {
     let env = TestEnv::with_scripted().await;
@@ -576,9 +628,11 @@ async fn closing_a_batch_leaves_a_newer_open_batch_open() {
 /// A flush writes every result submitted before it, whatever the recorder was doing
 /// when it came. The recorder here lingers an hour, so only flushes write. Each round
 /// is one batch at `SEND_CONCURRENCY` 1: a result, the next send's wait, another
-/// result, the flush. The flush was a `Notify` permit: one left over from the previous
-/// round ended the next group after its first result, and the round's own flush, merged
-/// into that permit, was gone, so the second result waited out the linger.
+/// result, the flush. The flush was a `Notify` beside the results' queue: when the
+/// second result and the flush were both ready, the recorder's `select!` took either
+/// at random, and when it took the flush it wrote the first result alone, leaving the
+/// second to wait out the linger (so on the old recorder each round failed with
+/// probability one half, and the test with 1 - 2^-12).
 #[tokio::test(flavor = "current_thread")]
 async fn a_flush_writes_every_result_submitted_before_it() {
     let env = TestEnv::start().await;
