@@ -181,6 +181,60 @@ async fn a_batch_keeps_sending_while_the_previous_one_waits_for_its_results() {
     assert_eq!(env.count("sent").await, 8);
 }
 
+/// The rescue returns our own epoch's claims once they are as old as the rescue wait
+/// (fence window + longest exchange + margin: 0.5 + 1.3 + 2 = 3.8 s here). A batch of
+/// ten one-second sends is older than that halfway through, when the leader claims
+/// ahead; the rescue, due by then, must wait for the running batch, or it would put
+/// the messages still being sent or waiting back to pending, and the claim right after
+/// it would send them a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rescue_never_takes_rows_of_the_batch_being_sent() {
+    let env = TestEnv::with_mock(&["--latency-ms", "1000"]).await;
+    let (status, output) = run_command(&["migrate"], &env.base_env());
+    assert!(status.success(), "{output}");
+    let ids = env.insert_messages(10).await;
+    let _replica = env
+        .replica(
+            "r1",
+            &[
+                ("BATCH_SIZE", "10"),
+                ("PROCESSING_INTERVAL", "0s"),
+                ("SEND_CONCURRENCY", "1"),
+                ("DISTRIBUTED_LOCK_TTL", "1500ms"),
+                ("LOCK_RETRY_INTERVAL", "400ms"),
+                ("SMS_API_TIMEOUT", "1200ms"),
+            ],
+        )
+        .await;
+    env.wait_drained(TEST_TIMEOUT).await;
+    let deliveries = env.mock().deliveries().await;
+    let keys: Vec<String> = deliveries.iter().map(|d| d.key.clone()).collect();
+    let expected: Vec<String> = ids.iter().map(i64::to_string).collect();
+    assert_eq!(keys, expected, "delivered in creation order");
+    let repeated: Vec<&str> = deliveries
+        .iter()
+        .filter(|d| d.times_seen != 1)
+        .map(|d| d.key.as_str())
+        .collect();
+    assert!(repeated.is_empty(), "sent more than once: {repeated:?}");
+    assert_eq!(env.count("sent").await, 10);
+    // A message rescued and claimed again would already show it here (its second
+    // send may come only after the queue looks drained): one claim each.
+    let claimed_again: Vec<i64> = env
+        .db()
+        .await
+        .query(
+            "SELECT id FROM messages WHERE attempts <> 1 ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(claimed_again.is_empty(), "claimed twice: {claimed_again:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_send_retries_later_without_blocking_younger_messages() {
     let env = TestEnv::with_scripted().await;
