@@ -105,8 +105,9 @@ impl Dispatcher {
             let previous = previous_sends.await;
             let previous_abandoned = previous.is_err();
             let begun: Mutex<HashSet<i64>> = Mutex::default();
-            let halted = AtomicBool::new(previous != Ok(true));
-            if previous != Ok(true) {
+            let previous_stopped = previous != Ok(true);
+            let halted = AtomicBool::new(previous_stopped);
+            if previous_stopped {
                 tracing::info!("the previous batch stopped sending; this one sends nothing either");
             }
             let work = async {

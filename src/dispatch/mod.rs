@@ -279,7 +279,7 @@ impl Dispatcher {
         };
         let dispatcher = Rc::clone(self);
         let (term, shutdown) = (term.clone(), shutdown.clone());
-        let mut task = tokio::task::spawn_local(
+        let task = tokio::task::spawn_local(
             async move {
                 dispatcher
                     .run_batch(&term, schedule, batch, &shutdown, handoff)
@@ -287,22 +287,13 @@ impl Dispatcher {
             }
             .instrument(tracing::Span::current()),
         );
-        let ended = tokio::select! {
-            biased;
-            ended = &mut task => Some(ended),
-            // Fired at the batch's middle send; dropped unfired when it ends first.
-            _ = on_claim_next => None,
-        };
+        // Fired at the batch's middle send; dropped unfired when the batch ends first,
+        // so this returns either way (a finished task is left for the next await).
+        let _ = on_claim_next.await;
         if let Some(previous) = previous {
             await_batch(previous).await;
         }
-        match ended {
-            None => state.running = Some(task),
-            Some(Err(err)) => {
-                tracing::error!(error = %err, "a batch ended abnormally; its claims are left to the rescue")
-            }
-            Some(Ok(())) => {}
-        }
+        state.running = Some(task);
     }
 
     /// Settles a claim left in doubt, rescues abandoned claims when due, then claims.
