@@ -14,6 +14,7 @@ use message_dispatcher::store::queue::{
     Claim, KnownDelivery, MARK_SENT_GROUP, OpenedBatch, Recorded, RescuePolicy, Schedule,
 };
 
+use crate::support::cluster::{assert_each_once, assert_fifo};
 use crate::support::replica::run_command;
 use crate::support::{TestEnv, wait_for};
 
@@ -64,10 +65,8 @@ async fn sends_fifo_in_batches_of_batch_size_and_nothing_when_empty() {
     env.wait_drained(TEST_TIMEOUT).await;
 
     let deliveries = env.mock().deliveries().await;
-    let keys: Vec<String> = deliveries.iter().map(|d| d.key.clone()).collect();
-    let expected: Vec<String> = ids.iter().map(i64::to_string).collect();
-    assert_eq!(keys, expected, "delivered in creation order, each once");
-    assert!(deliveries.iter().all(|d| d.times_seen == 1));
+    assert_each_once(&deliveries, &ids);
+    assert_fifo(&deliveries);
     let times: Vec<i64> = deliveries.iter().map(|d| d.first_seen_us).collect();
     assert_eq!(
         batch_sizes(&times, 700_000),
@@ -111,10 +110,8 @@ async fn back_to_back_batches_keep_fifo_and_one_send_in_flight() {
     env.wait_drained(TEST_TIMEOUT).await;
 
     let deliveries = env.mock().deliveries().await;
-    let keys: Vec<String> = deliveries.iter().map(|d| d.key.clone()).collect();
-    let expected: Vec<String> = ids.iter().map(i64::to_string).collect();
-    assert_eq!(keys, expected, "delivered in creation order, each once");
-    assert!(deliveries.iter().all(|d| d.times_seen == 1));
+    assert_each_once(&deliveries, &ids);
+    assert_fifo(&deliveries);
     // Each request arrives only after the previous one was answered, which the mock
     // does `latency` after its arrival; overlapping requests arrive within a
     // millisecond or two of each other.
@@ -174,10 +171,8 @@ async fn a_batch_keeps_sending_while_the_previous_one_waits_for_its_results() {
 
     env.wait_drained(TEST_TIMEOUT).await;
     let deliveries = env.mock().deliveries().await;
-    let keys: Vec<String> = deliveries.iter().map(|d| d.key.clone()).collect();
-    let expected: Vec<String> = ids.iter().map(i64::to_string).collect();
-    assert_eq!(keys, expected, "delivered in creation order");
-    assert!(deliveries.iter().all(|d| d.times_seen == 1), "each once");
+    assert_each_once(&deliveries, &ids);
+    assert_fifo(&deliveries);
     assert_eq!(env.count("sent").await, 8);
 }
 
@@ -208,15 +203,8 @@ async fn the_rescue_never_takes_rows_of_the_batch_being_sent() {
         .await;
     env.wait_drained(TEST_TIMEOUT).await;
     let deliveries = env.mock().deliveries().await;
-    let keys: Vec<String> = deliveries.iter().map(|d| d.key.clone()).collect();
-    let expected: Vec<String> = ids.iter().map(i64::to_string).collect();
-    assert_eq!(keys, expected, "delivered in creation order");
-    let repeated: Vec<&str> = deliveries
-        .iter()
-        .filter(|d| d.times_seen != 1)
-        .map(|d| d.key.as_str())
-        .collect();
-    assert!(repeated.is_empty(), "sent more than once: {repeated:?}");
+    assert_each_once(&deliveries, &ids);
+    assert_fifo(&deliveries);
     assert_eq!(env.count("sent").await, 10);
     // A message rescued and claimed again would already show it here (its second
     // send may come only after the queue looks drained): one claim each.
