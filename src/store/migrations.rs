@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_message_activity.sql",
         sql: include_str!("../../sql/0007_message_activity.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_status_index_without_sending.sql",
+        sql: include_str!("../../sql/0008_status_index_without_sending.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

@@ -7,11 +7,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use message_dispatcher::config::Config;
 use message_dispatcher::dispatch::Recorder;
-use message_dispatcher::domain::Epoch;
+use message_dispatcher::domain::{Epoch, MessageStatus};
 use message_dispatcher::store::Store;
 use message_dispatcher::store::control::OverrideChange;
 use message_dispatcher::store::queue::{
-    Claim, KnownDelivery, MARK_SENT_GROUP, OpenedBatch, Recorded, RescuePolicy, Schedule,
+    Claim, KnownDelivery, ListFilter, MARK_SENT_GROUP, OpenedBatch, Recorded, RescuePolicy,
+    Schedule,
 };
 
 use crate::support::cluster::{assert_each_once, assert_fifo};
@@ -884,9 +885,8 @@ async fn a_frozen_transaction_on_the_fence_row_does_not_block_the_next_leader() 
 }
 
 /// The group result write finds each row by its primary key, whatever the statistics
-/// say. It once scanned the `sending` range of the `(status, id)` index, which keeps an
-/// entry for every row claimed since the last vacuum until a scan marks it dead (see
-/// `MARK_SENT_GROUP`). Here 20,000 rows have been through `sending` since the statistics
+/// say. It once scanned the `sending` range of an index, which keeps an entry for every
+/// row claimed since the last vacuum until a scan marks it dead (see `MARK_SENT_GROUP`). Here 20,000 rows have been through `sending` since the statistics
 /// were taken, as in a drain, and the prepared statement's generic plan (what a pooled
 /// connection runs from its sixth execution on) is checked, then run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -922,7 +922,9 @@ async fn group_results_are_written_by_primary_key_lookups() {
         .collect();
     let plan = plan.join("\n");
     assert!(
-        plan.contains("Index Scan using messages_pkey") && !plan.contains("messages_status_id_idx"),
+        plan.contains("Index Scan using messages_pkey")
+            && !plan.contains("messages_status_id_idx")
+            && !plan.contains("messages_sending_claimed_idx"),
         "the group write must look rows up by primary key:\n{plan}"
     );
     let written = db
@@ -937,6 +939,69 @@ async fn group_results_are_written_by_primary_key_lookups() {
         .await
         .unwrap();
     assert!(again.is_empty(), "rows already sent are not written again");
+}
+
+/// A claim writes no entry into the listing index `(status, id)`: its `sending`
+/// entries served nothing the partial `sending` index does not, and each cost
+/// PostgreSQL an index insert per message (migration 0008). The index's entries are
+/// counted with pageinspect (ten rows fit on its one leaf page): the ten inserts, and
+/// nothing for their claim. Listings of `sending` rows still find them, newest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_writes_no_entry_into_the_listing_index() {
+    let env = TestEnv::start().await;
+    let vars = env.base_env();
+    let (status, output) = run_command(&["migrate"], &vars);
+    assert!(status.success(), "{output}");
+    let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
+    store.apply_auto_start(true, "test").await.unwrap();
+    let ids = env.insert_messages(10).await;
+    let db = env.db().await;
+    db.batch_execute("CREATE EXTENSION pageinspect")
+        .await
+        .unwrap();
+    let entries = || async {
+        let row = db
+            .query_one(
+                "SELECT count(*) FROM bt_page_items('messages_status_id_idx', 1)",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    assert_eq!(entries().await, 10, "one entry per inserted row");
+
+    let epoch = store.bump_epoch("test").await.unwrap();
+    let schedule = Schedule {
+        batch_size: 10,
+        interval: Duration::ZERO,
+    };
+    let batch = opened(
+        store
+            .claim_batch(epoch, "test", schedule, Duration::ZERO, 1)
+            .await
+            .unwrap()
+            .claim,
+    );
+    assert_eq!(batch.messages.len(), 10);
+    assert_eq!(entries().await, 10, "the claim of ten rows added entries");
+
+    let sending = ListFilter {
+        status: Some(MessageStatus::Sending),
+        ..ListFilter::default()
+    };
+    let page = store.list_messages(&sending, None, 4).await.unwrap();
+    assert_eq!(page.total, 10);
+    let listed: Vec<i64> = page.messages.iter().map(|m| m.id).collect();
+    let mut newest: Vec<i64> = ids.clone();
+    newest.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(listed, newest[..4], "newest first");
+    let rest = store
+        .list_messages(&sending, page.next_cursor, 10)
+        .await
+        .unwrap();
+    let rest: Vec<i64> = rest.messages.iter().map(|m| m.id).collect();
+    assert_eq!(rest, newest[4..], "the next page holds the rest");
 }
 
 #[test]
