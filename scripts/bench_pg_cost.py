@@ -1,0 +1,45 @@
+"""The replay for bench-pg-cost.sh: the leader's claim and group result write, read
+from src/store/queue.rs, as prepared statements for `postgres --single` (one command
+per line).
+
+    bench_pg_cost.py QUEUE_RS MESSAGES BATCH GROUP
+"""
+import re
+import sys
+
+
+def constant(source: str, name: str) -> str:
+    """The text of `const NAME: &str = "...";` (or `pub const`), on one line."""
+    match = re.search(r'const ' + name + r': &str = "(.*?)";', source, re.S)
+    if not match:
+        sys.exit(f"{name} not found in the source")
+    return " ".join(match.group(1).split())
+
+
+def array(items) -> str:
+    return "'{" + ",".join(items) + "}'"
+
+
+def main() -> None:
+    path, messages, batch, group = sys.argv[1], *map(int, sys.argv[2:5])
+    source = open(path).read()
+    print(f"PREPARE claim(int, bigint, text, bigint) AS {constant(source, 'CLAIM')};")
+    print("PREPARE mark(bigint[], bigint[], timestamptz[], text[]) AS "
+          f"{constant(source, 'MARK_SENT_GROUP')};")
+    # Seeded ids run from 1 in FIFO order, so the claims take them in order.
+    next_id = 1
+    for token in range(messages // batch):
+        print(f"BEGIN; EXECUTE claim({batch}, 1, 'bench', {token}); COMMIT;")
+        for _ in range(batch // group):
+            ids = range(next_id, next_id + group)
+            next_id += group
+            print("EXECUTE mark(" + ", ".join([
+                array(map(str, ids)),
+                array(["1"] * group),
+                array(['"2026-12-01 10:00:00+00"'] * group),
+                array(["%08x-4b1d-4c5e-9a7f-%012x" % (i, i) for i in ids]),
+            ]) + ");")
+
+
+if __name__ == "__main__":
+    main()
