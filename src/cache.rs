@@ -137,46 +137,59 @@ impl DeliveryCache {
 }
 
 /// Writes remembered deliveries, many per pipeline: a group gathers for
-/// [`WRITE_LINGER`] after its first entry (or until [`WRITE_GROUP_MAX`]). Stops when
-/// every [`DeliveryCache`] is gone.
+/// [`WRITE_LINGER`] after its first entry, then everything waiting is written, up to
+/// [`WRITE_GROUP_MAX`] a pipeline. Stops when every [`DeliveryCache`] is gone.
 async fn write_entries(client: Client, ttl: i64, mut queued: mpsc::Receiver<Entry>) {
     let mut group = Vec::with_capacity(WRITE_GROUP_MAX);
     while let Some(first) = queued.recv().await {
         group.push(first);
-        let deadline = tokio::time::sleep(WRITE_LINGER);
-        tokio::pin!(deadline);
-        while group.len() < WRITE_GROUP_MAX {
-            tokio::select! {
-                entry = queued.recv() => match entry {
-                    Some(entry) => group.push(entry),
-                    None => break,
-                },
-                () = &mut deadline => break,
-            }
-        }
-        let pipeline = client.pipeline();
-        for entry in group.drain(..) {
-            let Ok(value) = serde_json::to_string(&entry) else {
-                continue;
-            };
-            // Queued in memory; nothing goes out before `try_all`.
-            let _: Result<(), _> = pipeline
-                .set(
-                    key(entry.message_id),
-                    value,
-                    Some(Expiration::EX(ttl)),
-                    None,
-                    false,
-                )
-                .await;
-        }
-        match tokio::time::timeout(WRITE_TIMEOUT, pipeline.try_all::<Value>()).await {
-            Ok(results) => {
-                if let Some(Err(err)) = results.into_iter().find(Result::is_err) {
-                    tracing::debug!(error = %err.details(), "deliveries not cached");
+        // The linger is slept, not spent listening: entries arriving meanwhile wait
+        // in the queue. Listening woke this task (on the main runtime, another thread
+        // than the sends) once per entry, a futex wake and a context switch each.
+        tokio::time::sleep(WRITE_LINGER).await;
+        loop {
+            let mut drained = false;
+            while group.len() < WRITE_GROUP_MAX {
+                match queued.try_recv() {
+                    Ok(entry) => group.push(entry),
+                    Err(_) => {
+                        drained = true;
+                        break;
+                    }
                 }
             }
-            Err(_) => tracing::debug!("deliveries not cached: Redis too slow"),
+            write_group(&client, ttl, &mut group).await;
+            if drained {
+                break;
+            }
         }
+    }
+}
+
+/// Writes `group` (emptying it) in one pipeline, within [`WRITE_TIMEOUT`].
+async fn write_group(client: &Client, ttl: i64, group: &mut Vec<Entry>) {
+    let pipeline = client.pipeline();
+    for entry in group.drain(..) {
+        let Ok(value) = serde_json::to_string(&entry) else {
+            continue;
+        };
+        // Queued in memory; nothing goes out before `try_all`.
+        let _: Result<(), _> = pipeline
+            .set(
+                key(entry.message_id),
+                value,
+                Some(Expiration::EX(ttl)),
+                None,
+                false,
+            )
+            .await;
+    }
+    match tokio::time::timeout(WRITE_TIMEOUT, pipeline.try_all::<Value>()).await {
+        Ok(results) => {
+            if let Some(Err(err)) = results.into_iter().find(Result::is_err) {
+                tracing::debug!(error = %err.details(), "deliveries not cached");
+            }
+        }
+        Err(_) => tracing::debug!("deliveries not cached: Redis too slow"),
     }
 }
