@@ -51,7 +51,7 @@ instructions() {
   local dir="$WORK/$1" out="$WORK/$1.$2"
   python3 "$ROOT/scripts/bench_pg_cost.py" "$ROOT/src/store/queue.rs" "$2" "$BATCH" "$GROUP" >"$out.sql"
   chmod 644 "$out.sql"; chmod 777 "$WORK"
-  runuser -u postgres -- valgrind --tool=callgrind --callgrind-out-file="$out.cg" \
+  as_pg valgrind --tool=callgrind --callgrind-out-file="$out.cg" \
     "$PG_BIN/postgres" --single -D "$dir/data" -c fsync=off -c autovacuum=off messages_db \
     <"$out.sql" >"$out.log" 2>&1 || { tail -20 "$out.log" >&2; die "the replay failed ($1)"; }
   grep -q "ERROR" "$out.log" && { grep -m3 ERROR "$out.log" >&2; die "a statement failed ($1)"; }
