@@ -27,19 +27,17 @@ SET status = 'expired',
     last_error = 'expired at ' || (expires_at AT TIME ZONE 'UTC')::text
                  || ' UTC' || ' before it was sent'
 WHERE status = 'pending' AND expires_at <= now();
-WITH due AS (
+UPDATE messages
+SET status = 'sending', claim_epoch = :epoch, claimed_by = :replica, claimed_at = now(),
+    claim_token = :token, attempts = attempts + 1
+WHERE id = ANY(ARRAY(
     SELECT id FROM messages
     WHERE status = 'pending' AND next_attempt_at <= now()
     ORDER BY priority DESC, created_at, id
     LIMIT :batch
     FOR UPDATE SKIP LOCKED
-)
-UPDATE messages AS m
-SET status = 'sending', claim_epoch = :epoch, claimed_by = :replica, claimed_at = now(),
-    claim_token = :token, attempts = m.attempts + 1
-FROM due
-WHERE m.id = due.id
-RETURNING m.id, m.phone_number, m.content, m.attempts, m.created_at, m.priority, m.expires_at;
+))
+RETURNING id, phone_number, content, attempts, created_at, priority, expires_at;
 UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true WHERE id = 1 RETURNING last_batch_at;
 COMMIT;
 UPDATE dispatcher_leader

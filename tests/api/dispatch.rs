@@ -11,7 +11,7 @@ use message_dispatcher::domain::{Epoch, MessageStatus};
 use message_dispatcher::store::Store;
 use message_dispatcher::store::control::OverrideChange;
 use message_dispatcher::store::queue::{
-    Claim, KnownDelivery, ListFilter, MARK_SENT_GROUP, OpenedBatch, Recorded, RescuePolicy,
+    CLAIM, Claim, KnownDelivery, ListFilter, MARK_SENT_GROUP, OpenedBatch, Recorded, RescuePolicy,
     Schedule,
 };
 
@@ -939,6 +939,43 @@ async fn group_results_are_written_by_primary_key_lookups() {
         .await
         .unwrap();
     assert!(again.is_empty(), "rows already sent are not written again");
+}
+
+/// A claim updates its rows through the primary key whatever the table's size. Joined
+/// to a CTE of the claimed ids, the claim was planned on small tables as a hash join
+/// over a sequential scan of the whole table (all 20,000 rows read for a claim of
+/// 500), and took the primary key only from about 100,000 rows on. Both the custom
+/// plan and the generic one (what a pooled connection may run from its sixth execution
+/// on) are checked on 20,000 rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_updates_its_rows_by_primary_key_on_a_small_table() {
+    let env = TestEnv::start().await;
+    let (status, output) = run_command(&["migrate"], &env.base_env());
+    assert!(status.success(), "{output}");
+    env.insert_messages(20_000).await;
+    let db = env.db().await;
+    db.batch_execute("ANALYZE messages").await.unwrap();
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        db.batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .await
+            .unwrap();
+        let explain = db
+            .prepare(&format!("EXPLAIN (FORMAT TEXT) {CLAIM}"))
+            .await
+            .unwrap();
+        let plan: Vec<String> = db
+            .query(&explain, &[&500_i64, &1_i64, &"test", &1_i64])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("Index Scan using messages_pkey") && !plan.contains("Seq Scan"),
+            "{mode}: the claim must update its rows by primary key:\n{plan}"
+        );
+    }
 }
 
 /// A claim writes no entry into the listing index `(status, id)`: its `sending`
