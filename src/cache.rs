@@ -138,7 +138,8 @@ impl DeliveryCache {
 
 /// Writes remembered deliveries, many per pipeline: a group gathers for
 /// [`WRITE_LINGER`] after its first entry, then everything waiting is written, up to
-/// [`WRITE_GROUP_MAX`] a pipeline. Stops when every [`DeliveryCache`] is gone.
+/// [`WRITE_GROUP_MAX`] a pipeline, until the queue is empty. Stops when every
+/// [`DeliveryCache`] is gone.
 async fn write_entries(client: Client, ttl: i64, mut queued: mpsc::Receiver<Entry>) {
     let mut group = Vec::with_capacity(WRITE_GROUP_MAX);
     while let Some(first) = queued.recv().await {
@@ -148,20 +149,14 @@ async fn write_entries(client: Client, ttl: i64, mut queued: mpsc::Receiver<Entr
         // than the sends) once per entry, a futex wake and a context switch each.
         tokio::time::sleep(WRITE_LINGER).await;
         loop {
-            let mut drained = false;
             while group.len() < WRITE_GROUP_MAX {
-                match queued.try_recv() {
-                    Ok(entry) => group.push(entry),
-                    Err(_) => {
-                        drained = true;
-                        break;
-                    }
-                }
+                let Ok(entry) = queued.try_recv() else { break };
+                group.push(entry);
             }
-            write_group(&client, ttl, &mut group).await;
-            if drained {
+            if group.is_empty() {
                 break;
             }
+            write_group(&client, ttl, &mut group).await;
         }
     }
 }
