@@ -21,6 +21,21 @@ use crate::support::{TestEnv, wait_for};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Applies the migrations, as `message-dispatcher migrate` does with `vars`.
+fn migrate(vars: &[(String, String)]) {
+    let (status, output) = run_command(&["migrate"], vars);
+    assert!(status.success(), "{output}");
+}
+
+/// A migrated database and a store on it, with dispatch started, as a leader's.
+async fn started_store(env: &TestEnv) -> Store {
+    let vars = env.base_env();
+    migrate(&vars);
+    let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
+    store.apply_auto_start(true, "test").await.unwrap();
+    store
+}
+
 /// Splits deliveries (microsecond timestamps, ascending) into batches: sends of one
 /// batch are milliseconds apart, batches a whole interval apart.
 fn batch_sizes(times_us: &[i64], gap_us: i64) -> Vec<usize> {
@@ -137,8 +152,7 @@ async fn back_to_back_batches_keep_fifo_and_one_send_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_keeps_sending_while_the_previous_one_waits_for_its_results() {
     let env = TestEnv::with_mock(&["--latency-ms", "1000"]).await;
-    let (status, output) = run_command(&["migrate"], &env.base_env());
-    assert!(status.success(), "{output}");
+    migrate(&env.base_env());
     let ids = env.insert_messages(8).await;
     let _replica = env
         .replica(
@@ -186,8 +200,7 @@ async fn a_batch_keeps_sending_while_the_previous_one_waits_for_its_results() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rescue_never_takes_rows_of_the_batch_being_sent() {
     let env = TestEnv::with_mock(&["--latency-ms", "1000"]).await;
-    let (status, output) = run_command(&["migrate"], &env.base_env());
-    assert!(status.success(), "{output}");
+    migrate(&env.base_env());
     let ids = env.insert_messages(10).await;
     let _replica = env
         .replica(
@@ -523,8 +536,7 @@ async fn max_attempts_turns_a_retrying_message_into_failed() {
 async fn parallel_claimers_never_share_a_row() {
     let env = TestEnv::start().await;
     let migrate_env = env.base_env();
-    let (status, output) = run_command(&["migrate"], &migrate_env);
-    assert!(status.success(), "{output}");
+    migrate(&migrate_env);
     let config = Config::from_vars(migrate_env).unwrap();
     let store = Store::new(&config.database).unwrap();
     let total = 600;
@@ -609,11 +621,7 @@ fn opened(claim: Claim) -> OpenedBatch {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_a_batch_leaves_a_newer_open_batch_open() {
     let env = TestEnv::start().await;
-    let vars = env.base_env();
-    let (status, output) = run_command(&["migrate"], &vars);
-    assert!(status.success(), "{output}");
-    let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
-    store.apply_auto_start(true, "test").await.unwrap();
+    let store = started_store(&env).await;
     env.insert_messages(4).await;
     let schedule = Schedule {
         batch_size: 2,
@@ -679,11 +687,7 @@ async fn closing_a_batch_leaves_a_newer_open_batch_open() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_flush_writes_every_result_submitted_before_it() {
     let env = TestEnv::start().await;
-    let vars = env.base_env();
-    let (status, output) = run_command(&["migrate"], &vars);
-    assert!(status.success(), "{output}");
-    let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
-    store.apply_auto_start(true, "test").await.unwrap();
+    let store = started_store(&env).await;
     let rounds = 12;
     env.insert_messages(rounds * 2).await;
     let epoch = store.bump_epoch("test").await.unwrap();
@@ -725,11 +729,7 @@ async fn a_flush_writes_every_result_submitted_before_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_claims_are_rescued_only_when_old_enough() {
     let env = TestEnv::start().await;
-    let vars = env.base_env();
-    let (status, output) = run_command(&["migrate"], &vars);
-    assert!(status.success(), "{output}");
-    let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
-    store.apply_auto_start(true, "test").await.unwrap();
+    let store = started_store(&env).await;
     let ids = env.insert_messages(3).await;
     let schedule = Schedule {
         batch_size: 3,
@@ -853,8 +853,7 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
 async fn a_frozen_transaction_on_the_fence_row_does_not_block_the_next_leader() {
     let env = TestEnv::start().await;
     let vars = env.env_with(&[("DISTRIBUTED_LOCK_TTL", "1s")]);
-    let (status, output) = run_command(&["migrate"], &vars);
-    assert!(status.success(), "{output}");
+    migrate(&vars);
     let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
 
     let mut frozen = store.client().await.unwrap();
@@ -892,8 +891,7 @@ async fn a_frozen_transaction_on_the_fence_row_does_not_block_the_next_leader() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_results_are_written_by_primary_key_lookups() {
     let env = TestEnv::start().await;
-    let (status, output) = run_command(&["migrate"], &env.base_env());
-    assert!(status.success(), "{output}");
+    migrate(&env.base_env());
     let ids = env.insert_messages(20_100).await;
     let db = env.db().await;
     db.batch_execute(
@@ -950,8 +948,7 @@ async fn group_results_are_written_by_primary_key_lookups() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_updates_its_rows_by_primary_key_on_a_small_table() {
     let env = TestEnv::start().await;
-    let (status, output) = run_command(&["migrate"], &env.base_env());
-    assert!(status.success(), "{output}");
+    migrate(&env.base_env());
     env.insert_messages(20_000).await;
     let db = env.db().await;
     db.batch_execute("ANALYZE messages").await.unwrap();
@@ -986,11 +983,7 @@ async fn a_claim_updates_its_rows_by_primary_key_on_a_small_table() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_writes_no_entry_into_the_listing_index() {
     let env = TestEnv::start().await;
-    let vars = env.base_env();
-    let (status, output) = run_command(&["migrate"], &vars);
-    assert!(status.success(), "{output}");
-    let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
-    store.apply_auto_start(true, "test").await.unwrap();
+    let store = started_store(&env).await;
     let ids = env.insert_messages(10).await;
     let db = env.db().await;
     db.batch_execute("CREATE EXTENSION pageinspect")
