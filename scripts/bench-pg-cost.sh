@@ -14,12 +14,18 @@
 #   schema         as migrated
 #   before-0008    the listing index (status, id DESC) with `sending` rows again, as
 #                  before migration 0008
+#   before-0009    the format rules as table CHECK constraints again, as before
+#                  migration 0009 (PostgreSQL evaluates them on every UPDATE)
 # and, with EACH_INDEX=1, the schema without each index in turn (what each costs).
 #
 #   ./scripts/bench-pg-cost.sh                 # about 2 minutes
 #   N=2000 ./scripts/bench-pg-cost.sh          # quicker
 #
-# Settings: N (10000), SEED (100000), BATCH (500), GROUP (250), EACH_INDEX (0), BIN.
+# With KEYED=1 every seeded message carries an idempotency key ("order-<id>"), as
+# messages posted with one do.
+#
+# Settings: N (10000), SEED (100000), BATCH (500), GROUP (250), EACH_INDEX (0), KEYED (0),
+# BIN.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 ensure_packages pg:postgresql valgrind:valgrind
@@ -41,6 +47,7 @@ prepare() {
   local p=(psql -h 127.0.0.1 -p "$port" -U postgres -d messages_db -qX -v ON_ERROR_STOP=1)
   [ -n "$2" ] && "${p[@]}" -c "$2"
   DATABASE_URL=$url "$BIN" seed --count "$SEED" >/dev/null
+  [ "${KEYED:-0}" = 1 ] && "${p[@]}" -c "UPDATE messages SET idempotency_key = 'order-' || id"
   "${p[@]}" -c "UPDATE dispatcher_leader SET epoch = 1, holder = 'bench', acquired_at = now()" \
     -c "VACUUM ANALYZE" -c "CHECKPOINT"
   stop_postgres "$dir"
@@ -68,7 +75,14 @@ per_message() {
 }
 
 OLD_INDEX="DROP INDEX messages_status_id_idx; CREATE INDEX messages_status_id_idx ON messages (status, id DESC)"
-variants=("schema|" "before-0008|$OLD_INDEX")
+OLD_CHECKS="ALTER TABLE messages
+  ALTER COLUMN phone_number TYPE varchar(20), ALTER COLUMN content TYPE text,
+  ALTER COLUMN idempotency_key TYPE text,
+  ADD CONSTRAINT messages_phone_number_format
+    CHECK (char_length(phone_number) BETWEEN 10 AND 20 AND phone_number ~ '^\\+?[0-9]+\$'),
+  ADD CONSTRAINT messages_content_not_empty CHECK (char_length(btrim(content)) > 0),
+  ADD CONSTRAINT messages_idempotency_key_format CHECK (idempotency_key ~ '^[!-~]{1,255}\$')"
+variants=("schema|" "before-0008|$OLD_INDEX" "before-0009|$OLD_CHECKS")
 if [ "${EACH_INDEX:-0}" = 1 ]; then
   for index in messages_status_id_idx messages_sending_claimed_idx messages_provider_message_id_idx; do
     variants+=("without $index|DROP INDEX $index")
@@ -84,7 +98,7 @@ for v in "${variants[@]}"; do
 done
 
 echo
-echo "PostgreSQL instructions per dispatched message (N=$N of SEED=$SEED rows, BATCH=$BATCH, GROUP=$GROUP)"
+echo "PostgreSQL instructions per dispatched message (N=$N of SEED=$SEED rows, BATCH=$BATCH, GROUP=$GROUP, KEYED=${KEYED:-0})"
 printf '| %-45s | %12s | %10s |\n' variant "instr/msg" "vs schema"
 printf '|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..47})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..12})"
 base=${result[schema]}

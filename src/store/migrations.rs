@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0008_status_index_without_sending.sql",
         sql: include_str!("../../sql/0008_status_index_without_sending.sql"),
     },
+    Migration {
+        version: 9,
+        name: "0009_format_rules_as_domains.sql",
+        sql: include_str!("../../sql/0009_format_rules_as_domains.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

@@ -128,3 +128,207 @@ async fn version_and_healthcheck_commands() {
     );
     assert_eq!(status.code(), Some(1), "{output}");
 }
+
+/// The table CHECK constraints on `messages`, by name.
+async fn table_checks(db: &tokio_postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT conname::text FROM pg_constraint
+         WHERE conrelid = 'messages'::regclass AND contype = 'c' ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Migration 0009: the format rules of phone_number, content and idempotency_key are
+/// domain constraints, which PostgreSQL evaluates only when a value is written to the
+/// column; a table CHECK is evaluated on every UPDATE of the row, so the claim and the
+/// result write paid for them on every message. Every write of a value still obeys them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn format_rules_hold_on_every_write_without_being_table_checks() {
+    let env = TestEnv::start().await;
+    let (status, output) = run_command(&["migrate"], &env.base_env());
+    assert!(status.success(), "{output}");
+    let db = env.db().await;
+    assert_eq!(
+        table_checks(&db).await,
+        [
+            "messages_delivery_status_known",
+            "messages_priority_range",
+            "messages_status_known"
+        ],
+        "only the checks on columns that dispatch writes anyway stay table checks"
+    );
+
+    let row = db
+        .query_one(
+            "INSERT INTO messages (phone_number, content, idempotency_key)
+             VALUES ('+905551234567', 'hello', 'order-1') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let id: i64 = row.get(0);
+    let key_255 = "k".repeat(255);
+    let key_256 = "k".repeat(256);
+    let good = [
+        ("phone_number", "5551234567"),
+        ("phone_number", "+1234567890123456789"),
+        ("content", " x "),
+        ("idempotency_key", "~!"),
+        ("idempotency_key", key_255.as_str()),
+    ];
+    let bad = [
+        ("phone_number", "555123456", "messages_phone_number_format"),
+        (
+            "phone_number",
+            "+90555abc4567",
+            "messages_phone_number_format",
+        ),
+        (
+            "phone_number",
+            "5551234567+",
+            "messages_phone_number_format",
+        ),
+        ("content", "   ", "messages_content_not_empty"),
+        ("idempotency_key", "", "messages_idempotency_key_format"),
+        (
+            "idempotency_key",
+            "has space",
+            "messages_idempotency_key_format",
+        ),
+        ("idempotency_key", "é", "messages_idempotency_key_format"),
+        (
+            "idempotency_key",
+            key_256.as_str(),
+            "messages_idempotency_key_format",
+        ),
+    ];
+    for (column, value) in good {
+        db.execute(
+            &format!("UPDATE messages SET {column} = $1::text WHERE id = $2"),
+            &[&value, &id],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{column} = {value:?} refused: {e}"));
+    }
+    for (column, value, rule) in bad {
+        let values = [
+            ("phone_number", "'+905551234567'"),
+            ("content", "'hello'"),
+            ("idempotency_key", "NULL"),
+        ]
+        .map(|(c, v)| if c == column { "$1::text" } else { v });
+        let insert = format!(
+            "INSERT INTO messages (phone_number, content, idempotency_key) VALUES ({})",
+            values.join(", ")
+        );
+        let update = format!("UPDATE messages SET {column} = $1::text WHERE id = $2");
+        let refused = [
+            db.execute(&insert, &[&value]).await.unwrap_err(),
+            db.execute(&update, &[&value, &id]).await.unwrap_err(),
+        ];
+        for err in refused {
+            let err = err.as_db_error().expect("a database error");
+            assert_eq!(
+                err.code(),
+                &tokio_postgres::error::SqlState::CHECK_VIOLATION,
+                "{column} = {value:?}: {err}"
+            );
+            assert_eq!(err.constraint(), Some(rule), "{column} = {value:?}: {err}");
+        }
+    }
+    // Updates that write none of the three columns do not touch the rules.
+    db.execute(
+        "UPDATE messages SET status = 'sending', attempts = attempts + 1 WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let rows = db
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.get::<_, i64>(0), 1, "no refused insert left a row");
+}
+
+/// Migration 0009 on a database that already holds messages: the columns change type
+/// without losing a row or a value, and the rules are checked against the stored rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn format_rules_move_to_domains_on_a_populated_table() {
+    let env = TestEnv::start().await;
+    let vars = env.base_env();
+    let (status, output) = run_command(&["migrate"], &vars);
+    assert!(status.success(), "{output}");
+    let db = env.db().await;
+    // The schema as it was before 0009, with messages in it.
+    db.batch_execute(
+        r"ALTER TABLE messages
+              ALTER COLUMN phone_number TYPE varchar(20), ALTER COLUMN content TYPE text,
+              ALTER COLUMN idempotency_key TYPE text,
+              ADD CONSTRAINT messages_phone_number_format
+                  CHECK (char_length(phone_number) BETWEEN 10 AND 20
+                         AND phone_number ~ '^\+?[0-9]+$'),
+              ADD CONSTRAINT messages_content_not_empty CHECK (char_length(btrim(content)) > 0),
+              ADD CONSTRAINT messages_idempotency_key_format
+                  CHECK (idempotency_key ~ '^[!-~]{1,255}$');
+          DROP DOMAIN message_phone_number;
+          DROP DOMAIN message_content;
+          DROP DOMAIN message_idempotency_key;
+          DELETE FROM schema_migrations WHERE version = 9;
+          INSERT INTO messages (phone_number, content, idempotency_key)
+          SELECT '+90555' || lpad(g::text, 7, '0'), 'message ' || g,
+                 CASE WHEN g % 2 = 0 THEN 'order-' || g END
+          FROM generate_series(1, 1000) AS g;",
+    )
+    .await
+    .unwrap();
+    let fingerprint = "SELECT md5(string_agg(id || phone_number || content
+                                           || coalesce(idempotency_key, '-'), ',' ORDER BY id))
+                       FROM messages";
+    let before: String = db.query_one(fingerprint, &[]).await.unwrap().get(0);
+
+    let (status, output) = run_command(&["migrate"], &vars);
+    assert!(status.success(), "{output}");
+    assert!(output.contains("migrations: 1 applied"), "{output}");
+    let after: String = db.query_one(fingerprint, &[]).await.unwrap().get(0);
+    assert_eq!(before, after, "every row and value kept");
+    assert_eq!(table_checks(&db).await.len(), 3);
+    let types: Vec<String> = db
+        .query(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+             WHERE attrelid = 'messages'::regclass
+               AND attname IN ('phone_number', 'content', 'idempotency_key')
+             ORDER BY attname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "message_content",
+            "message_idempotency_key",
+            "message_phone_number"
+        ]
+    );
+    // The key index still decides repeats.
+    let repeat = db
+        .execute(
+            "INSERT INTO messages (phone_number, content, idempotency_key)
+             VALUES ('+905551234567', 'again', 'order-2')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        repeat.as_db_error().unwrap().code(),
+        &tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+    );
+}
