@@ -113,7 +113,8 @@ pub async fn run(
         .await
         .map_err(|err| anyhow::anyhow!("cannot listen on port {}: {err}", options.port))?;
     tracing::info!(
-        port = options.port,
+        // The port bound, which `--port 0` leaves to the kernel.
+        port = listener.local_addr().map_or(options.port, |a| a.port()),
         fail_rate = options.fail_rate,
         latency_ms = options.latency.as_millis() as u64,
         "mock provider listening"

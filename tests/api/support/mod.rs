@@ -43,6 +43,36 @@ pub fn free_port() -> u16 {
         .expect("no free port")
 }
 
+/// The port in the last JSON log line of `log` whose message is `message` (a process
+/// started on port 0 logs the port the kernel gave it), if there is one yet.
+pub fn logged_port(log: &Path, message: &str) -> Option<u16> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|entry| entry["message"] == message)
+        .and_then(|entry| entry["port"].as_u64())
+        .and_then(|port| u16::try_from(port).ok())
+        .filter(|&port| port != 0)
+}
+
+/// [`logged_port`], waiting for the line (60 s at most: a process that has not bound
+/// its port by then is broken, and the panic shows its log).
+pub fn wait_logged_port(log: &Path, message: &str) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(port) = logged_port(log, message) {
+            return port;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no \"{message}\" line with a port within 60 s; the log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Makes `command`'s process die when the test's thread exits, even on a crash.
 pub fn die_with_test(command: &mut Command) -> &mut Command {
     // SAFETY: prctl is async-signal-safe and touches only the child's own state.

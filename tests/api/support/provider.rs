@@ -12,7 +12,7 @@ use warp::Filter;
 use warp::http::StatusCode;
 use warp::reply::Reply;
 
-use super::{TempDir, binary, die_with_test, free_port, http, wait_for};
+use super::{TempDir, binary, die_with_test, http, wait_for, wait_logged_port};
 
 /// One entry of the mock provider's `/deliveries`.
 #[derive(Debug, Clone, Deserialize)]
@@ -45,23 +45,31 @@ pub struct MockProvider {
 }
 
 impl MockProvider {
+    /// On a port the kernel chooses when it binds (read back from its log), so no
+    /// other process can take the port between a pick and the bind.
     pub async fn start(extra_args: &[&str]) -> Self {
-        Self::start_on(free_port(), extra_args).await
+        Self::start_on(0, extra_args).await
     }
 
-    /// On a port chosen beforehand (so replicas can be told it before it runs).
+    /// On a port chosen beforehand (so replicas can be told it before it runs), or 0.
     pub async fn start_on(port: u16, extra_args: &[&str]) -> Self {
         let dir = TempDir::new("mock");
-        let log = std::fs::File::create(dir.path().join("mock.log")).unwrap();
+        let log_path = dir.path().join("mock.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let mut command = Command::new(binary());
         command
             .args(["mock-provider", "--port", &port.to_string()])
             .args(extra_args)
-            .env("LOG_LEVEL", "warn")
+            .env("LOG_FORMAT", "json")
+            .env("LOG_LEVEL", "warn,message_dispatcher::provider::mock=info")
             .stdout(log)
             .stderr(Stdio::null());
         die_with_test(&mut command);
         let child = command.spawn().expect("start mock provider");
+        let port = match port {
+            0 => wait_logged_port(&log_path, "mock provider listening"),
+            port => port,
+        };
         let provider = Self {
             port,
             child,
@@ -280,5 +288,19 @@ async fn answer(
             }
             accepted()
         }
+    }
+}
+
+/// A mock provider started on port 0 serves on the port it logs, which the harness
+/// reads back: no port is picked before the bind, so none can be taken meanwhile.
+#[tokio::test]
+async fn a_mock_on_port_zero_serves_on_the_port_it_logs() {
+    let first = MockProvider::start(&[]).await;
+    let second = MockProvider::start(&[]).await;
+    assert_ne!(first.port, 0);
+    assert_ne!(first.port, second.port);
+    for mock in [&first, &second] {
+        let health = http().get(mock.url("/health")).send().await.unwrap();
+        assert!(health.status().is_success());
     }
 }

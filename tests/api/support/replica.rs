@@ -6,11 +6,16 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{binary, die_with_test, free_port, http, signal, wait_for};
+use super::{binary, die_with_test, http, logged_port, signal, wait_for, wait_logged_port};
+
+/// The log line in which `serve` names the port it bound.
+const STARTING: &str = "replica starting";
 
 pub struct Replica {
     pub name: String,
-    pub port: u16,
+    /// The HTTP port: the first start binds port 0 and logs the port it got, so no
+    /// other process can take it between a pick and the bind; restarts reuse it.
+    port: std::sync::OnceLock<u16>,
     child: Option<Child>,
     log_path: PathBuf,
     env: Vec<(String, String)>,
@@ -19,10 +24,9 @@ pub struct Replica {
 impl Replica {
     /// Starts `serve` with exactly `env` (plus PATH), logging to `log_dir`.
     pub fn spawn(name: &str, log_dir: &std::path::Path, env: Vec<(String, String)>) -> Self {
-        let port = free_port();
         let mut replica = Self {
             name: name.to_string(),
-            port,
+            port: std::sync::OnceLock::new(),
             child: None,
             log_path: log_dir.join(format!("{name}.log")),
             env,
@@ -43,7 +47,10 @@ impl Replica {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("SERVER_PORT", self.port.to_string())
+            .env(
+                "SERVER_PORT",
+                self.port.get().copied().unwrap_or(0).to_string(),
+            )
             .env("REPLICA_ID", &self.name)
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -54,6 +61,11 @@ impl Replica {
     /// Starts the same replica again (same name, port and settings).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "{} is still running", self.name);
+        if self.port.get().is_none() {
+            if let Some(port) = logged_port(&self.log_path, STARTING) {
+                let _ = self.port.set(port);
+            }
+        }
         self.start_process();
     }
 
@@ -67,8 +79,15 @@ impl Replica {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// The port this replica serves on (waits for its first start to bind it).
+    pub fn port(&self) -> u16 {
+        *self
+            .port
+            .get_or_init(|| wait_logged_port(&self.log_path, STARTING))
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("http://127.0.0.1:{}{path}", self.port())
     }
 
     /// Waits until `/health/ready` answers 200.
