@@ -58,6 +58,18 @@ enum Delivered {
     },
 }
 
+/// A send the provider did not accept, as `record` writes it.
+#[derive(Debug)]
+enum Unsent {
+    /// Back to `pending` (or `failed` when out of attempts).
+    Retry {
+        error: String,
+        retry_after: Option<std::time::Duration>,
+    },
+    /// `failed` at once: retrying would not help.
+    Reject { error: String },
+}
+
 /// What became of one claimed message in this batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
@@ -263,7 +275,14 @@ impl Dispatcher {
                     outcome,
                 }
             }
-            other => Delivered::Done(self.record(term, &message, other, sent_at).await),
+            SendOutcome::Transient { error, retry_after } => {
+                let unsent = Unsent::Retry { error, retry_after };
+                Delivered::Done(self.record(term, &message, unsent).await)
+            }
+            SendOutcome::Rejected { error } => {
+                let unsent = Unsent::Reject { error };
+                Delivered::Done(self.record(term, &message, unsent).await)
+            }
         }
     }
 
@@ -303,34 +322,20 @@ impl Dispatcher {
     /// provider gave is kept and recorded when the database returns, never re-sent.
     /// A write PostgreSQL refuses for any other reason (a value it will not store)
     /// falls back to a minimal one of constants, so no row is left `sending`.
-    async fn record(
-        &self,
-        term: &Term,
-        message: &ClaimedMessage,
-        outcome: SendOutcome,
-        sent_at: chrono::DateTime<Utc>,
-    ) -> Fate {
+    async fn record(&self, term: &Term, message: &ClaimedMessage, unsent: Unsent) -> Fate {
         let id = message.id;
         let attempts = u32::try_from(message.attempts).unwrap_or(1);
-        let result = &outcome;
+        let unsent_ref = &unsent;
         let write = |minimal: bool| async move {
-            match result {
-                SendOutcome::Accepted {
-                    provider_message_id,
-                } => {
-                    let provider_message_id = provider_message_id.as_deref().filter(|_| !minimal);
-                    self.store
-                        .mark_sent(id, term.epoch, sent_at, provider_message_id)
-                        .await
-                }
-                SendOutcome::Transient { error, retry_after } => {
+            match unsent_ref {
+                Unsent::Retry { error, retry_after } => {
                     let delay = self.settings.retry.next_delay(attempts, *retry_after);
                     let error = if minimal { UNSTORABLE_ERROR } else { error };
                     self.store
                         .mark_retry(id, term.epoch, self.settings.max_attempts, delay, error)
                         .await
                 }
-                SendOutcome::Rejected { error } => {
+                Unsent::Reject { error } => {
                     let error = if minimal { UNSTORABLE_ERROR } else { error };
                     self.store.mark_failed(id, term.epoch, error).await
                 }
@@ -349,45 +354,29 @@ impl Dispatcher {
             tracing::warn!(message_id = id, error = %err, "PostgreSQL refused the result; recording it without the provider's values");
             recorded = persist(true).await;
         }
-        match (recorded, &outcome) {
-            (
-                Ok(Recorded::Sent),
-                SendOutcome::Accepted {
-                    provider_message_id,
-                },
-            ) => {
-                if provider_message_id.is_none() {
-                    tracing::warn!(
+        match recorded {
+            Ok(Recorded::Retrying) => {
+                if let Unsent::Retry { error, .. } = &unsent {
+                    tracing::info!(
                         message_id = id,
-                        "provider accepted the message without a messageId"
+                        attempts = message.attempts,
+                        error,
+                        "send failed; will retry"
                     );
                 }
-                self.metrics.messages_sent.inc();
-                Fate::Sent
-            }
-            (Ok(Recorded::Sent), _) => Fate::Sent,
-            (Ok(Recorded::Retrying), SendOutcome::Transient { error, .. }) => {
-                tracing::info!(
-                    message_id = id,
-                    attempts = message.attempts,
-                    error,
-                    "send failed; will retry"
-                );
                 self.metrics.messages_retried.inc();
                 Fate::Retrying
             }
-            (Ok(Recorded::Retrying), _) => Fate::Retrying,
-            (Ok(Recorded::Failed), outcome) => {
-                let reason = if matches!(outcome, SendOutcome::Transient { .. }) {
-                    FAILED_MAX_ATTEMPTS
-                } else {
-                    FAILED_REJECTED
+            Ok(Recorded::Failed) => {
+                let reason = match unsent {
+                    Unsent::Retry { .. } => FAILED_MAX_ATTEMPTS,
+                    Unsent::Reject { .. } => FAILED_REJECTED,
                 };
                 tracing::warn!(
                     message_id = id,
                     attempts = message.attempts,
                     reason,
-                    ?outcome,
+                    ?unsent,
                     "message failed"
                 );
                 self.metrics
@@ -396,15 +385,16 @@ impl Dispatcher {
                     .inc();
                 Fate::Failed
             }
-            (Ok(Recorded::NotOurs), _) => {
+            Ok(Recorded::Sent) => Fate::Sent,
+            Ok(Recorded::NotOurs) => {
                 tracing::warn!(
                     message_id = id,
                     "result not recorded: a newer leader rescued this message"
                 );
                 Fate::NotOurs
             }
-            (Err(err), _) => {
-                tracing::error!(message_id = id, error = %err, ?outcome, "could not record the result");
+            Err(err) => {
+                tracing::error!(message_id = id, error = %err, ?unsent, "could not record the result");
                 Fate::NotOurs
             }
         }
