@@ -134,7 +134,9 @@ impl Dispatcher {
                         }
                         self.deliver(term, schedule, message, shutdown, &begun, &halted)
                     })
-                    .buffered(self.settings.send_concurrency)
+                    // Unordered: a slow answer holds its own slot only. (In order,
+                    // answers that came after it would hold theirs until it came.)
+                    .buffer_unordered(self.settings.send_concurrency)
                     .collect::<Vec<Delivered>>()
                     .await;
                 let all_sent = !delivered

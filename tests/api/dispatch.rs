@@ -237,6 +237,69 @@ async fn the_rescue_never_takes_rows_of_the_batch_being_sent() {
     assert!(claimed_again.is_empty(), "claimed twice: {claimed_again:?}");
 }
 
+/// A slow answer holds only its own send slot. With `SEND_CONCURRENCY` 2 and the
+/// first message's answer held, the rest of its batch goes out through the other slot.
+/// (Sends buffered in order kept every finished send's slot behind the held one, so
+/// nothing more started until it answered: a provider's slow answer cut the throughput
+/// of the whole batch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_answer_does_not_hold_back_the_rest_of_its_batch() {
+    let env = TestEnv::with_scripted().await;
+    let replica = env
+        .replica(
+            "r1",
+            &[
+                ("BATCH_SIZE", "6"),
+                ("PROCESSING_INTERVAL", "0s"),
+                ("SEND_CONCURRENCY", "2"),
+                // Longer than the wait below: the held send must not time out first.
+                ("SMS_API_TIMEOUT", "300s"),
+            ],
+        )
+        .await;
+    // One request, so one claim takes all six.
+    let ids = env
+        .create_messages(
+            &replica,
+            &[
+                "first reply:hold",
+                "second",
+                "third",
+                "fourth",
+                "fifth",
+                "sixth",
+            ],
+        )
+        .await;
+    let provider = env.scripted();
+    wait_for(
+        "the five others to reach the provider while the first one's answer is held",
+        TEST_TIMEOUT,
+        || async {
+            ids[1..]
+                .iter()
+                .all(|id| !provider.requests_for(*id).is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        provider.requests_for(ids[0]).len(),
+        1,
+        "the held one is out"
+    );
+    provider.release_held();
+    env.wait_drained(TEST_TIMEOUT).await;
+    for id in &ids {
+        assert_eq!(
+            provider.requests_for(*id).len(),
+            1,
+            "message {id} sent once"
+        );
+    }
+    assert_eq!(env.count("sent").await, 6);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_send_retries_later_without_blocking_younger_messages() {
     let env = TestEnv::with_scripted().await;

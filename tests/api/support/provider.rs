@@ -157,12 +157,15 @@ pub struct Received {
 pub struct ScriptedProvider {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
+    /// Answers to `reply:hold` wait until this turns true.
+    release: tokio::sync::watch::Sender<bool>,
 }
 
 impl ScriptedProvider {
     pub async fn start() -> Self {
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let log = received.clone();
+        let (release, released) = tokio::sync::watch::channel(false);
         let route = warp::path!("send")
             .and(warp::post())
             .and(warp::header::headers_cloned())
@@ -170,13 +173,23 @@ impl ScriptedProvider {
             .then(
                 move |headers: warp::http::HeaderMap, body: serde_json::Value| {
                     let log = log.clone();
-                    async move { answer(&log, &headers, &body).await }
+                    let released = released.clone();
+                    async move { answer(&log, released, &headers, &body).await }
                 },
             );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(warp::serve(route).incoming(listener).run());
-        Self { addr, received }
+        Self {
+            addr,
+            received,
+            release,
+        }
+    }
+
+    /// Lets every `reply:hold` answer go, held or still to come.
+    pub fn release_held(&self) {
+        self.release.send_replace(true);
     }
 
     pub fn send_url(&self) -> String {
@@ -199,6 +212,7 @@ impl ScriptedProvider {
 
 async fn answer(
     log: &Mutex<Vec<Received>>,
+    mut released: tokio::sync::watch::Receiver<bool>,
     headers: &warp::http::HeaderMap,
     body: &serde_json::Value,
 ) -> warp::reply::Response {
@@ -285,6 +299,9 @@ async fn answer(
             }
             if let Some(ms) = other.strip_prefix("sleep-") {
                 tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+            }
+            if other == "hold" {
+                let _ = released.wait_for(|go| *go).await;
             }
             accepted()
         }
