@@ -75,13 +75,7 @@ per_message() {
 }
 
 OLD_INDEX="DROP INDEX messages_status_id_idx; CREATE INDEX messages_status_id_idx ON messages (status, id DESC)"
-OLD_CHECKS="ALTER TABLE messages
-  ALTER COLUMN phone_number TYPE varchar(20), ALTER COLUMN content TYPE text,
-  ALTER COLUMN idempotency_key TYPE text,
-  ADD CONSTRAINT messages_phone_number_format
-    CHECK (char_length(phone_number) BETWEEN 10 AND 20 AND phone_number ~ '^\\+?[0-9]+\$'),
-  ADD CONSTRAINT messages_content_not_empty CHECK (char_length(btrim(content)) > 0),
-  ADD CONSTRAINT messages_idempotency_key_format CHECK (idempotency_key ~ '^[!-~]{1,255}\$')"
+OLD_CHECKS=$(cat "$ROOT/scripts/bench/before-0009.sql")
 variants=("schema|" "before-0008|$OLD_INDEX" "before-0009|$OLD_CHECKS")
 if [ "${EACH_INDEX:-0}" = 1 ]; then
   for index in messages_status_id_idx messages_sending_claimed_idx messages_provider_message_id_idx; do
