@@ -129,18 +129,24 @@ async fn version_and_healthcheck_commands() {
     assert_eq!(status.code(), Some(1), "{output}");
 }
 
+/// The first column of every row `sql` returns, as text.
+async fn texts(db: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    db.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// The table CHECK constraints on `messages`, by name.
 async fn table_checks(db: &tokio_postgres::Client) -> Vec<String> {
-    db.query(
+    texts(
+        db,
         "SELECT conname::text FROM pg_constraint
          WHERE conrelid = 'messages'::regclass AND contype = 'c' ORDER BY 1",
-        &[],
     )
     .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 /// Migration 0009: the format rules of phone_number, content and idempotency_key are
@@ -288,19 +294,14 @@ async fn format_rules_move_to_domains_on_a_populated_table() {
     let after: String = db.query_one(fingerprint, &[]).await.unwrap().get(0);
     assert_eq!(before, after, "every row and value kept");
     assert_eq!(table_checks(&db).await.len(), 3);
-    let types: Vec<String> = db
-        .query(
-            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-             WHERE attrelid = 'messages'::regclass
-               AND attname IN ('phone_number', 'content', 'idempotency_key')
-             ORDER BY attname",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let types = texts(
+        &db,
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+         WHERE attrelid = 'messages'::regclass
+           AND attname IN ('phone_number', 'content', 'idempotency_key')
+         ORDER BY attname",
+    )
+    .await;
     assert_eq!(
         types,
         [
