@@ -12,7 +12,7 @@ SELECT coalesce(c.running, false) AS running,
        coalesce(c.batch_size, :batch::int) AS batch_size,
        s.interval_ms,
        ceil(extract(epoch FROM (
-            CASE WHEN l.batch_open
+            CASE WHEN l.batch_open AND l.batch_epoch IS DISTINCT FROM l.epoch
                  THEN greatest(l.last_batch_at, coalesce(l.quiet_at, l.acquired_at + :window_ms::bigint * interval '1 millisecond'))
                  ELSE l.last_batch_at
             END + s.interval_ms * interval '1 millisecond' - clock_timestamp())) * 1000)::bigint AS wait_ms,
@@ -38,7 +38,7 @@ WHERE id = ANY(ARRAY(
     FOR UPDATE SKIP LOCKED
 ))
 RETURNING id, phone_number, content, attempts, created_at, priority, expires_at;
-UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true WHERE id = 1 RETURNING last_batch_at;
+UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true, batch_epoch = epoch WHERE id = 1 RETURNING last_batch_at;
 COMMIT;
 UPDATE dispatcher_leader
 SET batch_open = batch_open AND last_batch_at IS DISTINCT FROM :opened_at,

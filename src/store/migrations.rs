@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0009_format_rules_as_domains.sql",
         sql: include_str!("../../sql/0009_format_rules_as_domains.sql"),
     },
+    Migration {
+        version: 10,
+        name: "0010_batch_epoch.sql",
+        sql: include_str!("../../sql/0010_batch_epoch.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

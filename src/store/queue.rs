@@ -300,16 +300,17 @@ const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR U
 /// Reads the schedule once the fence is locked. `clock_timestamp()`, not `now()`: the
 /// transaction may have waited for the lock while the previous batch committed.
 /// `wait_ms` is NULL or ≤ 0 when a batch is due: an interval after the previous
-/// batch's start, and, when that batch is still open (its leader died or was deposed
-/// mid-batch, so nobody knows when its last send started), an interval after the last
-/// moment that leader could start one: `quiet_at`, or this term's start plus the fence
-/// window ($3) when the term did not record one.
+/// batch's start, and, when that batch is still open and another term opened it (its
+/// leader died or was deposed mid-batch, so nobody knows when its last send started),
+/// an interval after the last moment that leader could start one: `quiet_at`, or this
+/// term's start plus the fence window ($3) when the term did not record one. The
+/// current term's own open batch needs no such wait: its pacer saw every send of it.
 const READ_SCHEDULE: &str = "
 SELECT coalesce(c.running, false) AS running,
        coalesce(c.batch_size, $1::int) AS batch_size,
        s.interval_ms,
        ceil(extract(epoch FROM (
-            CASE WHEN l.batch_open
+            CASE WHEN l.batch_open AND l.batch_epoch IS DISTINCT FROM l.epoch
                  THEN greatest(l.last_batch_at, coalesce(l.quiet_at, l.acquired_at + $3::bigint * interval '1 millisecond'))
                  ELSE l.last_batch_at
             END + s.interval_ms * interval '1 millisecond' - clock_timestamp())) * 1000)::bigint AS wait_ms,
@@ -322,7 +323,7 @@ WHERE l.id = 1 AND c.id = 1";
 
 /// Records the batch start (the cluster's rhythm) and marks the batch open. The start
 /// also names the batch: see [`CLOSE_BATCH`].
-const OPEN_BATCH: &str = "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true WHERE id = 1 RETURNING last_batch_at";
+const OPEN_BATCH: &str = "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true, batch_epoch = epoch WHERE id = 1 RETURNING last_batch_at";
 
 /// Records when the newest sends started (only if we still hold the epoch that opened
 /// the batch), and marks the batch finished unless a newer one (another `last_batch_at`)

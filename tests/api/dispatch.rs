@@ -739,6 +739,51 @@ async fn closing_a_batch_leaves_a_newer_open_batch_open() {
     assert!(!batch_open().await, "the newest batch's close closes it");
 }
 
+/// A leader that finds the newest batch open waits until the term that opened it can
+/// start no more sends (`quiet_at`), since that term's last sends are unknown to it.
+/// Its own open batch holds nothing back: its pacer saw every send of it. Before
+/// migration 0010 it did, so a new leader at `PROCESSING_INTERVAL` 0 claimed at most a
+/// batch per poll for a fence window after its start. Here `quiet_at` is an hour away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_another_terms_open_batch_holds_the_next_claim_back() {
+    let env = TestEnv::start().await;
+    let store = started_store(&env).await;
+    env.insert_messages(6).await;
+    let schedule = Schedule {
+        batch_size: 2,
+        interval: Duration::ZERO,
+    };
+    let hour = Duration::from_secs(3600);
+    let claim = |epoch: Epoch, token: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .claim_batch(epoch, "test", schedule, Duration::ZERO, token)
+                .await
+                .unwrap()
+                .claim
+        }
+    };
+
+    let first = store.start_term("first", None, hour).await.unwrap();
+    opened(claim(first, 1).await);
+    let own = claim(first, 2).await;
+    assert!(
+        matches!(own, Claim::Batch(_)),
+        "our own open batch held the next claim back: {own:?}"
+    );
+
+    // The first term's second batch is left open: the next term waits out that term.
+    let second = store.start_term("second", None, hour).await.unwrap();
+    match claim(second, 3).await {
+        Claim::NotDue(wait) => assert!(
+            wait > Duration::from_secs(3000),
+            "waits for the new term's quiet_at: {wait:?}"
+        ),
+        other => panic!("another term's open batch must hold the claim back: {other:?}"),
+    }
+}
+
 /// A flush writes every result submitted before it, whatever the recorder was doing
 /// when it came. The recorder here lingers an hour, so only flushes write. Each round
 /// is one batch at `SEND_CONCURRENCY` 1: a result, the next send's wait, another
