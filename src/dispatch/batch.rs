@@ -2,7 +2,9 @@
 //! order), record each result (accepted ones in groups, behind the sends: see
 //! `recorder`), and hand back whatever was never sent.
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
+use std::rc::Rc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -10,7 +12,7 @@ use std::time::Instant;
 use backon::Retryable;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -31,21 +33,127 @@ const UNSTORABLE_ERROR: &str = "the provider's answer could not be stored; see t
 /// How a batch overlaps its neighbours. Run one after another, a batch's claim and
 /// the statements after its last send (the last group of results, the close) took
 /// about a third of a 500-message batch, with the provider and this replica idle. So
-/// the leader claims the next batch once half of this batch's sends have started, and
-/// that batch starts sending once every send of this one has its answer, while this
-/// one records its last results and closes.
+/// the leader claims the next batch as soon as this one starts sending, and that
+/// batch starts sending once every message of this one has passed its start gate,
+/// while this one's last sends are answered and its results recorded. (Claimed at
+/// this batch's middle send instead, the next batch was often not ready when this
+/// one's sends ended: in a drain at `SEND_CONCURRENCY` 32 no send was in flight in
+/// about a fifth of the samples.)
+///
+/// Every batch's sends share one set of `SEND_CONCURRENCY` slots, taken in the order
+/// asked (the semaphore is fair), so the limit holds across the boundary, and at
+/// `SEND_CONCURRENCY` 1 the next batch's first send still starts only after this
+/// one's last answer. (Until this, the next batch waited for every answer of this
+/// one: a slot freed at the tail of a batch stayed idle until its slowest send came
+/// back.)
 pub(super) struct Handoff {
-    /// How the previous batch's sends ended: `true` when every one of its messages
-    /// was sent (or expired). `false` when it stopped sending (leadership lost,
-    /// cluster stopped, shutdown) and an error when it was abandoned at shutdown:
-    /// then none of this batch's start either, so that the previous batch's unsent
-    /// (older) rows are not overtaken; all go back to pending.
-    pub previous_sends: oneshot::Receiver<bool>,
-    /// Fired when half of this batch's sends have started: claim the next batch now.
-    /// Never fired once the batch has stopped sending.
+    /// The send slots every batch of this leader shares.
+    pub slots: Rc<Semaphore>,
+    /// How the previous batch ended; see [`Signals`].
+    pub previous: Previous,
+    /// Fired when this batch starts sending: claim the next batch now. Never fired
+    /// when the previous batch stopped sending.
     pub claim_next: oneshot::Sender<()>,
-    /// Fired when every send of this batch has its answer or will never start.
-    pub sends_done: oneshot::Sender<bool>,
+    /// This batch's side of the next batch's [`Previous`].
+    pub signals: Signals,
+}
+
+/// What a batch tells the next one.
+pub(super) struct Signals {
+    /// Fired once every message has passed its start gate: `true` when every one
+    /// started its send (or expired), `false` when the batch stopped sending
+    /// (leadership lost, cluster stopped, shutdown). Dropped unfired when the batch
+    /// was abandoned at shutdown. Short of `true`, the next batch sends nothing, so
+    /// that this batch's unsent (older) rows are not overtaken: all go back to
+    /// pending.
+    started: oneshot::Sender<bool>,
+    /// Fired once every send of this batch and of the batches before it has its
+    /// answer; dropped unfired when one of them was abandoned at shutdown with sends
+    /// of unknown outcome on the wire. Until it fires, the next batch does not close:
+    /// an abandoned batch stays open in the fence row, and a later close would close
+    /// it. (A batch's sends may all be answered before an earlier batch's slow one.)
+    answered: oneshot::Sender<()>,
+}
+
+/// The receiving side of the previous batch's [`Signals`].
+pub(super) struct Previous {
+    started: oneshot::Receiver<bool>,
+    answered: oneshot::Receiver<()>,
+}
+
+/// A new pair of signals between a batch and the next one.
+pub(super) fn signals() -> (Signals, Previous) {
+    let (started, on_started) = oneshot::channel();
+    let (answered, on_answered) = oneshot::channel();
+    (
+        Signals { started, answered },
+        Previous {
+            started: on_started,
+            answered: on_answered,
+        },
+    )
+}
+
+impl Previous {
+    /// What the first batch of a term, or one claimed after the previous batch had
+    /// ended, waits for: nothing. An ended batch has released its unsent rows, so
+    /// the new one cannot overtake them, however its sends ended.
+    pub(super) fn ended() -> Self {
+        let (signals, previous) = signals();
+        let _ = signals.started.send(true);
+        let _ = signals.answered.send(());
+        previous
+    }
+}
+
+/// Counts a batch's messages through their start gate and fires
+/// [`Signals::started`] when the last one is through.
+struct StartGate {
+    remaining: Cell<usize>,
+    all_started: Cell<bool>,
+    signal: RefCell<Option<oneshot::Sender<bool>>>,
+}
+
+impl StartGate {
+    fn new(messages: usize, signal: oneshot::Sender<bool>) -> Self {
+        let gate = Self {
+            remaining: Cell::new(messages),
+            all_started: Cell::new(true),
+            signal: RefCell::new(Some(signal)),
+        };
+        gate.fire_when_through();
+        gate
+    }
+
+    /// One message is through: its send starts now (`true`) or never (`false`).
+    fn passed(&self, started: bool) {
+        self.all_started.set(self.all_started.get() && started);
+        self.remaining.set(self.remaining.get().saturating_sub(1));
+        self.fire_when_through();
+    }
+
+    fn fire_when_through(&self) {
+        if self.remaining.get() == 0 {
+            if let Some(signal) = self.signal.borrow_mut().take() {
+                let _ = signal.send(self.all_started.get());
+            }
+        }
+    }
+}
+
+/// What every send of a batch shares.
+#[derive(Clone, Copy)]
+struct Sends<'a> {
+    term: &'a Term,
+    schedule: Schedule,
+    shutdown: &'a CancellationToken,
+    /// The leader's send slots, shared with the batches before and after this one.
+    slots: &'a Semaphore,
+    /// The messages whose sends started: the rest go back to pending at the end.
+    begun: &'a Mutex<HashSet<i64>>,
+    /// Set when a permit is refused: nothing else in this batch starts.
+    halted: &'a AtomicBool,
+    gate: &'a StartGate,
 }
 
 /// A send's result as `deliver` leaves it: settled, or accepted and being recorded.
@@ -85,7 +193,7 @@ enum Fate {
 }
 
 impl Dispatcher {
-    /// Runs one batch to its end: sends (once the previous batch's are done),
+    /// Runs one batch to its end: sends (once the previous batch's have started),
     /// results recorded, unsent claims released, batch closed. See [`Handoff`].
     pub(super) async fn run_batch(
         &self,
@@ -100,49 +208,53 @@ impl Dispatcher {
             opened_at,
         } = batch;
         let Handoff {
-            previous_sends,
+            slots,
+            previous,
             claim_next,
-            sends_done,
+            signals,
         } = handoff;
         let mut claim_next = Some(claim_next);
-        let claim_next_at = messages.len() / 2;
         let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
         let span = tracing::info_span!("batch", epoch = term.epoch.0, size = ids.len(), ids = ?ids);
         async {
             let started = Instant::now();
             tracing::info!("batch claimed");
-            // Delivery order and SEND_CONCURRENCY: no send of this batch starts before
-            // every send of the previous one has its answer, and none at all if the
-            // previous batch stopped sending.
-            let previous = previous_sends.await;
-            let previous_abandoned = previous.is_err();
-            let begun: Mutex<HashSet<i64>> = Mutex::default();
-            let previous_stopped = previous != Ok(true);
+            // Delivery order: no send of this batch starts before every message of the
+            // previous one has passed its start gate, and none at all if the previous
+            // batch stopped sending. The shared slots keep SEND_CONCURRENCY.
+            let previous_started = previous.started.await;
+            let previous_stopped = previous_started != Ok(true);
             let halted = AtomicBool::new(previous_stopped);
             if previous_stopped {
                 tracing::info!("the previous batch stopped sending; this one sends nothing either");
             }
+            // A batch that stopped sending claims no successor: its rows go back to
+            // pending first, so the next claim takes them in order. (The sender is
+            // dropped unfired when this batch ends.)
+            if !previous_stopped {
+                if let Some(claim_next) = claim_next.take() {
+                    let _ = claim_next.send(());
+                }
+            }
+            let begun: Mutex<HashSet<i64>> = Mutex::default();
+            let gate = StartGate::new(messages.len(), signals.started);
+            let sends = Sends {
+                term,
+                schedule,
+                shutdown,
+                slots: &slots,
+                begun: &begun,
+                halted: &halted,
+                gate: &gate,
+            };
             let work = async {
-                let delivered = futures::stream::iter(messages.into_iter().enumerate())
-                    .map(|(index, message)| {
-                        // A batch that stopped sending claims no successor: its rows go
-                        // back to pending first, so the next claim takes them in order.
-                        if index >= claim_next_at && !halted.load(Ordering::Acquire) {
-                            if let Some(claim_next) = claim_next.take() {
-                                let _ = claim_next.send(());
-                            }
-                        }
-                        self.deliver(term, schedule, message, shutdown, &begun, &halted)
-                    })
+                let delivered = futures::stream::iter(messages)
+                    .map(|message| self.deliver(&sends, message))
                     // Unordered: a slow answer holds its own slot only. (In order,
                     // answers that came after it would hold theirs until it came.)
                     .buffer_unordered(self.settings.send_concurrency)
                     .collect::<Vec<Delivered>>()
                     .await;
-                let all_sent = !delivered
-                    .iter()
-                    .any(|d| matches!(d, Delivered::Done(Fate::NotStarted)));
-                let _ = sends_done.send(all_sent);
                 self.recorder.flush();
                 futures::future::join_all(delivered.into_iter().map(|d| self.settle(d))).await
             };
@@ -163,11 +275,16 @@ impl Dispatcher {
                 .copied()
                 .filter(|id| !begun.contains(id))
                 .collect();
-            self.release_unsent(term, &unsent).await;
             // An abandoned batch (shutdown grace over) stays open: sends of unknown
-            // outcome may still be on the wire. So does the batch after it (which sent
-            // nothing), as its close would close the abandoned one's.
-            if fates.is_some() && !previous_abandoned {
+            // outcome may still be on the wire. So do the batches after it, as their
+            // close would close the abandoned one's. (The wait for the previous
+            // batches' answers is bounded by their shutdown grace, as this one's.)
+            let answered = fates.is_some() && previous.answered.await.is_ok();
+            if answered {
+                let _ = signals.answered.send(());
+            }
+            self.release_unsent(term, &unsent).await;
+            if answered {
                 self.close_batch(term, schedule, opened_at).await;
             }
 
@@ -203,50 +320,34 @@ impl Dispatcher {
         .await
     }
 
-    /// Sends one message and records the result. A send starts only with a permit of
-    /// the term (lease and PostgreSQL fence both fresh, cluster running) and when the
-    /// pacer allows it; once a permit is refused, nothing else in this batch starts.
-    async fn deliver(
-        &self,
-        term: &Term,
-        schedule: Schedule,
-        message: ClaimedMessage,
-        shutdown: &CancellationToken,
-        begun: &Mutex<HashSet<i64>>,
-        halted: &AtomicBool,
-    ) -> Delivered {
-        loop {
-            // Shutdown first, always: a permit that is ready at the same moment must
-            // not win the race (select! picks at random among ready branches).
-            if halted.load(Ordering::Acquire) || shutdown.is_cancelled() {
-                return Delivered::Done(Fate::NotStarted);
-            }
-            let permit = tokio::select! {
+    /// Sends one message and records the result. The send waits for a slot, then
+    /// passes its start gate (see [`Dispatcher::start_gate`]) or never starts.
+    async fn deliver(&self, sends: &Sends<'_>, message: ClaimedMessage) -> Delivered {
+        let term = sends.term;
+        // Shutdown first, always: a slot that is free at the same moment must not win
+        // the race (select! picks at random among ready branches).
+        let slot = if sends.halted.load(Ordering::Acquire) {
+            None
+        } else {
+            tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return Delivered::Done(Fate::NotStarted),
-                permit = term.send_permit() => permit,
-            };
-            if permit != Permit::Granted {
-                if !halted.swap(true, Ordering::AcqRel) {
-                    tracing::info!(?permit, "no more sends in this batch");
-                }
-                return Delivered::Done(Fate::NotStarted);
+                () = sends.shutdown.cancelled() => None,
+                slot = sends.slots.acquire() => slot.ok(),
             }
-            match self.pacer.try_start(schedule.batch_size, schedule.interval) {
-                Ok(()) => break,
-                // Asks again after the wait: the permit may have lapsed meanwhile.
-                Err(free_at) => tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => return Delivered::Done(Fate::NotStarted),
-                    () = tokio::time::sleep_until(free_at.into()) => {}
-                },
-            }
+        };
+        // `slot` is held until this function returns: through the send and the
+        // result's hand-off to the recorder (or its write, for one not accepted).
+        let cleared = if slot.is_some() {
+            self.start_gate(sends, &message).await
+        } else {
+            Some(Fate::NotStarted)
+        };
+        sends.gate.passed(cleared != Some(Fate::NotStarted));
+        if let Some(fate) = cleared {
+            return Delivered::Done(fate);
         }
-        // The last moment to refuse: a message past its validity is never sent.
-        if message.expires_at.is_some_and(|at| Utc::now() >= at) {
-            return Delivered::Done(self.expire(term, &message).await);
-        }
-        begun
+        sends
+            .begun
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(message.id);
@@ -286,6 +387,52 @@ impl Dispatcher {
                 Delivered::Done(self.record(term, &message, unsent).await)
             }
         }
+    }
+
+    /// Whether a message's send may start now: `None` when it does, else what became
+    /// of it. A send starts only with a permit of the term (lease and PostgreSQL fence
+    /// both fresh, cluster running), when the pacer allows it, and before the
+    /// message's expiry; once a permit is refused, nothing else in this batch starts.
+    async fn start_gate(&self, sends: &Sends<'_>, message: &ClaimedMessage) -> Option<Fate> {
+        let Sends {
+            term,
+            schedule,
+            shutdown,
+            halted,
+            ..
+        } = *sends;
+        loop {
+            // Shutdown first, always: a permit that is ready at the same moment must
+            // not win the race (select! picks at random among ready branches).
+            if halted.load(Ordering::Acquire) || shutdown.is_cancelled() {
+                return Some(Fate::NotStarted);
+            }
+            let permit = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Some(Fate::NotStarted),
+                permit = term.send_permit() => permit,
+            };
+            if permit != Permit::Granted {
+                if !halted.swap(true, Ordering::AcqRel) {
+                    tracing::info!(?permit, "no more sends in this batch");
+                }
+                return Some(Fate::NotStarted);
+            }
+            match self.pacer.try_start(schedule.batch_size, schedule.interval) {
+                Ok(()) => break,
+                // Asks again after the wait: the permit may have lapsed meanwhile.
+                Err(free_at) => tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return Some(Fate::NotStarted),
+                    () = tokio::time::sleep_until(free_at.into()) => {}
+                },
+            }
+        }
+        // The last moment to refuse: a message past its validity is never sent.
+        if message.expires_at.is_some_and(|at| Utc::now() >= at) {
+            return Some(self.expire(term, message).await);
+        }
+        None
     }
 
     /// Waits for an accepted send's group to be recorded.

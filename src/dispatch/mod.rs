@@ -6,11 +6,12 @@ mod batch;
 mod pacer;
 mod recorder;
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::task::{JoinHandle, LocalSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -61,13 +62,15 @@ pub struct Dispatcher {
 
 /// What the dispatch loop remembers between claims.
 struct LoopState {
-    /// The newest batch, a task of its own on this thread: its second half of sends,
-    /// then its results and its close, while the next batch is claimed. At most one
-    /// is left running: see `batch::Handoff`.
-    running: Option<JoinHandle<()>>,
-    /// How the newest batch's sends end (see `batch::Handoff`); the next batch waits
-    /// for it before its first send.
-    newest_sends: oneshot::Receiver<bool>,
+    /// The batches still running, oldest first, each a task of its own on this
+    /// thread: while the next batch is claimed, the newest is sending, and the one
+    /// before it may still be waiting for its last answers, recording its results and
+    /// closing. At most two are left running: see `batch::Handoff`.
+    running: VecDeque<JoinHandle<()>>,
+    /// What the newest batch tells the next one (see `batch::Handoff`).
+    newest: batch::Previous,
+    /// The `SEND_CONCURRENCY` send slots all batches share.
+    slots: Rc<Semaphore>,
     /// The term the fields below belong to.
     epoch: Option<Epoch>,
     /// Since when claims have failed in this term (PostgreSQL unreachable, pool
@@ -82,10 +85,17 @@ struct LoopState {
 }
 
 impl LoopState {
-    /// Waits for the running batch to end, if one is running.
-    async fn finish_running_batch(&mut self) {
-        if let Some(batch) = self.running.take() {
-            await_batch(batch).await;
+    /// Waits for the running batches to end, oldest first.
+    async fn finish_running_batches(&mut self) {
+        self.finish_batches_but(0).await;
+    }
+
+    /// Waits for the running batches but the newest `keep` to end, oldest first.
+    async fn finish_batches_but(&mut self, keep: usize) {
+        while self.running.len() > keep {
+            if let Some(batch) = self.running.pop_front() {
+                await_batch(batch).await;
+            }
         }
     }
 }
@@ -95,13 +105,6 @@ async fn await_batch(batch: JoinHandle<()>) {
     if let Err(err) = batch.await {
         tracing::error!(error = %err, "a batch ended abnormally; its claims are left to the rescue");
     }
-}
-
-/// A receiver that already says "every send done", for the first batch.
-fn no_sends_pending() -> oneshot::Receiver<bool> {
-    let (done, pending) = oneshot::channel();
-    let _ = done.send(true);
-    pending
 }
 
 impl Dispatcher {
@@ -147,8 +150,13 @@ impl Dispatcher {
         self.recorder.start();
         let mut terms = self.leadership.subscribe();
         let mut state = LoopState {
-            running: None,
-            newest_sends: no_sends_pending(),
+            running: VecDeque::new(),
+            newest: batch::Previous::ended(),
+            // Clamped so that no SEND_CONCURRENCY can make the semaphore panic; no
+            // replica comes near its 2^61 permits anyway.
+            slots: Rc::new(Semaphore::new(
+                self.settings.send_concurrency.min(Semaphore::MAX_PERMITS),
+            )),
             epoch: None,
             claims_failing_since: None,
             next_rescue: Instant::now(),
@@ -157,7 +165,7 @@ impl Dispatcher {
         };
         while !shutdown.is_cancelled() {
             let Some(term) = self.leadership.current() else {
-                state.finish_running_batch().await;
+                state.finish_running_batches().await;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     changed = terms.changed() => if changed.is_err() { break },
@@ -182,20 +190,20 @@ impl Dispatcher {
                 }
             }
         }
-        state.finish_running_batch().await;
+        state.finish_running_batches().await;
         tracing::info!("dispatcher stopped");
     }
 
-    /// One claim attempt and, if it yields a batch, the first half of that batch's
-    /// sends. Returns how long to wait before the next attempt (counted from the
+    /// One claim attempt and, if it yields a batch, the start of that batch's sends. Returns how long to wait before the next attempt (counted from the
     /// claim); zero after a batch, whose task is then left running in `state` beside
     /// the next claim (see `batch::Handoff` for why).
     ///
-    /// The overlap is safe: the next claim takes only `pending` rows; its sends wait
-    /// for the previous batch's (delivery order, `SEND_CONCURRENCY`), and none start if
-    /// the previous batch stopped sending; every send still asks the term for a permit
-    /// and the pacer for a start; a close that comes after a newer batch opened leaves
-    /// that batch open (`CLOSE_BATCH`); and the rescue waits for the running batch.
+    /// The overlap is safe: the next claim takes only `pending` rows; its sends start
+    /// after the previous batch's (delivery order) in the slots both share
+    /// (`SEND_CONCURRENCY`), and none start if the previous batch stopped sending;
+    /// every send still asks the term for a permit and the pacer for a start; a close
+    /// that comes after a newer batch opened leaves that batch open (`CLOSE_BATCH`);
+    /// and the rescue waits for the running batches.
     async fn step(
         self: &Rc<Self>,
         term: &Term,
@@ -251,9 +259,9 @@ impl Dispatcher {
         (claimed_at + wait).saturating_duration_since(Instant::now())
     }
 
-    /// Starts a claimed batch as a task of its own and returns once half of its sends
-    /// have started (or it has ended) and the batch before it has ended, leaving it
-    /// running in `state`.
+    /// Starts a claimed batch as a task of its own and returns once it starts
+    /// sending, leaving it and the batch before it running in `state`; or, when it
+    /// sends nothing (the batch before it stopped sending), once every batch has ended.
     async fn start_batch(
         self: &Rc<Self>,
         term: &Term,
@@ -263,19 +271,17 @@ impl Dispatcher {
         state: &mut LoopState,
     ) {
         let (claim_next, on_claim_next) = oneshot::channel();
-        let (sends_done, on_sends_done) = oneshot::channel();
-        let previous = state.running.take();
-        let newest_sends = std::mem::replace(&mut state.newest_sends, on_sends_done);
-        // A batch that had ended before this claim has released its unsent rows, so
-        // this one cannot overtake them, however its sends ended.
-        let previous_sends = match &previous {
-            Some(previous) if !previous.is_finished() => newest_sends,
-            _ => no_sends_pending(),
+        let (signals, newest) = batch::signals();
+        let newest_before = std::mem::replace(&mut state.newest, newest);
+        let previous_signals = match state.running.back() {
+            Some(previous) if !previous.is_finished() => newest_before,
+            _ => batch::Previous::ended(),
         };
         let handoff = batch::Handoff {
-            previous_sends,
+            slots: Rc::clone(&state.slots),
+            previous: previous_signals,
             claim_next,
-            sends_done,
+            signals,
         };
         let dispatcher = Rc::clone(self);
         let (term, shutdown) = (term.clone(), shutdown.clone());
@@ -287,13 +293,17 @@ impl Dispatcher {
             }
             .instrument(tracing::Span::current()),
         );
-        // Fired at the batch's middle send; dropped unfired when the batch ends first,
-        // so this returns either way (a finished task is left for the next await).
-        let _ = on_claim_next.await;
-        if let Some(previous) = previous {
-            await_batch(previous).await;
-        }
-        state.running = Some(task);
+        state.running.push_back(task);
+        // Fired when the batch starts sending; dropped unfired when it ends first, so
+        // this returns either way.
+        let claims_next = on_claim_next.await.is_ok();
+        // The next claim need not wait for the previous batch's last results: once
+        // this batch fired, every message of that one started its send, so it has no
+        // unsent rows left for the next claim to overtake. A batch that stopped
+        // sending fires nothing: then every batch releases its unsent rows first.
+        state
+            .finish_batches_but(if claims_next { 2 } else { 0 })
+            .await;
     }
 
     /// Settles a claim left in doubt, rescues abandoned claims when due, then claims.
@@ -319,7 +329,7 @@ impl Dispatcher {
             // being sent or recorded: the rescue must not see them (it would put them
             // back to pending, and they would be sent again), so the running batch
             // ends first.
-            state.finish_running_batch().await;
+            state.finish_running_batches().await;
             self.rescue(term).await?;
             state.next_rescue = Instant::now() + RESCUE_EVERY;
         }

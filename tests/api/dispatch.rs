@@ -300,6 +300,123 @@ async fn a_held_answer_does_not_hold_back_the_rest_of_its_batch() {
     assert_eq!(env.count("sent").await, 6);
 }
 
+/// Nor does it hold back the next batch: that batch's sends take the slots the
+/// previous batch frees, once every message of it has started. Before, the next batch
+/// waited for every answer of the previous one, so here the third and fourth messages
+/// waited for the first one's held answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_answer_does_not_hold_back_the_next_batch() {
+    let env = TestEnv::with_scripted().await;
+    let replica = env
+        .replica(
+            "r1",
+            &[
+                ("BATCH_SIZE", "2"),
+                ("PROCESSING_INTERVAL", "0s"),
+                ("SEND_CONCURRENCY", "2"),
+                // Longer than the wait below: the held send must not time out first.
+                ("SMS_API_TIMEOUT", "300s"),
+            ],
+        )
+        .await;
+    let ids = env
+        .create_messages(&replica, &["first reply:hold", "second", "third", "fourth"])
+        .await;
+    let provider = env.scripted();
+    wait_for(
+        "the next batch to reach the provider while the first answer is held",
+        TEST_TIMEOUT,
+        || async {
+            ids[1..]
+                .iter()
+                .all(|id| !provider.requests_for(*id).is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    wait_for("all but the held one recorded", TEST_TIMEOUT, || async {
+        (env.count("sent").await == 3).then_some(())
+    })
+    .await;
+    provider.release_held();
+    env.wait_drained(TEST_TIMEOUT).await;
+    for id in &ids {
+        assert_eq!(
+            provider.requests_for(*id).len(),
+            1,
+            "message {id} sent once"
+        );
+    }
+    assert_eq!(env.count("sent").await, 4);
+}
+
+/// The batches share their `SEND_CONCURRENCY` slots: across a batch boundary no more
+/// sends are in flight than within a batch. The mock answers each request `latency`
+/// after it arrives, so requests that arrived less than that apart were in flight
+/// together. Batches of three at concurrency 2 put a boundary inside every other pair
+/// of slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_batches_share_their_send_slots() {
+    let latency = Duration::from_millis(60);
+    let env = TestEnv::with_mock(&["--latency-ms", "60"]).await;
+    let replica = env
+        .replica(
+            "r1",
+            &[
+                ("BATCH_SIZE", "3"),
+                ("PROCESSING_INTERVAL", "0s"),
+                ("SEND_CONCURRENCY", "2"),
+            ],
+        )
+        .await;
+    let contents: Vec<String> = (1..=30).map(|i| format!("slot {i}")).collect();
+    let ids = env
+        .create_messages(
+            &replica,
+            &contents.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .await;
+    env.wait_drained(TEST_TIMEOUT).await;
+
+    let deliveries = env.mock().deliveries().await;
+    assert_each_once(&deliveries, &ids);
+    let mut arrivals: Vec<i64> = deliveries.iter().map(|d| d.first_seen_us).collect();
+    arrivals.sort_unstable();
+    let together = latency.as_micros() as i64 * 5 / 6;
+    for (i, &at) in arrivals.iter().enumerate() {
+        let in_flight = arrivals[..=i]
+            .iter()
+            .filter(|&&t| at - t < together)
+            .count();
+        assert!(
+            in_flight <= 2,
+            "{in_flight} requests in flight at once at {at}us: {arrivals:?}"
+        );
+    }
+}
+
+/// The largest `SEND_CONCURRENCY` the configuration accepts still dispatches: the send
+/// slots are a semaphore, which refuses (panics on) more than 2^61 permits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_send_concurrency_still_dispatches() {
+    let env = TestEnv::with_mock(&[]).await;
+    let replica = env
+        .replica(
+            "r1",
+            &[
+                ("BATCH_SIZE", "5"),
+                ("PROCESSING_INTERVAL", "0s"),
+                ("SEND_CONCURRENCY", &u64::MAX.to_string()),
+            ],
+        )
+        .await;
+    let ids = env
+        .create_messages(&replica, &["one", "two", "three", "four", "five", "six"])
+        .await;
+    env.wait_drained(TEST_TIMEOUT).await;
+    assert_each_once(&env.mock().deliveries().await, &ids);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_send_retries_later_without_blocking_younger_messages() {
     let env = TestEnv::with_scripted().await;

@@ -239,6 +239,73 @@ async fn sigterm_during_a_batch_finishes_in_flight_sends_and_returns_the_rest() 
     assert!(logs.contains("returned unsent claims to pending"), "{logs}");
 }
 
+/// A send still unanswered when the shutdown grace runs out is abandoned with its row
+/// `sending`, and its batch stays open in the fence row, so a new leader waits out the
+/// old term before its first batch. The batches after it were claimed, sent and
+/// answered meanwhile (they share the send slots); they must leave it open too: a
+/// close of theirs would close it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_abandoned_at_shutdown_stays_open_whatever_came_after_it() {
+    let env = TestEnv::with_scripted().await;
+    let mut replica = env
+        .replica(
+            "r1",
+            &[
+                ("BATCH_SIZE", "2"),
+                ("PROCESSING_INTERVAL", "0s"),
+                ("SEND_CONCURRENCY", "2"),
+                ("SHUTDOWN_TIMEOUT", "1s"),
+                ("SMS_API_TIMEOUT", "300s"),
+            ],
+        )
+        .await;
+    let ids = env
+        .create_messages(
+            &replica,
+            &[
+                "first reply:hold",
+                "second",
+                "third",
+                "fourth",
+                "fifth",
+                "sixth",
+            ],
+        )
+        .await;
+    wait_for(
+        "every message but the held one sent and recorded",
+        TEST_TIMEOUT,
+        || async {
+            let sent: i64 = env
+                .db()
+                .await
+                .query_one("SELECT count(*) FROM messages WHERE status = 'sent'", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (sent == 5).then_some(())
+        },
+    )
+    .await;
+    let status = replica.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+
+    let db = env.db().await;
+    let held: String = db
+        .query_one("SELECT status FROM messages WHERE id = $1", &[&ids[0]])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, "sending", "the abandoned send's outcome is unknown");
+    let open: bool = db
+        .query_one("SELECT batch_open FROM dispatcher_leader", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(open, "a later batch's close closed the abandoned batch");
+    env.scripted().release_held();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_fails_once_shutdown_begins() {
     let env = TestEnv::with_scripted().await;
