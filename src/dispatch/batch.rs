@@ -206,6 +206,7 @@ impl Dispatcher {
         let OpenedBatch {
             messages,
             opened_at,
+            ..
         } = batch;
         let Handoff {
             slots,

@@ -66,7 +66,7 @@ struct LoopState {
     /// thread: while the next batch is claimed, the newest is sending, and the one
     /// before it may still be waiting for its last answers, recording its results and
     /// closing. At most two are left running: see `batch::Handoff`.
-    running: VecDeque<JoinHandle<()>>,
+    running: VecDeque<RunningBatch>,
     /// What the newest batch tells the next one (see `batch::Handoff`).
     newest: batch::Previous,
     /// The `SEND_CONCURRENCY` send slots all batches share.
@@ -84,6 +84,12 @@ struct LoopState {
     db_ok: bool,
 }
 
+/// A batch's task, and the token of the claim that took its rows.
+struct RunningBatch {
+    token: i64,
+    task: JoinHandle<()>,
+}
+
 impl LoopState {
     /// Waits for the running batches to end, oldest first.
     async fn finish_running_batches(&mut self) {
@@ -94,9 +100,22 @@ impl LoopState {
     async fn finish_batches_but(&mut self, keep: usize) {
         while self.running.len() > keep {
             if let Some(batch) = self.running.pop_front() {
-                await_batch(batch).await;
+                await_batch(batch.task).await;
             }
         }
+    }
+
+    /// The claim tokens of the batches still running, once those that ended are let
+    /// go (one that ended abnormally leaves its rows to the rescue).
+    async fn running_claims(&mut self) -> Vec<i64> {
+        let (ended, running) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition::<Vec<_>, _>(|batch| batch.task.is_finished());
+        self.running = running.into();
+        for batch in ended {
+            await_batch(batch.task).await;
+        }
+        self.running.iter().map(|batch| batch.token).collect()
     }
 }
 
@@ -203,7 +222,7 @@ impl Dispatcher {
     /// (`SEND_CONCURRENCY`), and none start if the previous batch stopped sending;
     /// every send still asks the term for a permit and the pacer for a start; a close
     /// that comes after a newer batch opened leaves that batch open (`CLOSE_BATCH`);
-    /// and the rescue waits for the running batches.
+    /// and the rescue never returns rows of a running batch.
     async fn step(
         self: &Rc<Self>,
         term: &Term,
@@ -274,7 +293,7 @@ impl Dispatcher {
         let (signals, newest) = batch::signals();
         let newest_before = std::mem::replace(&mut state.newest, newest);
         let previous_signals = match state.running.back() {
-            Some(previous) if !previous.is_finished() => newest_before,
+            Some(previous) if !previous.task.is_finished() => newest_before,
             _ => batch::Previous::ended(),
         };
         let handoff = batch::Handoff {
@@ -283,6 +302,7 @@ impl Dispatcher {
             claim_next,
             signals,
         };
+        let token = batch.token;
         let dispatcher = Rc::clone(self);
         let (term, shutdown) = (term.clone(), shutdown.clone());
         let task = tokio::task::spawn_local(
@@ -293,7 +313,7 @@ impl Dispatcher {
             }
             .instrument(tracing::Span::current()),
         );
-        state.running.push_back(task);
+        state.running.push_back(RunningBatch { token, task });
         // Fired when the batch starts sending; dropped unfired when it ends first, so
         // this returns either way.
         let claims_next = on_claim_next.await.is_ok();
@@ -327,10 +347,12 @@ impl Dispatcher {
             // The rescue returns our own epoch's claims once they are as old as the
             // rescue wait. A long batch's rows can be that old while they are still
             // being sent or recorded: the rescue must not see them (it would put them
-            // back to pending, and they would be sent again), so the running batch
-            // ends first.
-            state.finish_running_batches().await;
-            self.rescue(term).await?;
+            // back to pending, and they would be sent again), so it is told the claims
+            // of the running batches. (It used to wait for them to end instead, which
+            // stopped every send once a second in a long drain.) No batch starts
+            // while it runs: the claim comes after it.
+            let running = state.running_claims().await;
+            self.rescue(term, &running).await?;
             state.next_rescue = Instant::now() + RESCUE_EVERY;
         }
         if !term.is_valid() {
@@ -371,9 +393,12 @@ impl Dispatcher {
     /// rescue wait since our epoch began has passed, and our own leftovers that old.
     /// Rows the provider is known (from the delivery cache) to have accepted are
     /// recorded as sent instead of being sent again.
-    async fn rescue(&self, term: &Term) -> Result<(), StoreError> {
+    async fn rescue(&self, term: &Term, running: &[i64]) -> Result<(), StoreError> {
         let policy = self.settings.rescue;
-        let candidates = self.store.rescue_candidates(term.epoch, policy).await?;
+        let candidates = self
+            .store
+            .rescue_candidates(term.epoch, policy, running)
+            .await?;
         if candidates.is_empty() {
             return Ok(());
         }
@@ -389,7 +414,7 @@ impl Dispatcher {
                 "recorded as sent: accepted by the provider, result lost by a previous claim (from the delivery cache)"
             );
         }
-        let rescued = self.store.rescue(term.epoch, policy).await?;
+        let rescued = self.store.rescue(term.epoch, policy, running).await?;
         if rescued.pending > 0 {
             tracing::warn!(count = rescued.pending, "rescued abandoned claims");
             self.metrics.messages_rescued.inc_by(rescued.pending);

@@ -198,12 +198,13 @@ impl Schedule {
     }
 }
 
-/// A claimed batch: its rows, oldest first, and its start (`last_batch_at`), which
-/// names it when it closes.
+/// A claimed batch: its rows, oldest first, its start (`last_batch_at`), which names
+/// it when it closes, and the claim's token, which names its rows (`claim_token`).
 #[derive(Debug)]
 pub struct OpenedBatch {
     pub messages: Vec<ClaimedMessage>,
     pub opened_at: DateTime<Utc>,
+    pub token: i64,
 }
 
 /// What one claim attempt found.
@@ -341,8 +342,10 @@ SET batch_open = batch_open AND last_batch_at IS DISTINCT FROM $3,
 WHERE id = 1 AND epoch = $1";
 
 /// Which `sending` rows the rescue may return, for the leader of epoch `$1` (only
-/// while it is the current epoch) after the rescue wait `$2` (milliseconds). A macro so
-/// that both statements below use the same text.
+/// while it is the current epoch) after the rescue wait `$2` (milliseconds), never the
+/// rows of the claims `$3` (tokens of this leader's batches still running: their rows
+/// are being sent or recorded, and returned to pending they would be sent again). A
+/// macro so that both statements below use the same text.
 macro_rules! rescuable {
     () => {
         "
@@ -351,7 +354,8 @@ macro_rules! rescuable {
     AND ((m.claim_epoch < $1::bigint
           AND l.acquired_at <= clock_timestamp() - $2::bigint * interval '1 millisecond')
       OR (m.claim_epoch = $1::bigint
-          AND m.claimed_at <= clock_timestamp() - $2::bigint * interval '1 millisecond'))"
+          AND m.claimed_at <= clock_timestamp() - $2::bigint * interval '1 millisecond'))
+    AND NOT coalesce(m.claim_token = ANY($3::bigint[]), false)"
     };
 }
 
@@ -362,15 +366,15 @@ const RESCUE_CANDIDATES: &str = concat!(
 );
 
 /// Returns abandoned claims to `pending`, or to `failed` once they have used up
-/// `MAX_ATTEMPTS` ($3 > 0): a claim counts as an attempt, so MAX_ATTEMPTS holds even
+/// `MAX_ATTEMPTS` ($4 > 0): a claim counts as an attempt, so MAX_ATTEMPTS holds even
 /// for a message whose sends never got a result.
 const RESCUE: &str = concat!(
     "UPDATE messages AS m
-SET status = CASE WHEN $3::int > 0 AND m.attempts >= $3::int THEN 'failed' ELSE 'pending' END,
+SET status = CASE WHEN $4::int > 0 AND m.attempts >= $4::int THEN 'failed' ELSE 'pending' END,
     next_attempt_at = now(),
     last_error = 'claim by ' || coalesce(m.claimed_by, '?') || ' (epoch ' || m.claim_epoch
                  || ') never completed; '
-                 || CASE WHEN $3::int > 0 AND m.attempts >= $3::int
+                 || CASE WHEN $4::int > 0 AND m.attempts >= $4::int
                          THEN 'MAX_ATTEMPTS reached' ELSE 'rescued' END
 FROM dispatcher_leader AS l
 WHERE",
@@ -886,6 +890,7 @@ impl Store {
             Claim::Batch(OpenedBatch {
                 messages,
                 opened_at,
+                token,
             })
         };
         tx.commit().await?;
@@ -904,12 +909,13 @@ impl Store {
         &self,
         epoch: Epoch,
         policy: RescuePolicy,
+        running: &[i64],
     ) -> Result<Vec<RescueCandidate>, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
                 &client.prepare_cached(RESCUE_CANDIDATES).await?,
-                &[&epoch.0, &millis(policy.wait)],
+                &[&epoch.0, &millis(policy.wait), &running],
             )
             .await?;
         Ok(rows
@@ -947,14 +953,20 @@ impl Store {
     }
 
     /// Returns abandoned claims (SPEC §6 step 8) to `pending`, or `failed` once out of
-    /// attempts. Only the current epoch's leader rescues, and only after the wait.
-    pub async fn rescue(&self, epoch: Epoch, policy: RescuePolicy) -> Result<Rescued, StoreError> {
+    /// attempts. Only the current epoch's leader rescues, and only after the wait;
+    /// never the rows of the claims in `running` (the tokens of its running batches).
+    pub async fn rescue(
+        &self,
+        epoch: Epoch,
+        policy: RescuePolicy,
+        running: &[i64],
+    ) -> Result<Rescued, StoreError> {
         let client = self.client().await?;
         let max_attempts = i32::try_from(policy.max_attempts).unwrap_or(i32::MAX);
         let rows = client
             .query(
                 &client.prepare_cached(RESCUE).await?,
-                &[&epoch.0, &millis(policy.wait), &max_attempts],
+                &[&epoch.0, &millis(policy.wait), &running, &max_attempts],
             )
             .await?;
         let failed = rows

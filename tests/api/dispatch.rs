@@ -1010,11 +1010,34 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
 
     // Too young to rescue, even our own.
     assert_eq!(
-        store.rescue(first, policy(3600, 0)).await.unwrap().pending,
+        store
+            .rescue(first, policy(3600, 0), &[])
+            .await
+            .unwrap()
+            .pending,
         0
     );
+    // Old enough, but named as a running batch's claim: never, whatever else runs.
+    assert!(
+        store
+            .rescue_candidates(first, policy(0, 0), &[3])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.rescue(first, policy(0, 0), &[7, 3]).await.unwrap(),
+        Default::default()
+    );
     // Our own leftovers, old enough.
-    assert_eq!(store.rescue(first, policy(0, 0)).await.unwrap().pending, 3);
+    assert_eq!(
+        store
+            .rescue(first, policy(0, 0), &[7])
+            .await
+            .unwrap()
+            .pending,
+        3
+    );
     let batch = opened(claim(first, 4).await);
     assert_eq!(batch.messages.len(), 3);
     store
@@ -1027,22 +1050,37 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     let second = store.bump_epoch("second").await.unwrap();
     assert!(
         store
-            .rescue_candidates(second, policy(3600, 0))
+            .rescue_candidates(second, policy(3600, 0), &[])
             .await
             .unwrap()
             .is_empty(),
         "the old leader may still be sending"
     );
     assert_eq!(
-        store.rescue(second, policy(3600, 0)).await.unwrap().pending,
+        store
+            .rescue(second, policy(3600, 0), &[])
+            .await
+            .unwrap()
+            .pending,
         0
     );
     assert_eq!(
-        store.rescue(first, policy(0, 0)).await.unwrap(),
+        store.rescue(first, policy(0, 0), &[]).await.unwrap(),
         Default::default(),
         "only the current epoch rescues"
     );
-    let candidates = store.rescue_candidates(second, policy(0, 0)).await.unwrap();
+    assert!(
+        store
+            .rescue_candidates(second, policy(0, 0), &[4])
+            .await
+            .unwrap()
+            .is_empty(),
+        "a batch of this replica's older term still running keeps its rows"
+    );
+    let candidates = store
+        .rescue_candidates(second, policy(0, 0), &[])
+        .await
+        .unwrap();
     assert_eq!(candidates.len(), 3);
     // The first was accepted by the provider (the delivery cache says so): recorded,
     // not rescued. The others, with 2 attempts each, fail under MAX_ATTEMPTS 2.
@@ -1059,7 +1097,7 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
             .unwrap(),
         1
     );
-    let rescued = store.rescue(second, policy(0, 2)).await.unwrap();
+    let rescued = store.rescue(second, policy(0, 2), &[]).await.unwrap();
     assert_eq!((rescued.pending, rescued.failed), (0, 2));
     let db = env.db().await;
     let rows = db
