@@ -16,6 +16,7 @@ use message_dispatcher::store::queue::{
 };
 
 use crate::support::cluster::{assert_each_once, assert_fifo};
+use crate::support::provider::Delivery;
 use crate::support::replica::run_command;
 use crate::support::{TestEnv, wait_for};
 
@@ -105,18 +106,35 @@ async fn sends_fifo_in_batches_of_batch_size_and_nothing_when_empty() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn back_to_back_batches_keep_fifo_and_one_send_in_flight() {
     let latency = Duration::from_millis(30);
-    let env = TestEnv::with_mock(&["--latency-ms", "30"]).await;
+    let deliveries = drain_back_to_back(4, 1, latency, 24).await;
+    assert_fifo(&deliveries);
+    assert_in_flight_at_most(&deliveries, 1, latency);
+}
+
+/// Drains `count` messages through one replica (`BATCH_SIZE` `batch_size`, interval 0,
+/// `SEND_CONCURRENCY` `concurrency`) into a mock provider that answers each request
+/// `latency` after it arrives, and returns what the provider received, every message
+/// checked delivered once.
+async fn drain_back_to_back(
+    batch_size: u32,
+    concurrency: usize,
+    latency: Duration,
+    count: usize,
+) -> Vec<Delivery> {
+    let latency_ms = latency.as_millis().to_string();
+    let env = TestEnv::with_mock(&["--latency-ms", &latency_ms]).await;
+    let (batch_size, concurrency) = (batch_size.to_string(), concurrency.to_string());
     let replica = env
         .replica(
             "r1",
             &[
-                ("BATCH_SIZE", "4"),
+                ("BATCH_SIZE", &batch_size),
                 ("PROCESSING_INTERVAL", "0s"),
-                ("SEND_CONCURRENCY", "1"),
+                ("SEND_CONCURRENCY", &concurrency),
             ],
         )
         .await;
-    let contents: Vec<String> = (1..=24).map(|i| format!("in order {i}")).collect();
+    let contents: Vec<String> = (1..=count).map(|i| format!("message {i}")).collect();
     let ids = env
         .create_messages(
             &replica,
@@ -124,20 +142,27 @@ async fn back_to_back_batches_keep_fifo_and_one_send_in_flight() {
         )
         .await;
     env.wait_drained(TEST_TIMEOUT).await;
-
     let deliveries = env.mock().deliveries().await;
     assert_each_once(&deliveries, &ids);
-    assert_fifo(&deliveries);
-    // Each request arrives only after the previous one was answered, which the mock
-    // does `latency` after its arrival; overlapping requests arrive within a
-    // millisecond or two of each other.
-    for pair in deliveries.windows(2) {
-        let gap = pair[1].first_seen_us - pair[0].first_seen_us;
+    deliveries
+}
+
+/// No more than `limit` requests were at the provider at once. The mock answers each
+/// request `latency` after it arrives, so requests that arrived less than that apart
+/// (5/6 of it here; overlapping requests arrive within a millisecond or two of each
+/// other) were in flight together.
+fn assert_in_flight_at_most(deliveries: &[Delivery], limit: usize, latency: Duration) {
+    let mut arrivals: Vec<i64> = deliveries.iter().map(|d| d.first_seen_us).collect();
+    arrivals.sort_unstable();
+    let together = latency.as_micros() as i64 * 5 / 6;
+    for (i, &at) in arrivals.iter().enumerate() {
+        let in_flight = arrivals[..=i]
+            .iter()
+            .filter(|&&t| at - t < together)
+            .count();
         assert!(
-            gap >= latency.as_micros() as i64 * 5 / 6,
-            "{} arrived {gap}us after {}: two sends in flight",
-            pair[1].key,
-            pair[0].key
+            in_flight <= limit,
+            "{in_flight} requests in flight at once at {at}us (limit {limit}): {arrivals:?}"
         );
     }
 }
@@ -351,48 +376,13 @@ async fn a_held_answer_does_not_hold_back_the_next_batch() {
 }
 
 /// The batches share their `SEND_CONCURRENCY` slots: across a batch boundary no more
-/// sends are in flight than within a batch. The mock answers each request `latency`
-/// after it arrives, so requests that arrived less than that apart were in flight
-/// together. Batches of three at concurrency 2 put a boundary inside every other pair
-/// of slots.
+/// sends are in flight than within a batch. Batches of three at concurrency 2 put a
+/// boundary inside every other pair of slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn back_to_back_batches_share_their_send_slots() {
     let latency = Duration::from_millis(60);
-    let env = TestEnv::with_mock(&["--latency-ms", "60"]).await;
-    let replica = env
-        .replica(
-            "r1",
-            &[
-                ("BATCH_SIZE", "3"),
-                ("PROCESSING_INTERVAL", "0s"),
-                ("SEND_CONCURRENCY", "2"),
-            ],
-        )
-        .await;
-    let contents: Vec<String> = (1..=30).map(|i| format!("slot {i}")).collect();
-    let ids = env
-        .create_messages(
-            &replica,
-            &contents.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
-        .await;
-    env.wait_drained(TEST_TIMEOUT).await;
-
-    let deliveries = env.mock().deliveries().await;
-    assert_each_once(&deliveries, &ids);
-    let mut arrivals: Vec<i64> = deliveries.iter().map(|d| d.first_seen_us).collect();
-    arrivals.sort_unstable();
-    let together = latency.as_micros() as i64 * 5 / 6;
-    for (i, &at) in arrivals.iter().enumerate() {
-        let in_flight = arrivals[..=i]
-            .iter()
-            .filter(|&&t| at - t < together)
-            .count();
-        assert!(
-            in_flight <= 2,
-            "{in_flight} requests in flight at once at {at}us: {arrivals:?}"
-        );
-    }
+    let deliveries = drain_back_to_back(3, 2, latency, 30).await;
+    assert_in_flight_at_most(&deliveries, 2, latency);
 }
 
 /// The largest `SEND_CONCURRENCY` the configuration accepts still dispatches: the send

@@ -275,16 +275,7 @@ async fn a_batch_abandoned_at_shutdown_stays_open_whatever_came_after_it() {
     wait_for(
         "every message but the held one sent and recorded",
         TEST_TIMEOUT,
-        || async {
-            let sent: i64 = env
-                .db()
-                .await
-                .query_one("SELECT count(*) FROM messages WHERE status = 'sent'", &[])
-                .await
-                .unwrap()
-                .get(0);
-            (sent == 5).then_some(())
-        },
+        || async { (env.count("sent").await == 5).then_some(()) },
     )
     .await;
     let status = replica.terminate(Duration::from_secs(30)).await;
