@@ -213,9 +213,10 @@ impl Dispatcher {
         tracing::info!("dispatcher stopped");
     }
 
-    /// One claim attempt and, if it yields a batch, the start of that batch's sends. Returns how long to wait before the next attempt (counted from the
-    /// claim); zero after a batch, whose task is then left running in `state` beside
-    /// the next claim (see `batch::Handoff` for why).
+    /// One claim attempt and, if it yields a batch, the start of that batch's sends.
+    /// Returns how long to wait before the next attempt (counted from the claim); zero
+    /// after a batch, whose task is then left running in `state` beside the next claim
+    /// (see `batch::Handoff` for why).
     ///
     /// The overlap is safe: the next claim takes only `pending` rows; its sends start
     /// after the previous batch's (delivery order) in the slots both share
