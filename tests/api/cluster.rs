@@ -289,6 +289,65 @@ async fn sigterm_hands_over_at_once_and_loses_nothing() {
     assert_fifo(&deliveries);
 }
 
+/// How many connections are subscribed to the leader's release announcements.
+fn release_subscribers(env: &TestEnv) -> Option<i64> {
+    let reply = env
+        .redis
+        .cli(&["PUBSUB", "NUMSUB", "message-dispatcher:lock:released"]);
+    reply.lines().last()?.trim().parse().ok()
+}
+
+/// How many commands on a pub/sub channel Redis has refused (its ACL log merges
+/// repeats into one entry with a count).
+fn refused_channel_commands(env: &TestEnv) -> i64 {
+    let log = env.redis.cli(&["ACL", "LOG"]);
+    let lines: Vec<&str> = log.lines().map(str::trim).collect();
+    let mut refused = 0;
+    let mut count = 0;
+    for pair in lines.windows(2) {
+        match pair[0] {
+            "count" => count = pair[1].parse().unwrap_or(0),
+            "reason" if pair[1] == "channel" => refused += count,
+            _ => {}
+        }
+    }
+    refused
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_resubscribe_is_retried_until_it_holds() {
+    let env = TestEnv::start().await;
+    let _replica = env.replica("r1", &settings()).await;
+    wait_for(
+        "the replica to subscribe",
+        Duration::from_secs(30),
+        || async { (release_subscribers(&env) == Some(1)).then_some(()) },
+    )
+    .await;
+
+    // The subscriber connection is dropped, and the subscription on the new connection
+    // is refused (fred reports that refusal as a success).
+    env.redis
+        .cli(&["ACL", "SETUSER", "default", "resetchannels"]);
+    env.redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    wait_for(
+        "the resubscription to be refused",
+        Duration::from_secs(30),
+        || async { (refused_channel_commands(&env) >= 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(release_subscribers(&env), Some(0));
+
+    // Once Redis accepts again, the replica subscribes again without another reconnect.
+    env.redis.cli(&["ACL", "SETUSER", "default", "allchannels"]);
+    wait_for(
+        "the replica to subscribe again",
+        Duration::from_secs(60),
+        || async { (release_subscribers(&env) == Some(1)).then_some(()) },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_pauses_dispatch_and_it_resumes_by_itself() {
     let mut env = TestEnv::start().await;
