@@ -37,6 +37,6 @@ for bench in ${ONLY:-failover throughput footprint api}; do
   timings+=("bench-$bench: $((SECONDS - started)) s")
 done
 echo
-BIN="$BIN" python3 "$ROOT/scripts/bench_lib.py" combine "${files[@]}"
+BIN="$BIN" python3 "$ROOT/scripts/bench.py" combine "${files[@]}"
 printf '%s\n' "${timings[@]}"
 exit "$failed"

@@ -7,7 +7,7 @@
 # carry MD_BENCH_DIR=$BENCH_DIR in their environment; the cleanup kills a pid only if
 # /proc/PID/environ still shows that marker, so a recycled pid is never touched.
 
-BENCH_PY="$ROOT/scripts/bench_lib.py"
+BENCH_PY="$ROOT/scripts/bench.py"
 
 # bench_init NAME: packages, binary, temp dir, trap. Sets BENCH_DIR and BIN.
 bench_init() {
@@ -95,7 +95,7 @@ bench_services() {
 
 bench_elapsed() { echo "$((SECONDS - BENCH_STARTED))"; }
 
-# bench_py SUBCOMMAND: runs scripts/bench_lib.py SUBCOMMAND in the background and
+# bench_py SUBCOMMAND: runs scripts/bench.py SUBCOMMAND in the background and
 # waits for it, so that a SIGINT/SIGTERM sent to this script runs the cleanup at once
 # instead of after the measurement.
 bench_py() {

@@ -1,7 +1,7 @@
-"""`bench_lib.py peers`: the dispatcher against graphile-worker and pg-boss (scripts/bench-peers.sh).
+"""`bench.py peers`: the dispatcher against graphile-worker and pg-boss (scripts/bench-peers.sh).
 
-Imported by bench_lib.py's cmd_peers, which passes itself as `lib` (the helpers:
-start_mock, drain_run, postgres_ticks, proc_status, table, write_result, ...). The peers
+Imported by bench.py's cmd_peers, which passes the harness, bench_lib, as `lib` (the
+helpers: start_mock, drain_run, postgres_ticks, proc_status, table, write_result, ...). The peers
 are the Node scripts of scripts/bench/peers/ (see common.mjs for their protocol), run
 from $PEERS_DIR (a copy beside the installed node_modules) with $PEER_NODE.
 """
