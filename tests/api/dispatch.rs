@@ -16,7 +16,7 @@ use message_dispatcher::store::queue::{
 };
 
 use crate::support::cluster::{assert_each_once, assert_fifo};
-use crate::support::provider::Delivery;
+use crate::support::provider::{Delivery, holding_settings};
 use crate::support::replica::run_command;
 use crate::support::{TestEnv, wait_for};
 
@@ -270,18 +270,7 @@ async fn the_rescue_never_takes_rows_of_the_batch_being_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_answer_does_not_hold_back_the_rest_of_its_batch() {
     let env = TestEnv::with_scripted().await;
-    let replica = env
-        .replica(
-            "r1",
-            &[
-                ("BATCH_SIZE", "6"),
-                ("PROCESSING_INTERVAL", "0s"),
-                ("SEND_CONCURRENCY", "2"),
-                // Longer than the wait below: the held send must not time out first.
-                ("SMS_API_TIMEOUT", "300s"),
-            ],
-        )
-        .await;
+    let replica = env.replica("r1", &holding_settings("6")).await;
     // One request, so one claim takes all six.
     let ids = env
         .create_messages(
@@ -315,13 +304,7 @@ async fn a_held_answer_does_not_hold_back_the_rest_of_its_batch() {
     );
     provider.release_held();
     env.wait_drained(TEST_TIMEOUT).await;
-    for id in &ids {
-        assert_eq!(
-            provider.requests_for(*id).len(),
-            1,
-            "message {id} sent once"
-        );
-    }
+    provider.assert_each_requested_once(&ids);
     assert_eq!(env.count("sent").await, 6);
 }
 
@@ -332,18 +315,7 @@ async fn a_held_answer_does_not_hold_back_the_rest_of_its_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_answer_does_not_hold_back_the_next_batch() {
     let env = TestEnv::with_scripted().await;
-    let replica = env
-        .replica(
-            "r1",
-            &[
-                ("BATCH_SIZE", "2"),
-                ("PROCESSING_INTERVAL", "0s"),
-                ("SEND_CONCURRENCY", "2"),
-                // Longer than the wait below: the held send must not time out first.
-                ("SMS_API_TIMEOUT", "300s"),
-            ],
-        )
-        .await;
+    let replica = env.replica("r1", &holding_settings("2")).await;
     let ids = env
         .create_messages(&replica, &["first reply:hold", "second", "third", "fourth"])
         .await;
@@ -365,13 +337,7 @@ async fn a_held_answer_does_not_hold_back_the_next_batch() {
     .await;
     provider.release_held();
     env.wait_drained(TEST_TIMEOUT).await;
-    for id in &ids {
-        assert_eq!(
-            provider.requests_for(*id).len(),
-            1,
-            "message {id} sent once"
-        );
-    }
+    provider.assert_each_requested_once(&ids);
     assert_eq!(env.count("sent").await, 4);
 }
 

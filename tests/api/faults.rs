@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::support::provider::holding_settings;
 use crate::support::{TestEnv, http, wait_for};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -247,18 +248,9 @@ async fn sigterm_during_a_batch_finishes_in_flight_sends_and_returns_the_rest() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_abandoned_at_shutdown_stays_open_whatever_came_after_it() {
     let env = TestEnv::with_scripted().await;
-    let mut replica = env
-        .replica(
-            "r1",
-            &[
-                ("BATCH_SIZE", "2"),
-                ("PROCESSING_INTERVAL", "0s"),
-                ("SEND_CONCURRENCY", "2"),
-                ("SHUTDOWN_TIMEOUT", "1s"),
-                ("SMS_API_TIMEOUT", "300s"),
-            ],
-        )
-        .await;
+    let mut settings = holding_settings("2");
+    settings.push(("SHUTDOWN_TIMEOUT", "1s"));
+    let mut replica = env.replica("r1", &settings).await;
     let ids = env
         .create_messages(
             &replica,

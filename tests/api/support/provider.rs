@@ -208,6 +208,25 @@ impl ScriptedProvider {
             .filter(|r| r.key.as_deref() == Some(key.as_str()))
             .collect()
     }
+
+    /// Every one of `ids` reached the provider exactly once.
+    pub fn assert_each_requested_once(&self, ids: &[i64]) {
+        for id in ids {
+            assert_eq!(self.requests_for(*id).len(), 1, "message {id} sent once");
+        }
+    }
+}
+
+/// A replica for tests that hold the first message's answer (`reply:hold`): batches of
+/// `batch_size` back to back, two sends in flight, and a provider timeout longer than
+/// any wait of a test, so the held send never times out first.
+pub fn holding_settings(batch_size: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("BATCH_SIZE", batch_size),
+        ("PROCESSING_INTERVAL", "0s"),
+        ("SEND_CONCURRENCY", "2"),
+        ("SMS_API_TIMEOUT", "300s"),
+    ]
 }
 
 async fn answer(
