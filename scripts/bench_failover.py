@@ -84,7 +84,8 @@ def cmd_failover() -> int:
 
     def first_send(ids: list[int]) -> float | None:
         """When the provider received the first of `ids` (wall clock seconds)."""
-        wanted = {str(i) for i in ids}
+        wanted = set(psql("SELECT coalesce(delivery_key::text, id::text) FROM messages WHERE id IN (%s)"
+                          % ",".join(str(int(i)) for i in ids)).splitlines())
         arrivals = [r["at_us"] for r in http_json(mock_url + "/requests") if r["key"] in wanted]
         return min(arrivals) / 1e6 if arrivals else None
 

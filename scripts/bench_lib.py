@@ -455,14 +455,18 @@ def drain_run(latency_ms: int, concurrency: int, n: int, batch: int, replicas_co
         "SELECT status || '|' || count(*) FROM messages GROUP BY status").splitlines())
     stats = http_json(mock_url + "/stats")
     deliveries = http_json(mock_url + "/deliveries", timeout=60)
-    keys = [d["key"] for d in deliveries]
+    # The provider sees each message's delivery key (its Idempotency-Key), not its id.
+    id_of_key = {key: int(mid) for key, mid in (line.split("|") for line in psql(
+        "SELECT coalesce(delivery_key::text, id::text) || '|' || id FROM messages").splitlines())}
+    ids = [id_of_key.get(d["key"], 0) for d in deliveries]
     ok_db = counts == {"sent": str(n)}
     ok_mock = (stats["requests"] == n and stats["accepted"] == n and stats["unique_keys"] == n
                and stats["duplicates"] == 0)
-    ok_keys = sorted(keys, key=int) == [str(i) for i in range(1, n + 1)]
+    ok_keys = sorted(ids) == list(range(1, n + 1))
     fifo = None
     if concurrency == 1:
-        order = [int(d["key"]) for d in sorted(deliveries, key=lambda d: (d["first_seen_us"], int(d["key"])))]
+        order = [id_of_key.get(d["key"], 0)
+                 for d in sorted(deliveries, key=lambda d: (d["first_seen_us"], id_of_key.get(d["key"], 0)))]
         fifo = order == sorted(order)
     for r in replicas:
         r.stop()

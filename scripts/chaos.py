@@ -39,7 +39,7 @@ newest start times). So:
 Duplicates (check b)
 --------------------
 The mock counts requests per Idempotency-Key; the dispatcher sets that header to the
-message id for every request of a message (src/provider/client.rs), so a key seen twice
+message's delivery key for every request of a message (src/provider/client.rs), so a key seen twice
 is the same message sent twice with the same key, by construction. A repeat is explained
 when an earlier claim of the message ended without its result being recorded, in one of
 the documented ways: rescued (its replica was killed, frozen or stopped after the

@@ -44,8 +44,8 @@ def classify_end(t):
 
 def analyse(run, settle_seconds):
     report = collections.OrderedDict()
-    messages = psql_json("SELECT id, phone_number, content, status, attempts, provider_message_id, last_error "
-                         "FROM messages ORDER BY id")
+    messages = psql_json("SELECT id, phone_number, content, status, attempts, provider_message_id, last_error, "
+                         "coalesce(delivery_key::text, id::text) AS delivery_key FROM messages ORDER BY id")
     transitions = psql_json(
         "SELECT seq, (extract(epoch FROM at) * 1000000)::bigint AS at_us, txid, message_id, old_status, "
         "new_status, old_attempts, new_attempts, claim_epoch, claimed_by, last_error "
@@ -57,12 +57,14 @@ def analyse(run, settle_seconds):
     stats = mock("/stats")
 
     by_id = {m["id"]: m for m in messages}
+    # The provider sees each message's delivery key (its Idempotency-Key), not its id.
+    id_of_key = {m["delivery_key"]: m["id"] for m in messages}
     delivered = {}
     phantom = []
     for d in deliveries:
-        try:
-            delivered[int(d["key"])] = d
-        except ValueError:
+        if d["key"] in id_of_key:
+            delivered[id_of_key[d["key"]]] = d
+        else:
             phantom.append(d["key"])
 
     # (a) delivery ------------------------------------------------------------------
@@ -112,13 +114,12 @@ def analyse(run, settle_seconds):
     faults_by_target = collections.defaultdict(list)
     for f in run.faults:
         faults_by_target[f["target"]].append(f)
-    dups = sorted((d for d in deliveries if d["times_seen"] > 1), key=lambda d: int(d["key"]) if d["key"].isdigit() else 0)
+    dups = sorted((d for d in deliveries if d["times_seen"] > 1), key=lambda d: id_of_key.get(d["key"], 0))
     explained, unexplained, dup_lines = 0, 0, []
     causes = collections.Counter()
     for d in dups:
-        try:
-            mid = int(d["key"])
-        except ValueError:
+        mid = id_of_key.get(d["key"])
+        if mid is None:
             continue
         cs = claims.get(mid, [])
         candidates = []
@@ -139,7 +140,7 @@ def analyse(run, settle_seconds):
                 causes["%s after %s" % (c["outcome"], "/".join(kinds))] += 1
         else:
             unexplained += 1
-        lines = ["  key %s: times_seen %d, %s, same Idempotency-Key (= message id) on every request"
+        lines = ["  key %s: times_seen %d, %s, same Idempotency-Key (the message's delivery key) on every request"
                  % (d["key"], d["times_seen"], "explained" if ok else "UNEXPLAINED")]
         for c in cs:
             end = c["end"]
@@ -202,9 +203,8 @@ def analyse(run, settle_seconds):
     arrivals = []   # (arrival us, id, batch start us, batch txid, sender)
     unclaimed = []
     for r in requests:
-        try:
-            mid = int(r["key"])
-        except ValueError:
+        mid = id_of_key.get(r["key"])
+        if mid is None:
             continue
         t = r["at_us"]
         best = None

@@ -2,7 +2,8 @@
 """Read the mock provider's JSON (SPEC section 9) from stdin and print one number.
 
     curl -s localhost:3001/deliveries | mock_stats.py unique      # distinct Idempotency-Keys
-    curl -s localhost:3001/deliveries | mock_stats.py fifo        # 1 if first deliveries came in key order
+    curl -s localhost:3001/deliveries | mock_stats.py fifo KEYS   # 1 if first deliveries came in id order
+                                   # KEYS: a file of "<delivery key> <message id>" lines
     curl -s localhost:3001/stats      | mock_stats.py duplicates  # repeated keys
 """
 
@@ -16,9 +17,11 @@ def main() -> int:
     if what == "unique":
         print(len({d["key"] for d in data}))
     elif what == "fifo":
-        keys = [d["key"] for d in sorted(data, key=lambda d: (d["first_seen_us"], d["key"]))]
-        ids = [int(k) for k in keys]
-        print(1 if ids == sorted(ids) else 0)
+        # The provider sees delivery keys; the order that matters is the messages' ids.
+        with open(sys.argv[2]) as f:
+            id_of_key = {key: int(mid) for key, mid in (line.split() for line in f if line.strip())}
+        ids = [id_of_key.get(d["key"], -1) for d in sorted(data, key=lambda d: d["first_seen_us"])]
+        print(1 if ids == sorted(ids) and -1 not in ids else 0)
     elif what == "duplicates":
         print(int(data["duplicates"]))
     else:

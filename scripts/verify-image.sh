@@ -330,7 +330,8 @@ else
   "${PODMAN[@]}" logs "$APP" | tail -30
   fail "mock provider received $delivered unique messages, expected 10"
 fi
-FIFO=$(curl -fsS "http://127.0.0.1:$MOCK_PORT/deliveries" | python3 "$STATS_PY" fifo || echo "?")
+psql_q "SELECT coalesce(delivery_key::text, id::text) || ' ' || id FROM messages" >"$WORK/keys.txt" || true
+FIFO=$(curl -fsS "http://127.0.0.1:$MOCK_PORT/deliveries" | python3 "$STATS_PY" fifo "$WORK/keys.txt" || echo "?")
 [[ $FIFO == 1 ]] && pass "deliveries arrived in FIFO (id) order" || fail "deliveries not in FIFO order"
 STATS_JSON=$(curl -fsS "http://127.0.0.1:$MOCK_PORT/stats" || echo '{}')
 echo "mock /stats: $STATS_JSON"

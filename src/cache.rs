@@ -8,8 +8,8 @@
 //! PostgreSQL. So when a result never reaches PostgreSQL (the leader was cut off from
 //! it, or stopped while holding results), the leader that rescues the row finds the
 //! entry and records the message as sent instead of sending it again. The
-//! entry carries the row's `created_at`, so an entry left over from another database
-//! with the same ids is never mistaken for this row's delivery.
+//! entry carries the row's `created_at` and delivery key, so an entry left over from
+//! another database with the same ids is never mistaken for this row's delivery.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,6 +34,9 @@ struct Entry {
     /// The row's `created_at` (absent in entries of older versions).
     #[serde(default)]
     created_at: Option<DateTime<Utc>>,
+    /// The row's delivery key (absent in entries of older versions).
+    #[serde(default)]
+    delivery_key: Option<String>,
 }
 
 #[derive(Clone)]
@@ -70,17 +73,18 @@ impl DeliveryCache {
     /// Records a delivery in the background; the caller never waits for Redis.
     pub fn remember(
         &self,
-        message_id: i64,
-        created_at: DateTime<Utc>,
+        message: &crate::store::queue::ClaimedMessage,
         provider_message_id: Option<String>,
         sent_at: DateTime<Utc>,
     ) {
+        let message_id = message.id;
         let entry = Entry {
             message_id,
             provider_message_id,
             sent_at,
             cached_at: Utc::now(),
-            created_at: Some(created_at),
+            created_at: Some(message.created_at),
+            delivery_key: Some(message.delivery_key.clone()),
         };
         if self.writes.try_send(entry).is_err() {
             tracing::debug!(
@@ -109,7 +113,12 @@ impl DeliveryCache {
             .iter()
             .filter_map(|candidate| {
                 let entry = entries.get(&candidate.id)?;
-                (entry.created_at == Some(candidate.created_at)).then(|| KnownDelivery {
+                let same_row = entry.created_at == Some(candidate.created_at)
+                    && entry
+                        .delivery_key
+                        .as_ref()
+                        .is_none_or(|key| *key == candidate.delivery_key);
+                same_row.then(|| KnownDelivery {
                     id: candidate.id,
                     claim_epoch: candidate.claim_epoch,
                     sent_at: entry.sent_at,

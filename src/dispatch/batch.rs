@@ -354,7 +354,11 @@ impl Dispatcher {
             .insert(message.id);
         let outcome = self
             .provider
-            .send(message.id, &message.phone_number, &message.content)
+            .send(
+                &message.delivery_key,
+                &message.phone_number,
+                &message.content,
+            )
             .await;
         let sent_at = Utc::now();
         match outcome {
@@ -362,12 +366,8 @@ impl Dispatcher {
                 provider_message_id,
             } => {
                 // Before the result is recorded: if it never is, the rescue finds this.
-                self.cache.remember(
-                    message.id,
-                    message.created_at,
-                    provider_message_id.clone(),
-                    sent_at,
-                );
+                self.cache
+                    .remember(&message, provider_message_id.clone(), sent_at);
                 let without_id = provider_message_id.is_none();
                 let outcome = self
                     .recorder

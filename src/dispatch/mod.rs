@@ -390,32 +390,51 @@ impl Dispatcher {
         Ok(Some(result))
     }
 
-    /// Returns abandoned claims (SPEC §6 step 8): an older epoch's rows once the
-    /// rescue wait since our epoch began has passed, and our own leftovers that old.
-    /// Rows the provider is known (from the delivery cache) to have accepted are
-    /// recorded as sent instead of being sent again.
+    /// Returns abandoned claims (docs/design.md, "Rescue"): an older epoch's rows once
+    /// the rescue wait since our epoch began has passed, and our own leftovers that
+    /// old. Rows the provider is known (from the delivery cache) to have accepted are
+    /// recorded as sent instead of being sent again. Page by page: each page is looked
+    /// up in the cache and only then rescued, so no row goes back to `pending`
+    /// unchecked, however many there are.
     async fn rescue(&self, term: &Term, running: &[i64]) -> Result<(), StoreError> {
         let policy = self.settings.rescue;
-        let candidates = self
-            .store
-            .rescue_candidates(term.epoch, policy, running)
-            .await?;
-        if candidates.is_empty() {
-            return Ok(());
+        let mut after = 0;
+        let mut recorded = 0;
+        let mut rescued = crate::store::queue::Rescued::default();
+        loop {
+            let candidates = self
+                .store
+                .rescue_candidates(term.epoch, policy, running, after)
+                .await?;
+            let Some(last) = candidates.last() else { break };
+            after = last.id;
+            let known = self.cache.known_deliveries(&candidates).await;
+            let n = self
+                .store
+                .record_known_deliveries(term.epoch, &known)
+                .await?;
+            if n > 0 {
+                tracing::warn!(
+                    recorded = n,
+                    ids = ?known.iter().map(|k| k.id).collect::<Vec<_>>(),
+                    "recorded as sent: accepted by the provider, result lost by a previous claim (from the delivery cache)"
+                );
+            }
+            recorded += n;
+            let checked: Vec<i64> = candidates.iter().map(|c| c.id).collect();
+            let page = self
+                .store
+                .rescue(term.epoch, policy, running, &checked)
+                .await?;
+            rescued.pending += page.pending;
+            rescued.failed += page.failed;
+            if (candidates.len() as i64) < crate::store::queue::RESCUE_PAGE {
+                break;
+            }
         }
-        let known = self.cache.known_deliveries(&candidates).await;
-        let recorded = self
-            .store
-            .record_known_deliveries(term.epoch, &known)
-            .await?;
         if recorded > 0 {
-            tracing::warn!(
-                recorded,
-                ids = ?known.iter().map(|k| k.id).collect::<Vec<_>>(),
-                "recorded as sent: accepted by the provider, result lost by a previous claim (from the delivery cache)"
-            );
+            tracing::info!(recorded, "rescue: recorded known deliveries as sent");
         }
-        let rescued = self.store.rescue(term.epoch, policy, running).await?;
         if rescued.pending > 0 {
             tracing::warn!(count = rescued.pending, "rescued abandoned claims");
             self.metrics.messages_rescued.inc_by(rescued.pending);

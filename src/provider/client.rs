@@ -101,15 +101,16 @@ impl ProviderClient {
         timeout + TIMEOUT_GRACE
     }
 
-    /// Sends one message. Never fails: every error is an outcome for the row.
-    pub async fn send(&self, id: i64, to: &str, content: &str) -> SendOutcome {
+    /// Sends one message under its delivery key (the `Idempotency-Key`, the same on
+    /// every attempt). Never fails: every error is an outcome for the row.
+    pub async fn send(&self, delivery_key: &str, to: &str, content: &str) -> SendOutcome {
         let started = Instant::now();
         let exchange = async {
             let mut response = self
                 .http
                 .post(self.url.clone())
                 .header(self.auth_header.clone(), self.auth_value.clone())
-                .header("Idempotency-Key", id.to_string())
+                .header("Idempotency-Key", delivery_key)
                 .json(&json!({ "to": to, "content": content }))
                 .send()
                 .await?;

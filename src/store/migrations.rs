@@ -68,6 +68,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0010_batch_epoch.sql",
         sql: include_str!("../../sql/0010_batch_epoch.sql"),
     },
+    Migration {
+        version: 11,
+        name: "0011_delivery_key.sql",
+        sql: include_str!("../../sql/0011_delivery_key.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

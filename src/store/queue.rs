@@ -34,6 +34,8 @@ pub struct Message {
     pub message_id: Option<String>,
     pub last_error: Option<String>,
     pub idempotency_key: Option<String>,
+    /// The `Idempotency-Key` this message is sent with (see `delivery_key!`).
+    pub delivery_key: String,
     pub send_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
     pub priority: i16,
@@ -45,10 +47,33 @@ pub struct Message {
     pub delivery_error: Option<String>,
 }
 
-const MESSAGE_COLUMNS: &str = "id, phone_number, content, status, attempts, next_attempt_at, \
-                               created_at, sent_at, provider_message_id, last_error, \
-                               idempotency_key, send_at, expires_at, priority, \
-                               delivery_status, delivered_at, delivery_error";
+/// The key a message is sent to the provider with: its `delivery_key`, a UUID made
+/// with the row, unique across databases and installs. Rows from before migration
+/// 0011 have none and keep the key they were sent with then, their id, so a message
+/// in flight during the upgrade is never re-sent under a new key (docs/design.md,
+/// "Delivery keys").
+macro_rules! delivery_key {
+    () => {
+        "coalesce(delivery_key::text, id::text) AS delivery_key"
+    };
+    ($table:literal) => {
+        concat!(
+            "coalesce(",
+            $table,
+            ".delivery_key::text, ",
+            $table,
+            ".id::text) AS delivery_key"
+        )
+    };
+}
+
+const MESSAGE_COLUMNS: &str = concat!(
+    "id, phone_number, content, status, attempts, next_attempt_at, \
+     created_at, sent_at, provider_message_id, last_error, \
+     idempotency_key, send_at, expires_at, priority, \
+     delivery_status, delivered_at, delivery_error, ",
+    delivery_key!()
+);
 
 impl Message {
     fn from_row(row: &Row) -> Self {
@@ -69,6 +94,7 @@ impl Message {
             message_id: row.get("provider_message_id"),
             last_error: row.get("last_error"),
             idempotency_key: row.get("idempotency_key"),
+            delivery_key: row.get("delivery_key"),
             send_at: row.get("send_at"),
             expires_at: row.get("expires_at"),
             priority: row.get("priority"),
@@ -167,6 +193,8 @@ pub struct QueueStats {
 #[derive(Debug, Clone)]
 pub struct ClaimedMessage {
     pub id: i64,
+    /// The `Idempotency-Key` of every send of this message.
+    pub delivery_key: String,
     pub phone_number: String,
     pub content: String,
     pub attempts: i32,
@@ -253,6 +281,7 @@ pub struct RescueCandidate {
     pub id: i64,
     pub created_at: DateTime<Utc>,
     pub claim_epoch: Epoch,
+    pub delivery_key: String,
 }
 
 /// A delivery that is known (from the delivery cache) to have been accepted by the
@@ -359,15 +388,24 @@ macro_rules! rescuable {
     };
 }
 
+/// How many rows one page of a rescue checks: see [`RESCUE_CANDIDATES`].
+pub const RESCUE_PAGE: i64 = 1000;
+
+/// One page of the rows a rescue may return, after id `$4`, at most `$5`: each page is
+/// checked against the delivery cache and then rescued by its ids ([`RESCUE`]), so no
+/// row goes back to `pending` without having been checked.
 const RESCUE_CANDIDATES: &str = concat!(
-    "SELECT m.id, m.created_at, m.claim_epoch FROM messages AS m, dispatcher_leader AS l WHERE",
+    "SELECT m.id, m.created_at, m.claim_epoch, ",
+    delivery_key!("m"),
+    " FROM messages AS m, dispatcher_leader AS l WHERE",
     rescuable!(),
-    " ORDER BY m.id LIMIT 10000"
+    " AND m.id > $4::bigint ORDER BY m.id LIMIT $5"
 );
 
-/// Returns abandoned claims to `pending`, or to `failed` once they have used up
-/// `MAX_ATTEMPTS` ($4 > 0): a claim counts as an attempt, so MAX_ATTEMPTS holds even
-/// for a message whose sends never got a result.
+/// Returns the abandoned claims among `$5` (a page of [`RESCUE_CANDIDATES`], already
+/// checked against the delivery cache) to `pending`, or to `failed` once they have
+/// used up `MAX_ATTEMPTS` ($4 > 0): a claim counts as an attempt, so MAX_ATTEMPTS
+/// holds even for a message whose sends never got a result.
 const RESCUE: &str = concat!(
     "UPDATE messages AS m
 SET status = CASE WHEN $4::int > 0 AND m.attempts >= $4::int THEN 'failed' ELSE 'pending' END,
@@ -379,7 +417,7 @@ SET status = CASE WHEN $4::int > 0 AND m.attempts >= $4::int THEN 'failed' ELSE 
 FROM dispatcher_leader AS l
 WHERE",
     rescuable!(),
-    " RETURNING m.status"
+    " AND m.id = ANY($5::bigint[]) RETURNING m.status"
 );
 
 /// Rows the provider accepted but whose result never reached PostgreSQL, learned
@@ -421,7 +459,8 @@ WHERE status = 'pending' AND expires_at <= now()";
 /// the whole table on small ones (a sequential scan of all 20,000 rows for every claim
 /// of 500) and took the primary key only from about 100,000 rows on. Public so that a
 /// test can check the plan.
-pub const CLAIM: &str = "
+pub const CLAIM: &str = concat!(
+    "
 UPDATE messages
 SET status = 'sending', claim_epoch = $2, claimed_by = $3, claimed_at = now(),
     claim_token = $4, attempts = attempts + 1
@@ -432,7 +471,9 @@ WHERE id = ANY(ARRAY(
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ))
-RETURNING id, phone_number, content, attempts, created_at, priority, expires_at";
+RETURNING id, phone_number, content, attempts, created_at, priority, expires_at, ",
+    delivery_key!()
+);
 
 /// A claimed message found expired right before its send: never sent.
 const MARK_EXPIRED: &str = "
@@ -870,6 +911,7 @@ impl Store {
             .iter()
             .map(|row| ClaimedMessage {
                 id: row.get("id"),
+                delivery_key: row.get("delivery_key"),
                 phone_number: row.get("phone_number"),
                 content: row.get("content"),
                 attempts: row.get("attempts"),
@@ -904,18 +946,26 @@ impl Store {
             .await
     }
 
-    /// The rows a rescue by the leader of `epoch` would return now.
+    /// A page of the rows a rescue by the leader of `epoch` would return now: those
+    /// after id `after`, at most [`RESCUE_PAGE`], in id order.
     pub async fn rescue_candidates(
         &self,
         epoch: Epoch,
         policy: RescuePolicy,
         running: &[i64],
+        after: i64,
     ) -> Result<Vec<RescueCandidate>, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
                 &client.prepare_cached(RESCUE_CANDIDATES).await?,
-                &[&epoch.0, &millis(policy.wait), &running],
+                &[
+                    &epoch.0,
+                    &millis(policy.wait),
+                    &running,
+                    &after,
+                    &RESCUE_PAGE,
+                ],
             )
             .await?;
         Ok(rows
@@ -924,6 +974,7 @@ impl Store {
                 id: row.get(0),
                 created_at: row.get(1),
                 claim_epoch: Epoch(row.get(2)),
+                delivery_key: row.get(3),
             })
             .collect())
     }
@@ -952,21 +1003,30 @@ impl Store {
         .await
     }
 
-    /// Returns abandoned claims (SPEC §6 step 8) to `pending`, or `failed` once out of
-    /// attempts. Only the current epoch's leader rescues, and only after the wait;
-    /// never the rows of the claims in `running` (the tokens of its running batches).
+    /// Returns the abandoned claims among `checked` (rescue candidates whose
+    /// deliveries were looked up) to `pending`, or `failed` once out of attempts
+    /// (docs/design.md, "Rescue"). Only the current epoch's leader rescues, and only
+    /// after the wait; never the rows of the claims in `running` (the tokens of its
+    /// running batches).
     pub async fn rescue(
         &self,
         epoch: Epoch,
         policy: RescuePolicy,
         running: &[i64],
+        checked: &[i64],
     ) -> Result<Rescued, StoreError> {
         let client = self.client().await?;
         let max_attempts = i32::try_from(policy.max_attempts).unwrap_or(i32::MAX);
         let rows = client
             .query(
                 &client.prepare_cached(RESCUE).await?,
-                &[&epoch.0, &millis(policy.wait), &running, &max_attempts],
+                &[
+                    &epoch.0,
+                    &millis(policy.wait),
+                    &running,
+                    &max_attempts,
+                    &checked,
+                ],
             )
             .await?;
         let failed = rows

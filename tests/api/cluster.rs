@@ -44,7 +44,7 @@ async fn one_leader_each_message_once_in_order_within_the_rate() {
         assert!(started.elapsed() < DRAIN, "queue did not drain");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     assert_fifo(&deliveries);
     assert_rate(&deliveries, BATCH, INTERVAL, SLACK);
@@ -123,15 +123,15 @@ async fn sigkill_of_the_leader_fails_over_and_its_claims_are_rescued() {
     assert!(new_epoch > killed_epoch);
 
     env.wait_drained(DRAIN).await;
-    let deliveries = env.mock().deliveries().await;
-    let mut keys: Vec<i64> = deliveries.iter().map(|d| d.key.parse().unwrap()).collect();
+    let deliveries = env.deliveries().await;
+    let mut keys: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
     keys.sort();
     assert_eq!(
         keys, ids,
         "every message delivered, including the rescued ones"
     );
     for d in &deliveries {
-        let id: i64 = d.key.parse().unwrap();
+        let id: i64 = d.id;
         if d.times_seen > 1 {
             // The documented crash window: accepted, then the leader died before
             // recording it; resent under the same key.
@@ -158,7 +158,7 @@ async fn sigkill_of_the_leader_fails_over_and_its_claims_are_rescued() {
 fn assert_fifo_except(deliveries: &[crate::support::provider::Delivery], rescued: &[i64]) {
     let kept: Vec<_> = deliveries
         .iter()
-        .filter(|d| !rescued.contains(&d.key.parse().unwrap()))
+        .filter(|d| !rescued.contains(&d.id))
         .cloned()
         .collect();
     assert_fifo(&kept);
@@ -215,7 +215,7 @@ async fn a_leader_paused_past_its_lease_stands_down_and_sends_nothing_more() {
     );
 
     env.wait_drained(DRAIN).await;
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     assert_rate(&deliveries, BATCH, INTERVAL, SLACK);
     // Whatever the old leader had claimed but not yet sent was handed back, not sent
@@ -230,14 +230,11 @@ async fn a_leader_paused_past_its_lease_stands_down_and_sends_nothing_more() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    for d in deliveries
-        .iter()
-        .filter(|d| old_epoch_sent.contains(&d.key.parse().unwrap()))
-    {
+    for d in deliveries.iter().filter(|d| old_epoch_sent.contains(&d.id)) {
         assert!(
             d.first_seen_us < resumed_at_us,
             "message {} was sent by the deposed leader after it woke",
-            d.key
+            d.id
         );
     }
     let logs = cluster.replicas[leader].logs();
@@ -284,7 +281,7 @@ async fn sigterm_hands_over_at_once_and_loses_nothing() {
         "handover took {handover:?}; without the announcement it would wait for the 5s retry"
     );
     env.wait_drained(DRAIN).await;
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     assert_fifo(&deliveries);
 }
@@ -392,7 +389,7 @@ async fn redis_outage_pauses_dispatch_and_it_resumes_by_itself() {
         .wait_single_leader(&cluster.all(), Duration::from_secs(20))
         .await;
     env.wait_drained(DRAIN).await;
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     assert_fifo(&deliveries);
     assert_rate(&deliveries, BATCH, INTERVAL, SLACK);
@@ -423,7 +420,7 @@ async fn postgres_restart_under_load_loses_and_doubles_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     env.pg.restart().await;
     env.wait_drained(DRAIN).await;
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     assert_eq!(env.count("sent").await, 80);
     for replica in &cluster.replicas {
@@ -472,7 +469,7 @@ async fn a_batch_stalled_by_postgres_does_not_burst_into_the_next() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     env.pg.restart().await;
     env.wait_drained(DRAIN).await;
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     assert_rate(&deliveries, 3, interval, Duration::from_millis(50));
     drop(replica);

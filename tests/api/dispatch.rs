@@ -81,7 +81,7 @@ async fn sends_fifo_in_batches_of_batch_size_and_nothing_when_empty() {
         .await;
     env.wait_drained(TEST_TIMEOUT).await;
 
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     assert_fifo(&deliveries);
     let times: Vec<i64> = deliveries.iter().map(|d| d.first_seen_us).collect();
@@ -142,7 +142,7 @@ async fn drain_back_to_back(
         )
         .await;
     env.wait_drained(TEST_TIMEOUT).await;
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     deliveries
 }
@@ -210,7 +210,7 @@ async fn a_batch_keeps_sending_while_the_previous_one_waits_for_its_results() {
     hold.commit().await.unwrap();
 
     env.wait_drained(TEST_TIMEOUT).await;
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     assert_fifo(&deliveries);
     assert_eq!(env.count("sent").await, 8);
@@ -241,7 +241,7 @@ async fn the_rescue_never_takes_rows_of_the_batch_being_sent() {
         )
         .await;
     env.wait_drained(TEST_TIMEOUT).await;
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     assert_fifo(&deliveries);
     assert_eq!(env.count("sent").await, 10);
@@ -286,25 +286,26 @@ async fn a_held_answer_does_not_hold_back_the_rest_of_its_batch() {
         )
         .await;
     let provider = env.scripted();
+    let keys = env.delivery_keys(&ids).await;
     wait_for(
         "the five others to reach the provider while the first one's answer is held",
         TEST_TIMEOUT,
         || async {
-            ids[1..]
+            keys[1..]
                 .iter()
-                .all(|id| !provider.requests_for(*id).is_empty())
+                .all(|key| !provider.requests_for(key).is_empty())
                 .then_some(())
         },
     )
     .await;
     assert_eq!(
-        provider.requests_for(ids[0]).len(),
+        provider.requests_for(&keys[0]).len(),
         1,
         "the held one is out"
     );
     provider.release_held();
     env.wait_drained(TEST_TIMEOUT).await;
-    provider.assert_each_requested_once(&ids);
+    provider.assert_each_requested_once(&keys);
     assert_eq!(env.count("sent").await, 6);
 }
 
@@ -320,13 +321,14 @@ async fn a_held_answer_does_not_hold_back_the_next_batch() {
         .create_messages(&replica, &["first reply:hold", "second", "third", "fourth"])
         .await;
     let provider = env.scripted();
+    let keys = env.delivery_keys(&ids).await;
     wait_for(
         "the next batch to reach the provider while the first answer is held",
         TEST_TIMEOUT,
         || async {
-            ids[1..]
+            keys[1..]
                 .iter()
-                .all(|id| !provider.requests_for(*id).is_empty())
+                .all(|key| !provider.requests_for(key).is_empty())
                 .then_some(())
         },
     )
@@ -337,7 +339,7 @@ async fn a_held_answer_does_not_hold_back_the_next_batch() {
     .await;
     provider.release_held();
     env.wait_drained(TEST_TIMEOUT).await;
-    provider.assert_each_requested_once(&ids);
+    provider.assert_each_requested_once(&keys);
     assert_eq!(env.count("sent").await, 4);
 }
 
@@ -370,7 +372,7 @@ async fn the_largest_send_concurrency_still_dispatches() {
         .create_messages(&replica, &["one", "two", "three", "four", "five", "six"])
         .await;
     env.wait_drained(TEST_TIMEOUT).await;
-    assert_each_once(&env.mock().deliveries().await, &ids);
+    assert_each_once(&env.deliveries().await, &ids);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -465,13 +467,18 @@ async fn a_failed_send_retries_later_without_blocking_younger_messages() {
         (row.get::<_, String>(0), row.get::<_, i32>(1)),
         ("sent".into(), 2)
     );
-    let requests = env.scripted().requests_for(ids[1]);
+    let requests = env.scripted().requests_for(&env.delivery_key(ids[1]).await);
     assert_eq!(
         requests.len(),
         2,
         "M2 was tried twice under the same Idempotency-Key"
     );
-    assert_eq!(env.scripted().requests_for(ids[0]).len(), 1);
+    assert_eq!(
+        env.scripted()
+            .requests_for(&env.delivery_key(ids[0]).await)
+            .len(),
+        1
+    );
     assert_eq!(
         requests[0].headers.get("authorization").map(String::as_str),
         Some("Bearer mock-token")
@@ -591,8 +598,18 @@ async fn classification_of_provider_answers() {
 
     // The rejected message is never tried again.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(env.scripted().requests_for(ids[0]).len(), 1);
-    assert_eq!(env.scripted().requests_for(ids[1]).len(), 1);
+    assert_eq!(
+        env.scripted()
+            .requests_for(&env.delivery_key(ids[0]).await)
+            .len(),
+        1
+    );
+    assert_eq!(
+        env.scripted()
+            .requests_for(&env.delivery_key(ids[1]).await)
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -609,7 +626,7 @@ async fn the_token_goes_in_sms_api_auth_header_when_set() {
         .await;
     let ids = env.create_messages(&replica, &["custom header"]).await;
     env.wait_drained(TEST_TIMEOUT).await;
-    let request = &env.scripted().requests_for(ids[0])[0];
+    let request = &env.scripted().requests_for(&env.delivery_key(ids[0]).await)[0];
     assert_eq!(
         request.headers.get("x-ins-auth-key").map(String::as_str),
         Some("tok-123")
@@ -649,7 +666,9 @@ async fn max_attempts_turns_a_retrying_message_into_failed() {
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        env.scripted().requests_for(ids[0]).len(),
+        env.scripted()
+            .requests_for(&env.delivery_key(ids[0]).await)
+            .len(),
         3,
         "exactly MAX_ATTEMPTS tries"
     );
@@ -967,7 +986,7 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     // Too young to rescue, even our own.
     assert_eq!(
         store
-            .rescue(first, policy(3600, 0), &[])
+            .rescue(first, policy(3600, 0), &[], &ids)
             .await
             .unwrap()
             .pending,
@@ -976,19 +995,22 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     // Old enough, but named as a running batch's claim: never, whatever else runs.
     assert!(
         store
-            .rescue_candidates(first, policy(0, 0), &[3])
+            .rescue_candidates(first, policy(0, 0), &[3], 0)
             .await
             .unwrap()
             .is_empty()
     );
     assert_eq!(
-        store.rescue(first, policy(0, 0), &[7, 3]).await.unwrap(),
+        store
+            .rescue(first, policy(0, 0), &[7, 3], &ids)
+            .await
+            .unwrap(),
         Default::default()
     );
     // Our own leftovers, old enough.
     assert_eq!(
         store
-            .rescue(first, policy(0, 0), &[7])
+            .rescue(first, policy(0, 0), &[7], &ids)
             .await
             .unwrap()
             .pending,
@@ -1006,7 +1028,7 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     let second = store.bump_epoch("second").await.unwrap();
     assert!(
         store
-            .rescue_candidates(second, policy(3600, 0), &[])
+            .rescue_candidates(second, policy(3600, 0), &[], 0)
             .await
             .unwrap()
             .is_empty(),
@@ -1014,27 +1036,27 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     );
     assert_eq!(
         store
-            .rescue(second, policy(3600, 0), &[])
+            .rescue(second, policy(3600, 0), &[], &ids)
             .await
             .unwrap()
             .pending,
         0
     );
     assert_eq!(
-        store.rescue(first, policy(0, 0), &[]).await.unwrap(),
+        store.rescue(first, policy(0, 0), &[], &ids).await.unwrap(),
         Default::default(),
         "only the current epoch rescues"
     );
     assert!(
         store
-            .rescue_candidates(second, policy(0, 0), &[4])
+            .rescue_candidates(second, policy(0, 0), &[4], 0)
             .await
             .unwrap()
             .is_empty(),
         "a batch of this replica's older term still running keeps its rows"
     );
     let candidates = store
-        .rescue_candidates(second, policy(0, 0), &[])
+        .rescue_candidates(second, policy(0, 0), &[], 0)
         .await
         .unwrap();
     assert_eq!(candidates.len(), 3);
@@ -1053,7 +1075,12 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
             .unwrap(),
         1
     );
-    let rescued = store.rescue(second, policy(0, 2), &[]).await.unwrap();
+    assert_eq!(
+        store.rescue(second, policy(0, 2), &[], &[]).await.unwrap(),
+        Default::default(),
+        "a row the rescue was not given (not looked up in the delivery cache) stays"
+    );
+    let rescued = store.rescue(second, policy(0, 2), &[], &ids).await.unwrap();
     assert_eq!((rescued.pending, rescued.failed), (0, 2));
     let db = env.db().await;
     let rows = db

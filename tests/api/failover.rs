@@ -136,9 +136,9 @@ async fn a_killed_leader_is_replaced_in_well_under_its_lease() {
     );
 
     env.wait_drained(Duration::from_secs(120)).await;
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     // The killed leader's in-flight send may repeat, with the same key (window 1).
-    let mut keys: Vec<i64> = deliveries.iter().map(|d| d.key.parse().unwrap()).collect();
+    let mut keys: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
     keys.sort();
     assert_eq!(keys, ids);
     assert!(deliveries.iter().filter(|d| d.times_seen > 1).count() <= 1);
@@ -179,7 +179,7 @@ async fn a_paused_leader_is_still_replaced_only_at_lease_expiry() {
     );
     cluster.replicas[leader].resume();
     env.wait_drained(Duration::from_secs(120)).await;
-    assert_each_once(&env.mock().deliveries().await, &ids);
+    assert_each_once(&env.deliveries().await, &ids);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +203,7 @@ async fn a_postgres_restart_deposes_nobody_and_doubles_nothing() {
         after, before,
         "the leader's lease was valid throughout: no takeover"
     );
-    assert_each_once(&env.mock().deliveries().await, &ids);
+    assert_each_once(&env.deliveries().await, &ids);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,5 +286,5 @@ async fn a_sentinel_failover_elects_again_and_doubles_nothing() {
     cluster
         .wait_single_leader(&cluster.all(), Duration::from_secs(30))
         .await;
-    assert_each_once(&env.mock().deliveries().await, &ids);
+    assert_each_once(&env.deliveries().await, &ids);
 }

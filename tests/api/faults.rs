@@ -208,7 +208,11 @@ async fn sigterm_during_a_batch_finishes_in_flight_sends_and_returns_the_rest() 
         )
         .await;
     wait_for("the first send to start", TEST_TIMEOUT, || async {
-        (!env.scripted().requests_for(ids[0]).is_empty()).then_some(())
+        (!env
+            .scripted()
+            .requests_for(&env.delivery_key(ids[0]).await)
+            .is_empty())
+        .then_some(())
     })
     .await;
     let status = replica.terminate(Duration::from_secs(20)).await;

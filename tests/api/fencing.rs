@@ -63,7 +63,7 @@ async fn a_leader_that_lost_its_key_mid_batch_sends_nothing_the_new_leader_sends
 
     env.wait_drained(Duration::from_secs(120)).await;
     redis_path.resume();
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     let sent_by: i64 = env
         .db()
@@ -122,7 +122,7 @@ async fn the_rate_holds_across_a_handover_after_a_stalled_batch() {
     ids.extend(env.insert_messages(2).await);
     env.wait_drained(Duration::from_secs(60)).await;
 
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     assert_rate(&deliveries, 2, Duration::from_secs(4), RATE_JITTER);
 }
@@ -169,7 +169,7 @@ async fn a_leader_cut_off_from_postgres_resigns_and_another_drains_the_queue() {
         "r1 says why it resigned"
     );
     pg_path.resume();
-    let deliveries = env.mock().deliveries().await;
+    let deliveries = env.deliveries().await;
     assert_each_once(&deliveries, &ids);
     eprintln!("queue drained {drained:?} after the cut");
 }
@@ -247,7 +247,9 @@ async fn a_result_held_through_sigterm_during_a_postgres_outage_is_not_resent() 
     )
     .await;
     assert_eq!(
-        env.scripted().requests_for(ids[0]).len(),
+        env.scripted()
+            .requests_for(&env.delivery_key(ids[0]).await)
+            .len(),
         1,
         "the accepted message was not sent again"
     );

@@ -129,9 +129,8 @@ async fn a_batch_slower_than_the_ttl_keeps_the_lease() {
         "no takeover during a 5 s batch with a 1 s lease"
     );
     assert_eq!(cluster.leaders_among(&cluster.all()).await, vec![leader]);
-    for id in ids {
-        assert_eq!(env.scripted().requests_for(id).len(), 1);
-    }
+    env.scripted()
+        .assert_each_requested_once(&env.delivery_keys(&ids).await);
     let extensions = cluster.replicas[leader]
         .metric("dispatcher_lock_operations_total{op=\"extend\",result=\"ok\"}")
         .await

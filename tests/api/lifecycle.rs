@@ -236,16 +236,13 @@ async fn send_at_is_respected_and_expired_messages_never_reach_the_provider() {
     );
     wait_status(&replica, now_id, "sent").await;
     wait_status(&replica, scheduled_id, "sent").await;
-    let deliveries = env.mock().deliveries().await;
-    let keys: HashSet<String> = deliveries.iter().map(|d| d.key.clone()).collect();
+    let deliveries = env.deliveries().await;
+    let delivered: HashSet<i64> = deliveries.iter().map(|d| d.id).collect();
     assert!(
-        !keys.contains(&doomed_id.to_string()),
+        !delivered.contains(&doomed_id),
         "an expired message was sent"
     );
-    let campaign = deliveries
-        .iter()
-        .find(|d| d.key == scheduled_id.to_string())
-        .unwrap();
+    let campaign = deliveries.iter().find(|d| d.id == scheduled_id).unwrap();
     // Never before send_at; after it within one interval (plus a generous margin for
     // a busy machine: the bound that matters is the lower one).
     let sent_us = campaign.first_seen_us;
@@ -324,14 +321,8 @@ async fn a_message_that_expires_while_claimed_is_not_sent() {
         expired["attempts"], 0,
         "the attempt that never happened is not counted"
     );
-    let keys: Vec<String> = env
-        .mock()
-        .deliveries()
-        .await
-        .into_iter()
-        .map(|d| d.key)
-        .collect();
-    assert_eq!(keys, vec![first.to_string()]);
+    let delivered: Vec<i64> = env.deliveries().await.into_iter().map(|d| d.id).collect();
+    assert_eq!(delivered, vec![first]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,7 +348,6 @@ async fn higher_priority_goes_first_and_fifo_within_a_priority() {
     start_cluster(&replica).await;
     env.wait_drained(TEST_TIMEOUT).await;
     let order: Vec<String> = env
-        .mock()
         .deliveries()
         .await
         .into_iter()
@@ -405,13 +395,7 @@ async fn cancel_races_the_claim_and_a_message_is_claimed_or_cancelled_never_both
     }))
     .await;
     env.wait_drained(TEST_TIMEOUT).await;
-    let delivered: HashSet<String> = env
-        .mock()
-        .deliveries()
-        .await
-        .into_iter()
-        .map(|d| d.key)
-        .collect();
+    let delivered: HashSet<i64> = env.deliveries().await.into_iter().map(|d| d.id).collect();
     let stored: HashMap<i64, String> = env
         .db()
         .await
@@ -428,14 +412,11 @@ async fn cancel_races_the_claim_and_a_message_is_claimed_or_cancelled_never_both
             200 => {
                 cancelled += 1;
                 assert_eq!(stored, "cancelled");
-                assert!(
-                    !delivered.contains(&id.to_string()),
-                    "cancelled {id} was sent"
-                );
+                assert!(!delivered.contains(id), "cancelled {id} was sent");
             }
             409 => {
                 assert_eq!(stored, "sent", "{body}");
-                assert!(delivered.contains(&id.to_string()));
+                assert!(delivered.contains(id));
             }
             other => panic!("cancel {id}: {other} {body}"),
         }
@@ -687,7 +668,11 @@ async fn a_receipt_held_for_a_send_in_flight_is_applied_once_the_result_is_recor
     let replica = env.replica("r1", &[("SMS_API_TIMEOUT", "20s")]).await;
     let id = env.create_messages(&replica, &["reply:sleep-5000"]).await[0];
     wait_for("the send to be in flight", TEST_TIMEOUT, || async {
-        (!env.scripted().requests_for(id).is_empty()).then_some(())
+        (!env
+            .scripted()
+            .requests_for(&env.delivery_key(id).await)
+            .is_empty())
+        .then_some(())
     })
     .await;
     let (status, answer) = replica

@@ -61,7 +61,12 @@ async fn self_signed_provider_needs_the_ca_or_the_insecure_flag() {
     with_ca.push(("SMS_API_CA_CERT", &ca));
     let mut trusted = env.replica("trusted", &with_ca).await;
     env.wait_drained(Duration::from_secs(30)).await;
-    assert_eq!(env.scripted().requests_for(ids[0]).len(), 1);
+    assert_eq!(
+        env.scripted()
+            .requests_for(&env.delivery_key(ids[0]).await)
+            .len(),
+        1
+    );
     trusted.terminate(Duration::from_secs(15)).await;
 
     // With SMS_API_INSECURE_SKIP_VERIFY (and a warning at start).
@@ -70,7 +75,12 @@ async fn self_signed_provider_needs_the_ca_or_the_insecure_flag() {
     let replica = env.replica("insecure", &insecure).await;
     let more = env.create_messages(&replica, &["insecure"]).await;
     env.wait_drained(Duration::from_secs(30)).await;
-    assert_eq!(env.scripted().requests_for(more[0]).len(), 1);
+    assert_eq!(
+        env.scripted()
+            .requests_for(&env.delivery_key(more[0]).await)
+            .len(),
+        1
+    );
     assert!(replica.logs().contains("SMS_API_INSECURE_SKIP_VERIFY=true"));
 }
 

@@ -56,7 +56,7 @@ impl Cluster {
 
 /// The provider saw each of `ids` exactly once (as a key, and each key once).
 pub fn assert_each_once(deliveries: &[Delivery], ids: &[i64]) {
-    let mut keys: Vec<i64> = deliveries.iter().map(|d| d.key.parse().unwrap()).collect();
+    let mut keys: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
     keys.sort();
     let mut expected = ids.to_vec();
     expected.sort();
@@ -72,7 +72,7 @@ pub fn assert_each_once(deliveries: &[Delivery], ids: &[i64]) {
 pub fn assert_fifo(deliveries: &[Delivery]) {
     let mut by_time = deliveries.to_vec();
     by_time.sort_by_key(|d| d.first_seen_us);
-    let keys: Vec<i64> = by_time.iter().map(|d| d.key.parse().unwrap()).collect();
+    let keys: Vec<i64> = by_time.iter().map(|d| d.id).collect();
     let mut sorted = keys.clone();
     sorted.sort();
     assert_eq!(keys, sorted, "first deliveries follow creation order");

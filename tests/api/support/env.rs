@@ -185,6 +185,50 @@ impl TestEnv {
         ids
     }
 
+    /// What the mock provider received, each delivery with the id of the message
+    /// its key belongs to.
+    pub async fn deliveries(&self) -> Vec<super::provider::Delivery> {
+        let ids: std::collections::HashMap<String, i64> = self
+            .db()
+            .await
+            .query(
+                "SELECT coalesce(delivery_key::text, id::text), id FROM messages",
+                &[],
+            )
+            .await
+            .expect("delivery keys")
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let mut deliveries = self.mock().deliveries().await;
+        for delivery in &mut deliveries {
+            delivery.id = ids.get(&delivery.key).copied().unwrap_or(-1);
+        }
+        deliveries
+    }
+
+    /// The delivery keys (the `Idempotency-Key` the provider sees) of `ids`, in order.
+    pub async fn delivery_keys(&self, ids: &[i64]) -> Vec<String> {
+        let db = self.db().await;
+        let mut keys = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = db
+                .query_one(
+                    "SELECT coalesce(delivery_key::text, id::text) FROM messages WHERE id = $1",
+                    &[id],
+                )
+                .await
+                .expect("a message's delivery key");
+            keys.push(row.get(0));
+        }
+        keys
+    }
+
+    /// The delivery key of message `id`.
+    pub async fn delivery_key(&self, id: i64) -> String {
+        self.delivery_keys(&[id]).await.remove(0)
+    }
+
     /// Status counts from the table.
     pub async fn count(&self, status: &str) -> i64 {
         self.db()

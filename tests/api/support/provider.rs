@@ -18,6 +18,10 @@ use super::{TempDir, binary, die_with_test, http, wait_for, wait_logged_port};
 #[derive(Debug, Clone, Deserialize)]
 pub struct Delivery {
     pub key: String,
+    /// The message the key belongs to (`TestEnv::deliveries` fills it in; -1 for a key
+    /// that is no message's).
+    #[serde(default)]
+    pub id: i64,
     pub to: String,
     pub content: String,
     pub message_id: String,
@@ -200,19 +204,19 @@ impl ScriptedProvider {
         self.received.lock().unwrap().clone()
     }
 
-    /// Requests for one idempotency key.
-    pub fn requests_for(&self, id: i64) -> Vec<Received> {
-        let key = id.to_string();
+    /// Requests for one idempotency key (a message's `delivery_key`: see
+    /// `TestEnv::delivery_keys`).
+    pub fn requests_for(&self, key: &str) -> Vec<Received> {
         self.received()
             .into_iter()
-            .filter(|r| r.key.as_deref() == Some(key.as_str()))
+            .filter(|r| r.key.as_deref() == Some(key))
             .collect()
     }
 
-    /// Every one of `ids` reached the provider exactly once.
-    pub fn assert_each_requested_once(&self, ids: &[i64]) {
-        for id in ids {
-            assert_eq!(self.requests_for(*id).len(), 1, "message {id} sent once");
+    /// Every one of `keys` reached the provider exactly once.
+    pub fn assert_each_requested_once(&self, keys: &[String]) {
+        for key in keys {
+            assert_eq!(self.requests_for(key).len(), 1, "message {key} sent once");
         }
     }
 }
