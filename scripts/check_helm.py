@@ -7,7 +7,9 @@ For each scenario it runs scripts/helm_tool.py template (Helm's own code),
 validates every rendered object strictly (unknown fields rejected) with
 kubernetes-validate's offline schemas, and asserts what the chart promises:
 hardening, probes, grace period, checksums, hooks, the ServiceMonitor /
-pod-annotation exclusivity, and that invalid values files are refused.
+pod-annotation exclusivity, the image name, the alert rules' grouping and runbook
+links (scripts/check_alerts.py), that the unpublished default image is refused with
+a pointer to docs/operations.md, and that invalid values files are refused.
 Exit status 1 if anything fails.
 """
 
@@ -26,7 +28,12 @@ import kubernetes_validate
 import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from check_alerts import github_anchors, rule_problems, runbook_entries  # noqa: E402
+
 HELM_TOOL = os.path.join(HERE, "helm_tool.py")
+IMAGE_REFUSED = ("image.registry/image.repository must name an image you built and pushed: "
+                 "see docs/operations.md#building-and-pushing-the-image")
 CRD_GROUPS = ("monitoring.coreos.com/",)  # no built-in schema: asserted, not validated
 PROM_ANNOTATION = "prometheus.io/scrape"
 
@@ -261,8 +268,18 @@ def main() -> int:
         os.makedirs(args.out, exist_ok=True)
     print(f"rendering {chart}; validating against Kubernetes {', '.join(versions)} (strict)")
 
+    def image_of(objs) -> str:
+        return by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    def expect_image(objs, scenario: str, want: str) -> None:
+        check(image_of(objs) == want, f"{scenario}: image {want} (got {image_of(objs)})")
+        for job in by_kind(objs, "Job"):
+            check(job["spec"]["template"]["spec"]["containers"][0]["image"] == want,
+                  f"{scenario}: migration Job runs image {want}")
+
     def expect_default(objs, f):
         expect_no_extras(objs, f)
+        expect_image(objs, "default", "registry.example.com/platform/message-dispatcher:0.1.0")
         check(f.get("replicas") == 3, "default: replicas 3")
         check(len(by_kind(objs, "PodDisruptionBudget")) == 1, "default: PDB rendered")
         check(len(by_kind(objs, "Secret", hook=False)) == 1, "default: chart Secret rendered")
@@ -279,11 +296,16 @@ def main() -> int:
         dep = by_kind(objs, "Deployment")[0]
         check(len(sa) == 1 and dep["spec"]["template"]["spec"]["serviceAccountName"] == sa[0]["metadata"]["name"],
               "existing-secret: ServiceAccount created and used")
-        check(dep["spec"]["template"]["spec"]["containers"][0]["image"]
-              == "registry.example.com/platform/message-dispatcher:0.1.0", "existing-secret: image repository/tag")
+        expect_image(objs, "existing-secret", "registry.example.com/platform/message-dispatcher:0.1.0")
+        pull = [{"name": "regcred"}]
+        check(dep["spec"]["template"]["spec"].get("imagePullSecrets") == pull
+              and all(j["spec"]["template"]["spec"].get("imagePullSecrets") == pull for j in by_kind(objs, "Job"))
+              and all(p["spec"].get("imagePullSecrets") == pull for p in by_kind(objs, "Pod")),
+              "existing-secret: imagePullSecrets on the Deployment, the migration Job and the test Pod")
         check(f["config"].get("BATCH_SIZE") == "10", "existing-secret: integer BATCH_SIZE rendered as string")
 
     def expect_sm(objs, f):
+        expect_image(objs, "servicemonitor", "registry.example.com/platform/message-dispatcher:0.1.0")
         sms = by_kind(objs, "ServiceMonitor")
         check(len(sms) == 1, "servicemonitor: ServiceMonitor rendered with monitoring.coreos.com/v1 available")
         check(PROM_ANNOTATION not in f["pod_annotations"], "servicemonitor: no prometheus.io annotations")
@@ -308,6 +330,8 @@ def main() -> int:
 
     def expect_single(objs, f):
         check(f.get("replicas") == 1, "single-replica: replicas 1")
+        expect_image(objs, "single-replica", "registry.internal:5000/message-dispatcher@sha256:"
+                     "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
         check(not by_kind(objs, "PodDisruptionBudget"), "single-replica: no PDB")
         check(not f.get("migration"), "single-replica: no migration Job")
         check(f["config"].get("AUTO_MIGRATE") == "true", "single-replica: AUTO_MIGRATE true without the Job")
@@ -322,9 +346,18 @@ def main() -> int:
         check("REDIS_SENTINEL_PASSWORD" in (secret.get("data") or {}), "sentinel: the sentinels' password in the Secret")
         check("REDIS_SENTINEL_PASSWORD" not in f["config"], "sentinel: no password in the ConfigMap")
 
-    alerts_file = os.path.join(os.path.dirname(os.path.abspath(chart)), "..", "deploy", "prometheus", "alerts.yml")
+    repo = os.path.join(os.path.dirname(os.path.abspath(chart)), "..")
+    alerts_file = os.path.join(repo, "deploy", "prometheus", "alerts.yml")
     with open(alerts_file, encoding="utf-8") as fh:
         alerts_doc = yaml.safe_load(fh)
+    with open(os.path.join(repo, "docs", "operations.md"), encoding="utf-8") as fh:
+        operations_md = fh.read()
+    runbook = runbook_entries(operations_md)
+
+    def scoped(rules: list[dict], scenario: str, group_by: list[str], base: str) -> None:
+        """Every rule grouped and joined by group_by; runbook_url base#<alert> with an anchor in docs/operations.md."""
+        for problem in rule_problems(rules, group_by, base, runbook):
+            check(False, f"{scenario}: {problem}")
 
     def rendered_rules(objs) -> list[dict]:
         rules = by_kind(objs, "PrometheusRule")
@@ -343,7 +376,9 @@ def main() -> int:
         got = [normal(r) for r in rendered_rules(objs)]
         want = [normal(r) for r in alerts_doc["groups"][0]["rules"]]
         check(got == want, "prometheusrule: with default thresholds the rules equal deploy/prometheus/alerts.yml"
-              + ("" if got == want else f" (first difference: {next((g, w) for g, w in zip(got + [None] * 99, want) if g != w)})"))
+              + ("" if got == want else f" (first difference: {next((g, w) for g, w in zip(got + [None] * 99, want + [None] * 99) if g != w)})"))
+        scoped(got, "prometheusrule", ["namespace", "job"],
+               "https://github.com/message-dispatcher/message-dispatcher/blob/main/docs/operations.md")
         rule = by_kind(objs, "PrometheusRule")
         check(bool(rule) and rule[0]["metadata"]["labels"].get("release") == "kube-prometheus-stack",
               "prometheusrule: extra labels")
@@ -360,7 +395,12 @@ def main() -> int:
               "default: no dashboard ConfigMap unless enabled")
 
     def expect_thresholds(objs, f):
-        rules = {r["alert"]: r for r in rendered_rules(objs)}
+        rendered = rendered_rules(objs)
+        rules = {r["alert"]: r for r in rendered}
+        scoped(rendered, "prometheusrule-thresholds", ["cluster", "namespace", "job"],
+               "https://wiki.example.com/runbooks/message-dispatcher")
+        check("by (cluster, namespace, job, instance, dependency)" in str(rules.get("DispatcherDependencyDown", {}).get("expr")),
+              "prometheusrule-thresholds: DispatcherDependencyDown keeps instance and dependency after the grouping labels")
         want = {"DispatcherNoLeader": ("for", "2m"), "DispatcherSplitLeadership": ("for", "45s"),
                 "DispatcherBacklogGrowing": ("expr", "> 1800"), "DispatcherProviderErrors": ("expr", "> 0.25"),
                 "DispatcherMessagesFailing": ("expr", "> 0.02"), "DispatcherRateBelowConfigured": ("expr", "0.3 *"),
@@ -369,7 +409,7 @@ def main() -> int:
             check(text in str(rules.get(alert, {}).get(field, "")), f"prometheusrule-thresholds: {alert} {field} has {text!r}")
 
     scenarios = [
-        ("default", [], [], expect_default),
+        ("default", [os.path.join(ci, "default-values.yaml")], [], expect_default),
         ("existing-secret", [os.path.join(ci, "existing-secret-values.yaml")], [], expect_existing),
         ("servicemonitor", [os.path.join(ci, "servicemonitor-values.yaml")], ["monitoring.coreos.com/v1"], expect_sm),
         ("servicemonitor-without-crd", [os.path.join(ci, "servicemonitor-values.yaml")], [], expect_sm_no_crd),
@@ -385,6 +425,17 @@ def main() -> int:
     check(set(ci_files) <= covered, f"every ci/*.yaml has a scenario (uncovered: {sorted(set(ci_files) - covered)})")
     for name, files, apis, expect in scenarios:
         run_scenario(chart, name, files, apis, versions, args.out, expect)
+
+    # The chart's own defaults name an image no registry carries: refused, with a pointer
+    # to the section that says how to build and push one (which must exist).
+    rc, out, err = render(chart, [], [])
+    ok = check(rc != 0 and IMAGE_REFUSED in err,
+               f"default values: refused with {IMAGE_REFUSED!r} (exit {rc}: {err.strip()[-300:]})")
+    anchor = IMAGE_REFUSED.rsplit("#", 1)[1]
+    ok = check(anchor in {a for _, _, a in github_anchors(operations_md)},
+               f"docs/operations.md has a heading with the anchor #{anchor}") and ok
+    print(f"  {'ok  ' if ok else 'FAIL'} default values (no image set): {'refused' if rc else 'ACCEPTED'}: "
+          f"{next((l.strip() for l in err.splitlines() if 'image.registry' in l), err.strip()[:160])}")
 
     # Values that must be refused: by the schema, or by the chart's own render-time checks.
     invalid_dir = os.path.join(ci, "invalid")

@@ -5,9 +5,11 @@
 #   - both replicas are scraped and sum(dispatcher_is_leader) reads 1;
 #   - every dashboard query (and its job variable and annotation) evaluates without
 #     error and returns data, with $__rate_interval = 1m and $job = message-dispatcher;
-#   - every alert rule is loaded, evaluates without error, and none fires or is
-#     pending on the healthy cluster;
-#   - after Redis is stopped, DispatcherDependencyDown{dependency="redis"} goes pending.
+#   - every alert rule is loaded, evaluates without error, carries a runbook_url into
+#     docs/operations.md, and none fires or is pending on the healthy cluster;
+#   - every dispatcher_* metric the alert rules read is exported by the replicas;
+#   - after Redis is stopped, DispatcherDependencyDown{dependency="redis"} goes pending,
+#     labelled with the job and the replica.
 # Installs what is missing (postgresql, redis-server, prometheus) with apt-get.
 # Takes about a minute once the binary is built (PROFILE=debug reuses the tests' build).
 set -euo pipefail

@@ -130,7 +130,7 @@ def main() -> int:
 
     rules = wait_for("every rule evaluated at least once", evaluated_rules, 30) or []
     loaded = {r["name"] for r in rules}
-    check(set(names) == loaded and len(names) >= 9,
+    check(set(names) == loaded and len(names) >= 10,
           f"Prometheus loaded the {len(names)} alerts of alerts.yml ({sorted(loaded)})")
     for rule in rules:
         check(rule.get("health") == "ok" and not rule.get("lastError"),
@@ -138,6 +138,15 @@ def main() -> int:
         err, _ = query(base, rule["query"])
         if err:
             check(False, f"{rule['name']}: its expression fails through the query API: {err}")
+        url = (rule.get("annotations") or {}).get("runbook_url", "")
+        if not url.endswith("/docs/operations.md#" + rule["name"].lower()):
+            check(False, f"{rule['name']}: runbook_url {url!r} is not .../docs/operations.md#{rule['name'].lower()}")
+    # An alert on a metric no replica exports never fires: every dispatcher_* name the
+    # rules read must be scraped (a labelled gauge must be exported at 0 from the start).
+    scraped = set(api(base, "/api/v1/label/__name__/values")["data"])
+    wanted = {m for r in rules for m in re.findall(r"\b(dispatcher_[a-z0-9_]+)", r["query"])}
+    missing = sorted(wanted - scraped)
+    check(not missing, f"the replicas export every metric the alerts read ({len(wanted)}; missing: {missing})")
     time.sleep(5)
     active = [(a["labels"]["alertname"], a["state"]) for a in alerts(base)]
     check(not active, f"no alert pending or firing on the healthy cluster ({active})")
@@ -153,6 +162,11 @@ def main() -> int:
     if states:
         check(True, f"DispatcherDependencyDown{{dependency=\"redis\"}} is {sorted(set(states))} "
                     f"for {len(states)} replica(s)")
+        # Grouped by (namespace, job): the alert names the install (here the job alone,
+        # the local targets carry no namespace) and the replica.
+        labels = [a["labels"] for a in alerts(base) if a["labels"]["alertname"] == "DispatcherDependencyDown"]
+        check(bool(labels) and all(l.get("job") == "message-dispatcher" and l.get("instance") for l in labels),
+              f"DispatcherDependencyDown carries the job and instance labels ({labels})")
 
     print(f"{len(failures)} observability check(s) failed" if failures else "all observability checks passed")
     return 1 if failures else 0

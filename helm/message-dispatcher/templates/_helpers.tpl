@@ -46,12 +46,25 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* repository:tag, or repository@digest when a digest is given. */}}
+{{/*
+registry/repository:tag, or registry/repository@digest when a digest is given; no
+registry part when image.registry is empty. No public registry carries the image, so
+the defaults (no registry, repository "message-dispatcher") name nothing a node can
+pull: refuse them here instead of leaving the pods in ImagePullBackOff.
+*/}}
 {{- define "message-dispatcher.image" -}}
-{{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- $image := .Values.image }}
+{{- if and (not $image.registry) (eq $image.repository "message-dispatcher") }}
+{{- fail "image.registry/image.repository must name an image you built and pushed: see docs/operations.md#building-and-pushing-the-image" }}
+{{- end }}
+{{- $name := $image.repository }}
+{{- with $image.registry }}
+{{- $name = printf "%s/%s" (trimSuffix "/" .) $image.repository }}
+{{- end }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $name $image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
+{{- printf "%s:%s" $name (default .Chart.AppVersion $image.tag | toString) }}
 {{- end }}
 {{- end }}
 
@@ -167,4 +180,29 @@ job after the Service. Override with metrics.prometheusRule.scrapeJob (for examp
 */}}
 {{- define "message-dispatcher.scrapeJob" -}}
 {{- .Values.metrics.prometheusRule.scrapeJob | default (include "message-dispatcher.fullname" .) -}}
+{{- end }}
+
+{{/*
+The alert rules' grouping: "by (<metrics.prometheusRule.groupBy>, <extra>...)", the
+labels that tell one install from another on a shared Prometheus, then any extra
+labels the rule keeps. Call with (list $ "instance" ...).
+*/}}
+{{- define "message-dispatcher.ruleBy" -}}
+{{- $labels := (first .).Values.metrics.prometheusRule.groupBy }}
+{{- range rest . }}
+{{- if not (has . $labels) }}
+{{- $labels = append $labels . }}
+{{- end }}
+{{- end }}
+{{- printf "by (%s)" (join ", " $labels) }}
+{{- end }}
+
+{{/* The alert rules' joins: "on (<metrics.prometheusRule.groupBy>)". */}}
+{{- define "message-dispatcher.ruleOn" -}}
+{{- printf "on (%s)" (join ", " .Values.metrics.prometheusRule.groupBy) }}
+{{- end }}
+
+{{/* An alert's runbook_url: runbookBaseUrl#<alert name in lower case>. Call with (list $ "AlertName"). */}}
+{{- define "message-dispatcher.runbookUrl" -}}
+{{- printf "%s#%s" (index . 0).Values.metrics.prometheusRule.runbookBaseUrl (lower (index . 1)) }}
 {{- end }}
