@@ -20,6 +20,7 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backon::Retryable;
@@ -151,7 +152,10 @@ async fn record_groups(store: Store, mut rx: mpsc::Receiver<Item>, linger: Durat
 
 async fn record_group(store: &Store, group: Vec<Entry>) {
     let results: Vec<SentResult> = group.iter().map(|e| e.result.clone()).collect();
-    let write = || store.mark_sent_group(&results);
+    // A failed attempt may have committed with its reply lost: every later one
+    // recognises the rows it recorded (same epoch and send time) as ours.
+    let tried = AtomicBool::new(false);
+    let write = || store.mark_sent_group(&results, tried.swap(true, Ordering::Relaxed));
     let recorded = write
         .retry(connect_backoff())
         .when(StoreError::is_unavailable)
@@ -163,7 +167,8 @@ async fn record_group(store: &Store, group: Vec<Entry>) {
         Ok(ours) => ours,
         Err(err) => {
             tracing::warn!(count = results.len(), error = %err, "PostgreSQL refused a group of results; recording them one by one without the provider's values");
-            one_by_one(store, &results).await
+            // The group's own failed attempts may have committed too.
+            one_by_one(store, &results, tried.load(Ordering::Relaxed)).await
         }
     };
     for entry in group {
@@ -177,10 +182,20 @@ async fn record_group(store: &Store, group: Vec<Entry>) {
 }
 
 /// The fallback: each row on its own, with only constants besides the id and time.
-async fn one_by_one(store: &Store, results: &[SentResult]) -> HashSet<i64> {
+/// `tried`: an earlier write of these rows may have committed with its reply lost.
+async fn one_by_one(store: &Store, results: &[SentResult], tried: bool) -> HashSet<i64> {
     let mut ours = HashSet::new();
     for result in results {
-        let write = || store.mark_sent(result.id, result.epoch, result.sent_at, None);
+        let tried = AtomicBool::new(tried);
+        let write = || {
+            store.mark_sent(
+                result.id,
+                result.epoch,
+                result.sent_at,
+                None,
+                tried.swap(true, Ordering::Relaxed),
+            )
+        };
         match write
             .retry(connect_backoff())
             .when(StoreError::is_unavailable)

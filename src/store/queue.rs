@@ -508,6 +508,32 @@ FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[])
 WHERE m.id = r.id AND (m.status = 'sending') IS TRUE AND m.claim_epoch = r.epoch
 RETURNING m.id";
 
+/// [`MARK_SENT_GROUP`] for a group whose earlier write may have committed with its
+/// reply lost (a broken connection): also returns the rows that write recorded,
+/// recognised as ours by the epoch and the send time it wrote. The second SELECT reads
+/// the statement's snapshot, from before its own UPDATE, so no row is returned twice.
+pub const MARK_SENT_GROUP_AGAIN: &str = "
+WITH recorded AS (
+    UPDATE messages AS m
+    SET status = 'sent', sent_at = r.sent_at, provider_message_id = r.provider_id,
+        last_error = NULL
+    FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[])
+             AS r(id, epoch, sent_at, provider_id)
+    WHERE m.id = r.id AND (m.status = 'sending') IS TRUE AND m.claim_epoch = r.epoch
+    RETURNING m.id
+)
+SELECT id FROM recorded
+UNION ALL
+SELECT m.id
+FROM messages AS m,
+     unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS r(id, epoch, sent_at)
+WHERE m.id = r.id AND (m.status = 'sent') IS TRUE AND m.claim_epoch = r.epoch
+  AND m.sent_at = r.sent_at";
+
+/// Whether [`MARK_SENT`] already recorded this result (see [`MARK_SENT_GROUP_AGAIN`]).
+const SENT_BY_US: &str = "
+SELECT 1 FROM messages WHERE id = $1 AND status = 'sent' AND claim_epoch = $2 AND sent_at = $3";
+
 const MARK_RETRY: &str = "
 UPDATE messages
 SET status = CASE WHEN $3::int > 0 AND attempts >= $3::int THEN 'failed' ELSE 'pending' END,
@@ -1039,17 +1065,28 @@ impl Store {
         })
     }
 
+    /// Records one accepted send. `again`: an earlier attempt at this very write may
+    /// have committed with its reply lost; a row it recorded counts as ours.
     pub async fn mark_sent(
         &self,
         id: i64,
         epoch: Epoch,
         sent_at: DateTime<Utc>,
         provider_message_id: Option<&str>,
+        again: bool,
     ) -> Result<Recorded, StoreError> {
         let n = self
             .execute_prepared(MARK_SENT, &[&id, &epoch.0, &sent_at, &provider_message_id])
             .await?;
-        Ok(if n == 1 {
+        let ours = n == 1
+            || (again
+                && self
+                    .client()
+                    .await?
+                    .query_opt(SENT_BY_US, &[&id, &epoch.0, &sent_at])
+                    .await?
+                    .is_some());
+        Ok(if ours {
             Recorded::Sent
         } else {
             Recorded::NotOurs
@@ -1057,10 +1094,13 @@ impl Store {
     }
 
     /// Records a group of accepted sends in one statement; returns the ids that were
-    /// still ours (`sending` under the epoch that claimed them).
+    /// still ours (`sending` under the epoch that claimed them). `again`: an earlier
+    /// attempt at this very group may have committed with its reply lost, so the rows
+    /// it recorded count as ours too ([`MARK_SENT_GROUP_AGAIN`]).
     pub async fn mark_sent_group(
         &self,
         results: &[SentResult],
+        again: bool,
     ) -> Result<std::collections::HashSet<i64>, StoreError> {
         let ids: Vec<i64> = results.iter().map(|r| r.id).collect();
         let epochs: Vec<i64> = results.iter().map(|r| r.epoch.0).collect();
@@ -1070,9 +1110,14 @@ impl Store {
             .map(|r| r.provider_message_id.as_deref())
             .collect();
         let client = self.client().await?;
+        let statement = if again {
+            MARK_SENT_GROUP_AGAIN
+        } else {
+            MARK_SENT_GROUP
+        };
         let rows = client
             .query(
-                &client.prepare_cached(MARK_SENT_GROUP).await?,
+                &client.prepare_cached(statement).await?,
                 &[&ids, &epochs, &sent_at, &provider_ids],
             )
             .await?;

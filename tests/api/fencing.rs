@@ -254,3 +254,52 @@ async fn a_result_held_through_sigterm_during_a_postgres_outage_is_not_resent() 
         "the accepted message was not sent again"
     );
 }
+
+/// The reply to a committed group write is lost (a connection reset between
+/// PostgreSQL and the replica after the COMMIT): the replica retries the write on a
+/// new connection and must recognise the rows it recorded itself, not report that a
+/// newer leader rescued them, so `messages_sent_total` counts every send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_to_a_committed_result_write_still_counts_the_sends() {
+    let env = TestEnv::with_scripted().await;
+    let (pg_path, pg_url) = env.postgres_proxy().await;
+    let mut settings = crate::support::provider::holding_settings("2");
+    settings.push(("DATABASE_URL", &pg_url));
+    settings.push(("DISTRIBUTED_LOCK_TTL", "15s"));
+    let replica = env.replica("r1", &settings).await;
+    let ids = env
+        .create_messages(&replica, &["first reply:hold", "second reply:hold"])
+        .await;
+    let keys = env.delivery_keys(&ids).await;
+    wait_for("both sends in flight", Duration::from_secs(30), || async {
+        keys.iter()
+            .all(|key| !env.scripted().requests_for(key).is_empty())
+            .then_some(())
+    })
+    .await;
+    // From now on PostgreSQL's answers to UPDATEs (their command tag) are lost on the
+    // way; the statements themselves commit.
+    pg_path.drop_replies(b"UPDATE ");
+    env.scripted().release_held();
+    wait_for(
+        "the results committed (their replies lost)",
+        Duration::from_secs(30),
+        || async { (env.count("sent").await == 2).then_some(()) },
+    )
+    .await;
+    // The connections break; the replica writes again on new ones.
+    pg_path.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pg_path.resume();
+    wait_for("both sends counted", Duration::from_secs(60), || async {
+        (replica.metric("dispatcher_messages_sent_total").await == Some(2.0)).then_some(())
+    })
+    .await;
+    assert!(
+        !replica
+            .logs()
+            .contains("a newer leader rescued this message"),
+        "the replica took its own committed results for a rescue"
+    );
+    env.scripted().assert_each_requested_once(&keys);
+}

@@ -6,6 +6,10 @@
 //!   its buffers, so the replica sees a silent peer, not an error.
 //! - **cut**: every open connection is closed and new ones are closed at once, as
 //!   when a route disappears or a firewall resets connections.
+//! - **drop replies**: what the replica sends goes through; what comes back is
+//!   forwarded, except the reads that contain a given marker (for PostgreSQL, the
+//!   `UPDATE n` command tag), which are thrown away, as when a reply is lost on the
+//!   way: the statement commits and its client never learns it.
 //! - **resume**: bytes flow again (held ones first); new connections go through.
 
 use std::net::SocketAddr;
@@ -20,6 +24,8 @@ pub enum Mode {
     Open,
     Paused,
     Cut,
+    /// Replies containing these bytes are dropped.
+    DropReplies(&'static [u8]),
 }
 
 pub struct Proxy {
@@ -44,6 +50,11 @@ impl Proxy {
 
     pub fn cut(&self) {
         self.mode.send_replace(Mode::Cut);
+    }
+
+    /// Drops every read from the dependency that contains `marker`.
+    pub fn drop_replies(&self, marker: &'static [u8]) {
+        self.mode.send_replace(Mode::DropReplies(marker));
     }
 
     pub fn resume(&self) {
@@ -79,18 +90,20 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, mode: Arc<watc
             let (server_read, server_write) = server.into_split();
             // Either direction ending (EOF, error or a cut) ends both.
             tokio::select! {
-                () = pump(client_read, server_write, mode.clone()) => {}
-                () = pump(server_read, client_write, mode) => {}
+                () = pump(client_read, server_write, mode.clone(), false) => {}
+                () = pump(server_read, client_write, mode, true) => {}
             }
         });
     }
 }
 
 /// Copies bytes one way while the mode allows; returns on EOF, error or a cut.
+/// `replies`: this is the way back from the dependency (dropped in `DropReplies`).
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
+    replies: bool,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
@@ -113,6 +126,12 @@ async fn pump(
         if !flowing(&mut mode).await {
             return;
         }
+        if let Mode::DropReplies(marker) = *mode.borrow()
+            && replies
+            && buffer[..n].windows(marker.len()).any(|w| w == marker)
+        {
+            continue;
+        }
         if to.write_all(&buffer[..n]).await.is_err() {
             return;
         }
@@ -124,7 +143,7 @@ async fn flowing(mode: &mut watch::Receiver<Mode>) -> bool {
     loop {
         let current = *mode.borrow_and_update();
         match current {
-            Mode::Open => return true,
+            Mode::Open | Mode::DropReplies(_) => return true,
             Mode::Cut => return false,
             Mode::Paused => {
                 if mode.changed().await.is_err() {
