@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::fence::{self, FenceTiming};
 use super::{Leadership, RedisLease, Term, takeover};
-use crate::domain::LeaseToken;
+use crate::domain::{Epoch, LeaseToken};
 use crate::metrics::Metrics;
 use crate::retry::connect_backoff;
 use crate::store::Store;
@@ -85,9 +85,10 @@ struct Acquired {
     token: LeaseToken,
     /// When the winning attempt started: the lease is measured from then.
     started: Instant,
-    /// Set when it was taken over from a dead leader: the session holding the leader
-    /// lock, whose term's sends are all over already.
-    session: Option<LeaderSession>,
+    /// Set when it was taken over from a dead leader: the epoch already bumped on the
+    /// session holding the leader lock (whose old term's sends are all over), and that
+    /// session.
+    takeover: Option<(Epoch, LeaderSession)>,
 }
 
 /// Ends a term's fence session: first the fence row forgets it (so followers do not
@@ -111,23 +112,26 @@ pub async fn run_redis_elector(elector: Elector, resign: CancellationToken) {
         let Acquired {
             token,
             started: attempt_started,
-            session,
+            takeover,
         } = acquired;
         let deadline = attempt_started + elector.timing.ttl - elector.timing.drift();
-        // After a takeover from a dead leader its sends are over already; otherwise
-        // the old leader may start one until a fence window after this bump.
-        let quiet_after = if session.is_some() {
-            Duration::ZERO
-        } else {
-            elector.fence.window
+        let (epoch, session) = match takeover {
+            // Bumped already, on the session that holds the leader lock.
+            Some((epoch, session)) => (Ok(Ok(epoch)), Some(session)),
+            // The old leader may start a send until a fence window after this bump.
+            None => (
+                tokio::time::timeout(
+                    deadline.saturating_duration_since(Instant::now()),
+                    elector.store.start_term(
+                        &elector.replica_id,
+                        Some(token.as_str()),
+                        elector.fence.window,
+                    ),
+                )
+                .await,
+                None,
+            ),
         };
-        let epoch = tokio::time::timeout(
-            deadline.saturating_duration_since(Instant::now()),
-            elector
-                .store
-                .start_term(&elector.replica_id, Some(token.as_str()), quiet_after),
-        )
-        .await;
         let epoch = match epoch {
             Ok(Ok(epoch)) => epoch,
             Ok(Err(err)) => {
@@ -196,6 +200,7 @@ impl Elector {
             &self.lease,
             self.fence,
             self.timing.retry_interval,
+            &self.replica_id,
         );
         let mut dead_leader = std::pin::pin!(dead_leader);
         loop {
@@ -231,7 +236,7 @@ impl Elector {
                     return Some(Acquired {
                         token,
                         started,
-                        session: None,
+                        takeover: None,
                     });
                 }
                 Ok(None) => {
@@ -259,7 +264,7 @@ impl Elector {
                     return Some(Acquired {
                         token: takeover.token,
                         started: takeover.started,
-                        session: Some(takeover.session),
+                        takeover: Some((takeover.epoch, takeover.session)),
                     });
                 }
             }

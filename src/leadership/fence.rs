@@ -48,13 +48,20 @@
 //! the lock, the old leader's permits end within one window of its session's end:
 //! what lets `leadership::takeover` replace a crashed leader without waiting for its
 //! Redis lease.
+//!
+//! A leader that is alive keeps its term through a reset of its session: the new
+//! session records itself in the fence row before it asks for the lock, and a
+//! follower holding the lock takes the term over only while the row still names the
+//! dead session. A session that merely falls silent (a stalled path) is kept, not
+//! replaced: replacing it would end its hold on the lock when the path came back.
+//! docs/design.md, "Leadership", tells the whole argument.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Leadership, Term};
 use crate::domain::Epoch;
-use crate::store::fence::LeaderSession;
+use crate::store::fence::{LeaderSession, SessionRole};
 use crate::store::{Store, StoreError};
 
 /// Added to the rescue wait for clock rates, scheduling and the commit of the bump
@@ -111,10 +118,6 @@ impl FenceTiming {
     }
 }
 
-/// How long (re)establishing the fence session may take before the attempt counts
-/// as failed.
-const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// Why a fence session could not be established.
 enum EstablishError {
     /// A newer epoch exists.
@@ -128,27 +131,60 @@ impl From<StoreError> for EstablishError {
     }
 }
 
-/// Makes `session` (or a new one) the term's fence session: it holds the leader lock
-/// (ending a stale holder's session if need be: we are the current epoch) and is
-/// recorded in the fence row.
+/// How long a leader waits for a follower's watch session to let go of the leader lock
+/// before it ends that session. A follower that took the lock when the leader's
+/// previous session ended decides within [`FenceTiming::takeover_after`] of taking it,
+/// and lets go once it sees the leader's new session recorded (see
+/// `leadership::takeover`); a frozen one is ended after this.
+fn watcher_grace(timing: FenceTiming) -> Duration {
+    timing.takeover_after() * 2 + Duration::from_millis(200)
+}
+
+/// How long (re)establishing the fence session may take before the attempt counts
+/// as failed: a connection, the wait for a watching follower, a few statements.
+fn establish_timeout(timing: FenceTiming) -> Duration {
+    watcher_grace(timing) + Duration::from_secs(2)
+}
+
+/// Makes `session` (or a new one) the term's fence session: it is recorded in the
+/// fence row and holds the leader lock.
+///
+/// A new session records itself first, before it asks for the lock: that is the
+/// leader's sign of life to a follower that took the lock when the leader's previous
+/// session ended (a reset by a proxy, a NAT, an operator), which then lets go instead
+/// of taking the term over. The lock's holder is ended if it is a stale fence session
+/// (an older term's leader, paused, or this leader's own broken one), or a watch that
+/// has not let go within [`watcher_grace`].
 async fn establish(
     store: &Store,
     epoch: Epoch,
     session: Option<LeaderSession>,
+    timing: FenceTiming,
 ) -> Result<LeaderSession, EstablishError> {
     let session = match session {
         Some(session) => session,
         None => {
-            let session = LeaderSession::open(store).await?;
+            let session = LeaderSession::open(store, SessionRole::Fence).await?;
+            if !session.record_as_leader(epoch).await? {
+                return Err(EstablishError::Fenced(session.leader_record().await?.epoch));
+            }
+            let waiting_since = Instant::now();
             while !session.try_lock().await? {
                 let record = session.leader_record().await?;
                 if record.epoch != epoch {
                     return Err(EstablishError::Fenced(record.epoch));
                 }
                 if let Some(holder) = session.lock_holder().await? {
-                    if holder != session.pid() {
-                        tracing::info!(pid = holder, "ending a stale holder of the leader lock");
-                        session.terminate(holder).await?;
+                    let stale = holder.pid != session.pid()
+                        && (holder.role == Some(SessionRole::Fence)
+                            || waiting_since.elapsed() >= watcher_grace(timing));
+                    if stale {
+                        tracing::info!(
+                            pid = holder.pid,
+                            role = ?holder.role,
+                            "ending a stale holder of the leader lock"
+                        );
+                        session.terminate(holder.pid).await?;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -185,15 +221,20 @@ pub async fn keep(
         let mut problem: Option<String> = None;
         if session.as_ref().is_none_or(LeaderSession::is_closed) {
             session = None;
-            let attempt = establish(&store, term.epoch, given.take());
-            match tokio::time::timeout(ESTABLISH_TIMEOUT, attempt).await {
+            let attempt = establish(&store, term.epoch, given.take(), timing);
+            match tokio::time::timeout(establish_timeout(timing), attempt).await {
                 Ok(Ok(established)) => session = Some(established),
                 Ok(Err(EstablishError::Fenced(newer))) => {
                     leadership.report_fenced(&term, newer);
                     return;
                 }
                 Ok(Err(EstablishError::Failed(err))) => problem = Some(err),
-                Err(_) => problem = Some("no fence session within 2 s".into()),
+                Err(_) => {
+                    problem = Some(format!(
+                        "no fence session within {} ms",
+                        establish_timeout(timing).as_millis()
+                    ))
+                }
             }
         }
         let sent = Instant::now();
@@ -216,8 +257,12 @@ pub async fn keep(
                     problem = Some(err.to_string());
                 }
                 Err(_) => {
-                    // A silent connection (a stalled path): start afresh next time.
-                    session = None;
+                    // A silent connection (a stalled path) is kept: it still holds the
+                    // leader lock, and its reads answer once the path does. Dropped, it
+                    // would end that hold when the path came back, and a follower would
+                    // take the term over (a blip must not move leadership). No permit
+                    // is given meanwhile; a path that stays silent is closed by the
+                    // kernel (TCP_USER_TIMEOUT) or ends the term (`resign_after`).
                     problem = Some(format!("no answer within {} ms", timing.window.as_millis()));
                 }
             }

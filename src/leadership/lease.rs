@@ -13,10 +13,12 @@ const EXTEND: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then \
                         return redis.call('pexpire', KEYS[1], ARGV[2]) \
                       else return 0 end";
 
-/// Replace the key only if it still holds the dead term's token (ARGV[1]): a
-/// compare-and-DEL of that term's key and our SET in one step, so no other replica's
-/// newer key is ever touched, and no other acquisition slips in between.
-const TAKE_OVER: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then \
+/// Replace the key only if it still holds the dead term's token (ARGV[1]), or is gone
+/// (it expired meanwhile): a compare-and-DEL of that term's key and our SET in one
+/// step, so no other replica's newer key is ever touched, and no other acquisition
+/// slips in between.
+const TAKE_OVER: &str = "local holder = redis.call('get', KEYS[1]) \
+                         if holder == ARGV[1] or not holder then \
                            redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) \
                            return 1 \
                          else return 0 end";
@@ -74,10 +76,10 @@ impl RedisLease {
         Ok((holder.as_deref() == Some(token.as_str())).then_some(token))
     }
 
-    /// Takes the lock from a term whose leader is known to be gone: only if the key
-    /// still holds `dead_token`. `Ok(None)`: it does not (expired, or someone else's).
-    pub async fn take_over(&self, dead_token: &str) -> Result<Option<LeaseToken>, Error> {
-        let token = LeaseToken::generate();
+    /// Sets the lock to `token` for a term taken over from a leader that is known to
+    /// be gone: only if the key still holds `dead_token` or holds nothing. `Ok(false)`:
+    /// another replica holds it.
+    pub async fn take_over(&self, dead_token: &str, token: &LeaseToken) -> Result<bool, Error> {
         let replaced: i64 = self
             .client
             .eval(
@@ -90,7 +92,7 @@ impl RedisLease {
                 ],
             )
             .await?;
-        Ok((replaced == 1).then_some(token))
+        Ok(replaced == 1)
     }
 
     /// Pushes the expiry to now + TTL. `Ok(false)`: the key is gone or not ours.

@@ -17,18 +17,27 @@
 //!    blocking wait returned on that session, so PostgreSQL stayed up in between (a
 //!    restart would have broken our session too, and after one a follower re-arms only
 //!    once the leader holds the lock again). It then checks that the recorded pid is
-//!    gone from `pg_stat_activity`. A fence row without a session pid means a new
-//!    leader is taking over, or the old one left cleanly: it lets go.
-//! 2. **Waits out the dead term's permits** ([`FenceTiming::takeover_after`]): the old
-//!    leader could confirm only on its lock-holding session, which is gone, and we
-//!    hold the lock, so no new session of it can take it either. After one fence
-//!    window no send of that term can start; a leader that is alive but lost its
-//!    session has stopped sending before it is deposed.
-//! 3. **Replaces the dead term's key** by compare-and-swap on that term's token (a
-//!    compare-and-DEL and our `SET` in one Lua step): never a blind DEL, never a newer
-//!    term's key. Then the elector bumps the epoch as usual, recording that older
-//!    epochs are already quiet, and this session, which holds the lock, becomes the
-//!    new term's fence session.
+//!    gone from `pg_stat_activity`. A fence row that names another session means the
+//!    leader lives on in a new one (or a new term began): it lets go.
+//! 2. **Waits out the dead session's permits** ([`FenceTiming::takeover_after`]): the
+//!    leader could confirm its epoch only on a session holding the lock, its old one
+//!    is gone, and we hold the lock, so after one fence window no send of that term
+//!    can start.
+//! 3. **Bumps the epoch on this session**, which has held the lock since before the
+//!    wait, and only while the fence row still names the epoch and the dead session
+//!    it armed on (`store::fence::LeaderSession::take_over_term`). A leader that is
+//!    alive and lost only its session (a reset by a proxy, a NAT or an operator's
+//!    `pg_terminate_backend`) records its new session first thing, before it asks for
+//!    the lock: the takeover then does nothing and lets go, and the leader keeps its
+//!    term. Because the bump commits on a session that holds the lock, no session of
+//!    the old term held it from the wait's start to the commit, so no permit of the
+//!    old term runs past the bump: `quiet_at` is the bump itself, and the rate holds
+//!    across the handover.
+//! 4. **Replaces the dead term's key** by compare-and-swap on that term's token (or
+//!    sets it if it expired meanwhile): never a blind DEL, never a newer term's key.
+//!    This session then becomes the new term's fence session. If Redis refuses, the
+//!    new epoch is left without a lease: the session lets go of the lock and forgets
+//!    itself in the fence row, and whoever holds the key next bumps again.
 //!
 //! A paused leader (SIGSTOP, GC, a VM stall) keeps its session, so it is replaced at
 //! lease expiry as before; the new leader then ends the paused leader's session to
@@ -37,13 +46,15 @@
 use std::time::{Duration, Instant};
 
 use super::{FenceTiming, RedisLease};
-use crate::domain::LeaseToken;
-use crate::store::fence::LeaderSession;
+use crate::domain::{Epoch, LeaseToken};
+use crate::store::fence::{LeaderSession, SessionRole};
 use crate::store::{Store, StoreError};
 
-/// A lock taken over from a dead leader: the new token, when the attempt started
-/// (the lease is measured from then), and the session that holds the leader lock.
+/// A term taken over from a dead leader: its epoch (already bumped), the new lease
+/// token, when the lease was set (it is measured from then), and the session that
+/// holds the leader lock.
 pub struct Takeover {
+    pub epoch: Epoch,
     pub token: LeaseToken,
     pub started: Instant,
     pub session: LeaderSession,
@@ -56,9 +67,10 @@ pub async fn for_a_dead_leader(
     lease: &RedisLease,
     fence: FenceTiming,
     retry: Duration,
+    replica_id: &str,
 ) -> Takeover {
     loop {
-        match attempt(store, lease, fence).await {
+        match attempt(store, lease, fence, replica_id).await {
             Ok(Some(takeover)) => return takeover,
             Ok(None) => {}
             Err(err) => tracing::debug!(error = err, "leader watch interrupted; watching again"),
@@ -69,24 +81,30 @@ pub async fn for_a_dead_leader(
 }
 
 /// One arming and wait. `Ok(None)`: nothing to take over (not armed, or the leader
-/// lives on, or its key is gone already).
+/// lives on, or a newer term began, or Redis refused).
 async fn attempt(
     store: &Store,
     lease: &RedisLease,
     fence: FenceTiming,
+    replica_id: &str,
 ) -> Result<Option<Takeover>, String> {
-    let session = LeaderSession::open(store).await.map_err(text)?;
+    let session = LeaderSession::open(store, SessionRole::Watch)
+        .await
+        .map_err(text)?;
     let armed = session.leader_record().await.map_err(text)?;
     let Some(leader_pid) = armed.session_pid else {
         return Ok(None);
     };
-    if session.lock_holder().await.map_err(text)? != Some(leader_pid) {
+    if session.lock_holder().await.map_err(text)?.map(|h| h.pid) != Some(leader_pid) {
         return Ok(None);
     }
     session.lock().await.map_err(text)?;
     let record = session.leader_record().await.map_err(text)?;
-    let dead_token = match (record.session_pid, record.lease_token) {
-        (Some(pid), Some(token)) if !session.backend_alive(pid).await.map_err(text)? => token,
+    let still_dead = record.epoch == armed.epoch
+        && record.session_pid == Some(leader_pid)
+        && !session.backend_alive(leader_pid).await.map_err(text)?;
+    let dead_token = match record.lease_token {
+        Some(token) if still_dead => token,
         _ => {
             let _ = session.unlock().await;
             return Ok(None);
@@ -97,21 +115,43 @@ async fn attempt(
         "the leader's PostgreSQL session ended; taking over once its permits have run out"
     );
     tokio::time::sleep(fence.takeover_after()).await;
+    let token = LeaseToken::generate();
+    let epoch = session
+        .take_over_term(record.epoch, leader_pid, replica_id, token.as_str())
+        .await
+        .map_err(text)?;
+    let Some(epoch) = epoch else {
+        tracing::info!(
+            epoch = record.epoch.0,
+            "the leader came back in a new PostgreSQL session; it keeps its term"
+        );
+        let _ = session.unlock().await;
+        return Ok(None);
+    };
     let started = Instant::now();
-    match lease.take_over(&dead_token).await {
-        Ok(Some(token)) => Ok(Some(Takeover {
+    match lease.take_over(&dead_token, &token).await {
+        Ok(true) => Ok(Some(Takeover {
+            epoch,
             token,
             started,
             session,
         })),
-        Ok(None) => {
-            tracing::info!("the dead leader's key is gone already; campaigning as usual");
-            let _ = session.unlock().await;
+        outcome => {
+            match outcome {
+                Err(err) => tracing::warn!(
+                    epoch = epoch.0,
+                    error = %err.details(),
+                    "took the epoch over but Redis did not answer; letting it go"
+                ),
+                _ => tracing::info!(
+                    epoch = epoch.0,
+                    "took the epoch over but another replica holds the lease now; letting it go"
+                ),
+            }
+            if let Err(err) = store.clear_leader_session(epoch).await {
+                tracing::debug!(error = %err, "could not clear the leader session");
+            }
             Ok(None)
-        }
-        Err(err) => {
-            let _ = session.unlock().await;
-            Err(format!("Redis: {}", err.details()))
         }
     }
 }

@@ -40,13 +40,55 @@ FROM dispatcher_leader l CROSS JOIN dispatcher_control c
 WHERE l.id = 1 AND c.id = 1";
 
 /// The backend holding the leader lock, if any (a bigint advisory key is stored as
-/// two 32-bit halves, `objsubid` 1).
+/// two 32-bit halves, `objsubid` 1), and its `application_name`, which tells a
+/// follower's watch from a leader's fence session ([`SessionRole`]).
 const LOCK_HOLDER: &str = "
-SELECT pid FROM pg_locks
-WHERE locktype = 'advisory' AND granted AND objsubid = 1
-  AND classid = (($1::bigint >> 32) & 4294967295)::oid
-  AND objid = ($1::bigint & 4294967295)::oid
+SELECT l.pid, a.application_name FROM pg_locks AS l
+LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.classid = (($1::bigint >> 32) & 4294967295)::oid
+  AND l.objid = ($1::bigint & 4294967295)::oid
 LIMIT 1";
+
+/// A follower's takeover of a dead leader's term, on the watch session that holds the
+/// leader lock: a new epoch, recorded only while the fence row still names the
+/// epoch (`$1`) and the dead session (`$2`) the follower armed on. A leader that is
+/// alive and re-established its session has recorded its new session meanwhile, and
+/// the takeover does nothing. The session records itself as the new term's, and
+/// `quiet_at` is the bump itself: see `leadership::takeover`.
+const TAKE_OVER_TERM: &str = "
+UPDATE dispatcher_leader
+SET epoch = epoch + 1, holder = $3, acquired_at = clock_timestamp(), lease_token = $4,
+    session_pid = pg_backend_pid(), quiet_at = clock_timestamp()
+WHERE id = 1 AND epoch = $1 AND session_pid = $2
+RETURNING epoch";
+
+/// What a leader session is for, recorded as its `application_name` so that a leader
+/// looking for the leader lock can tell who holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionRole {
+    /// A leader's fence session: holds the lock for the whole term.
+    Fence,
+    /// A follower's watch: waits for the lock to learn of the leader's death.
+    Watch,
+}
+
+impl SessionRole {
+    pub fn application_name(self) -> &'static str {
+        match self {
+            Self::Fence => "message-dispatcher fence",
+            Self::Watch => "message-dispatcher watch",
+        }
+    }
+}
+
+/// The backend holding the leader lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockHolder {
+    pub pid: i32,
+    /// `None` for a session that is not one of ours, or of an older version.
+    pub role: Option<SessionRole>,
+}
 
 /// A dedicated connection for a leader's fence or a follower's watch.
 pub struct LeaderSession {
@@ -56,8 +98,14 @@ pub struct LeaderSession {
 }
 
 impl LeaderSession {
-    pub async fn open(store: &Store) -> Result<Self, StoreError> {
+    pub async fn open(store: &Store, role: SessionRole) -> Result<Self, StoreError> {
         let client = store.dedicated_connection().await?;
+        client
+            .simple_query(&format!(
+                "SET application_name = '{}'",
+                role.application_name()
+            ))
+            .await?;
         let confirm = client.prepare(CONFIRM).await?;
         let pid = client
             .query_one("SELECT pg_backend_pid()", &[])
@@ -127,13 +175,41 @@ impl LeaderSession {
         Ok(())
     }
 
-    /// The backend pid holding the leader lock, if any.
-    pub async fn lock_holder(&self) -> Result<Option<i32>, StoreError> {
+    /// The backend holding the leader lock, if any.
+    pub async fn lock_holder(&self) -> Result<Option<LockHolder>, StoreError> {
         Ok(self
             .client
             .query_opt(LOCK_HOLDER, &[&LEADER_LOCK])
             .await?
-            .map(|row| row.get(0)))
+            .map(|row| {
+                let name: Option<&str> = row.get(1);
+                LockHolder {
+                    pid: row.get(0),
+                    role: [SessionRole::Fence, SessionRole::Watch]
+                        .into_iter()
+                        .find(|role| Some(role.application_name()) == name),
+                }
+            }))
+    }
+
+    /// Takes over the term of the dead leader session `dead_pid` of `epoch` (see
+    /// [`TAKE_OVER_TERM`]); this session must hold the leader lock. `None`: the fence
+    /// row moved on (the leader lives on in a new session, or a newer term began).
+    pub async fn take_over_term(
+        &self,
+        epoch: Epoch,
+        dead_pid: i32,
+        holder: &str,
+        lease_token: &str,
+    ) -> Result<Option<Epoch>, StoreError> {
+        Ok(self
+            .client
+            .query_opt(
+                TAKE_OVER_TERM,
+                &[&epoch.0, &dead_pid, &holder, &lease_token],
+            )
+            .await?
+            .map(|row| Epoch(row.get(0))))
     }
 
     /// True while a backend with this pid exists.

@@ -5,8 +5,12 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::support::cluster::{Cluster, assert_each_once};
+use crate::support::cluster::{Cluster, assert_each_once, assert_rate};
 use crate::support::{TestEnv, wait_for};
+
+/// How far apart the provider may see sends that started an interval apart: the
+/// network and scheduling jitter the README documents for the rate limit.
+const RATE_JITTER: Duration = Duration::from_millis(50);
 
 fn defaults() -> Vec<(&'static str, &'static str)> {
     vec![
@@ -287,4 +291,118 @@ async fn a_sentinel_failover_elects_again_and_doubles_nothing() {
         .wait_single_leader(&cluster.all(), Duration::from_secs(30))
         .await;
     assert_each_once(&env.deliveries().await, &ids);
+}
+
+/// The leader's fence session, the one holding the leader lock, as the fence row
+/// records it.
+async fn fence_session(env: &TestEnv) -> Option<i32> {
+    env.db()
+        .await
+        .query_one("SELECT session_pid FROM dispatcher_leader", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A live leader whose fence session is reset (an operator's `pg_terminate_backend`, a
+/// proxy, a NAT or a PgBouncer dropping the connection) reconnects at once and keeps
+/// its term: a follower that took the leader lock when the session ended sees the
+/// leader's new session and lets go. Sends stop for a moment and go on, each once and
+/// within the rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_fence_session_does_not_depose_a_live_leader() {
+    let env = TestEnv::start().await;
+    let mut settings = defaults();
+    settings.push(("PROCESSING_INTERVAL", "250ms"));
+    let cluster = Cluster::start(&env, 3, &settings).await;
+    let (leader, _) = cluster
+        .wait_single_leader(&cluster.all(), Duration::from_secs(30))
+        .await;
+    let ids = env.insert_messages(40).await;
+    let before = holder(&env).await;
+    for round in 0..3 {
+        let pid = wait_for("the fence session", Duration::from_secs(30), || async {
+            fence_session(&env).await
+        })
+        .await;
+        let db = env.db().await;
+        let ended: bool = db
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ended, "round {round}: ended the fence session {pid}");
+        wait_for(
+            "the leader's new fence session",
+            Duration::from_secs(30),
+            || async {
+                fence_session(&env)
+                    .await
+                    .filter(|new| *new != pid)
+                    .map(|_| ())
+            },
+        )
+        .await;
+        // Past the moment a follower holding the lock would have taken over.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            holder(&env).await,
+            before,
+            "round {round}: leadership moved after a session reset"
+        );
+    }
+    env.wait_drained(Duration::from_secs(120)).await;
+    assert_eq!(holder(&env).await, before);
+    assert!(cluster.replicas[leader].is_leader().await);
+    let deliveries = env.deliveries().await;
+    assert_each_once(&deliveries, &ids);
+    assert_rate(&deliveries, 1, Duration::from_millis(250), RATE_JITTER);
+}
+
+/// The leader's path to PostgreSQL stalls for 1.5 s (a network blip, a busy proxy) and
+/// comes back: nothing ended, so nothing moves. The fence session is kept through the
+/// silence (it holds the leader lock), sends pause while the epoch is unconfirmed and
+/// go on after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_blip_on_the_leaders_path_does_not_move_leadership() {
+    let env = TestEnv::start().await;
+    let (pg_path, pg_url) = env.postgres_proxy().await;
+    let mut settings = defaults();
+    settings.push(("PROCESSING_INTERVAL", "250ms"));
+    let mut through_proxy = settings.clone();
+    through_proxy.push(("DATABASE_URL", &pg_url));
+    let leader = env.replica("r1", &through_proxy).await;
+    wait_for("r1 to lead", Duration::from_secs(30), || async {
+        leader.is_leader().await.then_some(())
+    })
+    .await;
+    let followers = [
+        env.replica("r2", &settings).await,
+        env.replica("r3", &settings).await,
+    ];
+    let ids = env.insert_messages(30).await;
+    wait_for("sends to flow", Duration::from_secs(30), || async {
+        (env.count("sent").await >= 3).then_some(())
+    })
+    .await;
+    let before = holder(&env).await;
+    for round in 0..2 {
+        pg_path.pause();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        pg_path.resume();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            holder(&env).await,
+            before,
+            "round {round}: a 1.5 s blip on the leader's PostgreSQL path moved leadership"
+        );
+    }
+    env.wait_drained(Duration::from_secs(120)).await;
+    assert_eq!(holder(&env).await, before);
+    for follower in &followers {
+        assert!(!follower.is_leader().await);
+    }
+    let deliveries = env.deliveries().await;
+    assert_each_once(&deliveries, &ids);
+    assert_rate(&deliveries, 1, Duration::from_millis(250), RATE_JITTER);
 }
