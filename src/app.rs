@@ -37,6 +37,11 @@ pub struct Replica {
     subscriber: Option<SubscriberClient>,
 }
 
+/// How long past SHUTDOWN_TIMEOUT a replica may take to exit: the batches' cleanup
+/// (`dispatch::batch::CLEANUP_GRACE`), then the lock's release, the registry, the HTTP
+/// server and the connections, each bounded.
+pub const EXIT_SLACK: Duration = Duration::from_millis(4500);
+
 /// Redis commands must answer well inside the lease, or the elector treats them as
 /// failed and retries.
 fn redis_command_timeout(config: &Config) -> Duration {
@@ -184,22 +189,38 @@ impl Replica {
             err = fatal => Some(err),
         };
         tracing::info!("shutdown requested; finishing in-flight work");
+        // In-flight sends get SHUTDOWN_TIMEOUT, and everything after them is bounded
+        // too, so the process is gone within SHUTDOWN_TIMEOUT + EXIT_SLACK whatever
+        // PostgreSQL and Redis do: past an orchestrator's grace it would be killed
+        // mid-write. What is left undone (results held for PostgreSQL, unsent claims)
+        // the next leader's rescue settles, from the delivery cache where it can.
+        let exit_by = tokio::time::Instant::now() + config.dispatch.shutdown_timeout + EXIT_SLACK;
+        let left = |most: Duration| {
+            most.min(exit_by.saturating_duration_since(tokio::time::Instant::now()))
+        };
         shutdown.cancel();
-        let _ = dispatcher_task.await;
+        if tokio::time::timeout_at(exit_by, dispatcher_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the dispatcher did not stop in time; exiting without it");
+        }
         activity_stop.cancel();
         resign.cancel();
-        let _ = elector_task.await;
+        let _ = tokio::time::timeout(left(Duration::from_secs(2)), elector_task).await;
         if state.schema_ready.load(Ordering::Acquire) {
             let deregister = state.store.deregister(&config.replica_id);
-            if let Ok(Err(err)) = tokio::time::timeout(Duration::from_secs(2), deregister).await {
+            if let Ok(Err(err)) =
+                tokio::time::timeout(left(Duration::from_secs(1)), deregister).await
+            {
                 tracing::warn!(error = %err, "could not leave the replica registry");
             }
         }
         http_stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+        let _ = tokio::time::timeout(left(Duration::from_secs(2)), http_task).await;
         tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), state.redis.quit()).await;
+        let _ = tokio::time::timeout(left(Duration::from_secs(1)), tasks.wait()).await;
+        let _ = tokio::time::timeout(left(Duration::from_millis(500)), state.redis.quit()).await;
         tracing::info!("replica stopped");
         match failure {
             Some(err) => Err(err.into()),

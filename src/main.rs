@@ -16,5 +16,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(cli.run())
+    let code = runtime.block_on(cli.run());
+    // Tasks still running (a write to a dependency that does not answer) must not
+    // hold the exit up: the replica bounded its own shutdown already.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }

@@ -27,6 +27,10 @@ use crate::retry::connect_backoff;
 use crate::store::StoreError;
 use crate::store::queue::{ClaimedMessage, OpenedBatch, Recorded, Schedule};
 
+/// How long, once shutdown has begun and the in-flight sends are over (or abandoned),
+/// a batch may spend returning its unsent claims and closing itself.
+pub const CLEANUP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// `last_error` when PostgreSQL refused the provider's own text.
 const UNSTORABLE_ERROR: &str = "the provider's answer could not be stored; see the replica's log";
 
@@ -284,9 +288,26 @@ impl Dispatcher {
             if answered {
                 let _ = signals.answered.send(());
             }
-            self.release_unsent(term, &unsent).await;
-            if answered {
-                self.close_batch(term, schedule, opened_at).await;
+            // Once shutdown has begun, these writes get CLEANUP_GRACE: with PostgreSQL
+            // down they would retry past any orchestrator's grace, and what they leave
+            // undone the next leader's rescue does (the batch stays open, so it waits
+            // out this term).
+            let cleanup = async {
+                self.release_unsent(term, &unsent).await;
+                if answered {
+                    self.close_batch(term, schedule, opened_at).await;
+                }
+            };
+            let cleanup_expired = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(CLEANUP_GRACE).await;
+            };
+            tokio::select! {
+                () = cleanup => {}
+                () = cleanup_expired => tracing::warn!(
+                    ids = ?unsent,
+                    "shutting down with PostgreSQL unreachable: unsent claims and the batch's close are left to the next leader's rescue"
+                ),
             }
 
             let outcome = match &fates {

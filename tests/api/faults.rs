@@ -1,6 +1,6 @@
 //! Dependencies failing under a running replica, late dependencies, and shutdown.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -327,4 +327,52 @@ async fn readiness_fails_once_shutdown_begins() {
     let status = replica.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success());
     assert_eq!(env.count("sent").await, 1);
+}
+
+/// SIGTERM while PostgreSQL is down, in the middle of a batch whose results are held:
+/// the replica exits within SHUTDOWN_TIMEOUT plus a few seconds (Kubernetes' grace),
+/// leaving the held results to the next leader's rescue and the delivery cache, not
+/// retrying PostgreSQL until it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_postgres_is_down_exits_within_the_shutdown_timeout() {
+    let mut env = TestEnv::with_scripted().await;
+    let mut replica = env
+        .replica(
+            "r1",
+            &[
+                ("BATCH_SIZE", "4"),
+                ("PROCESSING_INTERVAL", "200ms"),
+                ("SEND_CONCURRENCY", "2"),
+                ("SHUTDOWN_TIMEOUT", "3s"),
+            ],
+        )
+        .await;
+    let ids = env
+        .create_messages(
+            &replica,
+            &[
+                "a reply:sleep-1000",
+                "b reply:sleep-1000",
+                "c reply:sleep-1000",
+                "d reply:sleep-1000",
+            ],
+        )
+        .await;
+    let first = env.delivery_key(ids[0]).await;
+    wait_for("the first sends to start", TEST_TIMEOUT, || async {
+        (!env.scripted().requests_for(&first).is_empty()).then_some(())
+    })
+    .await;
+    env.pg.stop().await;
+    // The first two answers arrive with PostgreSQL gone: their results are held.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let terminated = Instant::now();
+    let status = replica.terminate(Duration::from_secs(60)).await;
+    let took = terminated.elapsed();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    assert!(
+        took <= Duration::from_secs(8),
+        "SIGTERM took {took:?} with SHUTDOWN_TIMEOUT=3s and PostgreSQL down"
+    );
+    println!("exited {took:?} after SIGTERM");
 }
