@@ -224,6 +224,12 @@ impl Dispatcher {
         async {
             let started = Instant::now();
             tracing::info!("batch claimed");
+            // Debug builds only: a panic on demand, for the test that a panic in any
+            // task ends the process.
+            #[cfg(debug_assertions)]
+            if std::env::var_os("MESSAGE_DISPATCHER_TEST_PANIC_IN_BATCH").is_some() {
+                panic!("injected by MESSAGE_DISPATCHER_TEST_PANIC_IN_BATCH");
+            }
             // Delivery order: no send of this batch starts before every message of the
             // previous one has passed its start gate, and none at all if the previous
             // batch stopped sending. The shared slots keep SEND_CONCURRENCY.

@@ -376,3 +376,30 @@ async fn sigterm_while_postgres_is_down_exits_within_the_shutdown_timeout() {
     );
     println!("exited {took:?} after SIGTERM");
 }
+
+/// A panic in a task (here a batch's, injected in debug builds) ends the process, so
+/// its orchestrator restarts it and the lease passes on. A replica that kept running
+/// with the task dead held the lease and its fence session while nothing dispatched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_task_ends_the_process_and_another_replica_takes_over() {
+    let env = TestEnv::start().await;
+    let settings = [
+        ("DISTRIBUTED_LOCK_TTL", "15s"),
+        ("LOCK_RETRY_INTERVAL", "1s"),
+    ];
+    let mut panicking = settings.to_vec();
+    panicking.push(("MESSAGE_DISPATCHER_TEST_PANIC_IN_BATCH", "1"));
+    let mut doomed = env.replica("doomed", &panicking).await;
+    wait_for("the doomed replica to lead", TEST_TIMEOUT, || async {
+        doomed.is_leader().await.then_some(())
+    })
+    .await;
+    let healthy = env.replica("healthy", &settings).await;
+    let ids = env.insert_messages(6).await;
+    let status = doomed.wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success(), "a panic is a failure exit: {status:?}");
+    env.wait_drained(TEST_TIMEOUT).await;
+    assert!(healthy.is_leader().await);
+    crate::support::cluster::assert_each_once(&env.deliveries().await, &ids);
+    assert!(doomed.logs().contains("a task panicked"));
+}
