@@ -440,6 +440,19 @@ UPDATE messages
 SET status = 'pending', attempts = greatest(attempts - 1, 0)
 WHERE status = 'sending' AND claim_epoch = $1 AND claim_token = $2";
 
+/// Takes a transaction-level advisory lock per idempotency key of an insert, in one
+/// order (the keys' hashes, ascending) before anything is inserted. Two requests with
+/// the same keys in different orders otherwise wait on each other's unique index
+/// entries and PostgreSQL ends one of them as a deadlock; this way the second waits
+/// for the first and then finds its rows. The aggregate consumes the subquery's
+/// rows in their sorted order. The two-int form (objsubid 2) never meets the
+/// bigint-keyed locks (objsubid 1); a collision of two keys' hashes only makes
+/// their requests wait for each other.
+const LOCK_KEYS: &str = "
+SELECT count(pg_advisory_xact_lock(1835297135, h))
+FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest($1::text[]) AS k
+      WHERE k IS NOT NULL ORDER BY 1) AS keys";
+
 /// Pending messages past their validity never go out: `expired`, at claim time (and the
 /// dispatcher checks again right before each send). Served by the partial expiry index.
 const EXPIRE_DUE: &str = "
@@ -589,6 +602,10 @@ impl Store {
         let priorities: Vec<i16> = messages.iter().map(|m| m.priority.get()).collect();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        if keys.iter().any(Option::is_some) {
+            tx.execute(&tx.prepare_cached(LOCK_KEYS).await?, &[&keys])
+                .await?;
+        }
         let sql = format!(
             "INSERT INTO messages (phone_number, content, idempotency_key, send_at, expires_at,
                                    priority, next_attempt_at)
