@@ -162,6 +162,12 @@ pub struct Config {
     pub replica_id: String,
     /// false: serve the API, never campaign for leadership.
     pub leader_eligible: bool,
+    /// The region national-format phone numbers are read in (`DEFAULT_REGION`);
+    /// `None`: only E.164 (`+` and the country code) is accepted.
+    pub default_region: Option<crate::domain::Region>,
+    /// Origins besides the replica's own whose browsers may call mutating API routes
+    /// (`API_ALLOWED_ORIGINS`, comma-separated, e.g. `https://ops.example.com`).
+    pub allowed_origins: Vec<String>,
 }
 
 /// The raw environment, every variable as optional text (envy lower-cases the names).
@@ -212,6 +218,48 @@ struct RawEnv {
     dlr_token: Option<String>,
     replica_id: Option<String>,
     leader_eligible: Option<String>,
+    default_region: Option<String>,
+    api_allowed_origins: Option<String>,
+}
+
+/// The variables that may hold secrets, each with its `_FILE` variant: the path of a
+/// file holding the value (Kubernetes and Docker secrets).
+pub const SECRET_VARIABLES: [(&str, &str); 8] = [
+    ("DATABASE_URL", "DATABASE_URL_FILE"),
+    ("DB_PASSWORD", "DB_PASSWORD_FILE"),
+    ("REDIS_URL", "REDIS_URL_FILE"),
+    ("REDIS_PASSWORD", "REDIS_PASSWORD_FILE"),
+    ("REDIS_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD_FILE"),
+    ("SMS_API_TOKEN", "SMS_API_TOKEN_FILE"),
+    ("API_TOKEN", "API_TOKEN_FILE"),
+    ("DLR_TOKEN", "DLR_TOKEN_FILE"),
+];
+
+/// Replaces every `_FILE` variant of [`SECRET_VARIABLES`] with its variable holding
+/// the file's content (one trailing newline dropped, as `echo` and editors leave one).
+fn read_secret_files(vars: &mut HashMap<String, String>) -> Result<(), ConfigError> {
+    for (name, variable) in SECRET_VARIABLES {
+        let Some(path) = vars.remove(variable) else {
+            continue;
+        };
+        if vars.contains_key(name) {
+            return Err(ConfigError::new(
+                variable,
+                format!("set {name} or {variable}, not both"),
+            ));
+        }
+        let content = std::fs::read_to_string(path.trim())
+            .map_err(|err| ConfigError::new(variable, format!("cannot read {path:?}: {err}")))?;
+        let value = content
+            .strip_suffix("\r\n")
+            .or_else(|| content.strip_suffix('\n'))
+            .unwrap_or(&content);
+        if value.trim().is_empty() {
+            return Err(ConfigError::new(variable, format!("{path:?} is empty")));
+        }
+        vars.insert(name.to_string(), value.to_string());
+    }
+    Ok(())
 }
 
 /// Upper bound on `BATCH_SIZE`: a batch is claimed in one transaction and held in memory.
@@ -228,10 +276,11 @@ impl Config {
     pub fn from_vars(
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let vars: HashMap<String, String> = vars
+        let mut vars: HashMap<String, String> = vars
             .into_iter()
             .filter(|(_, value)| !value.trim().is_empty())
             .collect();
+        read_secret_files(&mut vars)?;
         let raw: RawEnv = envy::from_iter(vars)
             .map_err(|err| ConfigError::new("environment", err.to_string()))?;
         Self::from_raw(raw)
@@ -412,8 +461,45 @@ impl Config {
             dlr_token: raw.dlr_token.filter(|t| !t.is_empty()).map(Secret::new),
             replica_id,
             leader_eligible: boolean("LEADER_ELIGIBLE", raw.leader_eligible, true)?,
+            default_region: raw
+                .default_region
+                .map(|code| {
+                    crate::domain::parse_region(&code).ok_or_else(|| {
+                        ConfigError::new(
+                            "DEFAULT_REGION",
+                            format!("{code:?} is not an ISO 3166 region code such as TR or US"),
+                        )
+                    })
+                })
+                .transpose()?,
+            allowed_origins: allowed_origins(raw.api_allowed_origins)?,
         })
     }
+}
+
+/// `API_ALLOWED_ORIGINS`: `scheme://host[:port]` entries, comma-separated.
+fn allowed_origins(value: Option<String>) -> Result<Vec<String>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|origin| match reqwest::Url::parse(origin) {
+            Ok(url)
+                if matches!(url.scheme(), "http" | "https")
+                    && url.host().is_some()
+                    && url.path() == "/" =>
+            {
+                Ok(url.origin().ascii_serialization())
+            }
+            _ => Err(ConfigError::new(
+                "API_ALLOWED_ORIGINS",
+                format!("{origin:?} is not an origin such as https://ops.example.com"),
+            )),
+        })
+        .collect()
 }
 
 /// Hostname plus a short random suffix, so two processes on one host never collide.

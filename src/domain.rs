@@ -13,30 +13,79 @@ pub struct ValidationError {
     pub problem: String,
 }
 
-/// A phone number as the provider accepts it: 10–20 characters, digits with an
-/// optional leading `+` (the same rule as the `messages` CHECK constraint).
+/// A phone number in E.164 (`+` and the country code, at most 15 digits), checked
+/// against libphonenumber's numbering plans: a real country code and a number that
+/// can exist there. Digits only, with an optional leading `+`. National formats
+/// (`05551234567`) are read only with a default region (`DEFAULT_REGION`); what is
+/// kept is always the E.164 form.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PhoneNumber(String);
 
+/// An ISO 3166 region for national-format numbers (`DEFAULT_REGION`, e.g. `TR`).
+pub type Region = phonenumber::country::Id;
+
 impl PhoneNumber {
-    pub fn parse(input: &str) -> Result<Self, ValidationError> {
-        let problem = |p: &str| ValidationError {
+    pub fn parse(input: &str, region: Option<Region>) -> Result<Self, ValidationError> {
+        let problem = |p: String| ValidationError {
             field: "phone_number",
-            problem: p.to_string(),
+            problem: p,
         };
-        let digits = input.strip_prefix('+').unwrap_or(input);
+        let text = input.trim();
+        if text.is_empty() {
+            return Err(problem("must not be empty".into()));
+        }
+        let international = text.starts_with('+');
+        let digits = text.strip_prefix('+').unwrap_or(text);
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(problem("must be digits with an optional leading +"));
+            return Err(problem(format!(
+                "{text:?} must be digits with an optional leading + (no spaces or punctuation)"
+            )));
         }
-        if !(10..=20).contains(&input.len()) {
-            return Err(problem("must be 10 to 20 characters long"));
+        if !international && region.is_none() {
+            return Err(problem(format!(
+                "{text:?} is not in E.164 format: write it with + and the country code, \
+                 like +905551234567 (national formats need DEFAULT_REGION)"
+            )));
         }
-        Ok(Self(input.to_string()))
+        if digits.len() > 17 {
+            return Err(problem(format!(
+                "{text:?} has {} digits; E.164 allows 15",
+                digits.len()
+            )));
+        }
+        let parsed = phonenumber::parse(if international { None } else { region }, text)
+            .map_err(|err| problem(format!("{text:?} is not a phone number ({err})")))?;
+        if !phonenumber::is_valid(&parsed) {
+            return Err(problem(format!(
+                "{text:?} is not a valid number in the numbering plan of its country code"
+            )));
+        }
+        let e164 = parsed.format().mode(phonenumber::Mode::E164).to_string();
+        if e164.len() > 16 {
+            return Err(problem(format!("{text:?} is longer than E.164 allows")));
+        }
+        Ok(Self(e164))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The ISO region of a stored phone number (`TR` for `+905551234567`); `None` for a
+/// row from before E.164 numbers whose number cannot be read without a region.
+pub fn country_of(phone_number: &str) -> Option<String> {
+    if !phone_number.starts_with('+') {
+        return None;
+    }
+    let parsed = phonenumber::parse(None, phone_number).ok()?;
+    let id = parsed.country().id()?;
+    Some(id.as_ref().to_string())
+}
+
+/// A region from its ISO code (`DEFAULT_REGION`), case-insensitive.
+pub fn parse_region(code: &str) -> Option<Region> {
+    code.trim().to_ascii_uppercase().parse().ok()
 }
 
 /// Message text: not blank, at most `MESSAGE_MAX_LENGTH` characters (not bytes) and at
@@ -245,6 +294,8 @@ pub struct Priority(i16);
 
 impl Priority {
     pub const MAX: i16 = 3;
+    /// Every priority, lowest first.
+    pub const ALL: [i16; 4] = [0, 1, 2, 3];
 
     pub fn parse(value: i64) -> Result<Self, ValidationError> {
         if (0..=i64::from(Self::MAX)).contains(&value) {
@@ -295,21 +346,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn phone_numbers() {
-        assert!(PhoneNumber::parse("+905551111111").is_ok());
-        assert!(PhoneNumber::parse("5551111111").is_ok());
-        assert!(PhoneNumber::parse("12345678901234567890").is_ok());
+    fn phone_numbers_are_e164_with_a_real_country_code() {
+        let e164 = |text: &str, region| PhoneNumber::parse(text, region).map(|p| p.0);
+        assert_eq!(e164("+905551111111", None).unwrap(), "+905551111111");
+        assert_eq!(e164("+14155552671", None).unwrap(), "+14155552671");
+        assert_eq!(e164("+6834002", None).unwrap(), "+6834002");
+        let tr = parse_region("tr");
+        assert_eq!(e164("05551111111", tr).unwrap(), "+905551111111");
+        assert_eq!(e164("5551111111", tr).unwrap(), "+905551111111");
+        assert_eq!(e164("+14155552671", tr).unwrap(), "+14155552671");
         for bad in [
-            "555111111",
-            "+55511111",
-            "123456789012345678901",
-            "+90 555 111",
+            "+90 555 111 11 11",
+            "+1 (415) 555-2671",
+            "0000000000",
+            "5551111111",
+            "05551111111",
+            "+0000000000",
+            "+9990000000",
+            "+1234567890123456789",
+            "9999999999999999999",
+            "+90555111",
             "abcdefghijk",
             "",
             "+",
         ] {
-            assert!(PhoneNumber::parse(bad).is_err(), "{bad:?}");
+            assert!(PhoneNumber::parse(bad, None).is_err(), "{bad:?}");
         }
+        for bad in ["0000000000", "123", "+9999999999999999999"] {
+            assert!(PhoneNumber::parse(bad, tr).is_err(), "{bad:?} with TR");
+        }
+        assert_eq!(country_of("+905551111111").as_deref(), Some("TR"));
+        assert_eq!(country_of("+14155552671").as_deref(), Some("US"));
+        assert_eq!(country_of("5551111111"), None);
+        assert!(parse_region("XX").is_none());
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! so `rate()` and absence alerts work before the first event.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::domain::{DeliveryStatus, MessageStatus};
@@ -26,6 +26,9 @@ pub struct Metrics {
     pub batch_duration: Histogram,
     pub queue_messages: IntGaugeVec,
     pub oldest_pending_age: Gauge,
+    /// The same, per priority: a stream of urgent messages above the rate starves the
+    /// lower priorities, and this shows it.
+    pub oldest_pending_age_by_priority: GaugeVec,
     pub is_leader: IntGauge,
     pub leader_epoch: IntGauge,
     pub lock_operations: IntCounterVec,
@@ -34,7 +37,15 @@ pub struct Metrics {
     pub scheduler_running: IntGauge,
     pub configured_rate: Gauge,
     pub dependency_up: IntGaugeVec,
+    /// 1 while this replica's dispatch is paused for the reason (`provider_auth`).
+    pub dispatch_paused: IntGaugeVec,
+    pub http_requests: IntCounterVec,
+    pub http_request_duration: HistogramVec,
 }
+
+/// Why dispatch is paused while the cluster runs.
+pub const PAUSED_PROVIDER_AUTH: &str = "provider_auth";
+pub const PAUSE_REASONS: [&str; 1] = [PAUSED_PROVIDER_AUTH];
 
 /// Why a message ended `failed`.
 pub const FAILED_REJECTED: &str = "rejected";
@@ -174,6 +185,19 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
+            oldest_pending_age_by_priority: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "dispatcher_oldest_pending_message_age_by_priority_seconds",
+                        "Age of the oldest due pending message of each priority (0 when none); \
+                         a higher priority above the rate starves the lower ones.",
+                    ),
+                    &["priority"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             is_leader: gauge(
                 &r,
                 "dispatcher_is_leader",
@@ -222,6 +246,35 @@ impl Metrics {
                 "1 when the dependency answered the last health check.",
                 &["dependency"],
             ),
+            dispatch_paused: gauge_vec(
+                &r,
+                "dispatcher_dispatch_paused",
+                "1 while this replica, leading, pauses dispatch for the reason \
+                 (provider_auth: the provider refuses our credentials).",
+                &["reason"],
+            ),
+            http_requests: counter_vec(
+                &r,
+                "dispatcher_http_requests_total",
+                "HTTP requests this replica answered, by method, route pattern and status.",
+                &["method", "route", "status"],
+            ),
+            http_request_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "dispatcher_http_request_duration_seconds",
+                        "Time to answer an HTTP request, by method and route pattern.",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        10.0,
+                    ]),
+                    &["method", "route"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             registry: r,
         };
         metrics.register_process_and_build_info();
@@ -266,6 +319,13 @@ impl Metrics {
             for result in LOCK_RESULTS {
                 self.lock_operations.with_label_values(&[op, result]);
             }
+        }
+        for reason in PAUSE_REASONS {
+            self.dispatch_paused.with_label_values(&[reason]);
+        }
+        for priority in crate::domain::Priority::ALL {
+            self.oldest_pending_age_by_priority
+                .with_label_values(&[&priority.to_string()]);
         }
         for dependency in ["database", "redis"] {
             self.dependency_up.with_label_values(&[dependency]);

@@ -1,32 +1,58 @@
-//! Request bodies: at most 1 MiB (with or without Content-Length), parsed as JSON
-//! with a 400 for anything that is not.
+//! Request bodies: `Content-Type: application/json` (415 otherwise), at most 1 MiB
+//! (with or without Content-Length), parsed with serde into typed structs that refuse
+//! unknown and repeated fields. A syntax error is a 400; a value serde refuses (a typo
+//! in a field name, a wrong type, a missing field) a 422 naming the field and, in an
+//! array, the item's index.
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use futures::StreamExt;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 use warp::Filter;
 
 use super::ApiError;
 
 pub const MAX_BODY: usize = 1 << 20;
 
-/// The body as JSON. Rejects with 413 over the limit and 400 when it is not JSON.
-pub fn json_value() -> impl Filter<Extract = (Value,), Error = warp::Rejection> + Clone {
-    warp::header::optional::<u64>("content-length")
-        .and_then(|length: Option<u64>| async move {
-            match length {
-                Some(n) if n > MAX_BODY as u64 => {
-                    Err(warp::reject::custom(ApiError::PayloadTooLarge))
+/// The raw body of a JSON request. Rejects with 415 when the content type is not JSON,
+/// 413 over the limit.
+pub fn json_bytes() -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<String>("content-type")
+        .and(warp::header::optional::<u64>("content-length"))
+        .and_then(
+            |content_type: Option<String>, length: Option<u64>| async move {
+                if !content_type.as_deref().is_some_and(is_json) {
+                    return Err(warp::reject::custom(ApiError::UnsupportedMediaType));
                 }
-                _ => Ok(()),
-            }
-        })
+                match length {
+                    Some(n) if n > MAX_BODY as u64 => {
+                        Err(warp::reject::custom(ApiError::PayloadTooLarge))
+                    }
+                    _ => Ok(()),
+                }
+            },
+        )
         .untuple_one()
         .and(warp::body::stream())
         .and_then(|stream| async move {
-            let bytes = read_limited(stream).await.map_err(warp::reject::custom)?;
-            parse(&bytes).map_err(warp::reject::custom)
+            read_limited(stream)
+                .await
+                .map(Bytes::from)
+                .map_err(warp::reject::custom)
         })
+}
+
+/// `application/json` or `application/<anything>+json`, with any parameters.
+pub fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
 }
 
 async fn read_limited<S, B>(stream: S) -> Result<Vec<u8>, ApiError>
@@ -52,19 +78,43 @@ where
     Ok(body)
 }
 
-/// A body that is one object or an array of 1 to `max` objects, each parsed by
-/// `parse`. Returns the items and whether it was a single object (the answer mirrors
-/// the input); an item's error names its index in an array.
-pub fn one_or_many<T>(
-    body: Value,
+/// The body as one `T`.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest {
+            code: "invalid_json",
+            message: "the request body is empty; expected JSON".into(),
+        });
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(refused)?;
+    deserializer.end().map_err(|err| ApiError::BadRequest {
+        code: "invalid_json",
+        message: format!("the request body is not valid JSON: {err}"),
+    })?;
+    Ok(value)
+}
+
+/// A body that is one object or an array of 1 to `max` objects. Returns the items and
+/// whether it was a single object (the answer mirrors the input).
+pub fn one_or_many<T: DeserializeOwned>(
+    bytes: &[u8],
     max: usize,
     noun: &str,
-    parse: impl Fn(&Value) -> Result<T, ApiError>,
 ) -> Result<(Vec<T>, bool), ApiError> {
-    let (items, single) = match body {
-        Value::Array(items) => (items, false),
-        object @ Value::Object(_) => (vec![object], true),
-        _ => {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    let (items, single) = match first {
+        Some(b'[') => (parse::<Vec<T>>(bytes)?, false),
+        Some(b'{') => (vec![parse::<T>(bytes)?], true),
+        None => return parse::<T>(bytes).map(|item| (vec![item], true)),
+        Some(_) => {
+            // Not an object or array: valid JSON is a 422, anything else a 400.
+            serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|err| {
+                ApiError::BadRequest {
+                    code: "invalid_json",
+                    message: format!("the request body is not valid JSON: {err}"),
+                }
+            })?;
             return Err(ApiError::validation(
                 "body",
                 format!("expected a {noun} object or an array of {noun} objects"),
@@ -77,30 +127,162 @@ pub fn one_or_many<T>(
             format!("{} {noun}s in one request; send 1 to {max}", items.len()),
         ));
     }
-    let parsed = items
-        .iter()
-        .enumerate()
-        .map(|(index, item)| {
-            let parsed = parse(item);
-            if single {
-                parsed
-            } else {
-                parsed.map_err(|err| err.at_index(index))
-            }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((parsed, single))
+    Ok((items, single))
 }
 
-fn parse(bytes: &[u8]) -> Result<Value, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::BadRequest {
+/// A serde error as the API's error: a 400 for malformed JSON, else a 422 naming the
+/// field (a path such as `send_at`, or the field serde names for an unknown, repeated
+/// or missing one) and the array index.
+fn refused(err: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    use serde_json::error::Category;
+    let path = err.path().clone();
+    let inner = err.into_inner();
+    if !matches!(inner.classify(), Category::Data) {
+        return ApiError::BadRequest {
             code: "invalid_json",
-            message: "the request body is empty; expected JSON".into(),
-        });
+            message: format!("the request body is not valid JSON: {inner}"),
+        };
     }
-    serde_json::from_slice(bytes).map_err(|err| ApiError::BadRequest {
-        code: "invalid_json",
-        message: format!("the request body is not valid JSON: {err}"),
-    })
+    let mut index = None;
+    let mut fields: Vec<String> = Vec::new();
+    for segment in path.iter() {
+        match segment {
+            serde_path_to_error::Segment::Seq { index: i }
+                if index.is_none() && fields.is_empty() =>
+            {
+                index = Some(*i);
+            }
+            serde_path_to_error::Segment::Seq { index: i } => fields.push(format!("[{i}]")),
+            serde_path_to_error::Segment::Map { key } => fields.push(key.clone()),
+            _ => {}
+        }
+    }
+    let message = inner.to_string();
+    // "unknown field `sendAt`, expected …", "missing field `content`": serde names
+    // the field in the message, where the path may stop at its object.
+    let named = ["unknown field `", "duplicate field `", "missing field `"]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix))
+        .and_then(|rest| rest.split('`').next())
+        .map(str::to_string);
+    if let Some(name) = named {
+        if fields.last() != Some(&name) {
+            fields.push(name);
+        }
+    }
+    let field = if fields.is_empty() {
+        "body".to_string()
+    } else {
+        fields.join(".")
+    };
+    // serde's own wording keeps a "line 1 column 42" suffix; the field says where.
+    let message = message
+        .rsplit_once(" at line ")
+        .map_or(message.as_str(), |(text, _)| text)
+        .to_string();
+    let error = ApiError::validation(field.clone(), format!("{field}: {message}"));
+    match index {
+        Some(index) => error.at_index(index),
+        None => error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Item {
+        phone_number: String,
+        #[serde(default)]
+        send_at: Option<String>,
+        #[serde(default)]
+        priority: Option<i64>,
+    }
+
+    fn located(err: ApiError) -> (Option<String>, Option<usize>, String) {
+        match err {
+            ApiError::Validation {
+                field,
+                index,
+                message,
+            } => (field, index, message),
+            other => panic!("not a validation error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn typos_repeats_and_wrong_types_name_the_field_and_index() {
+        let refused =
+            |body: &str| located(one_or_many::<Item>(body.as_bytes(), 10, "message").unwrap_err());
+        let (field, index, message) = refused(r#"{"phone_number": "+1", "sendAt": "x"}"#);
+        assert_eq!(
+            (field.as_deref(), index),
+            (Some("sendAt"), None),
+            "{message}"
+        );
+        let (field, index, message) =
+            refused(r#"[{"phone_number": "+1"}, {"phone_number": "+1", "expire_at": "x"}]"#);
+        assert_eq!(
+            (field.as_deref(), index),
+            (Some("expire_at"), Some(1)),
+            "{message}"
+        );
+        assert!(
+            message.starts_with("[1] expire_at: unknown field"),
+            "{message}"
+        );
+        let (field, _, message) = refused(r#"{"phone_number": "+1", "phone_number": "+2"}"#);
+        assert_eq!(field.as_deref(), Some("phone_number"), "{message}");
+        assert!(message.contains("duplicate field"), "{message}");
+        let (field, index, _) = refused(r#"[{"phone_number": "+1", "priority": "3"}]"#);
+        assert_eq!((field.as_deref(), index), (Some("priority"), Some(0)));
+        let (field, _, _) = refused(r#"{"send_at": "x"}"#);
+        assert_eq!(field.as_deref(), Some("phone_number"));
+        let (field, _, _) = refused("[]");
+        assert_eq!(field.as_deref(), Some("body"));
+        let (field, _, _) = refused("42");
+        assert_eq!(field.as_deref(), Some("body"));
+    }
+
+    #[test]
+    fn malformed_json_is_a_bad_request() {
+        for body in ["", "  ", "{", r#"{"phone_number": "+1"} x"#, "nope"] {
+            let err = one_or_many::<Item>(body.as_bytes(), 10, "message").unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ApiError::BadRequest {
+                        code: "invalid_json",
+                        ..
+                    }
+                ),
+                "{body:?}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_content_types() {
+        for json in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/merge-patch+json",
+        ] {
+            assert!(is_json(json), "{json}");
+        }
+        for other in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/jsonx",
+            "",
+        ] {
+            assert!(!is_json(other), "{other}");
+        }
+    }
 }

@@ -136,13 +136,23 @@ fn serve(asset: &'static Asset) -> Response {
 /// The methods the console's paths take (for the `Allow` header of a 405); empty for
 /// any other path.
 pub fn allowed_methods(path: &str) -> Vec<String> {
-    let ours = match path {
-        "/" | "/console" => true,
+    if route_template(path).is_some() {
+        vec!["GET".into()]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The console's route a path is (for metric labels), if it is one.
+pub fn route_template(path: &str) -> Option<&'static str> {
+    match path {
+        "/" => Some("/"),
+        "/console" => Some("/console"),
         _ => path
             .strip_prefix("/console/")
-            .is_some_and(|tail| asset(tail).is_some()),
-    };
-    if ours { vec!["GET".into()] } else { Vec::new() }
+            .is_some_and(|tail| asset(tail).is_some())
+            .then_some("/console/{asset}"),
+    }
 }
 
 #[cfg(test)]

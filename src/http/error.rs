@@ -18,6 +18,8 @@ pub enum ApiError {
     },
     /// 401: `API_TOKEN` is set and the request lacks it.
     Unauthorized,
+    /// 403: a browser request from another site (a foreign `Origin`).
+    Forbidden(String),
     NotFound(String),
     MethodNotAllowed,
     /// 409: the request conflicts with the resource's state.
@@ -25,6 +27,8 @@ pub enum ApiError {
     /// 409: an idempotency key was reused for a different message.
     IdempotencyConflict(String),
     PayloadTooLarge,
+    /// 415: a body that is not `application/json`.
+    UnsupportedMediaType,
     /// 422: well-formed JSON with a bad value; names the field and, in a list, the index.
     Validation {
         message: String,
@@ -33,6 +37,8 @@ pub enum ApiError {
     },
     /// 503: a dependency is down; the client may retry.
     Unavailable(String),
+    /// 503 with `Retry-After`: the replica is still preparing the database schema.
+    NotReady,
     Internal(String),
 }
 
@@ -80,6 +86,7 @@ impl ApiError {
                 "method_not_allowed",
                 "this path does not accept that method".into(),
             ),
+            Self::Forbidden(message) => (StatusCode::FORBIDDEN, "forbidden", message),
             Self::Conflict(message) => (StatusCode::CONFLICT, "conflict", message),
             Self::IdempotencyConflict(message) => {
                 (StatusCode::CONFLICT, "idempotency_conflict", message)
@@ -89,6 +96,27 @@ impl ApiError {
                 "payload_too_large",
                 "request body is larger than 1 MiB".into(),
             ),
+            Self::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "the body must be JSON, sent with Content-Type: application/json".into(),
+            ),
+            Self::NotReady => {
+                let body = json!({"error": {
+                    "code": "not_ready",
+                    "message": "the database schema is being prepared (migrations); try again shortly",
+                }});
+                let mut response = warp::reply::with_status(
+                    warp::reply::json(&body),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                )
+                .into_response();
+                response.headers_mut().insert(
+                    warp::http::header::RETRY_AFTER,
+                    warp::http::HeaderValue::from_static("2"),
+                );
+                return response;
+            }
             Self::Validation {
                 message,
                 field,
@@ -145,7 +173,20 @@ pub async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible>
         // Rebuild rather than clone: the rejection owns the original.
         match err {
             ApiError::Unauthorized => ApiError::Unauthorized,
+            ApiError::Forbidden(message) => ApiError::Forbidden(message.clone()),
             ApiError::PayloadTooLarge => ApiError::PayloadTooLarge,
+            ApiError::UnsupportedMediaType => ApiError::UnsupportedMediaType,
+            ApiError::NotReady => ApiError::NotReady,
+            ApiError::Unavailable(message) => ApiError::Unavailable(message.clone()),
+            ApiError::Validation {
+                message,
+                field,
+                index,
+            } => ApiError::Validation {
+                message: message.clone(),
+                field: field.clone(),
+                index: *index,
+            },
             ApiError::BadRequest { code, message } => ApiError::BadRequest {
                 code,
                 message: message.clone(),
@@ -168,10 +209,7 @@ pub async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible>
         .find::<warp::reject::UnsupportedMediaType>()
         .is_some()
     {
-        ApiError::BadRequest {
-            code: "unsupported_media_type",
-            message: "unsupported content type".into(),
-        }
+        ApiError::UnsupportedMediaType
     } else {
         ApiError::Internal(format!("unhandled rejection: {rejection:?}"))
     };

@@ -122,6 +122,13 @@ async fn metrics(state: State) -> Response {
                     .oldest_pending_age
                     .map_or(0.0, |age| age.as_secs_f64()),
             );
+            for (priority, age) in &stats.oldest_pending_age_by_priority {
+                state
+                    .metrics
+                    .oldest_pending_age_by_priority
+                    .with_label_values(&[&priority.to_string()])
+                    .set(age.map_or(0.0, |age| age.as_secs_f64()));
+            }
         }
         if let Ok(Ok(control)) =
             tokio::time::timeout(Duration::from_secs(2), state.store.control_record()).await

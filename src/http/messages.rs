@@ -2,9 +2,10 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
@@ -12,7 +13,7 @@ use warp::reply::Response;
 
 use super::{ApiError, State, body, json, respond, with_state};
 use crate::domain::{
-    IdempotencyKey, MessageContent, MessageStatus, PhoneNumber, Priority, parse_time,
+    IdempotencyKey, MessageContent, MessageStatus, PhoneNumber, Priority, Region, parse_time,
 };
 use crate::store::queue::{Inserted, ListFilter, Message, NewMessage, StatusChange};
 
@@ -41,9 +42,9 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(with_state(state.clone()))
         .and(warp::header::optional::<String>("idempotency-key"))
-        .and(body::json_value())
+        .and(body::json_bytes())
         .then(
-            |state: State, key: Option<String>, body: Value| async move {
+            |state: State, key: Option<String>, body: Bytes| async move {
                 respond(create(state, key, body)).await
             },
         );
@@ -160,7 +161,10 @@ async fn list_sent(state: State, query: HashMap<String, String>) -> Result<Respo
 }
 
 /// The filters of `GET /api/messages`; a bad value is a 400 naming the parameter.
-fn list_filter(query: &HashMap<String, String>) -> Result<ListFilter, ApiError> {
+fn list_filter(
+    query: &HashMap<String, String>,
+    region: Option<Region>,
+) -> Result<ListFilter, ApiError> {
     // An empty `status=` has always meant "any"; the other filters take what they get.
     let given = |name: &str| query.get(name).map(String::as_str);
     let status = match given("status").filter(|v| !v.is_empty()) {
@@ -176,7 +180,7 @@ fn list_filter(query: &HashMap<String, String>) -> Result<ListFilter, ApiError> 
     let phone_number = match given("phone_number") {
         None => None,
         Some(text) => Some(
-            PhoneNumber::parse(text)
+            PhoneNumber::parse(text, region)
                 .map_err(|err| ApiError::bad_request(err.to_string()))?
                 .as_str()
                 .to_string(),
@@ -199,7 +203,7 @@ fn list_filter(query: &HashMap<String, String>) -> Result<ListFilter, ApiError> 
 
 async fn list(state: State, query: HashMap<String, String>) -> Result<Response, ApiError> {
     let (limit, cursor) = page_params(&query)?;
-    let filter = list_filter(&query)?;
+    let filter = list_filter(&query, state.config.default_region)?;
     let page = state.store.list_messages(&filter, cursor, limit).await?;
     let ids: Vec<i64> = page
         .messages
@@ -275,15 +279,26 @@ async fn stats(state: State) -> Result<Response, ApiError> {
 async fn create(
     state: State,
     header_key: Option<String>,
-    body: Value,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
-    let limits = ContentLimits {
+    let rules = IntakeRules {
         max_chars: state.config.message_max_length,
         max_segments: state.config.message_max_segments,
+        region: state.config.default_region,
     };
-    let (mut messages, single) = body::one_or_many(body, MAX_CREATE, "message", |item| {
-        parse_new_message(item, limits)
-    })?;
+    let (items, single) = body::one_or_many::<CreateMessage>(&body, MAX_CREATE, "message")?;
+    let mut messages = items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| {
+            let message = item.validate(rules);
+            if single {
+                message
+            } else {
+                message.map_err(|err| err.at_index(index))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if header_key.is_some() && !single {
         return Err(ApiError::validation(
             "Idempotency-Key",
@@ -340,70 +355,68 @@ async fn create(
     }
 }
 
-/// What `MESSAGE_MAX_LENGTH` and `MESSAGE_MAX_SEGMENTS` allow.
+/// What a message must obey at intake: `MESSAGE_MAX_LENGTH`, `MESSAGE_MAX_SEGMENTS`
+/// and the region national-format numbers are read in (`DEFAULT_REGION`).
 #[derive(Debug, Clone, Copy)]
-struct ContentLimits {
+struct IntakeRules {
     max_chars: usize,
     max_segments: u32,
+    region: Option<Region>,
 }
 
-fn parse_new_message(item: &Value, limits: ContentLimits) -> Result<NewMessage, ApiError> {
-    let Value::Object(fields) = item else {
-        return Err(ApiError::validation(
-            "body",
-            "each message must be an object",
-        ));
-    };
-    let wrong_type = |name: &'static str, what: &str| {
-        ApiError::validation(name, format!("{name} must be {what}"))
-    };
-    let optional_text = |name: &'static str| -> Result<Option<&str>, ApiError> {
-        match fields.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(wrong_type(name, "a string")),
+/// One message of `POST /api/messages`, as sent. Unknown fields are refused (a typo
+/// such as `sendAt` must not be dropped silently, sending the message at once).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateMessage {
+    phone_number: String,
+    content: String,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    send_at: Option<String>,
+    #[serde(default)]
+    expires_at: Option<String>,
+    #[serde(default)]
+    priority: Option<i64>,
+}
+
+impl CreateMessage {
+    /// The message with every value checked (domain types), or a 422 naming the field.
+    fn validate(self, rules: IntakeRules) -> Result<NewMessage, ApiError> {
+        let validation =
+            |err: crate::domain::ValidationError| ApiError::validation(err.field, err.to_string());
+        let time = |name: &'static str, text: Option<String>| {
+            text.map(|t| parse_time(name, &t).map_err(validation))
+                .transpose()
+        };
+        let send_at = time("send_at", self.send_at)?;
+        let expires_at = time("expires_at", self.expires_at)?;
+        if let (Some(send_at), Some(expires_at)) = (send_at, expires_at) {
+            if expires_at <= send_at {
+                return Err(ApiError::validation(
+                    "expires_at",
+                    "expires_at: must be after send_at",
+                ));
+            }
         }
-    };
-    let text = |name: &'static str| -> Result<&str, ApiError> {
-        optional_text(name)?
-            .ok_or_else(|| ApiError::validation(name, format!("{name} is required")))
-    };
-    let validation =
-        |err: crate::domain::ValidationError| ApiError::validation(err.field, err.to_string());
-    let time = |name: &'static str| -> Result<Option<DateTime<Utc>>, ApiError> {
-        optional_text(name)?
-            .map(|t| parse_time(name, t).map_err(validation))
-            .transpose()
-    };
-    let priority = match fields.get("priority") {
-        None | Some(Value::Null) => Priority::default(),
-        Some(Value::Number(n)) => Priority::parse(
-            n.as_i64()
-                .ok_or_else(|| wrong_type("priority", "an integer from 0 to 3"))?,
-        )
-        .map_err(validation)?,
-        Some(_) => return Err(wrong_type("priority", "an integer from 0 to 3")),
-    };
-    let send_at = time("send_at")?;
-    let expires_at = time("expires_at")?;
-    if let (Some(send_at), Some(expires_at)) = (send_at, expires_at) {
-        if expires_at <= send_at {
-            return Err(ApiError::validation(
-                "expires_at",
-                "expires_at: must be after send_at",
-            ));
-        }
+        Ok(NewMessage {
+            phone_number: PhoneNumber::parse(&self.phone_number, rules.region)
+                .map_err(validation)?,
+            content: MessageContent::parse(&self.content, rules.max_chars, rules.max_segments)
+                .map_err(validation)?,
+            idempotency_key: self
+                .idempotency_key
+                .as_deref()
+                .map(IdempotencyKey::parse)
+                .transpose()
+                .map_err(validation)?,
+            send_at,
+            expires_at,
+            priority: self
+                .priority
+                .map_or(Ok(Priority::default()), Priority::parse)
+                .map_err(validation)?,
+        })
     }
-    Ok(NewMessage {
-        phone_number: PhoneNumber::parse(text("phone_number")?).map_err(validation)?,
-        content: MessageContent::parse(text("content")?, limits.max_chars, limits.max_segments)
-            .map_err(validation)?,
-        idempotency_key: optional_text("idempotency_key")?
-            .map(IdempotencyKey::parse)
-            .transpose()
-            .map_err(validation)?,
-        send_at,
-        expires_at,
-        priority,
-    })
 }

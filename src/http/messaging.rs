@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value, json};
+use serde::Deserialize;
+use serde_json::{Value, json};
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
@@ -34,8 +36,8 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     let config = warp::path!("messaging" / "config")
         .and(warp::put())
         .and(with_state(state))
-        .and(body::json_value())
-        .then(|state: State, body: Value| async move { respond(update_config(state, body)).await });
+        .and(body::json_bytes())
+        .then(|state: State, body: Bytes| async move { respond(update_config(state, body)).await });
     start
         .or(stop)
         .unify()
@@ -137,8 +139,8 @@ async fn status(state: State) -> Result<Response, ApiError> {
 
 /// `PUT /api/messaging/config`: `{"batch_size": 5, "processing_interval": "30s"}`.
 /// A field set to `null` clears the override (back to the configured value).
-async fn update_config(state: State, body: Value) -> Result<Response, ApiError> {
-    let change = parse_override_change(body)?;
+async fn update_config(state: State, body: Bytes) -> Result<Response, ApiError> {
+    let change = body::parse::<ConfigChange>(&body)?.validate()?;
     let by = format!("api@{}", state.config.replica_id);
     let control = state.store.set_overrides(&change, &by).await?;
     state.wake.notify_one();
@@ -149,46 +151,55 @@ async fn update_config(state: State, body: Value) -> Result<Response, ApiError> 
     ))
 }
 
-fn parse_override_change(body: Value) -> Result<OverrideChange, ApiError> {
-    let Value::Object(mut fields) = body else {
-        return Err(ApiError::validation("body", "expected a JSON object"));
-    };
-    let change = OverrideChange {
-        batch_size: take(&mut fields, "batch_size", parse_batch_size)?,
-        interval: take(&mut fields, "processing_interval", parse_interval)?,
-    };
-    if let Some(unknown) = fields.keys().next() {
-        return Err(ApiError::validation(
-            unknown.clone(),
-            format!("unknown field {unknown:?}; expected batch_size and/or processing_interval"),
-        ));
-    }
-    if change.batch_size.is_none() && change.interval.is_none() {
-        return Err(ApiError::validation(
-            "body",
-            "nothing to change; send batch_size and/or processing_interval",
-        ));
-    }
-    Ok(change)
+/// The body of `PUT /api/messaging/config`. Each field: absent = unchanged, `null` =
+/// back to the configured value, a value = the new override.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigChange {
+    #[serde(default, deserialize_with = "present")]
+    batch_size: Option<Option<serde_json::Number>>,
+    #[serde(default, deserialize_with = "present")]
+    processing_interval: Option<Option<String>>,
 }
 
-/// Removes `name` from `fields`: absent → `None`, `null` → `Some(None)` (clear),
-/// a value → `Some(Some(parsed))`.
-fn take<T>(
-    fields: &mut Map<String, Value>,
-    name: &'static str,
-    parse: fn(&Value) -> Result<T, String>,
-) -> Result<Option<Option<T>>, ApiError> {
-    match fields.remove(name) {
-        None => Ok(None),
-        Some(Value::Null) => Ok(Some(None)),
-        Some(value) => parse(&value)
-            .map(|v| Some(Some(v)))
-            .map_err(|problem| ApiError::validation(name, format!("{name} {problem}"))),
+/// A field that is present: `null` becomes `Some(None)`, where a plain `Option`
+/// would not tell it from an absent field.
+fn present<'de, T, D>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+impl ConfigChange {
+    fn validate(self) -> Result<OverrideChange, ApiError> {
+        let check = |name: &'static str, problem: String| {
+            ApiError::validation(name, format!("{name} {problem}"))
+        };
+        let change = OverrideChange {
+            batch_size: self
+                .batch_size
+                .map(|value| value.map(|n| parse_batch_size(&n)).transpose())
+                .transpose()
+                .map_err(|problem| check("batch_size", problem))?,
+            interval: self
+                .processing_interval
+                .map(|value| value.map(|text| parse_interval(&text)).transpose())
+                .transpose()
+                .map_err(|problem| check("processing_interval", problem))?,
+        };
+        if change.batch_size.is_none() && change.interval.is_none() {
+            return Err(ApiError::validation(
+                "body",
+                "nothing to change; send batch_size and/or processing_interval",
+            ));
+        }
+        Ok(change)
     }
 }
 
-fn parse_batch_size(value: &Value) -> Result<u32, String> {
+fn parse_batch_size(value: &serde_json::Number) -> Result<u32, String> {
     // JSON has one number type: 5.0 is the integer 5, as JSON Schema says too.
     let whole = value.as_u64().or_else(|| {
         value
@@ -202,9 +213,15 @@ fn parse_batch_size(value: &Value) -> Result<u32, String> {
         .ok_or_else(|| format!("must be an integer from 1 to {MAX_BATCH_SIZE}"))
 }
 
-fn parse_interval(value: &Value) -> Result<Duration, String> {
-    let text = value
-        .as_str()
-        .ok_or_else(|| "must be a duration string such as \"30s\" or \"2m\"".to_string())?;
-    duration::parse(text).map_err(|problem| format!("is invalid: {problem}"))
+/// An interval the fence row can hold exactly: whole milliseconds. `0s` means back to
+/// back (the rate is the batch size per claim); anything between 0 and 1 ms would be
+/// stored as 0 and lift the rate limit, so it is refused with the rest.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let interval = duration::parse(text).map_err(|problem| format!("is invalid: {problem}"))?;
+    if interval.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!(
+            "is {text:?}: give a whole number of milliseconds (like \"250ms\"); the rate is kept to the millisecond"
+        ));
+    }
+    Ok(interval)
 }

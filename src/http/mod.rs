@@ -9,6 +9,7 @@ mod activity;
 mod body;
 mod console;
 mod error;
+mod guard;
 mod health;
 mod messages;
 mod messaging;
@@ -44,25 +45,39 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .or(console::routes())
         .unify();
     // Receipts authenticate on their own (DLR_TOKEN), so they come before the rest.
-    let receipts = warp::path("api").and(receipts::routes(state.clone()));
-    let api = warp::path("api").and(authorized(state.clone())).and(
-        messaging::routes(state.clone())
-            .or(activity::routes(state.clone()))
-            .unify()
-            .or(messages::routes(state))
+    let api = warp::path("api").and(guard::api(state.clone())).and(
+        receipts::routes(state.clone())
+            .or(authorized(state.clone()).and(
+                messaging::routes(state.clone())
+                    .or(activity::routes(state.clone()))
+                    .unify()
+                    .or(messages::routes(state.clone()))
+                    .unify(),
+            ))
             .unify(),
     );
-    open.or(receipts)
-        .unify()
-        .or(api)
+    let metrics = state.metrics.clone();
+    open.or(api)
         .unify()
         .or(method_not_allowed())
         .unify()
         .recover(error::recover)
         .unify()
-        .with(warp::log::custom(|info| {
+        .with(warp::log::custom(move |info| {
+            let route = openapi::route_template(info.path())
+                .or_else(|| console::route_template(info.path()))
+                .unwrap_or("unmatched");
+            let method = info.method().as_str();
+            metrics
+                .http_requests
+                .with_label_values(&[method, route, info.status().as_str()])
+                .inc();
+            metrics
+                .http_request_duration
+                .with_label_values(&[method, route])
+                .observe(info.elapsed().as_secs_f64());
             tracing::debug!(
-                method = %info.method(),
+                method,
                 path = info.path(),
                 status = info.status().as_u16(),
                 elapsed_ms = info.elapsed().as_secs_f64() * 1000.0,
@@ -128,8 +143,7 @@ fn authorized(state: State) -> impl Filter<Extract = (), Error = warp::Rejection
 }
 
 /// Requires `Authorization: Bearer <token>` when `token` names one (open otherwise),
-/// compared in constant time so the token cannot be guessed byte by byte from
-/// response times.
+/// compared so that the time taken tells nothing of the token ([`tokens_match`]).
 fn bearer_required(
     state: State,
     token: fn(&crate::config::Config) -> Option<&crate::config::Secret>,
@@ -141,7 +155,7 @@ fn bearer_required(
                 return Ok(());
             };
             let presented = header.as_deref().and_then(bearer_token).unwrap_or("");
-            if constant_time_eq(presented.as_bytes(), token.expose().as_bytes()) {
+            if tokens_match(presented.as_bytes(), token.expose().as_bytes()) {
                 Ok(())
             } else {
                 Err(warp::reject::custom(ApiError::Unauthorized))
@@ -159,16 +173,24 @@ fn bearer_token(header: &str) -> Option<&str> {
         .then(|| token.trim_start())
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether a presented token is the expected one, in a time that depends on neither
+/// token's content nor on the expected one's length: both are hashed (SHA-256) and
+/// the fixed-size digests compared without an early exit. Comparing the tokens
+/// themselves would return at once on a length mismatch, telling an attacker the
+/// token's length.
+fn tokens_match(presented: &[u8], expected: &[u8]) -> bool {
+    use aws_lc_rs::digest::{SHA256, digest};
+    let (a, b) = (digest(&SHA256, presented), digest(&SHA256, expected));
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{bearer_token, constant_time_eq};
+    use super::{bearer_token, tokens_match};
 
     #[test]
     fn bearer_scheme_is_case_insensitive() {
@@ -181,9 +203,11 @@ mod tests {
 
     #[test]
     fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret!"));
-        assert!(!constant_time_eq(b"", b"secret"));
+        assert!(tokens_match(b"secret", b"secret"));
+        assert!(!tokens_match(b"secret", b"secreT"));
+        assert!(!tokens_match(b"secret", b"secret!"));
+        assert!(!tokens_match(b"secre", b"secret"));
+        assert!(!tokens_match(b"", b"secret"));
+        assert!(tokens_match(b"", b""));
     }
 }

@@ -40,44 +40,60 @@ const STATUSES: [&str; 6] = [
 /// An idempotency key: 1–255 visible ASCII characters.
 const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,255}$";
 
-/// The methods the document lists for a concrete request path (`{id}` matches an
-/// integer), for the `Allow` header of a 405.
-pub fn allowed_methods(path: &str) -> Vec<String> {
-    static ROUTES: std::sync::OnceLock<Vec<(Vec<String>, Vec<String>)>> =
-        std::sync::OnceLock::new();
-    let routes = ROUTES.get_or_init(|| {
+/// Each documented path template, split at `/`, with its methods.
+fn templates() -> &'static [(String, Vec<String>)] {
+    static ROUTES: std::sync::OnceLock<Vec<(String, Vec<String>)>> = std::sync::OnceLock::new();
+    ROUTES.get_or_init(|| {
         paths()
             .as_object()
             .map(|paths| {
                 paths
                     .iter()
                     .map(|(template, operations)| {
-                        let segments = template.split('/').map(str::to_string).collect();
                         let methods = operations
                             .as_object()
                             .map(|ops| ops.keys().map(|m| m.to_uppercase()).collect())
                             .unwrap_or_default();
-                        (segments, methods)
+                        (template.clone(), methods)
                     })
                     .collect()
             })
             .unwrap_or_default()
-    });
+    })
+}
+
+/// The documented templates a concrete request path matches (`{id}` matches an
+/// integer), with their methods.
+fn matching(path: &str) -> impl Iterator<Item = &'static (String, Vec<String>)> {
     let requested: Vec<&str> = path.split('/').collect();
-    routes
-        .iter()
-        .filter(|(segments, _)| {
-            segments.len() == requested.len()
-                && segments.iter().zip(&requested).all(|(template, actual)| {
-                    if template.starts_with('{') {
-                        actual.parse::<i64>().is_ok()
-                    } else {
-                        template == actual
-                    }
-                })
-        })
+    templates().iter().filter(move |(template, _)| {
+        let segments: Vec<&str> = template.split('/').collect();
+        segments.len() == requested.len()
+            && segments.iter().zip(&requested).all(|(template, actual)| {
+                if template.starts_with('{') {
+                    actual.parse::<i64>().is_ok()
+                } else {
+                    template == actual
+                }
+            })
+    })
+}
+
+/// The methods the document lists for a concrete request path, for the `Allow`
+/// header of a 405.
+pub fn allowed_methods(path: &str) -> Vec<String> {
+    matching(path)
         .flat_map(|(_, methods)| methods.iter().cloned())
         .collect()
+}
+
+/// The documented template a request path matches (`/api/messages/{id}`), for
+/// metric labels that never carry an id. A literal path wins over a template one
+/// (`/api/messages/stats` over `/api/messages/{id}`).
+pub fn route_template(path: &str) -> Option<&'static str> {
+    matching(path)
+        .map(|(template, _)| template.as_str())
+        .min_by_key(|template| template.matches('{').count())
 }
 
 fn error_response(description: &str) -> Value {
@@ -98,8 +114,43 @@ fn api_errors(mut responses: serde_json::Map<String, Value>) -> Value {
         "401".into(),
         error_response("API_TOKEN is set and the request lacks it"),
     );
-    responses.insert("503".into(), error_response("PostgreSQL is unavailable"));
+    responses.insert(
+        "503".into(),
+        error_response(
+            "PostgreSQL is unavailable, or the replica is still applying migrations (with Retry-After)",
+        ),
+    );
     Value::Object(responses)
+}
+
+/// The errors of every `/api` operation that changes something, added to what
+/// [`api_errors`] lists: a browser request from another origin, a body that is not JSON.
+fn change_errors(paths: &mut Value) {
+    let Some(paths) = paths.as_object_mut() else {
+        return;
+    };
+    for (path, operations) in paths.iter_mut() {
+        if !path.starts_with("/api/") {
+            continue;
+        }
+        for (method, operation) in operations.as_object_mut().into_iter().flatten() {
+            if !matches!(method.as_str(), "post" | "put" | "patch" | "delete") {
+                continue;
+            }
+            if let Some(responses) = operation["responses"].as_object_mut() {
+                responses.insert(
+                    "403".into(),
+                    error_response(
+                        "a browser request from another origin (Origin or Sec-Fetch-Site)",
+                    ),
+                );
+                responses.insert(
+                    "415".into(),
+                    error_response("a body that is not Content-Type: application/json"),
+                );
+            }
+        }
+    }
 }
 
 fn responses(pairs: &[(&str, Value)]) -> serde_json::Map<String, Value> {
@@ -110,6 +161,8 @@ fn responses(pairs: &[(&str, Value)]) -> serde_json::Map<String, Value> {
 }
 
 fn spec(max_content_chars: usize) -> Value {
+    let mut paths = paths();
+    change_errors(&mut paths);
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -121,7 +174,7 @@ fn spec(max_content_chars: usize) -> Value {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "Required on /api/* only when API_TOKEN is set"}},
             "schemas": schemas(max_content_chars)
         },
-        "paths": paths()
+        "paths": paths
     })
 }
 
@@ -180,9 +233,10 @@ fn schemas(max_content_chars: usize) -> Value {
         "Probe": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "reason": {"type": "string"}}},
         "NewMessage": {
             "type": "object",
+            "additionalProperties": false,
             "required": ["phone_number", "content"],
             "properties": {
-                "phone_number": {"type": "string", "pattern": "^\\+?[0-9]+$", "minLength": 10, "maxLength": 20},
+                "phone_number": {"type": "string", "pattern": "^\\+?[0-9]{1,17}$", "description": "E.164 (+ and the country code, like +905551234567), checked against the country's numbering plan; national formats only when DEFAULT_REGION is set. Stored and shown in E.164."},
                 "content": content,
                 "idempotency_key": {"type": ["string", "null"], "pattern": IDEMPOTENCY_KEY_PATTERN, "description": "a repeat with the same key and payload returns the original message (200); a different payload gets 409"},
                 "send_at": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "not dispatched before this time (RFC 3339 with offset; a past value means now)"},
@@ -211,11 +265,17 @@ fn schemas(max_content_chars: usize) -> Value {
         },
         "Stats": {
             "type": "object",
-            "required": ["by_status", "scheduled", "oldest_pending_age_seconds", "sent_last_minute", "sent_last_hour", "delivery"],
+            "required": ["by_status", "scheduled", "oldest_pending_age_seconds", "oldest_pending_age_seconds_by_priority", "sent_last_minute", "sent_last_hour", "delivery"],
             "properties": {
                 "by_status": {"type": "object", "required": ["pending", "sending", "sent", "failed", "expired", "cancelled"], "additionalProperties": {"type": "integer"}},
                 "scheduled": {"type": "integer"},
                 "oldest_pending_age_seconds": {"type": ["number", "null"]},
+                "oldest_pending_age_seconds_by_priority": {
+                    "type": "object",
+                    "description": "per priority 0 to 3; priorities are served strictly in order, so a higher one above the rate starves the lower ones",
+                    "required": ["0", "1", "2", "3"],
+                    "additionalProperties": {"type": ["number", "null"]}
+                },
                 "sent_last_minute": {"type": "integer"},
                 "sent_last_hour": {"type": "integer"},
                 "delivery": {"type": "object", "required": ["delivered", "undelivered", "failed", "awaiting"], "additionalProperties": {"type": "integer"}}
@@ -223,11 +283,13 @@ fn schemas(max_content_chars: usize) -> Value {
         },
         "Message": {
             "type": "object",
-            "required": ["id", "phone_number", "content", "status", "sent", "attempts", "next_attempt_at", "created_at", "sent_at", "message_id", "last_error", "cached_at",
+            "required": ["id", "phone_number", "country", "delivery_key", "content", "status", "sent", "attempts", "next_attempt_at", "created_at", "sent_at", "message_id", "last_error", "cached_at",
                          "idempotency_key", "send_at", "expires_at", "priority", "encoding", "segments", "delivery_status", "delivered_at", "delivery_error"],
             "properties": {
                 "id": {"type": "integer", "format": "int64"},
                 "phone_number": {"type": "string"},
+                "country": {"type": ["string", "null"], "description": "ISO 3166 region of the number (TR), from its country code"},
+                "delivery_key": {"type": "string", "description": "the Idempotency-Key of every send of this message: a UUID made with the row (its id for rows from before version 0.2)"},
                 "content": {"type": "string"},
                 "status": {"enum": STATUSES},
                 "idempotency_key": {"type": ["string", "null"]},
@@ -329,7 +391,7 @@ fn schemas(max_content_chars: usize) -> Value {
             "minProperties": 1,
             "properties": {
                 "batch_size": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000},
-                "processing_interval": {"type": ["string", "null"], "pattern": DURATION_PATTERN, "examples": ["30s", "2m", "500ms"]}
+                "processing_interval": {"type": ["string", "null"], "pattern": DURATION_PATTERN, "examples": ["30s", "2m", "500ms"], "description": "a whole number of milliseconds (0s: back to back); a finer one is refused (422), as it would be stored rounded down and could lift the rate limit"}
             }
         },
         "Status": {

@@ -4,8 +4,8 @@
 //! Authentication: `DLR_TOKEN` as a Bearer token when it is set (so the provider's
 //! callback never holds the operators' `API_TOKEN`), otherwise the `API_TOKEN` rule.
 
-use serde::Serialize;
-use serde_json::Value;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
@@ -19,15 +19,14 @@ use crate::store::receipts::{Receipt, ReceiptOutcome};
 const MAX_RECEIPTS: usize = 1000;
 /// Longest provider id or error code kept.
 const MAX_TEXT: usize = 255;
-const FIELDS: [&str; 4] = ["message_id", "status", "error_code", "delivered_at"];
 
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     warp::path!("delivery-receipts")
         .and(warp::post())
         .and(authorized(state.clone()))
         .and(with_state(state))
-        .and(body::json_value())
-        .then(|state: State, body: Value| async move { respond(receive(state, body)).await })
+        .and(body::json_bytes())
+        .then(|state: State, body: Bytes| async move { respond(receive(state, body)).await })
         .boxed()
 }
 
@@ -44,8 +43,20 @@ struct Answer<'a> {
     outcome: ReceiptOutcome,
 }
 
-async fn receive(state: State, body: Value) -> Result<Response, ApiError> {
-    let (receipts, single) = body::one_or_many(body, MAX_RECEIPTS, "receipt", parse_receipt)?;
+async fn receive(state: State, body: Bytes) -> Result<Response, ApiError> {
+    let (items, single) = body::one_or_many::<ReceiptBody>(&body, MAX_RECEIPTS, "receipt")?;
+    let receipts = items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| {
+            let receipt = item.validate();
+            if single {
+                receipt
+            } else {
+                receipt.map_err(|err| err.at_index(index))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut outcomes = Vec::with_capacity(receipts.len());
     for receipt in &receipts {
         let outcome = state.store.record_receipt(receipt).await?;
@@ -72,55 +83,54 @@ async fn receive(state: State, body: Value) -> Result<Response, ApiError> {
     }
 }
 
-fn parse_receipt(item: &Value) -> Result<Receipt, ApiError> {
-    let Value::Object(fields) = item else {
-        return Err(ApiError::validation(
-            "body",
-            "each receipt must be an object",
-        ));
-    };
-    if let Some(unknown) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(ApiError::validation(
-            unknown.clone(),
-            format!(
-                "unknown field {unknown:?}; a receipt has {}",
-                FIELDS.join(", ")
-            ),
-        ));
-    }
-    let text = |name: &'static str, required: bool| -> Result<Option<String>, ApiError> {
-        match fields.get(name) {
-            None | Some(Value::Null) if required => {
-                Err(ApiError::validation(name, format!("{name} is required")))
+/// One receipt as the provider sends it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiptBody {
+    message_id: String,
+    status: String,
+    #[serde(default)]
+    error_code: Option<String>,
+    #[serde(default)]
+    delivered_at: Option<String>,
+}
+
+impl ReceiptBody {
+    fn validate(self) -> Result<Receipt, ApiError> {
+        let text = |name: &'static str, value: String| -> Result<String, ApiError> {
+            if (1..=MAX_TEXT).contains(&value.len()) && !value.contains('\0') {
+                Ok(value)
+            } else {
+                Err(ApiError::validation(
+                    name,
+                    format!("{name} must be a string of 1 to {MAX_TEXT} bytes"),
+                ))
             }
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) if (1..=MAX_TEXT).contains(&s.len()) && !s.contains('\0') => {
-                Ok(Some(s.clone()))
-            }
-            Some(_) => Err(ApiError::validation(
-                name,
-                format!("{name} must be a string of 1 to {MAX_TEXT} bytes"),
-            )),
-        }
-    };
-    let provider_message_id = text("message_id", true)?.unwrap_or_default();
-    let status_text = text("status", true)?.unwrap_or_default();
-    let status = DeliveryStatus::parse(&status_text).ok_or_else(|| {
-        ApiError::validation(
-            "status",
-            format!("status must be delivered, undelivered or failed (got {status_text:?})"),
-        )
-    })?;
-    let delivered_at = text("delivered_at", false)?
-        .map(|t| {
-            crate::domain::parse_time("delivered_at", &t)
-                .map_err(|err| ApiError::validation(err.field, err.to_string()))
+        };
+        let status = DeliveryStatus::parse(&self.status).ok_or_else(|| {
+            ApiError::validation(
+                "status",
+                format!(
+                    "status must be delivered, undelivered or failed (got {:?})",
+                    self.status
+                ),
+            )
+        })?;
+        let delivered_at = self
+            .delivered_at
+            .map(|t| {
+                crate::domain::parse_time("delivered_at", &t)
+                    .map_err(|err| ApiError::validation(err.field, err.to_string()))
+            })
+            .transpose()?;
+        Ok(Receipt {
+            provider_message_id: text("message_id", self.message_id)?,
+            status,
+            error_code: self
+                .error_code
+                .map(|code| text("error_code", code))
+                .transpose()?,
+            delivered_at,
         })
-        .transpose()?;
-    Ok(Receipt {
-        provider_message_id,
-        status,
-        error_code: text("error_code", false)?,
-        delivered_at,
-    })
+    }
 }

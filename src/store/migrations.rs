@@ -73,6 +73,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0011_delivery_key.sql",
         sql: include_str!("../../sql/0011_delivery_key.sql"),
     },
+    Migration {
+        version: 12,
+        name: "0012_e164_phone_numbers.sql",
+        sql: include_str!("../../sql/0012_e164_phone_numbers.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

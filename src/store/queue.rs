@@ -23,6 +23,8 @@ use crate::encoding::{Encoding, segment};
 pub struct Message {
     pub id: i64,
     pub phone_number: String,
+    /// The ISO region of the number (`TR`), from its country code; not stored.
+    pub country: Option<String>,
     pub content: String,
     pub status: MessageStatus,
     pub sent: bool,
@@ -81,9 +83,11 @@ impl Message {
         let status = MessageStatus::parse(status_text).unwrap_or(MessageStatus::Pending);
         let content: String = row.get("content");
         let segmentation = segment(&content);
+        let phone_number: String = row.get("phone_number");
         Self {
             id: row.get("id"),
-            phone_number: row.get("phone_number"),
+            country: crate::domain::country_of(&phone_number),
+            phone_number,
             content,
             status,
             sent: status == MessageStatus::Sent,
@@ -176,6 +180,8 @@ pub struct MessageStats {
     /// Pending with `send_at` in the future.
     pub scheduled: i64,
     pub oldest_pending_age_seconds: Option<f64>,
+    /// The same per priority ("0" to "3"): see [`OLDEST_PENDING_BY_PRIORITY`].
+    pub oldest_pending_age_seconds_by_priority: std::collections::BTreeMap<String, Option<f64>>,
     pub sent_last_minute: i64,
     pub sent_last_hour: i64,
     /// delivered / undelivered / failed from receipts, and `awaiting`: sent, no receipt.
@@ -187,6 +193,7 @@ pub struct MessageStats {
 pub struct QueueStats {
     pub counts: Vec<(MessageStatus, i64)>,
     pub oldest_pending_age: Option<Duration>,
+    pub oldest_pending_age_by_priority: Vec<(i16, Option<Duration>)>,
 }
 
 /// A message taken by a claim, ready to send.
@@ -568,16 +575,36 @@ UPDATE messages
 SET status = 'pending', attempts = greatest(attempts - 1, 0)
 WHERE id = ANY($1) AND (status = 'sending') IS TRUE AND claim_epoch = $2";
 
-/// Seconds since the oldest pending message that is due (scheduled ones count once
-/// their `send_at` has come) was created: one probe of the claim index per priority.
-const OLDEST_PENDING_AGE: &str = "
-(SELECT extract(epoch FROM now() - min(oldest))::float8
- FROM generate_series(0, 3) AS p(priority)
- CROSS JOIN LATERAL (
-     SELECT created_at AS oldest FROM messages
-     WHERE status = 'pending' AND priority = p.priority
-       AND (send_at IS NULL OR send_at <= now())
-     ORDER BY priority DESC, created_at, id LIMIT 1) AS o)";
+/// Seconds since the oldest due pending message of each priority was created
+/// (scheduled ones count once their `send_at` has come; NULL when there is none): one
+/// probe of the claim index per priority. Priorities are served strictly in order, so
+/// a stream of urgent messages above the rate starves the lower ones; this shows it.
+const OLDEST_PENDING_BY_PRIORITY: &str = "
+SELECT p.priority::int2, extract(epoch FROM now() - o.oldest)::float8
+FROM generate_series(0, 3) AS p(priority)
+LEFT JOIN LATERAL (
+    SELECT created_at AS oldest FROM messages
+    WHERE status = 'pending' AND priority = p.priority
+      AND (send_at IS NULL OR send_at <= now())
+    ORDER BY priority DESC, created_at, id LIMIT 1) AS o ON true
+ORDER BY p.priority";
+
+/// The oldest due pending message's age, per priority (seconds, never negative).
+async fn oldest_pending_by_priority(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<(i16, Option<f64>)>, StoreError> {
+    Ok(client
+        .query(OLDEST_PENDING_BY_PRIORITY, &[])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get::<_, Option<f64>>(1).map(|s| s.max(0.0))))
+        .collect())
+}
+
+/// The oldest of the per-priority ages.
+fn oldest_of(ages: &[(i16, Option<f64>)]) -> Option<f64> {
+    ages.iter().filter_map(|(_, age)| *age).reduce(f64::max)
+}
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
@@ -817,13 +844,14 @@ impl Store {
             .iter()
             .filter_map(|row| Some((MessageStatus::parse(row.get(0))?, row.get::<_, i64>(1))))
             .collect();
-        let age: Option<f64> = client
-            .query_one(&format!("SELECT {OLDEST_PENDING_AGE}"), &[])
-            .await?
-            .get(0);
+        let ages = oldest_pending_by_priority(&client).await?;
         Ok(QueueStats {
             counts,
-            oldest_pending_age: age.map(|secs| Duration::from_secs_f64(secs.max(0.0))),
+            oldest_pending_age: oldest_of(&ages).map(Duration::from_secs_f64),
+            oldest_pending_age_by_priority: ages
+                .into_iter()
+                .map(|(priority, age)| (priority, age.map(Duration::from_secs_f64)))
+                .collect(),
         })
     }
 
@@ -854,23 +882,25 @@ impl Store {
         }
         let row = client
             .query_one(
-                &format!(
-                    "SELECT (SELECT count(*) FROM messages WHERE status = 'pending' AND send_at > now()),
-                            {OLDEST_PENDING_AGE},
-                            (SELECT coalesce(sum(n), 0)::bigint FROM message_sent_seconds
-                             WHERE second > now() - interval '1 minute'),
-                            (SELECT coalesce(sum(n), 0)::bigint FROM message_sent_seconds
-                             WHERE second > now() - interval '1 hour')"
-                ),
+                "SELECT (SELECT count(*) FROM messages WHERE status = 'pending' AND send_at > now()),
+                        (SELECT coalesce(sum(n), 0)::bigint FROM message_sent_seconds
+                         WHERE second > now() - interval '1 minute'),
+                        (SELECT coalesce(sum(n), 0)::bigint FROM message_sent_seconds
+                         WHERE second > now() - interval '1 hour')",
                 &[],
             )
             .await?;
+        let ages = oldest_pending_by_priority(&client).await?;
         Ok(MessageStats {
             by_status,
             scheduled: row.get(0),
-            oldest_pending_age_seconds: row.get::<_, Option<f64>>(1).map(|s| s.max(0.0)),
-            sent_last_minute: row.get(2),
-            sent_last_hour: row.get(3),
+            oldest_pending_age_seconds: oldest_of(&ages),
+            oldest_pending_age_seconds_by_priority: ages
+                .into_iter()
+                .map(|(priority, age)| (priority.to_string(), age))
+                .collect(),
+            sent_last_minute: row.get(1),
+            sent_last_hour: row.get(2),
             delivery,
         })
     }

@@ -88,7 +88,7 @@ async fn every_route_answers_as_documented() {
     let (status, many) = send(
         Method::POST,
         url("/api/messages"),
-        Some(r#"[{"phone_number": "5551111112", "content": "a"}, {"phone_number": "+905551111113", "content": "b"}]"#),
+        Some(r#"[{"phone_number": "+905551111112", "content": "a"}, {"phone_number": "+905551111113", "content": "b"}]"#),
         None,
     )
     .await;

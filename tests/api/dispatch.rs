@@ -576,13 +576,13 @@ async fn classification_of_provider_answers() {
     assert_eq!(plain.get::<_, String>(0), "sent", "200 counts as sent");
     assert_eq!(
         plain.get::<_, Option<String>>(3),
-        Some(format!("id-{}", ids[3]))
+        Some(format!("id-{}", env.delivery_key(ids[3]).await))
     );
     let accepted = row(ids[4]).await;
     assert_eq!(accepted.get::<_, String>(0), "sent", "202 counts as sent");
     assert_eq!(
         accepted.get::<_, Option<String>>(3),
-        Some(format!("id-{}", ids[4]))
+        Some(format!("id-{}", env.delivery_key(ids[4]).await))
     );
     let no_id = row(ids[5]).await;
     assert_eq!(
@@ -637,7 +637,7 @@ async fn the_token_goes_in_sms_api_auth_header_when_set() {
     );
     assert_eq!(
         request.headers.get("idempotency-key"),
-        Some(&ids[0].to_string())
+        Some(&env.delivery_key(ids[0]).await)
     );
     assert_eq!(request.to, "+905550000000");
     assert_eq!(request.content, "custom header");

@@ -704,18 +704,15 @@ async fn a_receipt_held_for_a_send_in_flight_is_applied_once_the_result_is_recor
     let env = TestEnv::with_scripted().await;
     let replica = env.replica("r1", &[("SMS_API_TIMEOUT", "20s")]).await;
     let id = env.create_messages(&replica, &["reply:sleep-5000"]).await[0];
+    let key = env.delivery_key(id).await;
     wait_for("the send to be in flight", TEST_TIMEOUT, || async {
-        (!env
-            .scripted()
-            .requests_for(&env.delivery_key(id).await)
-            .is_empty())
-        .then_some(())
+        (!env.scripted().requests_for(&key).is_empty()).then_some(())
     })
     .await;
     let (status, answer) = replica
         .post(
             "/api/delivery-receipts",
-            Some(json!({"message_id": format!("id-{id}"), "status": "undelivered", "error_code": "absent"})),
+            Some(json!({"message_id": format!("id-{key}"), "status": "undelivered", "error_code": "absent"})),
         )
         .await;
     assert_eq!(status, 200, "{answer}");
@@ -731,7 +728,7 @@ async fn a_receipt_held_for_a_send_in_flight_is_applied_once_the_result_is_recor
     let (_, answer) = replica
         .post(
             "/api/delivery-receipts",
-            Some(json!({"message_id": format!("id-{id}"), "status": "delivered"})),
+            Some(json!({"message_id": format!("id-{key}"), "status": "delivered"})),
         )
         .await;
     assert_eq!(answer["outcome"], "applied");

@@ -10,6 +10,7 @@ mod dispatch;
 mod failover;
 mod faults;
 mod fencing;
+mod intake;
 mod lease;
 mod lifecycle;
 mod metrics;

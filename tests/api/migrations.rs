@@ -182,13 +182,14 @@ async fn format_rules_hold_on_every_write_without_being_table_checks() {
     let key_256 = "k".repeat(256);
     let good = [
         ("phone_number", "5551234567"),
+        ("phone_number", "+6834002"),
         ("phone_number", "+1234567890123456789"),
         ("content", " x "),
         ("idempotency_key", "~!"),
         ("idempotency_key", key_255.as_str()),
     ];
     let bad = [
-        ("phone_number", "555123456", "messages_phone_number_format"),
+        ("phone_number", "5551234", "messages_phone_number_format"),
         (
             "phone_number",
             "+90555abc4567",
