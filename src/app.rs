@@ -118,6 +118,10 @@ impl Replica {
             "replica starting"
         );
 
+        for warning in config.demo_defaults() {
+            tracing::warn!("demo default in force: {warning}");
+        }
+
         let http_stop = CancellationToken::new();
         let http_task =
             tokio::spawn(http::serve(listener, state.clone(), http_stop.clone()).in_current_span());
@@ -175,6 +179,7 @@ impl Replica {
             wake: state.wake.clone(),
             pacer: Default::default(),
             recorder: crate::dispatch::Recorder::new(state.store.clone()),
+            pause: Default::default(),
         };
         let dispatcher_task = dispatcher.spawn(shutdown.clone())?;
 
@@ -250,6 +255,7 @@ fn dispatch_settings(config: &Config) -> DispatchSettings {
             .lock
             .retry_interval
             .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+        probe_every: config.lock.retry_interval,
     }
 }
 
@@ -290,6 +296,9 @@ async fn prepare_database(
         result = prepared => match result {
             Ok(()) => {
                 tracing::info!("database ready");
+                if let Ok(control) = state.store.control_record().await {
+                    warn_about_overrides(&state.configured_schedule(), &control);
+                }
                 if let Err(err) = state.store.heartbeat(&config.replica_id, BUILD.version).await {
                     tracing::debug!(error = %err, "heartbeat not recorded");
                 }
@@ -302,6 +311,42 @@ async fn prepare_database(
             }
         },
         () = state.shutdown.cancelled() => {}
+    }
+}
+
+/// Logs each runtime override stored in PostgreSQL that shadows an environment
+/// value: a replica restarted with a new `BATCH_SIZE` still obeys the override, and
+/// its operator should read that in the log rather than find it out.
+fn warn_about_overrides(configured: &Schedule, control: &crate::store::control::ControlRecord) {
+    let by = |set: Option<&crate::store::control::SetBy>| {
+        set.map_or_else(
+            || "an unknown client".to_string(),
+            |set| {
+                format!(
+                    "{} at {}",
+                    set.by.as_deref().unwrap_or("an unknown client"),
+                    set.at.to_rfc3339()
+                )
+            },
+        )
+    };
+    if let Some(batch_size) = control.batch_size {
+        tracing::warn!(
+            override_value = batch_size,
+            environment_value = configured.batch_size,
+            set_by = by(control.batch_size_set.as_ref()),
+            "a runtime override stored in PostgreSQL shadows BATCH_SIZE; clear it with \
+             PUT /api/messaging/config {{\"batch_size\": null}}"
+        );
+    }
+    if let Some(interval) = control.interval {
+        tracing::warn!(
+            override_value = %crate::duration::format(interval),
+            environment_value = %crate::duration::format(configured.interval),
+            set_by = by(control.interval_set.as_ref()),
+            "a runtime override stored in PostgreSQL shadows PROCESSING_INTERVAL; clear it \
+             with PUT /api/messaging/config {{\"processing_interval\": null}}"
+        );
     }
 }
 
@@ -354,6 +399,14 @@ async fn housekeeping(state: Arc<AppState>) {
                     .metrics
                     .scheduler_running
                     .set(i64::from(control.running));
+                for reason in crate::metrics::PAUSE_REASONS {
+                    let paused = control.paused.as_ref().is_some_and(|p| p.reason == reason);
+                    state
+                        .metrics
+                        .dispatch_paused
+                        .with_label_values(&[reason])
+                        .set(i64::from(paused));
+                }
             }
             tidy_messages(&state.store).await;
         }

@@ -316,7 +316,7 @@ impl Config {
             port: number("DB_PORT", raw.db_port, 5432)?,
             name: raw.db_name.unwrap_or_else(|| "messages_db".into()),
             user: raw.db_user.unwrap_or_else(|| "postgres".into()),
-            password: Secret::new(raw.db_password.unwrap_or_else(|| "password".into())),
+            password: Secret::new(raw.db_password.unwrap_or_else(|| DEMO_DB_PASSWORD.into())),
             ssl_mode: db_ssl_mode(raw.db_sslmode)?,
             pool_size: positive("DB_POOL_SIZE", raw.db_pool_size, 8)?,
             idle_in_transaction_timeout: lock.ttl,
@@ -393,7 +393,7 @@ impl Config {
         }
         let provider = ProviderConfig {
             url: provider_url,
-            token: Secret::new(raw.sms_api_token.unwrap_or_else(|| "mock-token".into())),
+            token: Secret::new(raw.sms_api_token.unwrap_or_else(|| DEMO_SMS_TOKEN.into())),
             auth_header,
             timeout: nonzero_duration("SMS_API_TIMEOUT", raw.sms_api_timeout, "6s")?,
             ca_cert: raw.sms_api_ca_cert.map(PathBuf::from),
@@ -476,6 +476,42 @@ impl Config {
         })
     }
 }
+
+impl Config {
+    /// The demo defaults still in force, each a sentence for the start-up log: fine on
+    /// a laptop, a hole in production.
+    pub fn demo_defaults(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        if self.api_token.is_none() {
+            found.push(
+                "API_TOKEN is not set: anyone who can reach this port can create messages, \
+                 cancel them and stop dispatch"
+                    .to_string(),
+            );
+        }
+        let database_password = match &self.database.url {
+            Some(url) => tokio_postgres::Config::from_str(url.expose())
+                .ok()
+                .and_then(|c| c.get_password().map(<[u8]>::to_vec)),
+            None => Some(self.database.password.expose().as_bytes().to_vec()),
+        };
+        if database_password.as_deref() == Some(DEMO_DB_PASSWORD.as_bytes()) {
+            found.push(format!(
+                "the PostgreSQL password is the demo default {DEMO_DB_PASSWORD:?} (DB_PASSWORD)"
+            ));
+        }
+        if self.provider.token.expose() == DEMO_SMS_TOKEN {
+            found.push(format!(
+                "SMS_API_TOKEN is the demo default {DEMO_SMS_TOKEN:?}: a real provider refuses it"
+            ));
+        }
+        found
+    }
+}
+
+/// The demo defaults [`Config::demo_defaults`] warns about.
+pub const DEMO_DB_PASSWORD: &str = "password";
+pub const DEMO_SMS_TOKEN: &str = "mock-token";
 
 /// `API_ALLOWED_ORIGINS`: `scheme://host[:port]` entries, comma-separated.
 fn allowed_origins(value: Option<String>) -> Result<Vec<String>, ConfigError> {

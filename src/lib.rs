@@ -7,6 +7,9 @@
 //! the SMS API (and mocks it), [`http`] serves the API from the shared [`state`],
 //! [`dependencies`] probes PostgreSQL and Redis, [`app`] wires one replica.
 
+// The OpenAPI document is one large `serde_json::json!` literal (src/http/openapi.rs).
+#![recursion_limit = "256"]
+
 pub mod app;
 pub mod cache;
 pub mod cli;

@@ -20,7 +20,7 @@ use super::Dispatcher;
 use crate::leadership::{Permit, Term};
 use crate::metrics::{
     BATCH_COMPLETE, BATCH_FAILED, BATCH_INTERRUPTED, BATCH_PARTIAL, FAILED_MAX_ATTEMPTS,
-    FAILED_REJECTED,
+    FAILED_REJECTED, PAUSED_PROVIDER_AUTH,
 };
 use crate::provider::SendOutcome;
 use crate::retry::connect_backoff;
@@ -158,6 +158,9 @@ struct Sends<'a> {
     /// Set when a permit is refused: nothing else in this batch starts.
     halted: &'a AtomicBool,
     gate: &'a StartGate,
+    /// The batch is the probe of a pause: its one send goes although dispatch is
+    /// paused, and decides whether the pause lifts.
+    probe: bool,
 }
 
 /// A send's result as `deliver` leaves it: settled, or accepted and being recorded.
@@ -178,6 +181,9 @@ enum Unsent {
         error: String,
         retry_after: Option<std::time::Duration>,
     },
+    /// Refused for our credentials: back to `pending` without spending the attempt,
+    /// and dispatch pauses.
+    Unauthorized { error: String },
     /// `failed` at once: retrying would not help.
     Reject { error: String },
 }
@@ -194,6 +200,8 @@ enum Fate {
     NotOurs,
     /// Past its `expires_at` before its send could start: never sent.
     Expired,
+    /// Refused for our credentials: waits in `pending`, attempt not spent.
+    Held,
 }
 
 impl Dispatcher {
@@ -210,6 +218,7 @@ impl Dispatcher {
         let OpenedBatch {
             messages,
             opened_at,
+            probe,
             ..
         } = batch;
         let Handoff {
@@ -257,6 +266,7 @@ impl Dispatcher {
                 begun: &begun,
                 halted: &halted,
                 gate: &gate,
+                probe,
             };
             let work = async {
                 let delivered = futures::stream::iter(messages)
@@ -340,6 +350,7 @@ impl Dispatcher {
                 not_sent = unsent.len(),
                 lost_to_rescue = count(Fate::NotOurs),
                 expired = count(Fate::Expired),
+                held_for_credentials = count(Fate::Held),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "batch finished"
             );
@@ -392,6 +403,9 @@ impl Dispatcher {
             SendOutcome::Accepted {
                 provider_message_id,
             } => {
+                if sends.probe || self.pause.paused.get() {
+                    self.lift_pause().await;
+                }
                 // Before the result is recorded: if it never is, the rescue finds this.
                 self.cache
                     .remember(&message, provider_message_id.clone(), sent_at);
@@ -414,6 +428,11 @@ impl Dispatcher {
                 let unsent = Unsent::Reject { error };
                 Delivered::Done(self.record(term, &message, unsent).await)
             }
+            SendOutcome::Unauthorized { error } => {
+                self.pause_for_credentials(term, &error).await;
+                let unsent = Unsent::Unauthorized { error };
+                Delivered::Done(self.record(term, &message, unsent).await)
+            }
         }
     }
 
@@ -427,12 +446,21 @@ impl Dispatcher {
             schedule,
             shutdown,
             halted,
+            probe,
             ..
         } = *sends;
         loop {
             // Shutdown first, always: a permit that is ready at the same moment must
             // not win the race (select! picks at random among ready branches).
             if halted.load(Ordering::Acquire) || shutdown.is_cancelled() {
+                return Some(Fate::NotStarted);
+            }
+            // Dispatch paused (the provider refused our credentials): only a probe
+            // goes; the rest of the batch goes back to pending, in its place.
+            if self.pause.paused.get() && !probe {
+                if !halted.swap(true, Ordering::AcqRel) {
+                    tracing::info!("dispatch paused; no more sends in this batch");
+                }
                 return Some(Fate::NotStarted);
             }
             let permit = tokio::select! {
@@ -516,6 +544,10 @@ impl Dispatcher {
                     let error = if minimal { UNSTORABLE_ERROR } else { error };
                     self.store.mark_failed(id, term.epoch, error).await
                 }
+                Unsent::Unauthorized { error } => {
+                    let error = if minimal { UNSTORABLE_ERROR } else { error };
+                    self.store.mark_unauthorized(id, term.epoch, error).await
+                }
             }
         };
         let persist = |minimal: bool| {
@@ -532,6 +564,13 @@ impl Dispatcher {
             recorded = persist(true).await;
         }
         match recorded {
+            Ok(Recorded::Retrying) if matches!(unsent, Unsent::Unauthorized { .. }) => {
+                tracing::info!(
+                    message_id = id,
+                    "refused for our credentials; back to pending, attempt not spent"
+                );
+                Fate::Held
+            }
             Ok(Recorded::Retrying) => {
                 if let Unsent::Retry { error, .. } = &unsent {
                     tracing::info!(
@@ -546,7 +585,7 @@ impl Dispatcher {
             }
             Ok(Recorded::Failed) => {
                 let reason = match unsent {
-                    Unsent::Retry { .. } => FAILED_MAX_ATTEMPTS,
+                    Unsent::Retry { .. } | Unsent::Unauthorized { .. } => FAILED_MAX_ATTEMPTS,
                     Unsent::Reject { .. } => FAILED_REJECTED,
                 };
                 tracing::warn!(
@@ -573,6 +612,52 @@ impl Dispatcher {
             Err(err) => {
                 tracing::error!(message_id = id, error = %err, ?unsent, "could not record the result");
                 Fate::NotOurs
+            }
+        }
+    }
+
+    /// The provider refused our credentials (401/403): pause dispatch for the whole
+    /// cluster (in PostgreSQL, so every replica's status and health show it) and
+    /// probe again only after `LOCK_RETRY_INTERVAL`. Retrying every message would
+    /// spend the backlog's attempts on a configuration mistake.
+    async fn pause_for_credentials(&self, term: &Term, error: &str) {
+        self.pause.paused.set(true);
+        self.pause
+            .next_probe
+            .set(Some(Instant::now() + self.settings.probe_every));
+        self.metrics
+            .dispatch_paused
+            .with_label_values(&[PAUSED_PROVIDER_AUTH])
+            .set(1);
+        match self
+            .store
+            .pause_dispatch(term.epoch, PAUSED_PROVIDER_AUTH, error)
+            .await
+        {
+            Ok(true) => tracing::error!(
+                error,
+                probe_every_ms = self.settings.probe_every.as_millis() as u64,
+                "the provider refuses our credentials (401/403); dispatch paused, messages wait \
+                 without spending attempts; check SMS_API_TOKEN and SMS_API_AUTH_HEADER"
+            ),
+            Ok(false) => tracing::warn!(error, "the probe was refused too; dispatch stays paused"),
+            Err(err) => tracing::warn!(error = %err, "could not record the pause in PostgreSQL"),
+        }
+    }
+
+    /// A send was accepted while dispatch was paused (the probe): resume.
+    async fn lift_pause(&self) {
+        self.pause.paused.set(false);
+        self.pause.next_probe.set(None);
+        self.metrics
+            .dispatch_paused
+            .with_label_values(&[PAUSED_PROVIDER_AUTH])
+            .set(0);
+        match self.store.lift_pause(PAUSED_PROVIDER_AUTH).await {
+            Ok(true) => tracing::info!("the provider accepted the probe; dispatch resumes"),
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, "could not lift the pause in PostgreSQL; the next claim retries")
             }
         }
     }

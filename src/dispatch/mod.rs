@@ -6,6 +6,7 @@ mod batch;
 mod pacer;
 mod recorder;
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use tracing::Instrument;
 use crate::cache::DeliveryCache;
 use crate::domain::Epoch;
 use crate::leadership::{FenceTiming, Leadership, Term};
-use crate::metrics::{FAILED_MAX_ATTEMPTS, Metrics};
+use crate::metrics::{FAILED_MAX_ATTEMPTS, Metrics, PAUSED_PROVIDER_AUTH};
 use crate::provider::ProviderClient;
 use crate::retry::RetryPolicy;
 use crate::store::queue::{Claim, OpenedBatch, RescuePolicy, Schedule};
@@ -44,6 +45,25 @@ pub struct DispatchSettings {
     pub shutdown_timeout: Duration,
     /// How often a leader re-reads the desired state while idle or stopped.
     pub poll: Duration,
+    /// While dispatch is paused (the provider refuses our credentials), at most one
+    /// probe send per this long (`LOCK_RETRY_INTERVAL`).
+    pub probe_every: Duration,
+}
+
+/// This leader's view of a pause of dispatch (docs/design.md, "Provider
+/// credentials"). PostgreSQL holds the pause for the whole cluster
+/// (`dispatcher_control.paused_reason`); this remembers it between claims, and when
+/// the next probe may go. Only the dispatcher's own thread touches it.
+#[derive(Debug, Default)]
+pub struct PauseState {
+    paused: Cell<bool>,
+    next_probe: Cell<Option<Instant>>,
+}
+
+impl PauseState {
+    fn probe_due(&self) -> bool {
+        self.next_probe.get().is_none_or(|at| Instant::now() >= at)
+    }
 }
 
 pub struct Dispatcher {
@@ -58,6 +78,7 @@ pub struct Dispatcher {
     pub pacer: Pacer,
     /// Records accepted sends in groups, behind the sends.
     pub recorder: Recorder,
+    pub pause: PauseState,
 }
 
 /// What the dispatch loop remembers between claims.
@@ -246,8 +267,21 @@ impl Dispatcher {
                 self.metrics
                     .scheduler_running
                     .set(i64::from(!matches!(result.claim, Claim::Stopped)));
+                self.metrics
+                    .dispatch_paused
+                    .with_label_values(&[PAUSED_PROVIDER_AUTH])
+                    .set(i64::from(matches!(result.claim, Claim::Paused(_))));
                 match result.claim {
+                    Claim::Paused(_) => {
+                        self.pause.paused.set(true);
+                        let until_probe =
+                            self.pause.next_probe.get().map_or(Duration::ZERO, |at| {
+                                at.saturating_duration_since(Instant::now())
+                            });
+                        until_probe.clamp(Duration::from_millis(10), settings.poll)
+                    }
                     Claim::Batch(batch) => {
+                        self.pause.paused.set(batch.probe);
                         self.start_batch(term, result.schedule, batch, shutdown, state)
                             .await;
                         Duration::ZERO
@@ -368,6 +402,7 @@ impl Dispatcher {
                 self.settings.configured,
                 self.settings.fence.window,
                 token,
+                self.pause.probe_due(),
             )
             .await;
         let result = match claim {

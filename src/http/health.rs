@@ -46,7 +46,8 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
 
 /// Overall health: `unhealthy` (503) only when PostgreSQL is down, since nothing can
 /// be dispatched or recorded without it; `degraded` when Redis is down (no leader can
-/// be proven, the API still works).
+/// be proven, the API still works) or dispatch is paused (`paused_reason`: the
+/// provider refuses our credentials).
 async fn health(state: State) -> Response {
     let deps = dependencies::check(&state.store, &state.redis, &state.metrics).await;
     let (status, code) = match deps {
@@ -61,11 +62,25 @@ async fn health(state: State) -> Response {
         _ => ("healthy", StatusCode::OK),
     };
     let running = state.metrics.scheduler_running.get() == 1;
+    // Kept from PostgreSQL by every replica's housekeeping (and at once by the leader).
+    let paused_reason = crate::metrics::PAUSE_REASONS.into_iter().find(|reason| {
+        state
+            .metrics
+            .dispatch_paused
+            .with_label_values(&[reason])
+            .get()
+            == 1
+    });
+    let status = match (status, paused_reason) {
+        ("healthy", Some(_)) if running => "degraded",
+        _ => status,
+    };
     json(
         code,
         &json!({
             "status": status,
             "processing_status": if running { "running" } else { "stopped" },
+            "paused_reason": paused_reason,
             "leader": state.leadership.current().is_some(),
             "replica_id": state.config.replica_id,
             "version": BUILD,

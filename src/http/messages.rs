@@ -62,8 +62,24 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .then(|id: i64, state: State| async move { respond(retry(state, id)).await });
     let cancel = warp::path!("messages" / i64 / "cancel")
         .and(warp::post())
-        .and(with_state(state))
+        .and(with_state(state.clone()))
         .then(|id: i64, state: State| async move { respond(cancel(state, id)).await });
+    let retry_all =
+        warp::path!("messages" / "retry")
+            .and(warp::post())
+            .and(with_state(state.clone()))
+            .and(body::json_bytes())
+            .then(|state: State, body: Bytes| async move {
+                respond(bulk(state, body, Bulk::Retry)).await
+            });
+    let cancel_all =
+        warp::path!("messages" / "cancel")
+            .and(warp::post())
+            .and(with_state(state))
+            .and(body::json_bytes())
+            .then(|state: State, body: Bytes| async move {
+                respond(bulk(state, body, Bulk::Cancel)).await
+            });
     sent.or(stats)
         .unify()
         .or(list)
@@ -75,6 +91,10 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .or(retry)
         .unify()
         .or(cancel)
+        .unify()
+        .or(retry_all)
+        .unify()
+        .or(cancel_all)
         .unify()
         .boxed()
 }
@@ -255,6 +275,96 @@ async fn cancel(state: State, id: i64) -> Result<Response, ApiError> {
     state.metrics.messages_cancelled.inc();
     tracing::info!(message_id = id, "message cancelled");
     Ok(json(StatusCode::OK, &DetailView::of(&message)))
+}
+
+/// A change to every message a filter selects.
+#[derive(Debug, Clone, Copy)]
+enum Bulk {
+    /// `failed` → `pending`, due now, attempts reset.
+    Retry,
+    /// `pending` → `cancelled`.
+    Cancel,
+}
+
+/// The filter of `POST /api/messages/retry` and `/cancel`: the console's filter on
+/// screen. `status` must be the one the action applies to (`failed` for retry,
+/// `pending` for cancel), so the body says what the operator saw.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkFilter {
+    status: String,
+    #[serde(default)]
+    phone_number: Option<String>,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    until: Option<String>,
+    /// Only `default` until lanes are configured.
+    #[serde(default)]
+    lane: Option<String>,
+}
+
+/// `POST /api/messages/retry` → `{"retried": n}`, `POST /api/messages/cancel` →
+/// `{"cancelled": n}`: every message the filter selects, in bounded steps.
+async fn bulk(state: State, body: Bytes, action: Bulk) -> Result<Response, ApiError> {
+    let filter: BulkFilter = body::parse(&body)?;
+    let (from, answer) = match action {
+        Bulk::Retry => (MessageStatus::Failed, "retried"),
+        Bulk::Cancel => (MessageStatus::Pending, "cancelled"),
+    };
+    if MessageStatus::parse(&filter.status) != Some(from) {
+        return Err(ApiError::validation(
+            "status",
+            format!(
+                "status must be {:?}: only {} messages can be {answer} (got {:?})",
+                from.as_str(),
+                from.as_str(),
+                filter.status
+            ),
+        ));
+    }
+    if let Some(lane) = filter.lane.as_deref().filter(|lane| *lane != "default") {
+        return Err(ApiError::validation(
+            "lane",
+            format!("there is no lane {lane:?}; only \"default\""),
+        ));
+    }
+    let region = state.config.default_region;
+    let time = |name: &'static str, text: Option<String>| {
+        text.map(|t| {
+            parse_time(name, &t).map_err(|err| ApiError::validation(err.field, err.to_string()))
+        })
+        .transpose()
+    };
+    let selection = ListFilter {
+        status: Some(from),
+        phone_number: filter
+            .phone_number
+            .map(|text| {
+                PhoneNumber::parse(&text, region)
+                    .map(|p| p.as_str().to_string())
+                    .map_err(|err| ApiError::validation(err.field, err.to_string()))
+            })
+            .transpose()?,
+        since: time("since", filter.since)?,
+        until: time("until", filter.until)?,
+    };
+    let changed = match action {
+        Bulk::Retry => state.store.retry_all(&selection).await?,
+        Bulk::Cancel => state.store.cancel_all(&selection).await?,
+    };
+    match action {
+        Bulk::Retry if changed > 0 => state.wake.notify_one(),
+        Bulk::Cancel => state.metrics.messages_cancelled.inc_by(changed),
+        Bulk::Retry => {}
+    }
+    tracing::info!(
+        changed,
+        ?selection,
+        action = answer,
+        "bulk action through the API"
+    );
+    Ok(json(StatusCode::OK, &json!({ answer: changed })))
 }
 
 /// The changed message, or 404 / 409 saying why not.

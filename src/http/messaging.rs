@@ -77,15 +77,24 @@ async fn set_running(state: State, running: bool) -> Result<Response, ApiError> 
     ))
 }
 
+/// The schedule in force, the configured (environment) values, and each override
+/// stored in PostgreSQL with who set it and when: an override shadows the
+/// environment, and the operator should see that, not guess it.
 fn schedule_json(configured: Schedule, control: &ControlRecord) -> Value {
     let schedule = configured.overridden_by(control);
     json!({
         "batch_size": schedule.batch_size,
         "processing_interval": duration::format(schedule.interval),
         "processing_interval_ms": schedule.interval.as_millis() as u64,
+        "configured": {
+            "batch_size": configured.batch_size,
+            "processing_interval": duration::format(configured.interval),
+        },
         "overrides": {
             "batch_size": control.batch_size,
             "processing_interval": control.interval.map(duration::format),
+            "batch_size_set": control.batch_size.and(control.batch_size_set.as_ref()),
+            "processing_interval_set": control.interval.and(control.interval_set.as_ref()),
         },
         "updated_at": control.updated_at,
         "updated_by": control.updated_by,
@@ -114,6 +123,8 @@ async fn status(state: State) -> Result<Response, ApiError> {
         StatusCode::OK,
         &json!({
             "running": control.running,
+            "paused_reason": control.paused.as_ref().map(|p| p.reason.as_str()),
+            "paused": control.paused,
             "leader": leader.holder.as_ref().map(|holder| json!({
                 "replica_id": holder,
                 "epoch": leader.epoch,

@@ -217,6 +217,7 @@ fn schemas(max_content_chars: usize) -> Value {
             "properties": {
                 "status": {"enum": ["healthy", "degraded", "unhealthy"]},
                 "processing_status": {"enum": ["running", "stopped"]},
+                "paused_reason": {"enum": ["provider_auth", null], "description": "dispatch paused while running (the status is then degraded)"},
                 "leader": {"type": "boolean"},
                 "replica_id": {"type": "string"},
                 "version": schema_ref("Version"),
@@ -362,6 +363,18 @@ fn schemas(max_content_chars: usize) -> Value {
                 }}
             }
         },
+        "BulkFilter": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["status"],
+            "properties": {
+                "status": {"enum": STATUSES, "description": "failed for a retry, pending for a cancel"},
+                "phone_number": {"type": ["string", "null"], "pattern": "^\\+?[0-9]{1,17}$"},
+                "since": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "created at or after"},
+                "until": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "created before"},
+                "lane": {"type": ["string", "null"], "description": "default (the only lane until lanes are configured)"}
+            }
+        },
         "ControlAnswer": {
             "type": "object",
             "required": ["status", "message"],
@@ -374,11 +387,21 @@ fn schemas(max_content_chars: usize) -> Value {
                 "batch_size": {"type": "integer"},
                 "processing_interval": {"type": "string"},
                 "processing_interval_ms": {"type": "integer"},
+                "configured": {
+                    "type": "object",
+                    "description": "the environment's values (BATCH_SIZE, PROCESSING_INTERVAL), which an override shadows",
+                    "properties": {
+                        "batch_size": {"type": "integer"},
+                        "processing_interval": {"type": "string"}
+                    }
+                },
                 "overrides": {
                     "type": "object",
                     "properties": {
                         "batch_size": {"type": ["integer", "null"]},
-                        "processing_interval": {"type": ["string", "null"]}
+                        "processing_interval": {"type": ["string", "null"]},
+                        "batch_size_set": schema_ref("SetBy"),
+                        "processing_interval_set": schema_ref("SetBy")
                     }
                 },
                 "updated_at": timestamp,
@@ -394,11 +417,25 @@ fn schemas(max_content_chars: usize) -> Value {
                 "processing_interval": {"type": ["string", "null"], "pattern": DURATION_PATTERN, "examples": ["30s", "2m", "500ms"], "description": "a whole number of milliseconds (0s: back to back); a finer one is refused (422), as it would be stored rounded down and could lift the rate limit"}
             }
         },
+        "SetBy": {
+            "type": ["object", "null"],
+            "description": "who set the override, and when (null: no override)",
+            "properties": {"by": {"type": ["string", "null"]}, "at": timestamp}
+        },
         "Status": {
             "type": "object",
-            "required": ["running", "leader", "last_batch_at", "next_batch_at", "batch_size", "processing_interval", "this_replica", "replicas"],
+            "required": ["running", "paused_reason", "paused", "leader", "last_batch_at", "next_batch_at", "batch_size", "processing_interval", "this_replica", "replicas"],
             "properties": {
                 "running": {"type": "boolean"},
+                "paused_reason": {"enum": ["provider_auth", null], "description": "provider_auth: the provider refuses our credentials (401/403); messages wait without spending attempts, a probe goes out once per LOCK_RETRY_INTERVAL"},
+                "paused": {
+                    "type": ["object", "null"],
+                    "properties": {
+                        "reason": {"type": "string"},
+                        "since": timestamp,
+                        "detail": {"type": ["string", "null"], "description": "the provider's answer"}
+                    }
+                },
                 "leader": {
                     "type": ["object", "null"],
                     "properties": {
@@ -595,6 +632,30 @@ fn paths() -> Value {
                 ("200", json_response("the message, cancelled", schema_ref("Message"))),
                 ("404", error_response("no such message")),
                 ("409", error_response("the message is not pending"))
+            ]))
+        }},
+        "/api/messages/retry": {"post": {
+            "summary": "Retry every failed message the filter selects",
+            "operationId": "retryMessages",
+            "security": [{"bearer": []}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("BulkFilter")}}},
+            "responses": api_errors(responses(&[
+                ("200", json_response("how many went back to pending", json!({"type": "object", "required": ["retried"], "properties": {"retried": {"type": "integer"}}}))),
+                ("400", error_response("the body is not JSON")),
+                ("413", error_response("the body is over 1 MiB")),
+                ("422", error_response("status is not failed, or a field is invalid or unknown"))
+            ]))
+        }},
+        "/api/messages/cancel": {"post": {
+            "summary": "Cancel every pending message the filter selects",
+            "operationId": "cancelMessages",
+            "security": [{"bearer": []}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("BulkFilter")}}},
+            "responses": api_errors(responses(&[
+                ("200", json_response("how many were cancelled", json!({"type": "object", "required": ["cancelled"], "properties": {"cancelled": {"type": "integer"}}}))),
+                ("400", error_response("the body is not JSON")),
+                ("413", error_response("the body is over 1 MiB")),
+                ("422", error_response("status is not pending, or a field is invalid or unknown"))
             ]))
         }},
         "/api/delivery-receipts": {"post": {

@@ -29,6 +29,9 @@ pub enum SendOutcome {
         error: String,
         retry_after: Option<Duration>,
     },
+    /// 401 or 403: the provider refuses our credentials, not the message. Dispatch
+    /// pauses; the message waits without spending an attempt.
+    Unauthorized { error: String },
     /// Any other answer: retrying would not help (a bad number stays bad).
     Rejected { error: String },
 }
@@ -218,6 +221,8 @@ pub fn classify_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -
             error,
             retry_after: headers.get(RETRY_AFTER).and_then(parse_retry_after),
         }
+    } else if matches!(status.as_u16(), 401 | 403) {
+        SendOutcome::Unauthorized { error }
     } else {
         SendOutcome::Rejected { error }
     }
@@ -427,9 +432,18 @@ mod tests {
 
     #[test]
     fn other_client_errors_are_final() {
-        for status in [400, 401, 403, 404, 409, 422] {
+        for status in [400, 404, 409, 422] {
             assert!(
                 matches!(classify(status, None, "bad"), SendOutcome::Rejected { .. }),
+                "{status}"
+            );
+        }
+        for status in [401, 403] {
+            assert!(
+                matches!(
+                    classify(status, None, "bad"),
+                    SendOutcome::Unauthorized { .. }
+                ),
                 "{status}"
             );
         }

@@ -26,6 +26,28 @@ pub struct ControlRecord {
     pub interval: Option<Duration>,
     pub updated_at: DateTime<Utc>,
     pub updated_by: Option<String>,
+    /// Who set each override, and when.
+    pub batch_size_set: Option<SetBy>,
+    pub interval_set: Option<SetBy>,
+    /// Why dispatch is paused though the cluster runs, if it is.
+    pub paused: Option<Pause>,
+}
+
+/// Who changed a value, and when.
+#[derive(Debug, Clone, Serialize)]
+pub struct SetBy {
+    pub by: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// Dispatch paused by the leader while the cluster runs (sql/0013).
+#[derive(Debug, Clone, Serialize)]
+pub struct Pause {
+    /// `provider_auth`: the provider refuses our credentials.
+    pub reason: String,
+    pub since: DateTime<Utc>,
+    /// The provider's answer.
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -46,6 +68,11 @@ pub struct OverrideChange {
 /// Locks the fence row first so that a state change and a claim never interleave: a
 /// claim that commits after `stop` returns has seen `running = false`.
 const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR UPDATE";
+
+/// Lifts any pause (a start or a configuration change through the API).
+const LIFT_PAUSE: &str =
+    "UPDATE dispatcher_control SET paused_reason = NULL, paused_at = NULL, paused_detail = NULL
+                          WHERE id = 1 AND paused_reason IS NOT NULL";
 
 impl Store {
     /// Starts a new leadership term: the epoch goes up and every claim stamped with an
@@ -144,7 +171,8 @@ impl Store {
         Ok(())
     }
 
-    /// Sets the cluster-wide desired state. Returns whether it changed.
+    /// Sets the cluster-wide desired state. Returns whether it changed. A start also
+    /// lifts a pause (an operator who fixed the credentials says go).
     pub async fn set_running(&self, running: bool, by: &str) -> Result<bool, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
@@ -156,7 +184,42 @@ impl Store {
                 &[&running, &by],
             )
             .await?;
+        if running {
+            tx.execute(LIFT_PAUSE, &[]).await?;
+        }
         tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    /// Pauses dispatch for `reason` (the leader of `epoch`, which must still be the
+    /// current one), unless it is paused for that reason already. Returns whether it
+    /// was not paused before.
+    pub async fn pause_dispatch(
+        &self,
+        epoch: Epoch,
+        reason: &str,
+        detail: &str,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .execute_prepared(
+                "UPDATE dispatcher_control SET paused_reason = $2, paused_at = now(), paused_detail = $3
+                 WHERE id = 1 AND paused_reason IS DISTINCT FROM $2
+                   AND EXISTS (SELECT 1 FROM dispatcher_leader WHERE id = 1 AND epoch = $1)",
+                &[&epoch.0, &reason, &detail],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Lifts a pause for `reason` (an accepted probe). Returns whether there was one.
+    pub async fn lift_pause(&self, reason: &str) -> Result<bool, StoreError> {
+        let n = self
+            .execute_prepared(
+                "UPDATE dispatcher_control SET paused_reason = NULL, paused_at = NULL, paused_detail = NULL
+                 WHERE id = 1 AND paused_reason = $1",
+                &[&reason],
+            )
+            .await?;
         Ok(n == 1)
     }
 
@@ -171,7 +234,10 @@ impl Store {
         if let Some(batch_size) = change.batch_size {
             let value = batch_size.map(|b| b as i32);
             tx.execute(
-                "UPDATE dispatcher_control SET batch_size = $1, updated_at = now(), updated_by = $2 WHERE id = 1",
+                "UPDATE dispatcher_control SET batch_size = $1::int, updated_at = now(), updated_by = $2::text,
+                        batch_size_set_at = CASE WHEN $1::int IS NULL THEN NULL ELSE now() END,
+                        batch_size_set_by = CASE WHEN $1::int IS NULL THEN NULL ELSE $2::text END
+                 WHERE id = 1",
                 &[&value, &by],
             )
             .await?;
@@ -179,11 +245,16 @@ impl Store {
         if let Some(interval) = change.interval {
             let value = interval.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
             tx.execute(
-                "UPDATE dispatcher_control SET processing_interval_ms = $1, updated_at = now(), updated_by = $2 WHERE id = 1",
+                "UPDATE dispatcher_control SET processing_interval_ms = $1::bigint, updated_at = now(), updated_by = $2::text,
+                        interval_set_at = CASE WHEN $1::bigint IS NULL THEN NULL ELSE now() END,
+                        interval_set_by = CASE WHEN $1::bigint IS NULL THEN NULL ELSE $2::text END
+                 WHERE id = 1",
                 &[&value, &by],
             )
             .await?;
         }
+        // A configuration change lifts a pause: the leader tries again at once.
+        tx.execute(LIFT_PAUSE, &[]).await?;
         tx.commit().await?;
         // Back to the pool first: a nested checkout can wait on a pool that concurrent
         // requests hold the same way.
@@ -195,11 +266,19 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT coalesce(running, false), batch_size, processing_interval_ms, updated_at, updated_by
+                "SELECT coalesce(running, false), batch_size, processing_interval_ms, updated_at, updated_by,
+                        batch_size_set_at, batch_size_set_by, interval_set_at, interval_set_by,
+                        paused_reason, paused_at, paused_detail
                  FROM dispatcher_control WHERE id = 1",
                 &[],
             )
             .await?;
+        let set_by = |at: usize, by: usize| {
+            row.get::<_, Option<DateTime<Utc>>>(at).map(|at| SetBy {
+                by: row.get(by),
+                at,
+            })
+        };
         Ok(ControlRecord {
             running: row.get(0),
             batch_size: row.get::<_, Option<i32>>(1).map(|b| b.max(1) as u32),
@@ -208,6 +287,15 @@ impl Store {
                 .map(|ms| Duration::from_millis(ms.max(0) as u64)),
             updated_at: row.get(3),
             updated_by: row.get(4),
+            batch_size_set: set_by(5, 6),
+            interval_set: set_by(7, 8),
+            paused: row.get::<_, Option<String>>(9).map(|reason| Pause {
+                reason,
+                since: row
+                    .get::<_, Option<DateTime<Utc>>>(10)
+                    .unwrap_or_else(Utc::now),
+                detail: row.get(11),
+            }),
         })
     }
 

@@ -78,6 +78,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0012_e164_phone_numbers.sql",
         sql: include_str!("../../sql/0012_e164_phone_numbers.sql"),
     },
+    Migration {
+        version: 13,
+        name: "0013_dispatch_pause_and_override_provenance.sql",
+        sql: include_str!("../../sql/0013_dispatch_pause_and_override_provenance.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

@@ -240,6 +240,9 @@ pub struct OpenedBatch {
     pub messages: Vec<ClaimedMessage>,
     pub opened_at: DateTime<Utc>,
     pub token: i64,
+    /// Claimed while dispatch is paused: one message, sent as the probe that decides
+    /// whether the pause lifts.
+    pub probe: bool,
 }
 
 /// What one claim attempt found.
@@ -251,6 +254,8 @@ pub enum Claim {
     NotDue(Duration),
     /// The desired state is stopped.
     Stopped,
+    /// Dispatch is paused for this reason (`provider_auth`) and no probe is due.
+    Paused(String),
     /// Nothing is due.
     Empty,
     /// Another replica holds a newer epoch: we are no longer the leader.
@@ -344,6 +349,7 @@ const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR U
 /// current term's own open batch needs no such wait: its pacer saw every send of it.
 const READ_SCHEDULE: &str = "
 SELECT coalesce(c.running, false) AS running,
+       c.paused_reason,
        coalesce(c.batch_size, $1::int) AS batch_size,
        s.interval_ms,
        ceil(extract(epoch FROM (
@@ -565,6 +571,15 @@ RETURNING status";
 const MARK_FAILED: &str = "
 UPDATE messages
 SET status = 'failed', last_error = $3
+WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
+
+/// A send the provider refused for our credentials (401/403): the message was not at
+/// fault, so it goes back to `pending`, due now (its place in the queue kept), without
+/// spending the attempt.
+const MARK_UNAUTHORIZED: &str = "
+UPDATE messages
+SET status = 'pending', attempts = greatest(attempts - 1, 0), next_attempt_at = now(),
+    last_error = $3
 WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
 
 /// Claimed but never sent: back to pending, and the attempt that never happened is
@@ -805,6 +820,66 @@ impl Store {
         .await
     }
 
+    /// Moves every `failed` message `filter` selects back to `pending`, as
+    /// [`Store::retry_failed`] does one; returns how many.
+    pub async fn retry_all(&self, filter: &ListFilter) -> Result<u64, StoreError> {
+        self.change_all(
+            filter,
+            "status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL",
+        )
+        .await
+    }
+
+    /// Cancels every `pending` message `filter` selects; returns how many. A row a
+    /// claim holds right now is skipped: it is being sent (see
+    /// [`Store::cancel_pending`]).
+    pub async fn cancel_all(&self, filter: &ListFilter) -> Result<u64, StoreError> {
+        self.change_all(
+            filter,
+            "status = 'cancelled', last_error = 'cancelled through the API'",
+        )
+        .await
+    }
+
+    /// Applies `set` to every row `filter` selects (its status included), a thousand
+    /// rows per statement, so that no transaction holds many rows (or the claim) for
+    /// long.
+    async fn change_all(&self, filter: &ListFilter, set: &str) -> Result<u64, StoreError> {
+        const STEP: i64 = 1000;
+        let status = filter.status.map(MessageStatus::as_str);
+        let sql = format!(
+            "UPDATE messages SET {set}
+             WHERE id = ANY(ARRAY(
+                 SELECT id FROM messages
+                 WHERE status = $1 AND ($2::text IS NULL OR phone_number = $2)
+                   AND ($3::timestamptz IS NULL OR created_at >= $3)
+                   AND ($4::timestamptz IS NULL OR created_at < $4)
+                 ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED))
+               AND status = $1"
+        );
+        let client = self.client().await?;
+        let statement = client.prepare(&sql).await?;
+        let mut total = 0;
+        loop {
+            let n = client
+                .execute(
+                    &statement,
+                    &[
+                        &status,
+                        &filter.phone_number,
+                        &filter.since,
+                        &filter.until,
+                        &STEP,
+                    ],
+                )
+                .await?;
+            total += n;
+            if n < STEP as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Applies `set` to message `id` if its status is `from`.
     async fn change_status(
         &self,
@@ -917,6 +992,9 @@ impl Store {
     /// The claim transaction (SPEC §6 step 5): lock the fence, check the epoch, the
     /// desired state and the cluster schedule, then move up to a batch of due rows to
     /// `sending`, stamped with `token`. Commits before any HTTP call.
+    ///
+    /// While dispatch is paused (`paused_reason`), nothing is claimed unless
+    /// `probe_due`, and then a single message, the probe.
     pub async fn claim_batch(
         &self,
         epoch: Epoch,
@@ -924,6 +1002,7 @@ impl Store {
         configured: Schedule,
         fence_window: Duration,
         token: i64,
+        probe_due: bool,
     ) -> Result<ClaimResult, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
@@ -958,6 +1037,12 @@ impl Store {
         if !fence.get::<_, bool>("running") {
             return Ok(result(Claim::Stopped, 0));
         }
+        let paused: Option<String> = fence.get("paused_reason");
+        if let Some(reason) = &paused {
+            if !probe_due {
+                return Ok(result(Claim::Paused(reason.clone()), 0));
+            }
+        }
         if let Some(wait_ms) = fence.get::<_, Option<i64>>("wait_ms") {
             if wait_ms > 0 {
                 return Ok(result(
@@ -974,7 +1059,11 @@ impl Store {
             .query(
                 &tx.prepare_cached(CLAIM).await?,
                 &[
-                    &i64::from(schedule.batch_size),
+                    &if paused.is_some() {
+                        1
+                    } else {
+                        i64::from(schedule.batch_size)
+                    },
                     &epoch.0,
                     &replica_id,
                     &token,
@@ -1006,6 +1095,7 @@ impl Store {
                 messages,
                 opened_at,
                 token,
+                probe: paused.is_some(),
             })
         };
         tx.commit().await?;
@@ -1192,6 +1282,24 @@ impl Store {
             None => Recorded::NotOurs,
             Some("failed") => Recorded::Failed,
             Some(_) => Recorded::Retrying,
+        })
+    }
+
+    /// A send refused for our credentials: back to `pending`, attempt uncounted (see
+    /// [`MARK_UNAUTHORIZED`]).
+    pub async fn mark_unauthorized(
+        &self,
+        id: i64,
+        epoch: Epoch,
+        error: &str,
+    ) -> Result<Recorded, StoreError> {
+        let n = self
+            .execute_prepared(MARK_UNAUTHORIZED, &[&id, &epoch.0, &error])
+            .await?;
+        Ok(if n == 1 {
+            Recorded::Retrying
+        } else {
+            Recorded::NotOurs
         })
     }
 

@@ -23,6 +23,19 @@ async fn bad_configuration_exits_2_naming_the_variable() {
             &[("SMS_API_CA_CERT", "/nonexistent.pem")],
             "SMS_API_CA_CERT",
         ),
+        (&[("DEFAULT_REGION", "XX")], "DEFAULT_REGION"),
+        (
+            &[("API_TOKEN_FILE", "/nonexistent/token")],
+            "API_TOKEN_FILE",
+        ),
+        (
+            &[("API_TOKEN", "t"), ("API_TOKEN_FILE", "/etc/hostname")],
+            "API_TOKEN_FILE",
+        ),
+        (
+            &[("API_ALLOWED_ORIGINS", "not an origin")],
+            "API_ALLOWED_ORIGINS",
+        ),
     ];
     for (overrides, variable) in cases {
         for command in ["serve", "migrate"] {
@@ -76,4 +89,108 @@ async fn secrets_never_reach_the_logs() {
     for secret in ["db-pass-4242", "provider-secret-4242", "api-secret-4242"] {
         assert!(!logs.contains(secret), "{secret} leaked into the log");
     }
+}
+
+/// Each demo default still in force is named in a warning at start (no API_TOKEN, the
+/// demo database password, the mock provider's token); a replica configured for real
+/// says nothing of the kind. Secrets can come from files (`<NAME>_FILE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_defaults_are_named_at_start_and_secrets_can_come_from_files() {
+    let env = TestEnv::start().await;
+    let demo = env
+        .replica("demo", &[("DATABASE_URL", &demo_password_url(&env))])
+        .await;
+    let logs = demo.logs();
+    for warned in [
+        "API_TOKEN is not set",
+        "demo default \\\"password\\\"",
+        "\\\"mock-token\\\"",
+    ] {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("demo default in force") && l.contains(warned)),
+            "no warning naming {warned}: {logs}"
+        );
+    }
+
+    let dir = env.dir.path();
+    std::fs::write(dir.join("api-token"), "file-token\n").unwrap();
+    std::fs::write(dir.join("sms-token"), "real-provider-token\n").unwrap();
+    let api_token_file = dir.join("api-token").display().to_string();
+    let sms_token_file = dir.join("sms-token").display().to_string();
+    let real = env
+        .replica(
+            "real",
+            &[
+                ("API_TOKEN_FILE", &api_token_file),
+                ("SMS_API_TOKEN_FILE", &sms_token_file),
+            ],
+        )
+        .await;
+    assert!(
+        !real.logs().contains("demo default in force"),
+        "{}",
+        real.logs()
+    );
+    let without = crate::support::http()
+        .get(real.url("/api/messages"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(without.status(), 401);
+    let with = crate::support::http()
+        .get(real.url("/api/messages"))
+        .bearer_auth("file-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with.status(), 200, "the token read from API_TOKEN_FILE");
+}
+
+/// The test database's URL with the demo password in it (the test server trusts
+/// every local connection, so any password works).
+fn demo_password_url(env: &TestEnv) -> String {
+    format!(
+        "postgres://postgres:password@127.0.0.1:{}/{}",
+        env.pg.port,
+        crate::support::postgres::DATABASE
+    )
+}
+
+/// A runtime override stored in PostgreSQL shadows the environment: the status marks
+/// it with who set it and when, next to the configured value, and a replica that
+/// starts while it is in force says so in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overrides_that_shadow_the_environment_are_marked_and_logged() {
+    let env = TestEnv::start().await;
+    let first = env.replica("first", &[("AUTO_START", "false")]).await;
+    let (status, _) = crate::support::http()
+        .put(first.url("/api/messaging/config"))
+        .json(&serde_json::json!({"batch_size": 7}))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), ()))
+        .unwrap();
+    assert_eq!(status, 200);
+    let (_, answer) = first.get("/api/messaging/status").await;
+    let config = &answer["config"];
+    assert_eq!(config["batch_size"], 7);
+    assert_eq!(config["configured"]["batch_size"], 2);
+    assert_eq!(config["overrides"]["batch_size"], 7);
+    assert_eq!(config["overrides"]["batch_size_set"]["by"], "api@first");
+    assert!(
+        config["overrides"]["batch_size_set"]["at"].is_string(),
+        "{answer}"
+    );
+    assert!(config["overrides"]["processing_interval_set"].is_null());
+
+    let second = env.replica("second", &[("AUTO_START", "false")]).await;
+    let logs = second.logs();
+    assert!(
+        logs.lines().any(|l| l.contains("shadows BATCH_SIZE")
+            && l.contains("api@first")
+            && l.contains("\"override_value\":7")),
+        "{logs}"
+    );
+    assert!(!logs.contains("shadows PROCESSING_INTERVAL"));
 }

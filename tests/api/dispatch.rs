@@ -723,7 +723,7 @@ async fn parallel_claimers_never_share_a_row() {
             let mut mine = Vec::new();
             loop {
                 match store
-                    .claim_batch(epoch, &format!("claimer-{n}"), schedule, window, n)
+                    .claim_batch(epoch, &format!("claimer-{n}"), schedule, window, n, false)
                     .await
                     .unwrap()
                     .claim
@@ -754,7 +754,7 @@ async fn parallel_claimers_never_share_a_row() {
     store.bump_epoch("newer").await.unwrap();
     env.insert_messages(1).await;
     let refused = store
-        .claim_batch(epoch, "stale", schedule, window, 0)
+        .claim_batch(epoch, "stale", schedule, window, 0, false)
         .await
         .unwrap();
     assert!(matches!(refused.claim, Claim::Fenced(_)), "{refused:?}");
@@ -788,7 +788,7 @@ async fn closing_a_batch_leaves_a_newer_open_batch_open() {
         async move {
             opened(
                 store
-                    .claim_batch(epoch, "test", schedule, Duration::ZERO, token)
+                    .claim_batch(epoch, "test", schedule, Duration::ZERO, token, false)
                     .await
                     .unwrap()
                     .claim,
@@ -850,7 +850,7 @@ async fn only_another_terms_open_batch_holds_the_next_claim_back() {
         let store = store.clone();
         async move {
             store
-                .claim_batch(epoch, "test", schedule, Duration::ZERO, token)
+                .claim_batch(epoch, "test", schedule, Duration::ZERO, token, false)
                 .await
                 .unwrap()
                 .claim
@@ -897,7 +897,7 @@ async fn a_flush_writes_every_result_submitted_before_it() {
     };
     let batch = opened(
         store
-            .claim_batch(epoch, "test", schedule, Duration::ZERO, 1)
+            .claim_batch(epoch, "test", schedule, Duration::ZERO, 1, false)
             .await
             .unwrap()
             .claim,
@@ -944,7 +944,7 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
         let store = store.clone();
         async move {
             store
-                .claim_batch(epoch, "test", schedule, window, token)
+                .claim_batch(epoch, "test", schedule, window, token, false)
                 .await
                 .unwrap()
                 .claim
@@ -1254,7 +1254,7 @@ async fn a_claim_writes_no_entry_into_the_listing_index() {
     };
     let batch = opened(
         store
-            .claim_batch(epoch, "test", schedule, Duration::ZERO, 1)
+            .claim_batch(epoch, "test", schedule, Duration::ZERO, 1, false)
             .await
             .unwrap()
             .claim,

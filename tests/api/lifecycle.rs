@@ -865,3 +865,96 @@ async fn an_existing_database_upgrades_in_place() {
         assert_eq!(stats["by_status"][&status], n, "{status}: {stats}");
     }
 }
+
+/// `POST /api/messages/retry` and `/cancel` act on every message a filter selects (the
+/// console's filter on screen) and say how many; the status in the filter must be the
+/// one the action applies to. A 401 used to leave a whole backlog failed with one
+/// manual retry per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_retry_and_cancel_take_a_filter_and_count() {
+    let env = TestEnv::start().await;
+    let replica = env.replica("r1", &[]).await;
+    stop_cluster(&replica).await;
+    let db = env.db().await;
+    db.batch_execute(
+        "INSERT INTO messages (phone_number, content, status, attempts, last_error)
+         SELECT CASE WHEN s % 2 = 0 THEN '+905551110000' ELSE '+905551110001' END,
+                'failed ' || s, 'failed', 1, 'HTTP 401'
+         FROM generate_series(1, 2500) AS s;
+         INSERT INTO messages (phone_number, content)
+         SELECT '+905552220000', 'pending ' || s FROM generate_series(1, 30) AS s;",
+    )
+    .await
+    .unwrap();
+    let post = |path: &'static str, body: Value| {
+        let url = replica.url(path);
+        async move { post_json(url, &body, &[]).await }
+    };
+    let (status, answer) = post(
+        "/api/messages/retry",
+        json!({"status": "failed", "phone_number": "+905551110000"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"retried": 1250}),
+        "more than one step of 1,000"
+    );
+    assert_eq!(env.count("failed").await, 1250);
+    let (status, answer) = post(
+        "/api/messages/cancel",
+        json!({"status": "pending", "phone_number": "+905552220000", "until": "2999-01-01T00:00:00Z"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({"cancelled": 30}));
+    // Only the 1,250 retried ones are pending now; the rest still failed.
+    assert_eq!(env.count("pending").await, 1250);
+    let attempts: i64 = db
+        .query_one(
+            "SELECT count(*) FROM messages WHERE status = 'pending' AND attempts = 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        attempts, 1250,
+        "a retried message starts its attempts again"
+    );
+
+    // The filter's status must be the one the action applies to; unknown fields and
+    // lanes are refused.
+    for (path, body, field) in [
+        (
+            "/api/messages/retry",
+            json!({"status": "pending"}),
+            "status",
+        ),
+        (
+            "/api/messages/cancel",
+            json!({"status": "failed"}),
+            "status",
+        ),
+        (
+            "/api/messages/cancel",
+            json!({"status": "pending", "phone": "+1"}),
+            "phone",
+        ),
+        (
+            "/api/messages/cancel",
+            json!({"status": "pending", "lane": "otp"}),
+            "lane",
+        ),
+    ] {
+        let (status, answer) = post(path, body).await;
+        assert_eq!(status, 422, "{answer}");
+        assert_eq!(answer["error"]["field"], field, "{answer}");
+    }
+    let cancelled = replica
+        .metric("dispatcher_messages_cancelled_total")
+        .await
+        .unwrap();
+    assert_eq!(cancelled, 30.0);
+}

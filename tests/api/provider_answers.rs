@@ -98,3 +98,84 @@ async fn bad_provider_answers_end_sent_or_failed_and_never_block_the_queue() {
         "the redirect is named in last_error"
     );
 }
+
+/// A 401 or 403 means our credentials are wrong, not the message: it used to fail the
+/// whole backlog for good. Dispatch pauses (reason `provider_auth` in the status, the
+/// health and a metric), each refused message goes back to pending without spending
+/// an attempt, at most one probe goes out per LOCK_RETRY_INTERVAL, and dispatch
+/// resumes by itself once a probe is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_pause_dispatch_until_a_probe_is_accepted() {
+    let env = TestEnv::with_scripted().await;
+    env.scripted().refuse_credentials(true);
+    let replica = env
+        .replica(
+            "r1",
+            &[
+                ("BATCH_SIZE", "5"),
+                ("PROCESSING_INTERVAL", "100ms"),
+                ("MAX_ATTEMPTS", "2"),
+                ("LOCK_RETRY_INTERVAL", "500ms"),
+            ],
+        )
+        .await;
+    let ids = env.insert_messages(10).await;
+    wait_for("dispatch to pause", Duration::from_secs(30), || async {
+        let (_, status) = replica.get("/api/messaging/status").await;
+        (status["paused_reason"] == "provider_auth").then_some(status)
+    })
+    .await;
+    wait_for(
+        "the health and the metric to say so",
+        Duration::from_secs(30),
+        || async {
+            let (_, health) = replica.get("/health").await;
+            let metric = replica
+                .metric(r#"dispatcher_dispatch_paused{reason="provider_auth"}"#)
+                .await;
+            (health["paused_reason"] == "provider_auth"
+                && health["status"] == "degraded"
+                && metric == Some(1.0))
+            .then_some(())
+        },
+    )
+    .await;
+    let before = env.scripted().received().len();
+    let watched = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let probes = env.scripted().received().len() - before;
+    let allowed = (watched.elapsed().as_millis() / 500) as usize + 1;
+    assert!(
+        (1..=allowed).contains(&probes),
+        "{probes} requests in {:?} while paused; at most one probe per 500 ms",
+        watched.elapsed()
+    );
+    let db = env.db().await;
+    let row = db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE status = 'pending'), max(attempts), \
+                    count(*) FILTER (WHERE last_error LIKE 'HTTP 401%') \
+             FROM messages",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 10, "every message waits in pending");
+    assert_eq!(row.get::<_, i32>(1), 0, "no attempt was spent");
+    assert!(row.get::<_, i64>(2) >= 1, "the refusal is named");
+
+    // The credentials are fixed on the provider's side: the next probe is accepted.
+    env.scripted().refuse_credentials(false);
+    env.wait_drained(Duration::from_secs(60)).await;
+    assert_eq!(env.count("sent").await, 10);
+    let (_, status) = replica.get("/api/messaging/status").await;
+    assert!(status["paused_reason"].is_null(), "{status}");
+    let attempts: i32 = db
+        .query_one("SELECT max(attempts) FROM messages", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 1, "each sent at its first counted attempt");
+    assert!(ids.len() == 10);
+    assert!(replica.logs().contains("dispatch resumes"));
+}

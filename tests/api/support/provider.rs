@@ -157,12 +157,15 @@ pub struct Received {
 ///   4 MiB error body), `reply:503-retry-after-huge` (`Retry-After:
 ///   99999999999999999`), and `reply:302` (a redirect)
 /// - anything else → 202 `{"message": "Accepted", "messageId": "id-<key>"}`
+///
+/// While [`ScriptedProvider::refuse_credentials`] is on, every request gets 401.
 #[derive(Clone)]
 pub struct ScriptedProvider {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     /// Answers to `reply:hold` wait until this turns true.
     release: tokio::sync::watch::Sender<bool>,
+    refusing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ScriptedProvider {
@@ -170,6 +173,8 @@ impl ScriptedProvider {
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let log = received.clone();
         let (release, released) = tokio::sync::watch::channel(false);
+        let refusing: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let refuse = refusing.clone();
         let route = warp::path!("send")
             .and(warp::post())
             .and(warp::header::headers_cloned())
@@ -178,7 +183,13 @@ impl ScriptedProvider {
                 move |headers: warp::http::HeaderMap, body: serde_json::Value| {
                     let log = log.clone();
                     let released = released.clone();
-                    async move { answer(&log, released, &headers, &body).await }
+                    let refuse = refuse.load(std::sync::atomic::Ordering::SeqCst);
+                    async move {
+                        if refuse {
+                            return refused(&log, &headers, &body);
+                        }
+                        answer(&log, released, &headers, &body).await
+                    }
                 },
             );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -188,7 +199,15 @@ impl ScriptedProvider {
             addr,
             received,
             release,
+            refusing,
         }
+    }
+
+    /// From now on every request gets 401 (`true`), or the usual answers (`false`): our
+    /// credentials were revoked, or fixed on the provider's side.
+    pub fn refuse_credentials(&self, refuse: bool) {
+        self.refusing
+            .store(refuse, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Lets every `reply:hold` answer go, held or still to come.
@@ -231,6 +250,25 @@ pub fn holding_settings(batch_size: &'static str) -> Vec<(&'static str, &'static
         ("SEND_CONCURRENCY", "2"),
         ("SMS_API_TIMEOUT", "300s"),
     ]
+}
+
+/// A 401 for a request, logged like the others.
+fn refused(
+    log: &Mutex<Vec<Received>>,
+    headers: &warp::http::HeaderMap,
+    body: &serde_json::Value,
+) -> warp::reply::Response {
+    log.lock().unwrap().push(Received {
+        key: headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        to: body["to"].as_str().unwrap_or_default().to_string(),
+        content: body["content"].as_str().unwrap_or_default().to_string(),
+        headers: HashMap::new(),
+        at: Instant::now(),
+    });
+    warp::reply::with_status("invalid credentials", StatusCode::UNAUTHORIZED).into_response()
 }
 
 async fn answer(
