@@ -180,6 +180,12 @@ fn init_logging_from_env() {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let open_files = crate::http::raise_open_files_limit();
+    tracing::debug!(
+        open_files,
+        http_connection_cap = crate::http::connection_cap(),
+        "file descriptors"
+    );
     let replica = Replica::build(config).await?;
     replica.run_until_stopped(shutdown_signal()).await
 }

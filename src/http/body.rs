@@ -13,6 +13,10 @@ use super::ApiError;
 
 pub const MAX_BODY: usize = 1 << 20;
 
+/// How long a body may take to arrive: a client trickling one byte at a time must not
+/// hold its connection (and a slot under the connection cap) for longer.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The raw body of a JSON request. Rejects with 415 when the content type is not JSON,
 /// 413 over the limit.
 pub fn json_bytes() -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> + Clone {
@@ -34,10 +38,10 @@ pub fn json_bytes() -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> 
         .untuple_one()
         .and(warp::body::stream())
         .and_then(|stream| async move {
-            read_limited(stream)
-                .await
-                .map(Bytes::from)
-                .map_err(warp::reject::custom)
+            match tokio::time::timeout(BODY_READ_TIMEOUT, read_limited(stream)).await {
+                Ok(read) => read.map(Bytes::from).map_err(warp::reject::custom),
+                Err(_) => Err(warp::reject::custom(ApiError::RequestTimeout)),
+            }
         })
 }
 

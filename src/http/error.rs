@@ -29,6 +29,8 @@ pub enum ApiError {
     PayloadTooLarge,
     /// 415: a body that is not `application/json`.
     UnsupportedMediaType,
+    /// 408: the body did not arrive in time.
+    RequestTimeout,
     /// 422: well-formed JSON with a bad value; names the field and, in a list, the index.
     Validation {
         message: String,
@@ -95,6 +97,11 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 "request body is larger than 1 MiB".into(),
+            ),
+            Self::RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive in time".into(),
             ),
             Self::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -176,6 +183,7 @@ pub async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible>
             ApiError::Forbidden(message) => ApiError::Forbidden(message.clone()),
             ApiError::PayloadTooLarge => ApiError::PayloadTooLarge,
             ApiError::UnsupportedMediaType => ApiError::UnsupportedMediaType,
+            ApiError::RequestTimeout => ApiError::RequestTimeout,
             ApiError::NotReady => ApiError::NotReady,
             ApiError::Unavailable(message) => ApiError::Unavailable(message.clone()),
             ApiError::Validation {

@@ -28,7 +28,7 @@ use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
 pub use error::ApiError;
-pub use serve::serve;
+pub use serve::{connection_cap, raise_open_files_limit, serve};
 
 use crate::state::AppState;
 

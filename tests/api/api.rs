@@ -596,3 +596,129 @@ async fn a_client_hanging_up_before_its_answer_is_not_logged_as_an_error() {
         .collect();
     assert!(errors.is_empty(), "ERROR lines: {errors:#?}");
 }
+
+/// Opens a connection to `port` and sends an unfinished request: headers without
+/// their final empty line, as a slowloris client does.
+async fn unfinished_request(port: u16) -> Option<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    // A server that stopped accepting leaves connects waiting in its backlog.
+    let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+    let mut stream = tokio::time::timeout(Duration::from_secs(1), connect)
+        .await
+        .ok()?
+        .ok()?;
+    stream
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: slow\r\nX-Slow: ")
+        .await
+        .ok()?;
+    Some(stream)
+}
+
+/// Whether the server has closed `stream` (a read returns end of file or an error).
+async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(10), stream.read(&mut buffer)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // A 408 before the close: read on.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// A request whose headers never finish is not held forever: the server closes it
+/// after its header-read timeout (10 s), so such connections cannot pile up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_requests_are_closed_after_the_header_timeout() {
+    let env = TestEnv::start().await;
+    let replica = env.replica("r1", &[]).await;
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        slow.push(unfinished_request(replica.port()).await.expect("connect"));
+    }
+    // Each stream is checked until the server has closed it (40 s at most: the
+    // timeout is 10 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    for (i, stream) in slow.iter_mut().enumerate() {
+        while !closed_by_server(stream).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "unfinished request {i} still open after 40 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(replica.get("/health/live").await.0, 200);
+}
+
+/// 1,500 unfinished requests against a replica that may open 1,024 files (a tight
+/// container): without a cap they took every descriptor and the replica stopped
+/// accepting, health checks included. Now the oldest idle connection makes room for
+/// each new one, so health and the API keep answering, and the replica's descriptors
+/// stay bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unfinished_requests_leaves_health_and_the_api_answering() {
+    raise_own_open_files_limit();
+    let env = TestEnv::start().await;
+    let replica = crate::support::Replica::spawn_with_open_files(
+        "r1",
+        env.dir.path(),
+        env.env_with(&[]),
+        1024,
+    );
+    replica.wait_ready().await;
+    let mut slow = Vec::new();
+    for _ in 0..1500 {
+        if let Some(stream) = unfinished_request(replica.port()).await {
+            slow.push(stream);
+        }
+    }
+    for round in 0..5 {
+        let started = std::time::Instant::now();
+        let live = http()
+            .get(replica.url("/health/live"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("round {round}: /health/live did not answer: {err}"));
+        assert_eq!(live.status(), 200);
+        let stats = http()
+            .get(replica.url("/api/messages/stats"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("round {round}: the API did not answer: {err}"));
+        assert_eq!(stats.status(), 200);
+        println!("round {round}: answered in {:?}", started.elapsed());
+        // More unfinished requests between the rounds.
+        for _ in 0..200 {
+            if let Some(stream) = unfinished_request(replica.port()).await {
+                slow.push(stream);
+            }
+        }
+    }
+    let descriptors = std::fs::read_dir(format!("/proc/{}/fd", replica.pid()))
+        .unwrap()
+        .count();
+    assert!(
+        descriptors < 1024 - 100,
+        "{descriptors} open descriptors with a limit of 1,024"
+    );
+    drop(slow);
+}
+
+/// The test opens more sockets than a default soft limit allows.
+fn raise_own_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}

@@ -1,5 +1,6 @@
 //! A replica: the real binary running `serve` as a child process.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -19,6 +20,9 @@ pub struct Replica {
     child: Option<Child>,
     log_path: PathBuf,
     env: Vec<(String, String)>,
+    /// The open-files limit (soft and hard) to start the process with, if not the
+    /// test's own.
+    open_files: Option<u64>,
 }
 
 impl Replica {
@@ -30,6 +34,27 @@ impl Replica {
             child: None,
             log_path: log_dir.join(format!("{name}.log")),
             env,
+            open_files: None,
+        };
+        replica.start_process();
+        replica
+    }
+
+    /// [`Replica::spawn`] in a process that may open at most `open_files` files
+    /// (sockets included), soft and hard limit alike, as in a tight container.
+    pub fn spawn_with_open_files(
+        name: &str,
+        log_dir: &std::path::Path,
+        env: Vec<(String, String)>,
+        open_files: u64,
+    ) -> Self {
+        let mut replica = Self {
+            name: name.to_string(),
+            port: std::sync::OnceLock::new(),
+            child: None,
+            log_path: log_dir.join(format!("{name}.log")),
+            env,
+            open_files: Some(open_files),
         };
         replica.start_process();
         replica
@@ -55,6 +80,21 @@ impl Replica {
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         die_with_test(&mut command);
+        if let Some(open_files) = self.open_files {
+            // SAFETY: setrlimit is async-signal-safe and touches only the child.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: open_files,
+                        rlim_max: open_files,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         self.child = Some(command.spawn().expect("start replica"));
     }
 
