@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The operator console (issue 12) in a real browser: Debian's chromium and
 # chromium-driver, driven by selenium, against a real local cluster (PostgreSQL,
-# Redis, the mock provider failing 20 % of sends, two replicas, all with API_TOKEN).
+# Redis, the mock provider failing 20 % of sends, two replicas, all with API_TOKEN):
+# the token, leader and replicas, live updates, the schedule and its overrides, stop
+# and start, retry and cancel one message or all those a filter selects, search and
+# paging, the notice of a dispatch pause, and the layout at 800 px.
 # The checks are in scripts/verify_console.py; screenshots go to
 # $CONSOLE_SCREENSHOTS (default target/console-screenshots/), which the run prints.
 #
@@ -74,8 +77,13 @@ PIDS+=("$!")
 wait_http "http://127.0.0.1:$MOCK_PORT/health" 20 || die "mock provider did not start"
 "$BIN" migrate >"$WORK/logs/migrate.log" 2>&1 || die "migrate failed (see $WORK/logs/migrate.log)"
 "$BIN" seed --count 30 >>"$WORK/logs/migrate.log" 2>&1
-# Failed messages to retry from the page (a provider's 400 is final).
+# Failed messages to retry from the page (a provider's 400 is final): four to one
+# number for the bulk retry and cancel (older, so a single retry picks another), then
+# three to three numbers.
 psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres messages_db <<'SQL'
+INSERT INTO messages (phone_number, content, status, attempts, last_error)
+SELECT '+905551110000', 'bulk fixture ' || s, 'failed', 3, 'HTTP 500: {"error": "try again"}'
+FROM generate_series(1, 4) AS s;
 INSERT INTO messages (phone_number, content, status, attempts, last_error)
 SELECT '+9055577700' || lpad(s::text, 2, '0'), 'rejected fixture ' || s, 'failed', 1,
        'HTTP 400: {"error": "invalid destination"}'
@@ -105,6 +113,7 @@ SE_OFFLINE=true "$CONSOLE_VENV/bin/python" "$ROOT/scripts/verify_console.py" \
   --leader "http://127.0.0.1:${API_PORTS[0]}" \
   --follower "http://127.0.0.1:${API_PORTS[1]}" \
   --token "$TOKEN" \
+  --database-url "$DATABASE_URL" \
   --screenshots "$SHOTS"
 log "browser checks took $((SECONDS - started))s; screenshots in $SHOTS:"
 ls -1 "$SHOTS" >&2

@@ -1,7 +1,8 @@
 """The operator console in a real browser (headless Chromium through selenium).
 
 Run by scripts/verify-console.sh against a two-replica cluster with API_TOKEN set;
-the page is loaded from the follower. Every check waits for a final state with a
+the page is loaded from the follower. --database-url is used once, to set a dispatch
+pause in PostgreSQL as the leader does when the provider refuses our credentials. Every check waits for a final state with a
 generous bound (WebDriverWait), never for a fixed time. Screenshots of each step go
 to --screenshots.
 """
@@ -9,9 +10,11 @@ to --screenshots.
 import argparse
 import base64
 import json
+import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from selenium import webdriver
@@ -40,6 +43,28 @@ class Api:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read() or b"null")
+
+
+    def total(self, **query):
+        """The number of messages GET /api/messages counts for a filter."""
+        status, body = self.call("GET", "/api/messages?" + urllib.parse.urlencode({"limit": 1, **query}))
+        assert status == 200, (status, body)
+        return body["total"]
+
+    def wait(self, what, condition, timeout=WAIT):
+        """Polls condition() until it is truthy; fails naming `what`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
+            time.sleep(0.25)
+
+
+def psql(database_url, sql):
+    subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", database_url, "-c", sql], check=True)
 
 
 def browser(width, height):
@@ -87,6 +112,25 @@ class Console:
         self.wait("the confirmation dialog", lambda d: d.find_element(By.ID, "confirm").get_attribute("open") is not None)
         self.click("confirm-yes")
 
+    def shown(self, element_id):
+        return self.d.find_element(By.ID, element_id).is_displayed()
+
+    def search(self, text):
+        """Types into the search box and submits the filter form."""
+        box = self.d.find_element(By.ID, "filter-search")
+        box.clear()
+        box.send_keys(text + "\n")
+
+    def filter_status(self, status):
+        Select(self.d.find_element(By.ID, "filter-status")).select_by_value(status)
+
+    def confirm_says(self, title):
+        """Waits for the confirmation dialog, checks its title, and confirms."""
+        self.wait("the confirmation dialog", lambda d: d.find_element(By.ID, "confirm").get_attribute("open") is not None)
+        shown = self.text("confirm-title")
+        assert shown == title, f"the confirmation says {shown!r}, not {title!r}"
+        self.click("confirm-yes")
+
     def row(self, message_id):
         rows = self.d.find_elements(By.CSS_SELECTOR, f'#messages tbody tr[data-id="{message_id}"]')
         return rows[0] if rows else None
@@ -102,6 +146,7 @@ def main():
     parser.add_argument("--follower", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--screenshots", required=True)
+    parser.add_argument("--database-url", required=True, help="to set a dispatch pause as the leader would")
     args = parser.parse_args()
     leader, follower = Api(args.leader, args.token), Api(args.follower, args.token)
     started = time.monotonic()
@@ -178,6 +223,34 @@ def main():
         assert (body["batch_size"], body["processing_interval"]) == (4, "2s"), body
         check("a bad config value shows the server's error inline; a good one applies cluster-wide")
 
+        # 4b. An override shadows the environment's value: marked with who and when where
+        #     the value in force is shown, and cleared from there.
+        def mark(d, which):
+            return d.find_element(By.ID, f"{which}-override").text if d.find_element(By.ID, f"{which}-override").is_displayed() else ""
+        page.wait("the page's own change marked", lambda d: "override by api@replica-2 at" in mark(d, "batch-size")
+                  and "configured 3" in mark(d, "batch-size") and "configured 1s" in mark(d, "interval"))
+        status, body = leader.call("PUT", "/api/messaging/config", {"batch_size": 5})
+        assert status == 200 and body["overrides"]["batch_size_set"]["by"] == "api@replica-1", body
+        set_at = body["overrides"]["batch_size_set"]["at"][:19].replace("T", " ") + " UTC"
+        expected = f"(override by api@replica-1 at {set_at}, configured 3)"
+        page.wait("the API's override marked with who and when", lambda d: d.find_element(By.ID, "batch-size").text == "5"
+                  and mark(d, "batch-size").startswith(expected))
+        page.shot("override-marked")
+        page.click("batch-size-clear")
+        page.wait("the batch size override cleared", lambda d: d.find_element(By.ID, "batch-size").text == "3"
+                  and mark(d, "batch-size") == "" and "back to the configured 3" in d.find_element(By.ID, "config-result").text)
+        status, body = leader.call("GET", "/api/messaging/status")
+        overrides = body["config"]["overrides"]
+        assert (body["batch_size"], overrides["batch_size"], overrides["batch_size_set"]) == (3, None, None), body
+        assert overrides["processing_interval"] == "2s", "clearing one override left the other"
+        assert "override by api@replica-2" in mark(driver, "interval")
+        page.click("interval-clear")
+        page.wait("the interval override cleared", lambda d: d.find_element(By.ID, "interval").text == "1s"
+                  and mark(d, "interval") == "")
+        status, body = leader.call("GET", "/api/messaging/status")
+        assert (body["processing_interval"], body["config"]["overrides"]["processing_interval"]) == ("1s", None), body
+        check("overrides are marked with who, when and the configured value, and cleared from the page")
+
         # 5. Stop on the page (served by replica-2) stops the cluster, seen through replica-1.
         page.click("stop")
         page.confirm()
@@ -236,6 +309,70 @@ def main():
         page.wait("the first page again", lambda d: d.find_element(By.ID, "page-info").text.startswith("page 1"))
         check("search by id and by phone, the server's error for a bad number, keyset paging")
 
+        # 7b. Retry all failed for the filter on screen (status failed, one phone number).
+        #     The cluster is stopped: what the actions change stays as they left it.
+        bulk_phone = "+905551110000"  # 4 failed fixtures (scripts/verify-console.sh)
+        assert leader.total(status="failed", phone_number=bulk_phone) == 4
+        other_failed = leader.total(status="failed") - 4
+        page.filter_status("failed")
+        page.search(bulk_phone)
+        page.wait("the offer to retry the 4", lambda d: page.shown("bulk-action")
+                  and d.find_element(By.ID, "bulk-action").text == f"Retry all 4 failed to {bulk_phone}")
+        page.click("bulk-action")
+        page.wait("the confirmation", lambda d: d.find_element(By.ID, "confirm").get_attribute("open") is not None)
+        page.shot("bulk-retry-confirm")
+        page.confirm_says(f"Retry 4 failed messages to {bulk_phone}?")
+        page.wait("the count retried", lambda d: d.find_element(By.ID, "bulk-result").text.startswith(
+            f"Retried 4 failed messages to {bulk_phone}"))
+        page.wait("the list refreshed", lambda d: not page.shown("bulk-action")
+                  and not d.find_elements(By.CSS_SELECTOR, "#messages tbody tr[data-id]"))
+        assert leader.total(status="pending", phone_number=bulk_phone) == 4
+        assert leader.total(status="failed", phone_number=bulk_phone) == 0
+        assert leader.total(status="failed") == other_failed, "failed messages to other numbers stay failed"
+        check(f"retry all 4 failed to {bulk_phone}, confirmed by count and filter: pending again, the others untouched")
+
+        # 7c. Cancel all pending for that number; pending messages to another number stay.
+        #     Two priorities waiting: the queue shows each one's oldest age.
+        for priority in (3, 0):
+            status, body = leader.call("POST", "/api/messages", {
+                "phone_number": "+905551112222", "content": f"stays pending (priority {priority})", "priority": priority})
+            assert status == 201, body
+        page.wait("the oldest pending age per priority", lambda d: page.shown("oldest-by-priority")
+                  and "priority 3:" in page.text("oldest-by-priority") and "priority 0:" in page.text("oldest-by-priority"))
+        other_pending = leader.total(status="pending") - 4
+        page.filter_status("pending")
+        page.wait("the offer to cancel the 4", lambda d: page.shown("bulk-action")
+                  and d.find_element(By.ID, "bulk-action").text == f"Cancel all 4 pending to {bulk_phone}")
+        assert page.text("bulk-result") == "", "a new filter clears the last answer"
+        page.click("bulk-action")
+        page.confirm_says(f"Cancel 4 pending messages to {bulk_phone}?")
+        page.wait("the count cancelled", lambda d: d.find_element(By.ID, "bulk-result").text.startswith(
+            f"Cancelled 4 pending messages to {bulk_phone}"))
+        page.wait("the list refreshed", lambda d: not page.shown("bulk-action"))
+        assert leader.total(status="cancelled", phone_number=bulk_phone) == 4
+        assert leader.total(status="pending", phone_number=bulk_phone) == 0
+        assert leader.total(status="pending") == other_pending, "pending messages to other numbers stay pending"
+        page.shot("bulk-cancelled")
+        check(f"cancel all 4 pending to {bulk_phone}, confirmed: cancelled, the other {other_pending} pending untouched")
+
+        # 7d. A search by id is one message, not a filter: no bulk action. Without a phone
+        #     number the action takes every failed message.
+        page.search(str(created["id"]))
+        page.wait("the search by id", lambda d: d.find_element(By.ID, "page-info").text == f"message {created['id']}")
+        assert not page.shown("bulk-action"), "a bulk action offered for a search by id"
+        page.search("")
+        page.filter_status("failed")
+        failed_now = leader.total(status="failed")
+        assert failed_now >= 2, failed_now  # the fixtures that step 6 did not touch
+        page.wait("the offer to retry every failed message", lambda d: page.shown("bulk-action")
+                  and d.find_element(By.ID, "bulk-action").text == f"Retry all {failed_now:,} failed")
+        page.click("bulk-action")
+        page.confirm_says(f"Retry {failed_now:,} failed messages?")
+        page.wait("the count retried", lambda d: d.find_element(By.ID, "bulk-result").text.startswith(f"Retried {failed_now:,} failed messages:"))
+        assert leader.total(status="failed") == 0
+        page.filter_status("")
+        check(f"retry all {failed_now} failed (no phone filter); no bulk action for a search by id")
+
         # 8. Start again (keyboard only: focus the button and press Enter), and 800 px.
         driver.find_element(By.ID, "start").send_keys("\n")
         page.wait("the dialog", lambda d: d.find_element(By.ID, "confirm").get_attribute("open") is not None)
@@ -243,6 +380,37 @@ def main():
         page.wait("the page to show running", lambda d: d.find_element(By.ID, "running").text == "running")
         assert leader.call("GET", "/api/messaging/status")[1]["running"] is True
         check("Start from the keyboard, with its confirmation")
+
+        # 9. Dispatch paused because the provider refuses our credentials. The mock takes
+        #    any token here, so the pause is set in PostgreSQL as the leader sets it. With
+        #    nothing due the leader has nothing to probe with, so it stays until lifted.
+        leader.wait("the queue to drain", lambda: (lambda s: s["by_status"]["pending"] == 0
+                    and s["by_status"]["sending"] == 0)(leader.call("GET", "/api/messages/stats")[1]), timeout=120)
+        psql(args.database_url, "UPDATE dispatcher_control SET paused_reason = 'provider_auth', paused_at = now(), "
+             "paused_detail = 'HTTP 401: invalid token' WHERE id = 1")
+        page.wait("the pause notice", lambda d: page.shown("pause-notice")
+                  and "HTTP 401: invalid token" in page.text("pause-notice"))
+        notice = page.text("pause-notice")
+        for words in ("refuses our credentials", "401/403", "since 20", "no attempt is spent",
+                      "SMS_API_TOKEN", "SMS_API_AUTH_HEADER", "resumes by itself", "probe"):
+            assert words in notice, f"the pause notice lacks {words!r}: {notice}"
+        assert driver.find_element(By.ID, "pause-notice").get_attribute("role") == "alert"
+        page.wait("the badge", lambda d: d.find_element(By.ID, "running").text == "running — paused: provider credentials"
+                  and "while paused" in d.find_element(By.ID, "next-batch").text)
+        status, body = follower.call("GET", "/api/messaging/status")
+        assert body["paused_reason"] == "provider_auth" and body["paused"]["detail"] == "HTTP 401: invalid token", body
+        page.shot("paused")
+        # Start (POST /api/messaging/start) lifts a pause: the page offers it while running.
+        page.wait("the offer to resume", lambda d: d.find_element(By.ID, "start").is_enabled()
+                  and d.find_element(By.ID, "start").text == "Resume dispatch")
+        page.click("start")
+        page.confirm_says("Resume dispatch?")
+        page.wait("the pause notice gone", lambda d: not page.shown("pause-notice")
+                  and d.find_element(By.ID, "running").text == "running"
+                  and "Pause lifted" in d.find_element(By.ID, "control-result").text)
+        assert leader.call("GET", "/api/messaging/status")[1]["paused"] is None
+        assert not driver.find_element(By.ID, "start").is_enabled() and page.text("start") == "Start cluster"
+        check("a provider_auth pause shows a notice with the provider's answer and a badge; Resume lifts it")
         page.click("detail-close")
         page.wait("the detail closed", lambda d: not d.find_element(By.ID, "detail").is_displayed())
         page.shot("overview-1400px")

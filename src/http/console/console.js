@@ -73,6 +73,8 @@
   function askForToken(reason) {
     waitingForToken = true;
     $("main").hidden = true;
+    $("pause-notice").hidden = true;
+    pauseShown = null;
     $("token-panel").hidden = false;
     if (reason) $("token-reason").textContent = reason;
     setLive("bad", "API token required");
@@ -130,11 +132,12 @@
   }
 
   // Asks before an action that changes the cluster or a message.
-  function confirmAction(title, text, yes) {
+  function confirmAction(title, text, yes, kind = "danger") {
     const dialog = $("confirm");
     $("confirm-title").textContent = title;
     $("confirm-text").textContent = text;
     $("confirm-yes").textContent = yes;
+    $("confirm-yes").className = kind;
     return new Promise((resolve) => {
       dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
       dialog.returnValue = "";
@@ -146,12 +149,73 @@
   // ---------------------------------------------------------------- cluster ---
   let nextBatchAt = null;
   let running = null;
+  let paused = false; // running, but dispatch paused: Start lifts the pause
+  let inForce = null; // the schedule in force, as the last status said it
+
+  // Why dispatch can be paused while the cluster runs (`paused.reason`).
+  const PAUSES = {
+    provider_auth: {
+      badge: "paused: provider credentials",
+      title: "Dispatch is paused: the SMS provider refuses our credentials",
+      text: (since) =>
+        `The SMS provider refuses our credentials (HTTP 401/403)${since ? ` since ${since}` : ""}. ` +
+        "Messages wait in pending; no attempt is spent. Check SMS_API_TOKEN / SMS_API_AUTH_HEADER. " +
+        "Dispatch resumes by itself when a probe send (at most one per LOCK_RETRY_INTERVAL) is accepted, " +
+        "when the schedule is changed, or when the cluster is started.",
+    },
+  };
+
+  // The pause notice is a role=alert: it is rewritten only when the pause changes, so
+  // a screen reader announces it once, not at every refresh.
+  let pauseShown = null;
+  function renderPause(status) {
+    const pause = status.paused
+      || (status.paused_reason ? { reason: status.paused_reason, since: null, detail: null } : null);
+    const key = pause ? JSON.stringify([pause.reason, pause.since, pause.detail, status.running]) : "";
+    if (key === pauseShown) return pause;
+    pauseShown = key;
+    $("pause-notice").hidden = !pause;
+    if (!pause) return pause;
+    const known = PAUSES[pause.reason];
+    const since = pause.since ? formatTime(pause.since) : "";
+    $("pause-title").textContent = known ? known.title : `Dispatch is paused (${pause.reason})`;
+    $("pause-text").textContent = (known ? known.text(since) : (since ? `Since ${since}.` : ""))
+      + (status.running ? "" : " The cluster is stopped as well; starting it lifts the pause.");
+    $("pause-detail").textContent = pause.detail || "";
+    $("pause-detail-line").hidden = !pause.detail;
+    return pause;
+  }
+
+  // An override stored in PostgreSQL shadows the environment's value: say so, with
+  // who set it and when, and offer to clear it.
+  const OVERRIDES = [
+    { field: "batch_size", set: "batch_size_set", id: "batch-size", label: "batch size" },
+    { field: "processing_interval", set: "processing_interval_set", id: "interval", label: "interval" },
+  ];
+  function renderOverrides(config) {
+    const overrides = (config && config.overrides) || {};
+    for (const o of OVERRIDES) {
+      const value = overrides[o.field];
+      const overridden = value !== null && value !== undefined;
+      $(`${o.id}-override`).hidden = !overridden;
+      $(o.id).classList.toggle("overridden", overridden);
+      if (!overridden) continue;
+      const set = overrides[o.set];
+      const who = set ? ` by ${set.by || "an unnamed client"} at ${formatTime(set.at)}` : "";
+      const configured = config.configured ? `, configured ${config.configured[o.field]}` : "";
+      $(`${o.id}-mark`).textContent = `(override${who}${configured})`;
+    }
+  }
 
   function renderStatus(status) {
     running = status.running;
+    const pause = renderPause(status);
+    paused = Boolean(pause) && status.running;
     const badge = $("running");
-    badge.textContent = status.running ? "running" : "stopped";
-    badge.className = `badge ${status.running ? "running" : "stopped"}`;
+    const known = pause && PAUSES[pause.reason];
+    badge.textContent = (status.running ? "running" : "stopped")
+      + (pause ? ` — ${known ? known.badge : `paused: ${pause.reason}`}` : "");
+    badge.className = `badge ${pause ? "paused" : status.running ? "running" : "stopped"}`;
     const leader = status.leader;
     $("leader").textContent = leader
       ? leader.replica_id + (leader.alive ? "" : " (not seen recently: no live leader)")
@@ -159,12 +223,17 @@
     $("epoch").textContent = leader ? leader.epoch : "–";
     $("leader-since").textContent = leader && leader.since ? `${formatTime(leader.since)} (${ago(leader.since)})` : "–";
     nextBatchAt = status.next_batch_at ? new Date(status.next_batch_at) : null;
-    $("next-batch").textContent = status.running ? formatTime(status.next_batch_at) : "none: the cluster is stopped";
+    $("next-batch").textContent = !status.running ? "none: the cluster is stopped"
+      : paused ? "none while paused: at most one probe send per LOCK_RETRY_INTERVAL"
+      : formatTime(status.next_batch_at);
     tickCountdown();
     $("batch-size").textContent = status.batch_size;
     $("interval").textContent = status.processing_interval;
+    inForce = { batch_size: String(status.batch_size), processing_interval: status.processing_interval };
+    renderOverrides(status.config);
     $("served-by").textContent = `served by ${status.this_replica.replica_id}`;
-    $("start").disabled = controlBusy || status.running;
+    $("start").disabled = controlBusy || (status.running && !paused);
+    $("start").textContent = paused ? "Resume dispatch" : "Start cluster";
     $("stop").disabled = controlBusy || !status.running;
 
     const form = $("config-form");
@@ -191,7 +260,7 @@
   }
 
   function tickCountdown() {
-    const text = !running || !nextBatchAt
+    const text = !running || paused || !nextBatchAt
       ? ""
       : (() => {
           const left = (nextBatchAt - Date.now()) / 1000;
@@ -203,19 +272,29 @@
 
   let controlBusy = false;
   async function setRunning(start) {
-    const ok = await confirmAction(
-      start ? "Start the cluster?" : "Stop the cluster?",
-      start
-        ? "The leader starts dispatching pending messages again, on the cluster's schedule."
-        : "No new send starts anywhere in the cluster until it is started again. Sends in flight finish.",
-      start ? "Start cluster" : "Stop cluster");
+    const resume = start && paused;
+    const ok = resume
+      ? await confirmAction(
+        "Resume dispatch?",
+        "The pause is lifted and the leader sends again at once. If the provider still refuses "
+          + "our credentials, dispatch pauses again at the first refusal; a refused message waits "
+          + "in pending without spending an attempt.",
+        "Resume dispatch", "ok")
+      : await confirmAction(
+        start ? "Start the cluster?" : "Stop the cluster?",
+        start
+          ? "The leader starts dispatching pending messages again, on the cluster's schedule."
+          : "No new send starts anywhere in the cluster until it is started again. Sends in flight finish.",
+        start ? "Start cluster" : "Stop cluster");
     if (!ok) return;
     controlBusy = true;
     $("start").disabled = $("stop").disabled = true;
     $("control-result").textContent = start ? "starting…" : "stopping… (answers once the leader can start nothing more)";
     try {
       const answer = await api("POST", start ? "messaging/start" : "messaging/stop");
-      $("control-result").textContent = answer.message;
+      $("control-result").textContent = resume
+        ? "Pause lifted: the leader tries the provider again now."
+        : answer.message;
     } catch (err) {
       $("control-result").textContent = `Not done: ${err.message}`;
     } finally {
@@ -241,12 +320,22 @@
     $("config-error").textContent = "";
     $("config-result").textContent = "";
     // What was typed goes to the server as it is (a number when it is one): the API
-    // decides what is valid, and its answer is shown next to the field it names.
+    // decides what is valid, and its answer is shown next to the field it names. Only
+    // a field that differs from the value in force is sent, so changing the batch size
+    // does not pin the interval as an override too.
     const body = {};
+    const unchanged = (name, value) => inForce !== null && value === inForce[name];
     const size = fields.batch_size.input.value.trim();
-    if (size !== "") body.batch_size = /^-?\d+(\.\d+)?$/.test(size) ? Number(size) : size;
+    if (size !== "" && !unchanged("batch_size", size)) {
+      body.batch_size = /^-?\d+(\.\d+)?$/.test(size) ? Number(size) : size;
+    }
     const interval = fields.processing_interval.input.value.trim();
-    if (interval !== "") body.processing_interval = interval;
+    if (interval !== "" && !unchanged("processing_interval", interval)) body.processing_interval = interval;
+    if (Object.keys(body).length === 0) {
+      configDirty = false;
+      $("config-result").textContent = "Nothing to apply: these values are already in force.";
+      return;
+    }
     try {
       const schedule = await api("PUT", "messaging/config", body);
       configDirty = false;
@@ -265,6 +354,26 @@
     }
   });
 
+  async function clearOverride(o) {
+    const button = $(`${o.id}-clear`);
+    button.disabled = true;
+    $("config-error").textContent = "";
+    $("config-result").textContent = "";
+    try {
+      const schedule = await api("PUT", "messaging/config", { [o.field]: null });
+      $("config-result").textContent =
+        `Override cleared: the ${o.label} is back to the configured ${schedule[o.field]}.`;
+      // The button is about to disappear: keep the keyboard focus next to it.
+      $(o.id).focus();
+    } catch (err) {
+      $("config-error").textContent = `The ${o.label} override was not cleared: ${err.message}`;
+    } finally {
+      button.disabled = false;
+      refreshSoon(0);
+    }
+  }
+  for (const o of OVERRIDES) $(`${o.id}-clear`).addEventListener("click", () => clearOverride(o));
+
   // ------------------------------------------------------------------ queue ---
   function renderStats(stats) {
     const counts = STATUSES.map((status) =>
@@ -275,6 +384,15 @@
     $("counts").replaceChildren(...counts);
     $("oldest-pending").textContent = stats.oldest_pending_age_seconds === null
       ? "none pending" : formatAge(stats.oldest_pending_age_seconds);
+    // Priorities are served strictly in order (3 first): when several wait, a higher
+    // one above the rate starves the lower ones, and their ages show it.
+    const ages = stats.oldest_pending_age_seconds_by_priority || {};
+    const waiting = Object.keys(ages).filter((p) => ages[p] !== null).sort((a, b) => b - a);
+    const byPriority = waiting.length > 1;
+    $("oldest-by-priority").hidden = $("oldest-by-priority-label").hidden = !byPriority;
+    $("oldest-by-priority").textContent = byPriority
+      ? `${waiting.map((p) => `priority ${p}: ${formatAge(ages[p])}`).join(" · ")} (served highest first)`
+      : "–";
     $("scheduled").textContent = stats.scheduled;
     $("sent-minute").textContent = stats.sent_last_minute;
     $("sent-hour").textContent = stats.sent_last_hour;
@@ -340,21 +458,31 @@
     return `messages?${params}`;
   }
 
+  // The filter a list answer was asked for: an answer to an older filter is not shown
+  // (the refresh that the new filter asked for follows at once), so the table and the
+  // bulk action's count always belong to the filter on screen.
+  const viewKey = () => JSON.stringify([view.status, view.phone, view.id, view.cursor]);
+
   async function loadMessages() {
+    const asked = viewKey();
+    const current = () => asked === viewKey();
     if (view.id !== null) {
       try {
         const message = await api("GET", `messages/${view.id}`);
-        renderMessages({ messages: [message], total: 1, next_cursor: null });
+        if (current()) renderMessages({ messages: [message], total: 1, next_cursor: null });
       } catch (err) {
         if (err.status !== 404) throw err;
-        renderMessages({ messages: [], total: 0, next_cursor: null }, `No message ${view.id}.`);
+        if (current()) renderMessages({ messages: [], total: 0, next_cursor: null }, `No message ${view.id}.`);
       }
       return;
     }
     try {
-      renderMessages(await api("GET", listPath()));
+      const page = await api("GET", listPath());
+      if (!current()) return;
+      renderMessages(page);
       $("filter-error").textContent = "";
     } catch (err) {
+      if (!current()) return;
       if (err.status === 400) {
         $("filter-error").textContent = err.message;
         renderMessages({ messages: [], total: 0, next_cursor: null }, "No results: see the error above.");
@@ -391,7 +519,72 @@
     $("page-info").textContent = view.id !== null
       ? `message ${view.id}`
       : `page ${pageNo} · ${page.total} matching`;
+    renderBulk(page.total);
   }
+
+  // ------------------------------------------------------------ bulk actions ---
+  // "Retry all N failed" / "Cancel all N pending" for the filter on screen (status, and
+  // the phone number when the search is one; never for a search by id). N is the
+  // list's total; the server applies the same filter when the operator confirms.
+  const BULK = {
+    failed: {
+      path: "messages/retry", answer: "retried", verb: "Retry", kind: "ok",
+      explain: "They go back to pending with their attempts reset and are sent on the cluster's schedule.",
+      done: (n, noun, to) => `Retried ${n} failed ${noun}${to}: pending again, sent on the cluster's schedule.`,
+    },
+    pending: {
+      path: "messages/cancel", answer: "cancelled", verb: "Cancel", kind: "danger",
+      explain: "They will never be sent. This cannot be undone.",
+      done: (n, noun, to) => `Cancelled ${n} pending ${noun}${to}: they will never be sent.`,
+    },
+  };
+  let bulkOffer = null; // what the button offers: {status, phone, total}
+  let bulkBusy = false;
+  const count = (n) => n.toLocaleString("en-US");
+  const messagesNoun = (n) => (n === 1 ? "message" : "messages");
+
+  function renderBulk(total) {
+    const action = view.id === null ? BULK[view.status] : undefined;
+    const button = $("bulk-action");
+    bulkOffer = action && total > 0 ? { status: view.status, phone: view.phone, total } : null;
+    button.hidden = !bulkOffer;
+    if (!bulkOffer) return;
+    const to = bulkOffer.phone ? ` to ${bulkOffer.phone}` : "";
+    button.textContent = `${action.verb} all ${count(total)} ${view.status}${to}`;
+    button.className = action.kind;
+    button.disabled = bulkBusy;
+  }
+
+  $("bulk-action").addEventListener("click", async () => {
+    const offer = bulkOffer;
+    if (!offer || bulkBusy) return;
+    const action = BULK[offer.status];
+    const noun = messagesNoun(offer.total);
+    const to = offer.phone ? ` to ${offer.phone}` : "";
+    const ok = await confirmAction(
+      `${action.verb} ${count(offer.total)} ${offer.status} ${noun}${to}?`,
+      `${action.explain} The filter is applied when you confirm: a message that became ${offer.status} since this count is included.`,
+      `${action.verb} ${count(offer.total)} ${noun}`,
+      action.kind);
+    if (!ok) return;
+    bulkBusy = true;
+    $("bulk-action").disabled = true;
+    $("bulk-result").textContent = `${action.verb === "Retry" ? "Retrying" : "Cancelling"} ${count(offer.total)} ${noun}…`;
+    try {
+      const body = { status: offer.status };
+      if (offer.phone) body.phone_number = offer.phone;
+      const answer = await api("POST", action.path, body);
+      const n = answer[action.answer];
+      $("bulk-result").textContent = action.done(count(n), messagesNoun(n), to);
+    } catch (err) {
+      $("bulk-result").textContent = `Not done: ${err.message}`;
+    } finally {
+      bulkBusy = false;
+      // The button goes once nothing is left to act on: keep the focus on the answer.
+      $("bulk-result").focus();
+      refreshSoon(0);
+    }
+  });
 
   $("filter-form").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -405,6 +598,7 @@
     if (/^\d{1,9}$/.test(search)) view.id = Number(search);
     else view.phone = search;
     $("filter-error").textContent = "";
+    $("bulk-result").textContent = "";
     refreshSoon(0);
   });
   $("filter-status").addEventListener("change", () => $("filter-form").requestSubmit());
