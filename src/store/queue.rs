@@ -50,21 +50,28 @@ pub struct Message {
 }
 
 /// The key a message is sent to the provider with: its `delivery_key`, a UUID made
-/// with the row, unique across databases and installs. Rows from before migration
-/// 0011 have none and keep the key they were sent with then, their id, so a message
-/// in flight during the upgrade is never re-sent under a new key (docs/design.md,
-/// "Delivery keys").
+/// with the row, unique across databases and installs; but the id for a row whose
+/// earlier attempts a replica of an earlier version made (it sent the id), and for rows
+/// from before migration 0011, which have no key. A message is never re-sent under
+/// another key than its earlier attempts used (docs/design.md, "Delivery keys").
 macro_rules! delivery_key {
     () => {
-        "coalesce(delivery_key::text, id::text) AS delivery_key"
+        "CASE WHEN attempts > 0 AND delivery_key_sent IS NOT TRUE THEN id::text \
+              ELSE coalesce(delivery_key::text, id::text) END AS delivery_key"
     };
     ($table:literal) => {
         concat!(
-            "coalesce(",
+            "CASE WHEN ",
+            $table,
+            ".attempts > 0 AND ",
+            $table,
+            ".delivery_key_sent IS NOT TRUE THEN ",
+            $table,
+            ".id::text ELSE coalesce(",
             $table,
             ".delivery_key::text, ",
             $table,
-            ".id::text) AS delivery_key"
+            ".id::text) END AS delivery_key"
         )
     };
 }
@@ -489,7 +496,11 @@ pub const CLAIM: &str = concat!(
     "
 UPDATE messages
 SET status = 'sending', claim_epoch = $2, claimed_by = $3, claimed_at = now(),
-    claim_token = $4, attempts = attempts + 1
+    claim_token = $4, attempts = attempts + 1,
+    -- Earlier attempts by an earlier version sent the id: so do the next ones.
+    delivery_key = CASE WHEN attempts > 0 AND delivery_key_sent IS NOT TRUE
+                        THEN NULL ELSE delivery_key END,
+    delivery_key_sent = true
 WHERE id = ANY(ARRAY(
     SELECT id FROM messages
     WHERE status = 'pending' AND next_attempt_at <= now()

@@ -65,8 +65,9 @@ async fn two_databases_through_one_provider_never_share_a_key() {
 }
 
 /// Rows that exist when migration 0011 is applied keep the key they were sent with
-/// before (their id): a message claimed or in flight during the upgrade is re-sent, if
-/// at all, under the same key. Rows created afterwards get a UUID.
+/// before (their id), and so does a row an earlier version's replica sent during the
+/// rolling upgrade: a message claimed or in flight during the upgrade is re-sent, if at
+/// all, under the same key. Rows created afterwards get a UUID.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_from_before_the_upgrade_keep_their_key() {
     let env = TestEnv::start().await;
@@ -77,8 +78,8 @@ async fn rows_from_before_the_upgrade_keep_their_key() {
     // The schema as it was before 0011, holding one pending message and one that was
     // claimed by a leader that died (its send may have reached the provider).
     db.batch_execute(
-        "ALTER TABLE messages DROP COLUMN delivery_key;
-         DELETE FROM schema_migrations WHERE version >= 11;
+        "ALTER TABLE messages DROP COLUMN delivery_key, DROP COLUMN delivery_key_sent;
+         DELETE FROM schema_migrations WHERE version = 11;
          INSERT INTO messages (phone_number, content) VALUES
              ('+905551230001', 'old pending'), ('+905551230002', 'old in flight');
          UPDATE messages SET status = 'sending', claim_epoch = 0, attempts = 1,
@@ -89,6 +90,17 @@ async fn rows_from_before_the_upgrade_keep_their_key() {
     .unwrap();
     let (status, output) = run_command(&["migrate"], &vars);
     assert!(status.success(), "{output}");
+    // After the migration, during a rolling upgrade, a replica of the earlier version
+    // claimed a new message (it sent it under its id) and died: it goes on under its
+    // id, although the row got a UUID when it was made.
+    db.batch_execute(
+        "INSERT INTO messages (phone_number, content, status, claim_epoch, attempts,
+                               claimed_at, claimed_by)
+         VALUES ('+905551230003', 'new, first sent by an old replica', 'sending', 0, 1,
+                 now() - interval '1 hour', 'old-version');",
+    )
+    .await
+    .unwrap();
     let replica = env.replica("r1", &[("AUTO_START", "false")]).await;
     let new = env.create_messages(&replica, &["new"]).await[0];
     let (_, listed) = replica.get("/api/messages?limit=10").await;
@@ -103,6 +115,7 @@ async fn rows_from_before_the_upgrade_keep_their_key() {
             )
         })
         .collect();
+    assert_eq!(keys.len(), 4, "{keys:?}");
     for (content, key) in &keys {
         if content == "new" {
             assert!(uuid_shaped(key), "{content}: {key}");

@@ -20,9 +20,9 @@ async fn every_rescued_row_is_first_looked_up_in_the_delivery_cache() {
     // Claimed under epoch 0 by a leader that is gone, an hour ago.
     db.execute(
         "INSERT INTO messages (phone_number, content, status, claim_epoch, claimed_by,
-                               claimed_at, attempts)
+                               claimed_at, attempts, delivery_key_sent)
          SELECT '+9055500' || lpad(s::text, 5, '0'), 'abandoned ' || s, 'sending', 0,
-                'gone', now() - interval '1 hour', 1
+                'gone', now() - interval '1 hour', 1, true
          FROM generate_series(1, $1::bigint) AS s",
         &[&ABANDONED],
     )
