@@ -403,7 +403,7 @@ impl Dispatcher {
             SendOutcome::Accepted {
                 provider_message_id,
             } => {
-                if sends.probe || self.pause.paused.get() {
+                if sends.probe {
                     self.lift_pause().await;
                 }
                 // Before the result is recorded: if it never is, the rescue finds this.

@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::cache::DeliveryCache;
 use crate::domain::Epoch;
 use crate::leadership::{FenceTiming, Leadership, Term};
-use crate::metrics::{FAILED_MAX_ATTEMPTS, Metrics, PAUSED_PROVIDER_AUTH};
+use crate::metrics::{FAILED_MAX_ATTEMPTS, Metrics};
 use crate::provider::ProviderClient;
 use crate::retry::RetryPolicy;
 use crate::store::queue::{Claim, OpenedBatch, RescuePolicy, Schedule};
@@ -267,10 +267,6 @@ impl Dispatcher {
                 self.metrics
                     .scheduler_running
                     .set(i64::from(!matches!(result.claim, Claim::Stopped)));
-                self.metrics
-                    .dispatch_paused
-                    .with_label_values(&[PAUSED_PROVIDER_AUTH])
-                    .set(i64::from(matches!(result.claim, Claim::Paused(_))));
                 match result.claim {
                     Claim::Paused(_) => {
                         self.pause.paused.set(true);

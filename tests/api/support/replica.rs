@@ -28,16 +28,7 @@ pub struct Replica {
 impl Replica {
     /// Starts `serve` with exactly `env` (plus PATH), logging to `log_dir`.
     pub fn spawn(name: &str, log_dir: &std::path::Path, env: Vec<(String, String)>) -> Self {
-        let mut replica = Self {
-            name: name.to_string(),
-            port: std::sync::OnceLock::new(),
-            child: None,
-            log_path: log_dir.join(format!("{name}.log")),
-            env,
-            open_files: None,
-        };
-        replica.start_process();
-        replica
+        Self::spawn_limited(name, log_dir, env, None)
     }
 
     /// [`Replica::spawn`] in a process that may open at most `open_files` files
@@ -48,13 +39,22 @@ impl Replica {
         env: Vec<(String, String)>,
         open_files: u64,
     ) -> Self {
+        Self::spawn_limited(name, log_dir, env, Some(open_files))
+    }
+
+    fn spawn_limited(
+        name: &str,
+        log_dir: &std::path::Path,
+        env: Vec<(String, String)>,
+        open_files: Option<u64>,
+    ) -> Self {
         let mut replica = Self {
             name: name.to_string(),
             port: std::sync::OnceLock::new(),
             child: None,
             log_path: log_dir.join(format!("{name}.log")),
             env,
-            open_files: Some(open_files),
+            open_files,
         };
         replica.start_process();
         replica
