@@ -19,10 +19,17 @@ ensure_binary() {
     esac
     log "building message-dispatcher ($profile)"
     (cd "$ROOT" && cargo build "${flags[@]}" --locked --quiet)
-    BIN="$ROOT/target/$profile/message-dispatcher"
+    BIN="$(target_dir)/$profile/message-dispatcher"
   fi
   [ -x "$BIN" ] || die "no binary at $BIN"
   export BIN
+}
+
+# target_dir: where cargo puts its builds (CARGO_TARGET_DIR, a config file, or target/).
+target_dir() {
+  (cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null) |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null ||
+    echo "${CARGO_TARGET_DIR:-$ROOT/target}"
 }
 
 as_root() {
@@ -71,13 +78,16 @@ pg_bin_dir() {
   echo "$dir"
 }
 
-# free_port [preferred]: the preferred port if free, else any free port.
+# free_port [preferred]: the preferred port if free, else any free port. Checked with
+# SO_REUSEADDR, as every server here binds: a port whose last connections linger in
+# TIME_WAIT after a stop is free for them, so a restart keeps its ports.
 free_port() {
   python3 - "${1:-0}" <<'PY'
 import socket, sys
 want = int(sys.argv[1])
 for port in ([want] if want else []) + [0]:
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind(("127.0.0.1", port))
         print(s.getsockname()[1]); break
@@ -140,10 +150,13 @@ start_postgres() {
     psql -h 127.0.0.1 -p "$port" -U postgres -qc "CREATE DATABASE messages_db"
 }
 
+# stop_postgres DIR: stops the server if it runs; quiet when it is gone already.
 stop_postgres() {
   local dir="$1" bin
   bin="$(pg_bin_dir)" || return 0
-  [ -f "$dir/data/postmaster.pid" ] && as_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true
+  [ -f "$dir/data/postmaster.pid" ] || return 0
+  as_pg "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1 || return 0
+  as_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
 }
 
 # start_redis DIR PORT

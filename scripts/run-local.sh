@@ -8,10 +8,11 @@
 #   ./scripts/stop-local.sh           stop everything
 #
 # Settings (environment): SEED (demo messages, default 20), BATCH_SIZE (2),
-# PROCESSING_INTERVAL (10s, faster than the 2m default so the demo moves),
-# PG_PORT (55432), REDIS_PORT (56379), MOCK_PORT (3001), API_PORTS ("8081 8082 8083"),
-# PROMETHEUS_PORT (9090).
-# A busy port is replaced by a free one.
+# PROCESSING_INTERVAL (10s, faster than the 2m default so the demo moves), API_TOKEN
+# (unset: the API is open), PG_PORT (55432), REDIS_PORT (56379), MOCK_PORT (3001),
+# API_PORTS ("8081 8082 8083"), PROMETHEUS_PORT (9090).
+# A busy port is replaced by a free one; a restart within a minute keeps its ports.
+# Builds where cargo builds (CARGO_TARGET_DIR is honoured).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -27,9 +28,9 @@ ensure_packages pg:postgresql psql:postgresql-client redis-server:redis-server c
   prometheus:prometheus promtool:prometheus
 command -v cargo >/dev/null || die "cargo is required (https://rustup.rs)"
 
-log "building message-dispatcher (release)"
-cargo build --release --locked --quiet
-BIN="$ROOT/target/release/message-dispatcher"
+# Wherever cargo builds (CARGO_TARGET_DIR, a cargo config): see ensure_binary.
+# PROFILE=debug reuses the tests' build (scripts/verify-local-run.sh does).
+PROFILE="${PROFILE:-release}" ensure_binary
 
 PG_PORT="$(free_port "${PG_PORT:-55432}")"
 REDIS_PORT="$(free_port "${REDIS_PORT:-56379}")"
@@ -80,6 +81,7 @@ log "starting Prometheus on 127.0.0.1:$PROMETHEUS_PORT (scrapes the replicas, ev
 start_prometheus "$STATE/prometheus" "$PROMETHEUS_PORT" 5s $(printf '127.0.0.1:%s ' "${PORTS[@]}")
 
 cat >"$STATE/env" <<ENV
+BIN=$BIN
 DATABASE_URL=$DATABASE_URL
 REDIS_URL=$REDIS_URL
 SMS_API_URL=$SMS_API_URL
@@ -90,15 +92,42 @@ PROMETHEUS_PORT=$PROMETHEUS_PORT
 API_PORTS="${PORTS[*]}"
 ENV
 
-leader="$(curl -fsS "http://127.0.0.1:${PORTS[0]}/api/messaging/status" | python3 -c 'import json,sys; l=json.load(sys.stdin)["leader"]; print(l["replica_id"] if l else "electing…")')"
+# With API_TOKEN set, /api/* wants it; the summary's commands carry it too.
+AUTH=()
+AUTH_SHOWN=""
+if [ -n "${API_TOKEN:-}" ]; then
+  AUTH=(-H "Authorization: Bearer $API_TOKEN")
+  AUTH_SHOWN=' -H "Authorization: Bearer $API_TOKEN"'
+fi
+# The schedule actually in force: the environment, or a runtime override stored in
+# PostgreSQL by an earlier run, which wins over it.
+status_json="$(curl -fsS "${AUTH[@]}" "http://127.0.0.1:${PORTS[0]}/api/messaging/status" || echo '{}')"
+read -r leader schedule < <(python3 -c '
+import json, sys
+s = json.loads(sys.argv[1] or "{}")
+leader = (s.get("leader") or {}).get("replica_id") or "electing..."
+c = s.get("config") or {}
+o = c.get("overrides") or {}
+marks = []
+for name, key in (("batch size", "batch_size"), ("interval", "processing_interval")):
+    if o.get(key) is not None:
+        who = (o.get(key + "_set") or {}).get("by") or "?"
+        marks.append("%s overridden in PostgreSQL by %s" % (name, who))
+text = "%s messages every %s" % (c.get("batch_size", "?"), c.get("processing_interval", "?"))
+if marks:
+    text += " (" + "; ".join(marks) + ")"
+print(leader, text)
+' "$status_json")
 cat <<SUMMARY
 
-message-dispatcher is running (BATCH_SIZE=$BATCH_SIZE every $PROCESSING_INTERVAL; leader: $leader)
+message-dispatcher is running: $schedule; leader: $leader
 
+  console         http://127.0.0.1:${PORTS[0]}/   (every replica serves it)
   replicas        $(for p in "${PORTS[@]}"; do printf 'http://127.0.0.1:%s  ' "$p"; done)
-  status          curl -s http://127.0.0.1:${PORTS[0]}/api/messaging/status
-  sent messages   curl -s http://127.0.0.1:${PORTS[0]}/api/messages/sent
-  stats           curl -s http://127.0.0.1:${PORTS[0]}/api/messages/stats
+  OpenAPI         http://127.0.0.1:${PORTS[0]}/openapi.json
+  status          curl -s$AUTH_SHOWN http://127.0.0.1:${PORTS[0]}/api/messaging/status
+  send one        curl -s$AUTH_SHOWN -H 'Content-Type: application/json' -d '{"phone_number": "+905551234567", "content": "hello"}' http://127.0.0.1:${PORTS[0]}/api/messages
+  sent messages   curl -s$AUTH_SHOWN http://127.0.0.1:${PORTS[0]}/api/messages/sent
   metrics         curl -s http://127.0.0.1:${PORTS[0]}/metrics
   mock provider   http://127.0.0.1:$MOCK_PORT/deliveries   /stats
   Prometheus      http://127.0.0.1:$PROMETHEUS_PORT   (alerts: /alerts)

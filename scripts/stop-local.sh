@@ -4,9 +4,12 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 STATE="$ROOT/.local"
+# The binary run-local.sh started (wherever cargo built it).
+BIN="$(sed -n 's/^BIN=//p' "$STATE/env" 2>/dev/null)"
+BIN="${BIN:-message-dispatcher}"
 # Only processes that still run our binary: a stale pid file (after a reboot) must not
-# kill whatever reused those pids.
-ours() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q "target/release/message-dispatcher"; }
+# kill whatever reused those pids. Quiet about those gone already.
+ours() { [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF "$BIN"; }
 if [ -f "$STATE/pids" ]; then
   while read -r pid; do ours "$pid" && kill "$pid" 2>/dev/null || true; done <"$STATE/pids"
   for _ in $(seq 1 100); do
