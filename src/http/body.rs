@@ -82,14 +82,50 @@ where
     Ok(body)
 }
 
-/// The body as one `T`.
+/// The body as one `T`, a JSON object.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    match objects(bytes)? {
+        Shape::Object => typed(bytes),
+        _ => Err(ApiError::validation("body", "expected a JSON object")),
+    }
+}
+
+/// What a body holds, at the top. serde reads a struct from a JSON array as readily as
+/// from an object (`[null, null]` is a struct of two fields), so the shape is checked
+/// before the body is read into its type.
+enum Shape {
+    Object,
+    /// An array of objects only.
+    Objects,
+    /// An array with something else than an object at this index.
+    NotObjectAt(usize),
+    Other,
+}
+
+fn objects(bytes: &[u8]) -> Result<Shape, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::BadRequest {
             code: "invalid_json",
             message: "the request body is empty; expected JSON".into(),
         });
     }
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|err| ApiError::BadRequest {
+            code: "invalid_json",
+            message: format!("the request body is not valid JSON: {err}"),
+        })?;
+    Ok(match value {
+        serde_json::Value::Object(_) => Shape::Object,
+        serde_json::Value::Array(items) => items
+            .iter()
+            .position(|item| !item.is_object())
+            .map_or(Shape::Objects, Shape::NotObjectAt),
+        _ => Shape::Other,
+    })
+}
+
+/// The body read into `T`, with serde's errors as the API's.
+fn typed<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(refused)?;
     deserializer.end().map_err(|err| ApiError::BadRequest {
@@ -106,19 +142,16 @@ pub fn one_or_many<T: DeserializeOwned>(
     max: usize,
     noun: &str,
 ) -> Result<(Vec<T>, bool), ApiError> {
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    let (items, single) = match first {
-        Some(b'[') => (parse::<Vec<T>>(bytes)?, false),
-        Some(b'{') => (vec![parse::<T>(bytes)?], true),
-        None => return parse::<T>(bytes).map(|item| (vec![item], true)),
-        Some(_) => {
-            // Not an object or array: valid JSON is a 422, anything else a 400.
-            serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|err| {
-                ApiError::BadRequest {
-                    code: "invalid_json",
-                    message: format!("the request body is not valid JSON: {err}"),
-                }
-            })?;
+    let (items, single) = match objects(bytes)? {
+        Shape::Objects => (typed::<Vec<T>>(bytes)?, false),
+        Shape::Object => (vec![typed::<T>(bytes)?], true),
+        Shape::NotObjectAt(index) => {
+            return Err(
+                ApiError::validation("body", format!("each {noun} must be an object"))
+                    .at_index(index),
+            );
+        }
+        Shape::Other => {
             return Err(ApiError::validation(
                 "body",
                 format!("expected a {noun} object or an array of {noun} objects"),
@@ -251,6 +284,13 @@ mod tests {
         assert_eq!(field.as_deref(), Some("body"));
         let (field, _, _) = refused("42");
         assert_eq!(field.as_deref(), Some("body"));
+        // A struct is not read from an array (serde would).
+        let (field, index, _) = refused(r#"[["+1", null, 3]]"#);
+        assert_eq!((field.as_deref(), index), (Some("body"), Some(0)));
+        let (field, index, _) = refused(r#"[{"phone_number": "+1"}, 7]"#);
+        assert_eq!((field.as_deref(), index), (Some("body"), Some(1)));
+        let err = parse::<Item>(br#"["+1", null, null]"#).unwrap_err();
+        assert_eq!(located(err).0.as_deref(), Some("body"));
     }
 
     #[test]

@@ -180,6 +180,27 @@ async fn list_sent(state: State, query: HashMap<String, String>) -> Result<Respo
     ))
 }
 
+/// A phone number to filter by: its E.164 form when it is a valid number (so a search
+/// finds what intake stored), else the text itself when it is digits with an optional
+/// `+`, as rows from before E.164 intake may hold it.
+fn phone_filter(text: &str, region: Option<Region>) -> Result<String, String> {
+    match PhoneNumber::parse(text, region) {
+        Ok(number) => Ok(number.as_str().to_string()),
+        Err(_) => {
+            // At most 20 characters, as the column holds.
+            let digits = text.strip_prefix('+').unwrap_or(text);
+            if !digits.is_empty() && text.len() <= 20 && digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                Ok(text.to_string())
+            } else {
+                Err(format!(
+                    "phone_number: {text:?} must be at most 20 digits with an optional leading +"
+                ))
+            }
+        }
+    }
+}
+
 /// The filters of `GET /api/messages`; a bad value is a 400 naming the parameter.
 fn list_filter(
     query: &HashMap<String, String>,
@@ -197,15 +218,9 @@ fn list_filter(
             ))
         })?),
     };
-    let phone_number = match given("phone_number") {
-        None => None,
-        Some(text) => Some(
-            PhoneNumber::parse(text, region)
-                .map_err(|err| ApiError::bad_request(err.to_string()))?
-                .as_str()
-                .to_string(),
-        ),
-    };
+    let phone_number = given("phone_number")
+        .map(|text| phone_filter(text, region).map_err(ApiError::bad_request))
+        .transpose()?;
     let time = |name: &'static str| -> Result<Option<DateTime<Utc>>, ApiError> {
         given(name)
             .map(|text| {
@@ -341,9 +356,8 @@ async fn bulk(state: State, body: Bytes, action: Bulk) -> Result<Response, ApiEr
         phone_number: filter
             .phone_number
             .map(|text| {
-                PhoneNumber::parse(&text, region)
-                    .map(|p| p.as_str().to_string())
-                    .map_err(|err| ApiError::validation(err.field, err.to_string()))
+                phone_filter(&text, region)
+                    .map_err(|problem| ApiError::validation("phone_number", problem))
             })
             .transpose()?,
         since: time("since", filter.since)?,

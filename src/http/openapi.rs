@@ -104,6 +104,22 @@ fn json_response(description: &str, schema: Value) -> Value {
     json!({"description": description, "content": {"application/json": {"schema": schema}}})
 }
 
+/// The filter body of a bulk action on messages in `status` (the only one it takes).
+fn bulk_filter(status: &str) -> Value {
+    json!({
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["status"],
+        "properties": {
+            "status": {"const": status},
+            "phone_number": {"type": ["string", "null"], "pattern": "^\\+?[0-9]+$", "minLength": 1, "maxLength": 20, "description": "E.164 (or national with DEFAULT_REGION), or exactly as stored"},
+            "since": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "created at or after"},
+            "until": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "created before"},
+            "lane": {"enum": ["default", null], "description": "the only lane until lanes are configured"}
+        }
+    })
+}
+
 fn schema_ref(name: &str) -> Value {
     json!({"$ref": format!("#/components/schemas/{name}")})
 }
@@ -290,7 +306,7 @@ fn schemas(max_content_chars: usize) -> Value {
                 "id": {"type": "integer", "format": "int64"},
                 "phone_number": {"type": "string"},
                 "country": {"type": ["string", "null"], "description": "ISO 3166 region of the number (TR), from its country code"},
-                "delivery_key": {"type": "string", "description": "the Idempotency-Key of every send of this message: a UUID made with the row (its id for rows from before version 0.2)"},
+                "delivery_key": {"type": "string", "description": "the Idempotency-Key of every send of this message: a UUID made with the row (its id for rows from before migration 0011, and for messages an earlier version sent first)"},
                 "content": {"type": "string"},
                 "status": {"enum": STATUSES},
                 "idempotency_key": {"type": ["string", "null"]},
@@ -363,18 +379,8 @@ fn schemas(max_content_chars: usize) -> Value {
                 }}
             }
         },
-        "BulkFilter": {
-            "type": "object",
-            "additionalProperties": false,
-            "required": ["status"],
-            "properties": {
-                "status": {"enum": STATUSES, "description": "failed for a retry, pending for a cancel"},
-                "phone_number": {"type": ["string", "null"], "pattern": "^\\+?[0-9]{1,17}$"},
-                "since": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "created at or after"},
-                "until": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "created before"},
-                "lane": {"type": ["string", "null"], "description": "default (the only lane until lanes are configured)"}
-            }
-        },
+        "RetryFilter": bulk_filter("failed"),
+        "CancelFilter": bulk_filter("pending"),
         "ControlAnswer": {
             "type": "object",
             "required": ["status", "message"],
@@ -551,8 +557,8 @@ fn paths() -> Value {
                 "security": [{"bearer": []}],
                 "parameters": page_params.as_array().unwrap_or(&Vec::new()).iter().cloned()
                     .chain([
-                        json!({"name": "status", "in": "query", "required": false, "schema": {"enum": STATUSES}}),
-                        json!({"name": "phone_number", "in": "query", "required": false, "description": "exact number", "schema": {"type": "string", "pattern": "^\\+?[0-9]+$", "minLength": 10, "maxLength": 20}}),
+                        json!({"name": "status", "in": "query", "required": false, "description": "empty: any status", "schema": {"enum": STATUSES.iter().copied().chain([""]).collect::<Vec<_>>()}}),
+                        json!({"name": "phone_number", "in": "query", "required": false, "description": "the number, in E.164 (or national with DEFAULT_REGION), or exactly as stored", "schema": {"type": "string", "pattern": "^\\+?[0-9]+$", "minLength": 1, "maxLength": 20}}),
                         json!({"name": "since", "in": "query", "required": false, "description": "created_at at or after (RFC 3339)", "schema": {"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}}),
                         json!({"name": "until", "in": "query", "required": false, "description": "created_at before (RFC 3339)", "schema": {"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}})
                     ])
@@ -638,7 +644,7 @@ fn paths() -> Value {
             "summary": "Retry every failed message the filter selects",
             "operationId": "retryMessages",
             "security": [{"bearer": []}],
-            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("BulkFilter")}}},
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("RetryFilter")}}},
             "responses": api_errors(responses(&[
                 ("200", json_response("how many went back to pending", json!({"type": "object", "required": ["retried"], "properties": {"retried": {"type": "integer"}}}))),
                 ("400", error_response("the body is not JSON")),
@@ -650,7 +656,7 @@ fn paths() -> Value {
             "summary": "Cancel every pending message the filter selects",
             "operationId": "cancelMessages",
             "security": [{"bearer": []}],
-            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("BulkFilter")}}},
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("CancelFilter")}}},
             "responses": api_errors(responses(&[
                 ("200", json_response("how many were cancelled", json!({"type": "object", "required": ["cancelled"], "properties": {"cancelled": {"type": "integer"}}}))),
                 ("400", error_response("the body is not JSON")),

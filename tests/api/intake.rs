@@ -110,7 +110,26 @@ async fn typos_repeats_and_wrong_types_are_refused_by_name() {
     )
     .await;
     assert_eq!(located(&answer), (Some("batchSize"), None));
+    // serde reads a struct from an array too: `[null, null]` cleared both overrides.
+    for body in ["[null, null]", "[5, \"1s\"]"] {
+        let answer = raw(
+            &replica,
+            reqwest::Method::PUT,
+            "/api/messaging/config",
+            Some(body),
+            &[("content-type", "application/json")],
+        )
+        .await;
+        assert_eq!(located(&answer), (Some("body"), None), "{body}");
+    }
+    let answer = post_json(&replica, "/api/messages", r#"[["+905551111111", "hi"]]"#).await;
+    assert_eq!(located(&answer), (Some("body"), Some(0)));
     assert_eq!(env.count("pending").await, 0, "nothing was created");
+    // A filter takes a number as stored, too (rows from before E.164 intake).
+    assert_eq!(
+        replica.get("/api/messages?phone_number=0000000000").await.0,
+        200
+    );
 }
 
 /// A body that is not `application/json` is a 415, whatever it holds.
