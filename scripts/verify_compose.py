@@ -23,6 +23,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -105,6 +107,20 @@ def cmd_cluster(args) -> None:
           f"(the live ones: {set(answers) == set(seen['replicas'])})")
     check(leaders == [seen["leader"]] and all(len(f) == 1 for f in answers.values()),
           f"/health says leader=true on exactly one replica ({leaders})")
+    # The console's own page posts with its Origin: nginx must pass the host and port
+    # the browser used, or the replicas take it for another site (403).
+    origin = args.lb.rstrip("/")
+    request = urllib.request.Request(args.lb + "/api/messaging/start", method="POST",
+                                     headers={"Origin": origin})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            code = response.status
+    except urllib.error.HTTPError as err:
+        code = err.code
+    except OSError as err:
+        code = str(err)
+    check(code == 200, f"a POST through nginx with the page's Origin {origin}: {code} (200: "
+                       "nginx passes the host and port the browser used)")
 
 
 def leader_container(lb: str, podman: list[str], containers: list[str]) -> tuple[str, str]:
