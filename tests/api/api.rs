@@ -598,15 +598,13 @@ async fn a_client_hanging_up_before_its_answer_is_not_logged_as_an_error() {
 }
 
 /// Opens a connection to `port` and sends an unfinished request: headers without
-/// their final empty line, as a slowloris client does.
-async fn unfinished_request(port: u16) -> Option<tokio::net::TcpStream> {
+/// their final empty line, as a slowloris client does. `None` when the connection is
+/// not made within `patience` (a server that stopped accepting leaves connects waiting
+/// in its backlog).
+async fn unfinished_request(port: u16, patience: Duration) -> Option<tokio::net::TcpStream> {
     use tokio::io::AsyncWriteExt;
-    // A server that stopped accepting leaves connects waiting in its backlog.
     let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
-    let mut stream = tokio::time::timeout(Duration::from_secs(1), connect)
-        .await
-        .ok()?
-        .ok()?;
+    let mut stream = tokio::time::timeout(patience, connect).await.ok()?.ok()?;
     stream
         .write_all(b"GET /health/live HTTP/1.1\r\nHost: slow\r\nX-Slow: ")
         .await
@@ -636,7 +634,10 @@ async fn unfinished_requests_are_closed_after_the_header_timeout() {
     let replica = env.replica("r1", &[]).await;
     let mut slow = Vec::new();
     for _ in 0..300 {
-        slow.push(unfinished_request(replica.port()).await.expect("connect"));
+        // Generous: on a busy machine a full accept queue drops a SYN, and the
+        // client sends it again a second later.
+        let stream = unfinished_request(replica.port(), Duration::from_secs(30)).await;
+        slow.push(stream.expect("connected within 30 s"));
     }
     // Each stream is checked until the server has closed it (40 s at most: the
     // timeout is 10 s).
@@ -671,7 +672,7 @@ async fn a_flood_of_unfinished_requests_leaves_health_and_the_api_answering() {
     replica.wait_ready().await;
     let mut slow = Vec::new();
     for _ in 0..1500 {
-        if let Some(stream) = unfinished_request(replica.port()).await {
+        if let Some(stream) = unfinished_request(replica.port(), Duration::from_secs(1)).await {
             slow.push(stream);
         }
     }
@@ -694,7 +695,7 @@ async fn a_flood_of_unfinished_requests_leaves_health_and_the_api_answering() {
         println!("round {round}: answered in {:?}", started.elapsed());
         // More unfinished requests between the rounds.
         for _ in 0..200 {
-            if let Some(stream) = unfinished_request(replica.port()).await {
+            if let Some(stream) = unfinished_request(replica.port(), Duration::from_secs(1)).await {
                 slow.push(stream);
             }
         }
