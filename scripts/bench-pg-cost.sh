@@ -27,6 +27,8 @@
 # Settings: N (10000), SEED (100000), BATCH (500), GROUP (250), EACH_INDEX (0), KEYED (0),
 # BIN.
 set -euo pipefail
+# A failing step inside $(...) must end the run, not print a zero.
+shopt -s inherit_errexit
 source "$(dirname "$0")/lib.sh"
 ensure_packages pg:postgresql valgrind:valgrind
 ensure_binary

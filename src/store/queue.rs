@@ -492,12 +492,15 @@ WHERE status = 'pending' AND expires_at <= now()";
 /// the whole table on small ones (a sequential scan of all 20,000 rows for every claim
 /// of 500) and took the primary key only from about 100,000 rows on. Public so that a
 /// test can check the plan.
+///
+/// A row whose earlier attempts an earlier version made (attempts without
+/// `delivery_key_sent`) was sent under its id: the claim drops its key, so it goes on
+/// under its id (see `delivery_key!`).
 pub const CLAIM: &str = concat!(
     "
 UPDATE messages
 SET status = 'sending', claim_epoch = $2, claimed_by = $3, claimed_at = now(),
     claim_token = $4, attempts = attempts + 1,
-    -- Earlier attempts by an earlier version sent the id: so do the next ones.
     delivery_key = CASE WHEN attempts > 0 AND delivery_key_sent IS NOT TRUE
                         THEN NULL ELSE delivery_key END,
     delivery_key_sent = true
