@@ -1307,14 +1307,8 @@ impl Store {
         epoch: Epoch,
         error: &str,
     ) -> Result<Recorded, StoreError> {
-        let n = self
-            .execute_prepared(MARK_UNAUTHORIZED, &[&id, &epoch.0, &error])
-            .await?;
-        Ok(if n == 1 {
-            Recorded::Retrying
-        } else {
-            Recorded::NotOurs
-        })
+        self.mark_guarded(MARK_UNAUTHORIZED, id, epoch, error, Recorded::Retrying)
+            .await
     }
 
     /// A claimed message that expired before its send: `expired`, attempt uncounted.
@@ -1331,14 +1325,23 @@ impl Store {
         epoch: Epoch,
         error: &str,
     ) -> Result<Recorded, StoreError> {
-        let n = self
-            .execute_prepared(MARK_FAILED, &[&id, &epoch.0, &error])
-            .await?;
-        Ok(if n == 1 {
-            Recorded::Failed
-        } else {
-            Recorded::NotOurs
-        })
+        self.mark_guarded(MARK_FAILED, id, epoch, error, Recorded::Failed)
+            .await
+    }
+
+    /// Runs a result write `sql` (`$1` id, `$2` epoch, `$3` error) guarded by
+    /// `status = 'sending' AND claim_epoch = $2`: `recorded` when the row was still
+    /// ours, else [`Recorded::NotOurs`].
+    async fn mark_guarded(
+        &self,
+        sql: &str,
+        id: i64,
+        epoch: Epoch,
+        error: &str,
+        recorded: Recorded,
+    ) -> Result<Recorded, StoreError> {
+        let n = self.execute_prepared(sql, &[&id, &epoch.0, &error]).await?;
+        Ok(if n == 1 { recorded } else { Recorded::NotOurs })
     }
 
     /// Closes the batch this epoch opened at `opened_at` (every send is done and
