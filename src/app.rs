@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
 use crate::retry::connect_backoff;
 use crate::state::{AppState, HEARTBEAT_INTERVAL};
-use crate::store::queue::{RescuePolicy, Schedule};
+use crate::store::{RescuePolicy, Schedule};
 use crate::store::{Store, StoreError};
 use crate::version::BUILD;
 use crate::{dependencies, http, redis};
@@ -317,8 +317,8 @@ async fn prepare_database(
 /// Logs each runtime override stored in PostgreSQL that shadows an environment
 /// value: a replica restarted with a new `BATCH_SIZE` still obeys the override, and
 /// its operator should read that in the log rather than find it out.
-fn warn_about_overrides(configured: &Schedule, control: &crate::store::control::ControlRecord) {
-    let by = |set: Option<&crate::store::control::SetBy>| {
+fn warn_about_overrides(configured: &Schedule, control: &crate::store::ControlRecord) {
+    let by = |set: Option<&crate::store::SetBy>| {
         set.map_or_else(
             || "an unknown client".to_string(),
             |set| {

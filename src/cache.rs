@@ -19,7 +19,7 @@ use fred::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::store::queue::{KnownDelivery, RescueCandidate};
+use crate::store::{KnownDelivery, RescueCandidate};
 
 /// How long a cache read may take before the answer goes out without it.
 const READ_TIMEOUT: Duration = Duration::from_millis(500);
@@ -73,7 +73,7 @@ impl DeliveryCache {
     /// Records a delivery in the background; the caller never waits for Redis.
     pub fn remember(
         &self,
-        message: &crate::store::queue::ClaimedMessage,
+        message: &crate::store::ClaimedMessage,
         provider_message_id: Option<String>,
         sent_at: DateTime<Utc>,
     ) {

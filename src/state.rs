@@ -13,8 +13,8 @@ use crate::cache::DeliveryCache;
 use crate::config::Config;
 use crate::leadership::Leadership;
 use crate::metrics::Metrics;
+use crate::store::Schedule;
 use crate::store::Store;
-use crate::store::queue::Schedule;
 
 /// How often a replica checks its dependencies and refreshes its registry heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);

@@ -25,7 +25,7 @@ use crate::metrics::{
 use crate::provider::SendOutcome;
 use crate::retry::connect_backoff;
 use crate::store::StoreError;
-use crate::store::queue::{ClaimedMessage, OpenedBatch, Recorded, Schedule};
+use crate::store::{ClaimedMessage, OpenedBatch, Recorded, Schedule};
 
 /// How long, once shutdown has begun and the in-flight sends are over (or abandoned),
 /// a batch may spend returning its unsent claims and closing itself.

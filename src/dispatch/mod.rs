@@ -23,7 +23,7 @@ use crate::leadership::{FenceTiming, Leadership, Term};
 use crate::metrics::{FAILED_MAX_ATTEMPTS, Metrics};
 use crate::provider::ProviderClient;
 use crate::retry::RetryPolicy;
-use crate::store::queue::{Claim, OpenedBatch, RescuePolicy, Schedule};
+use crate::store::{Claim, OpenedBatch, RescuePolicy, Schedule};
 use crate::store::{Store, StoreError};
 pub use pacer::Pacer;
 pub use recorder::Recorder;
@@ -363,7 +363,7 @@ impl Dispatcher {
         &self,
         term: &Term,
         state: &mut LoopState,
-    ) -> Result<Option<crate::store::queue::ClaimResult>, StoreError> {
+    ) -> Result<Option<crate::store::ClaimResult>, StoreError> {
         if let Some((epoch, token)) = state.in_doubt {
             let released = self.store.release_claim(epoch, token).await?;
             if released > 0 {
@@ -431,7 +431,7 @@ impl Dispatcher {
         let policy = self.settings.rescue;
         let mut after = 0;
         let mut recorded = 0;
-        let mut rescued = crate::store::queue::Rescued::default();
+        let mut rescued = crate::store::Rescued::default();
         loop {
             let candidates = self
                 .store
@@ -459,7 +459,7 @@ impl Dispatcher {
                 .await?;
             rescued.pending += page.pending;
             rescued.failed += page.failed;
-            if (candidates.len() as i64) < crate::store::queue::RESCUE_PAGE {
+            if (candidates.len() as i64) < crate::store::claims::RESCUE_PAGE {
                 break;
             }
         }

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::Epoch;
 use crate::retry::connect_backoff;
-use crate::store::queue::{Recorded, SentResult};
+use crate::store::{Recorded, SentResult};
 use crate::store::{Store, StoreError};
 
 /// The most rows one statement records.

@@ -15,7 +15,7 @@ use super::{ApiError, State, body, json, respond, with_state};
 use crate::domain::{
     IdempotencyKey, MessageContent, MessageStatus, PhoneNumber, Priority, Region, parse_time,
 };
-use crate::store::queue::{Inserted, ListFilter, Message, NewMessage, StatusChange};
+use crate::store::{Inserted, ListFilter, Message, NewMessage, StatusChange};
 
 /// Most messages one `POST /api/messages` may create.
 const MAX_CREATE: usize = 1000;

@@ -17,8 +17,8 @@ use crate::config::MAX_BATCH_SIZE;
 use crate::duration;
 use crate::leadership::FenceTiming;
 use crate::state::LIVE_WITHIN;
-use crate::store::control::{ControlRecord, OverrideChange};
-use crate::store::queue::Schedule;
+use crate::store::Schedule;
+use crate::store::{ControlRecord, OverrideChange};
 
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     let start = warp::path!("messaging" / "start")

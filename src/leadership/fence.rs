@@ -166,11 +166,11 @@ async fn establish(
         None => {
             let session = LeaderSession::open(store, SessionRole::Fence).await?;
             if !session.record_as_leader(epoch).await? {
-                return Err(EstablishError::Fenced(session.leader_record().await?.epoch));
+                return Err(EstablishError::Fenced(session.term_record().await?.epoch));
             }
             let waiting_since = Instant::now();
             while !session.try_lock().await? {
-                let record = session.leader_record().await?;
+                let record = session.term_record().await?;
                 if record.epoch != epoch {
                     return Err(EstablishError::Fenced(record.epoch));
                 }
@@ -193,7 +193,7 @@ async fn establish(
         }
     };
     if !session.record_as_leader(epoch).await? {
-        let record = session.leader_record().await?;
+        let record = session.term_record().await?;
         return Err(EstablishError::Fenced(record.epoch));
     }
     Ok(session)

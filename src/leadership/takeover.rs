@@ -91,7 +91,7 @@ async fn attempt(
     let session = LeaderSession::open(store, SessionRole::Watch)
         .await
         .map_err(text)?;
-    let armed = session.leader_record().await.map_err(text)?;
+    let armed = session.term_record().await.map_err(text)?;
     let Some(leader_pid) = armed.session_pid else {
         return Ok(None);
     };
@@ -99,7 +99,7 @@ async fn attempt(
         return Ok(None);
     }
     session.lock().await.map_err(text)?;
-    let record = session.leader_record().await.map_err(text)?;
+    let record = session.term_record().await.map_err(text)?;
     let still_dead = record.epoch == armed.epoch
         && record.session_pid == Some(leader_pid)
         && !session.backend_alive(leader_pid).await.map_err(text)?;

@@ -1,73 +1,13 @@
-//! The control tables: the fence (leader row), the desired state, and the replica
-//! registry.
+//! The control tables: the desired state and runtime overrides
+//! (`dispatcher_control`), and the replica registry (`dispatcher_replicas`).
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 
-use super::{Store, StoreError};
+use super::fence::LOCK_FENCE;
+use super::{ControlRecord, OverrideChange, Pause, ReplicaRecord, SetBy, Store, StoreError};
 use crate::domain::Epoch;
-
-/// The fence row as the status API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct LeaderRecord {
-    pub epoch: i64,
-    pub holder: Option<String>,
-    pub acquired_at: Option<DateTime<Utc>>,
-    pub last_batch_at: Option<DateTime<Utc>>,
-}
-
-/// The cluster's desired state and runtime overrides.
-#[derive(Debug, Clone)]
-pub struct ControlRecord {
-    pub running: bool,
-    pub batch_size: Option<u32>,
-    pub interval: Option<Duration>,
-    pub updated_at: DateTime<Utc>,
-    pub updated_by: Option<String>,
-    /// Who set each override, and when.
-    pub batch_size_set: Option<SetBy>,
-    pub interval_set: Option<SetBy>,
-    /// Why dispatch is paused though the cluster runs, if it is.
-    pub paused: Option<Pause>,
-}
-
-/// Who changed a value, and when.
-#[derive(Debug, Clone, Serialize)]
-pub struct SetBy {
-    pub by: Option<String>,
-    pub at: DateTime<Utc>,
-}
-
-/// Dispatch paused by the leader while the cluster runs (sql/0013).
-#[derive(Debug, Clone, Serialize)]
-pub struct Pause {
-    /// `provider_auth`: the provider refuses our credentials.
-    pub reason: String,
-    pub since: DateTime<Utc>,
-    /// The provider's answer.
-    pub detail: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ReplicaRecord {
-    pub replica_id: String,
-    pub version: String,
-    pub started_at: DateTime<Utc>,
-    pub last_seen_at: DateTime<Utc>,
-}
-
-/// A change to the runtime overrides. `Some(None)` clears an override.
-#[derive(Debug, Clone, Default)]
-pub struct OverrideChange {
-    pub batch_size: Option<Option<u32>>,
-    pub interval: Option<Option<Duration>>,
-}
-
-/// Locks the fence row first so that a state change and a claim never interleave: a
-/// claim that commits after `stop` returns has seen `running = false`.
-const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR UPDATE";
 
 /// Lifts any pause (a start or a configuration change through the API).
 const LIFT_PAUSE: &str =
@@ -75,79 +15,6 @@ const LIFT_PAUSE: &str =
                           WHERE id = 1 AND paused_reason IS NOT NULL";
 
 impl Store {
-    /// Starts a new leadership term: the epoch goes up and every claim stamped with an
-    /// older one is refused from now on (SPEC §6 step 2). `acquired_at` is taken after
-    /// the row lock is held (`clock_timestamp()`, not the transaction's start), just
-    /// before the commit: the moment from which PostgreSQL stops confirming the older
-    /// epoch, which the rescue wait is counted from. The term's lease token is
-    /// recorded, its session pid cleared (the new leader records it once its fence
-    /// session holds the leader lock), and `quiet_at` set `quiet_after` after the bump
-    /// (see `sql/0005_leader_session.sql`).
-    pub async fn start_term(
-        &self,
-        holder: &str,
-        lease_token: Option<&str>,
-        quiet_after: Duration,
-    ) -> Result<Epoch, StoreError> {
-        let client = self.client().await?;
-        let quiet_ms = i64::try_from(quiet_after.as_millis()).unwrap_or(i64::MAX);
-        let row = client
-            .query_one(
-                "UPDATE dispatcher_leader
-                 SET epoch = epoch + 1, holder = $1, acquired_at = clock_timestamp(),
-                     lease_token = $2, session_pid = NULL,
-                     quiet_at = clock_timestamp() + $3::bigint * interval '1 millisecond'
-                 WHERE id = 1 RETURNING epoch",
-                &[&holder, &lease_token, &quiet_ms],
-            )
-            .await?;
-        Ok(Epoch(row.get(0)))
-    }
-
-    /// A term with no lease token whose `quiet_at` is left to the claim's fence window
-    /// (single-replica mode starts its terms with `start_term`; tests use this).
-    pub async fn bump_epoch(&self, holder: &str) -> Result<Epoch, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                "UPDATE dispatcher_leader
-                 SET epoch = epoch + 1, holder = $1, acquired_at = clock_timestamp(),
-                     lease_token = NULL, session_pid = NULL, quiet_at = NULL
-                 WHERE id = 1 RETURNING epoch",
-                &[&holder],
-            )
-            .await?;
-        Ok(Epoch(row.get(0)))
-    }
-
-    /// Forgets the leader's session pid when the term ends cleanly, so followers that
-    /// see the session end do not take it for a death.
-    pub async fn clear_leader_session(&self, epoch: Epoch) -> Result<(), StoreError> {
-        self.execute_prepared(
-            "UPDATE dispatcher_leader SET session_pid = NULL WHERE id = 1 AND epoch = $1",
-            &[&epoch.0],
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// The current epoch (tests and the status API).
-    pub async fn leader_record(&self) -> Result<LeaderRecord, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                "SELECT epoch, holder, acquired_at, last_batch_at FROM dispatcher_leader WHERE id = 1",
-                &[],
-            )
-            .await?;
-        Ok(LeaderRecord {
-            epoch: row.get(0),
-            holder: row.get(1),
-            acquired_at: row.get(2),
-            last_batch_at: row.get(3),
-        })
-    }
-
     /// Applies `AUTO_START` if no replica has ever set the desired state.
     pub async fn apply_auto_start(
         &self,
@@ -202,9 +69,11 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let n = self
             .execute_prepared(
-                "UPDATE dispatcher_control SET paused_reason = $2, paused_at = now(), paused_detail = $3
-                 WHERE id = 1 AND paused_reason IS DISTINCT FROM $2
-                   AND EXISTS (SELECT 1 FROM dispatcher_leader WHERE id = 1 AND epoch = $1)",
+                concat!(
+                    "UPDATE dispatcher_control SET paused_reason = $2, paused_at = now(), paused_detail = $3
+                     WHERE id = 1 AND paused_reason IS DISTINCT FROM $2 AND ",
+                    epoch_is_current!()
+                ),
                 &[&epoch.0, &reason, &detail],
             )
             .await?;

@@ -1,4 +1,11 @@
-//! Leader sessions: PostgreSQL connections of their own, outside the pool.
+//! The fence row, `dispatcher_leader`: every statement on it lives here, and the
+//! leader sessions that hold and watch the leader lock (docs/design.md, "Fencing").
+//!
+//! - **Terms**: an acquisition bumps the epoch ([`Store::start_term`]); from then on
+//!   every claim and result stamped with an older epoch is refused.
+//! - **The claim's statements** ([`LOCK_FENCE`], [`READ_SCHEDULE`], [`OPEN_BATCH`],
+//!   [`CLOSE_BATCH`]) run inside the claim transaction of `store::claims`: the fence row
+//!   also carries the cluster's rhythm (the last batch's start, the newest sends).
 //!
 //! - The leader's **fence session** holds the leader advisory lock for the whole term
 //!   and is the only session its fence confirmations run on (see `leadership::fence`):
@@ -8,10 +15,67 @@
 //!   and wakes the waiter: how a crashed leader is noticed in milliseconds instead of
 //!   at the end of its Redis lease (see `leadership::takeover`).
 
+use std::time::Duration;
+
 use tokio_postgres::{Client, Statement};
 
-use super::{Store, StoreError};
+use super::{LeaderRecord, Store, StoreError};
 use crate::domain::Epoch;
+
+/// Locks the fence row: claims, epoch bumps and state changes queue up here.
+pub(super) const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR UPDATE";
+
+/// Reads the schedule once the fence is locked. `clock_timestamp()`, not `now()`: the
+/// transaction may have waited for the lock while the previous batch committed.
+/// `wait_ms` is NULL or ≤ 0 when a batch is due: an interval after the previous
+/// batch's start, and, when that batch is still open and another term opened it (its
+/// leader died or was deposed mid-batch, so nobody knows when its last send started),
+/// an interval after the last moment that leader could start one: `quiet_at`, or this
+/// term's start plus the fence window ($3) when the term did not record one. The
+/// current term's own open batch needs no such wait: its pacer saw every send of it.
+pub(super) const READ_SCHEDULE: &str = "
+SELECT coalesce(c.running, false) AS running,
+       c.paused_reason,
+       coalesce(c.batch_size, $1::int) AS batch_size,
+       s.interval_ms,
+       ceil(extract(epoch FROM (
+            CASE WHEN l.batch_open AND l.batch_epoch IS DISTINCT FROM l.epoch
+                 THEN greatest(l.last_batch_at, coalesce(l.quiet_at, l.acquired_at + $3::bigint * interval '1 millisecond'))
+                 ELSE l.last_batch_at
+            END + s.interval_ms * interval '1 millisecond' - clock_timestamp())) * 1000)::bigint AS wait_ms,
+       ARRAY(SELECT (extract(epoch FROM clock_timestamp() - r) * 1000000)::bigint
+             FROM unnest(l.recent_sends) AS r) AS recent_send_ages_us
+FROM dispatcher_leader l
+CROSS JOIN dispatcher_control c
+CROSS JOIN LATERAL (SELECT coalesce(c.processing_interval_ms, $2::bigint) AS interval_ms) s
+WHERE l.id = 1 AND c.id = 1";
+
+/// Records the batch start (the cluster's rhythm) and marks the batch open. The start
+/// also names the batch: see [`CLOSE_BATCH`].
+pub(super) const OPEN_BATCH: &str = "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true, batch_epoch = epoch WHERE id = 1 RETURNING last_batch_at";
+
+/// Records when the newest sends started (only if we still hold the epoch that opened
+/// the batch), and marks the batch finished unless a newer one (another `last_batch_at`)
+/// has opened since: the leader claims its next batch while the previous one's last
+/// results are still being recorded, and an open batch tells a new leader that sends
+/// may have started up to the old term's end. `$2` holds the sends' ages in
+/// microseconds on this replica's clock just before the statement was sent, so the
+/// stored times are at or after the real ones (a new leader waits a little long,
+/// never too short).
+pub(super) const CLOSE_BATCH: &str = "
+UPDATE dispatcher_leader
+SET batch_open = batch_open AND last_batch_at IS DISTINCT FROM $3,
+    recent_sends = ARRAY(SELECT clock_timestamp() - age * interval '1 microsecond'
+                         FROM unnest($2::bigint[]) AS age)
+WHERE id = 1 AND epoch = $1";
+
+/// A guard for a statement on another table that may only take effect while `$1` is
+/// the current epoch. A macro so that the statement stays one literal.
+macro_rules! epoch_is_current {
+    () => {
+        "EXISTS (SELECT 1 FROM dispatcher_leader WHERE id = 1 AND epoch = $1)"
+    };
+}
 
 /// The session-level advisory lock the leader's fence session holds ("mdleader").
 pub const LEADER_LOCK: i64 = 0x6d64_6c65_6164_6572;
@@ -25,7 +89,7 @@ pub struct FenceReading {
 
 /// The current term as the fence row records it, for a follower's watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaderRecord {
+pub struct TermRecord {
     pub epoch: Epoch,
     pub lease_token: Option<String>,
     pub session_pid: Option<i32>,
@@ -136,7 +200,7 @@ impl LeaderSession {
         })
     }
 
-    pub async fn leader_record(&self) -> Result<LeaderRecord, StoreError> {
+    pub async fn term_record(&self) -> Result<TermRecord, StoreError> {
         let row = self
             .client
             .query_one(
@@ -144,7 +208,7 @@ impl LeaderSession {
                 &[],
             )
             .await?;
-        Ok(LeaderRecord {
+        Ok(TermRecord {
             epoch: Epoch(row.get(0)),
             lease_token: row.get(1),
             session_pid: row.get(2),
@@ -245,5 +309,80 @@ impl LeaderSession {
             )
             .await?;
         Ok(n == 1)
+    }
+}
+
+impl Store {
+    /// Starts a new leadership term: the epoch goes up and every claim stamped with an
+    /// older one is refused from now on (SPEC §6 step 2). `acquired_at` is taken after
+    /// the row lock is held (`clock_timestamp()`, not the transaction's start), just
+    /// before the commit: the moment from which PostgreSQL stops confirming the older
+    /// epoch, which the rescue wait is counted from. The term's lease token is
+    /// recorded, its session pid cleared (the new leader records it once its fence
+    /// session holds the leader lock), and `quiet_at` set `quiet_after` after the bump
+    /// (see `sql/0005_leader_session.sql`).
+    pub async fn start_term(
+        &self,
+        holder: &str,
+        lease_token: Option<&str>,
+        quiet_after: Duration,
+    ) -> Result<Epoch, StoreError> {
+        let client = self.client().await?;
+        let quiet_ms = i64::try_from(quiet_after.as_millis()).unwrap_or(i64::MAX);
+        let row = client
+            .query_one(
+                "UPDATE dispatcher_leader
+                 SET epoch = epoch + 1, holder = $1, acquired_at = clock_timestamp(),
+                     lease_token = $2, session_pid = NULL,
+                     quiet_at = clock_timestamp() + $3::bigint * interval '1 millisecond'
+                 WHERE id = 1 RETURNING epoch",
+                &[&holder, &lease_token, &quiet_ms],
+            )
+            .await?;
+        Ok(Epoch(row.get(0)))
+    }
+
+    /// A term with no lease token whose `quiet_at` is left to the claim's fence window
+    /// (single-replica mode starts its terms with `start_term`; tests use this).
+    pub async fn bump_epoch(&self, holder: &str) -> Result<Epoch, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "UPDATE dispatcher_leader
+                 SET epoch = epoch + 1, holder = $1, acquired_at = clock_timestamp(),
+                     lease_token = NULL, session_pid = NULL, quiet_at = NULL
+                 WHERE id = 1 RETURNING epoch",
+                &[&holder],
+            )
+            .await?;
+        Ok(Epoch(row.get(0)))
+    }
+
+    /// Forgets the leader's session pid when the term ends cleanly, so followers that
+    /// see the session end do not take it for a death.
+    pub async fn clear_leader_session(&self, epoch: Epoch) -> Result<(), StoreError> {
+        self.execute_prepared(
+            "UPDATE dispatcher_leader SET session_pid = NULL WHERE id = 1 AND epoch = $1",
+            &[&epoch.0],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The current epoch (tests and the status API).
+    pub async fn leader_record(&self) -> Result<LeaderRecord, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT epoch, holder, acquired_at, last_batch_at FROM dispatcher_leader WHERE id = 1",
+                &[],
+            )
+            .await?;
+        Ok(LeaderRecord {
+            epoch: row.get(0),
+            holder: row.get(1),
+            acquired_at: row.get(2),
+            last_batch_at: row.get(3),
+        })
     }
 }

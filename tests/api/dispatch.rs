@@ -8,11 +8,10 @@ use chrono::{DateTime, Utc};
 use message_dispatcher::config::Config;
 use message_dispatcher::dispatch::Recorder;
 use message_dispatcher::domain::{Epoch, MessageStatus};
-use message_dispatcher::store::Store;
-use message_dispatcher::store::control::OverrideChange;
-use message_dispatcher::store::queue::{
-    CLAIM, Claim, KnownDelivery, ListFilter, MARK_SENT_GROUP, OpenedBatch, Recorded, RescuePolicy,
-    Schedule,
+use message_dispatcher::store::claims::{CLAIM, MARK_SENT_GROUP};
+use message_dispatcher::store::{
+    Claim, KnownDelivery, ListFilter, OpenedBatch, OverrideChange, Recorded, RescuePolicy,
+    Schedule, Store,
 };
 
 use crate::support::cluster::{assert_each_once, assert_fifo};
