@@ -6,7 +6,6 @@
 //! `Debug` output.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -16,30 +15,12 @@ use serde::Deserialize;
 use crate::duration;
 use crate::retry::RetryPolicy;
 
-/// A value that must never be printed: `Debug` and `Display` show `[redacted]`.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Secret(String);
+mod secrets;
+mod values;
 
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The only way to read the value, so every use is easy to find.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+pub use secrets::{DEMO_DB_PASSWORD, DEMO_SMS_TOKEN, SECRET_VARIABLES, Secret};
+use secrets::read_secret_files;
+use values::*;
 
 /// One bad variable: the process prints this on one line and exits with status 2.
 #[derive(Debug, thiserror::Error)]
@@ -220,46 +201,6 @@ struct RawEnv {
     leader_eligible: Option<String>,
     default_region: Option<String>,
     api_allowed_origins: Option<String>,
-}
-
-/// The variables that may hold secrets, each with its `_FILE` variant: the path of a
-/// file holding the value (Kubernetes and Docker secrets).
-pub const SECRET_VARIABLES: [(&str, &str); 8] = [
-    ("DATABASE_URL", "DATABASE_URL_FILE"),
-    ("DB_PASSWORD", "DB_PASSWORD_FILE"),
-    ("REDIS_URL", "REDIS_URL_FILE"),
-    ("REDIS_PASSWORD", "REDIS_PASSWORD_FILE"),
-    ("REDIS_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD_FILE"),
-    ("SMS_API_TOKEN", "SMS_API_TOKEN_FILE"),
-    ("API_TOKEN", "API_TOKEN_FILE"),
-    ("DLR_TOKEN", "DLR_TOKEN_FILE"),
-];
-
-/// Replaces every `_FILE` variant of [`SECRET_VARIABLES`] with its variable holding
-/// the file's content (one trailing newline dropped, as `echo` and editors leave one).
-fn read_secret_files(vars: &mut HashMap<String, String>) -> Result<(), ConfigError> {
-    for (name, variable) in SECRET_VARIABLES {
-        let Some(path) = vars.remove(variable) else {
-            continue;
-        };
-        if vars.contains_key(name) {
-            return Err(ConfigError::new(
-                variable,
-                format!("set {name} or {variable}, not both"),
-            ));
-        }
-        let content = std::fs::read_to_string(path.trim())
-            .map_err(|err| ConfigError::new(variable, format!("cannot read {path:?}: {err}")))?;
-        let value = content
-            .strip_suffix("\r\n")
-            .or_else(|| content.strip_suffix('\n'))
-            .unwrap_or(&content);
-        if value.trim().is_empty() {
-            return Err(ConfigError::new(variable, format!("{path:?} is empty")));
-        }
-        vars.insert(name.to_string(), value.to_string());
-    }
-    Ok(())
 }
 
 /// Upper bound on `BATCH_SIZE`: a batch is claimed in one transaction and held in memory.
@@ -509,180 +450,6 @@ impl Config {
     }
 }
 
-/// The demo defaults [`Config::demo_defaults`] warns about.
-pub const DEMO_DB_PASSWORD: &str = "password";
-pub const DEMO_SMS_TOKEN: &str = "mock-token";
-
-/// `API_ALLOWED_ORIGINS`: `scheme://host[:port]` entries, comma-separated.
-fn allowed_origins(value: Option<String>) -> Result<Vec<String>, ConfigError> {
-    let Some(value) = value else {
-        return Ok(Vec::new());
-    };
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|o| !o.is_empty())
-        .map(|origin| match reqwest::Url::parse(origin) {
-            Ok(url)
-                if matches!(url.scheme(), "http" | "https")
-                    && url.host().is_some()
-                    && url.path() == "/" =>
-            {
-                Ok(url.origin().ascii_serialization())
-            }
-            _ => Err(ConfigError::new(
-                "API_ALLOWED_ORIGINS",
-                format!("{origin:?} is not an origin such as https://ops.example.com"),
-            )),
-        })
-        .collect()
-}
-
-/// Hostname plus a short random suffix, so two processes on one host never collide.
-fn default_replica_id() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|h| h.trim().to_string())
-        })
-        .unwrap_or_else(|| "replica".into());
-    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
-}
-
-fn number<T: FromStr>(
-    variable: &'static str,
-    value: Option<String>,
-    default: T,
-) -> Result<T, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(text) => text
-            .trim()
-            .parse()
-            .map_err(|_| ConfigError::new(variable, format!("{text:?} is not a valid number"))),
-    }
-}
-
-fn positive<T: FromStr + PartialEq + Default>(
-    variable: &'static str,
-    value: Option<String>,
-    default: T,
-) -> Result<T, ConfigError> {
-    let parsed = number(variable, value, default)?;
-    if parsed == T::default() {
-        return Err(ConfigError::new(variable, "must be at least 1"));
-    }
-    Ok(parsed)
-}
-
-fn boolean(
-    variable: &'static str,
-    value: Option<String>,
-    default: bool,
-) -> Result<bool, ConfigError> {
-    match value
-        .as_deref()
-        .map(str::trim)
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None => Ok(default),
-        Some("true" | "1" | "yes" | "on") => Ok(true),
-        Some("false" | "0" | "no" | "off") => Ok(false),
-        Some(other) => Err(ConfigError::new(
-            variable,
-            format!("{other:?} is not true or false"),
-        )),
-    }
-}
-
-fn duration_var(
-    variable: &'static str,
-    value: Option<String>,
-    default: &str,
-) -> Result<Duration, ConfigError> {
-    let text = value.unwrap_or_else(|| default.to_string());
-    duration::parse(text.trim()).map_err(|problem| {
-        ConfigError::new(
-            variable,
-            format!("{problem}; expected a duration like 500ms, 15s or 2m"),
-        )
-    })
-}
-
-fn nonzero_duration(
-    variable: &'static str,
-    value: Option<String>,
-    default: &str,
-) -> Result<Duration, ConfigError> {
-    let parsed = duration_var(variable, value, default)?;
-    if parsed.is_zero() {
-        return Err(ConfigError::new(variable, "must be greater than 0"));
-    }
-    Ok(parsed)
-}
-
-/// `host:port,host:port` and the service name; both or neither.
-fn sentinel_config(
-    sentinels: Option<String>,
-    service: Option<String>,
-    password: Option<String>,
-) -> Result<Option<SentinelConfig>, ConfigError> {
-    let Some(list) = sentinels else {
-        if service.is_some() {
-            return Err(ConfigError::new(
-                "REDIS_SENTINEL_SERVICE",
-                "is set but REDIS_SENTINELS is not",
-            ));
-        }
-        return Ok(None);
-    };
-    let mut hosts = Vec::new();
-    for entry in list.split(',').map(str::trim) {
-        let parsed = entry
-            .rsplit_once(':')
-            .filter(|(host, _)| !host.is_empty() && !host.contains(char::is_whitespace))
-            .and_then(|(host, port)| Some((host.to_string(), port.parse::<u16>().ok()?)))
-            .filter(|(_, port)| *port > 0);
-        match parsed {
-            Some(host) => hosts.push(host),
-            None => {
-                return Err(ConfigError::new(
-                    "REDIS_SENTINELS",
-                    format!("{entry:?} is not host:port (expected host:port,host:port,...)"),
-                ));
-            }
-        }
-    }
-    let service = service.map(|s| s.trim().to_string()).unwrap_or_default();
-    if service.is_empty() {
-        return Err(ConfigError::new(
-            "REDIS_SENTINEL_SERVICE",
-            "is required with REDIS_SENTINELS (the master name the sentinels monitor)",
-        ));
-    }
-    Ok(Some(SentinelConfig {
-        hosts,
-        service,
-        password: password.map(Secret::new),
-    }))
-}
-
-fn db_ssl_mode(value: Option<String>) -> Result<DbSslMode, ConfigError> {
-    match value.as_deref().map(str::trim) {
-        None | Some("disable") => Ok(DbSslMode::Disable),
-        Some("prefer") => Ok(DbSslMode::Prefer),
-        Some("require") => Ok(DbSslMode::Require),
-        Some("verify-full") => Ok(DbSslMode::VerifyFull),
-        Some(other) => Err(ConfigError::new(
-            "DB_SSLMODE",
-            format!("{other:?} is not one of disable, prefer, require, verify-full"),
-        )),
-    }
-}
 
 #[cfg(test)]
 mod tests {
