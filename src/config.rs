@@ -18,8 +18,8 @@ use crate::retry::RetryPolicy;
 mod secrets;
 mod values;
 
-pub use secrets::{DEMO_DB_PASSWORD, DEMO_SMS_TOKEN, SECRET_VARIABLES, Secret};
 use secrets::read_secret_files;
+pub use secrets::{DEMO_DB_PASSWORD, DEMO_SMS_TOKEN, SECRET_VARIABLES, Secret};
 use values::*;
 
 /// One bad variable: the process prints this on one line and exits with status 2.
@@ -449,7 +449,6 @@ impl Config {
         found
     }
 }
-
 
 #[cfg(test)]
 mod tests {

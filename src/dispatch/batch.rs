@@ -7,12 +7,12 @@ use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use backon::Retryable;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tokio::sync::{Semaphore, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -480,7 +480,7 @@ impl Dispatcher {
                 Err(free_at) => tokio::select! {
                     biased;
                     () = shutdown.cancelled() => return Some(Fate::NotStarted),
-                    () = tokio::time::sleep_until(free_at.into()) => {}
+                    () = tokio::time::sleep_until(free_at) => {}
                 },
             }
         }

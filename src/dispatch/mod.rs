@@ -10,7 +10,9 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::task::{JoinHandle, LocalSet};

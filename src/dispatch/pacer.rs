@@ -16,7 +16,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::config::MAX_BATCH_SIZE;
 use crate::domain::Epoch;

@@ -1,7 +1,9 @@
 //! The election loops: Redis lease mode and single-replica mode.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use backon::Retryable;
 use tokio::sync::Notify;
@@ -285,11 +287,11 @@ impl Elector {
                         return TermEnd::Abandoned;
                     }
                 }
-                () = tokio::time::sleep_until(term.deadline().into()) => {
+                () = tokio::time::sleep_until(term.deadline()) => {
                     self.metrics.lock_op("extend", "lost");
                     return TermEnd::Lost("lease deadline passed without a successful extension");
                 }
-                () = tokio::time::sleep_until(next_extend.into()) => {
+                () = tokio::time::sleep_until(next_extend) => {
                     if !term.is_valid() {
                         return TermEnd::Lost("lease deadline passed");
                     }

@@ -57,7 +57,9 @@
 //! docs/design.md, "Leadership", tells the whole argument.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::{Leadership, Term};
 use crate::domain::Epoch;
@@ -281,7 +283,7 @@ pub async fn keep(
             leadership.report_database_lost(&term, failing_for);
             return;
         }
-        tokio::time::sleep_until((sent + timing.confirm_every).into()).await;
+        tokio::time::sleep_until(sent + timing.confirm_every).await;
     }
 }
 

@@ -43,7 +43,9 @@
 //! lease expiry as before; the new leader then ends the paused leader's session to
 //! take the lock. Fencing is unchanged and remains the safety net.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::{FenceTiming, RedisLease};
 use crate::domain::{Epoch, LeaseToken};
