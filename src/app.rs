@@ -170,15 +170,20 @@ impl Replica {
             .in_current_span(),
         );
         let dispatcher = Dispatcher {
-            store: state.store.clone(),
+            backend: crate::dispatch::Live {
+                store: state.store.clone(),
+                cache: state.cache.clone(),
+            },
             provider,
-            cache: state.cache.clone(),
             leadership: state.leadership.clone(),
             metrics: state.metrics.clone(),
             settings: dispatch_settings(&config),
             wake: state.wake.clone(),
             pacer: Default::default(),
-            recorder: crate::dispatch::Recorder::new(state.store.clone()),
+            recorder: crate::dispatch::Recorder::new(crate::dispatch::Live {
+                store: state.store.clone(),
+                cache: state.cache.clone(),
+            }),
             pause: Default::default(),
         };
         let dispatcher_task = dispatcher.spawn(shutdown.clone())?;

@@ -16,13 +16,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::Dispatcher;
+use super::{Backend, Dispatcher};
 use crate::leadership::{Permit, Term};
 use crate::metrics::{
     BATCH_COMPLETE, BATCH_FAILED, BATCH_INTERRUPTED, BATCH_PARTIAL, FAILED_MAX_ATTEMPTS,
     FAILED_REJECTED, PAUSED_PROVIDER_AUTH,
 };
-use crate::provider::SendOutcome;
+use crate::provider::{Provider, SendOutcome};
 use crate::retry::connect_backoff;
 use crate::store::StoreError;
 use crate::store::{ClaimedMessage, OpenedBatch, Recorded, Schedule};
@@ -204,7 +204,7 @@ enum Fate {
     Held,
 }
 
-impl Dispatcher {
+impl<B: Backend, P: Provider> Dispatcher<B, P> {
     /// Runs one batch to its end: sends (once the previous batch's have started),
     /// results recorded, unsent claims released, batch closed. See [`Handoff`].
     pub(super) async fn run_batch(
@@ -407,8 +407,8 @@ impl Dispatcher {
                     self.lift_pause().await;
                 }
                 // Before the result is recorded: if it never is, the rescue finds this.
-                self.cache
-                    .remember(&message, provider_message_id.clone(), sent_at);
+                self.backend
+                    .remember_delivery(&message, provider_message_id.clone(), sent_at);
                 let without_id = provider_message_id.is_none();
                 let outcome = self
                     .recorder
@@ -536,17 +536,17 @@ impl Dispatcher {
                 Unsent::Retry { error, retry_after } => {
                     let delay = self.settings.retry.next_delay(attempts, *retry_after);
                     let error = if minimal { UNSTORABLE_ERROR } else { error };
-                    self.store
+                    self.backend
                         .mark_retry(id, term.epoch, self.settings.max_attempts, delay, error)
                         .await
                 }
                 Unsent::Reject { error } => {
                     let error = if minimal { UNSTORABLE_ERROR } else { error };
-                    self.store.mark_failed(id, term.epoch, error).await
+                    self.backend.mark_failed(id, term.epoch, error).await
                 }
                 Unsent::Unauthorized { error } => {
                     let error = if minimal { UNSTORABLE_ERROR } else { error };
-                    self.store.mark_unauthorized(id, term.epoch, error).await
+                    self.backend.mark_unauthorized(id, term.epoch, error).await
                 }
             }
         };
@@ -630,7 +630,7 @@ impl Dispatcher {
             .with_label_values(&[PAUSED_PROVIDER_AUTH])
             .set(1);
         match self
-            .store
+            .backend
             .pause_dispatch(term.epoch, PAUSED_PROVIDER_AUTH, error)
             .await
         {
@@ -653,7 +653,7 @@ impl Dispatcher {
             .dispatch_paused
             .with_label_values(&[PAUSED_PROVIDER_AUTH])
             .set(0);
-        match self.store.lift_pause(PAUSED_PROVIDER_AUTH).await {
+        match self.backend.lift_pause(PAUSED_PROVIDER_AUTH).await {
             Ok(true) => tracing::info!("the provider accepted the probe; dispatch resumes"),
             Ok(false) => {}
             Err(err) => {
@@ -667,7 +667,7 @@ impl Dispatcher {
     /// claim's expiry sweep marks it.
     async fn expire(&self, term: &Term, message: &ClaimedMessage) -> Fate {
         let id = message.id;
-        let mark = || self.store.mark_expired(id, term.epoch);
+        let mark = || self.backend.mark_expired(id, term.epoch);
         let marked = mark
             .retry(connect_backoff().with_max_times(10))
             .when(StoreError::is_unavailable)
@@ -692,7 +692,7 @@ impl Dispatcher {
     async fn close_batch(&self, term: &Term, schedule: Schedule, opened_at: DateTime<Utc>) {
         let close = || {
             let ages = self.pacer.recent_ages_us(schedule.batch_size as usize);
-            let store = self.store.clone();
+            let store = self.backend.clone();
             async move { store.close_batch(term.epoch, opened_at, &ages).await }
         };
         let closed = close
@@ -711,7 +711,7 @@ impl Dispatcher {
         if ids.is_empty() {
             return;
         }
-        let release = || self.store.release_unsent(ids, term.epoch);
+        let release = || self.backend.release_unsent(ids, term.epoch);
         let attempt = release
             .retry(connect_backoff().with_max_times(10))
             .when(StoreError::is_unavailable)

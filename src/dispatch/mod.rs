@@ -2,6 +2,7 @@
 //! the cluster's schedule says so, send it, record every result.
 
 pub mod activity;
+mod backend;
 mod batch;
 mod pacer;
 mod recorder;
@@ -19,14 +20,14 @@ use tokio::task::{JoinHandle, LocalSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::cache::DeliveryCache;
 use crate::domain::Epoch;
 use crate::leadership::{FenceTiming, Leadership, Term};
 use crate::metrics::{FAILED_MAX_ATTEMPTS, Metrics};
-use crate::provider::ProviderClient;
+use crate::provider::{Provider, ProviderClient};
 use crate::retry::RetryPolicy;
+use crate::store::StoreError;
 use crate::store::{Claim, OpenedBatch, RescuePolicy, Schedule};
-use crate::store::{Store, StoreError};
+pub use backend::{Backend, Live, ResultStore};
 pub use pacer::Pacer;
 pub use recorder::Recorder;
 
@@ -68,10 +69,10 @@ impl PauseState {
     }
 }
 
-pub struct Dispatcher {
-    pub store: Store,
-    pub provider: Arc<ProviderClient>,
-    pub cache: DeliveryCache,
+pub struct Dispatcher<B = Live, P = ProviderClient> {
+    /// PostgreSQL and the delivery cache.
+    pub backend: B,
+    pub provider: Arc<P>,
     pub leadership: Arc<Leadership>,
     pub metrics: Arc<Metrics>,
     pub settings: DispatchSettings,
@@ -79,7 +80,7 @@ pub struct Dispatcher {
     pub wake: Arc<Notify>,
     pub pacer: Pacer,
     /// Records accepted sends in groups, behind the sends.
-    pub recorder: Recorder,
+    pub recorder: Recorder<B>,
     pub pause: PauseState,
 }
 
@@ -149,7 +150,7 @@ async fn await_batch(batch: JoinHandle<()>) {
     }
 }
 
-impl Dispatcher {
+impl<B: Backend + Send, P: Provider + Send + Sync> Dispatcher<B, P> {
     /// Runs the dispatcher on a thread of its own, on a single-threaded runtime, until
     /// `shutdown`. The returned receiver completes (with an error: its sender is
     /// dropped) once the dispatcher has stopped, with every result recorded.
@@ -176,7 +177,9 @@ impl Dispatcher {
             })?;
         Ok(on_stop)
     }
+}
 
+impl<B: Backend, P: Provider> Dispatcher<B, P> {
     /// Runs until `shutdown`; an in-flight batch gets `SHUTDOWN_TIMEOUT` to finish
     /// and its unsent claims go back to pending before this returns.
     ///
@@ -367,7 +370,7 @@ impl Dispatcher {
         state: &mut LoopState,
     ) -> Result<Option<crate::store::ClaimResult>, StoreError> {
         if let Some((epoch, token)) = state.in_doubt {
-            let released = self.store.release_claim(epoch, token).await?;
+            let released = self.backend.release_claim(epoch, token).await?;
             if released > 0 {
                 tracing::warn!(
                     released,
@@ -393,7 +396,7 @@ impl Dispatcher {
         }
         let token = rand::random::<i64>();
         let claim = self
-            .store
+            .backend
             .claim_batch(
                 term.epoch,
                 &self.settings.replica_id,
@@ -436,14 +439,14 @@ impl Dispatcher {
         let mut rescued = crate::store::Rescued::default();
         loop {
             let candidates = self
-                .store
+                .backend
                 .rescue_candidates(term.epoch, policy, running, after)
                 .await?;
             let Some(last) = candidates.last() else { break };
             after = last.id;
-            let known = self.cache.known_deliveries(&candidates).await;
+            let known = self.backend.known_deliveries(&candidates).await;
             let n = self
-                .store
+                .backend
                 .record_known_deliveries(term.epoch, &known)
                 .await?;
             if n > 0 {
@@ -456,7 +459,7 @@ impl Dispatcher {
             recorded += n;
             let checked: Vec<i64> = candidates.iter().map(|c| c.id).collect();
             let page = self
-                .store
+                .backend
                 .rescue(term.epoch, policy, running, &checked)
                 .await?;
             rescued.pending += page.pending;

@@ -27,10 +27,11 @@ use backon::Retryable;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
+use super::ResultStore;
 use crate::domain::Epoch;
 use crate::retry::connect_backoff;
+use crate::store::StoreError;
 use crate::store::{Recorded, SentResult};
-use crate::store::{Store, StoreError};
 
 /// The most rows one statement records.
 pub const GROUP_MAX: usize = 256;
@@ -53,23 +54,23 @@ enum Item {
 
 /// The handle the dispatcher submits accepted results to. Dropping it lets the
 /// recorder finish what it holds and stop.
-pub struct Recorder {
+pub struct Recorder<B> {
     tx: mpsc::Sender<Item>,
     /// What the writing task needs, until [`Recorder::start`] spawns it.
-    idle: Mutex<Option<(Store, mpsc::Receiver<Item>, Duration)>>,
+    idle: Mutex<Option<(B, mpsc::Receiver<Item>, Duration)>>,
 }
 
-impl Recorder {
+impl<B: ResultStore> Recorder<B> {
     /// A recorder whose writing task is not running yet: the dispatcher starts it on
     /// its own runtime, next to the sends (see `Dispatcher::spawn`).
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: B) -> Self {
         Self::with_linger(store, GROUP_LINGER)
     }
 
     /// [`Recorder::new`] with another linger than [`GROUP_LINGER`] (tests use a very
     /// long one, so that only a flush or a full group writes).
     #[doc(hidden)]
-    pub fn with_linger(store: Store, linger: Duration) -> Self {
+    pub fn with_linger(store: B, linger: Duration) -> Self {
         let (tx, rx) = mpsc::channel(MAX_UNRECORDED);
         Self {
             tx,
@@ -81,7 +82,7 @@ impl Recorder {
     pub fn start(&self) {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some((store, rx, linger)) = idle {
-            tokio::spawn(record_groups(store, rx, linger));
+            tokio::task::spawn_local(record_groups(store, rx, linger));
         }
     }
 
@@ -123,7 +124,7 @@ impl Recorder {
 /// Gathers results into groups and writes each: a group ends when it is full, at a
 /// flush, or `linger` after its first result. A flush with nothing gathered does
 /// nothing (its results were written with an earlier group).
-async fn record_groups(store: Store, mut rx: mpsc::Receiver<Item>, linger: Duration) {
+async fn record_groups<B: ResultStore>(store: B, mut rx: mpsc::Receiver<Item>, linger: Duration) {
     let mut group: Vec<Entry> = Vec::with_capacity(GROUP_MAX);
     loop {
         let first = loop {
@@ -150,7 +151,7 @@ async fn record_groups(store: Store, mut rx: mpsc::Receiver<Item>, linger: Durat
     }
 }
 
-async fn record_group(store: &Store, group: Vec<Entry>) {
+async fn record_group<B: ResultStore>(store: &B, group: Vec<Entry>) {
     let results: Vec<SentResult> = group.iter().map(|e| e.result.clone()).collect();
     // A failed attempt may have committed with its reply lost: every later one
     // recognises the rows it recorded (same epoch and send time) as ours.
@@ -183,7 +184,11 @@ async fn record_group(store: &Store, group: Vec<Entry>) {
 
 /// The fallback: each row on its own, with only constants besides the id and time.
 /// `tried`: an earlier write of these rows may have committed with its reply lost.
-async fn one_by_one(store: &Store, results: &[SentResult], tried: bool) -> HashSet<i64> {
+async fn one_by_one<B: ResultStore>(
+    store: &B,
+    results: &[SentResult],
+    tried: bool,
+) -> HashSet<i64> {
     let mut ours = HashSet::new();
     for result in results {
         let tried = AtomicBool::new(tried);

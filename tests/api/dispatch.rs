@@ -901,22 +901,28 @@ async fn a_flush_writes_every_result_submitted_before_it() {
             .unwrap()
             .claim,
     );
-    let recorder = Recorder::with_linger(store.clone(), Duration::from_secs(3600));
-    recorder.start();
-    for pair in batch.messages.chunks(2) {
-        let first = recorder.sent(pair[0].id, epoch, Utc::now(), None).await;
-        // The next send's HTTP exchange: the recorder task runs meanwhile.
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        let second = recorder.sent(pair[1].id, epoch, Utc::now(), None).await;
-        recorder.flush();
-        for (id, outcome) in [(pair[0].id, first), (pair[1].id, second)] {
-            let recorded = tokio::time::timeout(TEST_TIMEOUT, outcome)
-                .await
-                .unwrap_or_else(|_| panic!("message {id}: not written after the flush"))
-                .unwrap();
-            assert!(matches!(recorded, Recorded::Sent), "{id}: {recorded:?}");
-        }
-    }
+    // The recorder runs on the dispatcher's single thread: a LocalSet here.
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let recorder = Recorder::with_linger(store.clone(), Duration::from_secs(3600));
+            recorder.start();
+            for pair in batch.messages.chunks(2) {
+                let first = recorder.sent(pair[0].id, epoch, Utc::now(), None).await;
+                // The next send's HTTP exchange: the recorder task runs meanwhile.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let second = recorder.sent(pair[1].id, epoch, Utc::now(), None).await;
+                recorder.flush();
+                for (id, outcome) in [(pair[0].id, first), (pair[1].id, second)] {
+                    let recorded = tokio::time::timeout(TEST_TIMEOUT, outcome)
+                        .await
+                        .unwrap_or_else(|_| panic!("message {id}: not written after the flush"))
+                        .unwrap();
+                    assert!(matches!(recorded, Recorded::Sent), "{id}: {recorded:?}");
+                }
+            }
+        })
+        .await;
     assert_eq!(env.count("sent").await, (rounds * 2) as i64);
 }
 
