@@ -6,6 +6,8 @@ mod backend;
 mod batch;
 mod pacer;
 mod recorder;
+#[cfg(test)]
+mod tests;
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -283,6 +285,13 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                     }
                     Claim::Batch(batch) => {
                         self.pause.paused.set(batch.probe);
+                        if batch.probe {
+                            // The next claim overlaps this batch's send: it must not
+                            // take a second probe before this one's answer.
+                            self.pause
+                                .next_probe
+                                .set(Some(Instant::now() + settings.probe_every));
+                        }
                         self.start_batch(term, result.schedule, batch, shutdown, state)
                             .await;
                         Duration::ZERO

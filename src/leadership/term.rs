@@ -172,6 +172,21 @@ impl Term {
     }
 }
 
+/// What the unit tests of other modules (the dispatcher's) do to a term, which in a
+/// replica only the elector and the fence keeper do.
+#[cfg(test)]
+impl Term {
+    /// A fence confirmation now, valid for `window`, the cluster running.
+    pub(crate) fn confirm_now(&self, window: Duration) {
+        self.confirm(Instant::now(), window, true);
+    }
+
+    /// Ends the term as a lost lease would.
+    pub(crate) fn end_now(&self) {
+        self.revoke();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,3 +88,11 @@ impl Leadership {
         self.term.send_replace(None);
     }
 }
+
+#[cfg(test)]
+impl Leadership {
+    /// Publishes `term` as the elector does when it wins one.
+    pub(crate) fn begin_for_test(&self, term: Term) {
+        self.begin(term);
+    }
+}
