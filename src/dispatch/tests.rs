@@ -514,11 +514,14 @@ impl Backend for FakeQueue {
     }
 }
 
+/// How a [`FakeProvider`] answers the n-th send of a key.
+type Answer = Box<dyn Fn(usize, &str) -> SendOutcome + Send + Sync>;
+
 /// A provider that answers after `latency` with what `answer` says for the n-th send
 /// (counting from 0), and notes when every send started.
 struct FakeProvider {
     latency: Duration,
-    answer: Box<dyn Fn(usize, &str) -> SendOutcome + Send + Sync>,
+    answer: Answer,
     sends: Mutex<Vec<(String, Instant)>>,
 }
 
