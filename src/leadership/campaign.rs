@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::{
-    Elector, FenceTiming, Leadership, LeaseTiming, RedisLease, run_redis_elector,
+    Elector, FenceTiming, Leadership, LeaseTiming, LiveElection, RedisLease, run_redis_elector,
     run_single_replica,
 };
 use crate::config::LockConfig;
@@ -60,7 +60,10 @@ pub async fn run(
     let fence = FenceTiming::for_lease(lock.ttl);
     if !lock.enabled {
         run_single_replica(
-            campaign.store,
+            LiveElection {
+                lease: RedisLease::new(campaign.redis.clone(), lock.key.clone(), lock.ttl),
+                store: campaign.store,
+            },
             campaign.leadership,
             campaign.replica_id,
             fence,
@@ -84,12 +87,14 @@ pub async fn run(
         );
     }
     let elector = Elector {
-        lease,
+        backend: LiveElection {
+            lease,
+            store: campaign.store,
+        },
         timing: LeaseTiming {
             ttl: lock.ttl,
             retry_interval: lock.retry_interval,
         },
-        store: campaign.store,
         leadership: campaign.leadership,
         metrics: campaign.metrics,
         replica_id: campaign.replica_id,

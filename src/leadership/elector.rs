@@ -9,13 +9,12 @@ use backon::Retryable;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::fence::{self, FenceTiming};
-use super::{Leadership, RedisLease, Term, takeover};
+use super::backend::{ElectionBackend, LiveElection};
+use super::fence::FenceTiming;
+use super::{Leadership, Term};
 use crate::domain::{Epoch, LeaseToken};
 use crate::metrics::Metrics;
 use crate::retry::connect_backoff;
-use crate::store::Store;
-use crate::store::fence::LeaderSession;
 
 /// Timing of the Redis lease.
 #[derive(Debug, Clone, Copy)]
@@ -44,10 +43,10 @@ impl LeaseTiming {
 }
 
 /// Everything the Redis elector needs.
-pub struct Elector {
-    pub lease: RedisLease,
+pub struct Elector<B = LiveElection> {
+    /// The lease in Redis and the fence in PostgreSQL.
+    pub backend: B,
     pub timing: LeaseTiming,
-    pub store: Store,
     pub leadership: Arc<Leadership>,
     pub metrics: Arc<Metrics>,
     pub replica_id: String,
@@ -63,40 +62,25 @@ enum TermEnd {
     Abandoned,
 }
 
-/// Starts the fence keeper of a term that just began; the term must end (and the
-/// returned handle be aborted) before the next one begins.
-/// `session`, when given, already holds the leader lock (a takeover).
-fn spawn_fence_keeper(
-    term: &Term,
-    store: &Store,
-    leadership: &Arc<Leadership>,
-    timing: FenceTiming,
-    session: Option<LeaderSession>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(fence::keep(
-        term.clone(),
-        store.clone(),
-        leadership.clone(),
-        timing,
-        session,
-    ))
-}
-
 /// How a lock was won.
-struct Acquired {
+struct Acquired<S> {
     token: LeaseToken,
     /// When the winning attempt started: the lease is measured from then.
     started: Instant,
     /// Set when it was taken over from a dead leader: the epoch already bumped on the
     /// session holding the leader lock (whose old term's sends are all over), and that
     /// session.
-    takeover: Option<(Epoch, LeaderSession)>,
+    takeover: Option<(Epoch, S)>,
 }
 
 /// Ends a term's fence session: first the fence row forgets it (so followers do not
 /// take its end for a death), then the session closes, releasing the leader lock.
-async fn close_fence_session(store: &Store, term: &Term, keeper: tokio::task::JoinHandle<()>) {
-    let forget = store.clear_leader_session(term.epoch);
+async fn close_fence_session<B: ElectionBackend>(
+    backend: &B,
+    term: &Term,
+    keeper: tokio::task::JoinHandle<()>,
+) {
+    let forget = backend.clear_leader_session(term.epoch);
     if let Ok(Err(err)) = tokio::time::timeout(Duration::from_secs(1), forget).await {
         tracing::debug!(error = %err, "could not clear the leader session");
     }
@@ -105,7 +89,7 @@ async fn close_fence_session(store: &Store, term: &Term, keeper: tokio::task::Jo
 
 /// Runs the lease loop until `resign` fires. On resign as leader the lock is released
 /// and followers are told, so one of them takes over at once.
-pub async fn run_redis_elector(elector: Elector, resign: CancellationToken) {
+pub async fn run_redis_elector<B: ElectionBackend>(elector: Elector<B>, resign: CancellationToken) {
     let mut redis_ok = true;
     loop {
         let Some(acquired) = elector.acquire(&resign, &mut redis_ok).await else {
@@ -124,7 +108,7 @@ pub async fn run_redis_elector(elector: Elector, resign: CancellationToken) {
             None => (
                 tokio::time::timeout(
                     deadline.saturating_duration_since(Instant::now()),
-                    elector.store.start_term(
+                    elector.backend.start_term(
                         &elector.replica_id,
                         Some(token.as_str()),
                         elector.fence.window,
@@ -157,15 +141,11 @@ pub async fn run_redis_elector(elector: Elector, resign: CancellationToken) {
             continue;
         }
         elector.leadership.begin(term.clone());
-        let keeper = spawn_fence_keeper(
-            &term,
-            &elector.store,
-            &elector.leadership,
-            elector.fence,
-            session,
-        );
+        let keeper = elector
+            .backend
+            .keep_fence(&term, &elector.leadership, elector.fence, session);
         let end = elector.keep(&token, &term, &resign).await;
-        close_fence_session(&elector.store, &term, keeper).await;
+        close_fence_session(&elector.backend, &term, keeper).await;
         match end {
             TermEnd::Resigned => {
                 elector.leadership.end(&term, "shutting down");
@@ -190,26 +170,26 @@ pub async fn run_redis_elector(elector: Elector, resign: CancellationToken) {
     }
 }
 
-impl Elector {
+impl<B: ElectionBackend> Elector<B> {
     /// Follower loop: try `SET NX` every retry interval (with jitter), or at once when
     /// the leader announces its release, or take over the moment the leader's
     /// PostgreSQL session ends (`leadership::takeover`). A replica that cannot reach
     /// PostgreSQL does not campaign: it could neither fence nor send.
-    async fn acquire(&self, resign: &CancellationToken, redis_ok: &mut bool) -> Option<Acquired> {
+    async fn acquire(
+        &self,
+        resign: &CancellationToken,
+        redis_ok: &mut bool,
+    ) -> Option<Acquired<B::Session>> {
         let mut database_ok = true;
-        let dead_leader = takeover::for_a_dead_leader(
-            &self.store,
-            &self.lease,
-            self.fence,
-            self.timing.retry_interval,
-            &self.replica_id,
-        );
+        let dead_leader =
+            self.backend
+                .dead_leader(self.fence, self.timing.retry_interval, &self.replica_id);
         let mut dead_leader = std::pin::pin!(dead_leader);
         loop {
             if resign.is_cancelled() {
                 return None;
             }
-            match self.store.ping().await {
+            match self.backend.database_ok().await {
                 Ok(()) if !database_ok => {
                     tracing::info!("PostgreSQL answers again; campaigning for leadership");
                     database_ok = true;
@@ -228,7 +208,7 @@ impl Elector {
                 }
             }
             let started = Instant::now();
-            match self.lease.try_acquire().await {
+            match self.backend.try_acquire().await {
                 Ok(Some(token)) => {
                     self.metrics.lock_op("acquire", "ok");
                     if !*redis_ok {
@@ -251,7 +231,7 @@ impl Elector {
                 Err(err) => {
                     self.metrics.lock_op("acquire", "error");
                     if *redis_ok {
-                        tracing::warn!(error = %err.details(), "cannot reach Redis; no replica can lead until it answers");
+                        tracing::warn!(error = %err, "cannot reach Redis; no replica can lead until it answers");
                         *redis_ok = false;
                     }
                 }
@@ -296,7 +276,7 @@ impl Elector {
                         return TermEnd::Lost("lease deadline passed");
                     }
                     let sent = Instant::now();
-                    match self.lease.extend(token).await {
+                    match self.backend.extend(token).await {
                         Ok(true) => {
                             self.metrics.lock_op("extend", "ok");
                             term.extend_until(sent + self.timing.ttl - self.timing.drift());
@@ -308,7 +288,7 @@ impl Elector {
                         }
                         Err(err) => {
                             self.metrics.lock_op("extend", "error");
-                            tracing::warn!(error = %err.details(), "could not extend the lease");
+                            tracing::warn!(error = %err, "could not extend the lease");
                             return TermEnd::Lost("lease extension failed");
                         }
                     }
@@ -319,12 +299,12 @@ impl Elector {
 
     /// Compare-and-delete the lock; with `announce`, tell followers it is free.
     async fn release(&self, token: &LeaseToken, announce: bool) {
-        match self.lease.release(token).await {
+        match self.backend.release(token).await {
             Ok(true) => {
                 self.metrics.lock_op("release", "ok");
                 if announce {
-                    if let Err(err) = self.lease.announce_release(&self.replica_id).await {
-                        tracing::warn!(error = %err.details(), "could not announce the release");
+                    if let Err(err) = self.backend.announce_release(&self.replica_id).await {
+                        tracing::warn!(error = %err, "could not announce the release");
                     }
                 }
                 tracing::info!("released the leader lock");
@@ -332,7 +312,7 @@ impl Elector {
             Ok(false) => self.metrics.lock_op("release", "lost"),
             Err(err) => {
                 self.metrics.lock_op("release", "error");
-                tracing::warn!(error = %err.details(), "could not release the lock; it expires by itself");
+                tracing::warn!(error = %err, "could not release the lock; it expires by itself");
             }
         }
     }
@@ -351,15 +331,15 @@ impl Elector {
 /// PostgreSQL stays away for `resign_after` it stands down and fences itself again once
 /// PostgreSQL answers. If a newer epoch appears (a second replica in this mode), it
 /// stands down for good rather than fight.
-pub async fn run_single_replica(
-    store: Store,
+pub async fn run_single_replica<B: ElectionBackend>(
+    backend: B,
     leadership: Arc<Leadership>,
     replica_id: String,
     fence: FenceTiming,
     resign: CancellationToken,
 ) {
     loop {
-        let bump = || store.start_term(&replica_id, None, fence.window);
+        let bump = || backend.start_term(&replica_id, None, fence.window);
         let epoch = tokio::select! {
             () = resign.cancelled() => return,
             result = bump.retry(connect_backoff()).notify(|err, wait| {
@@ -374,11 +354,11 @@ pub async fn run_single_replica(
         };
         let term = Term::unbounded(epoch);
         leadership.begin(term.clone());
-        let keeper = spawn_fence_keeper(&term, &store, &leadership, fence, None);
+        let keeper = backend.keep_fence(&term, &leadership, fence, None);
         loop {
             tokio::select! {
                 () = resign.cancelled() => {
-                    close_fence_session(&store, &term, keeper).await;
+                    close_fence_session(&backend, &term, keeper).await;
                     leadership.end(&term, "shutting down");
                     return;
                 }

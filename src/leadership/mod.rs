@@ -8,6 +8,7 @@
 //! leader that was paused past either stops by itself the moment it runs again,
 //! whatever its other tasks are doing.
 
+mod backend;
 pub mod campaign;
 mod elector;
 pub mod fence;
@@ -16,6 +17,7 @@ pub mod takeover;
 mod term;
 mod view;
 
+pub use backend::{ElectionBackend, LeaseError, LiveElection};
 pub use campaign::Campaign;
 pub use elector::{Elector, LeaseTiming, run_redis_elector, run_single_replica};
 pub use fence::FenceTiming;

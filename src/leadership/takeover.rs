@@ -55,11 +55,11 @@ use crate::store::{Store, StoreError};
 /// A term taken over from a dead leader: its epoch (already bumped), the new lease
 /// token, when the lease was set (it is measured from then), and the session that
 /// holds the leader lock.
-pub struct Takeover {
+pub struct Takeover<S = LeaderSession> {
     pub epoch: Epoch,
     pub token: LeaseToken,
     pub started: Instant,
-    pub session: LeaderSession,
+    pub session: S,
 }
 
 /// Watches for the leader's death until a takeover succeeds. Dropping the future
