@@ -382,3 +382,6 @@ pub async fn run_single_replica<B: ElectionBackend>(
         leadership.end(&term, "PostgreSQL unreachable");
     }
 }
+
+#[cfg(test)]
+mod tests;
