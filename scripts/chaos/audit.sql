@@ -1,4 +1,4 @@
--- Audit triggers for scripts/chaos.sh, installed in the soak's own throw-away database
+-- Audit triggers for scripts/chaos/run.sh, installed in the soak's own throw-away database
 -- after `migrate`: they record, with the writing transaction's id and PostgreSQL's
 -- clock, every status change of a message (claims, results, retries, rescues, releases)
 -- and every change of the fence row (epoch bumps, batch starts). The checks read them

@@ -1,14 +1,14 @@
-"""The chaos soak's checks (scripts/chaos.py), run once the queue has settled: what
-the provider received against what the database holds and what the audit triggers
-recorded (see the docstring of chaos.py for the reasoning behind each check)."""
+"""The chaos soak's checks (scripts/chaos/soak.py), run once the queue has settled:
+what the provider received against what the database holds and what the audit
+triggers recorded (see the docstring of soak.py for the reasoning behind each check)."""
 
 import bisect
 import collections
 import json
 import time
 
-from chaos_env import (BATCH_SIZE, INTERVAL_MS, RATE_JITTER_MS, SEED_MESSAGES, STRICT_RATE, WEIGHTS, iso, mock,
-                       psql_json)
+from harness import psql_json
+from settings import BATCH_SIZE, INTERVAL_MS, RATE_JITTER_MS, SEED_MESSAGES, STRICT_RATE, WEIGHTS, iso, mock
 
 # Faults on the replica holding a claim that can explain a resend of its message: it
 # died, froze or stopped after the provider accepted and before the result was
@@ -296,8 +296,8 @@ def analyse(run, settle_seconds):
     # (e) processes -----------------------------------------------------------------------
     panics = 0
     errors = collections.Counter()
-    for r in run.replicas:
-        with open(r.log_path, "rb") as f:
+    for path in (log for r in run.replicas for log in r.logs):
+        with open(path, "rb") as f:
             for line in f:
                 if b"panicked" in line:
                     panics += 1
@@ -315,7 +315,7 @@ def analyse(run, settle_seconds):
         len(run.faults), ", ".join("%s %d" % (k, kinds.get(k, 0)) for k in WEIGHTS), on_leader)
     slowest = max((t for _, _, t in run.term_exits), default=0)
     report["replicas"] = "%d starts; SIGTERM exits %d (slowest %.2fs, non-zero %d); died by themselves %d; panics %d" % (
-        sum(r.incarnations for r in run.replicas), len(run.term_exits), slowest,
+        sum(r.incarnation for r in run.replicas), len(run.term_exits), slowest,
         sum(1 for _, c, _ in run.term_exits if c != 0), len(run.unexpected_exits), panics)
     report["ERROR log lines"] = ("; ".join("%s x%d" % kv for kv in errors.most_common(6))) or "none"
     report["settle"] = "%.1fs after the last fault" % settle_seconds

@@ -1,7 +1,7 @@
-"""The chaos soak's replicas and faults (scripts/chaos.py): replica processes behind
-their own proxies to Redis and PostgreSQL, the faults injected into them and into the
-servers, the driver that picks faults at random, and a watchdog for replicas that die
-by themselves."""
+"""The chaos soak's replicas and faults (scripts/chaos/soak.py): replica processes
+behind their own proxies to Redis and PostgreSQL, the faults injected into them and
+into the servers, the driver that picks faults at random, and a watchdog for replicas
+that die by themselves."""
 
 import os
 import signal
@@ -10,32 +10,27 @@ import threading
 import time
 import traceback
 
-from chaos_env import (AIM_AT_LEADER, BIN, E, INTERVAL_MS, LOCK_KEY, LONG_STOP_SHARE,
-                       MAX_REPLICAS_IN_FAULT, PG_PORT, REDIS_PORT, RESCUE_AFTER_MS, RESIGN_AFTER_MS, RETRY_MS,
-                       RNG, SHUTDOWN_TIMEOUT_MS, SMS_TIMEOUT_MS, TERM_EXIT_BOUND_S, TTL_MS, WEIGHTS, WORK,
-                       BATCH_SIZE, FAULT_GAP_MAX, FAULT_GAP_MIN, current_leader, iso, lib_sh, redis_cli, say)
+from harness import Replica, harness_sh, redis_cli
+from settings import (AIM_AT_LEADER, BATCH_SIZE, E, FAULT_GAP_MAX, FAULT_GAP_MIN, INTERVAL_MS, LOCK_KEY,
+                      LONG_STOP_SHARE, MAX_REPLICAS_IN_FAULT, PG_PORT, REDIS_PORT, RESCUE_AFTER_MS,
+                      RESIGN_AFTER_MS, RETRY_MS, RNG, SHUTDOWN_TIMEOUT_MS, SMS_TIMEOUT_MS, TERM_EXIT_BOUND_S,
+                      TTL_MS, WEIGHTS, WORK, current_leader, say)
 from tcp_proxy import Proxy
 
 # ------------------------------------------------------------------------ replicas --
 
-class Replica:
-    """One replica process. Its paths to Redis and PostgreSQL go through proxies of its
-    own, so a fault can stall or cut one replica's path while the others keep theirs."""
+class ChaosReplica(Replica):
+    """A replica whose paths to Redis and PostgreSQL go through proxies of its own, so a
+    fault can stall or cut one replica's path while the others keep theirs."""
 
     def __init__(self, index, port):
-        self.name = "replica-%d" % index
-        self.port = port
-        self.proc = None
+        name = "replica-%d" % index
         self.busy = False          # under a fault right now
-        self.incarnations = 0
-        self.redis_path = Proxy(REDIS_PORT, name=self.name + "-redis")
-        self.pg_path = Proxy(PG_PORT, name=self.name + "-pg")
-        self.env = dict(E)
-        self.env.update({
+        self.redis_path = Proxy(REDIS_PORT, name=name + "-redis")
+        self.pg_path = Proxy(PG_PORT, name=name + "-pg")
+        super().__init__(index, {
             "DATABASE_URL": "postgres://postgres@127.0.0.1:%d/messages_db" % self.pg_path.port,
             "REDIS_URL": "redis://127.0.0.1:%d" % self.redis_path.port,
-            "SERVER_PORT": str(port),
-            "REPLICA_ID": self.name,
             "BATCH_SIZE": str(BATCH_SIZE),
             "PROCESSING_INTERVAL": "%dms" % INTERVAL_MS,
             "DISTRIBUTED_LOCK_TTL": "%dms" % TTL_MS,
@@ -47,56 +42,16 @@ class Replica:
             "MAX_ATTEMPTS": "0",
             "SEND_CONCURRENCY": "1",
             "AUTO_START": "true",
-            "LOG_FORMAT": "json",
             "LOG_LEVEL": E.get("REPLICA_LOG_LEVEL", "info"),
-        })
-        for name in ("API_TOKEN", "DB_HOST", "REDIS_HOST"):
-            self.env.pop(name, None)
-
-    @property
-    def log_path(self):
-        return os.path.join(WORK, "logs", self.name + ".log")
-
-    @property
-    def pid_path(self):
-        return os.path.join(WORK, "pids", self.name + ".pid")
-
-    def start(self):
-        self.incarnations += 1
-        with open(self.log_path, "ab") as log:
-            log.write(("--- chaos: start of incarnation %d at %s\n" % (self.incarnations, iso())).encode())
-            self.proc = subprocess.Popen([BIN, "serve"], env=self.env, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        with open(self.pid_path, "w") as f:
-            f.write(str(self.proc.pid))
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, sig):
-        if self.alive():
-            os.kill(self.proc.pid, sig)
-
-    def reap(self, timeout):
-        """Waits for the process to exit; returns its exit code or None on timeout."""
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        try:
-            os.unlink(self.pid_path)
-        except FileNotFoundError:
-            pass
-        return code
+            # Not inherited: the creators post without a token, and the URLs above are the
+            # replica's only way to its servers.
+            "API_TOKEN": None, "DB_HOST": None, "REDIS_HOST": None,
+        }, port=port)
 
     def stop_for_good(self):
-        if self.proc is None:
-            return
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
-        if self.reap(TERM_EXIT_BOUND_S) is None:
-            self.signal(signal.SIGKILL)
-            self.reap(10)
+        """SIGTERM, and SIGKILL if it is not gone within TERM_EXIT_BOUND_S."""
+        if self.proc is not None:
+            self.stop(signal.SIGTERM, TERM_EXIT_BOUND_S)
 
 
 # ------------------------------------------------------------------------- faults --
@@ -106,14 +61,14 @@ SERVER_FAULTS = ("redis", "postgres")
 
 def fault_kill(run, replica, leader):
     begin = time.time()
-    say("FAULT kill     %s%s: SIGKILL" % (replica.name, " (leader)" if leader else ""))
-    replica.signal(signal.SIGKILL)
-    replica.reap(10)
+    say("FAULT kill     %s%s: SIGKILL" % (replica.id, " (leader)" if leader else ""))
+    replica.kill(signal.SIGKILL)
+    replica.wait(10)
     down = RNG.uniform(0.5, 3.0)
     time.sleep(down)
     replica.start()
-    say("       kill     %s restarted after %.1fs" % (replica.name, down))
-    run.record_fault("kill", replica.name, leader, "down %.1fs" % down, begin, time.time())
+    say("       kill     %s restarted after %.1fs" % (replica.id, down))
+    run.record_fault("kill", replica.id, leader, "down %.1fs" % down, begin, time.time())
 
 
 def fault_stop(run, replica, leader):
@@ -124,39 +79,39 @@ def fault_stop(run, replica, leader):
         frozen = RESCUE_AFTER_MS / 1000 + RNG.uniform(1.0, 4.0)
     else:
         frozen = TTL_MS / 1000 + RNG.uniform(0.5, 4.0)
-    say("FAULT stop     %s%s: SIGSTOP for %.1fs" % (replica.name, " (leader)" if leader else "", frozen))
-    replica.signal(signal.SIGSTOP)
+    say("FAULT stop     %s%s: SIGSTOP for %.1fs" % (replica.id, " (leader)" if leader else "", frozen))
+    replica.kill(signal.SIGSTOP)
     time.sleep(frozen)
-    replica.signal(signal.SIGCONT)
-    say("       stop     %s: SIGCONT" % replica.name)
-    run.record_fault("stop", replica.name, leader, "frozen %.1fs" % frozen, begin, time.time())
+    replica.kill(signal.SIGCONT)
+    say("       stop     %s: SIGCONT" % replica.id)
+    run.record_fault("stop", replica.id, leader, "frozen %.1fs" % frozen, begin, time.time())
 
 
 def fault_term(run, replica, leader):
     begin = time.time()
-    say("FAULT term     %s%s: SIGTERM" % (replica.name, " (leader)" if leader else ""))
-    replica.signal(signal.SIGTERM)
-    code = replica.reap(TERM_EXIT_BOUND_S)
+    say("FAULT term     %s%s: SIGTERM" % (replica.id, " (leader)" if leader else ""))
+    replica.kill(signal.SIGTERM)
+    code = replica.wait(TERM_EXIT_BOUND_S)
     took = time.time() - begin
     if code is None:
-        run.violation("%s did not exit within %.0fs of SIGTERM (killed)" % (replica.name, TERM_EXIT_BOUND_S))
-        replica.signal(signal.SIGKILL)
-        replica.reap(10)
+        run.violation("%s did not exit within %.0fs of SIGTERM (killed)" % (replica.id, TERM_EXIT_BOUND_S))
+        replica.kill(signal.SIGKILL)
+        replica.wait(10)
     else:
-        run.term_exits.append((replica.name, code, took))
+        run.term_exits.append((replica.id, code, took))
         if code != 0:
-            run.violation("%s exited with status %s after SIGTERM" % (replica.name, code))
+            run.violation("%s exited with status %s after SIGTERM" % (replica.id, code))
     down = RNG.uniform(0.5, 2.0)
     time.sleep(down)
     replica.start()
-    say("       term     %s exited in %.2fs (status %s), restarted after %.1fs" % (replica.name, took, code, down))
-    run.record_fault("term", replica.name, leader, "exit %s in %.2fs, down %.1fs" % (code, took, down), begin, time.time())
+    say("       term     %s exited in %.2fs (status %s), restarted after %.1fs" % (replica.id, took, code, down))
+    run.record_fault("term", replica.id, leader, "exit %s in %.2fs, down %.1fs" % (code, took, down), begin, time.time())
 
 
 def fault_redis(run):
     begin = time.time()
     say("FAULT redis    stop")
-    lib_sh("stop_redis", os.path.join(WORK, "redis"))
+    harness_sh("stop_redis", os.path.join(WORK, "redis"))
     # stop_redis sends SIGTERM; wait until the port is closed
     for _ in range(100):
         if subprocess.run(["redis-cli", "-p", str(REDIS_PORT), "ping"], capture_output=True).returncode != 0:
@@ -165,7 +120,7 @@ def fault_redis(run):
     down = RNG.uniform(1.0, 4.0)
     time.sleep(down)
     for attempt in range(5):
-        out = lib_sh("start_redis", os.path.join(WORK, "redis"), str(REDIS_PORT))
+        out = harness_sh("start_redis", os.path.join(WORK, "redis"), str(REDIS_PORT))
         if out.returncode == 0:
             break
         time.sleep(1)
@@ -178,11 +133,11 @@ def fault_redis(run):
 def fault_postgres(run):
     begin = time.time()
     say("FAULT postgres fast shutdown")
-    lib_sh("stop_postgres", os.path.join(WORK, "postgres"), timeout=120)
+    harness_sh("stop_postgres", os.path.join(WORK, "postgres"), timeout=120)
     down = RNG.uniform(1.0, 4.0)
     time.sleep(down)
     for attempt in range(5):
-        out = lib_sh("start_postgres", os.path.join(WORK, "postgres"), str(PG_PORT), timeout=120)
+        out = harness_sh("start_postgres", os.path.join(WORK, "postgres"), str(PG_PORT), timeout=120)
         if out.returncode == 0:
             break
         time.sleep(1)
@@ -199,13 +154,13 @@ def fault_keyloss(run, replica, leader):
     begin = time.time()
     stalled = RNG.uniform(1.0, 5.0)
     say("FAULT keyloss  %s%s: Redis path paused, lock key deleted, for %.1fs"
-        % (replica.name, " (leader)" if leader else "", stalled))
+        % (replica.id, " (leader)" if leader else "", stalled))
     replica.redis_path.pause()
-    deleted = redis_cli("DEL", LOCK_KEY)
+    deleted = redis_cli("DEL", LOCK_KEY, check=False)
     time.sleep(stalled)
     replica.redis_path.resume()
-    say("       keyloss  %s: Redis path open again (DEL answered %s)" % (replica.name, deleted or "nothing"))
-    run.record_fault("keyloss", replica.name, leader, "stalled %.1fs, DEL %s" % (stalled, deleted or "?"),
+    say("       keyloss  %s: Redis path open again (DEL answered %s)" % (replica.id, deleted or "nothing"))
+    run.record_fault("keyloss", replica.id, leader, "stalled %.1fs, DEL %s" % (stalled, deleted or "?"),
                      begin, time.time())
 
 
@@ -218,12 +173,12 @@ def fault_path(run, replica, leader, kind):
     how = RNG.choice(("pause", "cut"))
     longest = (RESIGN_AFTER_MS / 1000 + 3.0) if kind == "pgpath" else 5.0
     down = RNG.uniform(1.0, longest)
-    say("FAULT %-9s %s%s: %s for %.1fs" % (kind, replica.name, " (leader)" if leader else "", how, down))
+    say("FAULT %-9s %s%s: %s for %.1fs" % (kind, replica.id, " (leader)" if leader else "", how, down))
     getattr(proxy, how)()
     time.sleep(down)
     proxy.resume()
-    say("       %-9s %s: open again" % (kind, replica.name))
-    run.record_fault(kind, replica.name, leader, "%s %.1fs" % (how, down), begin, time.time())
+    say("       %-9s %s: open again" % (kind, replica.id))
+    run.record_fault(kind, replica.id, leader, "%s %.1fs" % (how, down), begin, time.time())
 
 
 def run_fault(run, kind, replica=None, leader=False):
@@ -278,12 +233,12 @@ def fault_driver(run, deadline):
                 free = [r for r in run.replicas if not r.busy and r.alive()]
                 if not free:
                     continue
-                leading = [r for r in free if r.name == holder]
+                leading = [r for r in free if r.id == holder]
                 # Aim at the leader more often than not: that is where the windows are.
                 # A key loss is about the leader; the others hit it more often than not.
                 aim = kind == "keyloss" or RNG.random() < AIM_AT_LEADER
                 replica = leading[0] if leading and aim else RNG.choice(free)
-                leader = replica.name == holder
+                leader = replica.id == holder
                 replica.busy = True
         thread = threading.Thread(target=run_fault, args=(run, kind, replica, leader), daemon=True)
         thread.start()
@@ -299,9 +254,9 @@ def watchdog(run):
                 r.busy = True
         for r in dead:
             code = r.proc.returncode
-            r.reap(1)
-            run.unexpected_exits.append((r.name, code, time.time()))
-            run.violation("%s exited by itself with status %s; restarting it" % (r.name, code))
+            r.wait(1)
+            run.unexpected_exits.append((r.id, code, time.time()))
+            run.violation("%s exited by itself with status %s; restarting it" % (r.id, code))
             r.start()
             with run.lock:
                 r.busy = False

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Chaos soak (issues 5 and 9): three replicas, short lease and interval, a mock provider
+# Chaos soak: three replicas, short lease and interval, a mock provider
 # that fails 10 % of requests and adds latency (3 % of sends take 1.2 s, so some batches
 # run long), messages created all along through the API of random replicas, while a
 # driver SIGKILLs, SIGSTOPs/SIGCONTs and SIGTERMs-and-restarts replicas, restarts Redis
@@ -16,7 +16,7 @@
 #   (c) the rate: every batch claimed at most BATCH_SIZE rows and consecutive batch
 #       starts (PostgreSQL's clock) are at least PROCESSING_INTERVAL apart; and at the
 #       provider, no window of PROCESSING_INTERVAL minus RATE_JITTER_MS (50) holds more
-#       than BATCH_SIZE requests, accepted or not (see scripts/chaos.py);
+#       than BATCH_SIZE requests, accepted or not (see scripts/chaos/soak.py);
 #   (d) nothing is left pending or sending, every message is sent (MAX_ATTEMPTS=0);
 #   (e) no replica panicked, died by itself, or failed to stop on SIGTERM, and the API
 #       never answered 500.
@@ -25,7 +25,7 @@
 # failed). Everything runs on 127.0.0.1, in a temporary directory removed at the end
 # (kept on failure, on warnings, or with KEEP_WORK=1).
 #
-# Usage: scripts/chaos.sh [--short] [--duration SECONDS]
+# Usage: scripts/chaos/run.sh [--short] [--duration SECONDS]
 #   --short              the CI run: 60 s of faults (same as DURATION=60)
 #   --duration N         N seconds of faults (default 300, or $DURATION)
 #
@@ -44,8 +44,8 @@
 # Runs as root on a fresh Debian machine: installs PostgreSQL, Redis, curl and Python 3
 # with apt-get if they are missing; builds the binary with cargo unless BIN is set.
 set -euo pipefail
-# shellcheck source=scripts/lib.sh
-source "$(dirname "$0")/lib.sh"
+# shellcheck source=scripts/lib/harness.sh
+source "$(dirname "$0")/../lib/harness.sh"
 cd "$ROOT"
 
 while [ $# -gt 0 ]; do
@@ -65,33 +65,16 @@ ensure_packages pg:postgresql psql:postgresql-client redis-server:redis-server r
 
 ensure_binary
 
-WORK="$(mktemp -d /tmp/md-chaos.XXXXXX)"
-chmod 755 "$WORK"
-mkdir -p "$WORK/logs" "$WORK/pids"
-export WORK
+work_init chaos
 
-# Kills what is still registered in $WORK/pids (replicas, the mock provider), checking
-# that each pid is still one of ours before signalling it, then stops Redis and
-# PostgreSQL. The Python driver stops its replicas itself; this is the safety net.
+# Stops what is still tracked (replicas, the mock provider), then Redis and PostgreSQL.
+# The Python driver stops its replicas itself; this is the safety net.
 # shellcheck disable=SC2317  # invoked by the trap
 cleanup() {
   local rc=$?
   set +e
   trap - EXIT INT TERM
-  local f pid
-  for f in "$WORK"/pids/*.pid; do
-    [ -f "$f" ] || continue
-    pid="$(cat "$f")"
-    if grep -qa message-dispatcher "/proc/$pid/cmdline" 2>/dev/null; then
-      kill -CONT "$pid" 2>/dev/null
-      kill -TERM "$pid" 2>/dev/null
-      for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$pid" 2>/dev/null
-    fi
-    rm -f "$f"
-  done
-  stop_redis "$WORK/redis"
-  stop_postgres "$WORK/postgres"
+  stop_work
   if [ "$rc" = 0 ] && [ "${KEEP_WORK:-0}" != 1 ] && [ ! -f "$WORK/keep" ]; then
     rm -rf "$WORK"
   else
@@ -124,19 +107,19 @@ export SLOW_RATE="${SLOW_RATE:-0.03}" SLOW_MS="${SLOW_MS:-1200}"
 "$BIN" mock-provider --port "$MOCK_PORT" --fail-rate "${FAIL_RATE:-0.1}" --latency-ms "${LATENCY_MS:-20}" \
   --slow-rate "$SLOW_RATE" --slow-ms "$SLOW_MS" \
   >"$WORK/logs/mock-provider.log" 2>&1 &
-echo "$!" >"$WORK/pids/mock-provider.pid"
+track "$!"
 wait_http "http://127.0.0.1:$MOCK_PORT/health" 20 || die "mock provider did not start (see $WORK/logs/mock-provider.log)"
 
 "$BIN" migrate >"$WORK/logs/migrate.log" 2>&1 || die "migrate failed (see $WORK/logs/migrate.log)"
 # Audit triggers: every status change of a message and every batch start / epoch bump
 # is recorded with its transaction id and PostgreSQL's clock, for the checks.
-psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres messages_db -f "$ROOT/scripts/chaos_audit.sql" \
+psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres messages_db -f "$ROOT/scripts/chaos/audit.sql" \
   || die "could not install the audit triggers"
 "$BIN" seed --count "${SEED_MESSAGES:-150}" >>"$WORK/logs/migrate.log" 2>&1 || die "seed failed"
 
 # The driver's exit code is the script's: 0 pass, 1 violations, 2 harness failure.
 set +e
-python3 "$ROOT/scripts/chaos.py"
+python3 "$ROOT/scripts/chaos/soak.py"
 rc=$?
 set -e
 # A dump of what the checks read, for a failed run's post-mortem.

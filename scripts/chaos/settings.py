@@ -1,33 +1,22 @@
-"""Settings and I/O of the chaos soak (scripts/chaos.py): the environment chaos.sh
-exported, the run's log, and small clients for PostgreSQL (psql), HTTP, Redis
-(redis-cli), scripts/lib.sh and the mock provider. Standard library only."""
+"""Settings of the chaos soak (scripts/chaos/soak.py), from the environment run.sh
+exported, the fence's windows derived from them, the run's log, and the clients the
+soak adds to scripts/lib/harness.py's (the mock provider, the current leader).
+Standard library only."""
 
 import datetime
 import json
 import os
 import random
-import subprocess
+import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+from harness import WORK, env_float, env_int, http, leader_row  # noqa: E402
 
 E = os.environ
 
-
-def env_int(name, default):
-    value = E.get(name, "")
-    return int(value) if value.strip() else default
-
-
-def env_float(name, default):
-    value = E.get(name, "")
-    return float(value) if value.strip() else default
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORK = E["WORK"]
-BIN = E["BIN"]
 PG_PORT = int(E["PG_PORT"])
 REDIS_PORT = int(E["REDIS_PORT"])
 MOCK_PORT = int(E["MOCK_PORT"])
@@ -49,9 +38,10 @@ FAULT_GAP_MAX = env_float("FAULT_GAP_MAX", 5.0)
 SETTLE_TIMEOUT = env_float("SETTLE_TIMEOUT", 180)
 # The rate at the provider is checked on every request (accepted or not): no window of
 # PROCESSING_INTERVAL - RATE_JITTER_MS holds more than BATCH_SIZE arrivals. The jitter
-# is what the README documents between a send starting and its request arriving.
+# is the documented gap between a send starting and its request arriving
+# (docs/design.md).
 RATE_JITTER_MS = env_int("RATE_JITTER_MS", 50)
-# STRICT_RATE=0 reports bursts that a slow batch explains as warnings (the old check).
+# STRICT_RATE=0 reports bursts that a slow batch explains as warnings, not violations.
 STRICT_RATE = E.get("STRICT_RATE", "1") == "1"
 # The fence (src/leadership/fence.rs): a confirmation lets sends start for a window of
 # TTL/3 (100 ms to 1 s); a new leader rescues an older epoch's rows after the window +
@@ -69,7 +59,7 @@ WEIGHTS = {kind: float(weight) for kind, weight in
            (item.split(":") for item in E.get(
                "FAULTS", "kill:3,stop:2,term:2,redis:1,postgres:1,keyloss:1,redispath:1,pgpath:1").split(","))}
 assert set(WEIGHTS) <= set(FAULT_KINDS), "FAULTS: unknown fault kind"
-# The mock provider's latency mix (set by chaos.sh): a share of slow sends makes long
+# The mock provider's latency mix (set by run.sh): a share of slow sends makes long
 # batches, which open the windows the fence closes.
 SLOW_RATE = env_float("SLOW_RATE", 0.03)
 SLOW_MS = env_int("SLOW_MS", 1200)
@@ -101,64 +91,19 @@ def say(message):
             f.write(line + "\n")
 
 
-# ----------------------------------------------------------------------------- I/O --
-
-def psql(sql, timeout=15):
-    out = subprocess.run(
-        ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(PG_PORT),
-         "-U", "postgres", "-d", "messages_db", "-c", sql],
-        capture_output=True, text=True, timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError("psql: " + out.stderr.strip())
-    return out.stdout
-
-
-def psql_json(select, timeout=30):
-    text = psql("SELECT coalesce(json_agg(t), '[]'::json) FROM (%s) t" % select, timeout)
-    return json.loads(text)
-
-
-def http(method, url, body=None, timeout=3.0):
-    """(status, parsed JSON or text). Raises OSError-like exceptions on transport errors."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        request.add_header("content-type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode("utf-8", "replace")
-
-
-def lib_sh(function, *args, timeout=60):
-    """Runs a helper of scripts/lib.sh (start_postgres, stop_redis, ...)."""
-    script = 'source "$1/scripts/lib.sh"; f="$2"; shift 2; "$f" "$@"'
-    return subprocess.run(["bash", "-c", script, "_", ROOT, function, *args],
-                          capture_output=True, text=True, timeout=timeout)
-
+# ---------------------------------------------------------------------------- clients --
 
 def mock(path):
-    status, body = http("GET", "http://127.0.0.1:%d%s" % (MOCK_PORT, path), timeout=10)
+    """GET `path` of the mock provider, as JSON."""
+    status, body = http("http://127.0.0.1:%d%s" % (MOCK_PORT, path), timeout=10)
     if status != 200:
         raise RuntimeError("mock provider %s answered %s" % (path, status))
-    return body
-
-
-
-def redis_cli(*args, timeout=5):
-    out = subprocess.run(["redis-cli", "-p", str(REDIS_PORT), *args], capture_output=True, text=True,
-                         timeout=timeout)
-    return out.stdout.strip()
+    return json.loads(body)
 
 
 def current_leader():
     """The fence row's holder (the replica that last won the lock), or None."""
     try:
-        return psql("SELECT holder FROM dispatcher_leader WHERE id = 1", timeout=2).strip() or None
+        return leader_row(timeout=2)[1]
     except Exception:
         return None

@@ -1,17 +1,17 @@
 #!/usr/bin/env python3
-"""Chaos soak driver (issues 5 and 9). Started by scripts/chaos.sh, which builds the
-binary, starts PostgreSQL, Redis and the mock provider, migrates, installs the audit
-triggers (scripts/chaos_audit.sql) and seeds; this program runs the replicas, creates
-messages, injects faults, lets the queue settle and checks the result.
+"""Chaos soak driver. Started by scripts/chaos/run.sh, which builds the binary, starts
+PostgreSQL, Redis and the mock provider, migrates, installs the audit triggers
+(scripts/chaos/audit.sql) and seeds; this program runs the replicas, creates messages,
+injects faults, lets the queue settle and checks the result.
 
-Modules: chaos_env (settings, log, clients), chaos_faults (replicas behind their own
-proxies to Redis and PostgreSQL, the faults, the driver), chaos_checks (the checks),
-tcp_proxy (the pausable, cuttable proxy). Standard library only. Everything it talks to
-is on 127.0.0.1.
+Modules: settings (settings, log, the soak's clients), faults (replicas behind their
+own proxies to Redis and PostgreSQL, the faults, the driver), checks (the checks), and
+from scripts/lib: harness (processes, replicas, clients) and tcp_proxy (the pausable,
+cuttable proxy). Standard library only. Everything it talks to is on 127.0.0.1.
 
 How the rate is checked (check c)
 ---------------------------------
-The contract (SPEC 6, README "Timing rules") is about batch *starts*: the cluster claims
+The contract (docs/design.md) is about batch *starts*: the cluster claims
 at most BATCH_SIZE rows per batch, and a batch starts only when `last_batch_at +
 PROCESSING_INTERVAL` has passed on PostgreSQL's clock. The audit triggers record every
 batch start (`last_batch_at`, with the claim transaction's id) and every claimed row
@@ -23,7 +23,7 @@ batch start (`last_batch_at`, with the claim transaction's id) and every claimed
 
 The same limit holds for what the provider sees, with no tolerance but the jitter
 between a send starting and its request arriving (RATE_JITTER_MS, 50 ms by default, as
-the README documents). Every send starts only when the leader's pacer allows it: no
+docs/design.md documents). Every send starts only when the leader's pacer allows it: no
 send starts less than PROCESSING_INTERVAL after the send BATCH_SIZE places before it,
 in this replica or, across a handover, in the one before (the fence row records the
 newest start times). So:
@@ -31,7 +31,7 @@ newest start times). So:
   c3  every request at the provider (mock `/requests`: accepted, failed or rejected, at
       its arrival) follows a claim of its message, and no window of
       PROCESSING_INTERVAL - RATE_JITTER_MS holds more than BATCH_SIZE requests. The
-      one exception the README documents: a sender frozen (SIGSTOP) after its send
+      one exception docs/design.md documents: a sender frozen (SIGSTOP) after its send
       started and before its request left; its request arrives when it thaws. Such a
       burst is printed with the fault that explains it; any other burst is a
       violation. STRICT_RATE=0 turns every burst into a warning.
@@ -61,18 +61,21 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
-from chaos_checks import analyse
-from chaos_env import (API_PORTS, BATCH_SIZE, CREATE_RATE, DURATION, FAIL_RATE, INTERVAL_MS, LATENCY_MS, RETRY_MS,
-                       SEED, SETTLE_TIMEOUT, SLOW_MS, SLOW_RATE, SMS_TIMEOUT_MS, T0, TERM_EXIT_BOUND_S, TTL_MS,
-                       RUN_ID, WORK, current_leader, http, mock, psql, say)
-from chaos_faults import Replica, fault_driver, watchdog
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+from checks import analyse  # noqa: E402
+from faults import ChaosReplica, fault_driver, watchdog  # noqa: E402
+from harness import decoded, psql, request  # noqa: E402
+from settings import (API_PORTS, BATCH_SIZE, CREATE_RATE, DURATION, FAIL_RATE, INTERVAL_MS, LATENCY_MS,  # noqa: E402
+                      RETRY_MS, RUN_ID, SEED, SETTLE_TIMEOUT, SLOW_MS, SLOW_RATE, SMS_TIMEOUT_MS, T0,
+                      TERM_EXIT_BOUND_S, TTL_MS, WORK, current_leader, mock, say)
 
 # -------------------------------------------------------------------------- state --
 
 class Run:
     def __init__(self):
-        self.replicas = [Replica(i + 1, port) for i, port in enumerate(API_PORTS)]
+        self.replicas = [ChaosReplica(i + 1, port) for i, port in enumerate(API_PORTS)]
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
         self.faults = []             # dicts: kind, target, begin, end, leader, detail
@@ -127,7 +130,8 @@ def creator(run, deadline, worker):
         body = items[0] if batch == 1 else items
         port = rng.choice(API_PORTS)
         try:
-            status, answer = http("POST", "http://127.0.0.1:%d/api/messages" % port, body, timeout=3.0)
+            status, raw = request("http://127.0.0.1:%d/api/messages" % port, "POST", body, timeout=3.0)
+            answer = decoded(raw)
             with run.lock:
                 run.create_requests[str(status)] += 1
             if status == 201:
@@ -171,7 +175,7 @@ def settle(run):
     for r in run.replicas:
         if not r.alive():
             r.start()
-        r.signal(signal.SIGCONT)
+        r.kill(signal.SIGCONT)
     last = None
     while time.time() - started < SETTLE_TIMEOUT:
         try:
@@ -211,17 +215,11 @@ def main():
     for r in run.replicas:
         r.start()
     for r in run.replicas:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if http("GET", "http://127.0.0.1:%d/health/ready" % r.port, timeout=1)[0] == 200:
-                    break
-            except Exception:
-                pass
-            if time.time() > deadline or not r.alive():
-                say("%s did not become ready; see %s" % (r.name, r.log_path))
-                return 2
-            time.sleep(0.2)
+        try:
+            r.wait_ready(60, 0.2)
+        except (RuntimeError, TimeoutError):
+            say("%s did not become ready; see %s" % (r.id, r.log))
+            return 2
     say("replicas ready; leader: %s" % current_leader())
 
     started = time.time()

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# API fuzzing (issue 5): schemathesis against GET /openapi.json of one running replica
+# API fuzzing: schemathesis against GET /openapi.json of one running replica
 # on a local stack (PostgreSQL, Redis, the mock provider), every operation, a few
 # hundred generated cases in total, bounded in time. Exits non-zero on any failure:
 # a 5xx, a response that does not match the document (status code, content type,
 # body schema), schema-invalid input that is accepted, or an /api operation that
 # answers without the API token.
 #
-#   scripts/fuzz-api.sh                  # default: up to 100 cases per operation and phase
+#   scripts/dev/fuzz-api.sh                  # default: up to 100 cases per operation and phase
 #                                        # (~2000 cases, under a minute plus the build)
-#   MAX_EXAMPLES=30 scripts/fuzz-api.sh  # a CI-sized run (~700 cases)
+#   MAX_EXAMPLES=30 scripts/dev/fuzz-api.sh  # a CI-sized run (~700 cases)
 #
 # Settings (environment):
 #   MAX_EXAMPLES  cases per operation and phase (default 100)
@@ -30,8 +30,8 @@
 # apt-get and schemathesis with pip in a virtualenv. Reports land in $WORK/report
 # (JUnit XML, and a pytest file that reproduces each failure).
 set -euo pipefail
-# shellcheck source=scripts/lib.sh
-source "$(dirname "$0")/lib.sh"
+# shellcheck source=scripts/lib/harness.sh
+source "$(dirname "$0")/../lib/harness.sh"
 cd "$ROOT"
 
 MAX_EXAMPLES="${MAX_EXAMPLES:-100}"

@@ -4,8 +4,8 @@
 # (deploy/prometheus/alerts.yml), each a local process with its data under .local/.
 # Installs what is missing (postgresql, redis-server, prometheus) with apt-get.
 #
-#   ./scripts/run-local.sh            start everything, print where it is
-#   ./scripts/stop-local.sh           stop everything
+#   ./scripts/dev/run-local.sh            start everything, print where it is
+#   ./scripts/dev/stop-local.sh           stop everything
 #
 # Settings (environment): SEED (demo messages, default 20), BATCH_SIZE (2),
 # PROCESSING_INTERVAL (10s, faster than the 2m default so the demo moves), API_TOKEN
@@ -14,13 +14,13 @@
 # A busy port is replaced by a free one; a restart within a minute keeps its ports.
 # Builds where cargo builds (CARGO_TARGET_DIR is honoured).
 set -euo pipefail
-source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/../lib/harness.sh"
 cd "$ROOT"
 
 STATE="$ROOT/.local"
 if [ -f "$STATE/pids" ]; then
   log "an earlier run is still registered; stopping it first"
-  "$ROOT/scripts/stop-local.sh"
+  "$ROOT/scripts/dev/stop-local.sh"
 fi
 mkdir -p "$STATE/logs"
 
@@ -29,7 +29,7 @@ ensure_packages pg:postgresql psql:postgresql-client redis-server:redis-server c
 command -v cargo >/dev/null || die "cargo is required (https://rustup.rs)"
 
 # Wherever cargo builds (CARGO_TARGET_DIR, a cargo config): see ensure_binary.
-# PROFILE=debug reuses the tests' build (scripts/verify-local-run.sh does).
+# PROFILE=debug reuses the tests' build (scripts/verify/local-run.sh does).
 PROFILE="${PROFILE:-release}" ensure_binary
 
 PG_PORT="$(free_port "${PG_PORT:-55432}")"
@@ -135,5 +135,5 @@ message-dispatcher is running: $schedule; leader: $leader
   Redis           redis-cli -p $REDIS_PORT
   logs            $STATE/logs/
 
-  stop            ./scripts/stop-local.sh
+  stop            ./scripts/dev/stop-local.sh
 SUMMARY

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Stops what scripts/run-local.sh started (replicas get SIGTERM and hand over cleanly;
+# Stops what scripts/dev/run-local.sh started (replicas get SIGTERM and hand over cleanly;
 # Prometheus, Redis and PostgreSQL follow).
 set -euo pipefail
-source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/../lib/harness.sh"
 STATE="$ROOT/.local"
 # The binary run-local.sh started (wherever cargo built it).
 BIN="$(sed -n 's/^BIN=//p' "$STATE/env" 2>/dev/null)"

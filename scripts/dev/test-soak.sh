@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (scripts/test.sh) N times in a row and reports every
+# Runs the whole test suite (scripts/dev/test.sh) N times in a row and reports every
 # failure, for people changing timing-sensitive code. A test that fails once in N
 # runs is a failing test.
 #
-#   ./scripts/test-soak.sh            5 runs
-#   RUNS=10 ./scripts/test-soak.sh    10 runs
-#   STRESS=1 ./scripts/test-soak.sh   the same with both cores kept busy by
+#   ./scripts/dev/test-soak.sh            5 runs
+#   RUNS=10 ./scripts/dev/test-soak.sh    10 runs
+#   STRESS=1 ./scripts/dev/test-soak.sh   the same with both cores kept busy by
 #                                     stress-ng --cpu <cores> (installed if missing)
-#   ./scripts/test-soak.sh -E 'test(/failover/)'   extra arguments go to nextest
+#   ./scripts/dev/test-soak.sh -E 'test(/failover/)'   extra arguments go to nextest
 #
 # Prints one line per run and a summary: runs x tests, failures per test. Logs are
 # kept in a temporary directory (printed). Exits 1 if any run failed.
 set -euo pipefail
-source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/../lib/harness.sh"
 cd "$ROOT"
 
 RUNS="${RUNS:-5}"
@@ -36,7 +36,7 @@ total_tests=0
 for run in $(seq 1 "$RUNS"); do
   log_file="$LOGS/run-$run.log"
   start=$SECONDS
-  if ./scripts/test.sh "$@" >"$log_file" 2>&1; then result=ok; else result=FAILED; failed_runs=$((failed_runs + 1)); fi
+  if ./scripts/dev/test.sh "$@" >"$log_file" 2>&1; then result=ok; else result=FAILED; failed_runs=$((failed_runs + 1)); fi
   summary="$(grep -E '^\s+Summary' "$log_file" | tail -1 | sed 's/^ *//')"
   tests="$(grep -oE '[0-9]+ tests run' <<<"$summary" | grep -oE '[0-9]+' || echo 0)"
   total_tests=$((total_tests + tests))

@@ -3,7 +3,7 @@
 # PostgreSQL and Redis servers, the mock provider and replica processes.
 # Installs what is missing (postgresql, redis-server, promtool, openssl) with apt-get.
 set -euo pipefail
-source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/../lib/harness.sh"
 cd "$ROOT"
 
 ensure_packages pg:postgresql redis-server:redis-server redis-cli:redis-tools redis-sentinel:redis-sentinel promtool:prometheus openssl:openssl

@@ -1,13 +1,19 @@
-"""The benchmarks' shared harness (standard library only): settings from the
-environment, processes, CPU and memory from /proc, log parsing, replicas, the mock
-provider, one drain, and tables. The measurements are in bench_<name>.py, run through
-scripts/bench.py.
+"""The Python harness of every script under scripts/ (standard library only): settings
+from the environment, free ports, processes started under a work directory and tracked
+for the cleanup, the replicas and the mock provider, clients for HTTP, PostgreSQL
+(psql) and Redis (redis-cli), and the replicas' JSON logs. Its bash counterpart is
+scripts/lib/harness.sh, which sets up what this module reads from the environment:
 
-Environment from bench_lib.sh: BIN, BENCH_DIR, PG_BIN, PG_PORT, REDIS_PORT,
-DATABASE_URL, REDIS_URL. Every process started here inherits MD_BENCH_DIR (the
-cleanup trap kills only processes that carry it) and is listed in $BENCH_DIR/pids.
-A benchmark writes its summary rows as JSON to $BENCH_RESULT when that is set
-(bench-all.sh combines them).
+    BIN       the message-dispatcher binary
+    WORK      the run's work directory (work_init): logs/ and the pid list
+    PG_PORT   the run's PostgreSQL on 127.0.0.1, database messages_db
+    REDIS_PORT
+
+Every process started here carries MD_WORK=$WORK in its environment and is listed in
+$WORK/pids, as harness.sh's track does: its cleanup stops exactly those.
+
+As a program: `harness.py free-port [PREFERRED]` prints a free port (harness.sh's
+free_port).
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import os
 import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -26,16 +31,21 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
-MIB = 1024 * 1024
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-SCRIPTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS_SH = ROOT / "scripts" / "lib" / "harness.sh"
+BIN = os.environ.get("BIN", "")
+WORK = Path(os.environ.get("WORK", "/nonexistent"))
+
+
+# --------------------------------------------------------------------------- settings
 
 
 def env(name: str, default: str | None = None) -> str:
+    """The variable's value; `default` when it is unset or blank (none: the run stops)."""
     value = os.environ.get(name, "")
-    if value == "":
+    if value.strip() == "":
         if default is None:
-            sys.exit(f"bench_lib.py: {name} is not set")
+            sys.exit(f"{Path(sys.argv[0]).name}: {name} is not set")
         return default
     return value
 
@@ -62,48 +72,77 @@ def note(msg: str) -> None:
     print(f"\033[1m==>\033[0m {msg}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- processes
+# ------------------------------------------------------------------------------ ports
 
 
-BIN = os.environ.get("BIN", "")
-BENCH_DIR = Path(os.environ.get("BENCH_DIR", "/nonexistent"))
+def free_port(preferred: int = 0) -> int:
+    """The preferred port if free, else any free port. Checked with SO_REUSEADDR, as
+    every server here binds: a port whose last connections linger in TIME_WAIT after a
+    stop is free for them, so a restart keeps its ports."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# -------------------------------------------------------------------------- processes
 
 
-def spawn(name: str, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Starts the binary with `args`, output appended to logs/<name>.log."""
-    log = open(BENCH_DIR / "logs" / f"{name}.log", "ab")
-    child_env = dict(os.environ)
-    child_env["MD_BENCH_DIR"] = str(BENCH_DIR)
-    child_env.update(extra_env or {})
-    proc = subprocess.Popen([BIN, *args], stdout=log, stderr=subprocess.STDOUT, env=child_env)
-    log.close()
-    with open(BENCH_DIR / "pids", "a") as f:
-        f.write(f"{proc.pid}\n")
+def child_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
+    """This process's environment with the work directory's marker, plus `extra` (a
+    None value removes the variable)."""
+    out = {**os.environ, "MD_WORK": str(WORK)}
+    for name, value in (extra or {}).items():
+        if value is None:
+            out.pop(name, None)
+        else:
+            out[name] = value
+    return out
+
+
+def track(pid: int) -> None:
+    with open(WORK / "pids", "a") as f:
+        f.write(f"{pid}\n")
+
+
+def spawn(cmd: list[str], name: str, extra_env: dict[str, str | None] | None = None,
+          **popen) -> subprocess.Popen:
+    """Starts `cmd`, tracked, in a session of its own (a Ctrl-C at the terminal reaches
+    the script, which stops its processes itself; a replica sees only the signals the
+    run chooses). Its output is appended to logs/<name>.log unless `popen` redirects
+    stdout, in which case stderr alone goes there."""
+    with open(WORK / "logs" / f"{name}.log", "ab") as log:
+        popen.setdefault("stdin", subprocess.DEVNULL)
+        if popen.setdefault("stdout", log) is log:
+            popen.setdefault("stderr", subprocess.STDOUT)
+        else:
+            popen.setdefault("stderr", log)
+        proc = subprocess.Popen(cmd, env=child_env(extra_env), start_new_session=True, **popen)
+    track(proc.pid)
     return proc
 
 
 def run_child(cmd: list[str]) -> subprocess.CompletedProcess:
-    """subprocess.run for the long-running tools (wrk, pgbench): the pid is recorded so
-    the cleanup trap can stop it if the benchmark is interrupted."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "MD_BENCH_DIR": str(BENCH_DIR)})
-    with open(BENCH_DIR / "pids", "a") as f:
-        f.write(f"{proc.pid}\n")
+    """subprocess.run for the long-running tools (wrk, pgbench), tracked so that the
+    cleanup stops it if the run is interrupted."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    track(proc.pid)
     out, err = proc.communicate()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 40) -> float:
-    """Signals `proc` (ours: a Popen child) and waits; returns seconds until it exited."""
+    """Sends `sig` to `proc` (after a SIGCONT: a stopped process acts on nothing else),
+    waits up to `timeout`, then SIGKILLs it; returns the seconds until it exited."""
     if proc is None or proc.poll() is not None:
         return 0.0
     started = time.time()
+    proc.send_signal(signal.SIGCONT)
     proc.send_signal(sig)
     try:
         proc.wait(timeout)
@@ -113,25 +152,11 @@ def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: floa
     return time.time() - started
 
 
-def http(url: str, method: str = "GET", body: object | None = None, timeout: float = 5) -> tuple[int, bytes]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("content-type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
-        return 0, b""
-
-
-def http_json(url: str, **kw) -> object:
-    code, body = http(url, **kw)
-    if code == 0:
-        raise RuntimeError(f"no answer from {url}")
-    return json.loads(body)
+def harness_sh(function: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Runs a function of harness.sh (start_postgres, stop_redis, ...)."""
+    script = 'source "$1"; f="$2"; shift 2; "$f" "$@"'
+    return subprocess.run(["bash", "-c", script, "_", str(HARNESS_SH), function, *args],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def wait_until(predicate, timeout: float, step: float = 0.1, what: str = "condition"):
@@ -145,103 +170,76 @@ def wait_until(predicate, timeout: float, step: float = 0.1, what: str = "condit
         time.sleep(step)
 
 
-def psql(sql: str, db: str = "messages_db") -> str:
+# ---------------------------------------------------------------------------- clients
+
+
+def request(url: str, method: str = "GET", body: object | None = None,
+            timeout: float = 5) -> tuple[int, bytes]:
+    """(status, body) of one request, JSON `body` if given; raises OSError when no
+    answer arrives."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def http(url: str, method: str = "GET", body: object | None = None, timeout: float = 5) -> tuple[int, bytes]:
+    """request(), with status 0 when no answer arrives."""
+    try:
+        return request(url, method, body, timeout)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
+        return 0, b""
+
+
+def http_json(url: str, **kw) -> object:
+    code, body = http(url, **kw)
+    if code == 0:
+        raise RuntimeError(f"no answer from {url}")
+    return json.loads(body)
+
+
+def decoded(raw: bytes) -> object:
+    """A body as JSON if it parses, else as text."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+def psql(sql: str, db: str = "messages_db", timeout: float | None = None) -> str:
+    """`sql` on the run's PostgreSQL: unaligned tuples, stripped. Raises RuntimeError
+    with psql's message on failure."""
     out = subprocess.run(
         ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", env("PG_PORT"),
          "-U", "postgres", "-d", db, "-tAc", sql],
-        check=True, capture_output=True, text=True)
+        capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError("psql: " + out.stderr.strip())
     return out.stdout.strip()
 
 
-def redis_cli(*args: str) -> str:
+def psql_json(select: str, timeout: float | None = 30) -> list:
+    """The rows of `select` as a list of dicts."""
+    return json.loads(psql("SELECT coalesce(json_agg(t), '[]'::json) FROM (%s) t" % select, timeout=timeout))
+
+
+def redis_cli(*args: str, check: bool = True, timeout: float = 5) -> str:
     out = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", env("REDIS_PORT"), *args],
-                         check=True, capture_output=True, text=True)
+                         check=check, capture_output=True, text=True, timeout=timeout)
     return out.stdout.strip()
 
 
-def seed(count: int, db: str = "messages_db") -> None:
-    url = f"postgres://postgres@127.0.0.1:{env('PG_PORT')}/{db}"
-    subprocess.run([BIN, "seed", "--count", str(count)], check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "DATABASE_URL": url, "LOG_FORMAT": "json"})
-    psql("VACUUM ANALYZE messages", db)
-    psql("CHECKPOINT", db)
-
-
-def reset_queue(db: str = "messages_db") -> None:
-    psql("TRUNCATE messages RESTART IDENTITY; UPDATE dispatcher_leader SET last_batch_at = NULL", db)
-
-
-# ------------------------------------------------------------------------------ /proc
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile in bytes."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "Threads"):
-                parts = value.split()
-                out[key] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
-    return out
-
-
-def cpu_ticks(pid: int, reaped_children: bool = False) -> int:
-    """utime + stime of the process (all threads), in clock ticks; with
-    `reaped_children`, plus cutime + cstime (children it has waited for)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
-    if reaped_children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks
-
-
-def children_of(ppid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == ppid:
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
-def postgres_ticks() -> int:
-    """CPU ticks of the benchmark's PostgreSQL: the postmaster, its live children
-    (backends, background processes) and the children it has reaped (backends of
-    connections that ended). A backend reaped while the children are being read would
-    be missed (reaped after the postmaster's figures were read, gone before its own
-    were): the read is repeated until no child was reaped during it."""
-    pidfile = BENCH_DIR / "postgres" / "data" / "postmaster.pid"
-    master = int(pidfile.read_text().split()[0])
-
-    def own_and_reaped() -> tuple[int, int]:
-        with open(f"/proc/{master}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
-
-    for _ in range(50):
-        own, reaped = own_and_reaped()
-        live = 0
-        for pid in children_of(master):
-            try:
-                live += cpu_ticks(pid)
-            except OSError:
-                pass
-        if own_and_reaped()[1] == reaped:
-            break
-    return own + reaped + live
-
-
-def redis_ticks() -> int:
-    try:
-        return cpu_ticks(int((BENCH_DIR / "redis" / "redis.pid").read_text().strip()))
-    except OSError:
-        return 0
+def leader_row(timeout: float | None = None) -> tuple[int, str | None]:
+    """(epoch, holder) of the fence row: the replica that last won the lock."""
+    text = psql("SELECT epoch::text || ',' || coalesce(holder, '') FROM dispatcher_leader WHERE id = 1",
+                timeout=timeout)
+    epoch, holder = text.split(",", 1)
+    return int(epoch), holder or None
 
 
 # ------------------------------------------------------------------------------- logs
@@ -300,32 +298,41 @@ def read_events(path: Path, messages: set[str]) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------------------- replicas
+# --------------------------------------------------------------------------- replicas
 
 
 class Replica:
-    """One `message-dispatcher serve` process (restartable under the same id)."""
+    """One `message-dispatcher serve` under a fixed REPLICA_ID, restartable: each start
+    is a new process (an incarnation) logging to logs/replica-N.<incarnation>.log.
+    `env` is added to the inherited environment (a None value removes a variable);
+    `port` 0 takes a free port at every start."""
 
-    def __init__(self, index: int, extra_env: dict[str, str]):
-        self.index, self.id, self.extra_env = index, f"replica-{index}", extra_env
+    def __init__(self, index: int, env: dict[str, str | None] | None = None, port: int = 0):
+        self.index, self.id = index, f"replica-{index}"
+        self.env = dict(env or {})
+        self.fixed_port = port
+        self.port = port
         self.proc: subprocess.Popen | None = None
         self.incarnation = 0
-        self.port = 0
-        self.log: Path | None = None
+        self.logs: list[Path] = []
         self.tail: LogTail | None = None
         self.ready_at = 0.0
 
     def start(self) -> None:
         self.incarnation += 1
-        self.port = free_port()
+        self.port = self.fixed_port or free_port()
         name = f"{self.id}.{self.incarnation}"
-        while (BENCH_DIR / "logs" / f"{name}.log").exists():  # a later run, same index
+        while (WORK / "logs" / f"{name}.log").exists():  # a later run, same index
             name += "+"
-        self.log = BENCH_DIR / "logs" / f"{name}.log"
+        self.logs.append(WORK / "logs" / f"{name}.log")
         self.tail = LogTail(self.log)
-        self.proc = spawn(name, ["serve"], {
-            "SERVER_PORT": str(self.port), "REPLICA_ID": self.id, "LOG_FORMAT": "json",
-            **self.extra_env})
+        self.proc = spawn([BIN, "serve"], name, {
+            "SERVER_PORT": str(self.port), "REPLICA_ID": self.id, "LOG_FORMAT": "json", **self.env})
+
+    @property
+    def log(self) -> Path | None:
+        """The current incarnation's log."""
+        return self.logs[-1] if self.logs else None
 
     @property
     def url(self) -> str:
@@ -339,6 +346,18 @@ class Replica:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def kill(self, sig: int) -> None:
+        """Sends `sig` if the process runs."""
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code once the process has exited; None if it still runs after `timeout`."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def wait_ready(self, timeout: float = 60, step: float = 0.05) -> None:
         def ready():
             if not self.alive():
@@ -347,8 +366,8 @@ class Replica:
         wait_until(ready, timeout, step, f"{self.id} ready")
         self.ready_at = time.time()
 
-    def stop(self, sig: int = signal.SIGTERM) -> float:
-        return stop(self.proc, sig)
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> float:
+        return stop(self.proc, sig, timeout)
 
 
 def start_replicas(count: int, extra_env: dict[str, str]) -> list[Replica]:
@@ -360,147 +379,23 @@ def start_replicas(count: int, extra_env: dict[str, str]) -> list[Replica]:
     return replicas
 
 
-def leader_row_parsed() -> tuple[int, str | None]:
-    text = psql("SELECT epoch::text || ',' || coalesce(holder, '') FROM dispatcher_leader WHERE id = 1")
-    epoch, holder = text.split(",", 1)
-    return int(epoch), holder or None
-
-
 def start_mock(latency_ms: int = 0) -> tuple[subprocess.Popen, str]:
+    """A mock provider on a free port; (process, base URL)."""
     port = free_port()
-    proc = spawn(f"mock-provider.{port}", ["mock-provider", "--port", str(port),
-                                           "--latency-ms", str(latency_ms)])
+    proc = spawn([BIN, "mock-provider", "--port", str(port), "--latency-ms", str(latency_ms)],
+                 f"mock-provider.{port}")
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: http(base + "/health")[0] == 200, 20, 0.05, "mock provider")
     return proc, base
 
 
-# ------------------------------------------------------------------------------ output
+def main() -> int:
+    if len(sys.argv) in (2, 3) and sys.argv[1] == "free-port":
+        print(free_port(int(sys.argv[2]) if len(sys.argv) == 3 else 0))
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
 
 
-def fmt_s(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def table(headers: list[str], rows: list[list[object]], title: str = "") -> str:
-    cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(re.fullmatch(r"[-+]?[\d.,]+%?|-|", r[i]) for r in cells[1:]) and len(cells) > 1
-               for i in range(len(headers))]
-
-    def line(row):
-        return "| " + " | ".join(c.rjust(w) if numeric[i] else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(row, widths))) + " |"
-    out = []
-    if title:
-        out.append(title)
-    out.append(line(cells[0]))
-    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    out += [line(r) for r in cells[1:]]
-    return "\n".join(out)
-
-
-def write_result(name: str, rows: list[dict], extra: dict | None = None) -> None:
-    path = os.environ.get("BENCH_RESULT")
-    if path:
-        with open(path, "w") as f:
-            json.dump({"bench": name, "rows": rows, **(extra or {})}, f, indent=1)
-
-
-def verdict(ok: bool | None) -> str:
-    return "-" if ok is None else ("PASS" if ok else "FAIL")
-
-
-
-def drain_run(latency_ms: int, concurrency: int, n: int, batch: int, replicas_count: int) -> dict:
-    mock, mock_url = start_mock(latency_ms)
-    os.environ["SMS_API_URL"] = mock_url + "/send"
-    reset_queue()
-    redis_cli("FLUSHDB")
-    seed(n)
-    extra = {"BATCH_SIZE": str(batch), "PROCESSING_INTERVAL": "0s",
-             "SEND_CONCURRENCY": str(concurrency)}
-    mock_pid = mock.pid
-    ticks0 = {"mock": cpu_ticks(mock_pid), "postgres": postgres_ticks(), "redis": redis_ticks()}
-    t0 = time.time()
-    replicas = start_replicas(replicas_count, extra)
-    timeout = max(600.0, n * latency_ms / 1000 / concurrency * 3 + 120)
-
-    def drained():
-        return psql("SELECT count(*) FROM messages WHERE status IN ('pending', 'sending')") == "0"
-    wait_until(drained, timeout, 1.0, f"{n} messages to drain")
-    t1 = time.time()
-    # the last batch's "batch finished" line follows its last mark
-    wait_until(lambda: psql("SELECT count(*) FROM messages WHERE status = 'sent'") == str(n), 30, 0.2)
-    time.sleep(0.3)
-    epoch, holder = leader_row_parsed()
-    leader = next(r for r in replicas if r.id == holder)
-    mem = proc_status(leader.pid)
-    replica_ticks = sum(cpu_ticks(r.pid) for r in replicas)
-    ticks1 = {"mock": cpu_ticks(mock_pid), "postgres": postgres_ticks(), "redis": redis_ticks()}
-    events = []
-    for r in replicas:
-        events += read_events(r.log, {"batch claimed", "batch finished"})
-    claims = [e for e in events if e.get("message") == "batch claimed"]
-    finished = [e for e in events if e.get("message") == "batch finished"]
-    t_first_claim_db = float(psql("SELECT extract(epoch FROM min(claimed_at)) FROM messages"))
-    t_first_claim_log = min(parse_ts(e["timestamp"]) for e in claims)
-    t_last_finished = max(parse_ts(e["timestamp"]) for e in finished)
-    sent_in_logs = sum(int(e.get("sent", 0)) for e in finished)
-    batch_ms = int(statistics.median(int(e.get("elapsed_ms", 0)) for e in finished))
-    elapsed = t_last_finished - t_first_claim_db
-
-    # Exactly once: every row sent, the provider saw each id once.
-    counts = dict(line.split("|") for line in psql(
-        "SELECT status || '|' || count(*) FROM messages GROUP BY status").splitlines())
-    stats = http_json(mock_url + "/stats")
-    deliveries = http_json(mock_url + "/deliveries", timeout=60)
-    # The provider sees each message's delivery key (its Idempotency-Key), not its id.
-    id_of_key = {key: int(mid) for key, mid in (line.split("|") for line in psql(
-        "SELECT coalesce(delivery_key::text, id::text) || '|' || id FROM messages").splitlines())}
-    ids = [id_of_key.get(d["key"], 0) for d in deliveries]
-    ok_db = counts == {"sent": str(n)}
-    ok_mock = (stats["requests"] == n and stats["accepted"] == n and stats["unique_keys"] == n
-               and stats["duplicates"] == 0)
-    ok_keys = sorted(ids) == list(range(1, n + 1))
-    fifo = None
-    if concurrency == 1:
-        order = [id_of_key.get(d["key"], 0)
-                 for d in sorted(deliveries, key=lambda d: (d["first_seen_us"], id_of_key.get(d["key"], 0)))]
-        fifo = order == sorted(order)
-    for r in replicas:
-        r.stop()
-    stop(mock)
-    wall = time.time() - t0
-    return {
-        "latency_ms": latency_ms, "concurrency": concurrency, "n": n, "replicas": replicas_count,
-        "elapsed_s": elapsed, "rate": n / elapsed, "batches": len(claims), "batch_ms_median": batch_ms,
-        "first_claim_log_minus_db_ms": (t_first_claim_log - t_first_claim_db) * 1000,
-        "sent_in_logs": sent_in_logs, "rss": mem["VmRSS"], "hwm": mem["VmHWM"],
-        "rss_anon": mem.get("RssAnon", 0), "rss_file": mem.get("RssFile", 0),
-        "cpu_replica_s": replica_ticks / CLK_TCK,
-        "cpu_mock_s": (ticks1["mock"] - ticks0["mock"]) / CLK_TCK,
-        "cpu_postgres_s": (ticks1["postgres"] - ticks0["postgres"]) / CLK_TCK,
-        "cpu_redis_s": (ticks1["redis"] - ticks0["redis"]) / CLK_TCK,
-        "exactly_once": ok_db and ok_mock and ok_keys, "fifo": fifo, "db_counts": counts,
-        "mock_stats": stats, "wall_s": wall, "poll_end_minus_last_finished_s": t1 - t_last_finished,
-    }
-
-
-
-
-def machine_lines() -> list[str]:
-    model = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem_kb = int(f.readline().split()[1])
-    version = subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout.strip() if BIN else "?"
-    return [f"date     {datetime.now().astimezone().isoformat(timespec='seconds')}",
-            f"machine  {os.cpu_count()} CPUs ({model}), {mem_kb / 1024 / 1024:.1f} GiB RAM, "
-            f"{os.uname().sysname} {os.uname().release}",
-            f"binary   {version}"]
-
+if __name__ == "__main__":
+    sys.exit(main())

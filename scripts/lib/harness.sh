@@ -1,7 +1,11 @@
-# Shared helpers for the scripts in this directory. Source it; do not run it.
+# The bash harness of every script under scripts/: logging, the binary, packages,
+# free ports, PostgreSQL, Redis and Prometheus as local processes, and a work
+# directory whose processes are tracked so that a cleanup stops exactly what it
+# started. Source it; do not run it. Its Python counterpart is scripts/lib/harness.py.
 # shellcheck shell=bash
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+HARNESS_PY="$ROOT/scripts/lib/harness.py"
 
 log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -71,34 +75,20 @@ venv_install() {
 }
 
 pg_bin_dir() {
-  if [ -n "${PG_BIN:-}" ]; then echo "$PG_BIN"; return; fi
+  # An explicit status: a bare `return` in a function called from a trap returns the
+  # status the script is exiting with, and the caller would give up.
+  if [ -n "${PG_BIN:-}" ]; then echo "$PG_BIN"; return 0; fi
   local dir
   dir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
   [ -n "$dir" ] && [ -x "$dir/postgres" ] || return 1
   echo "$dir"
 }
 
-# free_port [preferred]: the preferred port if free, else any free port. Checked with
-# SO_REUSEADDR, as every server here binds: a port whose last connections linger in
-# TIME_WAIT after a stop is free for them, so a restart keeps its ports.
+# free_port [preferred]: the preferred port if free, else any free port (see free_port
+# in harness.py, the one definition).
 free_port() {
-  python3 - "${1:-0}" <<'PY'
-import socket, sys
-want = int(sys.argv[1])
-for port in ([want] if want else []) + [0]:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind(("127.0.0.1", port))
-        print(s.getsockname()[1]); break
-    except OSError:
-        pass
-    finally:
-        s.close()
-PY
+  python3 "$HARNESS_PY" free-port "${1:-0}"
 }
-
-# wait_http URL [seconds]: until URL answers 200.
 
 # stable_port FILE: a free port below the kernel's ephemeral range (32768+), so that no
 # outgoing connection takes it between choosing it and binding it, also when a
@@ -117,6 +107,7 @@ stable_port() {
   die "no free port found below 32000"
 }
 
+# wait_http URL [seconds]: until URL answers 200.
 wait_http() {
   local url="$1" deadline=$((SECONDS + ${2:-60}))
   until curl -fsS -o /dev/null "$url" 2>/dev/null; do
@@ -214,4 +205,72 @@ stop_prometheus() {
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
   rm -f "$dir/prometheus.pid"
+}
+
+# ---------------------------------------------------------------- work directory
+# A run's processes are listed (one pid a line) in $WORK/pids and carry MD_WORK=$WORK
+# in their environment (harness.py's spawn does the same for what Python starts);
+# the cleanup signals a pid only while /proc/PID/environ still shows that marker, so a
+# recycled pid is never touched.
+
+# work_init NAME: a fresh work directory /tmp/md-NAME.XXXXXX with logs/ and an empty
+# pid list; exports WORK and MD_WORK. The caller sets its own trap.
+work_init() {
+  WORK="$(mktemp -d "/tmp/md-$1.XXXXXX")"
+  chmod 755 "$WORK" # the postgres user must reach its data directory below it
+  mkdir -p "$WORK/logs"
+  : >"$WORK/pids"
+  export WORK MD_WORK="$WORK"
+}
+
+# track PID: lists PID for the cleanup (it must carry MD_WORK, as children of a script
+# that called work_init do).
+track() { echo "$1" >>"$WORK/pids"; }
+
+# owned PID: true if PID is alive and was started under this work directory.
+owned() {
+  [ -r "/proc/$1/environ" ] || return 1
+  { tr '\0' '\n' <"/proc/$1/environ"; } 2>/dev/null | grep -qxF "MD_WORK=$WORK"
+}
+
+# tracked_alive: the listed pids that are still ours and alive.
+tracked_alive() {
+  local pid
+  sort -u "$WORK/pids" | while read -r pid; do
+    if [ -n "$pid" ] && owned "$pid"; then echo "$pid"; fi
+  done
+}
+
+# kill_tracked: SIGCONT (a stopped process acts on nothing else) and SIGTERM to every
+# tracked process, up to 5 s to exit, then SIGKILL to what is left.
+kill_tracked() {
+  local pid sig waited
+  [ -f "${WORK:-}/pids" ] || return 0
+  for sig in TERM KILL; do
+    for pid in $(tracked_alive); do
+      kill -CONT "$pid" 2>/dev/null || true
+      kill -"$sig" "$pid" 2>/dev/null || true
+    done
+    waited=0
+    while [ "$waited" -lt 50 ] && [ -n "$(tracked_alive)" ]; do
+      sleep 0.1
+      waited=$((waited + 1))
+    done
+  done
+}
+
+# stop_work: every tracked process, then the Redis and PostgreSQL under $WORK.
+stop_work() {
+  kill_tracked
+  stop_redis "$WORK/redis"
+  stop_postgres "$WORK/postgres"
+}
+
+# run_tracked CMD...: runs CMD in the background and waits for it, so that a SIGINT or
+# SIGTERM sent to the script runs its trap at once instead of after CMD.
+run_tracked() {
+  "$@" &
+  local pid=$!
+  track "$pid"
+  wait "$pid"
 }

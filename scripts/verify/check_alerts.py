@@ -12,7 +12,7 @@
   rules; every heading there names an alert, and every `](#anchor)` link in
   RUNBOOK_MD reaches a heading.
 
-scripts/check_helm.py reuses grouping_problems() on the chart's PrometheusRule.
+scripts/verify/check_helm.py reuses grouping_problems() on the chart's PrometheusRule.
 Exit status 1 if anything fails.
 """
 

@@ -4,7 +4,7 @@
     check_compose.py COMPOSE_FILE [PROMETHEUS_YML]
 
 COMPOSE_FILE may be the file itself or `docker-compose config` output (both
-are checked by scripts/verify-deploy.sh). Prints one line per check and
+are checked by scripts/verify/deploy.sh). Prints one line per check and
 exits 1 if any fails.
 """
 

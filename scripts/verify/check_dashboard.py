@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Static checks of the Grafana dashboard (run by scripts/verify-deploy.sh).
+"""Static checks of the Grafana dashboard (run by scripts/verify/deploy.sh).
 
 Usage: check_dashboard.py DASHBOARD.json [CHART_COPY.json]
 
@@ -11,7 +11,7 @@ Usage: check_dashboard.py DASHBOARD.json [CHART_COPY.json]
 - the Helm chart's copy, when given, is identical.
 
 Whether each query evaluates is checked against a live Prometheus by
-scripts/verify-observability.sh.
+scripts/verify/observability.sh.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REQUIRED_PANELS = [
     "Delivery rate", "Provider answers by code", "Queue by status", "Oldest pending message",
     "Leader per replica", "Leader epoch", "Lock operations by result", "Batch duration",

@@ -3,12 +3,12 @@
 
     check_helm.py CHART_DIR [--kube-versions 1.25.0,1.33.0] [--out DIR]
 
-For each scenario it runs scripts/helm_tool.py template (Helm's own code),
+For each scenario it runs scripts/verify/helm_tool.py template (Helm's own code),
 validates every rendered object strictly (unknown fields rejected) with
 kubernetes-validate's offline schemas, and asserts what the chart promises:
 hardening, probes, grace period, checksums, hooks, the ServiceMonitor /
 pod-annotation exclusivity, the image name, the alert rules' grouping and runbook
-links (scripts/check_alerts.py), that the unpublished default image is refused with
+links (scripts/verify/check_alerts.py), that the unpublished default image is refused with
 a pointer to docs/operations.md, and that invalid values files are refused.
 Exit status 1 if anything fails.
 """

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""The checks of scripts/verify-compose.sh against docker-compose.multi.yml running on
+"""The checks of scripts/verify/compose.sh against docker-compose.multi.yml running on
 podman (standard library only). Every check waits for a final state with a generous
 bound; only the failover's 1 s bounds are acceptance criteria, and they are measured
 and printed, not waited for.
 
-    verify_compose.py cluster    --lb URL --replicas N            one leader, N live replicas
-    verify_compose.py leader-container --lb URL CONTAINER...      the leader's container name
-    verify_compose.py deliveries --mock URL --expect N            N delivered, each once
-    verify_compose.py prometheus --prom URL --targets N           N targets up, one leader
-    verify_compose.py failover   --lb URL --container C           stop the leader, measure
+    compose.py cluster    --lb URL --replicas N            one leader, N live replicas
+    compose.py leader-container --lb URL CONTAINER...      the leader's container name
+    compose.py deliveries --mock URL --expect N            N delivered, each once
+    compose.py prometheus --prom URL --targets N           N targets up, one leader
+    compose.py failover   --lb URL --container C           stop the leader, measure
 
 Options common to all: --timeout SECONDS (bound for the waits), --summary FILE (one
 line of figures appended for the shell's summary). Exit status 1 on a failed check.
@@ -27,9 +27,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lib import http, parse_ts  # noqa: E402
-from verify_observability import check, failures, query  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+from harness import http, parse_ts  # noqa: E402
+from observability import check, failures, query  # noqa: E402
 
 STATUS = "/api/messaging/status"
 

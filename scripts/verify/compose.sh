@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Run docker-compose.multi.yml for real (unmodified) on podman with podman-compose, on a
 # Debian bookworm machine with no Docker engine and no access to an image registry:
-#   - the dispatcher image is the one scripts/verify-image.sh built ($VERIFY_IMAGE_TAG,
+#   - the dispatcher image is the one scripts/verify/image.sh built ($VERIFY_IMAGE_TAG,
 #     default message-dispatcher:verify), tagged message-dispatcher:local as the compose
 #     file names it; podman-compose runs with --no-build;
 #   - postgres, redis, nginx and prom/prometheus are pulled if a registry answers, else
-#     stand-ins are built from Debian packages (scripts/compose-standins/, FROM the
-#     debootstrap debian:bookworm-slim of scripts/verify_lib.sh) and tagged with the
+#     stand-ins are built from Debian packages (scripts/verify/compose-standins/, FROM the
+#     debootstrap debian:bookworm-slim of scripts/verify/podman.sh) and tagged with the
 #     compose file's names; they are kept and rebuilt only when their files change;
 #   - grafana is NOT started: Debian has no Grafana package, so no stand-in can be built.
 # podman-compose ignores `condition: service_healthy` on podman < 4.6 (this is 4.3), and
@@ -29,7 +29,7 @@
 # Everything is removed on exit, also on failure (container logs are kept then), and the
 # tag message-dispatcher:local goes back to the image that had it before (or is removed).
 #
-# Usage: scripts/verify-compose.sh          (as root; after scripts/verify-image.sh)
+# Usage: scripts/verify/compose.sh          (as root; after scripts/verify/image.sh)
 # Environment:
 #   VERIFY_IMAGE_TAG        the dispatcher image to use (default message-dispatcher:verify)
 #   VERIFY_VENV             virtualenv for podman-compose (default /var/tmp/message-dispatcher-verify-venv)
@@ -40,14 +40,14 @@
 # shellcheck disable=SC2015  # pass/fail return 0: `cond && pass || fail` is an if/else
 set -euo pipefail
 
-# shellcheck source=scripts/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-# After lib.sh: PODMAN, pass/fail/info/die (which record for the summary), print_summary.
-# shellcheck source=scripts/verify_lib.sh
-source "$ROOT/scripts/verify_lib.sh"
+# shellcheck source=scripts/lib/harness.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/harness.sh"
+# After harness.sh: PODMAN, pass/fail/info/die (which record for the summary), print_summary.
+# shellcheck source=scripts/verify/podman.sh
+source "$ROOT/scripts/verify/podman.sh"
 
 COMPOSE_FILE="$ROOT/docker-compose.multi.yml"
-STANDINS="$ROOT/scripts/compose-standins"
+STANDINS="$ROOT/scripts/verify/compose-standins"
 IMAGE="${VERIFY_IMAGE_TAG:-message-dispatcher:verify}"
 VENV="${VERIFY_VENV:-/var/tmp/message-dispatcher-verify-venv}"
 PC_VERSION="${PODMAN_COMPOSE_VERSION:-1.6.0}"
@@ -173,7 +173,7 @@ pass "tools ($(took)): $("${PODMAN[@]}" --version), podman-compose $PC_VERSION, 
 # ---------------------------------------------------------------- images ---
 step "images named by $(basename "$COMPOSE_FILE")"
 "${PODMAN[@]}" image exists "$IMAGE" ||
-  die "no image $IMAGE: run scripts/verify-image.sh first (or set VERIFY_IMAGE_TAG)"
+  die "no image $IMAGE: run scripts/verify/image.sh first (or set VERIFY_IMAGE_TAG)"
 IMAGE_ID=$("${PODMAN[@]}" image inspect --format '{{.Id}}' "$IMAGE")
 # The stand-ins' base, as the Dockerfile's runtime stage names it.
 BASE_IMAGE=$(qualify_image debian:bookworm-slim)
@@ -259,7 +259,7 @@ LB="http://127.0.0.1:$DISPATCHER_HTTP_PORT"
 MOCK="http://127.0.0.1:$MOCK_PROVIDER_PORT"
 PROM="http://127.0.0.1:$PROMETHEUS_PORT"
 echo "project $PROJECT; nginx $LB, mock provider $MOCK, Prometheus $PROM"
-VC=(python3 "$ROOT/scripts/verify_compose.py")
+VC=(python3 "$ROOT/scripts/verify/compose.py")
 
 # ------------------------------------------------- start in dependency order ---
 # podman-compose 1.6 skips `condition: service_healthy` on podman < 4.6 (it logs

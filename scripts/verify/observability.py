@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The checks of scripts/verify-observability.sh, against a running Prometheus that
+"""The checks of scripts/verify/observability.sh, against a running Prometheus that
 scrapes a local two-replica cluster and loads deploy/prometheus/alerts.yml."""
 from __future__ import annotations
 

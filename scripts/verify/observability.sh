@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks the alert rules and the Grafana dashboard against a real Prometheus
 # (Debian's package) scraping a real local cluster: PostgreSQL, Redis, the mock
-# provider and two replicas. Checks (scripts/verify_observability.py):
+# provider and two replicas. Checks (scripts/verify/observability.py):
 #   - both replicas are scraped and sum(dispatcher_is_leader) reads 1;
 #   - every dashboard query (and its job variable and annotation) evaluates without
 #     error and returns data, with $__rate_interval = 1m and $job = message-dispatcher;
@@ -13,7 +13,7 @@
 # Installs what is missing (postgresql, redis-server, prometheus) with apt-get.
 # Takes about a minute once the binary is built (PROFILE=debug reuses the tests' build).
 set -euo pipefail
-source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/../lib/harness.sh"
 cd "$ROOT"
 
 ensure_packages pg:postgresql psql:postgresql-client redis-server:redis-server redis-cli:redis-tools \
@@ -64,7 +64,7 @@ done
 log "cluster up: replicas on ${API_PORTS[*]}; Prometheus on 127.0.0.1:$PROM_PORT"
 start_prometheus "$WORK/prometheus" "$PROM_PORT" 1s "127.0.0.1:${API_PORTS[0]}" "127.0.0.1:${API_PORTS[1]}"
 
-python3 "$ROOT/scripts/verify_observability.py" \
+python3 "$ROOT/scripts/verify/observability.py" \
   --prometheus "http://127.0.0.1:$PROM_PORT" \
   --dashboard "$ROOT/deploy/grafana/message-dispatcher.json" \
   --alerts "$ROOT/deploy/prometheus/alerts.yml" \

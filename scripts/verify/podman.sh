@@ -1,4 +1,4 @@
-# Shared by scripts/verify-image.sh and scripts/verify-compose.sh: PASS/FAIL
+# Shared by scripts/verify/image.sh and scripts/verify/compose.sh: PASS/FAIL
 # bookkeeping, and podman on a Debian bookworm machine with no Docker engine and no
 # access to an image registry (base images made locally with debootstrap).
 # Source it; do not run it. Needs root.
