@@ -1,6 +1,23 @@
-#!/usr/bin/env python3
-"""`bench.py footprint` (scripts/bench-footprint.sh): idle RSS and CPU of a leader and a
-follower, and RSS after a drain.
+"""Footprint: three replicas with the default schedule (BATCH_SIZE 2 every 2m) and an
+empty queue sit idle for IDLE_SECONDS (60); for the leader and the followers it
+reports RSS (VmRSS of /proc/PID/status at the start and end of the window, its maximum
+sampled every 5 s, the anon/file split, and the replica's own
+process_resident_memory_bytes) and CPU (utime + stime of /proc/PID/stat over the
+window, as % of one core). Target: idle RSS <= 20 MiB.
+Then N (100000) messages are queued and the leader drains them at BATCH_SIZE 500,
+PROCESSING_INTERVAL 0s (set at run time through PUT /api/messaging/config, so the same
+processes are measured) and SEND_CONCURRENCY (default 1); RSS right after the drain,
+10 s later, and the peak (VmHWM). The throughput benchmark also prints the RSS after
+each of its drains (including SEND_CONCURRENCY 32).
+Last, start-up: STARTS (10) fresh replicas, one at a time, each timed from spawn to its
+first /health/ready 200 (polled every 2 ms), PostgreSQL and Redis already up.
+
+    ./scripts/bench/run.sh footprint                          # about 2.5 minutes
+    IDLE_SECONDS=10 N=10000 ./scripts/bench/run.sh footprint
+
+Settings (environment): IDLE_SECONDS (60), N (100000), SEND_CONCURRENCY (1), STARTS
+(10), WARMUP (5 s after the election before the window opens), AFTER_DRAIN_WAIT (10),
+RSS_TARGET_MIB (20), BIN, KEEP_BENCH_DIR=1 keeps the logs.
 """
 
 from __future__ import annotations
@@ -8,44 +25,40 @@ from __future__ import annotations
 import os
 import re
 import statistics
+import sys
 import time
+from pathlib import Path
 
-from bench_lib import (
-    CLK_TCK,
-    MIB,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+from harness import (  # noqa: E402
     Replica,
-    cpu_ticks,
     env,
     env_float,
     env_int,
     http,
     http_json,
-    leader_row_parsed,
+    leader_row,
     note,
-    proc_status,
     psql,
-    seed,
     start_mock,
     start_replicas,
     stop,
-    table,
-    verdict,
     wait_until,
-    write_result,
 )
+from measure import CLK_TCK, MIB, cpu_ticks, proc_status, seed, table, verdict, write_result  # noqa: E402
 
 
-def cmd_footprint() -> int:
+def main() -> int:
     idle = env_float("IDLE_SECONDS", 60)
     n = env_int("N", 100_000)
     mock, mock_url = start_mock(0)
     os.environ["SMS_API_URL"] = mock_url + "/send"
     extra = {"SEND_CONCURRENCY": env("SEND_CONCURRENCY", "1")}  # default interval and batch size
     replicas = start_replicas(3, extra)
-    epoch, holder = wait_until(lambda: (lambda e_h: e_h if e_h[1] else None)(leader_row_parsed()), 30, 0.2,
+    epoch, holder = wait_until(lambda: (lambda e_h: e_h if e_h[1] else None)(leader_row()), 30, 0.2,
                                "a leader")
     time.sleep(env_float("WARMUP", 5))
-    epoch, holder = leader_row_parsed()
+    epoch, holder = leader_row()
     note(f"idle for {idle:.0f} s; leader {holder}")
     # Measured: the three replicas, plus the idle mock provider as the machine's own
     # reference (the same binary, runtime and HTTP stack, with no database or Redis).
@@ -61,7 +74,7 @@ def cmd_footprint() -> int:
             peak[w[1]] = max(peak[w[1]], proc_status(w[2])["VmRSS"])
     t1 = time.time()
     end = {w[1]: (cpu_ticks(w[2]), proc_status(w[2])) for w in watched}
-    epoch2, holder2 = leader_row_parsed()
+    epoch2, holder2 = leader_row()
     if (epoch2, holder2) != (epoch, holder):
         note(f"leadership changed during the idle window ({holder} -> {holder2})")
     metric_rss = {}
@@ -156,3 +169,7 @@ def cmd_footprint() -> int:
               f"max {max(start_s) * 1000:.0f} ms")
     write_result("footprint", json_rows)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,53 @@
-#!/usr/bin/env python3
-"""`bench.py throughput` (scripts/bench-throughput.sh): drain N messages and compare with a
-pgbench run of the same SQL (the PostgreSQL limit); settings at the top of the shell
-script.
+"""Throughput ceiling: how fast one leader drains the queue end to end, next to what
+PostgreSQL alone can do with the same statements, measured in the same run.
+
+    ./scripts/bench/run.sh throughput                        # the full run (about 8 minutes)
+    N=20000 SLOW_N=2000 ./scripts/bench/run.sh throughput    # a quick one
+
+Set-up: local PostgreSQL (fsync=off, as the test suite), Redis and the mock provider
+on free 127.0.0.1 ports under a work directory; ONE replica (REPLICAS=3 adds two idle
+followers; only the leader dispatches), Redis lease on, BATCH_SIZE=500,
+PROCESSING_INTERVAL=0s, everything else default (DB_POOL_SIZE 8). Four drains:
+provider latency 0 and 20 ms x SEND_CONCURRENCY 1 and 32. Each drain starts from an
+empty queue: N rows seeded, VACUUM ANALYZE, CHECKPOINT, then the replica starts.
+Latency 20 ms at concurrency 1 is bound to 1000/20 = 50 messages/s by construction,
+so that drain uses SLOW_N messages (default 10,000: 200 s) instead of N; set
+SLOW_N=100000 for the full 33 minutes.
+
+End to end = from the first claim (min(claimed_at) in the table: the start of the
+first claim transaction) to the last "batch finished" log line (after the last result
+was recorded). Then it checks exactly once: every row `sent`, the mock provider
+counted N requests, N unique Idempotency-Keys, no duplicate, and its key set is
+exactly 1..N; at concurrency 1 also that the first deliveries came in FIFO order.
+
+PostgreSQL reference, per send concurrency C, in a second database of the same schema
+(`migrate`) holding the same N rows (`seed`, VACUUM ANALYZE, CHECKPOINT):
+  1. claim: pgbench -M prepared -c 1 -t N/500 -f scripts/bench/sql/claim.sql, the
+     exact claim transaction of src/store/ (lock the fence row, read the schedule,
+     rescue, claim 500 ... FOR UPDATE SKIP LOCKED, set last_batch_at; the same SQL
+     text, each $n bound from a pgbench variable). One client: the leader claims
+     serially, one batch at a time.
+  2. marks: pgbench -M prepared -c C -t N/C -f scripts/bench/sql/mark.sql, the
+     per-message MARK_SENT UPDATE (one statement each, autocommit), on the N rows the
+     claims left in `sending`, from C connections at once (pgbench -j = number of
+     CPUs). The service itself never has more than DB_POOL_SIZE = 8 statements in
+     flight; that is a limit of the service, not of PostgreSQL, so the reference does
+     not apply it.
+  DB msg/s(C) = 500 / (t_claim + 500 / marks_per_s(C)): a batch is one serial claim
+  followed by 500 marks at concurrency C, as in the dispatcher. The reference is
+  measured right before and right after the drains of the same concurrency; the
+  higher of the two is the PostgreSQL limit, and the ratio printed is the service's
+  end-to-end rate over it. The run stops if claim.sql or mark.sql no longer replays
+  the statements of src/store/ verbatim (ALLOW_SQL_DRIFT=1 runs anyway).
+
+-M prepared parses and plans each statement once per connection: the database's own
+limit, and what the service does too (tokio-postgres prepare_cached, once per pooled
+connection). PGBENCH_MODE=extended re-plans every statement, for comparison.
+
+Settings (environment): N (100000), SLOW_N (10000), BATCH (500), REPLICAS (1),
+LATENCIES ("0 20"), CONCURRENCIES ("1 32"), PGBENCH_MODE (prepared), REF (1; 0 skips
+the PostgreSQL reference), ALLOW_SQL_DRIFT (0), BIN (a built binary; default: cargo
+build --release), KEEP_BENCH_DIR=1 keeps the logs.
 """
 
 from __future__ import annotations
@@ -14,23 +60,11 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from bench_lib import (
-    BIN,
-    MIB,
-    SCRIPTS,
-    drain_run,
-    env,
-    env_int,
-    fmt_s,
-    note,
-    psql,
-    reset_queue,
-    run_child,
-    seed,
-    table,
-    verdict,
-    write_result,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+from harness import BIN, ROOT, env, env_int, note, psql, run_child  # noqa: E402
+from measure import MIB, drain_run, fmt_s, reset_queue, seed, table, verdict, write_result  # noqa: E402
+
+SQL = Path(__file__).resolve().parent / "sql"
 
 
 def pgbench(args: list[str], db: str) -> dict:
@@ -60,19 +94,19 @@ def _script_statements(path: Path) -> list[str]:
 
 
 def sql_drift() -> list[str]:
-    """Statements of src/store/queue.rs that scripts/bench/{claim,mark}.sql do not
-    replay verbatim (the claimed_by/sent_at/provider id values aside, which are bound
-    from pgbench variables); empty when they match or the source is not here."""
-    source = SCRIPTS.parent / "src" / "store" / "queue.rs"
-    if not source.exists():
+    """Statements of src/store/ that scripts/bench/sql/{claim,mark}.sql do not replay
+    verbatim (the claimed_by/sent_at/provider id values aside, which are bound from
+    pgbench variables); empty when they match or the source is not here."""
+    sources = sorted((ROOT / "src" / "store").rglob("*.rs"))
+    if not sources:
         return []
-    rust = source.read_text()
+    rust = "\n".join(p.read_text() for p in sources)
     consts = {m.group(1): _sql_norm(m.group(2))
               for m in re.finditer(r'const ([A-Z_]+): &str =\s*"(.*?)";', rust, re.S)}
     for m in re.finditer(r'"(UPDATE dispatcher_leader SET last_batch_at[^"]*)"', rust):
         consts["SET_LAST_BATCH_AT"] = _sql_norm(m.group(1))
-    claim = set(_script_statements(SCRIPTS / "bench" / "claim.sql"))
-    mark = set(_script_statements(SCRIPTS / "bench" / "mark.sql"))
+    claim = set(_script_statements(SQL / "claim.sql"))
+    mark = set(_script_statements(SQL / "mark.sql"))
     wanted = {"LOCK_FENCE": claim, "READ_SCHEDULE": claim, "EXPIRE_DUE": claim, "CLAIM": claim,
               "SET_LAST_BATCH_AT": claim, "CLOSE_BATCH": claim, "MARK_SENT": mark}
     drift = []
@@ -85,7 +119,7 @@ def sql_drift() -> list[str]:
 
 
 def pg_reference(concurrency: int, n: int, batch: int, ttl_s: float, timeout_s: float) -> dict:
-    """The claim transaction and the per-message mark of src/store/queue.rs, replayed
+    """The claim transaction and the per-message mark of src/store/, replayed
     by pgbench against a copy of the schema holding the same number of rows."""
     db = "pgref_db"
     if psql(f"SELECT count(*) FROM pg_database WHERE datname = '{db}'") == "0":
@@ -105,7 +139,7 @@ def pg_reference(concurrency: int, n: int, batch: int, ttl_s: float, timeout_s: 
                      "-D", f"batch={batch}", "-D", "interval_ms=0", "-D", f"window_ms={window_ms}",
                      "-D", "epoch=1", "-D", "replica=pgbench", "-D", "token=42",
                      "-D", "ages={0,1000,2000}", "-D", "opened_at=2026-01-01T00:00:00Z",
-                     "-f", str(SCRIPTS / "bench" / "claim.sql")], db)
+                     "-f", str(SQL / "claim.sql")], db)
     sending = int(psql("SELECT count(*) FROM messages WHERE status = 'sending' AND claim_epoch = 1", db))
     if sending != n:
         raise RuntimeError(f"pgbench claim moved {sending} rows to sending, expected {n}")
@@ -115,7 +149,7 @@ def pg_reference(concurrency: int, n: int, batch: int, ttl_s: float, timeout_s: 
                     "-D", "first_id=1", "-D", "epoch=1",
                     "-D", f"sent_at={datetime.now().astimezone().isoformat()}",
                     "-D", "provider_id=6f1c2a4e-8b1d-4c55-9d8e-0a7b3c2d1e4f",
-                    "-f", str(SCRIPTS / "bench" / "mark.sql")], db)
+                    "-f", str(SQL / "mark.sql")], db)
     sent = int(psql("SELECT count(*) FROM messages WHERE status = 'sent'", db))
     if sent != n:
         raise RuntimeError(f"pgbench mark moved {sent} rows to sent, expected {n}")
@@ -128,7 +162,7 @@ def pg_reference(concurrency: int, n: int, batch: int, ttl_s: float, timeout_s: 
 
 
 
-def cmd_throughput() -> int:
+def main() -> int:
     n = env_int("N", 100_000)
     slow_n = env_int("SLOW_N", 10_000)
     batch = env_int("BATCH", 500)
@@ -140,10 +174,10 @@ def cmd_throughput() -> int:
     with_ref = env("REF", "1") != "0"
     drift = sql_drift() if with_ref else []
     if drift:
-        msg = (f"scripts/bench/claim.sql or mark.sql no longer replays src/store/queue.rs: "
+        msg = (f"scripts/bench/sql/claim.sql or mark.sql no longer replays src/store/: "
                f"{', '.join(drift)} changed; update them (ALLOW_SQL_DRIFT=1 runs anyway)")
         if env("ALLOW_SQL_DRIFT", "0") != "1":
-            sys.exit("bench_throughput.py: " + msg)
+            sys.exit("throughput.py: " + msg)
         note("WARNING: " + msg)
 
     def reference(c: int, when: str) -> dict:
@@ -219,3 +253,7 @@ def cmd_throughput() -> int:
                       f"(Redis lease on), end to end = first claim to last batch finished"))
     write_result("throughput", json_rows, {"runs": runs, "refs": refs})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

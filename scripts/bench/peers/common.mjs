@@ -1,4 +1,4 @@
-// Shared by graphile.mjs and pgboss.mjs, the peer job queues of scripts/bench-peers.sh.
+// Shared by graphile.mjs and pgboss.mjs, the peer job queues of scripts/bench/run.sh peers.
 //
 // Environment (set by scripts/bench_peers.py): DATABASE_URL (a fresh database), MOCK_URL
 // (the mock provider), N (jobs), C (jobs in flight at most), MODE (run | idle).

@@ -1,6 +1,6 @@
 -- The schema as it was before migration 0009: the format rules as table CHECK
 -- constraints, which PostgreSQL evaluates on every UPDATE of a row. Applied to a
--- migrated database by bench-pg-cost.sh (its before-0009 variant) and by the upgrade
+-- migrated database by scripts/bench/pg_cost.py (its before-0009 variant) and by the upgrade
 -- test format_rules_move_to_domains_on_a_populated_table.
 ALTER TABLE messages
     ALTER COLUMN phone_number TYPE varchar(20),

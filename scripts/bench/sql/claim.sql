@@ -1,11 +1,11 @@
--- One claim of the leader, as src/store/queue.rs runs it, for pgbench -M prepared -c 1:
+-- One claim of the leader, as src/store/ runs it, for pgbench -M prepared -c 1:
 -- the claim transaction (LOCK_FENCE, READ_SCHEDULE, EXPIRE_DUE, CLAIM, then last_batch_at and
 -- batch_open), and the CLOSE_BATCH statement the leader runs once the batch's results
 -- are recorded (its own statement, autocommit). Same SQL text as the service; each $n
 -- is a pgbench variable (-D batch, interval_ms, window_ms, epoch, replica, token,
 -- ages, opened_at), which -M prepared binds as a parameter, as the service does.
--- bench_lib.py checks before every run that these statements still match
--- src/store/queue.rs.
+-- scripts/bench/throughput.py checks before every run that these statements still
+-- match src/store/.
 BEGIN;
 SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR UPDATE;
 SELECT coalesce(c.running, false) AS running,
