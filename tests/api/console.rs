@@ -1,6 +1,6 @@
 //! The operator console: served by every replica from the binary, open (it holds no
 //! secret), and reading the chart's history from `GET /api/messages/activity`. The
-//! page itself is tested in a real browser by `scripts/verify-console.sh`.
+//! page itself is tested in a real browser by `scripts/verify/console.sh`.
 
 use std::time::Duration;
 

@@ -125,7 +125,7 @@ async fn a_killed_leader_is_replaced_in_well_under_its_lease() {
     )
     .await;
     let failover = Duration::from_micros((next_us - killed_us) as u64);
-    // The target is under 2 s (scripts/bench-failover.sh measures it); the lease
+    // The target is under 2 s (scripts/bench/run.sh failover measures it); the lease
     // alone would take 15 s. 6 s leaves room for a busy machine and still proves
     // the lease was not waited out.
     assert!(

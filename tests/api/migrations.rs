@@ -272,7 +272,7 @@ async fn format_rules_move_to_domains_on_a_populated_table() {
     assert!(status.success(), "{output}");
     let db = env.db().await;
     // The schema as it was before 0009, with messages in it.
-    db.batch_execute(include_str!("../../scripts/bench/before-0009.sql"))
+    db.batch_execute(include_str!("../../scripts/bench/sql/before-0009.sql"))
         .await
         .unwrap();
     db.batch_execute(

@@ -1,6 +1,6 @@
-// Shared by graphile.mjs and pgboss.mjs, the peer job queues of scripts/bench-peers.sh.
+// Shared by graphile.mjs and pgboss.mjs, the peer job queues of scripts/bench/run.sh peers.
 //
-// Environment (set by scripts/bench_peers.py): DATABASE_URL (a fresh database), MOCK_URL
+// Environment (set by scripts/bench/peers.py): DATABASE_URL (a fresh database), MOCK_URL
 // (the mock provider), N (jobs), C (jobs in flight at most), MODE (run | idle).
 //
 // Protocol on stdout, one JSON object a line:

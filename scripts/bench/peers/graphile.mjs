@@ -1,4 +1,4 @@
-// graphile-worker, "best configuration" of the peer benchmark (scripts/bench-peers.sh):
+// graphile-worker, "best configuration" of the peer benchmark (scripts/bench/run.sh peers):
 // a local queue of 500 jobs (one fetch locks 500), completions batched
 // (completeJobBatchDelay 0, failJobBatchDelay 0), `concurrency` C, a pool of
 // max(10, C + 2) connections (the size graphile-worker's documentation recommends),

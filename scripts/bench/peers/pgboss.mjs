@@ -1,4 +1,4 @@
-// pg-boss 12 in the peer benchmark (scripts/bench-peers.sh): one queue (policy
+// pg-boss 12 in the peer benchmark (scripts/bench/run.sh peers): one queue (policy
 // standard), one `work` worker (localConcurrency 1) fetching batchSize 500 jobs at a time,
 // burstWhenBatchFull on (it fetches the next batch at once while batches come back full;
 // without it a worker waits pollingIntervalSeconds, 2 s by default, after every batch),
