@@ -16,6 +16,7 @@ pub mod proxy;
 pub mod redis;
 pub mod replica;
 pub mod sentinel;
+pub mod settings;
 pub mod tls;
 
 use std::future::Future;
