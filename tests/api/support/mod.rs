@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 pub use env::TestEnv;
 pub use provider::{MockProvider, ScriptedProvider};
 pub use replica::Replica;
+pub use settings::{ReplicaSettings, ms, secs};
 
 /// The binary under test.
 pub fn binary() -> &'static str {
