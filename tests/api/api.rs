@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{TestEnv, http, wait_for};
+use crate::support::{ReplicaSettings, TestEnv, http, ms, wait_for};
 
 async fn send(
     method: reqwest::Method,
@@ -48,7 +48,9 @@ async fn every_route_answers_as_documented() {
     let replica = env
         .replica(
             "r1",
-            &[("PROCESSING_INTERVAL", "200ms"), ("BATCH_SIZE", "10")],
+            &ReplicaSettings::fast()
+                .processing_interval(ms(200))
+                .batch_size(10),
         )
         .await;
     let url = |path: &str| replica.url(path);
@@ -245,7 +247,7 @@ async fn every_route_answers_as_documented() {
 async fn bad_requests_get_the_error_shape_with_the_right_status() {
     use reqwest::Method;
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[]).await;
+    let replica = env.replica("r1", &ReplicaSettings::fast()).await;
     let url = |path: &str| replica.url(path);
     let post = |body: &'static str| send(Method::POST, url("/api/messages"), Some(body), None);
 
@@ -433,7 +435,9 @@ async fn bad_requests_get_the_error_shape_with_the_right_status() {
 async fn api_token_guards_the_api_but_not_health_or_metrics() {
     use reqwest::Method;
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[("API_TOKEN", "s3cret-token")]).await;
+    let replica = env
+        .replica("r1", &ReplicaSettings::fast().api_token("s3cret-token"))
+        .await;
     let url = |path: &str| replica.url(path);
     assert_error(
         &send(Method::GET, url("/api/messaging/status"), None, None).await,
@@ -525,7 +529,7 @@ async fn api_token_guards_the_api_but_not_health_or_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_matches_the_routes() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[]).await;
+    let replica = env.replica("r1", &ReplicaSettings::fast()).await;
     let ids = env.create_messages(&replica, &["x"]).await;
     let (_, doc) = replica.get("/openapi.json").await;
     let paths = doc["paths"].as_object().unwrap();
@@ -560,7 +564,7 @@ async fn the_openapi_document_matches_the_routes() {
 async fn a_client_hanging_up_before_its_answer_is_not_logged_as_an_error() {
     use tokio::io::AsyncWriteExt;
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[]).await;
+    let replica = env.replica("r1", &ReplicaSettings::fast()).await;
     let address = replica.url("").trim_start_matches("http://").to_string();
 
     // Hold the messages table so that listing it waits, then ask for it and hang up.
@@ -631,7 +635,7 @@ async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_requests_are_closed_after_the_header_timeout() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[]).await;
+    let replica = env.replica("r1", &ReplicaSettings::fast()).await;
     let mut slow = Vec::new();
     for _ in 0..300 {
         // Generous: on a busy machine a full accept queue drops a SYN, and the
@@ -666,7 +670,7 @@ async fn a_flood_of_unfinished_requests_leaves_health_and_the_api_answering() {
     let replica = crate::support::Replica::spawn_with_open_files(
         "r1",
         env.dir.path(),
-        env.env_with(&[]),
+        env.settings().to_env(),
         1024,
     );
     replica.wait_ready().await;

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::cluster::{Cluster, assert_each_once, assert_fifo, assert_rate};
-use crate::support::{TestEnv, wait_for};
+use crate::support::{ReplicaSettings, TestEnv, ms, secs, wait_for};
 
 const TTL: Duration = Duration::from_secs(2);
 const RETRY: Duration = Duration::from_millis(250);
@@ -15,14 +15,13 @@ const BATCH: usize = 2;
 const SLACK: Duration = Duration::from_millis(100);
 const DRAIN: Duration = Duration::from_secs(90);
 
-fn settings() -> Vec<(&'static str, &'static str)> {
-    vec![
-        ("DISTRIBUTED_LOCK_TTL", "2s"),
-        ("LOCK_RETRY_INTERVAL", "250ms"),
-        ("PROCESSING_INTERVAL", "300ms"),
-        ("BATCH_SIZE", "2"),
-        ("SMS_API_TIMEOUT", "2s"),
-    ]
+fn settings() -> ReplicaSettings {
+    ReplicaSettings::fast()
+        .lock_ttl(TTL)
+        .lock_retry_interval(RETRY)
+        .processing_interval(INTERVAL)
+        .batch_size(BATCH as u32)
+        .provider_timeout(secs(2))
 }
 
 async fn sent(env: &TestEnv) -> i64 {
@@ -248,13 +247,8 @@ async fn a_leader_paused_past_its_lease_stands_down_and_sends_nothing_more() {
 async fn sigterm_hands_over_at_once_and_loses_nothing() {
     let env = TestEnv::start().await;
     // A long retry interval: only the release announcement can make the handover fast.
-    let mut overrides = settings();
-    overrides.retain(|(k, _)| *k != "DISTRIBUTED_LOCK_TTL" && *k != "LOCK_RETRY_INTERVAL");
-    overrides.extend([
-        ("DISTRIBUTED_LOCK_TTL", "30s"),
-        ("LOCK_RETRY_INTERVAL", "5s"),
-    ]);
-    let mut cluster = Cluster::start(&env, 3, &overrides).await;
+    let slow_lease = settings().lock_ttl(secs(30)).lock_retry_interval(secs(5));
+    let mut cluster = Cluster::start(&env, 3, &slow_lease).await;
     let (leader, _) = cluster
         .wait_single_leader(&cluster.all(), Duration::from_secs(30))
         .await;
@@ -398,14 +392,8 @@ async fn redis_outage_pauses_dispatch_and_it_resumes_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_under_load_loses_and_doubles_nothing() {
     let mut env = TestEnv::with_mock(&["--latency-ms", "40"]).await;
-    let overrides = [
-        ("DISTRIBUTED_LOCK_TTL", "2s"),
-        ("LOCK_RETRY_INTERVAL", "250ms"),
-        ("PROCESSING_INTERVAL", "100ms"),
-        ("BATCH_SIZE", "5"),
-        ("SMS_API_TIMEOUT", "2s"),
-    ];
-    let cluster = Cluster::start(&env, 3, &overrides).await;
+    let settings = settings().processing_interval(ms(100)).batch_size(5);
+    let cluster = Cluster::start(&env, 3, &settings).await;
     cluster
         .wait_single_leader(&cluster.all(), Duration::from_secs(20))
         .await;
@@ -443,11 +431,10 @@ async fn a_batch_stalled_by_postgres_does_not_burst_into_the_next() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", "3"),
-                ("PROCESSING_INTERVAL", "1s"),
-                ("SMS_API_TIMEOUT", "2s"),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(3)
+                .processing_interval(secs(1))
+                .provider_timeout(secs(2)),
         )
         .await;
     let ids = env.insert_messages(15).await;

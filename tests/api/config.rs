@@ -1,8 +1,8 @@
 //! Bad configuration: exit status 2 and one line naming the variable, before
 //! touching anything.
 
-use crate::support::TestEnv;
 use crate::support::replica::run_command;
+use crate::support::{ReplicaSettings, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_exits_2_naming_the_variable() {
@@ -38,8 +38,14 @@ async fn bad_configuration_exits_2_naming_the_variable() {
         ),
     ];
     for (overrides, variable) in cases {
+        // Raw text, as an operator writes it: what is tested is the parser's answer.
+        let settings = overrides
+            .iter()
+            .fold(env.settings(), |settings, (name, value)| {
+                settings.env(name, value)
+            });
         for command in ["serve", "migrate"] {
-            let (status, output) = run_command(&[command], &env.env_with(overrides));
+            let (status, output) = run_command(&[command], &settings.to_env());
             assert_eq!(
                 status.code(),
                 Some(2),
@@ -74,11 +80,10 @@ async fn secrets_never_reach_the_logs() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("DATABASE_URL", &url),
-                ("SMS_API_TOKEN", "provider-secret-4242"),
-                ("API_TOKEN", "api-secret-4242"),
-            ],
+            &ReplicaSettings::fast()
+                .database_url(url)
+                .provider_token("provider-secret-4242")
+                .api_token("api-secret-4242"),
         )
         .await;
     env.create_messages_with_token(&replica, "api-secret-4242")
@@ -98,7 +103,10 @@ async fn secrets_never_reach_the_logs() {
 async fn demo_defaults_are_named_at_start_and_secrets_can_come_from_files() {
     let env = TestEnv::start().await;
     let demo = env
-        .replica("demo", &[("DATABASE_URL", &demo_password_url(&env))])
+        .replica(
+            "demo",
+            &ReplicaSettings::fast().database_url(demo_password_url(&env)),
+        )
         .await;
     let logs = demo.logs();
     for warned in [
@@ -116,15 +124,12 @@ async fn demo_defaults_are_named_at_start_and_secrets_can_come_from_files() {
     let dir = env.dir.path();
     std::fs::write(dir.join("api-token"), "file-token\n").unwrap();
     std::fs::write(dir.join("sms-token"), "real-provider-token\n").unwrap();
-    let api_token_file = dir.join("api-token").display().to_string();
-    let sms_token_file = dir.join("sms-token").display().to_string();
     let real = env
         .replica(
             "real",
-            &[
-                ("API_TOKEN_FILE", &api_token_file),
-                ("SMS_API_TOKEN_FILE", &sms_token_file),
-            ],
+            &ReplicaSettings::fast()
+                .api_token_file(dir.join("api-token"))
+                .provider_token_file(dir.join("sms-token")),
         )
         .await;
     assert!(
@@ -163,7 +168,9 @@ fn demo_password_url(env: &TestEnv) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overrides_that_shadow_the_environment_are_marked_and_logged() {
     let env = TestEnv::start().await;
-    let first = env.replica("first", &[("AUTO_START", "false")]).await;
+    let first = env
+        .replica("first", &ReplicaSettings::fast().auto_start(false))
+        .await;
     let (status, _) = crate::support::http()
         .put(first.url("/api/messaging/config"))
         .json(&serde_json::json!({"batch_size": 7}))
@@ -184,7 +191,9 @@ async fn overrides_that_shadow_the_environment_are_marked_and_logged() {
     );
     assert!(config["overrides"]["processing_interval_set"].is_null());
 
-    let second = env.replica("second", &[("AUTO_START", "false")]).await;
+    let second = env
+        .replica("second", &ReplicaSettings::fast().auto_start(false))
+        .await;
     let logs = second.logs();
     assert!(
         logs.lines().any(|l| l.contains("shadows BATCH_SIZE")

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{TestEnv, http, wait_for};
+use crate::support::{ReplicaSettings, TestEnv, http, wait_for};
 
 fn no_redirects() -> reqwest::Client {
     reqwest::Client::builder()
@@ -19,7 +19,9 @@ fn no_redirects() -> reqwest::Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_replica_serves_the_console_open_and_embedded() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[("API_TOKEN", "console-s3cret")]).await;
+    let replica = env
+        .replica("r1", &ReplicaSettings::fast().api_token("console-s3cret"))
+        .await;
     let client = no_redirects();
 
     for path in ["/", "/console"] {
@@ -101,12 +103,12 @@ async fn every_replica_serves_the_console_open_and_embedded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activity_counts_what_the_leader_sent_and_any_replica_reads_it() {
     let env = TestEnv::start().await;
-    let r1 = env.replica("r1", &[]).await;
+    let r1 = env.replica("r1", &ReplicaSettings::fast()).await;
     wait_for("r1 to lead", Duration::from_secs(20), || async {
         r1.is_leader().await.then_some(())
     })
     .await;
-    let r2 = env.replica("r2", &[]).await;
+    let r2 = env.replica("r2", &ReplicaSettings::fast()).await;
     env.create_messages(&r1, &["a", "b", "c", "d", "e"]).await;
     env.wait_drained(Duration::from_secs(30)).await;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::support::postgres::{DATABASE, Postgres};
 use crate::support::replica::run_command;
-use crate::support::{TestEnv, wait_for};
+use crate::support::{ReplicaSettings, TestEnv, wait_for};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -18,14 +18,13 @@ async fn two_databases_through_one_provider_never_share_a_key() {
     let env = TestEnv::start().await;
     let other = Postgres::start().await;
     let other_url = format!("postgres://postgres@127.0.0.1:{}/{DATABASE}", other.port);
-    let first = env.replica("first", &[]).await;
+    let first = env.replica("first", &ReplicaSettings::fast()).await;
     let second = env
         .replica(
             "second",
-            &[
-                ("DATABASE_URL", &other_url),
-                ("DISTRIBUTED_LOCK_KEY", "second-install:lock"),
-            ],
+            &ReplicaSettings::fast()
+                .database_url(&other_url)
+                .lock_key("second-install:lock"),
         )
         .await;
     let ids_first = env
@@ -71,7 +70,7 @@ async fn two_databases_through_one_provider_never_share_a_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_from_before_the_upgrade_keep_their_key() {
     let env = TestEnv::start().await;
-    let vars = env.env_with(&[("AUTO_START", "false")]);
+    let vars = env.settings().auto_start(false).to_env();
     let (status, output) = run_command(&["migrate"], &vars);
     assert!(status.success(), "{output}");
     let db = env.db().await;
@@ -101,7 +100,9 @@ async fn rows_from_before_the_upgrade_keep_their_key() {
     )
     .await
     .unwrap();
-    let replica = env.replica("r1", &[("AUTO_START", "false")]).await;
+    let replica = env
+        .replica("r1", &ReplicaSettings::fast().auto_start(false))
+        .await;
     let new = env.create_messages(&replica, &["new"]).await[0];
     let (_, listed) = replica.get("/api/messages?limit=10").await;
     let keys: Vec<(String, String)> = listed["messages"]

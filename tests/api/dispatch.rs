@@ -5,7 +5,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use message_dispatcher::config::Config;
 use message_dispatcher::dispatch::Recorder;
 use message_dispatcher::domain::{Epoch, MessageStatus};
 use message_dispatcher::store::claims::{CLAIM, MARK_SENT_GROUP};
@@ -17,21 +16,21 @@ use message_dispatcher::store::{
 use crate::support::cluster::{assert_each_once, assert_fifo};
 use crate::support::provider::{Delivery, holding_settings};
 use crate::support::replica::run_command;
-use crate::support::{TestEnv, wait_for};
+use crate::support::{ReplicaSettings, TestEnv, ms, secs, wait_for};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Applies the migrations, as `message-dispatcher migrate` does with `vars`.
-fn migrate(vars: &[(String, String)]) {
-    let (status, output) = run_command(&["migrate"], vars);
+/// Applies the migrations, as `message-dispatcher migrate` does with `settings`.
+fn migrate(settings: &ReplicaSettings) {
+    let (status, output) = run_command(&["migrate"], &settings.to_env());
     assert!(status.success(), "{output}");
 }
 
 /// A migrated database and a store on it, with dispatch started, as a leader's.
 async fn started_store(env: &TestEnv) -> Store {
-    let vars = env.base_env();
-    migrate(&vars);
-    let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
+    let settings = env.settings();
+    migrate(&settings);
+    let store = Store::new(&settings.to_config().database).unwrap();
     store.apply_auto_start(true, "test").await.unwrap();
     store
 }
@@ -57,7 +56,9 @@ async fn sends_fifo_in_batches_of_batch_size_and_nothing_when_empty() {
     let replica = env
         .replica(
             "r1",
-            &[("BATCH_SIZE", "3"), ("PROCESSING_INTERVAL", "1500ms")],
+            &ReplicaSettings::fast()
+                .batch_size(3)
+                .processing_interval(ms(1500)),
         )
         .await;
     wait_for("leadership", TEST_TIMEOUT, || async {
@@ -122,15 +123,13 @@ async fn drain_back_to_back(
 ) -> Vec<Delivery> {
     let latency_ms = latency.as_millis().to_string();
     let env = TestEnv::with_mock(&["--latency-ms", &latency_ms]).await;
-    let (batch_size, concurrency) = (batch_size.to_string(), concurrency.to_string());
     let replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", &batch_size),
-                ("PROCESSING_INTERVAL", "0s"),
-                ("SEND_CONCURRENCY", &concurrency),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(batch_size)
+                .processing_interval(Duration::ZERO)
+                .send_concurrency(concurrency),
         )
         .await;
     let contents: Vec<String> = (1..=count).map(|i| format!("message {i}")).collect();
@@ -176,16 +175,15 @@ fn assert_in_flight_at_most(deliveries: &[Delivery], limit: usize, latency: Dura
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_keeps_sending_while_the_previous_one_waits_for_its_results() {
     let env = TestEnv::with_mock(&["--latency-ms", "1000"]).await;
-    migrate(&env.base_env());
+    migrate(&env.settings());
     let ids = env.insert_messages(8).await;
     let _replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", "4"),
-                ("PROCESSING_INTERVAL", "0s"),
-                ("SEND_CONCURRENCY", "1"),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(4)
+                .processing_interval(Duration::ZERO)
+                .send_concurrency(1),
         )
         .await;
     wait_for("the first message being sent", TEST_TIMEOUT, || async {
@@ -224,19 +222,18 @@ async fn a_batch_keeps_sending_while_the_previous_one_waits_for_its_results() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rescue_never_takes_rows_of_the_batch_being_sent() {
     let env = TestEnv::with_mock(&["--latency-ms", "1000"]).await;
-    migrate(&env.base_env());
+    migrate(&env.settings());
     let ids = env.insert_messages(10).await;
     let _replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", "10"),
-                ("PROCESSING_INTERVAL", "0s"),
-                ("SEND_CONCURRENCY", "1"),
-                ("DISTRIBUTED_LOCK_TTL", "1500ms"),
-                ("LOCK_RETRY_INTERVAL", "400ms"),
-                ("SMS_API_TIMEOUT", "1200ms"),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(10)
+                .processing_interval(Duration::ZERO)
+                .send_concurrency(1)
+                .lock_ttl(ms(1500))
+                .lock_retry_interval(ms(400))
+                .provider_timeout(ms(1200)),
         )
         .await;
     env.wait_drained(TEST_TIMEOUT).await;
@@ -269,7 +266,7 @@ async fn the_rescue_never_takes_rows_of_the_batch_being_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_answer_does_not_hold_back_the_rest_of_its_batch() {
     let env = TestEnv::with_scripted().await;
-    let replica = env.replica("r1", &holding_settings("6")).await;
+    let replica = env.replica("r1", &holding_settings(6)).await;
     // One request, so one claim takes all six.
     let ids = env
         .create_messages(
@@ -315,7 +312,7 @@ async fn a_held_answer_does_not_hold_back_the_rest_of_its_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_answer_does_not_hold_back_the_next_batch() {
     let env = TestEnv::with_scripted().await;
-    let replica = env.replica("r1", &holding_settings("2")).await;
+    let replica = env.replica("r1", &holding_settings(2)).await;
     let ids = env
         .create_messages(&replica, &["first reply:hold", "second", "third", "fourth"])
         .await;
@@ -360,11 +357,10 @@ async fn the_largest_send_concurrency_still_dispatches() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", "5"),
-                ("PROCESSING_INTERVAL", "0s"),
-                ("SEND_CONCURRENCY", &u64::MAX.to_string()),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(5)
+                .processing_interval(Duration::ZERO)
+                .send_concurrency(usize::MAX),
         )
         .await;
     let ids = env
@@ -380,12 +376,10 @@ async fn a_failed_send_retries_later_without_blocking_younger_messages() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", "2"),
-                ("PROCESSING_INTERVAL", "300ms"),
-                ("RETRY_BACKOFF_BASE", "4s"),
-                ("RETRY_BACKOFF_MAX", "4s"),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(2)
+                .processing_interval(ms(300))
+                .retry_backoff(secs(4), secs(4)),
         )
         .await;
     let ids = env
@@ -490,13 +484,11 @@ async fn classification_of_provider_answers() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", "10"),
-                ("PROCESSING_INTERVAL", "300ms"),
-                ("SMS_API_TIMEOUT", "1s"),
-                ("RETRY_BACKOFF_BASE", "1m"),
-                ("RETRY_BACKOFF_MAX", "5m"),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(10)
+                .processing_interval(ms(300))
+                .provider_timeout(secs(1))
+                .retry_backoff(secs(60), secs(300)),
         )
         .await;
     let ids = env
@@ -617,10 +609,9 @@ async fn the_token_goes_in_sms_api_auth_header_when_set() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("SMS_API_AUTH_HEADER", "x-ins-auth-key"),
-                ("SMS_API_TOKEN", "tok-123"),
-            ],
+            &ReplicaSettings::fast()
+                .provider_auth_header("x-ins-auth-key")
+                .provider_token("tok-123"),
         )
         .await;
     let ids = env.create_messages(&replica, &["custom header"]).await;
@@ -648,12 +639,10 @@ async fn max_attempts_turns_a_retrying_message_into_failed() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("MAX_ATTEMPTS", "3"),
-                ("PROCESSING_INTERVAL", "100ms"),
-                ("RETRY_BACKOFF_BASE", "100ms"),
-                ("RETRY_BACKOFF_MAX", "200ms"),
-            ],
+            &ReplicaSettings::fast()
+                .max_attempts(3)
+                .processing_interval(ms(100))
+                .retry_backoff(ms(100), ms(200)),
         )
         .await;
     let ids = env
@@ -689,10 +678,9 @@ async fn max_attempts_turns_a_retrying_message_into_failed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn parallel_claimers_never_share_a_row() {
     let env = TestEnv::start().await;
-    let migrate_env = env.base_env();
-    migrate(&migrate_env);
-    let config = Config::from_vars(migrate_env).unwrap();
-    let store = Store::new(&config.database).unwrap();
+    let settings = env.settings();
+    migrate(&settings);
+    let store = Store::new(&settings.to_config().database).unwrap();
     let total = 600;
     env.insert_messages(total).await;
     store.apply_auto_start(true, "test").await.unwrap();
@@ -1103,9 +1091,9 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_transaction_on_the_fence_row_does_not_block_the_next_leader() {
     let env = TestEnv::start().await;
-    let vars = env.env_with(&[("DISTRIBUTED_LOCK_TTL", "1s")]);
-    migrate(&vars);
-    let store = Store::new(&Config::from_vars(vars).unwrap().database).unwrap();
+    let settings = env.settings().lock_ttl(secs(1));
+    migrate(&settings);
+    let store = Store::new(&settings.to_config().database).unwrap();
 
     let mut frozen = store.client().await.unwrap();
     let tx = frozen.transaction().await.unwrap();
@@ -1142,7 +1130,7 @@ async fn a_frozen_transaction_on_the_fence_row_does_not_block_the_next_leader() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_results_are_written_by_primary_key_lookups() {
     let env = TestEnv::start().await;
-    migrate(&env.base_env());
+    migrate(&env.settings());
     let ids = env.insert_messages(20_100).await;
     let db = env.db().await;
     db.batch_execute(
@@ -1199,7 +1187,7 @@ async fn group_results_are_written_by_primary_key_lookups() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_updates_its_rows_by_primary_key_on_a_small_table() {
     let env = TestEnv::start().await;
-    migrate(&env.base_env());
+    migrate(&env.settings());
     env.insert_messages(20_000).await;
     let db = env.db().await;
     db.batch_execute("ANALYZE messages").await.unwrap();

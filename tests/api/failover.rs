@@ -6,20 +6,20 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::support::cluster::{Cluster, assert_each_once, assert_rate};
-use crate::support::{TestEnv, wait_for};
+use crate::support::{ReplicaSettings, TestEnv, ms, secs, wait_for};
 
 /// How far apart the provider may see sends that started an interval apart: the
 /// network and scheduling jitter the README documents for the rate limit.
 const RATE_JITTER: Duration = Duration::from_millis(50);
 
-fn defaults() -> Vec<(&'static str, &'static str)> {
-    vec![
-        ("DISTRIBUTED_LOCK_TTL", "15s"),
-        ("LOCK_RETRY_INTERVAL", "2s"),
-        ("SMS_API_TIMEOUT", "2s"),
-        ("BATCH_SIZE", "1"),
-        ("PROCESSING_INTERVAL", "100ms"),
-    ]
+/// The application's default lease, one message every 100 ms.
+fn defaults() -> ReplicaSettings {
+    ReplicaSettings::fast()
+        .lock_ttl(secs(15))
+        .lock_retry_interval(secs(2))
+        .provider_timeout(secs(2))
+        .batch_size(1)
+        .processing_interval(ms(100))
 }
 
 fn now_us() -> i64 {
@@ -152,12 +152,11 @@ async fn a_killed_leader_is_replaced_in_well_under_its_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_is_still_replaced_only_at_lease_expiry() {
     let env = TestEnv::start().await;
-    let settings = [
-        ("DISTRIBUTED_LOCK_TTL", "6s"),
-        ("LOCK_RETRY_INTERVAL", "1s"),
-        ("BATCH_SIZE", "1"),
-        ("PROCESSING_INTERVAL", "100ms"),
-    ];
+    let settings = ReplicaSettings::fast()
+        .lock_ttl(secs(6))
+        .lock_retry_interval(secs(1))
+        .batch_size(1)
+        .processing_interval(ms(100));
     let cluster = Cluster::start(&env, 2, &settings).await;
     let (leader, _) = cluster
         .wait_single_leader(&cluster.all(), Duration::from_secs(30))
@@ -216,20 +215,18 @@ async fn a_replica_that_is_not_eligible_never_leads() {
     let mut eligible = env
         .replica(
             "r1",
-            &[
-                ("DISTRIBUTED_LOCK_TTL", "2s"),
-                ("LOCK_RETRY_INTERVAL", "250ms"),
-            ],
+            &ReplicaSettings::fast()
+                .lock_ttl(secs(2))
+                .lock_retry_interval(ms(250)),
         )
         .await;
     let bystander = env
         .replica(
             "r2",
-            &[
-                ("LEADER_ELIGIBLE", "false"),
-                ("DISTRIBUTED_LOCK_TTL", "2s"),
-                ("LOCK_RETRY_INTERVAL", "250ms"),
-            ],
+            &ReplicaSettings::fast()
+                .leader_eligible(false)
+                .lock_ttl(secs(2))
+                .lock_retry_interval(ms(250)),
         )
         .await;
     wait_for("r1 to lead", Duration::from_secs(30), || async {
@@ -259,14 +256,10 @@ async fn a_sentinel_failover_elects_again_and_doubles_nothing() {
     use crate::support::sentinel::{SERVICE, Sentinels};
     let env = TestEnv::with_mock(&["--latency-ms", "20"]).await;
     let mut sentinels = Sentinels::start().await;
-    let addresses = sentinels.addresses();
-    let settings = [
-        ("REDIS_URL", ""),
-        ("REDIS_SENTINELS", addresses.as_str()),
-        ("REDIS_SENTINEL_SERVICE", SERVICE),
-        ("BATCH_SIZE", "2"),
-        ("PROCESSING_INTERVAL", "200ms"),
-    ];
+    let settings = ReplicaSettings::fast()
+        .redis_sentinels(sentinels.addresses(), SERVICE)
+        .batch_size(2)
+        .processing_interval(ms(200));
     let cluster = Cluster::start(&env, 3, &settings).await;
     cluster
         .wait_single_leader(&cluster.all(), Duration::from_secs(30))
@@ -312,8 +305,7 @@ async fn fence_session(env: &TestEnv) -> Option<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_fence_session_does_not_depose_a_live_leader() {
     let env = TestEnv::start().await;
-    let mut settings = defaults();
-    settings.push(("PROCESSING_INTERVAL", "250ms"));
+    let settings = defaults().processing_interval(ms(250));
     let cluster = Cluster::start(&env, 3, &settings).await;
     let (leader, _) = cluster
         .wait_single_leader(&cluster.all(), Duration::from_secs(30))
@@ -367,11 +359,10 @@ async fn a_reset_fence_session_does_not_depose_a_live_leader() {
 async fn a_postgres_blip_on_the_leaders_path_does_not_move_leadership() {
     let env = TestEnv::start().await;
     let (pg_path, pg_url) = env.postgres_proxy().await;
-    let mut settings = defaults();
-    settings.push(("PROCESSING_INTERVAL", "250ms"));
-    let mut through_proxy = settings.clone();
-    through_proxy.push(("DATABASE_URL", &pg_url));
-    let leader = env.replica("r1", &through_proxy).await;
+    let settings = defaults().processing_interval(ms(250));
+    let leader = env
+        .replica("r1", &settings.clone().database_url(pg_url))
+        .await;
     wait_for("r1 to lead", Duration::from_secs(30), || async {
         leader.is_leader().await.then_some(())
     })

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::provider::holding_settings;
-use crate::support::{TestEnv, http, wait_for};
+use crate::support::{ReplicaSettings, TestEnv, http, ms, secs, wait_for};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -15,11 +15,10 @@ async fn redis_outage_in_single_replica_mode_degrades_but_keeps_sending() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("DISTRIBUTED_LOCK_ENABLED", "false"),
-                ("BATCH_SIZE", "5"),
-                ("PROCESSING_INTERVAL", "200ms"),
-            ],
+            &ReplicaSettings::fast()
+                .lock_enabled(false)
+                .batch_size(5)
+                .processing_interval(ms(200)),
         )
         .await;
     env.create_messages(&replica, &["before 1", "before 2"])
@@ -73,7 +72,9 @@ async fn postgres_outage_fails_readiness_keeps_the_replica_and_resumes() {
     let mut replica = env
         .replica(
             "r1",
-            &[("BATCH_SIZE", "5"), ("PROCESSING_INTERVAL", "200ms")],
+            &ReplicaSettings::fast()
+                .batch_size(5)
+                .processing_interval(ms(200)),
         )
         .await;
     env.create_messages(&replica, &["one", "two"]).await;
@@ -118,7 +119,7 @@ async fn late_dependencies_are_picked_up_without_a_restart() {
     let mut env = TestEnv::start().await;
     env.pg.stop().await;
     env.redis.stop().await;
-    let replica = env.spawn_replica("r1", &[]);
+    let replica = env.spawn_replica("r1", &ReplicaSettings::fast());
     wait_for("liveness", TEST_TIMEOUT, || async {
         let response = http().get(replica.url("/health/live")).send().await.ok()?;
         (response.status() == 200).then_some(())
@@ -156,7 +157,9 @@ async fn late_dependencies_are_picked_up_without_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_and_stop_are_idempotent_and_stop_holds_messages() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[("PROCESSING_INTERVAL", "200ms")]).await;
+    let replica = env
+        .replica("r1", &ReplicaSettings::fast().processing_interval(ms(200)))
+        .await;
     for _ in 0..2 {
         let (status, body) = replica.post("/api/messaging/stop", None).await;
         assert_eq!((status, body["status"].as_str()), (200, Some("stopped")));
@@ -190,11 +193,10 @@ async fn sigterm_during_a_batch_finishes_in_flight_sends_and_returns_the_rest() 
     let mut replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", "3"),
-                ("PROCESSING_INTERVAL", "200ms"),
-                ("SHUTDOWN_TIMEOUT", "10s"),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(3)
+                .processing_interval(ms(200))
+                .shutdown_timeout(secs(10)),
         )
         .await;
     let ids = env
@@ -252,8 +254,7 @@ async fn sigterm_during_a_batch_finishes_in_flight_sends_and_returns_the_rest() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_abandoned_at_shutdown_stays_open_whatever_came_after_it() {
     let env = TestEnv::with_scripted().await;
-    let mut settings = holding_settings("2");
-    settings.push(("SHUTDOWN_TIMEOUT", "1s"));
+    let settings = holding_settings(2).shutdown_timeout(secs(1));
     let mut replica = env.replica("r1", &settings).await;
     let ids = env
         .create_messages(
@@ -299,11 +300,10 @@ async fn readiness_fails_once_shutdown_begins() {
     let mut replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", "1"),
-                ("SHUTDOWN_TIMEOUT", "10s"),
-                ("SMS_API_TIMEOUT", "6s"),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(1)
+                .shutdown_timeout(secs(10))
+                .provider_timeout(secs(6)),
         )
         .await;
     env.create_messages(&replica, &["slow reply:sleep-3000"])
@@ -339,12 +339,11 @@ async fn sigterm_while_postgres_is_down_exits_within_the_shutdown_timeout() {
     let mut replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", "4"),
-                ("PROCESSING_INTERVAL", "200ms"),
-                ("SEND_CONCURRENCY", "2"),
-                ("SHUTDOWN_TIMEOUT", "3s"),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(4)
+                .processing_interval(ms(200))
+                .send_concurrency(2)
+                .shutdown_timeout(secs(3)),
         )
         .await;
     let ids = env
@@ -383,12 +382,12 @@ async fn sigterm_while_postgres_is_down_exits_within_the_shutdown_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_a_task_ends_the_process_and_another_replica_takes_over() {
     let env = TestEnv::start().await;
-    let settings = [
-        ("DISTRIBUTED_LOCK_TTL", "15s"),
-        ("LOCK_RETRY_INTERVAL", "1s"),
-    ];
-    let mut panicking = settings.to_vec();
-    panicking.push(("MESSAGE_DISPATCHER_TEST_PANIC_IN_BATCH", "1"));
+    let settings = ReplicaSettings::fast()
+        .lock_ttl(secs(15))
+        .lock_retry_interval(secs(1));
+    let panicking = settings
+        .clone()
+        .env("MESSAGE_DISPATCHER_TEST_PANIC_IN_BATCH", "1");
     let mut doomed = env.replica("doomed", &panicking).await;
     wait_for("the doomed replica to lead", TEST_TIMEOUT, || async {
         doomed.is_leader().await.then_some(())

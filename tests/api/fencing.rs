@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::cluster::{assert_each_once, assert_rate};
-use crate::support::{TestEnv, wait_for};
+use crate::support::{ReplicaSettings, TestEnv, ms, secs, wait_for};
 
 const LOCK_KEY: &str = "message-dispatcher:lock";
 /// How far apart the provider may see sends that started an interval apart: the
@@ -33,16 +33,15 @@ async fn batch_open(env: &TestEnv) -> bool {
 async fn a_leader_that_lost_its_key_mid_batch_sends_nothing_the_new_leader_sends() {
     let env = TestEnv::with_mock(&["--latency-ms", "200"]).await;
     let (redis_path, redis_url) = env.redis_proxy().await;
-    let settings = [
-        ("BATCH_SIZE", "100"),
-        ("PROCESSING_INTERVAL", "1s"),
-        ("DISTRIBUTED_LOCK_TTL", "8s"),
-        ("LOCK_RETRY_INTERVAL", "500ms"),
-        ("SMS_API_TIMEOUT", "1s"),
-    ];
-    let mut first = settings.to_vec();
-    first.push(("REDIS_URL", &redis_url));
-    let old = env.replica("r1", &first).await;
+    let settings = ReplicaSettings::fast()
+        .batch_size(100)
+        .processing_interval(secs(1))
+        .lock_ttl(secs(8))
+        .lock_retry_interval(ms(500))
+        .provider_timeout(secs(1));
+    let old = env
+        .replica("r1", &settings.clone().redis_url(redis_url))
+        .await;
     wait_for("r1 to lead", Duration::from_secs(30), || async {
         old.is_leader().await.then_some(())
     })
@@ -85,11 +84,10 @@ async fn a_leader_that_lost_its_key_mid_batch_sends_nothing_the_new_leader_sends
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_holds_across_a_handover_after_a_stalled_batch() {
     let mut env = TestEnv::with_mock(&["--latency-ms", "500"]).await;
-    let settings = [
-        ("BATCH_SIZE", "2"),
-        ("PROCESSING_INTERVAL", "4s"),
-        ("SMS_API_TIMEOUT", "2s"),
-    ];
+    let settings = ReplicaSettings::fast()
+        .batch_size(2)
+        .processing_interval(secs(4))
+        .provider_timeout(secs(2));
     let mut old = env.replica("r1", &settings).await;
     wait_for("r1 to lead", Duration::from_secs(30), || async {
         old.is_leader().await.then_some(())
@@ -134,10 +132,12 @@ async fn the_rate_holds_across_a_handover_after_a_stalled_batch() {
 async fn a_leader_cut_off_from_postgres_resigns_and_another_drains_the_queue() {
     let env = TestEnv::with_mock(&["--latency-ms", "100"]).await;
     let (pg_path, pg_url) = env.postgres_proxy().await;
-    let settings = [("BATCH_SIZE", "5"), ("PROCESSING_INTERVAL", "200ms")];
-    let mut first = settings.to_vec();
-    first.push(("DATABASE_URL", &pg_url));
-    let mut old = env.replica("r1", &first).await;
+    let settings = ReplicaSettings::fast()
+        .batch_size(5)
+        .processing_interval(ms(200));
+    let mut old = env
+        .replica("r1", &settings.clone().database_url(pg_url))
+        .await;
     wait_for("r1 to lead", Duration::from_secs(30), || async {
         old.is_leader().await.then_some(())
     })
@@ -182,7 +182,9 @@ async fn stop_during_a_slow_batch_starts_nothing_after_its_answer() {
     let replica = env
         .replica(
             "r1",
-            &[("BATCH_SIZE", "10"), ("PROCESSING_INTERVAL", "200ms")],
+            &ReplicaSettings::fast()
+                .batch_size(10)
+                .processing_interval(ms(200)),
         )
         .await;
     let contents: Vec<String> = (0..10)
@@ -222,11 +224,10 @@ async fn stop_during_a_slow_batch_starts_nothing_after_its_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_held_through_sigterm_during_a_postgres_outage_is_not_resent() {
     let mut env = TestEnv::with_scripted().await;
-    let settings = [
-        ("BATCH_SIZE", "1"),
-        ("SHUTDOWN_TIMEOUT", "2s"),
-        ("SMS_API_TIMEOUT", "2s"),
-    ];
+    let settings = ReplicaSettings::fast()
+        .batch_size(1)
+        .shutdown_timeout(secs(2))
+        .provider_timeout(secs(2));
     let mut old = env.replica("r1", &settings).await;
     let ids = env.create_messages(&old, &["held reply:sleep-800"]).await;
     wait_for("the send", Duration::from_secs(30), || async {
@@ -263,9 +264,9 @@ async fn a_result_held_through_sigterm_during_a_postgres_outage_is_not_resent() 
 async fn a_lost_reply_to_a_committed_result_write_still_counts_the_sends() {
     let env = TestEnv::with_scripted().await;
     let (pg_path, pg_url) = env.postgres_proxy().await;
-    let mut settings = crate::support::provider::holding_settings("2");
-    settings.push(("DATABASE_URL", &pg_url));
-    settings.push(("DISTRIBUTED_LOCK_TTL", "15s"));
+    let settings = crate::support::provider::holding_settings(2)
+        .database_url(pg_url)
+        .lock_ttl(secs(15));
     let replica = env.replica("r1", &settings).await;
     let ids = env
         .create_messages(&replica, &["first reply:hold", "second reply:hold"])

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Replica, TestEnv, http, wait_for};
+use crate::support::{Replica, ReplicaSettings, TestEnv, http, wait_for};
 
 /// Sends `body` as it is, with `headers`; the status and the JSON answer.
 async fn raw(
@@ -59,7 +59,9 @@ fn located(answer: &(u16, Value)) -> (Option<&str>, Option<u64>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typos_repeats_and_wrong_types_are_refused_by_name() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[("AUTO_START", "false")]).await;
+    let replica = env
+        .replica("r1", &ReplicaSettings::fast().auto_start(false))
+        .await;
     let refused = [
         (
             r#"{"phone_number": "+905551111111", "content": "hi", "sendAt": "2030-01-01T00:00:00Z"}"#,
@@ -136,7 +138,9 @@ async fn typos_repeats_and_wrong_types_are_refused_by_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_must_be_json() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[("AUTO_START", "false")]).await;
+    let replica = env
+        .replica("r1", &ReplicaSettings::fast().auto_start(false))
+        .await;
     let body = r#"{"phone_number": "+905551111111", "content": "hi"}"#;
     for headers in [
         vec![("content-type", "text/plain")],
@@ -174,7 +178,9 @@ async fn bodies_must_be_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phone_numbers_are_e164_and_show_their_country() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[("AUTO_START", "false")]).await;
+    let replica = env
+        .replica("r1", &ReplicaSettings::fast().auto_start(false))
+        .await;
     for bad in [
         "0000000000",
         "9999999999999999999",
@@ -194,7 +200,12 @@ async fn phone_numbers_are_e164_and_show_their_country() {
     assert_eq!(created["country"], "US");
 
     let national = env
-        .replica("tr", &[("AUTO_START", "false"), ("DEFAULT_REGION", "TR")])
+        .replica(
+            "tr",
+            &ReplicaSettings::fast()
+                .auto_start(false)
+                .default_region("TR"),
+        )
         .await;
     let body = json!({"phone_number": "05551111111", "content": "x"}).to_string();
     let (status, created) = post_json(&national, "/api/messages", &body).await;
@@ -213,7 +224,7 @@ async fn phone_numbers_are_e164_and_show_their_country() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_site_cannot_change_anything_through_a_browser() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[]).await;
+    let replica = env.replica("r1", &ReplicaSettings::fast()).await;
     let evil = [
         ("origin", "http://evil.example"),
         ("content-type", "text/plain"),
@@ -296,7 +307,7 @@ async fn requests_during_the_migrations_get_503_with_retry_after() {
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
         .unwrap();
-    let replica = env.spawn_replica("r1", &[]);
+    let replica = env.spawn_replica("r1", &ReplicaSettings::fast());
     let body = r#"{"phone_number": "+905551111111", "content": "early"}"#;
     let mut answered = 0;
     let until = Instant::now() + Duration::from_secs(3);
@@ -337,7 +348,9 @@ async fn requests_during_the_migrations_get_503_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interval_below_a_millisecond_is_refused() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[("AUTO_START", "false")]).await;
+    let replica = env
+        .replica("r1", &ReplicaSettings::fast().auto_start(false))
+        .await;
     let put = |interval: &'static str| {
         let replica = &replica;
         async move {
@@ -372,7 +385,9 @@ async fn an_interval_below_a_millisecond_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_requests_are_counted_by_route_pattern() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[("AUTO_START", "false")]).await;
+    let replica = env
+        .replica("r1", &ReplicaSettings::fast().auto_start(false))
+        .await;
     let ids = env.create_messages(&replica, &["one"]).await;
     for _ in 0..3 {
         assert_eq!(
@@ -424,7 +439,9 @@ async fn http_requests_are_counted_by_route_pattern() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_oldest_pending_age_is_shown_per_priority() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[("AUTO_START", "false")]).await;
+    let replica = env
+        .replica("r1", &ReplicaSettings::fast().auto_start(false))
+        .await;
     let body = json!([
         {"phone_number": "+905551111111", "content": "routine", "priority": 0},
         {"phone_number": "+905551111112", "content": "urgent", "priority": 3}

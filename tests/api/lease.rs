@@ -3,16 +3,15 @@
 use std::time::Duration;
 
 use fred::prelude::*;
-use message_dispatcher::config::Config;
 use message_dispatcher::domain::LeaseToken;
 use message_dispatcher::leadership::RedisLease;
 
-use crate::support::TestEnv;
 use crate::support::cluster::Cluster;
 use crate::support::redis::Redis;
+use crate::support::{ReplicaSettings, TestEnv, ms, secs};
 
 async fn connected_client(redis: &Redis) -> Client {
-    let config = Config::from_vars([("REDIS_URL".to_string(), redis.url())]).unwrap();
+    let config = ReplicaSettings::fast().redis_url(redis.url()).to_config();
     let client = message_dispatcher::redis::client(&config.redis, Duration::from_secs(1)).unwrap();
     client.init().await.expect("connect to test Redis");
     client
@@ -83,14 +82,13 @@ async fn only_the_holder_extends_or_releases_and_an_expired_lease_is_taken_over(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_slower_than_the_ttl_keeps_the_lease() {
     let env = TestEnv::with_scripted().await;
-    let overrides = [
-        ("DISTRIBUTED_LOCK_TTL", "1s"),
-        ("LOCK_RETRY_INTERVAL", "250ms"),
-        ("SMS_API_TIMEOUT", "6s"),
-        ("BATCH_SIZE", "2"),
-        ("PROCESSING_INTERVAL", "100ms"),
-    ];
-    let cluster = Cluster::start(&env, 2, &overrides).await;
+    let settings = ReplicaSettings::fast()
+        .lock_ttl(secs(1))
+        .lock_retry_interval(ms(250))
+        .provider_timeout(secs(6))
+        .batch_size(2)
+        .processing_interval(ms(100));
+    let cluster = Cluster::start(&env, 2, &settings).await;
     let (leader, _) = cluster
         .wait_single_leader(&cluster.all(), Duration::from_secs(20))
         .await;

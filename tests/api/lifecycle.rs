@@ -9,7 +9,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use crate::support::{MockProvider, Replica, TestEnv, free_port, http, wait_for};
+use crate::support::{
+    MockProvider, Replica, ReplicaSettings, TestEnv, free_port, http, ms, secs, wait_for,
+};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -68,7 +70,8 @@ async fn start_cluster(replica: &Replica) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_keys_in_opposite_orders_never_deadlock() {
     let env = TestEnv::start().await;
-    let (r1, r2) = tokio::join!(env.replica("r1", &[]), env.replica("r2", &[]));
+    let settings = ReplicaSettings::fast();
+    let (r1, r2) = tokio::join!(env.replica("r1", &settings), env.replica("r2", &settings));
     stop_cluster(&r1).await;
     for round in 0..15 {
         let items: Vec<Value> = (0..200)
@@ -102,7 +105,8 @@ async fn the_same_keys_in_opposite_orders_never_deadlock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_keys_create_one_row_even_racing_through_two_replicas() {
     let env = TestEnv::start().await;
-    let (r1, r2) = tokio::join!(env.replica("r1", &[]), env.replica("r2", &[]));
+    let settings = ReplicaSettings::fast();
+    let (r1, r2) = tokio::join!(env.replica("r1", &settings), env.replica("r2", &settings));
     stop_cluster(&r1).await;
 
     // 24 repeats of one key, all at once, alternating between the replicas.
@@ -228,7 +232,9 @@ async fn send_at_is_respected_and_expired_messages_never_reach_the_provider() {
     let replica = env
         .replica(
             "r1",
-            &[("BATCH_SIZE", "10"), ("PROCESSING_INTERVAL", "500ms")],
+            &ReplicaSettings::fast()
+                .batch_size(10)
+                .processing_interval(ms(500)),
         )
         .await;
 
@@ -319,11 +325,10 @@ async fn a_message_that_expires_while_claimed_is_not_sent() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", "2"),
-                ("PROCESSING_INTERVAL", "200ms"),
-                ("SMS_API_TIMEOUT", "20s"),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(2)
+                .processing_interval(ms(200))
+                .provider_timeout(secs(20)),
         )
         .await;
     wait_for("leadership", TEST_TIMEOUT, || async {
@@ -368,7 +373,9 @@ async fn higher_priority_goes_first_and_fifo_within_a_priority() {
     let replica = env
         .replica(
             "r1",
-            &[("BATCH_SIZE", "2"), ("PROCESSING_INTERVAL", "300ms")],
+            &ReplicaSettings::fast()
+                .batch_size(2)
+                .processing_interval(ms(300)),
         )
         .await;
     stop_cluster(&replica).await;
@@ -401,10 +408,10 @@ async fn higher_priority_goes_first_and_fifo_within_a_priority() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_races_the_claim_and_a_message_is_claimed_or_cancelled_never_both() {
     let env = TestEnv::start().await;
-    let (r1, r2) = tokio::join!(
-        env.replica("r1", &[("BATCH_SIZE", "5"), ("PROCESSING_INTERVAL", "0s")]),
-        env.replica("r2", &[("BATCH_SIZE", "5"), ("PROCESSING_INTERVAL", "0s")])
-    );
+    let settings = ReplicaSettings::fast()
+        .batch_size(5)
+        .processing_interval(Duration::ZERO);
+    let (r1, r2) = tokio::join!(env.replica("r1", &settings), env.replica("r2", &settings));
     let contents: Vec<String> = (0..300).map(|i| format!("race {i}")).collect();
     let ids = env
         .create_messages(
@@ -479,10 +486,9 @@ async fn every_message_shows_its_encoding_and_segments() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("MESSAGE_MAX_LENGTH", "1000"),
-                ("MESSAGE_MAX_SEGMENTS", "3"),
-            ],
+            &ReplicaSettings::fast()
+                .message_max_length(1000)
+                .message_max_segments(3),
         )
         .await;
     stop_cluster(&replica).await;
@@ -531,13 +537,12 @@ async fn delivery_receipts_apply_even_before_the_send_result_and_stay_final() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("SMS_API_URL", &mock_url),
-                ("BATCH_SIZE", "10"),
-                ("PROCESSING_INTERVAL", "200ms"),
-                ("API_TOKEN", "api-secret"),
-                ("DLR_TOKEN", "dlr-secret"),
-            ],
+            &ReplicaSettings::fast()
+                .provider_url(&mock_url)
+                .batch_size(10)
+                .processing_interval(ms(200))
+                .api_token("api-secret")
+                .dlr_token("dlr-secret"),
         )
         .await;
     let receipts_url = replica.url("/api/delivery-receipts");
@@ -702,7 +707,9 @@ async fn a_receipt_held_for_a_send_in_flight_is_applied_once_the_result_is_recor
     // The scripted provider names its ids `id-<key>` and answers `reply:sleep-…` late,
     // so the receipt can be posted while the send is in flight.
     let env = TestEnv::with_scripted().await;
-    let replica = env.replica("r1", &[("SMS_API_TIMEOUT", "20s")]).await;
+    let replica = env
+        .replica("r1", &ReplicaSettings::fast().provider_timeout(secs(20)))
+        .await;
     let id = env.create_messages(&replica, &["reply:sleep-5000"]).await[0];
     let key = env.delivery_key(id).await;
     wait_for("the send to be in flight", TEST_TIMEOUT, || async {
@@ -738,7 +745,7 @@ async fn a_receipt_held_for_a_send_in_flight_is_applied_once_the_result_is_recor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_filters_by_phone_number_and_creation_time() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[]).await;
+    let replica = env.replica("r1", &ReplicaSettings::fast()).await;
     stop_cluster(&replica).await;
     let first = env.create_messages(&replica, &["one", "two"]).await;
     let middle = Utc::now();
@@ -827,7 +834,10 @@ async fn an_existing_database_upgrades_in_place() {
     .unwrap();
 
     let replica = env
-        .replica("r1", &[("BATCH_SIZE", "10"), ("AUTO_START", "false")])
+        .replica(
+            "r1",
+            &ReplicaSettings::fast().batch_size(10).auto_start(false),
+        )
         .await;
     let (_, stats) = replica.get("/api/messages/stats").await;
     assert_eq!(stats["by_status"]["sent"], 2, "{stats}");
@@ -873,7 +883,7 @@ async fn an_existing_database_upgrades_in_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_retry_and_cancel_take_a_filter_and_count() {
     let env = TestEnv::start().await;
-    let replica = env.replica("r1", &[]).await;
+    let replica = env.replica("r1", &ReplicaSettings::fast()).await;
     stop_cluster(&replica).await;
     let db = env.db().await;
     db.batch_execute(

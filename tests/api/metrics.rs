@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::replica::metric_value;
-use crate::support::{TestEnv, wait_for};
+use crate::support::{ReplicaSettings, TestEnv, ms, wait_for};
 
 fn promtool_check(metrics: &str) {
     let mut child = Command::new("promtool")
@@ -36,7 +36,9 @@ async fn metrics_pass_promtool_and_counters_move() {
     let replica = env
         .replica(
             "r1",
-            &[("BATCH_SIZE", "5"), ("PROCESSING_INTERVAL", "200ms")],
+            &ReplicaSettings::fast()
+                .batch_size(5)
+                .processing_interval(ms(200)),
         )
         .await;
     let before = replica.metrics().await;

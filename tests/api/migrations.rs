@@ -4,12 +4,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::replica::run_command;
-use crate::support::{TestEnv, binary};
+use crate::support::{ReplicaSettings, TestEnv, binary};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_twice_is_a_no_op_and_concurrent_runs_do_not_race() {
     let env = TestEnv::start().await;
-    let vars = env.base_env();
+    let vars = env.settings().to_env();
 
     // Three processes at once on an empty database.
     let children: Vec<_> = (0..3)
@@ -90,7 +90,7 @@ async fn migrate_twice_is_a_no_op_and_concurrent_runs_do_not_race() {
 
     // `serve` refuses it too, at once and with the configuration exit status: retrying
     // cannot fix an edited migration file.
-    let mut replica = env.spawn_replica("r1", &[]);
+    let mut replica = env.spawn_replica("r1", &ReplicaSettings::fast());
     let status = replica.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(2), "{}", replica.logs());
     assert!(
@@ -103,7 +103,7 @@ async fn migrate_twice_is_a_no_op_and_concurrent_runs_do_not_race() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_inserts_demo_messages() {
     let env = TestEnv::start().await;
-    let (status, output) = run_command(&["seed", "--count", "25"], &env.base_env());
+    let (status, output) = run_command(&["seed", "--count", "25"], &env.settings().to_env());
     assert!(status.success(), "{output}");
     assert!(output.contains("seeded 25 messages"));
     assert_eq!(env.count("pending").await, 25);
@@ -118,7 +118,7 @@ async fn version_and_healthcheck_commands() {
         output.starts_with("message-dispatcher 0.") && output.contains("commit"),
         "{output}"
     );
-    let replica = env.replica("r1", &[]).await;
+    let replica = env.replica("r1", &ReplicaSettings::fast()).await;
     let url = replica.url("/health/ready");
     let (status, _) = run_command(&["healthcheck", "--url", &url], &[]);
     assert!(status.success());
@@ -156,7 +156,7 @@ async fn table_checks(db: &tokio_postgres::Client) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn format_rules_hold_on_every_write_without_being_table_checks() {
     let env = TestEnv::start().await;
-    let (status, output) = run_command(&["migrate"], &env.base_env());
+    let (status, output) = run_command(&["migrate"], &env.settings().to_env());
     assert!(status.success(), "{output}");
     let db = env.db().await;
     assert_eq!(
@@ -267,7 +267,7 @@ async fn format_rules_hold_on_every_write_without_being_table_checks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn format_rules_move_to_domains_on_a_populated_table() {
     let env = TestEnv::start().await;
-    let vars = env.base_env();
+    let vars = env.settings().to_env();
     let (status, output) = run_command(&["migrate"], &vars);
     assert!(status.success(), "{output}");
     let db = env.db().await;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::support::{TestEnv, wait_for};
+use crate::support::{ReplicaSettings, TestEnv, ms, secs, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_provider_answers_end_sent_or_failed_and_never_block_the_queue() {
@@ -12,13 +12,11 @@ async fn bad_provider_answers_end_sent_or_failed_and_never_block_the_queue() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", "10"),
-                ("PROCESSING_INTERVAL", "200ms"),
-                ("MAX_ATTEMPTS", "3"),
-                ("RETRY_BACKOFF_BASE", "1s"),
-                ("RETRY_BACKOFF_MAX", "2s"),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(10)
+                .processing_interval(ms(200))
+                .max_attempts(3)
+                .retry_backoff(secs(1), secs(2)),
         )
         .await;
     let cases = [
@@ -111,12 +109,11 @@ async fn refused_credentials_pause_dispatch_until_a_probe_is_accepted() {
     let replica = env
         .replica(
             "r1",
-            &[
-                ("BATCH_SIZE", "5"),
-                ("PROCESSING_INTERVAL", "100ms"),
-                ("MAX_ATTEMPTS", "2"),
-                ("LOCK_RETRY_INTERVAL", "500ms"),
-            ],
+            &ReplicaSettings::fast()
+                .batch_size(5)
+                .processing_interval(ms(100))
+                .max_attempts(2)
+                .lock_retry_interval(ms(500)),
         )
         .await;
     let ids = env.insert_messages(10).await;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::support::replica::run_command;
-use crate::support::{TestEnv, wait_for};
+use crate::support::{ReplicaSettings, TestEnv, wait_for};
 
 /// More abandoned rows than one rescue page (1,000) and than the 10,000 rows a single
 /// lookup once covered: a leader died with 10,300 claims whose sends the provider had
@@ -14,7 +14,7 @@ use crate::support::{TestEnv, wait_for};
 async fn every_rescued_row_is_first_looked_up_in_the_delivery_cache() {
     const ABANDONED: i64 = 10_300;
     let env = TestEnv::start().await;
-    let (status, output) = run_command(&["migrate"], &env.base_env());
+    let (status, output) = run_command(&["migrate"], &env.settings().to_env());
     assert!(status.success(), "{output}");
     let db = env.db().await;
     // Claimed under epoch 0 by a leader that is gone, an hour ago.
@@ -55,7 +55,7 @@ async fn every_rescued_row_is_first_looked_up_in_the_delivery_cache() {
     }
     assert_eq!(env.redis.cli(&["DBSIZE"]), ABANDONED.to_string());
 
-    let replica = env.replica("r1", &[]).await;
+    let replica = env.replica("r1", &ReplicaSettings::fast()).await;
     wait_for(
         "the abandoned claims to be settled",
         Duration::from_secs(120),

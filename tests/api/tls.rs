@@ -2,8 +2,10 @@
 
 use std::time::Duration;
 
+use message_dispatcher::config::DbSslMode;
+
 use crate::support::tls::{self_signed, terminate_tls};
-use crate::support::{TestEnv, wait_for};
+use crate::support::{ReplicaSettings, TestEnv, ms, secs, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_signed_provider_needs_the_ca_or_the_insecure_flag() {
@@ -11,15 +13,12 @@ async fn self_signed_provider_needs_the_ca_or_the_insecure_flag() {
     let certificate = self_signed();
     let tls = terminate_tls(&certificate, env.scripted().addr).await;
     let https_url = format!("https://localhost:{}/send", tls.port());
-    let ca = certificate.cert.to_str().unwrap().to_string();
-    let base = [
-        ("SMS_API_URL", https_url.as_str()),
-        ("BATCH_SIZE", "1"),
-        ("PROCESSING_INTERVAL", "100ms"),
-        ("RETRY_BACKOFF_BASE", "1h"),
-        ("RETRY_BACKOFF_MAX", "1h"),
-        ("DISTRIBUTED_LOCK_ENABLED", "false"),
-    ];
+    let base = ReplicaSettings::fast()
+        .provider_url(https_url)
+        .batch_size(1)
+        .processing_interval(ms(100))
+        .retry_backoff(secs(3600), secs(3600))
+        .lock_enabled(false);
     let db = env.db().await;
 
     // Neither: the TLS handshake fails, the message waits for a retry, nothing arrives.
@@ -57,8 +56,7 @@ async fn self_signed_provider_needs_the_ca_or_the_insecure_flag() {
     )
     .await
     .unwrap();
-    let mut with_ca = base.to_vec();
-    with_ca.push(("SMS_API_CA_CERT", &ca));
+    let with_ca = base.clone().provider_ca_cert(&certificate.cert);
     let mut trusted = env.replica("trusted", &with_ca).await;
     env.wait_drained(Duration::from_secs(30)).await;
     assert_eq!(
@@ -70,8 +68,7 @@ async fn self_signed_provider_needs_the_ca_or_the_insecure_flag() {
     trusted.terminate(Duration::from_secs(15)).await;
 
     // With SMS_API_INSECURE_SKIP_VERIFY (and a warning at start).
-    let mut insecure = base.to_vec();
-    insecure.push(("SMS_API_INSECURE_SKIP_VERIFY", "true"));
+    let insecure = base.provider_insecure_skip_verify(true);
     let replica = env.replica("insecure", &insecure).await;
     let more = env.create_messages(&replica, &["insecure"]).await;
     env.wait_drained(Duration::from_secs(30)).await;
@@ -92,7 +89,12 @@ async fn postgres_over_tls_require_and_verify_full() {
     let certificate = self_signed();
     env.pg.enable_ssl(&certificate).await;
 
-    let replica = env.replica("encrypted", &[("DB_SSLMODE", "require")]).await;
+    let replica = env
+        .replica(
+            "encrypted",
+            &ReplicaSettings::fast().db_ssl_mode(DbSslMode::Require),
+        )
+        .await;
     let db = env.db().await;
     let encrypted: i64 = db
         .query_one(
@@ -116,7 +118,10 @@ async fn postgres_over_tls_require_and_verify_full() {
     assert_eq!(plain, 0, "and none goes without");
     drop(replica);
 
-    let strict = env.spawn_replica("strict", &[("DB_SSLMODE", "verify-full")]);
+    let strict = env.spawn_replica(
+        "strict",
+        &ReplicaSettings::fast().db_ssl_mode(DbSslMode::VerifyFull),
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         strict.get("/health/ready").await.0,

@@ -4,17 +4,17 @@
 use std::time::{Duration, Instant};
 
 use super::provider::Delivery;
-use super::{Replica, TestEnv, wait_for};
+use super::{Replica, ReplicaSettings, TestEnv, wait_for};
 
 pub struct Cluster {
     pub replicas: Vec<Replica>,
 }
 
 impl Cluster {
-    /// Starts `n` replicas (`r1`, `r2`, …) with the same overrides and waits for all.
-    pub async fn start(env: &TestEnv, n: usize, overrides: &[(&str, &str)]) -> Self {
+    /// Starts `n` replicas (`r1`, `r2`, …) with the same settings and waits for all.
+    pub async fn start(env: &TestEnv, n: usize, settings: &ReplicaSettings) -> Self {
         let replicas: Vec<Replica> = (1..=n)
-            .map(|i| env.spawn_replica(&format!("r{i}"), overrides))
+            .map(|i| env.spawn_replica(&format!("r{i}"), settings))
             .collect();
         for replica in &replicas {
             replica.wait_ready().await;

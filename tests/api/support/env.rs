@@ -8,6 +8,7 @@ use tokio_postgres::Client;
 use super::postgres::Postgres;
 use super::proxy::Proxy;
 use super::redis::Redis;
+use super::settings::ReplicaSettings;
 use super::{MockProvider, Replica, ScriptedProvider, TempDir, http, wait_for};
 
 pub struct TestEnv {
@@ -70,50 +71,25 @@ impl TestEnv {
             .expect("this test uses the scripted provider")
     }
 
-    /// The settings every test replica starts from: fast timings, JSON logs.
-    pub fn base_env(&self) -> Vec<(String, String)> {
-        [
-            ("DATABASE_URL", self.pg.url()),
-            ("REDIS_URL", self.redis.url()),
-            ("SMS_API_URL", self.provider_url.clone()),
-            ("LOG_FORMAT", "json".into()),
-            ("LOG_LEVEL", "info,message_dispatcher=debug".into()),
-            ("BATCH_SIZE", "2".into()),
-            ("PROCESSING_INTERVAL", "200ms".into()),
-            ("DISTRIBUTED_LOCK_TTL", "2s".into()),
-            ("LOCK_RETRY_INTERVAL", "250ms".into()),
-            ("SMS_API_TIMEOUT", "2s".into()),
-            ("RETRY_BACKOFF_BASE", "1s".into()),
-            ("RETRY_BACKOFF_MAX", "2s".into()),
-            ("SHUTDOWN_TIMEOUT", "5s".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
-    }
-
-    /// The base settings with `overrides` applied (an empty value removes a variable).
-    pub fn env_with(&self, overrides: &[(&str, &str)]) -> Vec<(String, String)> {
-        let mut env = self.base_env();
-        for (key, value) in overrides {
-            env.retain(|(k, _)| k != key);
-            if !value.is_empty() {
-                env.push((key.to_string(), value.to_string()));
-            }
-        }
-        env
+    /// The fast settings wired to this test's servers: for a one-shot command or an
+    /// in-process [`Config`](message_dispatcher::config::Config), which need every
+    /// variable spelled out.
+    pub fn settings(&self) -> ReplicaSettings {
+        ReplicaSettings::fast().connected_to(self)
     }
 
     /// Starts a replica and waits until it is ready.
-    pub async fn replica(&self, name: &str, overrides: &[(&str, &str)]) -> Replica {
-        let replica = self.spawn_replica(name, overrides);
+    pub async fn replica(&self, name: &str, settings: &ReplicaSettings) -> Replica {
+        let replica = self.spawn_replica(name, settings);
         replica.wait_ready().await;
         replica
     }
 
-    /// Starts a replica without waiting.
-    pub fn spawn_replica(&self, name: &str, overrides: &[(&str, &str)]) -> Replica {
-        Replica::spawn(name, self.dir.path(), self.env_with(overrides))
+    /// Starts a replica without waiting; connections `settings` leave unset go to this
+    /// test's servers.
+    pub fn spawn_replica(&self, name: &str, settings: &ReplicaSettings) -> Replica {
+        let env = settings.clone().connected_to(self).to_env();
+        Replica::spawn(name, self.dir.path(), env)
     }
 
     /// A proxy in front of this test's PostgreSQL, and the `DATABASE_URL` through it.

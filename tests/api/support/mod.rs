@@ -16,6 +16,7 @@ pub mod proxy;
 pub mod redis;
 pub mod replica;
 pub mod sentinel;
+pub mod settings;
 pub mod tls;
 
 use std::future::Future;
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 pub use env::TestEnv;
 pub use provider::{MockProvider, ScriptedProvider};
 pub use replica::Replica;
+pub use settings::{ReplicaSettings, ms, secs};
 
 /// The binary under test.
 pub fn binary() -> &'static str {

@@ -12,7 +12,9 @@ use warp::Filter;
 use warp::http::StatusCode;
 use warp::reply::Reply;
 
-use super::{TempDir, binary, die_with_test, http, wait_for, wait_logged_port};
+use super::{
+    ReplicaSettings, TempDir, binary, die_with_test, http, secs, wait_for, wait_logged_port,
+};
 
 /// One entry of the mock provider's `/deliveries`.
 #[derive(Debug, Clone, Deserialize)]
@@ -243,13 +245,12 @@ impl ScriptedProvider {
 /// A replica for tests that hold the first message's answer (`reply:hold`): batches of
 /// `batch_size` back to back, two sends in flight, and a provider timeout longer than
 /// any wait of a test, so the held send never times out first.
-pub fn holding_settings(batch_size: &'static str) -> Vec<(&'static str, &'static str)> {
-    vec![
-        ("BATCH_SIZE", batch_size),
-        ("PROCESSING_INTERVAL", "0s"),
-        ("SEND_CONCURRENCY", "2"),
-        ("SMS_API_TIMEOUT", "300s"),
-    ]
+pub fn holding_settings(batch_size: u32) -> ReplicaSettings {
+    ReplicaSettings::fast()
+        .batch_size(batch_size)
+        .processing_interval(Duration::ZERO)
+        .send_concurrency(2)
+        .provider_timeout(secs(300))
 }
 
 /// A 401 for a request, logged like the others.
