@@ -1,4 +1,4 @@
-//! The delivery cache (SPEC §6 step 9): `delivery:<id>` in Redis after each successful
+//! The delivery cache (docs/design.md#delivery-cache): `delivery:<id>` in Redis after each successful
 //! send. Best effort by design: a Redis failure here never fails or delays a send,
 //! and readers treat a missing entry as "not cached".
 //!

@@ -1,4 +1,4 @@
-//! The command line (SPEC §3): one binary, one subcommand per job.
+//! The command line (README.md#commands): one binary, one subcommand per job.
 
 use std::process::ExitCode;
 use std::time::Duration;

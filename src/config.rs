@@ -1,4 +1,4 @@
-//! Configuration from the environment (SPEC §4).
+//! Configuration from the environment (README.md#configuration).
 //!
 //! Every variable is read as text with envy, then parsed here one by one so that a bad
 //! value is reported in a single line naming the variable. Nothing else in the program

@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §8). One registry per replica, rendered by `/metrics`.
+//! Prometheus metrics (docs/operations.md#metrics-and-logs). One registry per replica, rendered by `/metrics`.
 //!
 //! Every labelled series that operators alert on is created at start with value 0,
 //! so `rate()` and absence alerts work before the first event.

@@ -34,22 +34,18 @@ pub const CLEANUP_GRACE: std::time::Duration = std::time::Duration::from_secs(2)
 /// `last_error` when PostgreSQL refused the provider's own text.
 const UNSTORABLE_ERROR: &str = "the provider's answer could not be stored; see the replica's log";
 
-/// How a batch overlaps its neighbours. Run one after another, a batch's claim and
-/// the statements after its last send (the last group of results, the close) took
-/// about a third of a 500-message batch, with the provider and this replica idle. So
-/// the leader claims the next batch as soon as this one starts sending, and that
-/// batch starts sending once every message of this one has passed its start gate,
-/// while this one's last sends are answered and its results recorded. (Claimed at
-/// this batch's middle send instead, the next batch was often not ready when this
-/// one's sends ended: in a drain at `SEND_CONCURRENCY` 32 no send was in flight in
-/// about a fifth of the samples.)
+/// How a batch overlaps its neighbours (docs/design.md#overlap). Run one after
+/// another, a batch's claim and the statements after its last send (the last group of
+/// results, the close) would leave the provider and this replica idle. So the leader
+/// claims the next batch as soon as this one starts sending, and that batch starts
+/// sending once every message of this one has passed its start gate, while this
+/// one's last sends are answered and its results recorded. Claimed any later, the
+/// next batch is often not ready when this one's sends end.
 ///
 /// Every batch's sends share one set of `SEND_CONCURRENCY` slots, taken in the order
-/// asked (the semaphore is fair), so the limit holds across the boundary, and at
-/// `SEND_CONCURRENCY` 1 the next batch's first send still starts only after this
-/// one's last answer. (Until this, the next batch waited for every answer of this
-/// one: a slot freed at the tail of a batch stayed idle until its slowest send came
-/// back.)
+/// asked (the semaphore is fair), so the limit holds across the boundary, a slot freed
+/// at the tail of a batch serves the next batch at once, and at `SEND_CONCURRENCY` 1
+/// the next batch's first send still starts only after this one's last answer.
 pub(super) struct Handoff {
     /// The send slots every batch of this leader shares.
     pub slots: Rc<Semaphore>,

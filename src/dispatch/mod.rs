@@ -1,4 +1,4 @@
-//! The dispatcher (SPEC §6 steps 4–10): while this replica leads, claim a batch when
+//! The dispatcher (docs/design.md#dispatch): while this replica leads, claim a batch when
 //! the cluster's schedule says so, send it, record every result.
 
 pub mod activity;
@@ -160,9 +160,8 @@ impl<B: Backend + Send, P: Provider + Send + Sync> Dispatcher<B, P> {
     /// Why a thread of its own: a send is a chain of wake-ups (the request, hyper's
     /// connection task, the answer, the result handed to the recorder, the next send).
     /// On the shared multi-threaded runtime those hop between worker threads, and each
-    /// hop is a futex wake and a context switch: at `SEND_CONCURRENCY` 1 that was a
-    /// third of the replica's CPU per message and set the delivery rate. On one thread
-    /// the chain stays put. The API, the elector, and the PostgreSQL and Redis
+    /// hop is a futex wake and a context switch, which at `SEND_CONCURRENCY` 1 would
+    /// set the delivery rate. On one thread the chain stays put. The API, the elector, and the PostgreSQL and Redis
     /// connections stay on the main runtime; the provider's connections are opened
     /// here, so they live here.
     pub fn spawn(self, shutdown: CancellationToken) -> std::io::Result<oneshot::Receiver<()>> {
@@ -393,9 +392,9 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             // rescue wait. A long batch's rows can be that old while they are still
             // being sent or recorded: the rescue must not see them (it would put them
             // back to pending, and they would be sent again), so it is told the claims
-            // of the running batches. (It used to wait for them to end instead, which
-            // stopped every send once a second in a long drain.) No batch starts
-            // while it runs: the claim comes after it.
+            // of the running batches rather than waiting for them to end (which would
+            // stop every send once a second in a long drain). No batch starts while
+            // it runs: the claim comes after it.
             let running = state.running_claims().await;
             self.rescue(term, &running).await?;
             state.next_rescue = Instant::now() + RESCUE_EVERY;

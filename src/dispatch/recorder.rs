@@ -1,7 +1,7 @@
 //! Group commit of accepted sends: the results the provider accepted are recorded
 //! many rows per statement, behind the sends.
 //!
-//! A send no longer waits for its own result's commit: the claim is already durable
+//! A send does not wait for its own result's commit: the claim is already durable
 //! (the row is `sending` under our epoch), so the result can follow. The recorder takes
 //! whatever accepted results are waiting, up to [`GROUP_MAX`], and writes them in one
 //! UPDATE, still guarded row by row by `status = 'sending' AND claim_epoch = <epoch>`.

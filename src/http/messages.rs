@@ -99,7 +99,7 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-/// The sent-list shape (SPEC §7).
+/// The sent-list shape (README.md#http-api).
 #[derive(Serialize)]
 struct SentView<'a> {
     id: i64,

@@ -1,4 +1,4 @@
-//! The HTTP API (SPEC §7), served by every replica.
+//! The HTTP API (README.md#http-api), served by every replica.
 //!
 //! Routes match the path before the method, so an unknown path is a 404 and a known
 //! path with the wrong method a 405. Handlers return `Result<Response, ApiError>`;

@@ -254,7 +254,7 @@ impl<B: ElectionBackend> Elector<B> {
     }
 
     /// Leader loop: extend every TTL/3 while the local deadline holds. A failed or
-    /// errored extension ends the term at once (SPEC §6 step 3): the key may be gone
+    /// errored extension ends the term at once (docs/design.md#keep): the key may be gone
     /// and another replica may already hold it.
     async fn keep(&self, token: &LeaseToken, term: &Term, resign: &CancellationToken) -> TermEnd {
         let mut next_extend = Instant::now() + self.timing.extend_every();

@@ -1,4 +1,4 @@
-//! PostgreSQL fences every send, not only claims and results (SPEC §6 steps 3, 6, 8).
+//! PostgreSQL fences every send, not only claims and results (docs/design.md#fencing).
 //!
 //! The Redis lease says who *should* dispatch, but Redis can lose the key (a failover
 //! to a lagging replica, a restart without persistence, an eviction) while the holder

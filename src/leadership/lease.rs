@@ -1,4 +1,4 @@
-//! The Redis lease (SPEC §6 steps 1, 3, 10): `SET NX PX` with a fresh token, extended
+//! The Redis lease (docs/design.md#acquire, #keep, #release): `SET NX PX` with a fresh token, extended
 //! and released only by compare-and-act Lua scripts, so a replica can never extend or
 //! delete a lock that another replica holds.
 

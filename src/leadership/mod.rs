@@ -1,4 +1,4 @@
-//! Who may dispatch (SPEC §6 steps 1–4, 10): Redis elects, PostgreSQL enforces.
+//! Who may dispatch (docs/design.md#leadership): Redis elects, PostgreSQL enforces.
 //!
 //! The elector holds a Redis lease and, on every acquisition, bumps the epoch in the
 //! fence row. It publishes the resulting [`Term`] here. A term has two deadlines on

@@ -1,8 +1,8 @@
 //! Fast failover: a follower notices the leader's death through PostgreSQL, not the
 //! Redis lease.
 //!
-//! A lease cannot tell "dead" from "slow", so replacing a crashed leader used to take
-//! the whole TTL. PostgreSQL can tell: when a process dies the kernel closes its
+//! A lease cannot tell "dead" from "slow": waiting for it to expire takes the whole
+//! TTL. PostgreSQL can tell: when a process dies the kernel closes its
 //! sockets and PostgreSQL ends its sessions at once, releasing their session-level
 //! advisory locks. The leader's fence session holds the leader lock for its whole term
 //! (`leadership::fence`); each follower keeps a session of its own waiting for that

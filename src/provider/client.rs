@@ -1,4 +1,4 @@
-//! The provider client (SPEC §6 steps 6–7): one POST per message, classified into
+//! The provider client (docs/design.md#sending, #provider-answers): one POST per message, classified into
 //! accepted / retry later / rejected.
 //!
 //! Everything taken from the provider's answer is bounded and cleaned here, before it
@@ -189,7 +189,7 @@ pub const MAX_PROVIDER_ID: usize = 255;
 /// `last_error` is cut to this many characters.
 pub const MAX_ERROR_CHARS: usize = 500;
 
-/// The response classification of SPEC §6 step 7, as a pure function.
+/// The response classification of docs/design.md#provider-answers, as a pure function.
 ///
 /// 3xx: redirects are not followed (a POST must not turn into a GET elsewhere), so a
 /// redirect means the provider did not take the message; it is usually a wrong

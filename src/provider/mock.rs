@@ -1,4 +1,4 @@
-//! A local SMS provider (SPEC §9): the oracle for "each message exactly once".
+//! A local SMS provider (docs/testing.md#the-mock-provider): the oracle for "each message exactly once".
 //!
 //! `POST /send` answers 202 with a `messageId`; the same `Idempotency-Key` always gets
 //! the same id and is stored once, its repeats counted. `GET /deliveries` and

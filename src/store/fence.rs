@@ -314,7 +314,7 @@ impl LeaderSession {
 
 impl Store {
     /// Starts a new leadership term: the epoch goes up and every claim stamped with an
-    /// older one is refused from now on (SPEC §6 step 2). `acquired_at` is taken after
+    /// older one is refused from now on (docs/design.md#fencing). `acquired_at` is taken after
     /// the row lock is held (`clock_timestamp()`, not the transaction's start), just
     /// before the commit: the moment from which PostgreSQL stops confirming the older
     /// epoch, which the rescue wait is counted from. The term's lease token is

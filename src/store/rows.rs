@@ -195,7 +195,7 @@ pub struct ClaimResult {
     pub expired: u64,
 }
 
-/// When a `sending` row may be returned to `pending` (SPEC §6 step 8). The wait comes
+/// When a `sending` row may be returned to `pending` (docs/design.md#rescue). The wait comes
 /// from `leadership::fence::FenceTiming::rescue_wait`, which explains it.
 #[derive(Debug, Clone, Copy)]
 pub struct RescuePolicy {

@@ -914,7 +914,7 @@ async fn a_flush_writes_every_result_submitted_before_it() {
     assert_eq!(env.count("sent").await, (rounds * 2) as i64);
 }
 
-/// The rescue rule of SPEC §6 step 8: an older epoch's claims once the current epoch
+/// The rescue rule (docs/design.md#rescue): an older epoch's claims once the current epoch
 /// is older than the rescue wait (no matter how old the claims are), our own epoch's
 /// leftovers once they are that old; `MAX_ATTEMPTS` holds; a claim whose answer was
 /// lost is returned by its token, attempt uncounted; a delivery known from the cache is

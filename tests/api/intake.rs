@@ -53,8 +53,8 @@ fn located(answer: &(u16, Value)) -> (Option<&str>, Option<u64>) {
     )
 }
 
-/// `sendAt` or `expire_at` used to be dropped without a word and the message sent at
-/// once. Every body is parsed into a typed struct that refuses unknown, repeated and
+/// A typo such as `sendAt` or `expire_at` must never be dropped without a word (the
+/// message would go out at once). Every body is parsed into a typed struct that refuses unknown, repeated and
 /// mistyped fields, with a 422 naming the field and the item; nothing is created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typos_repeats_and_wrong_types_are_refused_by_name() {

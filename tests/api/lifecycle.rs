@@ -878,8 +878,7 @@ async fn an_existing_database_upgrades_in_place() {
 
 /// `POST /api/messages/retry` and `/cancel` act on every message a filter selects (the
 /// console's filter on screen) and say how many; the status in the filter must be the
-/// one the action applies to. A 401 used to leave a whole backlog failed with one
-/// manual retry per message.
+/// one the action applies to: one request, not one per message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_retry_and_cancel_take_a_filter_and_count() {
     let env = TestEnv::start().await;

@@ -97,8 +97,8 @@ async fn bad_provider_answers_end_sent_or_failed_and_never_block_the_queue() {
     );
 }
 
-/// A 401 or 403 means our credentials are wrong, not the message: it used to fail the
-/// whole backlog for good. Dispatch pauses (reason `provider_auth` in the status, the
+/// A 401 or 403 means our credentials are wrong, not the message: it must not fail the
+/// backlog. Dispatch pauses (reason `provider_auth` in the status, the
 /// health and a metric), each refused message goes back to pending without spending
 /// an attempt, at most one probe goes out per LOCK_RETRY_INTERVAL, and dispatch
 /// resumes by itself once a probe is accepted.
