@@ -1,9 +1,6 @@
-//! The dispatch loop against an in-memory queue and a scripted provider, with paused
-//! tokio time: terms, batches, the pacer, hand-overs and the rescue wait run in
-//! milliseconds, and every time asserted is exact virtual time, never a lucky moment.
-//! The invariants are those of docs/design.md ("Fencing", "The pacer", "Rescue",
-//! "Provider credentials"); the process-level tests (tests/api) keep the kills, pauses
-//! and real servers.
+//! The fakes behind the dispatcher's seams: an in-memory queue that keeps the
+//! statements' guards, scripted providers, and a rig that runs one replica's
+//! dispatcher over them.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -16,7 +13,7 @@ use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::*;
+use crate::dispatch::*;
 use crate::leadership::{FenceTiming, Leadership, Term};
 use crate::provider::{Provider, SendOutcome};
 use crate::store::{
@@ -24,10 +21,10 @@ use crate::store::{
     RescuePolicy, Rescued, Schedule, SentResult, StoreError,
 };
 
-const FENCE_WINDOW: Duration = Duration::from_millis(500);
+pub(super) const FENCE_WINDOW: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
+pub(super) enum Status {
     Pending,
     Sending,
     Sent,
@@ -36,46 +33,46 @@ enum Status {
 }
 
 #[derive(Debug, Clone)]
-struct Row {
-    id: i64,
-    status: Status,
-    priority: i16,
-    attempts: i32,
-    claim_epoch: Option<Epoch>,
-    claim_token: Option<i64>,
-    claimed_at: Instant,
-    due_at: Instant,
-    expires_at: Option<DateTime<Utc>>,
-    last_error: Option<String>,
+pub(super) struct Row {
+    pub(super) id: i64,
+    pub(super) status: Status,
+    pub(super) priority: i16,
+    pub(super) attempts: i32,
+    pub(super) claim_epoch: Option<Epoch>,
+    pub(super) claim_token: Option<i64>,
+    pub(super) claimed_at: Instant,
+    pub(super) due_at: Instant,
+    pub(super) expires_at: Option<DateTime<Utc>>,
+    pub(super) last_error: Option<String>,
 }
 
 /// The queue and the fence row, as PostgreSQL would keep them, with the statements'
 /// guards (a result is written only while the row is `sending` under its epoch).
-struct QueueState {
-    rows: Vec<Row>,
+pub(super) struct QueueState {
+    pub(super) rows: Vec<Row>,
     /// The fence row's epoch, and when it was bumped.
-    epoch: Epoch,
-    acquired_at: Option<Instant>,
-    running: bool,
-    paused: Option<String>,
+    pub(super) epoch: Epoch,
+    pub(super) acquired_at: Option<Instant>,
+    pub(super) running: bool,
+    pub(super) paused: Option<String>,
     /// The cluster's rhythm: the last batch's start, and the newest sends' ages as the
     /// last close recorded them (with when).
-    last_batch_at: Option<Instant>,
-    closed_ages: Option<(Instant, Vec<i64>)>,
+    pub(super) last_batch_at: Option<Instant>,
+    pub(super) closed_ages: Option<(Instant, Vec<i64>)>,
     /// The delivery cache: ids the provider accepted.
-    delivered: HashSet<i64>,
+    pub(super) delivered: HashSet<i64>,
     /// `claim_batch` answers this error while set.
-    claims_fail: bool,
-    claims: usize,
+    pub(super) claims_fail: bool,
+    pub(super) claims: usize,
     /// When the dispatcher asked for rescue candidates.
-    rescue_asks: Vec<Instant>,
+    pub(super) rescue_asks: Vec<Instant>,
 }
 
 #[derive(Clone)]
-struct FakeQueue(Rc<RefCell<QueueState>>);
+pub(super) struct FakeQueue(pub(super) Rc<RefCell<QueueState>>);
 
 impl FakeQueue {
-    fn new(count: usize) -> Self {
+    pub(super) fn new(count: usize) -> Self {
         let queue = Self(Rc::new(RefCell::new(QueueState {
             rows: Vec::new(),
             epoch: Epoch(1),
@@ -95,7 +92,7 @@ impl FakeQueue {
         queue
     }
 
-    fn add(&self, priority: i16) -> i64 {
+    pub(super) fn add(&self, priority: i16) -> i64 {
         let mut q = self.0.borrow_mut();
         let id = q.rows.len() as i64 + 1;
         q.rows.push(Row {
@@ -114,18 +111,18 @@ impl FakeQueue {
     }
 
     /// A term begins: the fence row's epoch goes up.
-    fn bump(&self) -> Epoch {
+    pub(super) fn bump(&self) -> Epoch {
         let mut q = self.0.borrow_mut();
         q.epoch = Epoch(q.epoch.0 + 1);
         q.acquired_at = Some(Instant::now());
         q.epoch
     }
 
-    fn row(&self, id: i64) -> Row {
+    pub(super) fn row(&self, id: i64) -> Row {
         self.0.borrow().rows[id as usize - 1].clone()
     }
 
-    fn count(&self, status: Status) -> usize {
+    pub(super) fn count(&self, status: Status) -> usize {
         self.0
             .borrow()
             .rows
@@ -134,12 +131,12 @@ impl FakeQueue {
             .count()
     }
 
-    fn with_row(&self, id: i64, f: impl FnOnce(&mut Row)) {
+    pub(super) fn with_row(&self, id: i64, f: impl FnOnce(&mut Row)) {
         f(&mut self.0.borrow_mut().rows[id as usize - 1]);
     }
 
     /// The guard of every result write.
-    fn guarded(&self, id: i64, epoch: Epoch, f: impl FnOnce(&mut Row)) -> bool {
+    pub(super) fn guarded(&self, id: i64, epoch: Epoch, f: impl FnOnce(&mut Row)) -> bool {
         let mut q = self.0.borrow_mut();
         let row = &mut q.rows[id as usize - 1];
         if row.status == Status::Sending && row.claim_epoch == Some(epoch) {
@@ -150,7 +147,12 @@ impl FakeQueue {
         }
     }
 
-    fn rescuable(q: &QueueState, epoch: Epoch, wait: Duration, running: &[i64]) -> Vec<i64> {
+    pub(super) fn rescuable(
+        q: &QueueState,
+        epoch: Epoch,
+        wait: Duration,
+        running: &[i64],
+    ) -> Vec<i64> {
         let now = Instant::now();
         if q.epoch != epoch {
             return Vec::new();
@@ -169,7 +171,7 @@ impl FakeQueue {
     }
 }
 
-fn unavailable() -> StoreError {
+pub(super) fn unavailable() -> StoreError {
     StoreError::Unavailable("PostgreSQL is down (test)".into())
 }
 
@@ -515,22 +517,22 @@ impl Backend for FakeQueue {
 }
 
 /// How a [`FakeProvider`] answers the n-th send of a key.
-type Answer = Box<dyn Fn(usize, &str) -> SendOutcome + Send + Sync>;
+pub(super) type Answer = Box<dyn Fn(usize, &str) -> SendOutcome + Send + Sync>;
 
 /// A provider that answers after `latency` with what `answer` says for the n-th send
 /// (counting from 0), and notes when every send started.
-struct FakeProvider {
-    latency: Duration,
-    answer: Answer,
-    sends: Mutex<Vec<(String, Instant)>>,
+pub(super) struct FakeProvider {
+    pub(super) latency: Duration,
+    pub(super) answer: Answer,
+    pub(super) sends: Mutex<Vec<(String, Instant)>>,
 }
 
 impl FakeProvider {
-    fn accepting(latency: Duration) -> Self {
+    pub(super) fn accepting(latency: Duration) -> Self {
         Self::answering(latency, |_, _| accepted())
     }
 
-    fn answering(
+    pub(super) fn answering(
         latency: Duration,
         answer: impl Fn(usize, &str) -> SendOutcome + Send + Sync + 'static,
     ) -> Self {
@@ -541,20 +543,20 @@ impl FakeProvider {
         }
     }
 
-    fn sends(&self) -> Vec<(String, Instant)> {
+    pub(super) fn sends(&self) -> Vec<(String, Instant)> {
         self.sends.lock().unwrap().clone()
     }
 
-    fn starts(&self) -> Vec<Instant> {
+    pub(super) fn starts(&self) -> Vec<Instant> {
         self.sends().into_iter().map(|(_, at)| at).collect()
     }
 
-    fn keys(&self) -> Vec<String> {
+    pub(super) fn keys(&self) -> Vec<String> {
         self.sends().into_iter().map(|(key, _)| key).collect()
     }
 }
 
-fn accepted() -> SendOutcome {
+pub(super) fn accepted() -> SendOutcome {
     SendOutcome::Accepted {
         provider_message_id: Some("provider-id".into()),
     }
@@ -572,7 +574,7 @@ impl Provider for FakeProvider {
     }
 }
 
-fn settings(batch_size: u32, interval: Duration) -> DispatchSettings {
+pub(super) fn settings(batch_size: u32, interval: Duration) -> DispatchSettings {
     DispatchSettings {
         replica_id: "r1".into(),
         configured: Schedule {
@@ -601,15 +603,19 @@ fn settings(batch_size: u32, interval: Duration) -> DispatchSettings {
 }
 
 /// One replica's dispatcher over the fakes, and the leadership it reads.
-struct Rig {
-    queue: FakeQueue,
-    provider: Arc<FakeProvider>,
-    leadership: Arc<Leadership>,
-    settings: DispatchSettings,
+pub(super) struct Rig {
+    pub(super) queue: FakeQueue,
+    pub(super) provider: Arc<FakeProvider>,
+    pub(super) leadership: Arc<Leadership>,
+    pub(super) settings: DispatchSettings,
 }
 
 impl Rig {
-    fn new(queue: FakeQueue, provider: FakeProvider, settings: DispatchSettings) -> Self {
+    pub(super) fn new(
+        queue: FakeQueue,
+        provider: FakeProvider,
+        settings: DispatchSettings,
+    ) -> Self {
         Self {
             queue,
             provider: Arc::new(provider),
@@ -618,7 +624,7 @@ impl Rig {
         }
     }
 
-    fn dispatcher(&self) -> Dispatcher<FakeQueue, FakeProvider> {
+    pub(super) fn dispatcher(&self) -> Dispatcher<FakeQueue, FakeProvider> {
         Dispatcher {
             backend: self.queue.clone(),
             provider: Arc::clone(&self.provider),
@@ -632,9 +638,20 @@ impl Rig {
         }
     }
 
+    /// A rig whose replica leads from the start, its term confirmed.
+    pub(super) fn leading(
+        queue: FakeQueue,
+        provider: FakeProvider,
+        settings: DispatchSettings,
+    ) -> Self {
+        let rig = Self::new(queue, provider, settings);
+        rig.begin_term(true);
+        rig
+    }
+
     /// A term of the fence row's current epoch with a long lease, confirmed for as
     /// long as it lasts unless `confirmed` is false.
-    fn begin_term(&self, confirmed: bool) -> Term {
+    pub(super) fn begin_term(&self, confirmed: bool) -> Term {
         let epoch = self.queue.0.borrow().epoch;
         let term = Term::new(epoch, Instant::now() + Duration::from_secs(3600));
         if confirmed {
@@ -646,7 +663,7 @@ impl Rig {
 
     /// Runs the dispatcher while `script` runs, then shuts it down; returns what the
     /// script returned and when the dispatcher had stopped.
-    async fn run<T>(&self, script: impl Future<Output = T>) -> (T, Instant) {
+    pub(super) async fn run<T>(&self, script: impl Future<Output = T>) -> (T, Instant) {
         let shutdown = CancellationToken::new();
         let dispatcher = self.dispatcher();
         let driven = async {
@@ -663,7 +680,7 @@ impl Rig {
 }
 
 /// Waits (in virtual time) until `done` holds; panics after `bound`.
-async fn until(bound: Duration, mut done: impl FnMut() -> bool) {
+pub(super) async fn until(bound: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + bound;
     while !done() {
         assert!(Instant::now() < deadline, "not done within {bound:?}");
@@ -672,7 +689,7 @@ async fn until(bound: Duration, mut done: impl FnMut() -> bool) {
 }
 
 /// The most sends that started in any window of `interval`.
-fn most_starts_in_a_window(starts: &[Instant], interval: Duration) -> usize {
+pub(super) fn most_starts_in_a_window(starts: &[Instant], interval: Duration) -> usize {
     let mut sorted = starts.to_vec();
     sorted.sort();
     (0..sorted.len())
@@ -686,474 +703,10 @@ fn most_starts_in_a_window(starts: &[Instant], interval: Duration) -> usize {
         .unwrap_or(0)
 }
 
-#[tokio::test(start_paused = true)]
-async fn every_message_is_sent_once_most_urgent_first_then_in_order() {
-    let queue = FakeQueue::new(0);
-    for priority in [0, 0, 2, 1, 0, 2] {
-        queue.add(priority);
-    }
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::from_millis(30)),
-        settings(2, Duration::ZERO),
-    );
-    rig.begin_term(true);
-    rig.run(until(Duration::from_secs(10), || {
-        queue.count(Status::Sent) == 6
-    }))
-    .await;
-    let keys = rig.provider.keys();
-    let expected: Vec<String> = [3, 6, 4, 1, 2, 5]
-        .iter()
-        .map(|id| format!("key-{id}"))
-        .collect();
-    assert_eq!(
-        keys, expected,
-        "priority first, then creation order, each once"
-    );
-}
-
-#[tokio::test(start_paused = true)]
-async fn no_more_than_batch_size_sends_start_in_any_interval() {
-    let queue = FakeQueue::new(20);
-    let interval = Duration::from_secs(1);
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::from_millis(10)),
-        settings(3, interval),
-    );
-    rig.begin_term(true);
-    rig.run(until(Duration::from_secs(60), || {
-        queue.count(Status::Sent) == 20
-    }))
-    .await;
-    let starts = rig.provider.starts();
-    assert_eq!(starts.len(), 20);
-    assert_eq!(most_starts_in_a_window(&starts, interval), 3);
-    // And no slower than the rate: 20 messages at 3 per second take 6 intervals.
-    assert!(
-        starts[19] - starts[0] <= interval * 7,
-        "{:?}",
-        starts[19] - starts[0]
-    );
-}
-
-#[tokio::test(start_paused = true)]
-async fn nothing_is_claimed_or_sent_without_a_term() {
-    let queue = FakeQueue::new(5);
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::ZERO),
-        settings(5, Duration::ZERO),
-    );
-    rig.run(tokio::time::sleep(Duration::from_secs(30))).await;
-    assert!(rig.provider.sends().is_empty());
-    assert_eq!(queue.0.borrow().claims, 0);
-    assert_eq!(queue.count(Status::Pending), 5);
-}
-
-#[tokio::test(start_paused = true)]
-async fn no_send_starts_before_the_fence_confirms_the_term() {
-    let queue = FakeQueue::new(3);
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::ZERO),
-        settings(3, Duration::ZERO),
-    );
-    let term = rig.begin_term(false);
-    let began = Instant::now();
-    let confirm_after = Duration::from_secs(5);
-    rig.run(async {
-        tokio::time::sleep(confirm_after).await;
-        assert!(
-            rig.provider.sends().is_empty(),
-            "a send before the confirmation"
-        );
-        term.confirm_now(Duration::from_secs(3600));
-        until(Duration::from_secs(10), || queue.count(Status::Sent) == 3).await;
-    })
-    .await;
-    assert!(
-        rig.provider
-            .starts()
-            .iter()
-            .all(|at| *at >= began + confirm_after)
-    );
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_term_that_ends_mid_batch_starts_nothing_more_and_returns_the_rest() {
-    let queue = FakeQueue::new(10);
-    let mut settings = settings(10, Duration::ZERO);
-    settings.send_concurrency = 1;
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::from_millis(100)),
-        settings,
-    );
-    let term = rig.begin_term(true);
-    rig.run(async {
-        until(Duration::from_secs(10), || rig.provider.sends().len() == 3).await;
-        term.end_now();
-        until(Duration::from_secs(10), || {
-            queue.count(Status::Sending) == 0
-        })
-        .await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    })
-    .await;
-    assert_eq!(
-        rig.provider.sends().len(),
-        3,
-        "no send after the term ended"
-    );
-    assert_eq!(queue.count(Status::Sent), 3);
-    assert_eq!(queue.count(Status::Pending), 7);
-    for id in 4..=10 {
-        assert_eq!(
-            queue.row(id).attempts,
-            0,
-            "{id}: a claim never sent spends nothing"
-        );
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn the_rate_holds_across_a_handover() {
-    let queue = FakeQueue::new(12);
-    let interval = Duration::from_secs(10);
-    let first = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::from_millis(10)),
-        settings(4, interval),
-    );
-    let term = first.begin_term(true);
-    first
-        .run(until(Duration::from_secs(5), || {
-            queue.count(Status::Sent) == 4
-        }))
-        .await;
-    term.end_now();
-    // The next leader takes over at once, with the cluster's rhythm from the fence row
-    // but a pacer of its own: neither may let a fifth send into the same interval.
-    queue.bump();
-    let second = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::from_millis(10)),
-        settings(4, interval),
-    );
-    // Without the fence row's rhythm the pacer alone must hold the line.
-    queue.0.borrow_mut().last_batch_at = None;
-    second.begin_term(true);
-    second
-        .run(until(Duration::from_secs(60), || {
-            queue.count(Status::Sent) == 12
-        }))
-        .await;
-    let mut starts = first.provider.starts();
-    starts.extend(second.provider.starts());
-    assert_eq!(starts.len(), 12);
-    assert_eq!(most_starts_in_a_window(&starts, interval), 4);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_retryable_answer_returns_the_message_after_its_backoff() {
-    let queue = FakeQueue::new(1);
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::answering(Duration::ZERO, |n, _| {
-            if n == 0 {
-                SendOutcome::Transient {
-                    error: "503".into(),
-                    retry_after: Some(Duration::from_secs(4)),
-                }
-            } else {
-                accepted()
-            }
-        }),
-        settings(1, Duration::ZERO),
-    );
-    rig.begin_term(true);
-    rig.run(until(Duration::from_secs(30), || {
-        queue.count(Status::Sent) == 1
-    }))
-    .await;
-    let starts = rig.provider.starts();
-    assert_eq!(starts.len(), 2);
-    assert!(
-        starts[1] - starts[0] >= Duration::from_secs(4),
-        "{:?}",
-        starts[1] - starts[0]
-    );
-    assert_eq!(queue.row(1).attempts, 2);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_rejected_message_fails_at_once_and_the_rest_go_on() {
-    let queue = FakeQueue::new(3);
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::answering(Duration::ZERO, |_, key| {
-            if key == "key-2" {
-                SendOutcome::Rejected {
-                    error: "400 invalid number".into(),
-                }
-            } else {
-                accepted()
-            }
-        }),
-        settings(3, Duration::ZERO),
-    );
-    rig.begin_term(true);
-    rig.run(async {
-        until(Duration::from_secs(10), || queue.count(Status::Sent) == 2).await;
-        tokio::time::sleep(Duration::from_secs(10)).await;
-    })
-    .await;
-    assert_eq!(queue.row(2).status, Status::Failed);
-    assert_eq!(
-        rig.provider.sends().len(),
-        3,
-        "a rejected message is not retried"
-    );
-}
-
-#[tokio::test(start_paused = true)]
-async fn refused_credentials_pause_and_probe_once_per_interval_without_spending_attempts() {
-    let queue = FakeQueue::new(4);
-    let refusals = 3;
-    // One send at a time, so that no send is in flight when the first refusal comes.
-    let mut settings = settings(4, Duration::ZERO);
-    settings.send_concurrency = 1;
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::answering(Duration::from_millis(10), move |n, _| {
-            if n < refusals {
-                SendOutcome::Unauthorized {
-                    error: "401".into(),
-                }
-            } else {
-                accepted()
-            }
-        }),
-        settings,
-    );
-    rig.begin_term(true);
-    rig.run(until(Duration::from_secs(120), || {
-        queue.count(Status::Sent) == 4
-    }))
-    .await;
-    let starts = rig.provider.starts();
-    // The first refusal pauses; then one probe per probe interval until one is taken.
-    for pair in starts[..=refusals].windows(2) {
-        assert!(
-            pair[1] - pair[0] >= Duration::from_secs(5),
-            "{:?}",
-            pair[1] - pair[0]
-        );
-    }
-    assert_eq!(
-        queue.0.borrow().paused,
-        None,
-        "the accepted probe lifts the pause"
-    );
-    let attempts: i32 = (1..=4).map(|id| queue.row(id).attempts).sum();
-    assert_eq!(attempts, 4, "refusals spend no attempt");
-}
-
-#[tokio::test(start_paused = true)]
-async fn an_older_terms_claims_are_rescued_only_after_the_rescue_wait() {
-    let queue = FakeQueue::new(2);
-    // A dead leader of epoch 1 claimed both; the cache knows it delivered the second.
-    for id in [1, 2] {
-        queue.with_row(id, |row| {
-            row.status = Status::Sending;
-            row.claim_epoch = Some(Epoch(1));
-            row.claim_token = Some(7);
-            row.attempts = 1;
-        });
-    }
-    queue.0.borrow_mut().delivered.insert(2);
-    queue.bump();
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::ZERO),
-        settings(2, Duration::ZERO),
-    );
-    let began = Instant::now();
-    rig.begin_term(true);
-    rig.run(until(Duration::from_secs(30), || {
-        queue.count(Status::Sent) == 2
-    }))
-    .await;
-    let sends = rig.provider.sends();
-    assert_eq!(
-        sends.len(),
-        1,
-        "the delivered one is recorded, not sent again"
-    );
-    assert_eq!(sends[0].0, "key-1");
-    let wait = rig.settings.rescue.wait;
-    assert!(sends[0].1 >= began + wait, "rescued too early");
-    let asks = queue.0.borrow().rescue_asks.clone();
-    assert!(!asks.is_empty());
-    assert!(
-        asks.iter().all(|at| *at >= began + wait),
-        "asked before the rescue wait"
-    );
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_message_past_its_expiry_is_never_sent() {
-    let queue = FakeQueue::new(2);
-    queue.with_row(1, |row| {
-        row.expires_at = Some(Utc::now() - chrono::TimeDelta::seconds(1))
-    });
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::ZERO),
-        settings(2, Duration::ZERO),
-    );
-    rig.begin_term(true);
-    rig.run(until(Duration::from_secs(10), || {
-        queue.count(Status::Sent) == 1
-    }))
-    .await;
-    assert_eq!(queue.row(1).status, Status::Expired);
-    assert_eq!(rig.provider.keys(), vec!["key-2".to_string()]);
-}
-
-#[tokio::test(start_paused = true)]
-async fn claims_failing_past_resign_after_end_the_term() {
-    let queue = FakeQueue::new(1);
-    queue.0.borrow_mut().claims_fail = true;
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::ZERO),
-        settings(1, Duration::ZERO),
-    );
-    let term = rig.begin_term(true);
-    let began = Instant::now();
-    let resign_after = rig.settings.fence.resign_after;
-    rig.run(until(Duration::from_secs(30), || !term.is_valid()))
-        .await;
-    // The resignation comes at the first failed claim past resign_after, one poll
-    // later at most.
-    let ended = Instant::now();
-    assert!(
-        ended >= began + resign_after,
-        "resigned early: {:?}",
-        ended - began
-    );
-    assert!(
-        ended <= began + resign_after + rig.settings.poll * 2,
-        "resigned late: {:?}",
-        ended - began
-    );
-    assert!(rig.leadership.current().is_none());
-    assert!(rig.provider.sends().is_empty());
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_newer_epoch_in_the_fence_row_ends_the_term_before_any_send() {
-    let queue = FakeQueue::new(3);
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::ZERO),
-        settings(3, Duration::ZERO),
-    );
-    let term = rig.begin_term(true);
-    queue.bump();
-    rig.run(until(Duration::from_secs(10), || !term.is_valid()))
-        .await;
-    assert!(rig.provider.sends().is_empty());
-    assert_eq!(queue.count(Status::Pending), 3);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_stopped_cluster_claims_and_sends_nothing() {
-    let queue = FakeQueue::new(3);
-    queue.0.borrow_mut().running = false;
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::ZERO),
-        settings(3, Duration::ZERO),
-    );
-    rig.begin_term(true);
-    rig.run(tokio::time::sleep(Duration::from_secs(30))).await;
-    assert!(rig.provider.sends().is_empty());
-    assert_eq!(queue.count(Status::Pending), 3);
-}
-
-#[tokio::test(start_paused = true)]
-async fn shutdown_waits_out_in_flight_sends_for_the_shutdown_timeout_only() {
-    let queue = FakeQueue::new(2);
-    let mut settings = settings(2, Duration::ZERO);
-    settings.send_concurrency = 1;
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::from_secs(3600)),
-        settings,
-    );
-    rig.begin_term(true);
-    let (asked, stopped) = rig
-        .run(async {
-            until(Duration::from_secs(10), || rig.provider.sends().len() == 1).await;
-            Instant::now()
-        })
-        .await;
-    let took = stopped - asked;
-    let bound = rig.settings.shutdown_timeout + batch::CLEANUP_GRACE;
-    assert!(took >= rig.settings.shutdown_timeout, "{took:?}");
-    assert!(took <= bound, "{took:?} > {bound:?}");
-    // The abandoned send's outcome is unknown: its row stays `sending` for the
-    // rescue (same key); the one never sent went back to pending.
-    assert_eq!(queue.row(1).status, Status::Sending);
-    assert_eq!(queue.row(2).status, Status::Pending);
-    assert_eq!(queue.row(2).attempts, 0);
-}
-
-#[tokio::test(start_paused = true)]
-async fn sends_overlap_batches_but_never_exceed_send_concurrency() {
-    let queue = FakeQueue::new(40);
-    let mut settings = settings(8, Duration::ZERO);
-    settings.send_concurrency = 3;
-    let in_flight = Arc::new(Mutex::new((0usize, 0usize)));
-    let rig = Rig::new(
-        queue.clone(),
-        FakeProvider::accepting(Duration::ZERO),
-        settings,
-    );
-    // Latency varies per message so that batches' tails overlap the next batch.
-    let counting = CountingProvider {
-        inner: Arc::clone(&rig.provider),
-        in_flight: Arc::clone(&in_flight),
-    };
-    let dispatcher = Dispatcher {
-        backend: queue.clone(),
-        provider: Arc::new(counting),
-        leadership: Arc::clone(&rig.leadership),
-        metrics: Arc::new(Metrics::new()),
-        settings: rig.settings.clone(),
-        wake: Arc::default(),
-        pacer: Pacer::default(),
-        recorder: Recorder::new(queue.clone()),
-        pause: PauseState::default(),
-    };
-    rig.begin_term(true);
-    let shutdown = CancellationToken::new();
-    tokio::join!(dispatcher.run(shutdown.clone()), async {
-        until(Duration::from_secs(60), || queue.count(Status::Sent) == 40).await;
-        shutdown.cancel();
-    });
-    let (_, most) = *in_flight.lock().unwrap();
-    assert_eq!(most, 3, "the slots are shared across batches and all used");
-}
-
 /// Counts sends in flight, with latencies that differ per message.
-struct CountingProvider {
-    inner: Arc<FakeProvider>,
-    in_flight: Arc<Mutex<(usize, usize)>>,
+pub(super) struct CountingProvider {
+    pub(super) inner: Arc<FakeProvider>,
+    pub(super) in_flight: Arc<Mutex<(usize, usize)>>,
 }
 
 impl Provider for CountingProvider {
