@@ -14,7 +14,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::*;
+use crate::domain::Epoch;
 use crate::leadership::{FenceTiming, Leadership, Term};
+use crate::metrics::Metrics;
 use crate::provider::{Provider, SendOutcome};
 use crate::store::{
     Claim, ClaimResult, ClaimedMessage, KnownDelivery, OpenedBatch, Recorded, RescueCandidate,

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::domain::Epoch;
+use crate::metrics::Metrics;
 use crate::provider::SendOutcome;
 use fakes::*;
 
