@@ -241,3 +241,37 @@ def write_result(name: str, rows: list[dict], extra: dict | None = None) -> None
     if path:
         with open(path, "w") as f:
             json.dump({"bench": name, "rows": rows, **(extra or {})}, f, indent=1)
+
+
+# ------------------------------------------------- the service's SQL, read from src/
+
+
+STRING = r'"((?:[^"\\]|\\.)*)"'
+
+
+def literal(text: str) -> str:
+    """A Rust string literal's content: line continuations and escapes undone."""
+    text = re.sub(r"\\\n\s*", "", text)
+    return text.replace('\\"', '"').replace("\\\\", "\\")
+
+
+def macro(source: str, name: str) -> str:
+    """The text of `name!()`: the first arm of `macro_rules! name`."""
+    match = re.search(r"macro_rules! " + name + r" \{\s*\(\) => \{\s*" + STRING, source, re.S)
+    if not match:
+        sys.exit(f"macro {name} not found in the source")
+    return literal(match.group(1))
+
+
+def constant(source: str, name: str) -> str:
+    """The text of `const NAME: &str = "...";` or `= concat!("...", macro!(), ...);`
+    (or `pub const`), on one line."""
+    match = re.search(r"const " + name + r": &str = (concat!\((.*?)\);|" + STRING + ";)", source, re.S)
+    if not match:
+        sys.exit(f"{name} not found in the source")
+    if match.group(2) is None:
+        text = literal(match.group(3))
+    else:
+        parts = re.findall(STRING + r"|(\w+)!\(\)", match.group(2))
+        text = "".join(literal(s) if not m else macro(source, m) for s, m in parts)
+    return " ".join(text.split())

@@ -39,44 +39,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from harness import BIN, ROOT, WORK, child_env, env, env_int, free_port, harness_sh, note, track  # noqa: E402
-from measure import write_result  # noqa: E402
+from measure import constant, write_result  # noqa: E402
 
 OLD_INDEX = ("DROP INDEX messages_status_id_idx; "
              "CREATE INDEX messages_status_id_idx ON messages (status, id DESC)")
 
 
 # --------------------------------------------------------------------------- replay
-
-
-STRING = r'"((?:[^"\\]|\\.)*)"'
-
-
-def literal(text: str) -> str:
-    """A Rust string literal's content: line continuations and escapes undone."""
-    text = re.sub(r"\\\n\s*", "", text)
-    return text.replace('\\"', '"').replace("\\\\", "\\")
-
-
-def macro(source: str, name: str) -> str:
-    """The text of `name!()`: the first arm of `macro_rules! name`."""
-    match = re.search(r"macro_rules! " + name + r" \{\s*\(\) => \{\s*" + STRING, source, re.S)
-    if not match:
-        sys.exit(f"macro {name} not found in the source")
-    return literal(match.group(1))
-
-
-def constant(source: str, name: str) -> str:
-    """The text of `const NAME: &str = "...";` or `= concat!("...", macro!(), ...);`
-    (or `pub const`), on one line."""
-    match = re.search(r"const " + name + r": &str = (concat!\((.*?)\);|" + STRING + ";)", source, re.S)
-    if not match:
-        sys.exit(f"{name} not found in the source")
-    if match.group(2) is None:
-        text = literal(match.group(3))
-    else:
-        parts = re.findall(STRING + r"|(\w+)!\(\)", match.group(2))
-        text = "".join(literal(s) if not m else macro(source, m) for s, m in parts)
-    return " ".join(text.split())
 
 
 def array(items) -> str:

@@ -62,7 +62,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from harness import BIN, ROOT, env, env_int, note, psql, run_child  # noqa: E402
-from measure import MIB, drain_run, fmt_s, reset_queue, seed, table, verdict, write_result  # noqa: E402
+from measure import MIB, constant, drain_run, fmt_s, reset_queue, seed, table, verdict, write_result  # noqa: E402
 
 SQL = Path(__file__).resolve().parent / "sql"
 
@@ -101,14 +101,13 @@ def sql_drift() -> list[str]:
     if not sources:
         return []
     rust = "\n".join(p.read_text() for p in sources)
-    consts = {m.group(1): _sql_norm(m.group(2))
-              for m in re.finditer(r'const ([A-Z_]+): &str =\s*"(.*?)";', rust, re.S)}
-    for m in re.finditer(r'"(UPDATE dispatcher_leader SET last_batch_at[^"]*)"', rust):
-        consts["SET_LAST_BATCH_AT"] = _sql_norm(m.group(1))
+    wanted_names = ("LOCK_FENCE", "READ_SCHEDULE", "EXPIRE_DUE", "CLAIM", "OPEN_BATCH",
+                    "CLOSE_BATCH", "MARK_SENT")
+    consts = {name: _sql_norm(constant(rust, name)) for name in wanted_names}
     claim = set(_script_statements(SQL / "claim.sql"))
     mark = set(_script_statements(SQL / "mark.sql"))
     wanted = {"LOCK_FENCE": claim, "READ_SCHEDULE": claim, "EXPIRE_DUE": claim, "CLAIM": claim,
-              "SET_LAST_BATCH_AT": claim, "CLOSE_BATCH": claim, "MARK_SENT": mark}
+              "OPEN_BATCH": claim, "CLOSE_BATCH": claim, "MARK_SENT": mark}
     drift = []
     for name, statements in wanted.items():
         if name in consts and consts[name] not in statements:

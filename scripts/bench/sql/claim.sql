@@ -1,6 +1,5 @@
 -- One claim of the leader, as src/store/ runs it, for pgbench -M prepared -c 1:
--- the claim transaction (LOCK_FENCE, READ_SCHEDULE, EXPIRE_DUE, CLAIM, then last_batch_at and
--- batch_open), and the CLOSE_BATCH statement the leader runs once the batch's results
+-- the claim transaction (LOCK_FENCE, READ_SCHEDULE, EXPIRE_DUE, CLAIM, then OPEN_BATCH), and the CLOSE_BATCH statement the leader runs once the batch's results
 -- are recorded (its own statement, autocommit). Same SQL text as the service; each $n
 -- is a pgbench variable (-D batch, interval_ms, window_ms, epoch, replica, token,
 -- ages, opened_at), which -M prepared binds as a parameter, as the service does.
@@ -9,6 +8,7 @@
 BEGIN;
 SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR UPDATE;
 SELECT coalesce(c.running, false) AS running,
+       c.paused_reason,
        coalesce(c.batch_size, :batch::int) AS batch_size,
        s.interval_ms,
        ceil(extract(epoch FROM (
@@ -29,7 +29,10 @@ SET status = 'expired',
 WHERE status = 'pending' AND expires_at <= now();
 UPDATE messages
 SET status = 'sending', claim_epoch = :epoch, claimed_by = :replica, claimed_at = now(),
-    claim_token = :token, attempts = attempts + 1
+    claim_token = :token, attempts = attempts + 1,
+    delivery_key = CASE WHEN attempts > 0 AND delivery_key_sent IS NOT TRUE
+                        THEN NULL ELSE delivery_key END,
+    delivery_key_sent = true
 WHERE id = ANY(ARRAY(
     SELECT id FROM messages
     WHERE status = 'pending' AND next_attempt_at <= now()
@@ -37,7 +40,7 @@ WHERE id = ANY(ARRAY(
     LIMIT :batch
     FOR UPDATE SKIP LOCKED
 ))
-RETURNING id, phone_number, content, attempts, created_at, priority, expires_at;
+RETURNING id, phone_number, content, attempts, created_at, priority, expires_at, CASE WHEN attempts > 0 AND delivery_key_sent IS NOT TRUE THEN id::text ELSE coalesce(delivery_key::text, id::text) END AS delivery_key;
 UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true, batch_epoch = epoch WHERE id = 1 RETURNING last_batch_at;
 COMMIT;
 UPDATE dispatcher_leader
