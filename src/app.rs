@@ -169,21 +169,19 @@ impl Replica {
             )
             .in_current_span(),
         );
+        let live = crate::dispatch::Live {
+            store: state.store.clone(),
+            cache: state.cache.clone(),
+        };
         let dispatcher = Dispatcher {
-            backend: crate::dispatch::Live {
-                store: state.store.clone(),
-                cache: state.cache.clone(),
-            },
+            backend: live.clone(),
             provider,
             leadership: state.leadership.clone(),
             metrics: state.metrics.clone(),
             settings: dispatch_settings(&config),
             wake: state.wake.clone(),
             pacer: Default::default(),
-            recorder: crate::dispatch::Recorder::new(crate::dispatch::Live {
-                store: state.store.clone(),
-                cache: state.cache.clone(),
-            }),
+            recorder: crate::dispatch::Recorder::new(live),
             pause: Default::default(),
         };
         let dispatcher_task = dispatcher.spawn(shutdown.clone())?;

@@ -304,18 +304,11 @@ impl Backend for FakeQueue {
     }
 
     async fn release_claim(&self, epoch: Epoch, token: i64) -> Result<u64, StoreError> {
-        let mut q = self.0.borrow_mut();
-        let mut n = 0;
-        for row in q.rows.iter_mut().filter(|r| {
-            r.status == Status::Sending
-                && r.claim_epoch == Some(epoch)
-                && r.claim_token == Some(token)
-        }) {
-            row.status = Status::Pending;
-            row.attempts -= 1;
-            n += 1;
-        }
-        Ok(n)
+        let ids: Vec<i64> = (self.0.borrow().rows.iter())
+            .filter(|r| r.claim_token == Some(token))
+            .map(|r| r.id)
+            .collect();
+        self.release_unsent(&ids, epoch).await
     }
 
     async fn rescue_candidates(
