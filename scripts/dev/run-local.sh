@@ -37,7 +37,7 @@ REDIS_PORT="$(free_port "${REDIS_PORT:-56379}")"
 MOCK_PORT="$(free_port "${MOCK_PORT:-3001}")"
 
 log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
-start_postgres "$STATE/postgres" "$PG_PORT"
+start_postgres "$(local_pg_dir)" "$PG_PORT"
 log "starting Redis on 127.0.0.1:$REDIS_PORT"
 start_redis "$STATE/redis" "$REDIS_PORT"
 

@@ -22,5 +22,5 @@ if [ -f "$STATE/pids" ]; then
 fi
 stop_prometheus "$STATE/prometheus"
 stop_redis "$STATE/redis"
-stop_postgres "$STATE/postgres"
+stop_postgres "$(local_pg_dir)"
 log "stopped (data kept in $STATE; delete it for a fresh start)"

@@ -121,6 +121,22 @@ as_pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
+# The local run's PostgreSQL directory: .local/postgres, or, when the postgres user
+# cannot reach the checkout (as root below a private directory such as /root or one
+# made by mktemp -d), a directory under /var/tmp named after the checkout, so that a
+# restart and stop-local.sh find the same one.
+local_pg_dir() {
+  if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$ROOT" 2>/dev/null; then
+    local base
+    base="/var/tmp/message-dispatcher-local-$(printf %s "$ROOT" | sha256sum | cut -c1-12)"
+    mkdir -p "$base"
+    chmod 755 "$base"
+    printf '%s/postgres\n' "$base"
+  else
+    printf '%s/.local/postgres\n' "$ROOT"
+  fi
+}
+
 # start_postgres DIR PORT: initdb DIR/data once, start the server, create messages_db.
 start_postgres() {
   local dir="$1" port="$2" bin

@@ -48,7 +48,7 @@ grep "messages every 7s (" "$WORK/second.out" | grep -q "interval overridden in 
 
 log "stop with a replica and PostgreSQL gone already, then stop again"
 kill -9 "$(sed -n 2p .local/pids)"
-as_pg "$(pg_bin_dir)/pg_ctl" -D .local/postgres/data -m immediate -w stop >/dev/null 2>&1 || true
+as_pg "$(pg_bin_dir)/pg_ctl" -D "$(local_pg_dir)/data" -m immediate -w stop >/dev/null 2>&1 || true
 ./scripts/dev/stop-local.sh 2>"$WORK/stop2.err"
 ./scripts/dev/stop-local.sh 2>>"$WORK/stop2.err"
 noise="$(grep -v '^.\[1m==>' "$WORK/stop2.err" || true)"
