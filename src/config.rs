@@ -6,7 +6,7 @@
 //! `Debug` output.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -15,9 +15,14 @@ use serde::Deserialize;
 use crate::duration;
 use crate::retry::RetryPolicy;
 
+mod lanes;
 mod secrets;
 mod values;
 
+pub use lanes::{
+    DEFAULT_LANE, DispatchPlan, LaneSpec, MAX_LANES, MAX_SEND_CONCURRENCY, ProviderKind,
+    ProviderSpec, RouteSpec, Unit,
+};
 use secrets::read_secret_files;
 pub use secrets::{DEMO_DB_PASSWORD, DEMO_SMS_TOKEN, SECRET_VARIABLES, Secret};
 use values::*;
@@ -149,6 +154,9 @@ pub struct Config {
     /// Origins besides the replica's own whose browsers may call mutating API routes
     /// (`API_ALLOWED_ORIGINS`, comma-separated, e.g. `https://ops.example.com`).
     pub allowed_origins: Vec<String>,
+    /// The lanes, their providers and the routes between them (`DISPATCH_CONFIG`);
+    /// without the file, one `default` lane and provider built from the variables above.
+    pub plan: DispatchPlan,
 }
 
 /// The raw environment, every variable as optional text (envy lower-cases the names).
@@ -201,6 +209,7 @@ struct RawEnv {
     leader_eligible: Option<String>,
     default_region: Option<String>,
     api_allowed_origins: Option<String>,
+    dispatch_config: Option<String>,
 }
 
 /// Upper bound on `BATCH_SIZE`: a batch is claimed in one transaction and held in memory.
@@ -222,12 +231,14 @@ impl Config {
             .filter(|(_, value)| !value.trim().is_empty())
             .collect();
         read_secret_files(&mut vars)?;
-        let raw: RawEnv = envy::from_iter(vars)
+        let raw: RawEnv = envy::from_iter(vars.clone())
             .map_err(|err| ConfigError::new("environment", err.to_string()))?;
-        Self::from_raw(raw)
+        Self::from_raw(raw, &vars)
     }
 
-    fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
+    /// `vars` is the whole environment (secret files read): a `DISPATCH_CONFIG` file
+    /// names its providers' token variables, which `RawEnv` cannot know in advance.
+    fn from_raw(raw: RawEnv, vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let lock = LockConfig {
             enabled: boolean(
                 "DISTRIBUTED_LOCK_ENABLED",
@@ -314,23 +325,18 @@ impl Config {
         let provider_url = raw
             .sms_api_url
             .unwrap_or_else(|| "http://localhost:3001/send".into());
-        match reqwest::Url::parse(&provider_url) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
-            _ => {
-                return Err(ConfigError::new(
-                    "SMS_API_URL",
-                    format!("{provider_url:?} is not an http(s) URL"),
-                ));
-            }
+        if !is_http_url(&provider_url) {
+            return Err(ConfigError::new(
+                "SMS_API_URL",
+                format!("{provider_url:?} is not an http(s) URL"),
+            ));
         }
         let auth_header = raw.sms_api_auth_header;
-        if let Some(name) = &auth_header {
-            reqwest::header::HeaderName::from_str(name).map_err(|_| {
-                ConfigError::new(
-                    "SMS_API_AUTH_HEADER",
-                    format!("{name:?} is not a header name"),
-                )
-            })?;
+        if let Some(name) = auth_header.as_ref().filter(|name| !is_header_name(name)) {
+            return Err(ConfigError::new(
+                "SMS_API_AUTH_HEADER",
+                format!("{name:?} is not a header name"),
+            ));
         }
         let provider = ProviderConfig {
             url: provider_url,
@@ -380,6 +386,11 @@ impl Config {
             shutdown_timeout: duration_var("SHUTDOWN_TIMEOUT", raw.shutdown_timeout, "30s")?,
         };
 
+        let plan = match raw.dispatch_config {
+            None => DispatchPlan::from_env(&provider, &dispatch),
+            Some(path) => DispatchPlan::read(Path::new(path.trim()), vars)?,
+        };
+
         let replica_id = match raw.replica_id {
             Some(id) => id,
             None => default_replica_id(),
@@ -414,6 +425,7 @@ impl Config {
                 })
                 .transpose()?,
             allowed_origins: allowed_origins(raw.api_allowed_origins)?,
+            plan,
         })
     }
 }

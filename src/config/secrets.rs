@@ -45,7 +45,7 @@ pub const SECRET_VARIABLES: [(&str, &str); 8] = [
 ];
 
 /// Replaces every `_FILE` variant of [`SECRET_VARIABLES`] with its variable holding
-/// the file's content (one trailing newline dropped, as `echo` and editors leave one).
+/// the file's content (see [`read_secret_file`]).
 pub(super) fn read_secret_files(vars: &mut HashMap<String, String>) -> Result<(), ConfigError> {
     for (name, variable) in SECRET_VARIABLES {
         let Some(path) = vars.remove(variable) else {
@@ -57,18 +57,26 @@ pub(super) fn read_secret_files(vars: &mut HashMap<String, String>) -> Result<()
                 format!("set {name} or {variable}, not both"),
             ));
         }
-        let content = std::fs::read_to_string(path.trim())
-            .map_err(|err| ConfigError::new(variable, format!("cannot read {path:?}: {err}")))?;
-        let value = content
-            .strip_suffix("\r\n")
-            .or_else(|| content.strip_suffix('\n'))
-            .unwrap_or(&content);
-        if value.trim().is_empty() {
-            return Err(ConfigError::new(variable, format!("{path:?} is empty")));
-        }
-        vars.insert(name.to_string(), value.to_string());
+        let value =
+            read_secret_file(&path).map_err(|problem| ConfigError::new(variable, problem))?;
+        vars.insert(name.to_string(), value);
     }
     Ok(())
+}
+
+/// The secret held in the file at `path`, one trailing newline dropped (as `echo` and
+/// editors leave one). The error names the path, never the content.
+pub(super) fn read_secret_file(path: &str) -> Result<String, String> {
+    let content = std::fs::read_to_string(path.trim())
+        .map_err(|err| format!("cannot read {path:?}: {err}"))?;
+    let value = content
+        .strip_suffix("\r\n")
+        .or_else(|| content.strip_suffix('\n'))
+        .unwrap_or(&content);
+    if value.trim().is_empty() {
+        return Err(format!("{path:?} is empty"));
+    }
+    Ok(value.to_string())
 }
 
 /// The demo defaults [`Config::demo_defaults`] warns about.

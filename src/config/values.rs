@@ -31,6 +31,17 @@ pub(super) fn allowed_origins(value: Option<String>) -> Result<Vec<String>, Conf
         .collect()
 }
 
+/// An `http` or `https` URL with a host: the only kind of address a provider is sent to.
+pub(super) fn is_http_url(text: &str) -> bool {
+    reqwest::Url::parse(text)
+        .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some())
+}
+
+/// A name reqwest accepts as a request header (`SMS_API_AUTH_HEADER`, `auth_header`).
+pub(super) fn is_header_name(text: &str) -> bool {
+    reqwest::header::HeaderName::from_str(text).is_ok()
+}
+
 /// Hostname plus a short random suffix, so two processes on one host never collide.
 pub(super) fn default_replica_id() -> String {
     let host = std::env::var("HOSTNAME")

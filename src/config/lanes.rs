@@ -1,0 +1,1105 @@
+//! The `DISPATCH_CONFIG` file: the lanes messages are paced in, the providers each lane
+//! sends through and the routes that pick a message's lane (docs/design.md#lanes).
+//!
+//! Without the file the plan is one `default` lane sending through one `default`
+//! provider, both built from the variables (`SMS_API_*`, `BATCH_SIZE`,
+//! `PROCESSING_INTERVAL`, `SEND_CONCURRENCY`), so a deployment that never heard of lanes
+//! runs as before. With it, the whole file is checked at start-up and a mistake is
+//! reported as `DISPATCH_CONFIG` with the file, the line and the key, like every other
+//! configuration error: one line, then exit.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::secrets::read_secret_file;
+use super::values::{is_header_name, is_http_url};
+use super::{
+    ConfigError, DispatchConfig, MAX_BATCH_SIZE, ProviderConfig, SECRET_VARIABLES, Secret,
+};
+use crate::duration;
+
+/// The lane every message that no route matches goes to, so every plan has one.
+pub const DEFAULT_LANE: &str = "default";
+
+/// Most lanes one plan may hold: each lane is a pacer, its own Redis keys and its own
+/// metric label values.
+pub const MAX_LANES: usize = 64;
+
+/// Most requests one lane may have in flight to its provider at once.
+pub const MAX_SEND_CONCURRENCY: usize = 1000;
+
+/// The variable every error of this module is reported under.
+const VARIABLE: &str = "DISPATCH_CONFIG";
+
+/// The provider built from the `SMS_API_*` variables when there is no file.
+const ENV_PROVIDER: &str = "default";
+
+/// A file provider's timeout when it sets none: the `SMS_API_TIMEOUT` default.
+const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// Where messages go and how fast (docs/design.md#lanes): the providers, the lanes that
+/// send through them and the routes that pick a message's lane.
+#[derive(Debug, Clone)]
+pub struct DispatchPlan {
+    pub providers: Vec<ProviderSpec>,
+    pub lanes: Vec<LaneSpec>,
+    /// In file order: the first route that matches a message wins.
+    pub routes: Vec<RouteSpec>,
+    /// The file it came from; `None`: built from the environment.
+    pub source: Option<PathBuf>,
+}
+
+/// A provider a lane sends through, known by its name.
+#[derive(Debug, Clone)]
+pub struct ProviderSpec {
+    pub name: String,
+    pub kind: ProviderKind,
+    /// Holds the token as a [`Secret`], so a plan can be logged with `{:?}`.
+    pub settings: ProviderConfig,
+}
+
+/// The protocol a provider speaks. Only the JSON-over-HTTP one the dispatcher has always
+/// spoken is implemented; the file refuses any other kind by name rather than start a
+/// replica that cannot send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    HttpJson,
+}
+
+impl ProviderKind {
+    /// The name the file uses (`kind = "http-json"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HttpJson => "http-json",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "http-json" => Ok(Self::HttpJson),
+            other => Err(format!(
+                "kind {other:?} is not supported yet; supported: http-json"
+            )),
+        }
+    }
+}
+
+/// One lane: a pace of its own, so traffic routed elsewhere does not wait behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneSpec {
+    /// Goes into Redis keys and metric labels, hence the narrow alphabet.
+    pub name: String,
+    /// How many [`Unit`]s are sent per `interval`.
+    pub batch_size: u32,
+    /// Zero sends batches back to back.
+    pub interval: Duration,
+    pub unit: Unit,
+    /// Provider names in the order they are tried; for now only the first is used.
+    pub providers: Vec<String>,
+    /// Requests in flight to the provider at once.
+    pub send_concurrency: usize,
+}
+
+/// What a lane's `batch_size` counts: whole messages, or the SMS segments a provider
+/// bills and throttles by (a long or non-GSM message takes several).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Messages,
+    Segments,
+}
+
+impl Unit {
+    /// The name the file uses (`unit = "segments"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Messages => "messages",
+            Self::Segments => "segments",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "messages" => Ok(Self::Messages),
+            "segments" => Ok(Self::Segments),
+            other => Err(format!("{other:?} is not messages or segments")),
+        }
+    }
+}
+
+/// Sends messages to a lane by destination: the country of the number or the start of
+/// its E.164 form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub lane: String,
+    /// ISO 3166 alpha-2 codes, upper case (`TR`).
+    pub countries: Vec<String>,
+    /// `+` and digits (`+9055`), matched against the start of the E.164 number.
+    pub prefixes: Vec<String>,
+}
+
+impl RouteSpec {
+    fn matches(&self, country: Option<&str>, e164: &str) -> bool {
+        let by_country = country.is_some_and(|country| {
+            self.countries
+                .iter()
+                .any(|own| own.eq_ignore_ascii_case(country))
+        });
+        by_country || self.prefixes.iter().any(|prefix| e164.starts_with(prefix))
+    }
+}
+
+impl DispatchPlan {
+    /// The lane a message goes to: the first route whose countries contain `country` or
+    /// one of whose prefixes starts `e164`; none matching, [`DEFAULT_LANE`].
+    pub fn route(&self, country: Option<&str>, e164: &str) -> &str {
+        self.routes
+            .iter()
+            .find(|route| route.matches(country, e164))
+            .map_or(DEFAULT_LANE, |route| route.lane.as_str())
+    }
+
+    pub fn lane(&self, name: &str) -> Option<&LaneSpec> {
+        self.lanes.iter().find(|lane| lane.name == name)
+    }
+
+    pub fn provider(&self, name: &str) -> Option<&ProviderSpec> {
+        self.providers.iter().find(|provider| provider.name == name)
+    }
+
+    /// The plan without a file: one `default` lane paced by `BATCH_SIZE` per
+    /// `PROCESSING_INTERVAL`, sending through the `SMS_API_*` provider, no routes.
+    pub(super) fn from_env(provider: &ProviderConfig, dispatch: &DispatchConfig) -> Self {
+        Self {
+            providers: vec![ProviderSpec {
+                name: ENV_PROVIDER.into(),
+                kind: ProviderKind::HttpJson,
+                settings: provider.clone(),
+            }],
+            lanes: vec![LaneSpec {
+                name: DEFAULT_LANE.into(),
+                batch_size: dispatch.batch_size,
+                interval: dispatch.interval,
+                unit: Unit::Messages,
+                providers: vec![ENV_PROVIDER.into()],
+                send_concurrency: dispatch.send_concurrency,
+            }],
+            routes: Vec::new(),
+            source: None,
+        }
+    }
+
+    /// Reads and checks the file at `path`. `vars` is the environment with the secret
+    /// files already read: the providers' `token_env` variables are looked up there.
+    pub(super) fn read(path: &Path, vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            ConfigError::new(
+                VARIABLE,
+                format!("{}: cannot read it: {err}", path.display()),
+            )
+        })?;
+        let source = Source { path, text: &text };
+        let file: PlanFile = toml::from_str(&text).map_err(|err| source.toml_error(&err))?;
+        let providers = providers(&source, file.provider, vars)?;
+        let lanes = lanes(&source, file.lane, &providers)?;
+        let routes = routes(&source, file.route, &lanes)?;
+        Ok(Self {
+            providers,
+            lanes,
+            routes,
+            source: Some(path.to_path_buf()),
+        })
+    }
+}
+
+/// The file as written. Every value keeps its byte span so an error can name its line.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    #[serde(default)]
+    provider: Vec<Spanned<ProviderTable>>,
+    #[serde(default)]
+    lane: Vec<Spanned<LaneTable>>,
+    #[serde(default)]
+    route: Vec<Spanned<RouteTable>>,
+}
+
+/// `[[provider]]`. The token itself is never in the file, only the variable holding it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderTable {
+    name: Spanned<String>,
+    kind: Spanned<String>,
+    url: Option<Spanned<String>>,
+    token_env: Spanned<String>,
+    auth_header: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    ca_cert: Option<Spanned<String>>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
+}
+
+/// `[[lane]]`. Numbers are read signed so that `0` and `-1` get our message, not serde's.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LaneTable {
+    name: Spanned<String>,
+    batch_size: Spanned<i64>,
+    interval: Spanned<String>,
+    unit: Option<Spanned<String>>,
+    providers: Spanned<Vec<Spanned<String>>>,
+    send_concurrency: Option<Spanned<i64>>,
+}
+
+/// `[[route]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteTable {
+    lane: Spanned<String>,
+    #[serde(default)]
+    countries: Vec<Spanned<String>>,
+    #[serde(default)]
+    prefixes: Vec<Spanned<String>>,
+}
+
+/// The file's path and text: turns a byte span into the `path: line N:` an operator
+/// needs to find the mistake.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error_at(&self, span: Range<usize>, problem: impl fmt::Display) -> ConfigError {
+        ConfigError::new(
+            VARIABLE,
+            format!(
+                "{}: line {}: {problem}",
+                self.path.display(),
+                self.line_of(span.start)
+            ),
+        )
+    }
+
+    /// A problem of the file as a whole, such as a lane it lacks.
+    fn error(&self, problem: impl fmt::Display) -> ConfigError {
+        ConfigError::new(VARIABLE, format!("{}: {problem}", self.path.display()))
+    }
+
+    /// Syntax, type, unknown and missing field errors found by `toml` and serde. Their
+    /// message names the type but not the key of a bad value, so the key is read from
+    /// the line the value is on.
+    fn toml_error(&self, err: &toml::de::Error) -> ConfigError {
+        let message = err.message().trim();
+        match err.span() {
+            None => self.error(message),
+            Some(span) => match self.key_before(span.start) {
+                Some(key) => self.error_at(span, format!("{key}: {message}")),
+                None => self.error_at(span, message),
+            },
+        }
+    }
+
+    /// 1-based, as editors count.
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&byte| byte == b'\n')
+            .count()
+            + 1
+    }
+
+    /// The key a value at `offset` is assigned to: `batch_size` in `batch_size = "x"`.
+    fn key_before(&self, offset: usize) -> Option<&str> {
+        let before = self.text.get(..offset)?;
+        let line = &before[before.rfind('\n').map_or(0, |newline| newline + 1)..];
+        let (key, _) = line.split_once('=')?;
+        let key = key.trim();
+        let bare = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+        (!key.is_empty() && key.chars().all(bare)).then_some(key)
+    }
+}
+
+/// One `[[provider]]`, `[[lane]]` or `[[route]]` being checked: its errors start with
+/// its label (`lane "tr"`, `route 2`).
+struct Entry<'a> {
+    source: &'a Source<'a>,
+    label: String,
+}
+
+impl Entry<'_> {
+    fn new<'a>(source: &'a Source<'a>, label: String) -> Entry<'a> {
+        Entry { source, label }
+    }
+
+    /// `line N: lane "tr": batch_size: must be at least 1`.
+    fn error(&self, span: Range<usize>, key: &str, problem: impl fmt::Display) -> ConfigError {
+        self.statement(span, format!("{key}: {problem}"))
+    }
+
+    /// A problem whose text already says which key it is about.
+    fn statement(&self, span: Range<usize>, problem: impl fmt::Display) -> ConfigError {
+        self.source
+            .error_at(span, format!("{}: {problem}", self.label))
+    }
+}
+
+/// Lane and provider names go into Redis keys and metric labels:
+/// `^[a-z0-9][a-z0-9_-]{0,31}$`.
+fn is_plain_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    first_ok
+        && name.len() <= 32
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
+}
+
+fn plain_name(entry: &Entry, name: Spanned<String>) -> Result<String, ConfigError> {
+    if !is_plain_name(name.get_ref()) {
+        return Err(entry.error(
+            name.span(),
+            "name",
+            "must match ^[a-z0-9][a-z0-9_-]{0,31}$ (names go into Redis keys and metric labels)",
+        ));
+    }
+    Ok(name.into_inner())
+}
+
+/// Refuses a second entry with a name already seen.
+fn first_of_its_name(
+    entry: &Entry,
+    seen: &mut HashSet<String>,
+    name: &str,
+    span: Range<usize>,
+) -> Result<(), ConfigError> {
+    if !seen.insert(name.to_string()) {
+        return Err(entry.error(span, "name", format!("{name:?} is defined twice")));
+    }
+    Ok(())
+}
+
+fn providers(
+    source: &Source,
+    tables: Vec<Spanned<ProviderTable>>,
+    vars: &HashMap<String, String>,
+) -> Result<Vec<ProviderSpec>, ConfigError> {
+    let mut seen = HashSet::new();
+    let mut specs = Vec::with_capacity(tables.len());
+    for table in tables {
+        let span = table.span();
+        let table = table.into_inner();
+        let entry = Entry::new(source, format!("provider {:?}", table.name.get_ref()));
+        let name_span = table.name.span();
+        let spec = provider(&entry, span, table, vars)?;
+        first_of_its_name(&entry, &mut seen, &spec.name, name_span)?;
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+fn provider(
+    entry: &Entry,
+    span: Range<usize>,
+    table: ProviderTable,
+    vars: &HashMap<String, String>,
+) -> Result<ProviderSpec, ConfigError> {
+    let name = plain_name(entry, table.name)?;
+    let kind = ProviderKind::parse(table.kind.get_ref())
+        .map_err(|problem| entry.statement(table.kind.span(), problem))?;
+    let Some(url) = table.url else {
+        return Err(entry.error(span, "url", "is required for kind \"http-json\""));
+    };
+    if !is_http_url(url.get_ref()) {
+        let problem = format!("{:?} is not an http(s) URL", url.get_ref());
+        return Err(entry.error(url.span(), "url", problem));
+    }
+    let token = token_from_env(table.token_env.get_ref(), vars)
+        .map_err(|problem| entry.error(table.token_env.span(), "token_env", problem))?;
+    if let Some(header) = &table.auth_header {
+        if !is_header_name(header.get_ref()) {
+            let problem = format!("{:?} is not a header name", header.get_ref());
+            return Err(entry.error(header.span(), "auth_header", problem));
+        }
+    }
+    let timeout = match &table.timeout {
+        None => DEFAULT_PROVIDER_TIMEOUT,
+        Some(text) => match duration::parse(text.get_ref()) {
+            Ok(timeout) if !timeout.is_zero() => timeout,
+            Ok(_) => return Err(entry.error(text.span(), "timeout", "must be greater than 0")),
+            Err(problem) => return Err(entry.error(text.span(), "timeout", problem)),
+        },
+    };
+    let ca_cert = table
+        .ca_cert
+        .map(|path| (PathBuf::from(path.get_ref()), path.span()));
+    if let Some((path, span)) = &ca_cert {
+        if !path.is_file() {
+            let problem = format!("{} is not a readable file", path.display());
+            return Err(entry.error(span.clone(), "ca_cert", problem));
+        }
+    }
+    Ok(ProviderSpec {
+        name,
+        kind,
+        settings: ProviderConfig {
+            url: url.into_inner(),
+            token,
+            auth_header: table.auth_header.map(Spanned::into_inner),
+            timeout,
+            ca_cert: ca_cert.map(|(path, _)| path),
+            insecure_skip_verify: table.insecure_skip_verify,
+        },
+    })
+}
+
+/// The token a provider names with `token_env`: that variable, or the file its `_FILE`
+/// variant points at. The `_FILE` variants of [`SECRET_VARIABLES`] were read before the
+/// file was, so only those of other variables are read here, under the same rules.
+fn token_from_env(variable: &str, vars: &HashMap<String, String>) -> Result<Secret, String> {
+    let file_variable = format!("{variable}_FILE");
+    let read_already = SECRET_VARIABLES.iter().any(|(name, _)| *name == variable);
+    let file = vars.get(&file_variable).filter(|_| !read_already);
+    match (vars.get(variable), file) {
+        (Some(_), Some(_)) => Err(format!("set {variable} or {file_variable}, not both")),
+        (Some(token), None) => Ok(Secret::new(token.clone())),
+        (None, Some(path)) => read_secret_file(path)
+            .map(Secret::new)
+            .map_err(|problem| format!("{file_variable}: {problem}")),
+        (None, None) => Err(format!(
+            "the variable {variable} is not set (nor {file_variable})"
+        )),
+    }
+}
+
+fn lanes(
+    source: &Source,
+    tables: Vec<Spanned<LaneTable>>,
+    providers: &[ProviderSpec],
+) -> Result<Vec<LaneSpec>, ConfigError> {
+    let Some(first_span) = tables.first().map(Spanned::span) else {
+        return Err(source.error(
+            "lane: at least one [[lane]] is needed, named \"default\" \
+             (messages that no route matches go there)",
+        ));
+    };
+    let mut seen = HashSet::new();
+    let mut specs = Vec::with_capacity(tables.len());
+    for (index, table) in tables.into_iter().enumerate() {
+        let table = table.into_inner();
+        let entry = Entry::new(source, format!("lane {:?}", table.name.get_ref()));
+        if index == MAX_LANES {
+            let problem = format!("a plan holds at most {MAX_LANES} lanes");
+            return Err(entry.statement(table.name.span(), problem));
+        }
+        let name_span = table.name.span();
+        let spec = lane(&entry, table, providers)?;
+        first_of_its_name(&entry, &mut seen, &spec.name, name_span)?;
+        specs.push(spec);
+    }
+    if !seen.contains(DEFAULT_LANE) {
+        return Err(source.error_at(
+            first_span,
+            "lane: no lane is named \"default\"; messages that no route matches go there",
+        ));
+    }
+    Ok(specs)
+}
+
+fn lane(
+    entry: &Entry,
+    table: LaneTable,
+    providers: &[ProviderSpec],
+) -> Result<LaneSpec, ConfigError> {
+    let name = plain_name(entry, table.name)?;
+    let batch_size = lane_batch_size(entry, &table.batch_size)?;
+    let interval = lane_interval(entry, &table.interval)?;
+    let unit = match &table.unit {
+        None => Unit::Messages,
+        Some(text) => Unit::parse(text.get_ref())
+            .map_err(|problem| entry.error(text.span(), "unit", problem))?,
+    };
+    let send_concurrency = match &table.send_concurrency {
+        None => 1,
+        Some(value) => usize::try_from(*value.get_ref())
+            .ok()
+            .filter(|n| (1..=MAX_SEND_CONCURRENCY).contains(n))
+            .ok_or_else(|| {
+                let problem = format!("must be between 1 and {MAX_SEND_CONCURRENCY}");
+                entry.error(value.span(), "send_concurrency", problem)
+            })?,
+    };
+    Ok(LaneSpec {
+        name,
+        batch_size,
+        interval,
+        unit,
+        providers: lane_providers(entry, table.providers, providers)?,
+        send_concurrency,
+    })
+}
+
+/// 1 to [`MAX_BATCH_SIZE`]: a batch is claimed in one transaction and held in memory.
+fn lane_batch_size(entry: &Entry, size: &Spanned<i64>) -> Result<u32, ConfigError> {
+    let value = *size.get_ref();
+    if value < 1 {
+        return Err(entry.error(size.span(), "batch_size", "must be at least 1"));
+    }
+    u32::try_from(value)
+        .ok()
+        .filter(|value| *value <= MAX_BATCH_SIZE)
+        .ok_or_else(|| {
+            let problem = format!("{value} is above the maximum of {MAX_BATCH_SIZE}");
+            entry.error(size.span(), "batch_size", problem)
+        })
+}
+
+/// `0` sends back to back; anything else shorter than a millisecond is surely a typo.
+fn lane_interval(entry: &Entry, text: &Spanned<String>) -> Result<Duration, ConfigError> {
+    let interval = duration::parse(text.get_ref()).map_err(|problem| {
+        let problem = format!("{problem}; expected a duration like 500ms, 15s or 2m");
+        entry.error(text.span(), "interval", problem)
+    })?;
+    if !interval.is_zero() && interval < Duration::from_millis(1) {
+        let problem = "must be 0 (back to back) or at least 1ms";
+        return Err(entry.error(text.span(), "interval", problem));
+    }
+    Ok(interval)
+}
+
+fn lane_providers(
+    entry: &Entry,
+    names: Spanned<Vec<Spanned<String>>>,
+    providers: &[ProviderSpec],
+) -> Result<Vec<String>, ConfigError> {
+    if names.get_ref().is_empty() {
+        let problem = "must name at least one [[provider]]";
+        return Err(entry.error(names.span(), "providers", problem));
+    }
+    names
+        .into_inner()
+        .into_iter()
+        .map(|name| {
+            if !providers.iter().any(|p| p.name == *name.get_ref()) {
+                let problem = format!("no [[provider]] is named {:?}", name.get_ref());
+                return Err(entry.error(name.span(), "providers", problem));
+            }
+            Ok(name.into_inner())
+        })
+        .collect()
+}
+
+fn routes(
+    source: &Source,
+    tables: Vec<Spanned<RouteTable>>,
+    lanes: &[LaneSpec],
+) -> Result<Vec<RouteSpec>, ConfigError> {
+    tables
+        .into_iter()
+        .enumerate()
+        .map(|(index, table)| {
+            let entry = Entry::new(source, format!("route {}", index + 1));
+            route(&entry, table, lanes)
+        })
+        .collect()
+}
+
+fn route(
+    entry: &Entry,
+    table: Spanned<RouteTable>,
+    lanes: &[LaneSpec],
+) -> Result<RouteSpec, ConfigError> {
+    let span = table.span();
+    let table = table.into_inner();
+    if !lanes.iter().any(|lane| lane.name == *table.lane.get_ref()) {
+        let problem = format!("no [[lane]] is named {:?}", table.lane.get_ref());
+        return Err(entry.error(table.lane.span(), "lane", problem));
+    }
+    if table.countries.is_empty() && table.prefixes.is_empty() {
+        let problem = "needs countries, prefixes or both (a route without either matches nothing)";
+        return Err(entry.statement(span, problem));
+    }
+    let countries = table
+        .countries
+        .into_iter()
+        .map(|code| {
+            country_code(code.get_ref()).ok_or_else(|| {
+                let problem = format!(
+                    "{:?} is not an ISO 3166 alpha-2 code such as TR or US",
+                    code.get_ref()
+                );
+                entry.error(code.span(), "countries", problem)
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let prefixes = table
+        .prefixes
+        .into_iter()
+        .map(|prefix| {
+            if !is_dialling_prefix(prefix.get_ref()) {
+                let problem = format!(
+                    "{:?} must be + and 1 to 15 digits, like +9055",
+                    prefix.get_ref()
+                );
+                return Err(entry.error(prefix.span(), "prefixes", problem));
+            }
+            Ok(prefix.into_inner())
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(RouteSpec {
+        lane: table.lane.into_inner(),
+        countries,
+        prefixes,
+    })
+}
+
+/// The upper-case form of a two-letter region libphonenumber knows (`tr` → `TR`), the
+/// form `crate::domain::country_of` gives for a number.
+fn country_code(code: &str) -> Option<String> {
+    if code.len() != 2 || !code.chars().all(|c| c.is_ascii_alphabetic()) {
+        return None;
+    }
+    crate::domain::parse_region(code).map(|region| region.as_ref().to_string())
+}
+
+/// `+` and 1 to 15 digits: the start of an E.164 number.
+fn is_dialling_prefix(prefix: &str) -> bool {
+    prefix.strip_prefix('+').is_some_and(|digits| {
+        (1..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::config::Config;
+
+    /// Lines 1-5 of most files below: one provider named `main`.
+    const PROVIDER: &str = r#"[[provider]]
+name = "main"
+kind = "http-json"
+url = "https://sms.example/send"
+token_env = "SMS_API_TOKEN"
+"#;
+
+    /// Lines 6-10 when after [`PROVIDER`]: the `default` lane.
+    const DEFAULT: &str = r#"[[lane]]
+name = "default"
+batch_size = 2
+interval = "2m"
+providers = ["main"]
+"#;
+
+    const FULL: &str = r#"
+[[provider]]
+name = "main"
+kind = "http-json"
+url = "https://sms.example/send"
+token_env = "SMS_API_TOKEN"
+
+[[provider]]
+name = "backup"
+kind = "http-json"
+url = "http://backup.example:8080/v1/sms"
+token_env = "BACKUP_TOKEN"
+auth_header = "x-ins-auth-key"
+timeout = "2500ms"
+insecure_skip_verify = true
+
+[[lane]]
+name = "default"
+batch_size = 2
+interval = "2m"
+unit = "messages"
+providers = ["main", "backup"]
+
+[[lane]]
+name = "otp"
+batch_size = 10
+interval = "0"
+providers = ["backup"]
+send_concurrency = 32
+
+[[lane]]
+name = "tr"
+batch_size = 20
+interval = "10s"
+unit = "segments"
+providers = ["main"]
+
+[[route]]
+lane = "otp"
+prefixes = ["+1555"]
+
+[[route]]
+lane = "tr"
+countries = ["tr", "CY"]
+prefixes = ["+9055"]
+"#;
+
+    /// A `DISPATCH_CONFIG` file in the temporary directory, removed when dropped.
+    struct PlanFile(PathBuf);
+
+    impl PlanFile {
+        fn new(text: &str) -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "dispatch-plan-{}-{}.toml",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+
+        fn path(&self) -> String {
+            self.0.display().to_string()
+        }
+    }
+
+    impl Drop for PlanFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    /// The plan `text` gives with `SMS_API_TOKEN` and `BACKUP_TOKEN` set.
+    fn plan(text: &str) -> Result<DispatchPlan, ConfigError> {
+        let file = PlanFile::new(text);
+        config(&[
+            ("DISPATCH_CONFIG", &file.path()),
+            ("SMS_API_TOKEN", "main-token"),
+            ("BACKUP_TOKEN", "backup-token"),
+        ])
+        .map(|config| config.plan)
+    }
+
+    /// Asserts `text` is refused at `line` with a problem containing `says`.
+    #[track_caller]
+    fn refused_at(text: &str, line: usize, says: &str) {
+        let file = PlanFile::new(text);
+        let err = config(&[
+            ("DISPATCH_CONFIG", &file.path()),
+            ("SMS_API_TOKEN", "main-token"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable, "DISPATCH_CONFIG");
+        let at = format!("{}: line {line}: ", file.path());
+        assert!(
+            err.problem.starts_with(&at) && err.problem.contains(says),
+            "expected {at}...{says}..., got {}",
+            err.problem
+        );
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let plan = plan(FULL).unwrap();
+        assert!(plan.source.is_some());
+
+        let main = plan.provider("main").unwrap();
+        assert_eq!(main.kind, ProviderKind::HttpJson);
+        assert_eq!(main.settings.url, "https://sms.example/send");
+        assert_eq!(main.settings.token.expose(), "main-token");
+        assert_eq!(main.settings.auth_header, None);
+        assert_eq!(main.settings.timeout, Duration::from_secs(6));
+        let backup = plan.provider("backup").unwrap();
+        assert_eq!(backup.settings.token.expose(), "backup-token");
+        assert_eq!(
+            backup.settings.auth_header.as_deref(),
+            Some("x-ins-auth-key")
+        );
+        assert_eq!(backup.settings.timeout, Duration::from_millis(2500));
+        assert!(backup.settings.insecure_skip_verify);
+
+        let names: Vec<_> = plan.lanes.iter().map(|lane| lane.name.as_str()).collect();
+        assert_eq!(names, ["default", "otp", "tr"]);
+        assert_eq!(
+            plan.lane("default").unwrap(),
+            &LaneSpec {
+                name: "default".into(),
+                batch_size: 2,
+                interval: Duration::from_secs(120),
+                unit: Unit::Messages,
+                providers: vec!["main".into(), "backup".into()],
+                send_concurrency: 1,
+            }
+        );
+        let otp = plan.lane("otp").unwrap();
+        assert_eq!((otp.interval, otp.send_concurrency), (Duration::ZERO, 32));
+        assert_eq!(plan.lane("tr").unwrap().unit, Unit::Segments);
+        assert!(plan.lane("nope").is_none());
+
+        assert_eq!(plan.routes[1].countries, ["TR", "CY"]);
+        assert_eq!(plan.routes[1].prefixes, ["+9055"]);
+        assert!(!format!("{plan:?}").contains("token\""));
+        assert!(!format!("{plan:?}").contains("main-token"));
+    }
+
+    #[test]
+    fn without_a_file_one_default_lane_mirrors_the_environment() {
+        let config = config(&[
+            ("BATCH_SIZE", "7"),
+            ("PROCESSING_INTERVAL", "3s"),
+            ("SEND_CONCURRENCY", "4"),
+            ("SMS_API_URL", "https://sms.example/send"),
+            ("SMS_API_TOKEN", "hunter2"),
+        ])
+        .unwrap();
+        let plan = &config.plan;
+        assert_eq!(plan.source, None);
+        assert!(plan.routes.is_empty());
+        assert_eq!(
+            plan.lanes,
+            [LaneSpec {
+                name: "default".into(),
+                batch_size: 7,
+                interval: Duration::from_secs(3),
+                unit: Unit::Messages,
+                providers: vec!["default".into()],
+                send_concurrency: 4,
+            }]
+        );
+        assert_eq!(plan.providers.len(), 1);
+        let provider = plan.provider("default").unwrap();
+        assert_eq!(provider.kind, ProviderKind::HttpJson);
+        assert_eq!(provider.settings.url, config.provider.url);
+        assert_eq!(provider.settings.token, config.provider.token);
+        assert_eq!(plan.route(Some("TR"), "+905551234567"), "default");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_deploy_example_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/dispatch.example.toml");
+        let plan = config(&[("DISPATCH_CONFIG", path), ("SMS_API_TOKEN", "t")])
+            .unwrap()
+            .plan;
+        let names: Vec<_> = plan.lanes.iter().map(|lane| lane.name.as_str()).collect();
+        assert_eq!(names, ["default", "otp", "tr"]);
+        assert_eq!(plan.providers.len(), 2);
+        let otp = plan.lane("otp").unwrap();
+        assert_eq!(
+            (otp.batch_size, otp.interval, otp.send_concurrency),
+            (10, Duration::from_secs(1), 8)
+        );
+        let tr = plan.lane("tr").unwrap();
+        assert_eq!(
+            (tr.unit, tr.batch_size, tr.interval),
+            (Unit::Segments, 20, Duration::from_secs(10))
+        );
+        assert_eq!(plan.route(Some("TR"), "+905551234567"), "tr");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_line() {
+        let text =
+            format!("{PROVIDER}[[lane]]\nname = \"default\"\nbatchsize = 2\ninterval = \"2m\"\n");
+        refused_at(&text, 8, "unknown field `batchsize`, expected one of");
+        refused_at(&format!("{PROVIDER}{DEFAULT}[[lanes]]\n"), 11, "lanes");
+    }
+
+    #[test]
+    fn bad_values_name_the_line_and_the_key() {
+        let lane = |body: &str| format!("{PROVIDER}[[lane]]\nname = \"default\"\n{body}");
+        refused_at(
+            &lane("batch_size = 0\ninterval = \"2m\"\nproviders = [\"main\"]\n"),
+            8,
+            "lane \"default\": batch_size: must be at least 1",
+        );
+        refused_at(
+            &lane("batch_size = 10001\ninterval = \"2m\"\nproviders = [\"main\"]\n"),
+            8,
+            "batch_size: 10001 is above the maximum of 10000",
+        );
+        refused_at(
+            &lane("batch_size = \"two\"\ninterval = \"2m\"\nproviders = [\"main\"]\n"),
+            8,
+            "batch_size: invalid type",
+        );
+        refused_at(
+            &lane("batch_size = 1\ninterval = \"2 minutes\"\nproviders = [\"main\"]\n"),
+            9,
+            "lane \"default\": interval: ",
+        );
+        refused_at(
+            &lane("batch_size = 1\ninterval = \"500us\"\nproviders = [\"main\"]\n"),
+            9,
+            "interval: must be 0 (back to back) or at least 1ms",
+        );
+        refused_at(
+            &lane("batch_size = 1\ninterval = \"1s\"\nunit = \"bytes\"\nproviders = [\"main\"]\n"),
+            10,
+            "unit: \"bytes\" is not messages or segments",
+        );
+        refused_at(
+            &lane(
+                "batch_size = 1\ninterval = \"1s\"\nproviders = [\"main\"]\nsend_concurrency = 1001\n",
+            ),
+            11,
+            "send_concurrency: must be between 1 and 1000",
+        );
+        refused_at(
+            &lane("batch_size = 1\ninterval = \"1s\"\nproviders = [\"main\", \"nope\"]\n"),
+            10,
+            "lane \"default\": providers: no [[provider]] is named \"nope\"",
+        );
+        refused_at(
+            &lane("batch_size = 1\ninterval = \"1s\"\nproviders = []\n"),
+            10,
+            "providers: must name at least one",
+        );
+    }
+
+    #[test]
+    fn lanes_need_a_default_and_distinct_plain_names() {
+        let lane = |name: &str| {
+            format!(
+                "[[lane]]\nname = \"{name}\"\nbatch_size = 1\ninterval = \"1s\"\nproviders = [\"main\"]\n"
+            )
+        };
+        refused_at(
+            &format!("{PROVIDER}{}{}", lane("otp"), lane("tr")),
+            6,
+            "no lane is named \"default\"; messages that no route matches go there",
+        );
+        refused_at(
+            &format!("{PROVIDER}{DEFAULT}{}{}", lane("tr"), lane("tr")),
+            17,
+            "lane \"tr\": name: \"tr\" is defined twice",
+        );
+        refused_at(
+            &format!("{PROVIDER}{DEFAULT}{}", lane("Turkey")),
+            12,
+            "lane \"Turkey\": name: must match ^[a-z0-9][a-z0-9_-]{0,31}$",
+        );
+        let too_many: String = (0..MAX_LANES).map(|n| lane(&format!("l{n}"))).collect();
+        refused_at(
+            &format!("{PROVIDER}{DEFAULT}{too_many}"),
+            6 + 5 * MAX_LANES + 1,
+            "at most 64 lanes",
+        );
+
+        let err = plan(PROVIDER).unwrap_err();
+        assert!(err.problem.contains("at least one [[lane]]"), "{err}");
+    }
+
+    #[test]
+    fn routes_must_name_a_lane_and_real_destinations() {
+        let route = |body: &str| format!("{PROVIDER}{DEFAULT}[[route]]\n{body}");
+        refused_at(
+            &route("lane = \"tr\"\ncountries = [\"TR\"]\n"),
+            12,
+            "route 1: lane: no [[lane]] is named \"tr\"",
+        );
+        refused_at(
+            &route("lane = \"default\"\ncountries = [\"TR\", \"XX\"]\n"),
+            13,
+            "route 1: countries: \"XX\" is not an ISO 3166 alpha-2 code",
+        );
+        refused_at(
+            &route("lane = \"default\"\nprefixes = [\"9055\"]\n"),
+            13,
+            "route 1: prefixes: \"9055\" must be + and 1 to 15 digits",
+        );
+        refused_at(
+            &route("lane = \"default\"\n"),
+            11,
+            "route 1: needs countries, prefixes or both",
+        );
+    }
+
+    #[test]
+    fn providers_are_checked() {
+        let provider = |body: &str| format!("[[provider]]\nname = \"main\"\n{body}{DEFAULT}");
+        refused_at(
+            &provider("kind = \"twilio\"\nurl = \"https://x\"\ntoken_env = \"SMS_API_TOKEN\"\n"),
+            3,
+            "provider \"main\": kind \"twilio\" is not supported yet; supported: http-json",
+        );
+        refused_at(
+            &provider("kind = \"http-json\"\nurl = \"ftp://x\"\ntoken_env = \"SMS_API_TOKEN\"\n"),
+            4,
+            "provider \"main\": url: \"ftp://x\" is not an http(s) URL",
+        );
+        refused_at(
+            &provider("kind = \"http-json\"\ntoken_env = \"SMS_API_TOKEN\"\n"),
+            1,
+            "url: is required",
+        );
+        refused_at(
+            &provider("kind = \"http-json\"\nurl = \"https://x\"\ntoken_env = \"MISSING_TOKEN\"\n"),
+            5,
+            "provider \"main\": token_env: the variable MISSING_TOKEN is not set",
+        );
+        refused_at(
+            &provider(
+                "kind = \"http-json\"\nurl = \"https://x\"\ntoken_env = \"SMS_API_TOKEN\"\ntimeout = \"0s\"\n",
+            ),
+            6,
+            "timeout: must be greater than 0",
+        );
+        refused_at(
+            &format!("{PROVIDER}{PROVIDER}{DEFAULT}"),
+            7,
+            "provider \"main\": name: \"main\" is defined twice",
+        );
+    }
+
+    #[test]
+    fn a_token_may_come_from_the_file_its_file_variable_names() {
+        let secret = PlanFile::new("from-a-file\n");
+        let text = format!(
+            "{}{DEFAULT}",
+            PROVIDER.replace("SMS_API_TOKEN", "OTP_TOKEN")
+        );
+        let file = PlanFile::new(&text);
+        let config = config(&[
+            ("DISPATCH_CONFIG", &file.path()),
+            ("OTP_TOKEN_FILE", &secret.path()),
+        ])
+        .unwrap();
+        let main = config.plan.provider("main").unwrap();
+        assert_eq!(main.settings.token.expose(), "from-a-file");
+        assert!(!format!("{config:?}").contains("from-a-file"));
+    }
+
+    #[test]
+    fn an_unreadable_file_names_the_path_and_the_os_error() {
+        let err = config(&[("DISPATCH_CONFIG", "/nonexistent/dispatch.toml")]).unwrap_err();
+        assert_eq!(err.variable, "DISPATCH_CONFIG");
+        assert!(
+            err.problem
+                .starts_with("/nonexistent/dispatch.toml: cannot read it: ")
+                && err.problem.contains("os error 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn routing_takes_the_first_match_by_country_or_prefix() {
+        let plan = plan(FULL).unwrap();
+        // Route 1 matches by prefix before route 2 is asked.
+        assert_eq!(plan.route(Some("US"), "+15551234567"), "otp");
+        assert_eq!(plan.route(Some("TR"), "+905321234567"), "tr");
+        assert_eq!(plan.route(Some("tr"), "+905321234567"), "tr");
+        assert_eq!(plan.route(Some("CY"), "+35712345678"), "tr");
+        // No country known: the prefix still routes.
+        assert_eq!(plan.route(None, "+905551234567"), "tr");
+        assert_eq!(plan.route(None, "+905321234567"), "default");
+        assert_eq!(plan.route(Some("DE"), "+4915112345678"), "default");
+    }
+}
