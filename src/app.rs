@@ -19,12 +19,13 @@ use tracing::Instrument;
 
 use crate::cache::DeliveryCache;
 use crate::config::Config;
+use crate::config::LaneSpec;
 use crate::dispatch::{DispatchSettings, Dispatcher};
-use crate::leadership::{self, FenceTiming, Leadership};
+use crate::leadership::{self, FenceTiming, Leadership, Spread};
 use crate::metrics::Metrics;
 use crate::provider::ProviderClient;
 use crate::retry::connect_backoff;
-use crate::state::{AppState, HEARTBEAT_INTERVAL};
+use crate::state::{AppState, HEARTBEAT_INTERVAL, LIVE_WITHIN, Lane};
 use crate::store::{RescuePolicy, Schedule};
 use crate::store::{Store, StoreError};
 use crate::version::BUILD;
@@ -33,7 +34,8 @@ use crate::{dependencies, http, redis};
 pub struct Replica {
     listener: TcpListener,
     state: Arc<AppState>,
-    provider: Arc<ProviderClient>,
+    /// Each lane's provider (the first it names), in the order of `state.lanes`.
+    providers: Vec<Arc<ProviderClient>>,
     subscriber: Option<SubscriberClient>,
 }
 
@@ -65,25 +67,50 @@ impl Replica {
         } else {
             None
         };
-        let provider = Arc::new(
-            ProviderClient::new(&config.provider, metrics.clone())
-                .context("SMS provider client")?,
-        );
+        let mut clients = std::collections::HashMap::new();
+        for spec in &config.plan.providers {
+            let client = ProviderClient::new(&spec.settings, metrics.clone())
+                .with_context(|| format!("SMS provider client {:?}", spec.name))?;
+            clients.insert(spec.name.clone(), Arc::new(client));
+        }
+        let mut providers = Vec::with_capacity(config.plan.lanes.len());
+        let mut lanes = Vec::with_capacity(config.plan.lanes.len());
+        for spec in &config.plan.lanes {
+            let provider = spec
+                .providers
+                .first()
+                .and_then(|name| clients.get(name))
+                .with_context(|| format!("lane {:?} names no known provider", spec.name))?;
+            providers.push(provider.clone());
+            lanes.push(Lane {
+                spec: spec.clone(),
+                store: store.for_lane(&spec.name),
+                leadership: Arc::new(Leadership::new(metrics.clone(), &spec.name)),
+                wake: Arc::new(Notify::new()),
+            });
+        }
+        let names: Vec<String> = lanes.iter().map(|lane| lane.spec.name.clone()).collect();
+        metrics.register_lanes(names.iter().map(String::as_str));
+        let spread = Arc::new(Spread::new(
+            &config.replica_id,
+            &names,
+            config.lock.retry_interval,
+        ));
         let state = Arc::new(AppState {
             cache: DeliveryCache::new(redis_client.clone(), config.cache_ttl),
-            leadership: Arc::new(Leadership::new(metrics.clone())),
+            lanes,
+            spread,
             config: Arc::new(config),
             store,
             redis: redis_client,
             metrics,
             schema_ready: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
-            wake: Arc::new(Notify::new()),
         });
         Ok(Self {
             listener,
             state,
-            provider,
+            providers,
             subscriber,
         })
     }
@@ -101,7 +128,7 @@ impl Replica {
         let Self {
             listener,
             state,
-            provider,
+            providers,
             subscriber,
         } = self;
         let config = state.config.clone();
@@ -113,10 +140,27 @@ impl Replica {
             commit = BUILD.commit,
             lock_enabled = config.lock.enabled,
             leader_eligible = config.leader_eligible,
-            batch_size = config.dispatch.batch_size,
-            interval = %crate::duration::format(config.dispatch.interval),
+            lanes = %state
+                .lanes
+                .iter()
+                .map(|lane| lane.spec.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            dispatch_config = ?config.plan.source,
             "replica starting"
         );
+        for lane in &state.lanes {
+            let spec = &lane.spec;
+            tracing::info!(
+                lane = %spec.name,
+                batch_size = spec.batch_size,
+                interval = %crate::duration::format(spec.interval),
+                unit = spec.unit.as_str(),
+                send_concurrency = spec.send_concurrency,
+                providers = %spec.providers.join(","),
+                "lane configured"
+            );
+        }
 
         for warning in config.demo_defaults() {
             tracing::warn!("demo default in force: {warning}");
@@ -156,7 +200,12 @@ impl Replica {
             store: state.store.clone(),
             redis: state.redis.clone(),
             subscriber,
-            leadership: state.leadership.clone(),
+            lanes: state
+                .lanes
+                .iter()
+                .map(|lane| lane.leadership.clone())
+                .collect(),
+            spread: state.spread.clone(),
             metrics: state.metrics.clone(),
         };
         let elector_task = tokio::spawn(
@@ -169,22 +218,29 @@ impl Replica {
             )
             .in_current_span(),
         );
-        let live = crate::dispatch::Live {
-            store: state.store.clone(),
-            cache: state.cache.clone(),
-        };
-        let dispatcher = Dispatcher {
-            backend: live.clone(),
-            provider,
-            leadership: state.leadership.clone(),
-            metrics: state.metrics.clone(),
-            settings: dispatch_settings(&config),
-            wake: state.wake.clone(),
-            pacer: Default::default(),
-            recorder: crate::dispatch::Recorder::new(live),
-            pause: Default::default(),
-        };
-        let dispatcher_task = dispatcher.spawn(shutdown.clone())?;
+        let mut dispatchers = Vec::with_capacity(state.lanes.len());
+        for (lane, provider) in state.lanes.iter().zip(providers) {
+            let live = crate::dispatch::Live {
+                store: lane.store.clone(),
+                cache: state.cache.clone(),
+            };
+            let dispatcher = Dispatcher {
+                backend: live.clone(),
+                provider,
+                leadership: lane.leadership.clone(),
+                metrics: state.metrics.clone(),
+                settings: dispatch_settings(&config, &lane.spec),
+                wake: lane.wake.clone(),
+                pacer: Default::default(),
+                recorder: crate::dispatch::Recorder::new(live),
+                pause: Default::default(),
+                recipients: Default::default(),
+            };
+            let span = tracing::info_span!("lane", lane = %lane.spec.name);
+            let _entered = span.enter();
+            dispatchers.push(dispatcher.spawn(shutdown.clone())?);
+        }
+        let dispatcher_task = futures::future::join_all(dispatchers);
 
         let fatal = async {
             match fatal_rx.await {
@@ -237,13 +293,15 @@ impl Replica {
     }
 }
 
-fn dispatch_settings(config: &Config) -> DispatchSettings {
+fn dispatch_settings(config: &Config, lane: &LaneSpec) -> DispatchSettings {
     let fence = FenceTiming::for_lease(config.lock.ttl);
     DispatchSettings {
         replica_id: config.replica_id.clone(),
+        lane: lane.name.clone(),
         configured: Schedule {
-            batch_size: config.dispatch.batch_size,
-            interval: config.dispatch.interval,
+            batch_size: lane.batch_size,
+            interval: lane.interval,
+            unit: lane.unit,
         },
         rescue: RescuePolicy {
             wait: fence.rescue_wait(ProviderClient::longest_exchange(config.provider.timeout)),
@@ -252,7 +310,7 @@ fn dispatch_settings(config: &Config) -> DispatchSettings {
         fence,
         retry: config.dispatch.retry,
         max_attempts: config.dispatch.max_attempts,
-        send_concurrency: config.dispatch.send_concurrency,
+        send_concurrency: lane.send_concurrency,
         shutdown_timeout: config.dispatch.shutdown_timeout,
         poll: config
             .lock
@@ -284,6 +342,8 @@ async fn prepare_database(
                     .into(),
             ));
         }
+        let lanes: Vec<&str> = state.lanes.iter().map(|l| l.spec.name.as_str()).collect();
+        state.store.ensure_lanes(&lanes).await?;
         state
             .store
             .apply_auto_start(config.dispatch.auto_start, &config.replica_id)
@@ -299,10 +359,26 @@ async fn prepare_database(
         result = prepared => match result {
             Ok(()) => {
                 tracing::info!("database ready");
-                if let Ok(control) = state.store.control_record().await {
-                    warn_about_overrides(&state.configured_schedule(), &control);
+                for lane in &state.lanes {
+                    if let Ok(control) = lane.store.control_record().await {
+                        let names = if config.plan.source.is_some() {
+                            ("the lane's batch_size", "the lane's interval")
+                        } else {
+                            ("BATCH_SIZE", "PROCESSING_INTERVAL")
+                        };
+                        warn_about_overrides(
+                            &lane.spec.name,
+                            names,
+                            &lane.configured_schedule(),
+                            &control,
+                        );
+                    }
                 }
-                if let Err(err) = state.store.heartbeat(&config.replica_id, BUILD.version).await {
+                if let Err(err) = state
+                    .store
+                    .heartbeat(&config.replica_id, BUILD.version, config.leader_eligible)
+                    .await
+                {
                     tracing::debug!(error = %err, "heartbeat not recorded");
                 }
                 state.schema_ready.store(true, Ordering::Release);
@@ -320,7 +396,12 @@ async fn prepare_database(
 /// Logs each runtime override stored in PostgreSQL that shadows an environment
 /// value: a replica restarted with a new `BATCH_SIZE` still obeys the override, and
 /// its operator should read that in the log rather than find it out.
-fn warn_about_overrides(configured: &Schedule, control: &crate::store::ControlRecord) {
+fn warn_about_overrides(
+    lane: &str,
+    (batch_size_name, interval_name): (&str, &str),
+    configured: &Schedule,
+    control: &crate::store::ControlRecord,
+) {
     let by = |set: Option<&crate::store::SetBy>| {
         set.map_or_else(
             || "an unknown client".to_string(),
@@ -338,8 +419,9 @@ fn warn_about_overrides(configured: &Schedule, control: &crate::store::ControlRe
             override_value = batch_size,
             environment_value = configured.batch_size,
             set_by = by(control.batch_size_set.as_ref()),
-            "a runtime override stored in PostgreSQL shadows BATCH_SIZE; clear it with \
-             PUT /api/messaging/config {{\"batch_size\": null}}"
+            lane,
+            "a runtime override stored in PostgreSQL shadows {batch_size_name}; clear it with \
+             PUT /api/lanes/{lane}/config {{\"batch_size\": null}}"
         );
     }
     if let Some(interval) = control.interval {
@@ -347,8 +429,9 @@ fn warn_about_overrides(configured: &Schedule, control: &crate::store::ControlRe
             override_value = %crate::duration::format(interval),
             environment_value = %crate::duration::format(configured.interval),
             set_by = by(control.interval_set.as_ref()),
-            "a runtime override stored in PostgreSQL shadows PROCESSING_INTERVAL; clear it \
-             with PUT /api/messaging/config {{\"processing_interval\": null}}"
+            lane,
+            "a runtime override stored in PostgreSQL shadows {interval_name}; clear it with \
+             PUT /api/lanes/{lane}/config {{\"processing_interval\": null}}"
         );
     }
 }
@@ -392,10 +475,20 @@ async fn housekeeping(state: Arc<AppState>) {
         if up && state.schema_ready.load(Ordering::Acquire) {
             if let Err(err) = state
                 .store
-                .heartbeat(&state.config.replica_id, BUILD.version)
+                .heartbeat(
+                    &state.config.replica_id,
+                    BUILD.version,
+                    state.config.leader_eligible,
+                )
                 .await
             {
                 tracing::debug!(error = %err, "heartbeat not recorded");
+            }
+            match state.store.live_replicas(LIVE_WITHIN).await {
+                Ok(replicas) => state
+                    .spread
+                    .observe(&replicas, state.config.leader_eligible),
+                Err(err) => tracing::debug!(error = %err, "live replicas not read"),
             }
             if let Ok(control) = state.store.control_record().await {
                 state

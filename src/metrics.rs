@@ -13,7 +13,8 @@ use crate::version::BUILD;
 
 pub struct Metrics {
     registry: Registry,
-    pub messages_sent: IntCounter,
+    /// Per lane (docs/design.md#lanes).
+    pub messages_sent: IntCounterVec,
     pub messages_failed: IntCounterVec,
     pub messages_retried: IntCounter,
     pub messages_rescued: IntCounter,
@@ -22,6 +23,7 @@ pub struct Metrics {
     pub delivery_receipts: IntCounterVec,
     pub provider_requests: IntCounterVec,
     pub provider_request_duration: Histogram,
+    /// Per lane and outcome.
     pub batches: IntCounterVec,
     pub batch_duration: Histogram,
     pub queue_messages: IntGaugeVec,
@@ -29,13 +31,15 @@ pub struct Metrics {
     /// The same, per priority: a stream of urgent messages above the rate starves the
     /// lower priorities, and this shows it.
     pub oldest_pending_age_by_priority: GaugeVec,
-    pub is_leader: IntGauge,
-    pub leader_epoch: IntGauge,
+    /// Per lane.
+    pub is_leader: IntGaugeVec,
+    pub leader_epoch: IntGaugeVec,
     pub lock_operations: IntCounterVec,
     pub leadership_changes: IntCounter,
     pub fencing_rejections: IntCounter,
     pub scheduler_running: IntGauge,
-    pub configured_rate: Gauge,
+    /// Per lane.
+    pub configured_rate: GaugeVec,
     pub dependency_up: IntGaugeVec,
     /// 1 while this replica's dispatch is paused for the reason (`provider_auth`).
     pub dispatch_paused: IntGaugeVec,
@@ -107,10 +111,11 @@ impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let metrics = Self {
-            messages_sent: counter(
+            messages_sent: counter_vec(
                 &r,
                 "dispatcher_messages_sent_total",
-                "Messages the provider accepted.",
+                "Messages the provider accepted, per lane.",
+                &["lane"],
             ),
             messages_failed: counter_vec(
                 &r,
@@ -161,8 +166,8 @@ impl Metrics {
             batches: counter_vec(
                 &r,
                 "dispatcher_batches_total",
-                "Batches run by this replica, by outcome.",
-                &["outcome"],
+                "Batches run by this replica, by lane and outcome.",
+                &["lane", "outcome"],
             ),
             batch_duration: histogram(
                 &r,
@@ -198,15 +203,17 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
-            is_leader: gauge(
+            is_leader: gauge_vec(
                 &r,
                 "dispatcher_is_leader",
-                "1 while this replica holds the leadership.",
+                "1 while this replica leads the lane.",
+                &["lane"],
             ),
-            leader_epoch: gauge(
+            leader_epoch: gauge_vec(
                 &r,
                 "dispatcher_leader_epoch",
-                "Epoch of this replica's current or last leadership term.",
+                "Epoch of this replica's current or last leadership term of the lane.",
+                &["lane"],
             ),
             lock_operations: counter_vec(
                 &r,
@@ -230,11 +237,15 @@ impl Metrics {
                 "1 when the cluster's desired state is running.",
             ),
             configured_rate: {
-                let g = Gauge::new(
-                    "dispatcher_configured_rate_per_second",
-                    "The most messages per second the schedule in force allows \
-                     (batch size / interval; +Inf with a zero interval). The achieved \
-                     rate is rate(dispatcher_messages_sent_total[5m]) summed over replicas.",
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "dispatcher_configured_rate_per_second",
+                        "The most units (messages or segments) per second the lane's \
+                         schedule in force allows (batch size / interval; +Inf with a zero \
+                         interval). The achieved rate is \
+                         rate(dispatcher_messages_sent_total[5m]) summed over replicas.",
+                    ),
+                    &["lane"],
                 )
                 .expect("valid metric");
                 r.register(Box::new(g.clone())).expect("unique metric");
@@ -303,17 +314,38 @@ impl Metrics {
             .expect("unique metric");
     }
 
+    /// Messages sent so far in this process, over every lane.
+    pub fn messages_sent_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.messages_sent
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|metric| metric.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    /// Creates every lane's series at 0, so that an absent lane shows as 0, not as
+    /// nothing.
+    pub fn register_lanes<'a>(&self, lanes: impl IntoIterator<Item = &'a str>) {
+        for lane in lanes {
+            self.messages_sent.with_label_values(&[lane]);
+            self.is_leader.with_label_values(&[lane]);
+            self.leader_epoch.with_label_values(&[lane]);
+            for outcome in [
+                BATCH_COMPLETE,
+                BATCH_PARTIAL,
+                BATCH_FAILED,
+                BATCH_INTERRUPTED,
+            ] {
+                self.batches.with_label_values(&[lane, outcome]);
+            }
+        }
+    }
+
     fn create_known_series(&self) {
         for reason in [FAILED_REJECTED, FAILED_MAX_ATTEMPTS] {
             self.messages_failed.with_label_values(&[reason]);
-        }
-        for outcome in [
-            BATCH_COMPLETE,
-            BATCH_PARTIAL,
-            BATCH_FAILED,
-            BATCH_INTERRUPTED,
-        ] {
-            self.batches.with_label_values(&[outcome]);
         }
         for op in LOCK_OPS {
             for result in LOCK_RESULTS {
@@ -361,5 +393,28 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_lane_has_its_series_from_the_start() {
+        let metrics = Metrics::new();
+        metrics.register_lanes(["default", "otp"]);
+        let text = metrics.render();
+        for series in [
+            r#"dispatcher_batches_total{lane="otp",outcome="complete"} 0"#,
+            r#"dispatcher_messages_sent_total{lane="default"} 0"#,
+            r#"dispatcher_is_leader{lane="otp"} 0"#,
+            r#"dispatcher_leader_epoch{lane="default"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+        metrics.messages_sent.with_label_values(&["otp"]).inc_by(2);
+        metrics.messages_sent.with_label_values(&["default"]).inc();
+        assert_eq!(metrics.messages_sent_total(), 3);
     }
 }

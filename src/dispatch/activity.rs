@@ -27,7 +27,7 @@ fn totals(metrics: &Metrics) -> Tally {
         .map(|reason| metrics.messages_failed.with_label_values(&[reason]).get())
         .sum();
     Tally {
-        sent: metrics.messages_sent.get() as i64,
+        sent: metrics.messages_sent_total() as i64,
         failed: failed as i64,
         retried: metrics.messages_retried.get() as i64,
     }
@@ -74,7 +74,10 @@ mod tests {
     fn gains_are_what_the_counters_added() {
         let metrics = Metrics::new();
         let before = totals(&metrics);
-        metrics.messages_sent.inc_by(3);
+        metrics
+            .messages_sent
+            .with_label_values(&["default"])
+            .inc_by(3);
         metrics
             .messages_failed
             .with_label_values(&[FAILED_REJECTED])

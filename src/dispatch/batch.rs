@@ -221,7 +221,10 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 Some(fates) if fates.contains(&Fate::Sent) => BATCH_PARTIAL,
                 Some(_) => BATCH_FAILED,
             };
-            self.metrics.batches.with_label_values(&[outcome]).inc();
+            self.metrics
+                .batches
+                .with_label_values(&[&self.settings.lane, outcome])
+                .inc();
             self.metrics
                 .batch_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -251,9 +254,16 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
     /// passes its start gate (see [`Dispatcher::start_gate`]) or never starts.
     async fn deliver(&self, sends: &Sends<'_>, message: ClaimedMessage) -> Delivered {
         let term = sends.term;
+        // Asked before the slot, in claim order: the previous send to this number must
+        // be answered first (docs/design.md#order). Held through the send.
+        let turn = tokio::select! {
+            biased;
+            () = sends.shutdown.cancelled() => None,
+            turn = self.recipients.turn(&message.phone_number) => Some(turn),
+        };
         // Shutdown first, always: a slot that is free at the same moment must not win
         // the race (select! picks at random among ready branches).
-        let slot = if sends.halted.load(Ordering::Acquire) {
+        let slot = if sends.halted.load(Ordering::Acquire) || turn.is_none() {
             None
         } else {
             tokio::select! {
@@ -286,6 +296,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 &message.content,
             )
             .await;
+        drop(turn);
         let sent_at = Utc::now();
         match outcome {
             SendOutcome::Accepted {
@@ -362,7 +373,10 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 }
                 return Some(Fate::NotStarted);
             }
-            match self.pacer.try_start(schedule.batch_size, schedule.interval) {
+            match self
+                .pacer
+                .try_start(message.units, schedule.batch_size, schedule.interval)
+            {
                 Ok(()) => break,
                 // Asks again after the wait: the permit may have lapsed meanwhile.
                 Err(free_at) => tokio::select! {
@@ -397,7 +411,10 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                         "provider accepted the message without a messageId"
                     );
                 }
-                self.metrics.messages_sent.inc();
+                self.metrics
+                    .messages_sent
+                    .with_label_values(&[&self.settings.lane])
+                    .inc();
                 Fate::Sent
             }
             Ok(_) => {

@@ -33,6 +33,8 @@ const RESCUE_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct DispatchSettings {
     pub replica_id: String,
+    /// The lane this dispatcher sends (docs/design.md#lanes).
+    pub lane: String,
     pub configured: Schedule,
     pub rescue: RescuePolicy,
     pub fence: FenceTiming,
@@ -76,6 +78,8 @@ pub struct Dispatcher<B = Live, P = ProviderClient> {
     /// Records accepted sends in groups, behind the sends.
     pub recorder: Recorder<B>,
     pub pause: PauseState,
+    /// One recipient's sends one at a time, in claim order.
+    pub recipients: super::RecipientOrder,
 }
 
 /// What the dispatch loop remembers between claims.
@@ -163,7 +167,7 @@ impl<B: Backend + Send, P: Provider + Send + Sync> Dispatcher<B, P> {
         let span = tracing::Span::current();
         let (stopped, on_stop) = oneshot::channel::<()>();
         std::thread::Builder::new()
-            .name("dispatcher".into())
+            .name(format!("dispatch-{}", self.settings.lane))
             .spawn(move || {
                 runtime.block_on(self.run(shutdown).instrument(span));
                 drop(stopped);

@@ -8,6 +8,7 @@
 //! | `handoff` | how a batch hands over to the next (shared slots, signals) |
 //! | [`recorder`] | group commit of accepted sends |
 //! | [`pacer`] | the rate: no more than a batch's worth of starts per interval |
+//! | `recipients` | one recipient's sends one at a time, in claim order |
 //! | `backend` | the seam to PostgreSQL and Redis ([`Backend`]) |
 
 pub mod activity;
@@ -16,6 +17,7 @@ mod batch;
 pub mod dispatcher;
 mod handoff;
 pub mod pacer;
+mod recipients;
 pub mod recorder;
 #[cfg(test)]
 mod tests;
@@ -23,4 +25,5 @@ mod tests;
 pub use backend::{Backend, Live, ResultStore};
 pub use dispatcher::{DispatchSettings, Dispatcher, PauseState};
 pub use pacer::Pacer;
+pub use recipients::RecipientOrder;
 pub use recorder::Recorder;

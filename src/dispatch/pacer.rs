@@ -1,6 +1,7 @@
 //! The send pacer: no send starts less than `PROCESSING_INTERVAL` after the send
 //! `BATCH_SIZE` places before it, in this replica or, across a handover, in the one
-//! that led before.
+//! that led before. In a lane that counts segments, a send of `k` segments takes `k`
+//! places at once (docs/design.md#rate-limit).
 //!
 //! Batches are claimed an interval apart (start to start, on PostgreSQL's clock), and
 //! their sends normally go out within milliseconds, so the pacer rarely waits. It
@@ -32,7 +33,7 @@ pub struct Pacer {
 struct State {
     /// The term whose history this is; a new term reseeds from the fence row.
     epoch: Option<Epoch>,
-    /// Start times, oldest first (at most `MAX_BATCH_SIZE`).
+    /// Start times, oldest first, one per unit (at most `MAX_BATCH_SIZE`).
     starts: VecDeque<Instant>,
 }
 
@@ -62,19 +63,37 @@ impl Pacer {
         state.starts = starts.into();
     }
 
-    /// Starts a send now if the window allows, recording the start; otherwise returns
-    /// when to ask again. An interval of zero means no limit.
-    pub fn try_start(&self, batch_size: u32, interval: Duration) -> Result<(), Instant> {
+    /// Starts a send of `units` now if the window allows, recording the start;
+    /// otherwise returns when to ask again: once, within the last interval, at most
+    /// `batch_size` units including these have started. An interval of zero means no
+    /// limit. A send of more units than `batch_size` never fits (the claim fails such
+    /// messages before they get here); it is refused for an interval at a time.
+    pub fn try_start(
+        &self,
+        units: u32,
+        batch_size: u32,
+        interval: Duration,
+    ) -> Result<(), Instant> {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let window = batch_size as usize;
-        if !interval.is_zero() && window > 0 && state.starts.len() >= window {
-            let free_at = state.starts[state.starts.len() - window] + interval;
-            if free_at > now {
-                return Err(free_at);
+        let (window, units) = (batch_size as usize, units.max(1) as usize);
+        if !interval.is_zero() && window > 0 {
+            if units > window {
+                return Err(now + interval);
+            }
+            // The start that must have aged out of the window: the one `window -
+            // units` places before the newest.
+            let len = state.starts.len();
+            if len + units > window {
+                let free_at = state.starts[len + units - window - 1] + interval;
+                if free_at > now {
+                    return Err(free_at);
+                }
             }
         }
-        state.starts.push_back(now);
+        for _ in 0..units {
+            state.starts.push_back(now);
+        }
         while state.starts.len() > MAX_BATCH_SIZE as usize {
             state.starts.pop_front();
         }
@@ -105,17 +124,32 @@ mod tests {
         let pacer = Pacer::default();
         let interval = Duration::from_secs(10);
         let before = Instant::now();
-        assert!(pacer.try_start(2, interval).is_ok());
-        assert!(pacer.try_start(2, interval).is_ok());
-        let free_at = pacer.try_start(2, interval).unwrap_err();
+        assert!(pacer.try_start(1, 2, interval).is_ok());
+        assert!(pacer.try_start(1, 2, interval).is_ok());
+        let free_at = pacer.try_start(1, 2, interval).unwrap_err();
         assert!(
             free_at >= before + interval,
             "the third waits for the first to age out"
         );
         assert!(
-            pacer.try_start(2, Duration::ZERO).is_ok(),
+            pacer.try_start(1, 2, Duration::ZERO).is_ok(),
             "interval 0: no limit"
         );
+    }
+
+    #[test]
+    fn a_send_of_several_segments_takes_as_many_places() {
+        let pacer = Pacer::default();
+        let interval = Duration::from_secs(10);
+        let before = Instant::now();
+        assert!(pacer.try_start(3, 5, interval).is_ok(), "3 of 5");
+        assert!(pacer.try_start(2, 5, interval).is_ok(), "5 of 5");
+        let free_at = pacer.try_start(1, 5, interval).unwrap_err();
+        assert!(
+            free_at >= before + interval,
+            "full until the first ages out"
+        );
+        assert!(pacer.try_start(6, 5, interval).is_err(), "never fits");
     }
 
     #[test]
@@ -125,7 +159,7 @@ mod tests {
         let now = Instant::now();
         // The previous leader's last two sends started 3 s and 1 s ago.
         pacer.seed(Epoch(7), now, &[3_000_000, 1_000_000]);
-        let free_at = pacer.try_start(2, interval).unwrap_err();
+        let free_at = pacer.try_start(1, 2, interval).unwrap_err();
         assert!(
             free_at >= now + Duration::from_millis(999),
             "waits for the older one"
@@ -133,10 +167,10 @@ mod tests {
         assert!(free_at <= now + Duration::from_millis(1_100));
         // Same term: our own history is not replaced.
         pacer.seed(Epoch(7), now, &[]);
-        assert!(pacer.try_start(2, interval).is_err());
+        assert!(pacer.try_start(1, 2, interval).is_err());
         // A new term with an empty record starts at once.
         pacer.seed(Epoch(8), now, &[]);
-        assert!(pacer.try_start(2, interval).is_ok());
+        assert!(pacer.try_start(1, 2, interval).is_ok());
         let ages = pacer.recent_ages_us(2);
         assert_eq!(ages.len(), 1);
         assert!(ages[0] >= 0);

@@ -81,7 +81,7 @@ async fn health(state: State) -> Response {
             "status": status,
             "processing_status": if running { "running" } else { "stopped" },
             "paused_reason": paused_reason,
-            "leader": state.leadership.current().is_some(),
+            "leader": state.leads_any(),
             "replica_id": state.config.replica_id,
             "version": BUILD,
             "dependencies": deps,
@@ -145,14 +145,17 @@ async fn metrics(state: State) -> Response {
                     .set(age.map_or(0.0, |age| age.as_secs_f64()));
             }
         }
-        if let Ok(Ok(control)) =
-            tokio::time::timeout(Duration::from_secs(2), state.store.control_record()).await
-        {
-            let schedule = state.configured_schedule().overridden_by(&control);
-            state
-                .metrics
-                .configured_rate
-                .set(schedule.rate_per_second());
+        for lane in &state.lanes {
+            if let Ok(Ok(control)) =
+                tokio::time::timeout(Duration::from_secs(2), lane.store.control_record()).await
+            {
+                let schedule = lane.configured_schedule().overridden_by(&control);
+                state
+                    .metrics
+                    .configured_rate
+                    .with_label_values(&[&lane.spec.name])
+                    .set(schedule.rate_per_second());
+            }
         }
     }
     warp::reply::with_header(

@@ -15,6 +15,7 @@ use super::{ApiError, State, body, json, respond, with_state};
 use crate::domain::{
     IdempotencyKey, MessageContent, MessageStatus, PhoneNumber, Priority, Region, parse_time,
 };
+use crate::state::AppState;
 use crate::store::{Inserted, ListFilter, Message, NewMessage, StatusChange};
 
 /// Most messages one `POST /api/messages` may create.
@@ -201,11 +202,22 @@ fn phone_filter(text: &str, region: Option<Region>) -> Result<String, String> {
     }
 }
 
+/// A lane filter must name a configured lane: a typo would show an empty list.
+fn known_lane(state: &AppState, lane: &str) -> Result<String, String> {
+    if state.lane(lane).is_some() {
+        Ok(lane.to_string())
+    } else {
+        let known: Vec<&str> = state.lanes.iter().map(|l| l.spec.name.as_str()).collect();
+        Err(format!(
+            "lane: there is no lane {lane:?}; configured: {}",
+            known.join(", ")
+        ))
+    }
+}
+
 /// The filters of `GET /api/messages`; a bad value is a 400 naming the parameter.
-fn list_filter(
-    query: &HashMap<String, String>,
-    region: Option<Region>,
-) -> Result<ListFilter, ApiError> {
+fn list_filter(state: &AppState, query: &HashMap<String, String>) -> Result<ListFilter, ApiError> {
+    let region = state.config.default_region;
     // An empty `status=` has always meant "any"; the other filters take what they get.
     let given = |name: &str| query.get(name).map(String::as_str);
     let status = match given("status").filter(|v| !v.is_empty()) {
@@ -228,17 +240,22 @@ fn list_filter(
             })
             .transpose()
     };
+    let lane = given("lane")
+        .filter(|v| !v.is_empty())
+        .map(|lane| known_lane(state, lane).map_err(ApiError::bad_request))
+        .transpose()?;
     Ok(ListFilter {
         status,
         phone_number,
         since: time("since")?,
         until: time("until")?,
+        lane,
     })
 }
 
 async fn list(state: State, query: HashMap<String, String>) -> Result<Response, ApiError> {
     let (limit, cursor) = page_params(&query)?;
-    let filter = list_filter(&query, state.config.default_region)?;
+    let filter = list_filter(&state, &query)?;
     let page = state.store.list_messages(&filter, cursor, limit).await?;
     let ids: Vec<i64> = page
         .messages
@@ -280,7 +297,9 @@ async fn get(state: State, id: i64) -> Result<Response, ApiError> {
 async fn retry(state: State, id: i64) -> Result<Response, ApiError> {
     let change = state.store.retry_failed(id).await?;
     let message = changed(change, id, "only failed messages can be retried")?;
-    state.wake.notify_one();
+    if let Some(lane) = state.lane(&message.lane) {
+        lane.wake.notify_one();
+    }
     Ok(json(StatusCode::OK, &DetailView::of(&message)))
 }
 
@@ -314,7 +333,6 @@ struct BulkFilter {
     since: Option<String>,
     #[serde(default)]
     until: Option<String>,
-    /// Only `default` until lanes are configured.
     #[serde(default)]
     lane: Option<String>,
 }
@@ -338,12 +356,13 @@ async fn bulk(state: State, body: Bytes, action: Bulk) -> Result<Response, ApiEr
             ),
         ));
     }
-    if let Some(lane) = filter.lane.as_deref().filter(|lane| *lane != "default") {
-        return Err(ApiError::validation(
-            "lane",
-            format!("there is no lane {lane:?}; only \"default\""),
-        ));
-    }
+    let lane = filter
+        .lane
+        .as_deref()
+        .map(|lane| {
+            known_lane(&state, lane).map_err(|problem| ApiError::validation("lane", problem))
+        })
+        .transpose()?;
     let region = state.config.default_region;
     let time = |name: &'static str, text: Option<String>| {
         text.map(|t| {
@@ -362,13 +381,14 @@ async fn bulk(state: State, body: Bytes, action: Bulk) -> Result<Response, ApiEr
             .transpose()?,
         since: time("since", filter.since)?,
         until: time("until", filter.until)?,
+        lane,
     };
     let changed = match action {
         Bulk::Retry => state.store.retry_all(&selection).await?,
         Bulk::Cancel => state.store.cancel_all(&selection).await?,
     };
     match action {
-        Bulk::Retry if changed > 0 => state.wake.notify_one(),
+        Bulk::Retry if changed > 0 => state.wake_all(),
         Bulk::Cancel => state.metrics.messages_cancelled.inc_by(changed),
         Bulk::Retry => {}
     }
@@ -409,13 +429,14 @@ async fn create(
         max_chars: state.config.message_max_length,
         max_segments: state.config.message_max_segments,
         region: state.config.default_region,
+        lanes: &state,
     };
     let (items, single) = body::one_or_many::<CreateMessage>(&body, MAX_CREATE, "message")?;
     let mut messages = items
         .into_iter()
         .enumerate()
         .map(|(index, item)| {
-            let message = item.validate(rules);
+            let message = item.validate(&rules);
             if single {
                 message
             } else {
@@ -460,8 +481,13 @@ async fn create(
         }
     };
     let any_created = rows.iter().any(|(_, created)| *created);
-    if any_created {
-        state.wake.notify_one();
+    for lane in &state.lanes {
+        if rows
+            .iter()
+            .any(|(message, created)| *created && message.lane == lane.spec.name)
+        {
+            lane.wake.notify_one();
+        }
     }
     let status = if any_created {
         StatusCode::CREATED
@@ -479,13 +505,14 @@ async fn create(
     }
 }
 
-/// What a message must obey at intake: `MESSAGE_MAX_LENGTH`, `MESSAGE_MAX_SEGMENTS`
-/// and the region national-format numbers are read in (`DEFAULT_REGION`).
-#[derive(Debug, Clone, Copy)]
-struct IntakeRules {
+/// What a message must obey at intake: `MESSAGE_MAX_LENGTH`, `MESSAGE_MAX_SEGMENTS`,
+/// the region national-format numbers are read in (`DEFAULT_REGION`), and the lanes
+/// (a named lane must exist; otherwise the routes choose).
+struct IntakeRules<'a> {
     max_chars: usize,
     max_segments: u32,
     region: Option<Region>,
+    lanes: &'a AppState,
 }
 
 /// One message of `POST /api/messages`, as sent. Unknown fields are refused (a typo
@@ -503,11 +530,14 @@ struct CreateMessage {
     expires_at: Option<String>,
     #[serde(default)]
     priority: Option<i64>,
+    /// The lane to send through; absent: the first route that matches, else `default`.
+    #[serde(default)]
+    lane: Option<String>,
 }
 
 impl CreateMessage {
     /// The message with every value checked (domain types), or a 422 naming the field.
-    fn validate(self, rules: IntakeRules) -> Result<NewMessage, ApiError> {
+    fn validate(self, rules: &IntakeRules) -> Result<NewMessage, ApiError> {
         let validation =
             |err: crate::domain::ValidationError| ApiError::validation(err.field, err.to_string());
         let time = |name: &'static str, text: Option<String>| {
@@ -524,11 +554,40 @@ impl CreateMessage {
                 ));
             }
         }
+        let phone_number =
+            PhoneNumber::parse(&self.phone_number, rules.region).map_err(validation)?;
+        let content = MessageContent::parse(&self.content, rules.max_chars, rules.max_segments)
+            .map_err(validation)?;
+        let state = rules.lanes;
+        let lane = match self.lane {
+            Some(lane) => {
+                known_lane(state, &lane).map_err(|problem| ApiError::validation("lane", problem))?
+            }
+            None => state
+                .config
+                .plan
+                .route(
+                    crate::domain::country_of(phone_number.as_str()).as_deref(),
+                    phone_number.as_str(),
+                )
+                .to_string(),
+        };
+        if let Some(spec) = state.lane(&lane).map(|l| &l.spec) {
+            let segments = crate::encoding::segment(content.as_str()).segments;
+            if spec.unit == crate::config::Unit::Segments && segments > spec.batch_size {
+                return Err(ApiError::validation(
+                    "content",
+                    format!(
+                        "content: takes {segments} SMS segments, more than lane {:?} sends per \
+                         interval ({})",
+                        spec.name, spec.batch_size
+                    ),
+                ));
+            }
+        }
         Ok(NewMessage {
-            phone_number: PhoneNumber::parse(&self.phone_number, rules.region)
-                .map_err(validation)?,
-            content: MessageContent::parse(&self.content, rules.max_chars, rules.max_segments)
-                .map_err(validation)?,
+            phone_number,
+            content,
             idempotency_key: self
                 .idempotency_key
                 .as_deref()
@@ -541,6 +600,7 @@ impl CreateMessage {
                 .priority
                 .map_or(Ok(Priority::default()), Priority::parse)
                 .map_err(validation)?,
+            lane,
         })
     }
 }

@@ -51,7 +51,7 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
 async fn set_running(state: State, running: bool) -> Result<Response, ApiError> {
     let by = format!("api@{}", state.config.replica_id);
     let changed = state.store.set_running(running, &by).await?;
-    state.wake.notify_one();
+    state.wake_all();
     if !running {
         // Answer only once the leader can start nothing more (see `FenceTiming`).
         let fence = FenceTiming::for_lease(state.config.lock.ttl);
@@ -80,7 +80,7 @@ async fn set_running(state: State, running: bool) -> Result<Response, ApiError> 
 /// The schedule in force, the configured (environment) values, and each override
 /// stored in PostgreSQL with who set it and when: an override shadows the
 /// environment, and the operator should see that, not guess it.
-fn schedule_json(configured: Schedule, control: &ControlRecord) -> Value {
+pub(super) fn schedule_json(configured: Schedule, control: &ControlRecord) -> Value {
     let schedule = configured.overridden_by(control);
     json!({
         "batch_size": schedule.batch_size,
@@ -118,7 +118,7 @@ async fn status(state: State) -> Result<Response, ApiError> {
         .holder
         .as_ref()
         .is_some_and(|holder| replicas.iter().any(|r| &r.replica_id == holder));
-    let term = state.leadership.current();
+    let term = state.default_lane().leadership.current();
     Ok(json(
         StatusCode::OK,
         &json!({
@@ -154,7 +154,7 @@ async fn update_config(state: State, body: Bytes) -> Result<Response, ApiError> 
     let change = body::parse::<ConfigChange>(&body)?.validate()?;
     let by = format!("api@{}", state.config.replica_id);
     let control = state.store.set_overrides(&change, &by).await?;
-    state.wake.notify_one();
+    state.default_lane().wake.notify_one();
     tracing::info!(?change, "runtime configuration changed through the API");
     Ok(json(
         StatusCode::OK,
@@ -166,7 +166,7 @@ async fn update_config(state: State, body: Bytes) -> Result<Response, ApiError> 
 /// back to the configured value, a value = the new override.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ConfigChange {
+pub(super) struct ConfigChange {
     #[serde(default, deserialize_with = "present")]
     batch_size: Option<Option<serde_json::Number>>,
     #[serde(default, deserialize_with = "present")]
@@ -184,7 +184,7 @@ where
 }
 
 impl ConfigChange {
-    fn validate(self) -> Result<OverrideChange, ApiError> {
+    pub(super) fn validate(self) -> Result<OverrideChange, ApiError> {
         let check = |name: &'static str, problem: String| {
             ApiError::validation(name, format!("{name} {problem}"))
         };

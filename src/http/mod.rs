@@ -12,6 +12,7 @@ mod console;
 mod error;
 mod guard;
 mod health;
+mod lanes;
 mod messages;
 mod messaging;
 mod openapi;
@@ -51,6 +52,8 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         receipts::routes(state.clone())
             .or(authorized(state.clone()).and(
                 messaging::routes(state.clone())
+                    .or(lanes::routes(state.clone()))
+                    .unify()
                     .or(activity::routes(state.clone()))
                     .unify()
                     .or(messages::routes(state.clone()))

@@ -37,6 +37,9 @@ const STATUSES: [&str; 6] = [
     "cancelled",
 ];
 
+/// A lane's name, as `DISPATCH_CONFIG` allows it.
+const LANE_PATTERN: &str = "^[a-z0-9][a-z0-9_-]{0,31}$";
+
 /// An idempotency key: 1–255 visible ASCII characters.
 const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,255}$";
 
@@ -115,7 +118,7 @@ fn bulk_filter(status: &str) -> Value {
             "phone_number": {"type": ["string", "null"], "pattern": "^\\+?[0-9]+$", "minLength": 1, "maxLength": 20, "description": "E.164 (or national with DEFAULT_REGION), or exactly as stored"},
             "since": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "created at or after"},
             "until": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "created before"},
-            "lane": {"enum": ["default", null], "description": "the only lane until lanes are configured"}
+            "lane": {"type": ["string", "null"], "pattern": LANE_PATTERN, "description": "a configured lane (GET /api/lanes)"}
         }
     })
 }
@@ -258,7 +261,8 @@ fn schemas(max_content_chars: usize) -> Value {
                 "idempotency_key": {"type": ["string", "null"], "pattern": IDEMPOTENCY_KEY_PATTERN, "description": "a repeat with the same key and payload returns the original message (200); a different payload gets 409"},
                 "send_at": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "not dispatched before this time (RFC 3339 with offset; a past value means now)"},
                 "expires_at": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "never sent at or after this time (status expired); must be after send_at"},
-                "priority": {"type": ["integer", "null"], "minimum": 0, "maximum": 3, "description": "SMPP priority_flag, 3 most urgent; default 0"}
+                "priority": {"type": ["integer", "null"], "minimum": 0, "maximum": 3, "description": "SMPP priority_flag, 3 most urgent; default 0"},
+                "lane": {"type": ["string", "null"], "pattern": LANE_PATTERN, "description": "the lane to send through (GET /api/lanes); absent: the first route that matches the number, else default. An unknown lane is a 422."}
             }
         },
         "Receipt": {
@@ -301,7 +305,7 @@ fn schemas(max_content_chars: usize) -> Value {
         "Message": {
             "type": "object",
             "required": ["id", "phone_number", "country", "delivery_key", "content", "status", "sent", "attempts", "next_attempt_at", "created_at", "sent_at", "message_id", "last_error", "cached_at",
-                         "idempotency_key", "send_at", "expires_at", "priority", "encoding", "segments", "delivery_status", "delivered_at", "delivery_error"],
+                         "idempotency_key", "send_at", "expires_at", "priority", "lane", "encoding", "segments", "delivery_status", "delivered_at", "delivery_error"],
             "properties": {
                 "id": {"type": "integer", "format": "int64"},
                 "phone_number": {"type": "string"},
@@ -313,6 +317,7 @@ fn schemas(max_content_chars: usize) -> Value {
                 "send_at": nullable_timestamp,
                 "expires_at": nullable_timestamp,
                 "priority": {"type": "integer", "minimum": 0, "maximum": 3},
+                "lane": {"type": "string", "description": "the lane it is sent through"},
                 "encoding": {"enum": ["gsm7", "ucs2"]},
                 "segments": {"type": "integer", "minimum": 1},
                 "delivery_status": {"enum": ["delivered", "undelivered", "failed", null]},
@@ -381,6 +386,41 @@ fn schemas(max_content_chars: usize) -> Value {
         },
         "RetryFilter": bulk_filter("failed"),
         "CancelFilter": bulk_filter("pending"),
+        "Lanes": {
+            "type": "object",
+            "required": ["lanes"],
+            "properties": {"lanes": {"type": "array", "items": {
+                "type": "object",
+                "required": ["name", "leader", "running", "paused_reason", "batch_size", "interval", "unit", "pending", "sending", "sent_last_minute", "providers"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "leader": {"type": ["object", "null"], "properties": {"replica_id": {"type": "string"}, "epoch": {"type": "integer"}, "since": nullable_timestamp}},
+                    "assigned_to": {"type": ["string", "null"], "description": "the replica the spread prefers for this lane"},
+                    "running": {"type": "boolean"},
+                    "paused_reason": {"type": ["string", "null"]},
+                    "batch_size": {"type": "integer", "minimum": 1},
+                    "interval": {"type": "string"},
+                    "interval_ms": {"type": "integer"},
+                    "unit": {"enum": ["messages", "segments"]},
+                    "send_concurrency": {"type": "integer"},
+                    "configured_rate_per_second": {"type": ["number", "null"], "description": "null: no limit (interval 0)"},
+                    "achieved_rate_per_second": {"type": "number", "description": "sends in the last minute / 60"},
+                    "pending": {"type": "integer"},
+                    "sending": {"type": "integer"},
+                    "sent_last_minute": {"type": "integer"},
+                    "last_batch_at": nullable_timestamp,
+                    "providers": {"type": "array", "items": {"type": "object", "required": ["name", "kind", "state"], "properties": {
+                        "name": {"type": "string"}, "kind": {"type": "string"}, "state": {"enum": ["closed", "open", "half_open"]}
+                    }}},
+                    "config": schema_ref("Schedule")
+                }
+            }}}
+        },
+        "LaneControlAnswer": {
+            "type": "object",
+            "required": ["lane", "status", "changed"],
+            "properties": {"lane": {"type": "string"}, "status": {"enum": ["started", "running", "stopped"]}, "changed": {"type": "boolean"}}
+        },
         "ControlAnswer": {
             "type": "object",
             "required": ["status", "message"],
@@ -478,6 +518,7 @@ fn schemas(max_content_chars: usize) -> Value {
 }
 
 fn paths() -> Value {
+    let lane_param = json!({"name": "name", "in": "path", "required": true, "description": "a configured lane", "schema": {"type": "string", "minLength": 1, "maxLength": 64}});
     let page_params = json!([
         {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
         {"name": "cursor", "in": "query", "required": false, "description": "next_cursor of the previous page", "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": i64::MAX}}
@@ -550,6 +591,46 @@ fn paths() -> Value {
                 ("422", error_response("invalid value or unknown field"))
             ]))
         }},
+        "/api/lanes": {"get": {
+            "summary": "Each lane: leader, schedule, queue, providers",
+            "operationId": "lanes",
+            "security": [{"bearer": []}],
+            "responses": api_errors(responses(&[("200", json_response("the lanes", schema_ref("Lanes")))]))
+        }},
+        "/api/lanes/{name}/start": {"post": {
+            "summary": "Start one lane",
+            "operationId": "startLane",
+            "security": [{"bearer": []}],
+            "parameters": [lane_param.clone()],
+            "responses": api_errors(responses(&[
+                ("200", json_response("started (or already running)", schema_ref("LaneControlAnswer"))),
+                ("404", error_response("no such lane"))
+            ]))
+        }},
+        "/api/lanes/{name}/stop": {"post": {
+            "summary": "Stop one lane; no new send of it starts after this returns",
+            "operationId": "stopLane",
+            "security": [{"bearer": []}],
+            "parameters": [lane_param.clone()],
+            "responses": api_errors(responses(&[
+                ("200", json_response("stopped", schema_ref("LaneControlAnswer"))),
+                ("404", error_response("no such lane"))
+            ]))
+        }},
+        "/api/lanes/{name}/config": {"put": {
+            "summary": "Change one lane's batch size and/or interval (null clears an override)",
+            "operationId": "updateLaneConfig",
+            "security": [{"bearer": []}],
+            "parameters": [lane_param],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("ConfigChange")}}},
+            "responses": api_errors(responses(&[
+                ("200", json_response("the lane's schedule now in force", schema_ref("Schedule"))),
+                ("400", error_response("not JSON")),
+                ("404", error_response("no such lane")),
+                ("413", error_response("body over 1 MiB")),
+                ("422", error_response("invalid value or unknown field"))
+            ]))
+        }},
         "/api/messages": {
             "get": {
                 "summary": "Messages of any status, newest first",
@@ -560,7 +641,8 @@ fn paths() -> Value {
                         json!({"name": "status", "in": "query", "required": false, "description": "empty: any status", "schema": {"enum": STATUSES.iter().copied().chain([""]).collect::<Vec<_>>()}}),
                         json!({"name": "phone_number", "in": "query", "required": false, "description": "the number, in E.164 (or national with DEFAULT_REGION), or exactly as stored", "schema": {"type": "string", "pattern": "^\\+?[0-9]+$", "minLength": 1, "maxLength": 20}}),
                         json!({"name": "since", "in": "query", "required": false, "description": "created_at at or after (RFC 3339)", "schema": {"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}}),
-                        json!({"name": "until", "in": "query", "required": false, "description": "created_at before (RFC 3339)", "schema": {"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}})
+                        json!({"name": "until", "in": "query", "required": false, "description": "created_at before (RFC 3339)", "schema": {"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}}),
+                        json!({"name": "lane", "in": "query", "required": false, "description": "a configured lane; empty: any", "schema": {"type": "string", "maxLength": 32}})
                     ])
                     .collect::<Vec<_>>(),
                 "responses": api_errors(responses(&[

@@ -60,6 +60,22 @@ pub trait ElectionBackend: Send + Sync + 'static {
         &self,
         epoch: Epoch,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The leader's liveness beat in Redis, `seq` its count in this term; it lives
+    /// `lives` (docs/design.md#a-stalled-leader).
+    fn beat(
+        &self,
+        token: &LeaseToken,
+        seq: u64,
+        lives: Duration,
+    ) -> impl Future<Output = Result<(), LeaseError>> + Send;
+    /// Whether anyone holds the lease now (a follower leaving a lane to its assignee).
+    fn lease_held(&self) -> impl Future<Output = Result<bool, LeaseError>> + Send;
+    /// Resolves once this follower fenced out a stalled leader and took its lease over.
+    fn stalled_leader(
+        &self,
+        fence: FenceTiming,
+        replica_id: &str,
+    ) -> impl Future<Output = Takeover<()>> + Send;
     /// Resolves once this follower took the lease over from a dead leader.
     fn dead_leader(
         &self,
@@ -120,6 +136,18 @@ impl ElectionBackend for LiveElection {
 
     async fn clear_leader_session(&self, epoch: Epoch) -> Result<(), StoreError> {
         self.store.clear_leader_session(epoch).await
+    }
+
+    async fn beat(&self, token: &LeaseToken, seq: u64, lives: Duration) -> Result<(), LeaseError> {
+        Ok(self.lease.beat(token, seq, lives).await?)
+    }
+
+    async fn lease_held(&self) -> Result<bool, LeaseError> {
+        Ok(self.lease.holder_token().await?.is_some())
+    }
+
+    async fn stalled_leader(&self, fence: FenceTiming, replica_id: &str) -> Takeover<()> {
+        takeover::for_a_stalled_leader(&self.store, &self.lease, fence, replica_id).await
     }
 
     async fn dead_leader(

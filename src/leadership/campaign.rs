@@ -1,8 +1,10 @@
 //! One replica's campaign: which election runs (Redis lease or single-replica mode),
-//! when it starts (once the schema exists), and the listener that turns a leaving
-//! leader's announcement into an immediate attempt by the followers.
+//! one per lane (docs/design.md#lanes), when it starts (once the schema exists), and
+//! the listener that turns a leaving leader's announcement into an immediate attempt
+//! by the followers.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::Retryable;
@@ -14,14 +16,14 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::{
-    Elector, FenceTiming, Leadership, LeaseTiming, LiveElection, RedisLease, run_redis_elector,
-    run_single_replica,
+    Elector, FenceTiming, Leadership, LeaseTiming, LiveElection, RedisLease, Spread,
+    run_redis_elector, run_single_replica,
 };
 use crate::config::LockConfig;
 use crate::metrics::Metrics;
 use crate::redis;
 use crate::retry::connect_backoff;
-use crate::store::Store;
+use crate::store::{DEFAULT_LANE, Store};
 
 /// What one replica's campaign needs.
 pub struct Campaign {
@@ -33,8 +35,44 @@ pub struct Campaign {
     pub redis: Client,
     /// The pub/sub connection for release announcements (lock mode only).
     pub subscriber: Option<SubscriberClient>,
-    pub leadership: Arc<Leadership>,
+    /// Each lane, and this replica's view of its leadership.
+    pub lanes: Vec<Arc<Leadership>>,
+    pub spread: Arc<Spread>,
     pub metrics: Arc<Metrics>,
+}
+
+/// The Redis key of a lane's lease: `DISTRIBUTED_LOCK_KEY` itself for `default`, so a
+/// rolling upgrade from a release without lanes keeps one leader.
+pub fn lane_lock_key(base: &str, lane: &str) -> String {
+    if lane == DEFAULT_LANE {
+        base.to_string()
+    } else {
+        format!("{base}:lane:{lane}")
+    }
+}
+
+/// A lane's "the leader let the lock go" announcements, from the release listener to
+/// the lane's elector, with the announcing replica's id.
+#[derive(Default)]
+pub struct ReleaseSignal {
+    notify: Notify,
+    announcer: Mutex<Option<String>>,
+}
+
+impl ReleaseSignal {
+    pub fn raise(&self, announcer: Option<String>) {
+        *self.announcer.lock().unwrap_or_else(|p| p.into_inner()) = announcer;
+        self.notify.notify_one();
+    }
+
+    /// Waits for the next announcement; the announcer, when it said who it is.
+    pub async fn wait(&self) -> Option<String> {
+        self.notify.notified().await;
+        self.announcer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
 }
 
 /// Runs the election in the configured mode once the schema exists, until `resign`
@@ -58,55 +96,88 @@ pub async fn run(
     }
     let lock = &campaign.lock;
     let fence = FenceTiming::for_lease(lock.ttl);
-    if !lock.enabled {
-        run_single_replica(
-            LiveElection {
-                lease: RedisLease::new(campaign.redis.clone(), lock.key.clone(), lock.ttl),
-                store: campaign.store,
-            },
-            campaign.leadership,
-            campaign.replica_id,
-            fence,
-            resign,
+    let lease_of = |lane: &str| {
+        RedisLease::new(
+            campaign.redis.clone(),
+            lane_lock_key(&lock.key, lane),
+            lock.ttl,
         )
-        .await;
-        return;
-    }
-    let lease = RedisLease::new(campaign.redis.clone(), lock.key.clone(), lock.ttl);
-    let released = Arc::new(Notify::new());
-    if let Some(subscriber) = campaign.subscriber {
-        tasks.spawn(
-            listen_for_releases(
-                subscriber,
-                campaign.redis.clone(),
-                lease.release_channel(),
-                released.clone(),
-                shutdown,
-            )
-            .in_current_span(),
-        );
-    }
-    let elector = Elector {
-        backend: LiveElection {
-            lease,
-            store: campaign.store,
-        },
-        timing: LeaseTiming {
-            ttl: lock.ttl,
-            retry_interval: lock.retry_interval,
-        },
-        leadership: campaign.leadership,
-        metrics: campaign.metrics,
-        replica_id: campaign.replica_id,
-        released,
-        fence,
     };
-    run_redis_elector(elector, resign).await;
+    let mut electors = Vec::with_capacity(campaign.lanes.len());
+    if !lock.enabled {
+        for leadership in &campaign.lanes {
+            let lane = leadership.lane();
+            let span = tracing::info_span!("lane", lane = %lane);
+            electors.push(tokio::spawn(
+                run_single_replica(
+                    LiveElection {
+                        lease: lease_of(lane),
+                        store: campaign.store.for_lane(lane),
+                    },
+                    leadership.clone(),
+                    campaign.replica_id.clone(),
+                    fence,
+                    resign.clone(),
+                )
+                .instrument(span),
+            ));
+        }
+    } else {
+        let signals: Vec<(String, Arc<ReleaseSignal>)> = campaign
+            .lanes
+            .iter()
+            .map(|leadership| {
+                (
+                    lease_of(leadership.lane()).release_channel(),
+                    Arc::default(),
+                )
+            })
+            .collect();
+        if let Some(subscriber) = campaign.subscriber {
+            tasks.spawn(
+                listen_for_releases(
+                    subscriber,
+                    campaign.redis.clone(),
+                    signals.iter().cloned().collect(),
+                    format!("{}:released:probe", lane_lock_key(&lock.key, DEFAULT_LANE)),
+                    shutdown,
+                )
+                .in_current_span(),
+            );
+        }
+        for (leadership, (_, released)) in campaign.lanes.iter().zip(signals) {
+            let lane = leadership.lane();
+            let elector = Elector {
+                backend: LiveElection {
+                    lease: lease_of(lane),
+                    store: campaign.store.for_lane(lane),
+                },
+                lane: lane.to_string(),
+                timing: LeaseTiming {
+                    ttl: lock.ttl,
+                    retry_interval: lock.retry_interval,
+                },
+                leadership: leadership.clone(),
+                metrics: campaign.metrics.clone(),
+                replica_id: campaign.replica_id.clone(),
+                released,
+                fence,
+                spread: campaign.spread.clone(),
+            };
+            let span = tracing::info_span!("lane", lane = %lane);
+            electors.push(tokio::spawn(
+                run_redis_elector(elector, resign.clone()).instrument(span),
+            ));
+        }
+    }
+    for elector in electors {
+        let _ = elector.await;
+    }
 }
 
-/// The release channel, and the channel a replica checks its subscription on.
+/// The lanes' release channels, and the channel a replica checks its subscription on.
 struct ReleaseChannels {
-    released: String,
+    released: HashMap<String, Arc<ReleaseSignal>>,
     probe: String,
     /// Starts this listener's probes; other replicas' probes on the channel are ignored.
     probe_prefix: String,
@@ -115,20 +186,21 @@ struct ReleaseChannels {
 /// How long a probe may take to come back before the subscription counts as missing.
 const PROBE_WAIT: Duration = Duration::from_secs(2);
 
-/// Forwards "leader released the lock" announcements to the elector.
+/// Forwards "leader released the lock" announcements to the lanes' electors. `probe`
+/// is the default lane's probe channel (`<key>:released:probe`), as before lanes.
 async fn listen_for_releases(
     subscriber: SubscriberClient,
     commands: Client,
-    release_channel: String,
-    released: Arc<Notify>,
+    released: HashMap<String, Arc<ReleaseSignal>>,
+    probe: String,
     shutdown: CancellationToken,
 ) {
     if !redis::connect(&subscriber, "subscriber", &shutdown).await {
         return;
     }
     let channels = ReleaseChannels {
-        probe: format!("{release_channel}:probe"),
-        released: release_channel,
+        probe,
+        released,
         probe_prefix: format!("{:016x}:", rand::random::<u64>()),
     };
     // The last of this listener's probes that came back.
@@ -144,7 +216,17 @@ async fn listen_for_releases(
                         probe_seen.send_replace(probe);
                     }
                 }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => released.notify_one(),
+                Ok(message) => {
+                    if let Some(signal) = channels.released.get(&*message.channel) {
+                        signal.raise(message.value.as_string());
+                    }
+                }
+                // Announcements were lost: every lane tries at once.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    for signal in channels.released.values() {
+                        signal.raise(None);
+                    }
+                }
                 Err(broadcast::error::RecvError::Closed) => break,
             }
         }
@@ -199,9 +281,9 @@ async fn confirmed_subscription(
     channels: &ReleaseChannels,
     mut probes: watch::Receiver<String>,
 ) -> anyhow::Result<()> {
-    subscriber
-        .subscribe(vec![channels.released.clone(), channels.probe.clone()])
-        .await?;
+    let mut names: Vec<String> = channels.released.keys().cloned().collect();
+    names.push(channels.probe.clone());
+    subscriber.subscribe(names).await?;
     let probe = format!("{}{:016x}", channels.probe_prefix, rand::random::<u64>());
     let _receivers: i64 = commands.publish(&channels.probe, probe.as_str()).await?;
     tokio::time::timeout(PROBE_WAIT, probes.wait_for(|seen| *seen == probe))

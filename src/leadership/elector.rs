@@ -6,12 +6,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use backon::Retryable;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{ElectionBackend, LiveElection};
 use super::fence::FenceTiming;
-use super::{Leadership, Term};
+use super::{Leadership, ReleaseSignal, Spread, Term};
 use crate::domain::{Epoch, LeaseToken};
 use crate::metrics::Metrics;
 use crate::retry::connect_backoff;
@@ -42,21 +41,27 @@ impl LeaseTiming {
     }
 }
 
-/// Everything the Redis elector needs.
+/// Everything the Redis elector of one lane needs.
 pub struct Elector<B = LiveElection> {
-    /// The lease in Redis and the fence in PostgreSQL.
+    /// The lane's lease in Redis and its fence row in PostgreSQL.
     pub backend: B,
+    /// The lane's name.
+    pub lane: String,
     pub timing: LeaseTiming,
     pub leadership: Arc<Leadership>,
     pub metrics: Arc<Metrics>,
     pub replica_id: String,
-    /// Notified when a leaving leader announces the lock is free.
-    pub released: Arc<Notify>,
+    /// Raised when a leaving leader announces the lane's lock is free.
+    pub released: Arc<ReleaseSignal>,
     pub fence: FenceTiming,
+    /// Which replica should lead which lane (docs/design.md#spread).
+    pub spread: Arc<Spread>,
 }
 
 enum TermEnd {
     Resigned,
+    /// Given to the replica the lane is assigned to (docs/design.md#spread).
+    HandedOver,
     Lost(&'static str),
     /// Fenced out by a newer epoch, or PostgreSQL unreachable for too long.
     Abandoned,
@@ -67,10 +72,10 @@ struct Acquired<S> {
     token: LeaseToken,
     /// When the winning attempt started: the lease is measured from then.
     started: Instant,
-    /// Set when it was taken over from a dead leader: the epoch already bumped on the
-    /// session holding the leader lock (whose old term's sends are all over), and that
-    /// session.
-    takeover: Option<(Epoch, S)>,
+    /// Set when it was taken over from a dead or stalled leader: the epoch already
+    /// bumped, and (from a dead leader) the session holding the leader lock, whose old
+    /// term's sends are all over.
+    takeover: Option<(Epoch, Option<S>)>,
 }
 
 /// Ends a term's fence session: first the fence row forgets it (so followers do not
@@ -103,7 +108,7 @@ pub async fn run_redis_elector<B: ElectionBackend>(elector: Elector<B>, resign: 
         let deadline = attempt_started + elector.timing.ttl - elector.timing.drift();
         let (epoch, session) = match takeover {
             // Bumped already, on the session that holds the leader lock.
-            Some((epoch, session)) => (Ok(Ok(epoch)), Some(session)),
+            Some((epoch, session)) => (Ok(Ok(epoch)), session),
             // The old leader may start a send until a fence window after this bump.
             None => (
                 tokio::time::timeout(
@@ -152,6 +157,12 @@ pub async fn run_redis_elector<B: ElectionBackend>(elector: Elector<B>, resign: 
                 elector.release(&token, true).await;
                 return;
             }
+            TermEnd::HandedOver => {
+                elector
+                    .leadership
+                    .end(&term, "handed over to the replica the lane is assigned to");
+                elector.release(&token, true).await;
+            }
             TermEnd::Lost(reason) => {
                 elector.leadership.end(&term, reason);
                 elector.release(&token, false).await;
@@ -185,6 +196,13 @@ impl<B: ElectionBackend> Elector<B> {
             self.backend
                 .dead_leader(self.fence, self.timing.retry_interval, &self.replica_id);
         let mut dead_leader = std::pin::pin!(dead_leader);
+        let stalled_leader = self.backend.stalled_leader(self.fence, &self.replica_id);
+        let mut stalled_leader = std::pin::pin!(stalled_leader);
+        // A replica that just let this lane go: it counts as gone when deciding whose
+        // lane it is now.
+        let mut leaving: Option<String> = None;
+        // Since when the lease has been seen free while assigned to another replica.
+        let mut free_since: Option<Instant> = None;
         loop {
             if resign.is_cancelled() {
                 return None;
@@ -207,8 +225,18 @@ impl<B: ElectionBackend> Elector<B> {
                     continue;
                 }
             }
+            let mut attempt = self.spread.may_lead(&self.lane);
+            if attempt && !self.spread.prefers_me(&self.lane, leaving.as_deref()) {
+                attempt = self.lease_left_free(&mut free_since).await;
+            }
+            leaving = None;
             let started = Instant::now();
-            match self.backend.try_acquire().await {
+            let outcome = if attempt {
+                self.backend.try_acquire().await
+            } else {
+                Ok(None)
+            };
+            match outcome {
                 Ok(Some(token)) => {
                     self.metrics.lock_op("acquire", "ok");
                     if !*redis_ok {
@@ -221,6 +249,7 @@ impl<B: ElectionBackend> Elector<B> {
                         takeover: None,
                     });
                 }
+                Ok(None) if !attempt => {}
                 Ok(None) => {
                     self.metrics.lock_op("acquire", "busy");
                     if !*redis_ok {
@@ -239,17 +268,44 @@ impl<B: ElectionBackend> Elector<B> {
             tokio::select! {
                 () = resign.cancelled() => return None,
                 () = tokio::time::sleep(self.timing.follower_wait()) => {}
-                () = self.released.notified() => {}
+                announcer = self.released.wait() => leaving = announcer,
                 takeover = &mut dead_leader => {
                     self.metrics.lock_op("acquire", "ok");
                     tracing::info!("took the lock over from a dead leader");
                     return Some(Acquired {
                         token: takeover.token,
                         started: takeover.started,
-                        takeover: Some((takeover.epoch, takeover.session)),
+                        takeover: Some((takeover.epoch, Some(takeover.session))),
+                    });
+                }
+                takeover = &mut stalled_leader => {
+                    self.metrics.lock_op("acquire", "ok");
+                    tracing::info!("took the lock over from a stalled leader");
+                    return Some(Acquired {
+                        token: takeover.token,
+                        started: takeover.started,
+                        takeover: Some((takeover.epoch, None)),
                     });
                 }
             }
+        }
+    }
+
+    /// For a lane assigned to another replica: whether to compete for it now. Only once
+    /// its lease has been seen free for a whole retry interval, which gives its assignee
+    /// the first chance; a lease that is held restarts the wait.
+    async fn lease_left_free(&self, free_since: &mut Option<Instant>) -> bool {
+        match self.backend.lease_held().await {
+            Ok(true) => {
+                *free_since = None;
+                false
+            }
+            Ok(false) => {
+                let since = *free_since.get_or_insert_with(Instant::now);
+                since.elapsed() >= self.timing.retry_interval
+            }
+            // The attempt reports Redis's state.
+            Err(_) => true,
         }
     }
 
@@ -258,10 +314,29 @@ impl<B: ElectionBackend> Elector<B> {
     /// and another replica may already hold it.
     async fn keep(&self, token: &LeaseToken, term: &Term, resign: &CancellationToken) -> TermEnd {
         let mut next_extend = Instant::now() + self.timing.extend_every();
+        let mut next_spread_check = Instant::now() + self.timing.retry_interval;
+        let beat_every = super::takeover::beat_every(self.fence);
+        let mut next_beat = Instant::now();
+        let mut beats: u64 = 0;
         loop {
             tokio::select! {
                 biased;
                 () = resign.cancelled() => return TermEnd::Resigned,
+                () = tokio::time::sleep_until(next_beat) => {
+                    beats += 1;
+                    // Bounded: a slow Redis must not hold up the extension below.
+                    let beat = self.backend.beat(token, beats, beat_every * 8);
+                    if let Ok(Err(err)) = tokio::time::timeout(beat_every, beat).await {
+                        tracing::debug!(error = %err, "liveness beat not written");
+                    }
+                    next_beat = Instant::now() + beat_every;
+                }
+                () = tokio::time::sleep_until(next_spread_check) => {
+                    if self.spread.should_hand_over(&self.lane) {
+                        return TermEnd::HandedOver;
+                    }
+                    next_spread_check = Instant::now() + self.timing.retry_interval;
+                }
                 () = self.leadership.abandoned.notified() => {
                     if term.is_revoked() {
                         return TermEnd::Abandoned;

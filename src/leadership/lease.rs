@@ -135,4 +135,31 @@ impl RedisLease {
     pub async fn holder_token(&self) -> Result<Option<String>, Error> {
         self.client.get(&self.key).await
     }
+
+    /// The key of the leader's liveness beat: see [`RedisLease::beat`].
+    fn alive_key(&self) -> String {
+        format!("{}:alive", self.key)
+    }
+
+    /// The leader's liveness beat in Redis (docs/design.md#a-stalled-leader): a value
+    /// that changes with every beat, `<token>:<seq>`, living a few beats. Followers
+    /// take a leader for stalled only when its fence session in PostgreSQL and this
+    /// beat have both stood still, so a blip on one path alone moves nothing.
+    pub async fn beat(&self, token: &LeaseToken, seq: u64, lives: Duration) -> Result<(), Error> {
+        let ms = i64::try_from(lives.as_millis()).unwrap_or(i64::MAX).max(1);
+        self.client
+            .set::<(), _, _>(
+                self.alive_key(),
+                format!("{}:{seq}", token.as_str()),
+                Some(Expiration::PX(ms)),
+                None,
+                false,
+            )
+            .await
+    }
+
+    /// The leader's last beat, if it is still alive in Redis.
+    pub async fn last_beat(&self) -> Result<Option<String>, Error> {
+        self.client.get(self.alive_key()).await
+    }
 }

@@ -13,14 +13,16 @@ pub mod campaign;
 mod elector;
 pub mod fence;
 mod lease;
+pub mod spread;
 pub mod takeover;
 mod term;
 mod view;
 
 pub use backend::{ElectionBackend, LeaseError, LiveElection};
-pub use campaign::Campaign;
+pub use campaign::{Campaign, ReleaseSignal, lane_lock_key};
 pub use elector::{Elector, LeaseTiming, run_redis_elector, run_single_replica};
 pub use fence::FenceTiming;
 pub use lease::RedisLease;
+pub use spread::Spread;
 pub use term::{Permit, Term};
 pub use view::Leadership;

@@ -161,3 +161,118 @@ async fn attempt(
 fn text(err: StoreError) -> String {
     err.to_string()
 }
+
+/// How often a follower looks at the leader's fence session for signs of life.
+fn stall_poll(fence: FenceTiming) -> Duration {
+    fence.window / 2
+}
+
+/// How often a leader writes its liveness beat in Redis (250 ms with the default
+/// lease), as often as a follower looks.
+pub fn beat_every(fence: FenceTiming) -> Duration {
+    fence.window / 2
+}
+
+/// How long the leader's fence session must show no new statement, in this follower's
+/// continuous watch, before the leader counts as stalled: two fence windows, eight of
+/// the leader's confirmations (1 s with the default lease).
+pub fn stall_after(fence: FenceTiming) -> Duration {
+    fence.window * 2
+}
+
+/// Watches the leader's fence session and its liveness beat in Redis until both stand
+/// still for [`stall_after`], then fences the leader out and takes its lease over
+/// (docs/design.md#a-stalled-leader). Both, so that a blip on the leader's path to one
+/// of them moves nothing: only a leader that stopped running (or lost both paths) is
+/// replaced. A stall counts only when seen by this follower's own successive readings:
+/// after a pause of PostgreSQL, Redis or this follower, the first reading starts the
+/// watch afresh, so a blip that stopped everyone never looks like a stalled leader.
+/// The takeover is a compare-and-set on the term, the session and its last statement,
+/// so a leader that ran one statement meanwhile keeps its term.
+pub async fn for_a_stalled_leader(
+    store: &Store,
+    lease: &RedisLease,
+    fence: FenceTiming,
+    replica_id: &str,
+) -> Takeover<()> {
+    type Reading = (crate::store::fence::StallReading, Option<String>);
+    let mut watched: Option<(Reading, Instant)> = None;
+    loop {
+        tokio::time::sleep(stall_poll(fence)).await;
+        let reading = match store.stall_reading().await {
+            Ok(Some(reading)) => reading,
+            Ok(None) | Err(_) => {
+                watched = None;
+                continue;
+            }
+        };
+        // A beat of this term only: a newer term's, or none (the key lived out).
+        let beat = match lease.last_beat().await {
+            Ok(beat) => beat.filter(|beat| beat.starts_with(&reading.lease_token)),
+            Err(_) => {
+                watched = None;
+                continue;
+            }
+        };
+        let reading: Reading = (reading, beat);
+        let since = match &watched {
+            Some((seen, since)) if *seen == reading => *since,
+            _ => {
+                watched = Some((reading, Instant::now()));
+                continue;
+            }
+        };
+        let (reading, _) = reading;
+        if since.elapsed() < stall_after(fence) {
+            continue;
+        }
+        watched = None;
+        let token = LeaseToken::generate();
+        let epoch = match store
+            .take_over_stalled_term(
+                &reading,
+                replica_id,
+                token.as_str(),
+                fence.window,
+                stall_after(fence) * 2,
+            )
+            .await
+        {
+            Ok(Some(epoch)) => epoch,
+            Ok(None) => continue,
+            Err(err) => {
+                tracing::debug!(error = %err, "could not fence out a stalled leader");
+                continue;
+            }
+        };
+        let started = Instant::now();
+        tracing::warn!(
+            epoch = reading.epoch.0,
+            new_epoch = epoch.0,
+            stalled_ms = since.elapsed().as_millis() as u64,
+            "the leader's PostgreSQL session has run nothing; fenced it out"
+        );
+        match lease.take_over(&reading.lease_token, &token).await {
+            Ok(true) => {
+                return Takeover {
+                    epoch,
+                    token,
+                    started,
+                    session: (),
+                };
+            }
+            outcome => {
+                if let Err(err) = outcome {
+                    tracing::warn!(
+                        epoch = epoch.0,
+                        error = %err.details(),
+                        "fenced out a stalled leader but Redis did not answer; letting the lane go"
+                    );
+                }
+                if let Err(err) = store.clear_leader_session(epoch).await {
+                    tracing::debug!(error = %err, "could not clear the leader session");
+                }
+            }
+        }
+    }
+}

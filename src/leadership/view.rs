@@ -18,15 +18,23 @@ pub struct Leadership {
     /// unreachable for too long).
     pub(super) abandoned: Notify,
     metrics: Arc<Metrics>,
+    /// The lane this is the leadership of.
+    lane: String,
 }
 
 impl Leadership {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, lane: &str) -> Self {
         Self {
             term: watch::Sender::new(None),
             abandoned: Notify::new(),
             metrics,
+            lane: lane.to_string(),
         }
+    }
+
+    /// The lane this is the leadership of.
+    pub fn lane(&self) -> &str {
+        &self.lane
     }
 
     /// The current term if it is still valid.
@@ -73,17 +81,26 @@ impl Leadership {
     }
 
     pub(super) fn begin(&self, term: Term) {
-        tracing::info!(epoch = term.epoch.0, "became leader");
-        self.metrics.is_leader.set(1);
-        self.metrics.leader_epoch.set(term.epoch.0);
+        tracing::info!(epoch = term.epoch.0, lane = %self.lane, "became leader");
+        self.metrics
+            .is_leader
+            .with_label_values(&[&self.lane])
+            .set(1);
+        self.metrics
+            .leader_epoch
+            .with_label_values(&[&self.lane])
+            .set(term.epoch.0);
         self.metrics.leadership_changes.inc();
         self.term.send_replace(Some(term));
     }
 
     pub(super) fn end(&self, term: &Term, reason: &str) {
         term.revoke();
-        tracing::warn!(epoch = term.epoch.0, reason, "leadership ended");
-        self.metrics.is_leader.set(0);
+        tracing::warn!(epoch = term.epoch.0, lane = %self.lane, reason, "leadership ended");
+        self.metrics
+            .is_leader
+            .with_label_values(&[&self.lane])
+            .set(0);
         self.metrics.leadership_changes.inc();
         self.term.send_replace(None);
     }

@@ -15,18 +15,22 @@ use super::{
     Claim, ClaimResult, ClaimedMessage, KnownDelivery, OpenedBatch, Recorded, RescueCandidate,
     RescuePolicy, Rescued, Schedule, SentResult, Store, StoreError,
 };
+use crate::config::Unit;
 use crate::domain::Epoch;
 
 /// Which `sending` rows the rescue may return, for the leader of epoch `$1` (only
 /// while it is the current epoch) after the rescue wait `$2` (milliseconds), never the
 /// rows of the claims `$3` (tokens of this leader's batches still running: their rows
-/// are being sent or recorded, and returned to pending they would be sent again). A
-/// macro so that both statements below use the same text.
+/// are being sent or recorded, and returned to pending they would be sent again), only
+/// the claims of the lane whose row id is `$6` (an older replica's claim, without
+/// `claim_lane`, is the default lane's). A macro so that both statements below use the
+/// same text.
 macro_rules! rescuable {
     () => {
         "
-    l.id = 1 AND l.epoch = $1::bigint
+    l.lane = $6::text AND l.epoch = $1::bigint
     AND m.status = 'sending'
+    AND coalesce(m.claim_lane, 'default') = l.lane
     AND ((m.claim_epoch < $1::bigint
           AND l.acquired_at <= clock_timestamp() - $2::bigint * interval '1 millisecond')
       OR (m.claim_epoch = $1::bigint
@@ -77,7 +81,7 @@ SET status = 'sent', sent_at = d.sent_at, provider_message_id = d.provider_id,
 FROM unnest($2::bigint[], $3::bigint[], $4::timestamptz[], $5::text[])
          AS d(id, claim_epoch, sent_at, provider_id),
      dispatcher_leader l
-WHERE l.id = 1 AND l.epoch = $1::bigint
+WHERE l.lane = $6::text AND l.epoch = $1::bigint
   AND m.id = d.id AND (m.status = 'sending') IS TRUE AND m.claim_epoch = d.claim_epoch";
 
 /// Claimed by a claim whose COMMIT reply was lost: never sent, so back to pending
@@ -85,21 +89,24 @@ WHERE l.id = 1 AND l.epoch = $1::bigint
 const RELEASE_CLAIM: &str = "
 UPDATE messages
 SET status = 'pending', attempts = greatest(attempts - 1, 0)
-WHERE status = 'sending' AND claim_epoch = $1 AND claim_token = $2";
+WHERE status = 'sending' AND claim_epoch = $1 AND claim_token = $2 AND claim_lane = $3";
 
 /// Pending messages past their validity never go out: `expired`, at claim time (and the
-/// dispatcher checks again right before each send). Served by the partial expiry index.
+/// dispatcher checks again right before each send), in the lane `$1`. Served by the
+/// partial expiry index.
 const EXPIRE_DUE: &str = "
 UPDATE messages
 SET status = 'expired',
     last_error = 'expired at ' || (expires_at AT TIME ZONE 'UTC')::text
                  || ' UTC'
                  || ' before it was sent'
-WHERE status = 'pending' AND expires_at <= now()";
+WHERE status = 'pending' AND expires_at <= now() AND lane = $1";
 
-/// Due pending rows, most urgent first and FIFO within a priority, through the partial
-/// claim index `(priority DESC, created_at, id) WHERE status = 'pending'`: an index
-/// scan that stops after `$1` due rows, never a sort of the queue.
+/// Due pending rows of the lane `$5`, most urgent first and FIFO within a priority,
+/// through the partial claim index `(lane, priority DESC, created_at, id) WHERE status =
+/// 'pending'`: an index scan that stops after `$1` due rows, never a sort of the queue.
+/// `$6`: the ids to claim instead, when the lane counts segments and the rows were
+/// chosen by [`SEGMENT_CANDIDATES`] in the same transaction (NULL otherwise).
 ///
 /// The claimed ids go to the UPDATE as an array, so each row is updated through its
 /// primary key whatever the table's size. Joined to a CTE instead, the planner hashed
@@ -114,20 +121,31 @@ pub const CLAIM: &str = concat!(
     "
 UPDATE messages
 SET status = 'sending', claim_epoch = $2, claimed_by = $3, claimed_at = now(),
-    claim_token = $4, attempts = attempts + 1,
+    claim_token = $4, claim_lane = $5, attempts = attempts + 1,
     delivery_key = CASE WHEN attempts > 0 AND delivery_key_sent IS NOT TRUE
                         THEN NULL ELSE delivery_key END,
     delivery_key_sent = true
-WHERE id = ANY(ARRAY(
+WHERE id = ANY(coalesce($6::bigint[], ARRAY(
     SELECT id FROM messages
-    WHERE status = 'pending' AND next_attempt_at <= now()
+    WHERE status = 'pending' AND lane = $5 AND next_attempt_at <= now()
     ORDER BY priority DESC, created_at, id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
-))
+)))
 RETURNING id, phone_number, content, attempts, created_at, priority, expires_at, ",
     delivery_key!()
 );
+
+/// The rows a lane that counts segments would claim, in claim order, locked: at most
+/// `$1` of them (each costs at least one segment), of which the claim takes the longest
+/// prefix that fits the batch's segments ([`CLAIM`] with the chosen ids). The rest are
+/// unlocked when the claim commits.
+const SEGMENT_CANDIDATES: &str = "
+SELECT id, content FROM messages
+WHERE status = 'pending' AND lane = $2 AND next_attempt_at <= now()
+ORDER BY priority DESC, created_at, id
+LIMIT $1
+FOR UPDATE SKIP LOCKED";
 
 /// A claimed message found expired right before its send: never sent.
 const MARK_EXPIRED: &str = "
@@ -217,6 +235,42 @@ UPDATE messages
 SET status = 'pending', attempts = greatest(attempts - 1, 0)
 WHERE id = ANY($1) AND (status = 'sending') IS TRUE AND claim_epoch = $2";
 
+/// A message that needs more segments than its lane may start in one interval: it
+/// could never be sent within the rate, so it fails with the reason (`$2`: the batch
+/// size in segments) instead of blocking the lane.
+const FAIL_TOO_LARGE: &str = "
+UPDATE messages
+SET status = 'failed',
+    last_error = 'needs more SMS segments than the lane sends per interval (' || $2::bigint || ')'
+WHERE id = ANY($1::bigint[]) AND status = 'pending'";
+
+/// What one message costs in its lane's unit.
+pub fn message_units(unit: Unit, content: &str) -> u32 {
+    match unit {
+        Unit::Messages => 1,
+        Unit::Segments => crate::encoding::segment(content).segments.max(1),
+    }
+}
+
+/// The longest prefix of `candidates` (id, units; in claim order) whose units fit in
+/// `budget`, and the candidates that could never fit in any batch (more units than the
+/// whole budget). The prefix stops at the first message that does not fit, so the order
+/// holds: a long message is not overtaken by the short ones behind it.
+fn fit_segments(candidates: impl Iterator<Item = (i64, u32)>, budget: u32) -> (Vec<i64>, Vec<i64>) {
+    let (mut chosen, mut too_large, mut used, mut full) = (Vec::new(), Vec::new(), 0u32, false);
+    for (id, units) in candidates {
+        if units > budget {
+            too_large.push(id);
+        } else if !full && used + units <= budget {
+            used += units;
+            chosen.push(id);
+        } else {
+            full = true;
+        }
+    }
+    (chosen, too_large)
+}
+
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
@@ -237,10 +291,11 @@ impl Store {
         token: i64,
         probe_due: bool,
     ) -> Result<ClaimResult, StoreError> {
+        let lane_name = self.lane_name();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let current = Epoch(
-            tx.query_one(&tx.prepare_cached(LOCK_FENCE).await?, &[])
+            tx.query_one(&tx.prepare_cached(LOCK_FENCE).await?, &[&lane_name])
                 .await?
                 .get(0),
         );
@@ -251,12 +306,14 @@ impl Store {
                     &(configured.batch_size as i32),
                     &millis(configured.interval),
                     &millis(fence_window),
+                    &lane_name,
                 ],
             )
             .await?;
         let schedule = Schedule {
             batch_size: fence.get::<_, i32>("batch_size").max(1) as u32,
             interval: Duration::from_millis(fence.get::<_, i64>("interval_ms").max(0) as u64),
+            unit: configured.unit,
         };
         let result = |claim, expired| ClaimResult {
             claim,
@@ -285,34 +342,60 @@ impl Store {
             }
         }
         let expired = tx
-            .execute(&tx.prepare_cached(EXPIRE_DUE).await?, &[])
+            .execute(&tx.prepare_cached(EXPIRE_DUE).await?, &[&lane_name])
             .await?;
 
+        let limit = if paused.is_some() {
+            1
+        } else {
+            i64::from(schedule.batch_size)
+        };
+        let (chosen, too_large) = match schedule.unit {
+            Unit::Messages => (None, Vec::new()),
+            Unit::Segments => {
+                let candidates = tx
+                    .query(
+                        &tx.prepare_cached(SEGMENT_CANDIDATES).await?,
+                        &[&limit, &lane_name],
+                    )
+                    .await?;
+                let candidates = candidates.iter().map(|row| {
+                    (
+                        row.get::<_, i64>(0),
+                        message_units(Unit::Segments, row.get(1)),
+                    )
+                });
+                let (chosen, too_large) = fit_segments(candidates, schedule.batch_size);
+                (Some(chosen), too_large)
+            }
+        };
+        if !too_large.is_empty() {
+            tx.execute(
+                &tx.prepare_cached(FAIL_TOO_LARGE).await?,
+                &[&too_large, &i64::from(schedule.batch_size)],
+            )
+            .await?;
+        }
         let mut messages: Vec<ClaimedMessage> = tx
             .query(
                 &tx.prepare_cached(CLAIM).await?,
-                &[
-                    &if paused.is_some() {
-                        1
-                    } else {
-                        i64::from(schedule.batch_size)
-                    },
-                    &epoch.0,
-                    &replica_id,
-                    &token,
-                ],
+                &[&limit, &epoch.0, &replica_id, &token, &lane_name, &chosen],
             )
             .await?
             .iter()
-            .map(|row| ClaimedMessage {
-                id: row.get("id"),
-                delivery_key: row.get("delivery_key"),
-                phone_number: row.get("phone_number"),
-                content: row.get("content"),
-                attempts: row.get("attempts"),
-                created_at: row.get("created_at"),
-                priority: row.get("priority"),
-                expires_at: row.get("expires_at"),
+            .map(|row| {
+                let content: String = row.get("content");
+                ClaimedMessage {
+                    id: row.get("id"),
+                    delivery_key: row.get("delivery_key"),
+                    phone_number: row.get("phone_number"),
+                    units: message_units(schedule.unit, &content),
+                    content,
+                    attempts: row.get("attempts"),
+                    created_at: row.get("created_at"),
+                    priority: row.get("priority"),
+                    expires_at: row.get("expires_at"),
+                }
             })
             .collect();
         // RETURNING has no order; the send order is the claim order.
@@ -321,7 +404,7 @@ impl Store {
             Claim::Empty
         } else {
             let opened_at = tx
-                .query_one(&tx.prepare_cached(OPEN_BATCH).await?, &[])
+                .query_one(&tx.prepare_cached(OPEN_BATCH).await?, &[&lane_name])
                 .await?
                 .get(0);
             Claim::Batch(OpenedBatch {
@@ -338,7 +421,7 @@ impl Store {
     /// Returns the rows of a claim whose outcome is unknown (its COMMIT reply was lost)
     /// to `pending`, attempt uncounted: the claimer never sent them.
     pub async fn release_claim(&self, epoch: Epoch, token: i64) -> Result<u64, StoreError> {
-        self.execute_prepared(RELEASE_CLAIM, &[&epoch.0, &token])
+        self.execute_prepared(RELEASE_CLAIM, &[&epoch.0, &token, &self.lane_name()])
             .await
     }
 
@@ -361,6 +444,7 @@ impl Store {
                     &running,
                     &after,
                     &RESCUE_PAGE,
+                    &self.lane_name(),
                 ],
             )
             .await?;
@@ -394,7 +478,14 @@ impl Store {
             .collect();
         self.execute_prepared(
             RECORD_KNOWN_DELIVERIES,
-            &[&epoch.0, &ids, &epochs, &sent_at, &provider_ids],
+            &[
+                &epoch.0,
+                &ids,
+                &epochs,
+                &sent_at,
+                &provider_ids,
+                &self.lane_name(),
+            ],
         )
         .await
     }
@@ -422,6 +513,7 @@ impl Store {
                     &running,
                     &max_attempts,
                     &checked,
+                    &self.lane_name(),
                 ],
             )
             .await?;
@@ -572,8 +664,16 @@ impl Store {
         opened_at: DateTime<Utc>,
         recent_send_ages_us: &[i64],
     ) -> Result<(), StoreError> {
-        self.execute_prepared(CLOSE_BATCH, &[&epoch.0, &recent_send_ages_us, &opened_at])
-            .await?;
+        self.execute_prepared(
+            CLOSE_BATCH,
+            &[
+                &epoch.0,
+                &recent_send_ages_us,
+                &opened_at,
+                &self.lane_name(),
+            ],
+        )
+        .await?;
         Ok(())
     }
 
@@ -584,5 +684,27 @@ impl Store {
         }
         self.execute_prepared(RELEASE_UNSENT, &[&ids, &epoch.0])
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_of_segments_takes_the_longest_prefix_that_fits() {
+        let (chosen, too_large) = fit_segments([(1, 3), (2, 3), (3, 1), (4, 1)].into_iter(), 7);
+        assert_eq!(chosen, vec![1, 2, 3], "3 + 3 + 1 = 7 fits");
+        assert!(too_large.is_empty());
+        let (chosen, _) = fit_segments([(1, 3), (2, 5), (3, 1)].into_iter(), 7);
+        assert_eq!(
+            chosen,
+            vec![1],
+            "the 5 does not fit, and the 1 behind it waits"
+        );
+        let (chosen, too_large) = fit_segments([(1, 9), (2, 2)].into_iter(), 7);
+        assert_eq!((chosen, too_large), (vec![2], vec![1]), "9 never fits 7");
+        assert_eq!(message_units(Unit::Segments, &"a".repeat(161)), 2);
+        assert_eq!(message_units(Unit::Messages, &"a".repeat(161)), 1);
     }
 }

@@ -1,5 +1,6 @@
 //! The control tables: the desired state and runtime overrides
-//! (`dispatcher_control`), and the replica registry (`dispatcher_replicas`).
+//! (`dispatcher_control`, a row per lane beside its fence row), the lanes themselves,
+//! and the replica registry (`dispatcher_replicas`).
 
 use std::time::Duration;
 
@@ -9,13 +10,41 @@ use super::fence::LOCK_FENCE;
 use super::{ControlRecord, OverrideChange, Pause, ReplicaRecord, SetBy, Store, StoreError};
 use crate::domain::Epoch;
 
-/// Lifts any pause (a start or a configuration change through the API).
+/// Lifts any pause of the lane `$1` (a start or a configuration change through the API).
 const LIFT_PAUSE: &str =
     "UPDATE dispatcher_control SET paused_reason = NULL, paused_at = NULL, paused_detail = NULL
-                          WHERE id = 1 AND paused_reason IS NOT NULL";
+                          WHERE lane = $1::text AND paused_reason IS NOT NULL";
+
+/// Adds a lane's fence and control rows unless they exist (a lane first named in a
+/// replica's DISPATCH_CONFIG). The advisory lock keeps two replicas starting together
+/// from choosing the same id for different lanes.
+const ADD_LANE: &str = "
+WITH added AS (
+    INSERT INTO dispatcher_leader (id, lane)
+    SELECT coalesce(max(id), 0) + 1, $1 FROM dispatcher_leader
+    ON CONFLICT (lane) DO NOTHING
+    RETURNING id, lane
+)
+INSERT INTO dispatcher_control (id, lane) SELECT id, lane FROM added";
+
+/// Serialises [`ADD_LANE`] across replicas ("mdlanes").
+const LANES_LOCK: i64 = 0x006d_646c_616e_6573;
 
 impl Store {
-    /// Applies `AUTO_START` if no replica has ever set the desired state.
+    /// Adds the fence and control rows of the lanes met for the first time.
+    pub async fn ensure_lanes(&self, names: &[&str]) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LANES_LOCK])
+            .await?;
+        for name in names {
+            tx.execute(ADD_LANE, &[name]).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Applies `AUTO_START` to every lane whose desired state no replica has set yet.
     pub async fn apply_auto_start(
         &self,
         auto_start: bool,
@@ -25,37 +54,66 @@ impl Store {
         let n = client
             .execute(
                 "UPDATE dispatcher_control SET running = $1, updated_at = now(), updated_by = $2
-                 WHERE id = 1 AND running IS NULL",
+                 WHERE running IS NULL",
                 &[&auto_start, &replica_id],
             )
             .await?;
-        if n == 1 {
+        if n > 0 {
             tracing::info!(
                 running = auto_start,
-                "first start of the cluster: applied AUTO_START"
+                lanes = n,
+                "first start of the cluster or of new lanes: applied AUTO_START"
             );
         }
         Ok(())
     }
 
-    /// Sets the cluster-wide desired state. Returns whether it changed. A start also
-    /// lifts a pause (an operator who fixed the credentials says go).
+    /// Sets the desired state of every lane (`/api/messaging/start|stop`). Returns
+    /// whether any changed. A start also lifts the pauses (an operator who fixed the
+    /// credentials says go).
     pub async fn set_running(&self, running: bool, by: &str) -> Result<bool, StoreError> {
+        self.set_running_of(None, running, by).await
+    }
+
+    /// Sets the desired state of this handle's lane only (`/api/lanes/{name}/start|stop`).
+    pub async fn set_lane_running(&self, running: bool, by: &str) -> Result<bool, StoreError> {
+        self.set_running_of(Some(self.lane_name()), running, by)
+            .await
+    }
+
+    /// The fence rows are locked first, in id order, as a claim locks its own: once the
+    /// change commits, no claim and no fence confirmation of those lanes can read the
+    /// old state (docs/design.md#control).
+    async fn set_running_of(
+        &self,
+        lane: Option<&str>,
+        running: bool,
+        by: &str,
+    ) -> Result<bool, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute(LOCK_FENCE, &[]).await?;
+        tx.execute(
+            "SELECT epoch FROM dispatcher_leader WHERE $1::text IS NULL OR lane = $1 ORDER BY id FOR UPDATE",
+            &[&lane],
+        )
+        .await?;
         let n = tx
             .execute(
                 "UPDATE dispatcher_control SET running = $1, updated_at = now(), updated_by = $2
-                 WHERE id = 1 AND running IS DISTINCT FROM $1",
-                &[&running, &by],
+                 WHERE ($3::text IS NULL OR lane = $3) AND running IS DISTINCT FROM $1",
+                &[&running, &by, &lane],
             )
             .await?;
         if running {
-            tx.execute(LIFT_PAUSE, &[]).await?;
+            tx.execute(
+                "UPDATE dispatcher_control SET paused_reason = NULL, paused_at = NULL, paused_detail = NULL
+                 WHERE ($1::text IS NULL OR lane = $1) AND paused_reason IS NOT NULL",
+                &[&lane],
+            )
+            .await?;
         }
         tx.commit().await?;
-        Ok(n == 1)
+        Ok(n > 0)
     }
 
     /// Pauses dispatch for `reason` (the leader of `epoch`, which must still be the
@@ -71,10 +129,10 @@ impl Store {
             .execute_prepared(
                 concat!(
                     "UPDATE dispatcher_control SET paused_reason = $2, paused_at = now(), paused_detail = $3
-                     WHERE id = 1 AND paused_reason IS DISTINCT FROM $2 AND ",
-                    epoch_is_current!()
+                     WHERE lane = $4::text AND paused_reason IS DISTINCT FROM $2 AND ",
+                    epoch_is_current!("$4")
                 ),
-                &[&epoch.0, &reason, &detail],
+                &[&epoch.0, &reason, &detail, &self.lane_name()],
             )
             .await?;
         Ok(n == 1)
@@ -85,8 +143,8 @@ impl Store {
         let n = self
             .execute_prepared(
                 "UPDATE dispatcher_control SET paused_reason = NULL, paused_at = NULL, paused_detail = NULL
-                 WHERE id = 1 AND paused_reason = $1",
-                &[&reason],
+                 WHERE lane = $2 AND paused_reason = $1",
+                &[&reason, &self.lane_name()],
             )
             .await?;
         Ok(n == 1)
@@ -99,15 +157,16 @@ impl Store {
     ) -> Result<ControlRecord, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute(LOCK_FENCE, &[]).await?;
+        let lane = self.lane_name();
+        tx.execute(LOCK_FENCE, &[&lane]).await?;
         if let Some(batch_size) = change.batch_size {
             let value = batch_size.map(|b| b as i32);
             tx.execute(
                 "UPDATE dispatcher_control SET batch_size = $1::int, updated_at = now(), updated_by = $2::text,
                         batch_size_set_at = CASE WHEN $1::int IS NULL THEN NULL ELSE now() END,
                         batch_size_set_by = CASE WHEN $1::int IS NULL THEN NULL ELSE $2::text END
-                 WHERE id = 1",
-                &[&value, &by],
+                 WHERE lane = $3",
+                &[&value, &by, &lane],
             )
             .await?;
         }
@@ -117,13 +176,13 @@ impl Store {
                 "UPDATE dispatcher_control SET processing_interval_ms = $1::bigint, updated_at = now(), updated_by = $2::text,
                         interval_set_at = CASE WHEN $1::bigint IS NULL THEN NULL ELSE now() END,
                         interval_set_by = CASE WHEN $1::bigint IS NULL THEN NULL ELSE $2::text END
-                 WHERE id = 1",
-                &[&value, &by],
+                 WHERE lane = $3",
+                &[&value, &by, &lane],
             )
             .await?;
         }
         // A configuration change lifts a pause: the leader tries again at once.
-        tx.execute(LIFT_PAUSE, &[]).await?;
+        tx.execute(LIFT_PAUSE, &[&lane]).await?;
         tx.commit().await?;
         // Back to the pool first: a nested checkout can wait on a pool that concurrent
         // requests hold the same way.
@@ -138,8 +197,8 @@ impl Store {
                 "SELECT coalesce(running, false), batch_size, processing_interval_ms, updated_at, updated_by,
                         batch_size_set_at, batch_size_set_by, interval_set_at, interval_set_by,
                         paused_reason, paused_at, paused_detail
-                 FROM dispatcher_control WHERE id = 1",
-                &[],
+                 FROM dispatcher_control WHERE lane = $1",
+                &[&self.lane_name()],
             )
             .await?;
         let set_by = |at: usize, by: usize| {
@@ -168,14 +227,22 @@ impl Store {
         })
     }
 
-    /// Registers this replica or refreshes its heartbeat.
-    pub async fn heartbeat(&self, replica_id: &str, version: &str) -> Result<(), StoreError> {
+    /// Registers this replica or refreshes its heartbeat. `leader_eligible`: whether it
+    /// campaigns (the lanes are spread over the replicas that do).
+    pub async fn heartbeat(
+        &self,
+        replica_id: &str,
+        version: &str,
+        leader_eligible: bool,
+    ) -> Result<(), StoreError> {
         let client = self.client().await?;
         client
             .execute(
-                "INSERT INTO dispatcher_replicas (replica_id, version) VALUES ($1, $2)
-                 ON CONFLICT (replica_id) DO UPDATE SET last_seen_at = now(), version = EXCLUDED.version",
-                &[&replica_id, &version],
+                "INSERT INTO dispatcher_replicas (replica_id, version, lanes, leader_eligible)
+                 VALUES ($1, $2, true, $3)
+                 ON CONFLICT (replica_id) DO UPDATE SET last_seen_at = now(), version = EXCLUDED.version,
+                     lanes = true, leader_eligible = EXCLUDED.leader_eligible",
+                &[&replica_id, &version, &leader_eligible],
             )
             .await?;
         Ok(())
@@ -200,7 +267,7 @@ impl Store {
         let ms = i64::try_from(within.as_millis()).unwrap_or(i64::MAX);
         Ok(client
             .query(
-                "SELECT replica_id, version, started_at, last_seen_at FROM dispatcher_replicas
+                "SELECT replica_id, version, started_at, last_seen_at, lanes, leader_eligible FROM dispatcher_replicas
                  WHERE last_seen_at > now() - $1::bigint * interval '1 millisecond' ORDER BY replica_id",
                 &[&ms],
             )
@@ -211,6 +278,8 @@ impl Store {
                 version: row.get(1),
                 started_at: row.get(2),
                 last_seen_at: row.get(3),
+                knows_lanes: row.get(4),
+                leader_eligible: row.get(5),
             })
             .collect())
     }

@@ -15,6 +15,7 @@
 //!   and wakes the waiter: how a crashed leader is noticed in milliseconds instead of
 //!   at the end of its Redis lease (see `leadership::takeover`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::{Client, Statement};
@@ -23,7 +24,9 @@ use super::{LeaderRecord, Store, StoreError};
 use crate::domain::Epoch;
 
 /// Locks the fence row: claims, epoch bumps and state changes queue up here.
-pub(super) const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE id = 1 FOR UPDATE";
+/// `$1`: the lane's row id.
+pub(super) const LOCK_FENCE: &str =
+    "SELECT epoch FROM dispatcher_leader WHERE lane = $1::text FOR UPDATE";
 
 /// Reads the schedule once the fence is locked. `clock_timestamp()`, not `now()`: the
 /// transaction may have waited for the lock while the previous batch committed.
@@ -33,6 +36,7 @@ pub(super) const LOCK_FENCE: &str = "SELECT epoch FROM dispatcher_leader WHERE i
 /// an interval after the last moment that leader could start one: `quiet_at`, or this
 /// term's start plus the fence window ($3) when the term did not record one. The
 /// current term's own open batch needs no such wait: its pacer saw every send of it.
+/// `$4`: the lane's row id.
 pub(super) const READ_SCHEDULE: &str = "
 SELECT coalesce(c.running, false) AS running,
        c.paused_reason,
@@ -48,11 +52,11 @@ SELECT coalesce(c.running, false) AS running,
 FROM dispatcher_leader l
 CROSS JOIN dispatcher_control c
 CROSS JOIN LATERAL (SELECT coalesce(c.processing_interval_ms, $2::bigint) AS interval_ms) s
-WHERE l.id = 1 AND c.id = 1";
+WHERE l.lane = $4::text AND c.lane = $4::text";
 
 /// Records the batch start (the cluster's rhythm) and marks the batch open. The start
 /// also names the batch: see [`CLOSE_BATCH`].
-pub(super) const OPEN_BATCH: &str = "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true, batch_epoch = epoch WHERE id = 1 RETURNING last_batch_at";
+pub(super) const OPEN_BATCH: &str = "UPDATE dispatcher_leader SET last_batch_at = clock_timestamp(), batch_open = true, batch_epoch = epoch WHERE lane = $1::text RETURNING last_batch_at";
 
 /// Records when the newest sends started (only if we still hold the epoch that opened
 /// the batch), and marks the batch finished unless a newer one (another `last_batch_at`)
@@ -61,24 +65,46 @@ pub(super) const OPEN_BATCH: &str = "UPDATE dispatcher_leader SET last_batch_at 
 /// may have started up to the old term's end. `$2` holds the sends' ages in
 /// microseconds on this replica's clock just before the statement was sent, so the
 /// stored times are at or after the real ones (a new leader waits a little long,
-/// never too short).
+/// never too short). `$4`: the lane's row id.
 pub(super) const CLOSE_BATCH: &str = "
 UPDATE dispatcher_leader
 SET batch_open = batch_open AND last_batch_at IS DISTINCT FROM $3,
     recent_sends = ARRAY(SELECT clock_timestamp() - age * interval '1 microsecond'
                          FROM unnest($2::bigint[]) AS age)
-WHERE id = 1 AND epoch = $1";
+WHERE lane = $4::text AND epoch = $1";
 
 /// A guard for a statement on another table that may only take effect while `$1` is
-/// the current epoch. A macro so that the statement stays one literal.
+/// the current epoch of the lane whose row id is the parameter named (e.g. `"$4"`). A
+/// macro so that the statement stays one literal.
 macro_rules! epoch_is_current {
-    () => {
-        "EXISTS (SELECT 1 FROM dispatcher_leader WHERE id = 1 AND epoch = $1)"
+    ($lane:literal) => {
+        concat!(
+            "EXISTS (SELECT 1 FROM dispatcher_leader WHERE lane = ",
+            $lane,
+            "::text AND epoch = $1)"
+        )
     };
 }
 
-/// The session-level advisory lock the leader's fence session holds ("mdleader").
+/// The session-level advisory lock the leader's fence session of the lane `default`
+/// holds ("mdleader"); lane `n` uses the key `n - 1` above it ([`leader_lock`]).
 pub const LEADER_LOCK: i64 = 0x6d64_6c65_6164_6572;
+
+/// The leader lock of `lane`. The default lane's is [`LEADER_LOCK`], as before lanes,
+/// so a replica of the previous release and a new one contend for the same lock during
+/// a rolling upgrade; another lane's is a fixed 64-bit hash of its name (FNV-1a), the
+/// same on every replica.
+pub fn leader_lock(lane: &str) -> i64 {
+    if lane == super::DEFAULT_LANE {
+        return LEADER_LOCK;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"mdleader:".iter().chain(lane.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash as i64
+}
 
 /// What one confirmation read from the fence row and the desired state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +127,7 @@ pub struct TermRecord {
 const CONFIRM: &str = "
 SELECT l.epoch, coalesce(c.running, false)
 FROM dispatcher_leader l CROSS JOIN dispatcher_control c
-WHERE l.id = 1 AND c.id = 1";
+WHERE l.lane = $1::text AND c.lane = $1::text";
 
 /// The backend holding the leader lock, if any (a bigint advisory key is stored as
 /// two 32-bit halves, `objsubid` 1), and its `application_name`, which tells a
@@ -124,7 +150,7 @@ const TAKE_OVER_TERM: &str = "
 UPDATE dispatcher_leader
 SET epoch = epoch + 1, holder = $3, acquired_at = clock_timestamp(), lease_token = $4,
     session_pid = pg_backend_pid(), quiet_at = clock_timestamp()
-WHERE id = 1 AND epoch = $1 AND session_pid = $2
+WHERE lane = $5::text AND epoch = $1 AND session_pid = $2
 RETURNING epoch";
 
 /// What a leader session is for, recorded as its `application_name` so that a leader
@@ -159,6 +185,9 @@ pub struct LeaderSession {
     client: Client,
     confirm: Statement,
     pid: i32,
+    /// The lane, and its leader lock.
+    lane: Arc<str>,
+    lock_key: i64,
 }
 
 impl LeaderSession {
@@ -179,6 +208,8 @@ impl LeaderSession {
             client,
             confirm,
             pid,
+            lane: store.lane.clone(),
+            lock_key: leader_lock(&store.lane),
         })
     }
 
@@ -193,7 +224,10 @@ impl LeaderSession {
 
     /// The fence reading the leader's permits come from.
     pub async fn read(&self) -> Result<FenceReading, StoreError> {
-        let row = self.client.query_one(&self.confirm, &[]).await?;
+        let row = self
+            .client
+            .query_one(&self.confirm, &[&&*self.lane])
+            .await?;
         Ok(FenceReading {
             epoch: Epoch(row.get(0)),
             running: row.get(1),
@@ -204,8 +238,8 @@ impl LeaderSession {
         let row = self
             .client
             .query_one(
-                "SELECT epoch, lease_token, session_pid FROM dispatcher_leader WHERE id = 1",
-                &[],
+                "SELECT epoch, lease_token, session_pid FROM dispatcher_leader WHERE lane = $1",
+                &[&&*self.lane],
             )
             .await?;
         Ok(TermRecord {
@@ -219,7 +253,7 @@ impl LeaderSession {
     pub async fn try_lock(&self) -> Result<bool, StoreError> {
         Ok(self
             .client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&self.lock_key])
             .await?
             .get(0))
     }
@@ -227,14 +261,14 @@ impl LeaderSession {
     /// Waits, as long as it takes, until this session holds the leader lock.
     pub async fn lock(&self) -> Result<(), StoreError> {
         self.client
-            .execute("SELECT pg_advisory_lock($1)", &[&LEADER_LOCK])
+            .execute("SELECT pg_advisory_lock($1)", &[&self.lock_key])
             .await?;
         Ok(())
     }
 
     pub async fn unlock(&self) -> Result<(), StoreError> {
         self.client
-            .execute("SELECT pg_advisory_unlock($1)", &[&LEADER_LOCK])
+            .execute("SELECT pg_advisory_unlock($1)", &[&self.lock_key])
             .await?;
         Ok(())
     }
@@ -243,7 +277,7 @@ impl LeaderSession {
     pub async fn lock_holder(&self) -> Result<Option<LockHolder>, StoreError> {
         Ok(self
             .client
-            .query_opt(LOCK_HOLDER, &[&LEADER_LOCK])
+            .query_opt(LOCK_HOLDER, &[&self.lock_key])
             .await?
             .map(|row| {
                 let name: Option<&str> = row.get(1);
@@ -270,7 +304,7 @@ impl LeaderSession {
             .client
             .query_opt(
                 TAKE_OVER_TERM,
-                &[&epoch.0, &dead_pid, &holder, &lease_token],
+                &[&epoch.0, &dead_pid, &holder, &lease_token, &&*self.lane],
             )
             .await?
             .map(|row| Epoch(row.get(0))))
@@ -304,8 +338,8 @@ impl LeaderSession {
         let n = self
             .client
             .execute(
-                "UPDATE dispatcher_leader SET session_pid = pg_backend_pid() WHERE id = 1 AND epoch = $1",
-                &[&epoch.0],
+                "UPDATE dispatcher_leader SET session_pid = pg_backend_pid() WHERE lane = $2 AND epoch = $1",
+                &[&epoch.0, &&*self.lane],
             )
             .await?;
         Ok(n == 1)
@@ -335,8 +369,8 @@ impl Store {
                  SET epoch = epoch + 1, holder = $1, acquired_at = clock_timestamp(),
                      lease_token = $2, session_pid = NULL,
                      quiet_at = clock_timestamp() + $3::bigint * interval '1 millisecond'
-                 WHERE id = 1 RETURNING epoch",
-                &[&holder, &lease_token, &quiet_ms],
+                 WHERE lane = $4 RETURNING epoch",
+                &[&holder, &lease_token, &quiet_ms, &self.lane_name()],
             )
             .await?;
         Ok(Epoch(row.get(0)))
@@ -351,8 +385,8 @@ impl Store {
                 "UPDATE dispatcher_leader
                  SET epoch = epoch + 1, holder = $1, acquired_at = clock_timestamp(),
                      lease_token = NULL, session_pid = NULL, quiet_at = NULL
-                 WHERE id = 1 RETURNING epoch",
-                &[&holder],
+                 WHERE lane = $2 RETURNING epoch",
+                &[&holder, &self.lane_name()],
             )
             .await?;
         Ok(Epoch(row.get(0)))
@@ -362,8 +396,8 @@ impl Store {
     /// see the session end do not take it for a death.
     pub async fn clear_leader_session(&self, epoch: Epoch) -> Result<(), StoreError> {
         self.execute_prepared(
-            "UPDATE dispatcher_leader SET session_pid = NULL WHERE id = 1 AND epoch = $1",
-            &[&epoch.0],
+            "UPDATE dispatcher_leader SET session_pid = NULL WHERE lane = $2 AND epoch = $1",
+            &[&epoch.0, &self.lane_name()],
         )
         .await?;
         Ok(())
@@ -374,8 +408,8 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT epoch, holder, acquired_at, last_batch_at FROM dispatcher_leader WHERE id = 1",
-                &[],
+                "SELECT epoch, holder, acquired_at, last_batch_at FROM dispatcher_leader WHERE lane = $1",
+                &[&self.lane_name()],
             )
             .await?;
         Ok(LeaderRecord {
@@ -384,5 +418,122 @@ impl Store {
             acquired_at: row.get(2),
             last_batch_at: row.get(3),
         })
+    }
+}
+
+/// What a follower reads to tell a stalled leader (docs/design.md#a-stalled-leader): the
+/// term, and when the leader's fence session last started a statement. The fence keeper
+/// confirms several times a second on that session, so a start time that stops moving
+/// means the leader's process stopped running (SIGSTOP, a blocked runtime, a VM pause)
+/// or cannot reach PostgreSQL, either way sending nothing. `pg_stat_activity` shows it
+/// to sessions of the same role (or with `pg_read_all_stats`); otherwise it is NULL and
+/// only the lease's end replaces a stalled leader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StallReading {
+    pub epoch: Epoch,
+    pub session_pid: i32,
+    pub lease_token: String,
+    pub last_statement: chrono::DateTime<chrono::Utc>,
+}
+
+const READ_STALL: &str = "
+SELECT l.epoch, l.session_pid, l.lease_token, a.query_start
+FROM dispatcher_leader AS l
+JOIN pg_stat_activity AS a ON a.pid = l.session_pid
+WHERE l.lane = $1::text AND l.lease_token IS NOT NULL AND a.query_start IS NOT NULL";
+
+/// A follower's takeover of a stalled leader's term: a new epoch, only while the fence
+/// row still names the term (`$1`) and session (`$2`) the follower watched, and that
+/// session has started no statement since (`$3`). `quiet_at` is a fence window after the
+/// bump ($6 ms): a permit the stalled leader was given before the bump runs out by then.
+const TAKE_OVER_STALLED_TERM: &str = "
+UPDATE dispatcher_leader AS l
+SET epoch = epoch + 1, holder = $4, acquired_at = clock_timestamp(), lease_token = $5,
+    session_pid = NULL, quiet_at = clock_timestamp() + $6::bigint * interval '1 millisecond'
+WHERE l.lane = $7::text AND l.epoch = $1 AND l.session_pid = $2
+  AND NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a
+                  WHERE a.pid = $2 AND a.query_start IS DISTINCT FROM $3)
+RETURNING epoch";
+
+/// Ends the sessions that hold the fence row locked in a transaction that has stood
+/// idle for a while (a stalled leader frozen in the middle of a claim), so that the
+/// takeover's update does not wait for PostgreSQL's idle timeout. Only sessions of this
+/// application, only while they hold a lock on the fence table.
+const END_STALLED_TRANSACTIONS: &str = "
+SELECT pg_terminate_backend(a.pid)
+FROM pg_stat_activity AS a
+WHERE a.application_name = 'message-dispatcher'
+  AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
+  AND a.state_change < clock_timestamp() - $1::bigint * interval '1 millisecond'
+  AND EXISTS (SELECT 1 FROM pg_locks AS k
+              WHERE k.pid = a.pid AND k.relation = 'dispatcher_leader'::regclass AND k.granted)";
+
+impl Store {
+    /// The lane's term and its fence session's last statement, when it has both.
+    pub async fn stall_reading(&self) -> Result<Option<StallReading>, StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(READ_STALL).await?;
+        Ok(client
+            .query_opt(&statement, &[&self.lane_name()])
+            .await?
+            .map(|row| StallReading {
+                epoch: Epoch(row.get(0)),
+                session_pid: row.get(1),
+                lease_token: row.get(2),
+                last_statement: row.get(3),
+            }))
+    }
+
+    /// Takes over the term `watched` showed (see [`TAKE_OVER_STALLED_TERM`]). `None`: the
+    /// leader moved on (it ran a statement, recorded a new session, or a newer term
+    /// began). Waits at most `lock_wait` for the fence row; a stalled claim holding it
+    /// longer than `stalled_for` is ended, and the next poll tries again.
+    pub async fn take_over_stalled_term(
+        &self,
+        watched: &StallReading,
+        holder: &str,
+        lease_token: &str,
+        quiet_after: Duration,
+        stalled_for: Duration,
+    ) -> Result<Option<Epoch>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL lock_timeout = '300ms'").await?;
+        let quiet_ms = i64::try_from(quiet_after.as_millis()).unwrap_or(i64::MAX);
+        let bumped = tx
+            .query_opt(
+                TAKE_OVER_STALLED_TERM,
+                &[
+                    &watched.epoch.0,
+                    &watched.session_pid,
+                    &watched.last_statement,
+                    &holder,
+                    &lease_token,
+                    &quiet_ms,
+                    &self.lane_name(),
+                ],
+            )
+            .await;
+        match bumped {
+            Ok(row) => {
+                tx.commit().await?;
+                Ok(row.map(|row| Epoch(row.get(0))))
+            }
+            Err(err)
+                if err.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+            {
+                drop(tx);
+                let stalled_ms = i64::try_from(stalled_for.as_millis()).unwrap_or(i64::MAX);
+                let ended = client
+                    .query(END_STALLED_TRANSACTIONS, &[&stalled_ms])
+                    .await?;
+                tracing::warn!(
+                    ended = ended.len(),
+                    "the fence row is held by a stalled transaction; ended it"
+                );
+                Ok(None)
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 }

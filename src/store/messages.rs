@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
 
 use super::{
-    Inserted, ListFilter, Message, MessageStats, NewMessage, Page, QueueStats, StatusChange, Store,
-    StoreError,
+    Inserted, LaneCounts, ListFilter, Message, MessageStats, NewMessage, Page, QueueStats,
+    StatusChange, Store, StoreError,
 };
 use crate::domain::{DeliveryStatus, IdempotencyKey, MessageStatus};
 use crate::encoding::segment;
@@ -61,7 +61,7 @@ const MESSAGE_COLUMNS: &str = concat!(
     "id, phone_number, content, status, attempts, next_attempt_at, \
      created_at, sent_at, provider_message_id, last_error, \
      idempotency_key, send_at, expires_at, priority, \
-     delivery_status, delivered_at, delivery_error, ",
+     delivery_status, delivered_at, delivery_error, lane, ",
     delivery_key!()
 );
 
@@ -90,6 +90,7 @@ impl Message {
             send_at: row.get("send_at"),
             expires_at: row.get("expires_at"),
             priority: row.get("priority"),
+            lane: row.get("lane"),
             encoding: segmentation.encoding,
             segments: segmentation.segments,
             delivery_status: row
@@ -107,6 +108,7 @@ impl Message {
             && self.send_at == new.send_at
             && self.expires_at == new.expires_at
             && self.priority == new.priority.get()
+            && self.lane == new.lane
     }
 }
 
@@ -127,6 +129,7 @@ impl Store {
         let expires_at: Vec<Option<DateTime<Utc>>> =
             messages.iter().map(|m| m.expires_at).collect();
         let priorities: Vec<i16> = messages.iter().map(|m| m.priority.get()).collect();
+        let lanes: Vec<&str> = messages.iter().map(|m| m.lane.as_str()).collect();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         if keys.iter().any(Option::is_some) {
@@ -135,11 +138,11 @@ impl Store {
         }
         let sql = format!(
             "INSERT INTO messages (phone_number, content, idempotency_key, send_at, expires_at,
-                                   priority, next_attempt_at)
-             SELECT p, c, k, s, e, pr, greatest(now(), coalesce(s, now()))
+                                   priority, lane, next_attempt_at)
+             SELECT p, c, k, s, e, pr, l, greatest(now(), coalesce(s, now()))
              FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
-                         $5::timestamptz[], $6::int2[])
-                  WITH ORDINALITY AS t(p, c, k, s, e, pr, n)
+                         $5::timestamptz[], $6::int2[], $7::text[])
+                  WITH ORDINALITY AS t(p, c, k, s, e, pr, l, n)
              ORDER BY n
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING {MESSAGE_COLUMNS}"
@@ -154,6 +157,7 @@ impl Store {
                     &send_at,
                     &expires_at,
                     &priorities,
+                    &lanes,
                 ],
             )
             .await?
@@ -237,13 +241,19 @@ impl Store {
         let filters =
             "($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR phone_number = $2)
              AND ($3::timestamptz IS NULL OR created_at >= $3)
-             AND ($4::timestamptz IS NULL OR created_at < $4)";
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&status, &filter.phone_number, &filter.since, &filter.until];
+             AND ($4::timestamptz IS NULL OR created_at < $4)
+             AND ($5::text IS NULL OR lane = $5)";
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+            &status,
+            &filter.phone_number,
+            &filter.since,
+            &filter.until,
+            &filter.lane,
+        ];
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages
-             WHERE {filters} AND ($5::bigint IS NULL OR id < $5)
-             ORDER BY id DESC LIMIT $6"
+             WHERE {filters} AND ($6::bigint IS NULL OR id < $6)
+             ORDER BY id DESC LIMIT $7"
         );
         let paging: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&cursor, &(limit + 1)];
         let mut messages: Vec<Message> = client
@@ -339,6 +349,7 @@ impl Store {
                  WHERE status = $1 AND ($2::text IS NULL OR phone_number = $2)
                    AND ($3::timestamptz IS NULL OR created_at >= $3)
                    AND ($4::timestamptz IS NULL OR created_at < $4)
+                   AND ($6::text IS NULL OR lane = $6)
                  ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED))
                AND status = $1"
         );
@@ -355,6 +366,7 @@ impl Store {
                         &filter.since,
                         &filter.until,
                         &STEP,
+                        &filter.lane,
                     ],
                 )
                 .await?;
@@ -463,6 +475,32 @@ impl Store {
             sent_last_hour: row.get(2),
             delivery,
         })
+    }
+
+    /// Per lane: pending and sending counts, and sends in the last minute, from the
+    /// counters (a few rows whatever the queue's size).
+    pub async fn lane_counts(&self) -> Result<Vec<LaneCounts>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT lane,
+                        coalesce(sum(n) FILTER (WHERE status = 'pending'), 0)::bigint,
+                        coalesce(sum(n) FILTER (WHERE status = 'sending'), 0)::bigint,
+                        (SELECT coalesce(sum(s.n), 0)::bigint FROM message_sent_seconds AS s
+                         WHERE s.lane = c.lane AND s.second > now() - interval '1 minute')
+                 FROM message_counts AS c GROUP BY lane",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| LaneCounts {
+                lane: row.get(0),
+                pending: row.get(1),
+                sending: row.get(2),
+                sent_last_minute: row.get(3),
+            })
+            .collect())
     }
 
     /// Drops per-second send counts older than an hour (the stats read the last hour).

@@ -83,6 +83,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0013_dispatch_pause_and_override_provenance.sql",
         sql: include_str!("../../sql/0013_dispatch_pause_and_override_provenance.sql"),
     },
+    Migration {
+        version: 14,
+        name: "0014_lanes.sql",
+        sql: include_str!("../../sql/0014_lanes.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

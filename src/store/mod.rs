@@ -32,5 +32,5 @@ pub mod rows;
 mod tls;
 
 pub use error::StoreError;
-pub use pool::Store;
+pub use pool::{DEFAULT_LANE, Store};
 pub use rows::*;

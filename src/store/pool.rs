@@ -24,7 +24,14 @@ pub struct Store {
     pool: Pool,
     /// How to open a connection outside the pool (the leader's fence session).
     connect: Arc<(tokio_postgres::Config, MakeRustlsConnect)>,
+    /// The lane whose fence row, claims and control row this handle acts on
+    /// ([`Store::for_lane`]); `default` unless narrowed (docs/design.md#lanes).
+    pub(super) lane: Arc<str>,
 }
+
+/// The lane every message goes to unless it names or is routed to another; its fence
+/// and control rows are the ones that existed before lanes (id 1).
+pub use crate::config::DEFAULT_LANE;
 
 /// Opens the pool's connections on the runtime the store was made on (the main one),
 /// whichever runtime asks for one. The dispatcher runs on a runtime of its own and
@@ -132,7 +139,24 @@ impl Store {
             .create_timeout(Some(CHECKOUT_TIMEOUT + Duration::from_secs(1)))
             .recycle_timeout(Some(CHECKOUT_TIMEOUT))
             .build()?;
-        Ok(Self { pool, connect })
+        Ok(Self {
+            pool,
+            connect,
+            lane: Arc::from(DEFAULT_LANE),
+        })
+    }
+
+    /// The same pool, acting on `lane`'s fence row, claims and control row.
+    pub fn for_lane(&self, lane: &str) -> Self {
+        Self {
+            lane: Arc::from(lane),
+            ..self.clone()
+        }
+    }
+
+    /// The lane this handle acts on.
+    pub fn lane_name(&self) -> &str {
+        &self.lane
     }
 
     /// A connection of its own, outside the pool: the fence session must not wait

@@ -34,6 +34,8 @@ pub struct Message {
     pub send_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
     pub priority: i16,
+    /// The lane it is sent through (docs/design.md#lanes).
+    pub lane: String,
     /// Computed from the content (GSM 03.38), not stored.
     pub encoding: Encoding,
     pub segments: u32,
@@ -51,6 +53,8 @@ pub struct NewMessage {
     pub send_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
     pub priority: Priority,
+    /// Named by the request or chosen by the routes; a configured lane.
+    pub lane: String,
 }
 
 /// What an insert did, item by item in input order.
@@ -72,6 +76,16 @@ pub struct ListFilter {
     /// `created_at` from (inclusive) and until (exclusive).
     pub since: Option<DateTime<Utc>>,
     pub until: Option<DateTime<Utc>>,
+    pub lane: Option<String>,
+}
+
+/// One lane's queue as the counters see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaneCounts {
+    pub lane: String,
+    pub pending: i64,
+    pub sending: i64,
+    pub sent_last_minute: i64,
 }
 
 /// One page of a newest-first listing. `next_cursor` is the id to pass as `cursor`
@@ -124,6 +138,9 @@ pub struct ClaimedMessage {
     pub delivery_key: String,
     pub phone_number: String,
     pub content: String,
+    /// What its send costs in the lane's rate: 1, or its SMS segments when the lane
+    /// counts segments.
+    pub units: u32,
     pub attempts: i32,
     pub created_at: DateTime<Utc>,
     pub priority: i16,
@@ -134,8 +151,11 @@ pub struct ClaimedMessage {
 /// The schedule in force: configured values, possibly overridden at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Schedule {
+    /// Units (messages or segments) per interval.
     pub batch_size: u32,
     pub interval: Duration,
+    /// What the batch size counts; fixed by the lane's configuration.
+    pub unit: crate::config::Unit,
 }
 
 impl Schedule {
@@ -144,6 +164,7 @@ impl Schedule {
         Self {
             batch_size: control.batch_size.unwrap_or(self.batch_size),
             interval: control.interval.unwrap_or(self.interval),
+            unit: self.unit,
         }
     }
 
@@ -303,6 +324,10 @@ pub struct ReplicaRecord {
     pub version: String,
     pub started_at: DateTime<Utc>,
     pub last_seen_at: DateTime<Utc>,
+    /// A replica of a release without lanes says false: lanes other than `default`
+    /// wait while one is live (docs/design.md#lanes).
+    pub knows_lanes: bool,
+    pub leader_eligible: bool,
 }
 
 /// A change to the runtime overrides. `Some(None)` clears an override.

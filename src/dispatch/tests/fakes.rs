@@ -281,8 +281,9 @@ impl Backend for FakeQueue {
                 ClaimedMessage {
                     id: row.id,
                     delivery_key: format!("key-{}", row.id),
-                    phone_number: "+14155550100".into(),
+                    phone_number: format!("+1415555{:04}", row.id % 10_000),
                     content: format!("message {}", row.id),
+                    units: 1,
                     attempts: row.attempts,
                     created_at: Utc::now(),
                     priority: row.priority,
@@ -572,9 +573,11 @@ impl Provider for FakeProvider {
 pub(super) fn settings(batch_size: u32, interval: Duration) -> DispatchSettings {
     DispatchSettings {
         replica_id: "r1".into(),
+        lane: "default".into(),
         configured: Schedule {
             batch_size,
             interval,
+            unit: crate::config::Unit::Messages,
         },
         rescue: RescuePolicy {
             wait: Duration::from_secs(3),
@@ -614,7 +617,7 @@ impl Rig {
         Self {
             queue,
             provider: Arc::new(provider),
-            leadership: Arc::new(Leadership::new(Arc::new(Metrics::new()))),
+            leadership: Arc::new(Leadership::new(Arc::new(Metrics::new()), "default")),
             settings,
         }
     }
@@ -630,6 +633,7 @@ impl Rig {
             pacer: Pacer::default(),
             recorder: Recorder::new(self.queue.clone()),
             pause: PauseState::default(),
+            recipients: Default::default(),
         }
     }
 

@@ -465,6 +465,7 @@ async fn sends_overlap_batches_but_never_exceed_send_concurrency() {
         pacer: Pacer::default(),
         recorder: Recorder::new(queue.clone()),
         pause: PauseState::default(),
+        recipients: Default::default(),
     };
     rig.begin_term(true);
     let shutdown = CancellationToken::new();

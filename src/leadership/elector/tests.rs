@@ -8,7 +8,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -144,6 +143,27 @@ impl ElectionBackend for FakeElection {
         Ok(())
     }
 
+    async fn beat(
+        &self,
+        _token: &LeaseToken,
+        _seq: u64,
+        _lives: Duration,
+    ) -> Result<(), LeaseError> {
+        Ok(())
+    }
+
+    async fn lease_held(&self) -> Result<bool, LeaseError> {
+        let world = self.world();
+        if world.redis_down {
+            return Err(redis_down());
+        }
+        Ok(matches!(&world.holder, Some((_, until)) if *until > Instant::now()))
+    }
+
+    async fn stalled_leader(&self, _fence: FenceTiming, _replica_id: &str) -> Takeover<()> {
+        std::future::pending().await
+    }
+
     async fn dead_leader(
         &self,
         _fence: FenceTiming,
@@ -177,7 +197,7 @@ impl ElectionBackend for FakeElection {
 struct Rig {
     backend: FakeElection,
     leadership: Arc<Leadership>,
-    released: Arc<Notify>,
+    released: Arc<ReleaseSignal>,
     resign: CancellationToken,
 }
 
@@ -185,8 +205,8 @@ impl Rig {
     fn new() -> Self {
         Self {
             backend: FakeElection::default(),
-            leadership: Arc::new(Leadership::new(Arc::new(Metrics::new()))),
-            released: Arc::new(Notify::new()),
+            leadership: Arc::new(Leadership::new(Arc::new(Metrics::new()), "default")),
+            released: Arc::default(),
             resign: CancellationToken::new(),
         }
     }
@@ -204,6 +224,8 @@ impl Rig {
             replica_id: "r1".into(),
             released: Arc::clone(&self.released),
             fence: FenceTiming::for_lease(TTL),
+            lane: "default".into(),
+            spread: Arc::new(Spread::new("r1", &["default".into()], RETRY)),
         };
         tokio::spawn(run_redis_elector(elector, self.resign.clone()))
     }
@@ -377,7 +399,7 @@ async fn a_follower_campaigns_at_once_when_a_release_is_announced() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     rig.backend.world().holder = None;
     let announced = Instant::now();
-    rig.released.notify_one();
+    rig.released.raise(Some("r2".into()));
     rig.term(RETRY).await;
     assert!(
         Instant::now() - announced < Duration::from_millis(10),
@@ -432,7 +454,7 @@ async fn a_fenced_term_lets_the_lease_go_and_waits_before_campaigning_again() {
 #[tokio::test(start_paused = true)]
 async fn single_replica_mode_leads_until_a_newer_epoch_then_stands_down_for_good() {
     let backend = FakeElection::default();
-    let leadership = Arc::new(Leadership::new(Arc::new(Metrics::new())));
+    let leadership = Arc::new(Leadership::new(Arc::new(Metrics::new()), "default"));
     let resign = CancellationToken::new();
     let run = tokio::spawn(run_single_replica(
         backend.clone(),
