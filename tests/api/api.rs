@@ -234,7 +234,7 @@ async fn every_route_answers_as_documented() {
             .text()
             .await
             .ok()?;
-        text.contains("dispatcher_messages_sent_total 4")
+        text.contains(r#"dispatcher_messages_sent_total{lane="default"} 4"#)
             .then_some(())
     })
     .await;
@@ -536,7 +536,9 @@ async fn the_openapi_document_matches_the_routes() {
     assert!(paths.len() >= 14, "{} paths documented", paths.len());
     for (path, operations) in paths {
         for method in operations.as_object().unwrap().keys() {
-            let concrete = path.replace("{id}", &ids[0].to_string());
+            let concrete = path
+                .replace("{id}", &ids[0].to_string())
+                .replace("{name}", "default");
             let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let body = if method == reqwest::Method::PUT {
                 Some(r#"{"batch_size": 3}"#)

@@ -698,6 +698,7 @@ async fn parallel_claimers_never_share_a_row() {
     let schedule = Schedule {
         batch_size: 7,
         interval: Duration::ZERO,
+        unit: message_dispatcher::config::Unit::Messages,
     };
     // Batches stay open here (nobody closes them), so no fence window may hold the
     // next claim back.
@@ -768,6 +769,7 @@ async fn closing_a_batch_leaves_a_newer_open_batch_open() {
     let schedule = Schedule {
         batch_size: 2,
         interval: Duration::ZERO,
+        unit: message_dispatcher::config::Unit::Messages,
     };
     let epoch = store.bump_epoch("test").await.unwrap();
     let claim = |token: i64| {
@@ -831,6 +833,7 @@ async fn only_another_terms_open_batch_holds_the_next_claim_back() {
     let schedule = Schedule {
         batch_size: 2,
         interval: Duration::ZERO,
+        unit: message_dispatcher::config::Unit::Messages,
     };
     let hour = Duration::from_secs(3600);
     let claim = |epoch: Epoch, token: i64| {
@@ -881,6 +884,7 @@ async fn a_flush_writes_every_result_submitted_before_it() {
     let schedule = Schedule {
         batch_size: (rounds * 2) as u32,
         interval: Duration::ZERO,
+        unit: message_dispatcher::config::Unit::Messages,
     };
     let batch = opened(
         store
@@ -927,6 +931,7 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     let schedule = Schedule {
         batch_size: 3,
         interval: Duration::ZERO,
+        unit: message_dispatcher::config::Unit::Messages,
     };
     let window = Duration::from_secs(1);
     let policy = |wait_secs: u64, max_attempts: u32| RescuePolicy {
@@ -1200,7 +1205,17 @@ async fn a_claim_updates_its_rows_by_primary_key_on_a_small_table() {
             .await
             .unwrap();
         let plan: Vec<String> = db
-            .query(&explain, &[&500_i64, &1_i64, &"test", &1_i64])
+            .query(
+                &explain,
+                &[
+                    &500_i64,
+                    &1_i64,
+                    &"test",
+                    &1_i64,
+                    &"default",
+                    &None::<Vec<i64>>,
+                ],
+            )
             .await
             .unwrap()
             .iter()
@@ -1244,6 +1259,7 @@ async fn a_claim_writes_no_entry_into_the_listing_index() {
     let schedule = Schedule {
         batch_size: 10,
         interval: Duration::ZERO,
+        unit: message_dispatcher::config::Unit::Messages,
     };
     let batch = opened(
         store

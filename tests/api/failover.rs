@@ -149,11 +149,15 @@ async fn a_killed_leader_is_replaced_in_well_under_its_lease() {
     eprintln!("kill -> next send {failover:?}");
 }
 
+/// A paused leader keeps its PostgreSQL session, so the crash path cannot see it; its
+/// fence session and its liveness beat stand still, and a follower replaces it within
+/// seconds, whatever its 15 s lease (docs/design.md#a-stalled-leader). Woken, it sends
+/// nothing: every message once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_leader_is_still_replaced_only_at_lease_expiry() {
+async fn a_paused_leader_is_replaced_within_3s_whatever_its_lease() {
     let env = TestEnv::start().await;
     let settings = ReplicaSettings::fast()
-        .lock_ttl(secs(6))
+        .lock_ttl(secs(15))
         .lock_retry_interval(secs(1))
         .batch_size(1)
         .processing_interval(ms(100));
@@ -174,15 +178,14 @@ async fn a_paused_leader_is_still_replaced_only_at_lease_expiry() {
     })
     .await;
     let took = paused.elapsed();
-    // Its session lives on, so nothing but the lease can depose it: the key was
-    // extended at most TTL/3 before the pause, so it lives at least 2/3 TTL after.
     assert!(
-        took >= Duration::from_secs(4),
-        "a paused leader was replaced after {took:?}, before its lease could expire"
+        took <= secs(3),
+        "a paused leader was replaced only after {took:?} (lease 15 s)"
     );
     cluster.replicas[leader].resume();
     env.wait_drained(Duration::from_secs(120)).await;
     assert_each_once(&env.deliveries().await, &ids);
+    eprintln!("pause -> new epoch {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -293,7 +293,11 @@ async fn a_lost_reply_to_a_committed_result_write_still_counts_the_sends() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     pg_path.resume();
     wait_for("both sends counted", Duration::from_secs(60), || async {
-        (replica.metric("dispatcher_messages_sent_total").await == Some(2.0)).then_some(())
+        (replica
+            .metric(r#"dispatcher_messages_sent_total{lane="default"}"#)
+            .await
+            == Some(2.0))
+        .then_some(())
     })
     .await;
     assert!(

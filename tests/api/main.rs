@@ -11,6 +11,7 @@ mod failover;
 mod faults;
 mod fencing;
 mod intake;
+mod lanes;
 mod lease;
 mod lifecycle;
 mod metrics;

@@ -44,7 +44,7 @@ async fn metrics_pass_promtool_and_counters_move() {
     let before = replica.metrics().await;
     promtool_check(&before);
     assert_eq!(
-        metric_value(&before, "dispatcher_messages_sent_total"),
+        metric_value(&before, r#"dispatcher_messages_sent_total{lane="default"}"#),
         Some(0.0)
     );
     for name in [
@@ -54,8 +54,8 @@ async fn metrics_pass_promtool_and_counters_move() {
         "dispatcher_batch_duration_seconds_count",
         "dispatcher_provider_request_duration_seconds_count",
         "dispatcher_oldest_pending_message_age_seconds",
-        "dispatcher_is_leader",
-        "dispatcher_leader_epoch",
+        r#"dispatcher_is_leader{lane="default"}"#,
+        r#"dispatcher_leader_epoch{lane="default"}"#,
         "dispatcher_lock_operations_total{op=\"acquire\",result=\"ok\"}",
         "dispatcher_leadership_changes_total",
         "dispatcher_fencing_rejections_total",
@@ -83,8 +83,11 @@ async fn metrics_pass_promtool_and_counters_move() {
         Duration::from_secs(10),
         || async {
             let text = replica.metrics().await;
-            let sent = metric_value(&text, "dispatcher_messages_sent_total");
-            let batches = metric_value(&text, "dispatcher_batches_total{outcome=\"complete\"}");
+            let sent = metric_value(&text, r#"dispatcher_messages_sent_total{lane="default"}"#);
+            let batches = metric_value(
+                &text,
+                r#"dispatcher_batches_total{lane="default",outcome="complete"}"#,
+            );
             (sent == Some(7.0) && batches >= Some(2.0)).then_some(text)
         },
     )
@@ -92,18 +95,28 @@ async fn metrics_pass_promtool_and_counters_move() {
     promtool_check(&after);
     // BATCH_SIZE 5 every 200ms.
     assert_eq!(
-        metric_value(&after, "dispatcher_configured_rate_per_second"),
+        metric_value(
+            &after,
+            r#"dispatcher_configured_rate_per_second{lane="default"}"#
+        ),
         Some(25.0)
     );
     assert_eq!(
-        metric_value(&after, "dispatcher_messages_sent_total"),
+        metric_value(&after, r#"dispatcher_messages_sent_total{lane="default"}"#),
         Some(7.0)
     );
     assert_eq!(
         metric_value(&after, "dispatcher_provider_requests_total{code=\"202\"}"),
         Some(7.0)
     );
-    assert!(metric_value(&after, "dispatcher_batches_total{outcome=\"complete\"}").unwrap() >= 2.0);
+    assert!(
+        metric_value(
+            &after,
+            r#"dispatcher_batches_total{lane="default",outcome="complete"}"#
+        )
+        .unwrap()
+            >= 2.0
+    );
     assert_eq!(
         metric_value(&after, "dispatcher_provider_request_duration_seconds_count"),
         Some(7.0)
@@ -116,7 +129,10 @@ async fn metrics_pass_promtool_and_counters_move() {
         metric_value(&after, "dispatcher_queue_messages{status=\"pending\"}"),
         Some(0.0)
     );
-    assert_eq!(metric_value(&after, "dispatcher_is_leader"), Some(1.0));
+    assert_eq!(
+        metric_value(&after, r#"dispatcher_is_leader{lane="default"}"#),
+        Some(1.0)
+    );
     assert_eq!(
         metric_value(&after, "dispatcher_dependency_up{dependency=\"redis\"}"),
         Some(1.0)

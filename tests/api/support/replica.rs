@@ -176,7 +176,7 @@ impl Replica {
             .expect("metrics text")
     }
 
-    /// One sample of `/metrics`, e.g. `dispatcher_batches_total{outcome="complete"}`.
+    /// One sample of `/metrics`, e.g. `dispatcher_batches_total{lane="default",outcome="complete"}`.
     pub async fn metric(&self, series: &str) -> Option<f64> {
         metric_value(&self.metrics().await, series)
     }
