@@ -6,6 +6,10 @@
 - every rule aggregates by the grouping labels (each sum/max/min/count/... carries
   `by (namespace, job, ...)`), joins only `on (namespace, job)`, and never uses
   `without` or `ignoring`, so two installs on one Prometheus never alert as one;
+- every aggregation over a per-lane series whose lanes must not be added together
+  (dispatcher_is_leader, dispatcher_leader_epoch, dispatcher_configured_rate_per_second:
+  each lane has a leader and a rate of its own) keeps `lane` in its `by (...)`, so
+  three healthy lanes are not three leaders;
 - every alert carries a `runbook_url` annotation `<page>#<alert name in lower case>`,
   all on one page whose path ends in RUNBOOK_MD's path (docs/operations.md), and
   that anchor is a heading of RUNBOOK_MD's "Runbook" section under GitHub's anchor
@@ -29,6 +33,21 @@ AGGREGATIONS = ("sum", "min", "max", "avg", "group", "stddev", "stdvar", "count"
 AGGREGATION = re.compile(r"\b(" + "|".join(AGGREGATIONS) + r")\b\s*(by|without)?\s*\(")
 JOIN = re.compile(r"\b(on|ignoring)\s*\(([^)]*)\)")
 QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+# Per-lane series that mean nothing summed over lanes (docs/operations.md, "Lanes").
+PER_LANE = ("dispatcher_is_leader", "dispatcher_leader_epoch", "dispatcher_configured_rate_per_second")
+
+
+def argument(text: str, start: int) -> str:
+    """The parenthesised argument that begins at or after `start` (empty: none)."""
+    open_at = text.find("(", start)
+    if open_at < 0:
+        return ""
+    depth = 0
+    for i in range(open_at, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[open_at + 1:i]
+    return text[open_at + 1:]
 
 
 def grouping_problems(expr: str, group_by: list[str]) -> list[str]:
@@ -45,6 +64,11 @@ def grouping_problems(expr: str, group_by: list[str]) -> list[str]:
         labels = [label.strip() for label in text[m.end():].split(")", 1)[0].split(",")]
         if labels[:len(group_by)] != group_by:
             problems.append(f"{op} by ({', '.join(labels)}) does not start with ({', '.join(group_by)})")
+        over = [name for name in PER_LANE
+                if re.search(rf"\b{name}\b", argument(text, text.index(")", m.end()) + 1))]
+        if over and "lane" not in labels:
+            problems.append(f"{op} by ({', '.join(labels)}) merges the lanes of {', '.join(over)}: "
+                            "keep `lane` (each lane has its own leader and rate)")
     if aggregations == 0:
         problems.append(f"no aggregation by ({', '.join(group_by)})")
     for m in JOIN.finditer(text):
@@ -150,7 +174,7 @@ def main() -> int:
     if failures:
         print(f"{len(failures)} alert check(s) failed")
         return 1
-    print(f"  ok   {len(names)} alerts aggregate by ({', '.join(group_by)}) and join only on it")
+    print(f"  ok   {len(names)} alerts aggregate by ({', '.join(group_by)}) and join only on it; per-lane series keep `lane`")
     print(f"  ok   each has runbook_url {base}#<name>, a heading of the Runbook section: {', '.join(names)}")
     return 0
 

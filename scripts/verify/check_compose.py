@@ -6,6 +6,12 @@
 COMPOSE_FILE may be the file itself or `docker-compose config` output (both
 are checked by scripts/verify/deploy.sh). Prints one line per check and
 exits 1 if any fails.
+
+Lanes: the replicas (and only they) get DISPATCH_CONFIG pointing at the example file
+deploy/dispatch.example.toml, mounted read-only; the file parses, names a lane
+"default", its providers' URLs reach a compose service on the port it listens on, and
+every token_env it names is set in the replicas' environment. Written
+${DISPATCH_CONFIG-...}, so DISPATCH_CONFIG= (set, empty) runs without lanes.
 """
 
 from __future__ import annotations
@@ -13,11 +19,15 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tomllib
+import urllib.parse
 
 import yaml
 
 EXPECTED_SERVICES = {"postgres", "redis", "migrate", "mock-provider", "dispatcher", "lb", "prometheus", "grafana"}
 ONE_SHOT = {"migrate"}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLE = "deploy/dispatch.example.toml"
 DISPATCHER_IMAGE = "message-dispatcher:local"
 # DISTRIBUTED_LOCK_TTL (15s) + SHUTDOWN_TIMEOUT (30s)
 MIN_GRACE_SECONDS = 45
@@ -60,6 +70,57 @@ def depends(service: dict) -> dict:
     if isinstance(dep, list):  # short form: no conditions at all
         return {name: None for name in dep}
     return {name: (spec or {}).get("condition") for name, spec in dep.items()}
+
+
+def mounts(service: dict) -> list[tuple[str, str, bool]]:
+    """(source, target, read-only) of each bind mount, short or long syntax."""
+    out = []
+    for vol in service.get("volumes") or []:
+        if isinstance(vol, dict):
+            out.append((str(vol.get("source", "")), str(vol.get("target", "")), bool(vol.get("read_only"))))
+        else:
+            parts = str(vol).split(":")
+            if len(parts) >= 2:
+                out.append((parts[0], parts[1], len(parts) > 2 and "ro" in parts[2].split(",")))
+    return out
+
+
+def check_lanes(services: dict, env: dict) -> None:
+    disp = services.get("dispatcher", {})
+    value = str(env.get("DISPATCH_CONFIG") or "")
+    raw = re.fullmatch(r"\$\{DISPATCH_CONFIG-([^}]+)\}", value)
+    path = raw.group(1) if raw else value
+    check(bool(path) and "$" not in path and (raw is not None or not value.startswith("${")),
+          f"replicas get DISPATCH_CONFIG, as ${{DISPATCH_CONFIG-<path>}} in the file (empty: no lanes) (got {value!r})")
+    check("DISPATCH_CONFIG" not in env_of(services.get("migrate", {})),
+          "migrate gets no DISPATCH_CONFIG (it mounts no file)")
+    found = [(src, ro) for src, target, ro in mounts(disp) if target == path]
+    source = found[0][0] if found else ""
+    if source and not os.path.isabs(source):
+        source = os.path.join(ROOT, source)
+    check(len(found) == 1 and os.path.normpath(source) == os.path.join(ROOT, EXAMPLE) and found[0][1],
+          f"replicas mount {EXAMPLE} read-only at {path} (got {found})")
+    try:
+        with open(os.path.join(ROOT, EXAMPLE), "rb") as fh:
+            plan = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        check(False, f"{EXAMPLE} is TOML ({exc})")
+        return
+    check(any(lane.get("name") == "default" for lane in plan.get("lane", [])), f"{EXAMPLE} has a lane named default")
+    ports = {}
+    for name, svc in services.items():
+        cmd = svc.get("command")
+        cmd = cmd if isinstance(cmd, list) else str(cmd or "").split()
+        if "--port" in cmd and cmd.index("--port") + 1 < len(cmd):
+            ports[name] = str(cmd[cmd.index("--port") + 1])
+    for provider in plan.get("provider", []):
+        url = urllib.parse.urlsplit(str(provider.get("url", "")))
+        check(url.hostname in services and ports.get(url.hostname) == str(url.port),
+              f"{EXAMPLE}: provider {provider.get('name')} reaches {url.hostname}:{url.port}, "
+              f"a compose service listening there ({ports})")
+        var = provider.get("token_env")
+        check(env.get(var) not in (None, ""),
+              f"{EXAMPLE}: token_env {var} of provider {provider.get('name')} is set in the replicas' environment")
 
 
 def check_compose(path: str) -> dict:
@@ -134,6 +195,7 @@ def check_compose(path: str) -> dict:
     check(env.get("REDIS_HOST") == "redis" or "redis://redis" in str(env.get("REDIS_URL")),
           "replicas reach Redis at the redis service")
     check(env.get("SERVER_PORT") in (None, "8080", 8080), "replicas listen on 8080")
+    check_lanes(services, env)
 
     check((services.get("dispatcher", {}).get("deploy") or {}).get("mode") == "replicated",
           "dispatcher deploy.mode is replicated (podman-compose needs it for replicas)")

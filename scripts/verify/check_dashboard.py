@@ -8,6 +8,10 @@ Usage: check_dashboard.py DASHBOARD.json [CHART_COPY.json]
 - the panels the README promises are there;
 - every metric a query names is one the service exports (src/metrics.rs, the
   process collector, or Prometheus' own `up`);
+- lanes: a multi-value `lane` variable (label_values of dispatcher_is_leader's lane),
+  a row "Lane $lane" repeated by it whose panels each select lane="$lane", and no
+  query that merges the lanes of a per-lane series (leader, epoch, configured rate:
+  each lane has its own) without selecting or grouping by lane;
 - the Helm chart's copy, when given, is identical.
 
 Whether each query evaluates is checked against a live Prometheus by
@@ -27,6 +31,8 @@ REQUIRED_PANELS = [
     "Provider latency", "Fencing rejections and rescues", "Dependencies up", "Memory per replica",
     "CPU per replica",
 ]
+# Per-lane series that mean nothing merged over lanes (docs/operations.md, "Lanes").
+PER_LANE = ("dispatcher_is_leader", "dispatcher_leader_epoch", "dispatcher_configured_rate_per_second")
 failures: list[str] = []
 
 
@@ -93,6 +99,29 @@ def main() -> int:
     check(not unknown, f"every queried metric is exported (unknown: {sorted(unknown)})")
     check(any(a.get("expr") and "dispatcher_leader_epoch" in a["expr"]
               for a in dash.get("annotations", {}).get("list", [])), "leadership changes are marked (annotation)")
+
+    lane = variables.get("lane", {})
+    lane_query = lane.get("query", {})
+    lane_query = lane_query.get("query") if isinstance(lane_query, dict) else lane_query
+    check(lane.get("type") == "query" and lane.get("multi") is True and lane.get("includeAll") is True
+          and re.fullmatch(r"label_values\(dispatcher_is_leader(\{[^}]*\})?, lane\)", str(lane_query)) is not None,
+          f"a `lane` variable: label_values(dispatcher_is_leader..., lane), multi, include all (query {lane_query!r})")
+    rows = [i for i, p in enumerate(dash.get("panels", [])) if p.get("type") == "row"]
+    lane_rows = [i for i in rows if dash["panels"][i].get("repeat") == "lane"]
+    one_row = len(lane_rows) == 1 and "$lane" in dash["panels"][lane_rows[0]].get("title", "")
+    check(one_row, "one row repeated by lane, with $lane in its title")
+    if one_row:
+        start = lane_rows[0]
+        end = next((i for i in rows if i > start), len(dash["panels"]))
+        inside = dash["panels"][start + 1:end]
+        unscoped = [p.get("title") for p in inside
+                    if not p.get("targets") or any('lane="$lane"' not in t.get("expr", "") for t in p["targets"])]
+        check(bool(inside) and not unscoped, f"the lane row holds panels, each query with lane=\"$lane\" (not: {unscoped})")
+    merged = [f"{title}: {expr}" for title, expr in queries(dash)
+              if any(re.search(rf"\b{m}\b", expr) for m in PER_LANE)
+              and not re.search(r'\blane\s*=~?\s*"', expr)
+              and not re.search(r"\bby\s*\([^)]*\blane\b", expr)]
+    check(not merged, f"no query merges the lanes of a per-lane series (leader, epoch, configured rate) (not: {merged})")
     if len(sys.argv) == 3:
         copy = Path(sys.argv[2])
         check(copy.is_file() and copy.read_bytes() == path.read_bytes(), f"{copy} is identical")

@@ -8,8 +8,12 @@ validates every rendered object strictly (unknown fields rejected) with
 kubernetes-validate's offline schemas, and asserts what the chart promises:
 hardening, probes, grace period, checksums, hooks, the ServiceMonitor /
 pod-annotation exclusivity, the image name, the alert rules' grouping and runbook
-links (scripts/verify/check_alerts.py), that the unpublished default image is refused with
-a pointer to docs/operations.md, and that invalid values files are refused.
+links (scripts/verify/check_alerts.py), the lanes (with dispatchConfig.lanes the
+DISPATCH_CONFIG file is a TOML that tomllib reads back as the values gave it, mounted
+read-only where DISPATCH_CONFIG points, the pods roll on its checksum and the
+migration Job does not read it; without lanes no DISPATCH_CONFIG anywhere), that the
+unpublished default image is refused with a pointer to docs/operations.md, and that
+invalid values files are refused.
 Exit status 1 if anything fails.
 """
 
@@ -23,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 
 import kubernetes_validate
 import yaml
@@ -36,6 +41,7 @@ IMAGE_REFUSED = ("image.registry/image.repository must name an image you built a
                  "see docs/operations.md#building-and-pushing-the-image")
 CRD_GROUPS = ("monitoring.coreos.com/",)  # no built-in schema: asserted, not validated
 PROM_ANNOTATION = "prometheus.io/scrape"
+DISPATCH_KEY = "dispatch.toml"
 
 failures: list[str] = []
 
@@ -150,6 +156,10 @@ def check_common(objs: list[dict], scenario: str) -> dict:
           f"{scenario}: checksum/config annotation")
     check(re.fullmatch(r"[0-9a-f]{64}", str(ann.get("checksum/secret", ""))) is not None,
           f"{scenario}: checksum/secret annotation")
+
+    facts["env"] = {e["name"]: e for e in c.get("env") or []}
+    facts["container"] = c
+    facts["volumes"] = {v["name"]: v for v in spec.get("volumes") or []}
 
     env_from = c.get("envFrom") or []
     cm_refs = [e["configMapRef"]["name"] for e in env_from if "configMapRef" in e]
@@ -346,6 +356,66 @@ def main() -> int:
         check("REDIS_SENTINEL_PASSWORD" in (secret.get("data") or {}), "sentinel: the sentinels' password in the Secret")
         check("REDIS_SENTINEL_PASSWORD" not in f["config"], "sentinel: no password in the ConfigMap")
 
+    def dispatch_maps(objs) -> list[dict]:
+        return [o for o in by_kind(objs, "ConfigMap") if DISPATCH_KEY in (o.get("data") or {})]
+
+    def expect_no_lanes(objs, f, scenario: str) -> None:
+        """Without dispatchConfig.lanes: no file, no DISPATCH_CONFIG anywhere (one lane, as before)."""
+        check("DISPATCH_CONFIG" not in f.get("env", {}), f"{scenario}: no DISPATCH_CONFIG in the container's env")
+        check("DISPATCH_CONFIG" not in f.get("config", {}), f"{scenario}: no DISPATCH_CONFIG in the ConfigMap")
+        check(not dispatch_maps(objs), f"{scenario}: no ConfigMap holds {DISPATCH_KEY}")
+        check("checksum/dispatch-config" not in f.get("pod_annotations", {}), f"{scenario}: no checksum/dispatch-config")
+        for job in by_kind(objs, "Job"):
+            env = job["spec"]["template"]["spec"]["containers"][0].get("env") or []
+            check(all(e["name"] != "DISPATCH_CONFIG" for e in env), f"{scenario}: no DISPATCH_CONFIG in the migration Job")
+
+    def expect_lanes(objs, f):
+        with open(os.path.join(ci, "lanes-values.yaml"), encoding="utf-8") as fh:
+            given = yaml.safe_load(fh)["dispatchConfig"]
+        maps = dispatch_maps(objs)
+        if not check(len(maps) == 1, f"lanes: one ConfigMap holds {DISPATCH_KEY} (got {len(maps)})"):
+            return
+        cm = maps[0]
+        try:
+            plan = tomllib.loads(cm["data"][DISPATCH_KEY])
+        except tomllib.TOMLDecodeError as exc:
+            check(False, f"lanes: {DISPATCH_KEY} is TOML that tomllib reads ({exc})")
+            return
+        check([lane["name"] for lane in plan.get("lane", [])] == ["default", "otp", "tr"],
+              f"lanes: {DISPATCH_KEY} holds the lanes default, otp, tr (got {[l.get('name') for l in plan.get('lane', [])]})")
+        want = {"provider": given["providers"], "lane": given["lanes"], "route": given["routes"]}
+        check(plan == want, f"lanes: {DISPATCH_KEY} reads back as dispatchConfig gave it"
+              + ("" if plan == want else f" (got {plan}, want {want})"))
+        path = (f["env"].get("DISPATCH_CONFIG") or {}).get("value")
+        check(path == "/etc/message-dispatcher/dispatch.toml",
+              f"lanes: DISPATCH_CONFIG is /etc/message-dispatcher/dispatch.toml (got {path!r})")
+        mounted = False
+        for m in f["container"].get("volumeMounts") or []:
+            vol = f["volumes"].get(m["name"]) or {}
+            ref = vol.get("configMap") or {}
+            if ref.get("name") != cm["metadata"]["name"]:
+                continue
+            items = {i["key"]: i["path"] for i in ref.get("items") or []} or {k: k for k in cm["data"]}
+            file = (m["mountPath"] if m.get("subPath") == items.get(DISPATCH_KEY)
+                    else f"{m['mountPath'].rstrip('/')}/{items.get(DISPATCH_KEY)}")
+            check(m.get("readOnly") is True, f"lanes: {cm['metadata']['name']} is mounted read-only")
+            mounted = mounted or file == path
+        check(mounted, f"lanes: the ConfigMap's {DISPATCH_KEY} is mounted at DISPATCH_CONFIG ({path})")
+        check(re.fullmatch(r"[0-9a-f]{64}", str(f["pod_annotations"].get("checksum/dispatch-config", ""))) is not None,
+              "lanes: checksum/dispatch-config annotation (the pods roll when the lanes change)")
+        check("DISPATCH_CONFIG" not in f["config"] and DISPATCH_KEY not in f["config"],
+              "lanes: the envFrom ConfigMap carries neither DISPATCH_CONFIG nor the file")
+        for job in by_kind(objs, "Job"):
+            jc = job["spec"]["template"]["spec"]["containers"][0]
+            check(all(e["name"] != "DISPATCH_CONFIG" for e in jc.get("env") or []) and not jc.get("volumeMounts"),
+                  "lanes: the migration Job neither reads DISPATCH_CONFIG nor mounts the file")
+        # Every token_env is set in the pods: the chart's Secret or extraEnv here.
+        secret = by_kind(objs, "Secret", hook=False)
+        keys = set((secret[0].get("data") or {}) if secret else ())
+        for provider in plan.get("provider", []):
+            var = provider["token_env"]
+            check(var in keys or var in f["env"], f"lanes: token_env {var} of provider {provider['name']} is set in the pods")
+
     repo = os.path.join(os.path.dirname(os.path.abspath(chart)), "..")
     alerts_file = os.path.join(repo, "deploy", "prometheus", "alerts.yml")
     with open(alerts_file, encoding="utf-8") as fh:
@@ -420,6 +490,15 @@ def main() -> int:
         ("prometheusrule-thresholds", [os.path.join(ci, "prometheusrule-thresholds-values.yaml")],
          ["monitoring.coreos.com/v1"], expect_thresholds),
     ]
+
+    def without_lanes(name, expect):
+        def both(objs, f):
+            expect(objs, f)
+            expect_no_lanes(objs, f, name)
+        return both
+
+    scenarios = [(name, files, apis, without_lanes(name, expect)) for name, files, apis, expect in scenarios]
+    scenarios.append(("lanes", [os.path.join(ci, "lanes-values.yaml")], [], expect_lanes))
     ci_files = sorted(f for f in os.listdir(ci) if f.endswith(".yaml"))
     covered = {os.path.basename(f) for _, files, _, _ in scenarios for f in files}
     check(set(ci_files) <= covered, f"every ci/*.yaml has a scenario (uncovered: {sorted(set(ci_files) - covered)})")
@@ -448,6 +527,9 @@ def main() -> int:
         "lock-ttl-too-short.yaml": "DISTRIBUTED_LOCK_TTL",
         "lockless-multi-replica.yaml": "DISTRIBUTED_LOCK_ENABLED",
         "bad-sentinels.yaml": "REDIS_SENTINELS",
+        "lanes-without-default.yaml": 'no lane is named "default"',
+        "lanes-token-unset.yaml": "token_env OTP_SMS_TOKEN is set by nothing",
+        "bad-lane.yaml": "/dispatchConfig/lanes/1/name",
     }
     check(sorted(os.listdir(invalid_dir)) == sorted(must_mention),
           f"ci/invalid holds exactly the expected files ({sorted(os.listdir(invalid_dir))})")

@@ -251,8 +251,11 @@ DISPATCHER_HTTP_PORT=$(stable_port "$WORK/ports")
 MOCK_PROVIDER_PORT=$(stable_port "$WORK/ports")
 PROMETHEUS_PORT=$(stable_port "$WORK/ports")
 GRAFANA_PORT=$(stable_port "$WORK/ports")
-# Seeded messages drain in seconds: a batch of 5 every second.
-export PROCESSING_INTERVAL=1s BATCH_SIZE=5
+# Seeded messages drain in seconds: a batch of 5 every second. Set but empty,
+# DISPATCH_CONFIG turns the compose file's lanes (deploy/dispatch.example.toml) off, so
+# the one lane "default" takes that pace and sum(dispatcher_is_leader) is 1; the file
+# and its lanes are checked statically by scripts/verify/check_compose.py.
+export PROCESSING_INTERVAL=1s BATCH_SIZE=5 DISPATCH_CONFIG=
 export POSTGRES_PASSWORD="verify-$RANDOM$RANDOM"
 unset API_TOKEN SMS_API_TOKEN MOCK_FAIL_RATE LOG_LEVEL
 LB="http://127.0.0.1:$DISPATCHER_HTTP_PORT"

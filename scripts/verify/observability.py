@@ -66,9 +66,16 @@ def dashboard_queries(path: str) -> list[tuple[str, str]]:
     return out, variables
 
 
+# The value each dashboard variable takes here: the local cluster runs without a
+# DISPATCH_CONFIG file, so its one lane is "default".
+VARIABLES = {"job": "message-dispatcher", "lane": "default"}
+
+
 def grafana_to_promql(expr: str) -> str:
-    return (expr.replace("$__rate_interval", "1m").replace("${job}", "message-dispatcher")
-            .replace("$job", "message-dispatcher"))
+    expr = expr.replace("$__rate_interval", "1m")
+    for name, value in VARIABLES.items():
+        expr = expr.replace("${" + name + "}", value).replace("$" + name, value)
+    return expr
 
 
 def alerts(base: str) -> list[dict]:
@@ -112,11 +119,13 @@ def main() -> int:
             check(True, f"{title}: {promql} -> {len(result)} series")
     for var in variables:
         q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
-        m = re.fullmatch(r"label_values\((\w+), (\w+)\)", q)
-        if not check(m is not None, f"variable {var['name']}: {q} is label_values(metric, label)"):
+        m = re.fullmatch(r"label_values\((\w+(?:\{[^}]*\})?), (\w+)\)", q)
+        if not check(m is not None, f"variable {var['name']}: {q} is label_values(metric[{{...}}], label)"):
             continue
-        values = api(base, f"/api/v1/label/{m.group(2)}/values", **{"match[]": m.group(1)})["data"]
-        check("message-dispatcher" in values, f"variable {var['name']}: {q} -> {values}")
+        match = grafana_to_promql(m.group(1))
+        values = api(base, f"/api/v1/label/{m.group(2)}/values", **{"match[]": match})["data"]
+        want = VARIABLES.get(var["name"], "?")
+        check(want in values, f"variable {var['name']}: {q} -> {values} (holds {want!r})")
 
     print("alert rules")
     with open(args.alerts, encoding="utf-8") as fh:

@@ -135,6 +135,7 @@ Null computes TTL + SHUTDOWN_TIMEOUT + 15s; an explicit value is checked.
 {{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) }}
 {{- fail "podDisruptionBudget: set only one of minAvailable and maxUnavailable" }}
 {{- end }}
+{{- include "message-dispatcher.validateDispatchConfig" . }}
 {{- end }}
 
 {{/* True (non-empty) when a ServiceMonitor is rendered: enabled and the CRD's API is served. */}}
@@ -205,4 +206,126 @@ labels the rule keeps. Call with (list $ "instance" ...).
 {{/* An alert's runbook_url: runbookBaseUrl#<alert name in lower case>. Call with (list $ "AlertName"). */}}
 {{- define "message-dispatcher.runbookUrl" -}}
 {{- printf "%s#%s" (index . 0).Values.metrics.prometheusRule.runbookBaseUrl (lower (index . 1)) }}
+{{- end }}
+
+{{/* Where the pods find the DISPATCH_CONFIG file rendered from dispatchConfig. */}}
+{{- define "message-dispatcher.dispatchConfigDir" -}}
+/etc/message-dispatcher
+{{- end }}
+{{- define "message-dispatcher.dispatchConfigPath" -}}
+{{- include "message-dispatcher.dispatchConfigDir" . }}/dispatch.toml
+{{- end }}
+
+{{/*
+The DISPATCH_CONFIG file (TOML) from dispatchConfig, keys as in
+deploy/dispatch.example.toml. Strings are written as JSON strings, which are TOML basic
+strings too (Go escapes <, > and & as \u003c..., valid in both).
+*/}}
+{{- define "message-dispatcher.dispatchToml" -}}
+# DISPATCH_CONFIG rendered by the Helm chart from dispatchConfig (values.yaml):
+# the providers, the lanes that send through them and the routes that pick a lane.
+{{- range .Values.dispatchConfig.providers }}
+
+[[provider]]
+name = {{ .name | toString | toJson }}
+kind = {{ .kind | toString | toJson }}
+url = {{ .url | toString | toJson }}
+token_env = {{ .token_env | toString | toJson }}
+{{- if hasKey . "auth_header" }}
+auth_header = {{ .auth_header | toString | toJson }}
+{{- end }}
+{{- if hasKey . "timeout" }}
+timeout = {{ .timeout | toString | toJson }}
+{{- end }}
+{{- if hasKey . "ca_cert" }}
+ca_cert = {{ .ca_cert | toString | toJson }}
+{{- end }}
+{{- if hasKey . "insecure_skip_verify" }}
+insecure_skip_verify = {{ .insecure_skip_verify }}
+{{- end }}
+{{- end }}
+{{- range .Values.dispatchConfig.lanes }}
+
+[[lane]]
+name = {{ .name | toString | toJson }}
+batch_size = {{ int64 .batch_size }}
+interval = {{ .interval | toString | toJson }}
+{{- if hasKey . "unit" }}
+unit = {{ .unit | toString | toJson }}
+{{- end }}
+providers = {{ toJson .providers }}
+{{- if hasKey . "send_concurrency" }}
+send_concurrency = {{ int64 .send_concurrency }}
+{{- end }}
+{{- end }}
+{{- range .Values.dispatchConfig.routes }}
+
+[[route]]
+lane = {{ .lane | toString | toJson }}
+{{- if hasKey . "countries" }}
+countries = {{ toJson .countries }}
+{{- end }}
+{{- if hasKey . "prefixes" }}
+prefixes = {{ toJson .prefixes }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Render-time checks of dispatchConfig the schema cannot express: a lane named
+"default", references between the lists, and a source for every provider's token.
+*/}}
+{{- define "message-dispatcher.validateDispatchConfig" -}}
+{{- $dc := .Values.dispatchConfig }}
+{{- if $dc.lanes }}
+{{- $providers := list }}
+{{- range $i, $p := $dc.providers }}
+{{- if has $p.name $providers }}
+{{- fail (printf "dispatchConfig.providers[%d]: the name %q is used twice" $i $p.name) }}
+{{- end }}
+{{- $providers = append $providers $p.name }}
+{{- $var := $p.token_env }}
+{{- $set := false }}
+{{- if $.Values.existingSecret }}
+{{- $set = true }}
+{{- else if get $.Values.secrets $var }}
+{{- $set = true }}
+{{- end }}
+{{- range $.Values.extraEnv }}
+{{- if or (eq .name $var) (eq .name (printf "%s_FILE" $var)) }}
+{{- $set = true }}
+{{- end }}
+{{- end }}
+{{- if not $set }}
+{{- fail (printf "dispatchConfig.providers[%d] %q: token_env %s is set by nothing in the pods: put the token in secrets.%s, in existingSecret, or name it in extraEnv (values.yaml, dispatchConfig)" $i $p.name $var $var) }}
+{{- end }}
+{{- end }}
+{{- $lanes := list }}
+{{- range $i, $l := $dc.lanes }}
+{{- if has $l.name $lanes }}
+{{- fail (printf "dispatchConfig.lanes[%d]: the name %q is used twice" $i $l.name) }}
+{{- end }}
+{{- $lanes = append $lanes $l.name }}
+{{- range $l.providers }}
+{{- if not (has . $providers) }}
+{{- fail (printf "dispatchConfig.lanes[%d] %q: providers: no provider is named %q" $i $l.name .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if not (has "default" $lanes) }}
+{{- fail "dispatchConfig.lanes: no lane is named \"default\"; messages that no route matches go there" }}
+{{- end }}
+{{- range $i, $r := $dc.routes }}
+{{- if not (has $r.lane $lanes) }}
+{{- fail (printf "dispatchConfig.routes[%d]: no lane is named %q" $i $r.lane) }}
+{{- end }}
+{{- end }}
+{{- range $.Values.extraEnv }}
+{{- if eq .name "DISPATCH_CONFIG" }}
+{{- fail "extraEnv: DISPATCH_CONFIG is set by the chart from dispatchConfig; leave it out" }}
+{{- end }}
+{{- end }}
+{{- else if or $dc.providers $dc.routes }}
+{{- fail "dispatchConfig: providers and routes need lanes (one of them named \"default\"); without lanes no DISPATCH_CONFIG file is rendered" }}
+{{- end }}
 {{- end }}
