@@ -359,6 +359,7 @@ async fn prepare_database(
         result = prepared => match result {
             Ok(()) => {
                 tracing::info!("database ready");
+                warn_about_unconfigured_lanes(&state).await;
                 for lane in &state.lanes {
                     if let Ok(control) = lane.store.control_record().await {
                         let names = if config.plan.source.is_some() {
@@ -390,6 +391,26 @@ async fn prepare_database(
             }
         },
         () = state.shutdown.cancelled() => {}
+    }
+}
+
+/// Logs each lane that holds messages waiting to be sent but that DISPATCH_CONFIG no
+/// longer names: nobody sends them until the lane is configured again or they are moved.
+async fn warn_about_unconfigured_lanes(state: &AppState) {
+    let Ok(counts) = state.store.lane_counts().await else {
+        return;
+    };
+    for counts in counts {
+        if state.lane(&counts.lane).is_none() && counts.pending + counts.sending > 0 {
+            tracing::error!(
+                lane = %counts.lane,
+                pending = counts.pending,
+                sending = counts.sending,
+                "messages wait in a lane DISPATCH_CONFIG does not name; nobody sends them. \
+                 Configure the lane again, or move them: UPDATE messages SET lane = 'default' \
+                 WHERE lane = '<lane>' AND status = 'pending'"
+            );
+        }
     }
 }
 

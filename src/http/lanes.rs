@@ -58,13 +58,13 @@ fn lane<'a>(state: &'a State, name: &str) -> Result<&'a Lane, ApiError> {
 
 /// `GET /api/lanes`.
 async fn list(state: State) -> Result<Response, ApiError> {
-    let counts = state.store.lane_counts().await?;
+    let all_counts = state.store.lane_counts().await?;
     let replicas = state.store.live_replicas(LIVE_WITHIN).await?;
     let mut lanes = Vec::with_capacity(state.lanes.len());
     for lane in &state.lanes {
         let control = lane.store.control_record().await?;
         let leader = lane.store.leader_record().await?;
-        let counts = counts
+        let counts = all_counts
             .iter()
             .find(|c| c.lane == lane.spec.name)
             .cloned()
@@ -73,7 +73,17 @@ async fn list(state: State) -> Result<Response, ApiError> {
             &state, lane, &control, &leader, &counts, &replicas,
         ));
     }
-    Ok(json(StatusCode::OK, &json!({ "lanes": lanes })))
+    // Messages waiting in a lane the configuration no longer names are sent by nobody
+    // until the lane comes back or they are moved: say so, never hide them.
+    let unconfigured: Vec<Value> = all_counts
+        .iter()
+        .filter(|c| state.lane(&c.lane).is_none() && c.pending + c.sending > 0)
+        .map(|c| json!({"name": c.lane, "pending": c.pending, "sending": c.sending}))
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "lanes": lanes, "unconfigured": unconfigured }),
+    ))
 }
 
 fn lane_json(

@@ -388,8 +388,10 @@ fn schemas(max_content_chars: usize) -> Value {
         "CancelFilter": bulk_filter("pending"),
         "Lanes": {
             "type": "object",
-            "required": ["lanes"],
-            "properties": {"lanes": {"type": "array", "items": {
+            "required": ["lanes", "unconfigured"],
+            "properties": {
+              "unconfigured": {"type": "array", "description": "lanes DISPATCH_CONFIG no longer names that still hold pending or sending messages: nobody sends them", "items": {"type": "object", "properties": {"name": {"type": "string"}, "pending": {"type": "integer"}, "sending": {"type": "integer"}}}},
+              "lanes": {"type": "array", "items": {
                 "type": "object",
                 "required": ["name", "leader", "running", "paused_reason", "batch_size", "interval", "unit", "pending", "sending", "sent_last_minute", "providers"],
                 "properties": {
@@ -414,7 +416,8 @@ fn schemas(max_content_chars: usize) -> Value {
                     }}},
                     "config": schema_ref("Schedule")
                 }
-            }}}
+            }}
+            }
         },
         "LaneControlAnswer": {
             "type": "object",

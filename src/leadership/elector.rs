@@ -158,6 +158,7 @@ pub async fn run_redis_elector<B: ElectionBackend>(elector: Elector<B>, resign: 
                 return;
             }
             TermEnd::HandedOver => {
+                elector.spread.handed_over(&elector.lane);
                 elector
                     .leadership
                     .end(&term, "handed over to the replica the lane is assigned to");

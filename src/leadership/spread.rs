@@ -40,7 +40,14 @@ struct View {
     older_release_live: bool,
     /// When `live` last changed; `None` before the first reading.
     changed_at: Option<Instant>,
+    /// Counts the changes of `live`: one rebalance each.
+    generation: u64,
     assignment: HashMap<String, String>,
+    /// The generation in which this replica last handed each lane over. A lane it
+    /// leads again in the same generation stays: its assignee did not take it (it
+    /// cannot reach Redis, or its configuration differs), and handing it over again
+    /// would only make it flap.
+    handed_over: HashMap<String, u64>,
 }
 
 impl Spread {
@@ -83,6 +90,7 @@ impl Spread {
             view.assignment = assign(&self.lanes, &live);
             view.live = live;
             view.changed_at = Some(Instant::now());
+            view.generation += 1;
         }
     }
 
@@ -128,10 +136,19 @@ impl Spread {
             .changed_at
             .is_some_and(|at| at.elapsed() >= self.settle);
         stable
+            && view.handed_over.get(lane) != Some(&view.generation)
             && view
                 .assignment
                 .get(lane)
                 .is_some_and(|assignee| *assignee != self.me)
+    }
+
+    /// Records that this replica handed `lane` over in this generation: a lane moves
+    /// at most once per rebalance.
+    pub fn handed_over(&self, lane: &str) {
+        let mut view = self.view();
+        let generation = view.generation;
+        view.handed_over.insert(lane.to_string(), generation);
     }
 
     /// The replica `lane` is assigned to, if known (status pages).
@@ -275,6 +292,19 @@ mod tests {
         assert!(spread.prefers_me(theirs, Some("b")), "b let it go");
         tokio::time::advance(Duration::from_secs(4)).await;
         assert!(spread.should_hand_over(theirs));
+        spread.handed_over(theirs);
+        assert!(
+            !spread.should_hand_over(theirs),
+            "led again in the same rebalance (its assignee did not take it): it stays"
+        );
+        spread.observe(&[replica("a", true), replica("c", true)], true);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        spread.observe(&[replica("a", true), replica("b", true)], true);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(
+            spread.should_hand_over(theirs),
+            "a new rebalance may move it again"
+        );
         let ours = lanes
             .iter()
             .find(|l| spread.assignee(l).as_deref() == Some("a"))

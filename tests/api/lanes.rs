@@ -28,8 +28,11 @@ fn write_config(env: &TestEnv, lanes: &[&str], batch_size: u32, interval: &str) 
     path.display().to_string()
 }
 
-/// Each lane's leader as `GET /api/lanes` on `replica` shows it (`None`: no leader).
-async fn lane_leaders(replica: &Replica) -> Option<BTreeMap<String, Option<(String, i64)>>> {
+/// Each lane's leader (replica id, epoch); `None`: no leader.
+type Leaders = BTreeMap<String, Option<(String, i64)>>;
+
+/// Each lane's leader as `GET /api/lanes` on `replica` shows it.
+async fn lane_leaders(replica: &Replica) -> Option<Leaders> {
     let (status, body) = replica.get("/api/lanes").await;
     if status != 200 {
         return None;
@@ -52,7 +55,7 @@ async fn lane_leaders(replica: &Replica) -> Option<BTreeMap<String, Option<(Stri
 }
 
 /// How many lanes each replica leads.
-fn loads(leaders: &BTreeMap<String, Option<(String, i64)>>) -> HashMap<String, usize> {
+fn loads(leaders: &Leaders) -> HashMap<String, usize> {
     let mut loads = HashMap::new();
     for (replica, _) in leaders.values().flatten() {
         *loads.entry(replica.clone()).or_default() += 1;
@@ -68,9 +71,9 @@ async fn wait_spread(
     least: usize,
     most: usize,
     timeout: Duration,
-) -> BTreeMap<String, Option<(String, i64)>> {
+) -> Leaders {
     let deadline = Instant::now() + timeout;
-    let mut settled: Option<(BTreeMap<String, Option<(String, i64)>>, Instant)> = None;
+    let mut settled: Option<(Leaders, Instant)> = None;
     let mut last = None;
     while Instant::now() < deadline {
         if let Some(leaders) = lane_leaders(via).await {
@@ -314,8 +317,8 @@ async fn lanes_are_named_at_intake_and_in_filters() {
             )
         })
         .collect();
-    assert_eq!(running["otp"], false);
-    assert_eq!(running["default"], true, "a lane stops alone");
+    assert!(!running["otp"]);
+    assert!(running["default"], "a lane stops alone");
     let response = http()
         .put(replica.url("/api/lanes/otp/config"))
         .json(&json!({"batch_size": 7}))
@@ -327,6 +330,22 @@ async fn lanes_are_named_at_intake_and_in_filters() {
     assert_eq!(lanes["lanes"][1]["batch_size"], 7, "{lanes}");
     let (status, _) = replica.post("/api/lanes/nope/start", None).await;
     assert_eq!(status, 404);
+
+    // A lane the configuration no longer names: its messages are shown, not hidden.
+    env.db()
+        .await
+        .execute(
+            "INSERT INTO messages (phone_number, content, lane) VALUES ('+905551234567', 'x', 'gone')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (_, lanes) = replica.get("/api/lanes").await;
+    assert_eq!(
+        lanes["unconfigured"],
+        json!([{"name": "gone", "pending": 1, "sending": 0}]),
+        "{lanes}"
+    );
 }
 
 #[tokio::test]
