@@ -303,12 +303,15 @@ def read_events(path: Path, messages: set[str]) -> list[dict]:
 
 class Replica:
     """One `message-dispatcher serve` under a fixed REPLICA_ID, restartable: each start
-    is a new process (an incarnation) logging to logs/replica-N.<incarnation>.log.
+    is a new process (an incarnation) logging to logs/<id>.<incarnation>.log.
     `env` is added to the inherited environment (a None value removes a variable);
-    `port` 0 takes a free port at every start."""
+    `port` 0 takes a free port at every start. `bin` runs another binary than BIN (an
+    older release, say) and `replica_id` names it otherwise than replica-N."""
 
-    def __init__(self, index: int, env: dict[str, str | None] | None = None, port: int = 0):
-        self.index, self.id = index, f"replica-{index}"
+    def __init__(self, index: int, env: dict[str, str | None] | None = None, port: int = 0,
+                 bin: str | None = None, replica_id: str | None = None):
+        self.index, self.id = index, replica_id or f"replica-{index}"
+        self.bin = bin or BIN
         self.env = dict(env or {})
         self.fixed_port = port
         self.port = port
@@ -326,7 +329,7 @@ class Replica:
             name += "+"
         self.logs.append(WORK / "logs" / f"{name}.log")
         self.tail = LogTail(self.log)
-        self.proc = spawn([BIN, "serve"], name, {
+        self.proc = spawn([self.bin, "serve"], name, {
             "SERVER_PORT": str(self.port), "REPLICA_ID": self.id, "LOG_FORMAT": "json", **self.env})
 
     @property
