@@ -62,6 +62,9 @@ enum TermEnd {
     Resigned,
     /// Given to the replica the lane is assigned to (docs/design.md#spread).
     HandedOver,
+    /// A replica of a release without lanes is live: its claim and its rescue take
+    /// every lane's rows, so lanes other than `default` stop (docs/design.md#upgrading-to-lanes).
+    OlderReleaseLive,
     Lost(&'static str),
     /// Fenced out by a newer epoch, or PostgreSQL unreachable for too long.
     Abandoned,
@@ -156,6 +159,13 @@ pub async fn run_redis_elector<B: ElectionBackend>(elector: Elector<B>, resign: 
                 elector.leadership.end(&term, "shutting down");
                 elector.release(&token, true).await;
                 return;
+            }
+            TermEnd::OlderReleaseLive => {
+                elector.leadership.end(
+                    &term,
+                    "a replica of a release without lanes is live; this lane waits for it to go",
+                );
+                elector.release(&token, true).await;
             }
             TermEnd::HandedOver => {
                 elector.spread.handed_over(&elector.lane);
@@ -333,6 +343,9 @@ impl<B: ElectionBackend> Elector<B> {
                     next_beat = Instant::now() + beat_every;
                 }
                 () = tokio::time::sleep_until(next_spread_check) => {
+                    if !self.spread.may_lead(&self.lane) {
+                        return TermEnd::OlderReleaseLive;
+                    }
                     if self.spread.should_hand_over(&self.lane) {
                         return TermEnd::HandedOver;
                     }

@@ -199,6 +199,8 @@ struct Rig {
     leadership: Arc<Leadership>,
     released: Arc<ReleaseSignal>,
     resign: CancellationToken,
+    lane: &'static str,
+    spread: Arc<Spread>,
 }
 
 impl Rig {
@@ -208,6 +210,8 @@ impl Rig {
             leadership: Arc::new(Leadership::new(Arc::new(Metrics::new()), "default")),
             released: Arc::default(),
             resign: CancellationToken::new(),
+            lane: "default",
+            spread: Arc::new(Spread::new("r1", &["default".into()], RETRY)),
         }
     }
 
@@ -224,8 +228,8 @@ impl Rig {
             replica_id: "r1".into(),
             released: Arc::clone(&self.released),
             fence: FenceTiming::for_lease(TTL),
-            lane: "default".into(),
-            spread: Arc::new(Spread::new("r1", &["default".into()], RETRY)),
+            lane: self.lane.into(),
+            spread: Arc::clone(&self.spread),
         };
         tokio::spawn(run_redis_elector(elector, self.resign.clone()))
     }
@@ -479,4 +483,43 @@ async fn single_replica_mode_leads_until_a_newer_epoch_then_stands_down_for_good
     assert_eq!(backend.world().epoch, term.epoch.0, "no new epoch taken");
     resign.cancel();
     run.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lane_leader_steps_down_while_a_replica_of_an_older_release_is_live() {
+    let mut rig = Rig::new();
+    rig.lane = "otp";
+    rig.spread = Arc::new(Spread::new("r1", &["default".into(), "otp".into()], RETRY));
+    let elector = rig.start();
+    let term = rig.term(Duration::from_secs(1)).await;
+    // A replica of the previous release joins: its claim and rescue take every lane.
+    let older = crate::store::ReplicaRecord {
+        replica_id: "old".into(),
+        version: "previous".into(),
+        started_at: chrono::Utc::now(),
+        last_seen_at: chrono::Utc::now(),
+        knows_lanes: false,
+        leader_eligible: true,
+    };
+    rig.spread.observe(&[older], true);
+    let seen = Instant::now();
+    let ended = rig.no_term(RETRY * 3).await;
+    assert!(
+        ended - seen <= RETRY,
+        "stepped down after {:?}",
+        ended - seen
+    );
+    assert!(!term.is_valid());
+    assert_eq!(
+        rig.backend.world().announcements,
+        1,
+        "released and announced"
+    );
+    tokio::time::sleep(RETRY * 10).await;
+    assert!(
+        rig.leadership.current().is_none(),
+        "no new term while the older replica is live"
+    );
+    rig.resign.cancel();
+    elector.await.unwrap();
 }
