@@ -1,6 +1,7 @@
 """What the benchmarks measure with (standard library only): CPU time and memory from
 /proc, the queue seeded and reset, one end-to-end drain with its exactly-once check,
-and the tables and result rows they print. The processes themselves are started
+the lanes (a DISPATCH_CONFIG file, GET /api/lanes, waiting for the spread, each
+replica's pool sessions), and the tables and result rows they print. The processes themselves are started
 through scripts/lib/harness.py; scripts/bench/run.sh sets up the environment both
 read and turns the rows a benchmark writes to $BENCH_RESULT into a result record.
 """
@@ -21,6 +22,7 @@ from harness import (  # noqa: E402
     BIN,
     WORK,
     env,
+    http,
     http_json,
     leader_row,
     parse_ts,
@@ -275,3 +277,169 @@ def constant(source: str, name: str) -> str:
         parts = re.findall(STRING + r"|(\w+)!\(\)", match.group(2))
         text = "".join(literal(s) if not m else macro(source, m) for s, m in parts)
     return " ".join(text.split())
+
+
+# ------------------------------------------------------------------------------ lanes
+
+
+def lane_names(count: int) -> list[str]:
+    """`default` and count - 1 more: lane-1, lane-2, ..."""
+    return ["default"] + [f"lane-{i}" for i in range(1, count)]
+
+
+def write_lanes_config(path: Path, providers: dict[str, str], lanes: dict[str, str], batch_size: int,
+                       interval: str, send_concurrency: int) -> Path:
+    """A DISPATCH_CONFIG file (deploy/dispatch.example.toml): `providers` maps a provider
+    name to its send URL (each with token_env SMS_API_TOKEN), `lanes` a lane name to the
+    provider it sends through; every lane has the same schedule."""
+    out = []
+    for name, url in providers.items():
+        out += ["[[provider]]", f'name = "{name}"', 'kind = "http-json"', f'url = "{url}"',
+                'token_env = "SMS_API_TOKEN"', ""]
+    for name, provider in lanes.items():
+        out += ["[[lane]]", f'name = "{name}"', f"batch_size = {batch_size}", f'interval = "{interval}"',
+                'unit = "messages"', f'providers = ["{provider}"]', f"send_concurrency = {send_concurrency}", ""]
+    path.write_text("\n".join(out))
+    return path
+
+
+def lanes_view(replicas: list) -> dict[str, dict] | None:
+    """GET /api/lanes of the first live replica that answers: per lane, its leader
+    (replica id or None), epoch, assignee, pending and sending."""
+    for r in replicas:
+        if not r.alive():
+            continue
+        code, body = http(r.url + "/api/lanes", timeout=3)
+        if code != 200:
+            continue
+        out = {}
+        for lane in json.loads(body)["lanes"]:
+            leader = lane.get("leader") or {}
+            out[lane["name"]] = {"leader": leader.get("replica_id"), "epoch": leader.get("epoch"),
+                                 "assigned_to": lane.get("assigned_to"), "pending": lane.get("pending"),
+                                 "sending": lane.get("sending")}
+        return out
+    return None
+
+
+def wait_spread(replicas: list, lanes: list[str], stable_s: float, timeout: float,
+                extra_check=None, balanced: bool = True) -> dict[str, dict]:
+    """Waits until GET /api/lanes shows every lane of `lanes` with a leader, no replica
+    leading more than ceil(lanes / live replicas) (unless `balanced` is false), and the
+    same leaders and epochs for `stable_s` seconds (and `extra_check(view)`, if given,
+    holds at the end); returns that view."""
+    alive = max(1, sum(1 for r in replicas if r.alive()))
+    most = -(-len(lanes) // alive)
+    since, last = None, None
+    deadline = time.time() + timeout
+    while True:
+        view = lanes_view(replicas)
+        ok = view is not None and all(view.get(lane, {}).get("leader") for lane in lanes)
+        if ok and balanced:
+            per: dict[str, int] = {}
+            for lane in lanes:
+                per[view[lane]["leader"]] = per.get(view[lane]["leader"], 0) + 1
+            ok = max(per.values()) <= most
+        key = None if not ok else tuple((lane, view[lane]["leader"], view[lane]["epoch"]) for lane in lanes)
+        if key is None or key != last:
+            since, last = time.time(), key
+        elif time.time() - since >= stable_s and (extra_check is None or extra_check(view)):
+            return view
+        if time.time() > deadline:
+            raise TimeoutError(f"lanes not spread after {timeout:.0f} s: {view}")
+        time.sleep(0.25)
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat (idle and iowait count as not busy)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
+    return total - fields[3] - fields[4], total
+
+
+def socket_ports(pid: int) -> set[int]:
+    """Local TCP ports of the sockets process `pid` holds open (/proc/PID/fd and
+    /proc/net/tcp{,6}): matched to pg_stat_activity.client_port, they say which
+    replica a PostgreSQL session belongs to."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    except OSError:
+        return set()
+    ports = set()
+    for table_path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table_path) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 9 and parts[9] in inodes:
+                        ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+        except OSError:
+            pass
+    return ports
+
+
+class PoolSampler:
+    """Samples, every `every` seconds on a thread of its own, each replica's pool
+    sessions in pg_stat_activity (application_name message-dispatcher; the leader's
+    fence and watch sessions carry other names): how many there are and how many are
+    busy (not idle). A replica whose pool is busy in every session is waiting for
+    connections; DB_POOL_SIZE is then a bound. Sessions waiting on a lock are counted too."""
+
+    def __init__(self, replicas: list, db: str, every: float = 0.5):
+        import threading
+        self.replicas, self.db, self.every = replicas, db, every
+        self.samples: dict[str, list[tuple[int, int, int]]] = {r.id: [] for r in replicas}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            try:
+                rows = psql("SELECT client_port || '|' || coalesce(state, '') || '|' || "
+                            "coalesce(wait_event_type, '') FROM pg_stat_activity "
+                            "WHERE application_name = 'message-dispatcher' AND client_port IS NOT NULL",
+                            self.db, timeout=5).splitlines()
+            except Exception:  # noqa: BLE001 - a missed sample is no result
+                continue
+            sessions = [row.split("|") for row in rows if row.count("|") == 2]
+            for r in self.replicas:
+                if not r.alive():
+                    continue
+                ports = socket_ports(r.pid)
+                mine = [s for s in sessions if int(s[0]) in ports]
+                busy = sum(1 for s in mine if s[1] != "idle")
+                locked = sum(1 for s in mine if s[2] == "Lock")
+                self.samples[r.id].append((len(mine), busy, locked))
+
+    def summary(self, pool_size: int) -> dict[str, dict]:
+        out = {}
+        for rid, samples in self.samples.items():
+            if not samples:
+                out[rid] = {"samples": 0}
+                continue
+            out[rid] = {
+                "samples": len(samples),
+                "sessions_max": max(s[0] for s in samples),
+                "busy_mean": statistics.fmean(s[1] for s in samples),
+                "busy_max": max(s[1] for s in samples),
+                "all_busy_share": sum(1 for s in samples if s[1] >= pool_size) / len(samples),
+                "lock_waits_max": max(s[2] for s in samples),
+            }
+        return out

@@ -3,17 +3,20 @@
 # scripts/bench/NAME.py, which starts the replicas and the mock provider, measures,
 # checks and prints its tables.
 #
-# Usage: scripts/bench/run.sh <failover|throughput|footprint|api|peers|pg-cost|all>
+# Usage: scripts/bench/run.sh <failover|throughput|lanes|footprint|api|peers|pg-cost|all>
 #        scripts/bench/run.sh --help [NAME]      this text, or NAME's settings and targets
 #
 #   failover    kill, terminate and pause the leader of three replicas; time each handover
+#               (LANES=6: six lanes, the leader of one lane; recorded as failover-lanes)
 #   throughput  drain N messages end to end, next to a pgbench reference of the same SQL
+#   lanes       one lane, then six lanes spread over three replicas: aggregate drain
+#               rate of each and their ratio (scale-out)
 #   footprint   idle RSS and CPU of the leader and the followers, RSS after a drain,
 #               start-up time
 #   api         wrk against four endpoints of one replica
 #   peers       the same job through ours, graphile-worker and pg-boss
 #   pg-cost     PostgreSQL's instructions per dispatched message (callgrind)
-#   all         failover, throughput, footprint and api in turn (about 15 minutes;
+#   all         failover, throughput, lanes, footprint and api in turn (about 17 minutes;
 #               ONLY="api footprint" picks others), then one combined table
 #
 # Set-up: installs what is missing with apt-get (PostgreSQL, Redis, wrk; valgrind for
@@ -46,7 +49,8 @@ module_of() { echo "$ROOT/scripts/bench/${1//-/_}.py"; }
 # settings NAME: the environment variables NAME reads (its module's docstring says more).
 settings() {
   case "$1" in
-    failover) echo KILLS TERMS STOPS TTL RETRY INTERVAL FAILOVER_BATCH_SIZE FAILOVER_SEED SETTLE SHUTDOWN_TIMEOUT ;;
+    failover) echo KILLS TERMS STOPS TTL RETRY INTERVAL FAILOVER_BATCH_SIZE FAILOVER_SEED SETTLE SHUTDOWN_TIMEOUT LANES SPREAD_STABLE SPREAD_TIMEOUT OTHERS_WINDOW ;;
+    lanes) echo N LANES REPLICAS LATENCY_MS LANE_CONCURRENCY LANE_BATCH_SIZE LANE_INTERVAL MOCKS SPREAD_STABLE RATIO_TARGET DB_POOL_SIZE ;;
     throughput) echo N SLOW_N BATCH REPLICAS LATENCIES CONCURRENCIES PGBENCH_MODE REF ALLOW_SQL_DRIFT ;;
     footprint) echo IDLE_SECONDS N SEND_CONCURRENCY STARTS WARMUP AFTER_DRAIN_WAIT RSS_TARGET_MIB ;;
     api) echo SENT DURATION THREADS CONNECTIONS ;;
@@ -164,8 +168,11 @@ bench_packages() {
 
 # run_one NAME: one benchmark in this process, then its result record.
 run_one() {
-  local name="$1" module command commit record started
+  local name="$1" module command commit record started record_name="$1"
   module="$(module_of "$name")"
+  # The per-lane failover has figures of its own: a record of its own name, so the
+  # single-lane failover's latest record and history stay as they were.
+  if [ "$name" = failover ] && [ "${LANES:-1}" != 1 ]; then record_name=failover-lanes; fi
   [ -f "$module" ] || die "no such benchmark: $name (see --help)"
   # BENCH_COMMAND and BENCH_COMMIT come from `all`, which runs each benchmark anew.
   # shellcheck disable=SC2046  # one word per setting
@@ -194,7 +201,7 @@ run_one() {
   log "$name took $((SECONDS - started)) s"
 
   mkdir -p "$RESULTS_DIR"
-  record="$(python3 "$REPORT_PY" record --bench "$name" --result "$WORK/result.json" \
+  record="$(python3 "$REPORT_PY" record --bench "$record_name" --result "$WORK/result.json" \
     --command "$command" --commit "$commit" --note "${BENCH_NOTE:-}" --dir "$RESULTS_DIR")"
   log "result record: ${record#"$ROOT/"}"
   if [ -n "${BENCH_RECORDS:-}" ]; then echo "$name=$record" >>"$BENCH_RECORDS"; fi
@@ -203,7 +210,7 @@ run_one() {
 # run_all: the benchmarks of ONLY in turn, each a fresh run of this script, then the
 # combined table and each one's time. Exits 1 if any failed.
 run_all() {
-  local benches="${ONLY:-failover throughput footprint api}" bench rc started failed=0 timings=() vars=()
+  local benches="${ONLY:-failover throughput lanes footprint api}" bench rc started failed=0 timings=() vars=()
   for bench in $benches; do
     [ -f "$(module_of "$bench")" ] || die "no such benchmark: $bench"
     # shellcheck disable=SC2207  # one word per setting
@@ -250,7 +257,7 @@ case "${1:-}" in
       usage
     fi ;;
   all) run_all ;;
-  failover | throughput | footprint | api | peers | pg-cost) run_one "$1" ;;
+  failover | throughput | lanes | footprint | api | peers | pg-cost) run_one "$1" ;;
   "") usage >&2; exit 2 ;;
   *) die "unknown benchmark $1 (see --help)" ;;
 esac
