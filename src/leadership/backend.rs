@@ -43,10 +43,11 @@ pub trait ElectionBackend: Send + Sync + 'static {
     fn extend(&self, token: &LeaseToken) -> impl Future<Output = Result<bool, LeaseError>> + Send;
     /// Deletes the lease while it holds `token`.
     fn release(&self, token: &LeaseToken) -> impl Future<Output = Result<bool, LeaseError>> + Send;
-    /// Tells the followers the lease is free.
+    /// Tells the followers the lease is free: `message` is the releasing replica's id,
+    /// or `handover:<id>` when it stays and hands the lane to its assignee.
     fn announce_release(
         &self,
-        replica_id: &str,
+        message: &str,
     ) -> impl Future<Output = Result<(), LeaseError>> + Send;
     /// A new term in the fence row.
     fn start_term(
@@ -119,8 +120,8 @@ impl ElectionBackend for LiveElection {
         Ok(self.lease.release(token).await?)
     }
 
-    async fn announce_release(&self, replica_id: &str) -> Result<(), LeaseError> {
-        Ok(self.lease.announce_release(replica_id).await?)
+    async fn announce_release(&self, message: &str) -> Result<(), LeaseError> {
+        Ok(self.lease.announce_release(message).await?)
     }
 
     async fn start_term(

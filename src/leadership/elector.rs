@@ -58,6 +58,20 @@ pub struct Elector<B = LiveElection> {
     pub spread: Arc<Spread>,
 }
 
+/// What a release tells the followers.
+#[derive(Debug, Clone, Copy)]
+enum Announce {
+    /// Nothing: the lease was not ours to announce.
+    No,
+    /// This replica lets go and counts as gone: its id, as releases before lanes said.
+    Leaving,
+    /// This replica stays and hands the lane to its assignee: `handover:<id>`.
+    HandingOver,
+}
+
+/// Starts the announcement of a replica that stays (see [`Announce::HandingOver`]).
+const HANDOVER: &str = "handover:";
+
 enum TermEnd {
     Resigned,
     /// Given to the replica the lane is assigned to (docs/design.md#spread).
@@ -130,7 +144,7 @@ pub async fn run_redis_elector<B: ElectionBackend>(elector: Elector<B>, resign: 
             Ok(Ok(epoch)) => epoch,
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, "won the lock but could not fence in PostgreSQL; letting it go");
-                elector.release(&token, false).await;
+                elector.release(&token, Announce::No).await;
                 elector.pause(&resign).await;
                 continue;
             }
@@ -138,14 +152,14 @@ pub async fn run_redis_elector<B: ElectionBackend>(elector: Elector<B>, resign: 
                 tracing::warn!(
                     "won the lock but PostgreSQL did not answer within the lease; letting it go"
                 );
-                elector.release(&token, false).await;
+                elector.release(&token, Announce::No).await;
                 elector.pause(&resign).await;
                 continue;
             }
         };
         let term = Term::new(epoch, deadline);
         if !term.is_valid() {
-            elector.release(&token, false).await;
+            elector.release(&token, Announce::No).await;
             continue;
         }
         elector.leadership.begin(term.clone());
@@ -157,7 +171,7 @@ pub async fn run_redis_elector<B: ElectionBackend>(elector: Elector<B>, resign: 
         match end {
             TermEnd::Resigned => {
                 elector.leadership.end(&term, "shutting down");
-                elector.release(&token, true).await;
+                elector.release(&token, Announce::Leaving).await;
                 return;
             }
             TermEnd::OlderReleaseLive => {
@@ -165,18 +179,18 @@ pub async fn run_redis_elector<B: ElectionBackend>(elector: Elector<B>, resign: 
                     &term,
                     "a replica of a release without lanes is live; this lane waits for it to go",
                 );
-                elector.release(&token, true).await;
+                elector.release(&token, Announce::HandingOver).await;
             }
             TermEnd::HandedOver => {
                 elector.spread.handed_over(&elector.lane);
                 elector
                     .leadership
                     .end(&term, "handed over to the replica the lane is assigned to");
-                elector.release(&token, true).await;
+                elector.release(&token, Announce::HandingOver).await;
             }
             TermEnd::Lost(reason) => {
                 elector.leadership.end(&term, reason);
-                elector.release(&token, false).await;
+                elector.release(&token, Announce::No).await;
             }
             TermEnd::Abandoned => {
                 let reason = if term.was_fenced() {
@@ -185,7 +199,7 @@ pub async fn run_redis_elector<B: ElectionBackend>(elector: Elector<B>, resign: 
                     "PostgreSQL unreachable"
                 };
                 elector.leadership.end(&term, reason);
-                elector.release(&token, true).await;
+                elector.release(&token, Announce::Leaving).await;
                 elector.pause(&resign).await;
             }
         }
@@ -279,7 +293,10 @@ impl<B: ElectionBackend> Elector<B> {
             tokio::select! {
                 () = resign.cancelled() => return None,
                 () = tokio::time::sleep(self.timing.follower_wait()) => {}
-                announcer = self.released.wait() => leaving = announcer,
+                announcer = self.released.wait() => {
+                    // A replica handing a lane over stays: the assignment stands.
+                    leaving = announcer.filter(|a| !a.starts_with(HANDOVER));
+                }
                 takeover = &mut dead_leader => {
                     self.metrics.lock_op("acquire", "ok");
                     tracing::info!("took the lock over from a dead leader");
@@ -386,13 +403,19 @@ impl<B: ElectionBackend> Elector<B> {
         }
     }
 
-    /// Compare-and-delete the lock; with `announce`, tell followers it is free.
-    async fn release(&self, token: &LeaseToken, announce: bool) {
+    /// Compare-and-delete the lock, and tell the followers it is free as `announce`
+    /// says.
+    async fn release(&self, token: &LeaseToken, announce: Announce) {
         match self.backend.release(token).await {
             Ok(true) => {
                 self.metrics.lock_op("release", "ok");
-                if announce {
-                    if let Err(err) = self.backend.announce_release(&self.replica_id).await {
+                let message = match announce {
+                    Announce::No => None,
+                    Announce::Leaving => Some(self.replica_id.clone()),
+                    Announce::HandingOver => Some(format!("{HANDOVER}{}", self.replica_id)),
+                };
+                if let Some(message) = message {
+                    if let Err(err) = self.backend.announce_release(&message).await {
                         tracing::warn!(error = %err, "could not announce the release");
                     }
                 }

@@ -158,15 +158,16 @@ impl Spread {
 }
 
 /// Assigns each lane to one of `replicas`: pairs in descending rendezvous score, each
-/// lane to the first replica that still has room for ceil(lanes / replicas). The same
-/// inputs give the same answer on every replica (the hash is fixed, not the standard
-/// library's per-process one).
+/// lane to the first replica that still has room. Two passes: first every replica
+/// takes up to floor(lanes / replicas), then the lanes left over go, at most one more
+/// each, so every replica leads floor or ceil of lanes / replicas: a replica that joins
+/// takes its share, no more and no less. The same inputs give the same answer on every
+/// replica (the hash is fixed, not the standard library's per-process one).
 pub fn assign(lanes: &[String], replicas: &[String]) -> HashMap<String, String> {
     let mut assignment = HashMap::new();
     if replicas.is_empty() {
         return assignment;
     }
-    let share = lanes.len().div_ceil(replicas.len());
     let mut pairs: Vec<(u64, &str, &str)> = lanes
         .iter()
         .flat_map(|lane| {
@@ -178,14 +179,17 @@ pub fn assign(lanes: &[String], replicas: &[String]) -> HashMap<String, String> 
     // Ties (practically never) are broken by the names, so the order is total.
     pairs.sort_by(|a, b| b.cmp(a));
     let mut load: HashMap<&str, usize> = HashMap::new();
-    for (_, lane, replica) in pairs {
-        if assignment.contains_key(lane) {
-            continue;
-        }
-        let taken = load.entry(replica).or_default();
-        if *taken < share {
-            *taken += 1;
-            assignment.insert(lane.to_string(), replica.to_string());
+    let floor = lanes.len() / replicas.len();
+    for share in [floor, floor + 1] {
+        for &(_, lane, replica) in &pairs {
+            if assignment.contains_key(lane) {
+                continue;
+            }
+            let taken = load.entry(replica).or_default();
+            if *taken < share {
+                *taken += 1;
+                assignment.insert(lane.to_string(), replica.to_string());
+            }
         }
     }
     assignment
@@ -222,17 +226,20 @@ mod tests {
 
     #[test]
     fn no_replica_takes_more_than_its_share_and_every_lane_has_one() {
-        for (lanes, replicas) in [(5, 3), (6, 3), (1, 3), (7, 2), (3, 5), (64, 7)] {
+        for (lanes, replicas) in [(5, 3), (4, 3), (6, 3), (1, 3), (7, 2), (3, 5), (64, 7)] {
             for seed in 0..20 {
                 let lanes = names("lane-", lanes);
                 let replicas = names(&format!("replica-{seed}-"), replicas);
                 let assignment = assign(&lanes, &replicas);
                 assert_eq!(assignment.len(), lanes.len());
-                let share = lanes.len().div_ceil(replicas.len());
+                let (floor, ceil) = (
+                    lanes.len() / replicas.len(),
+                    lanes.len().div_ceil(replicas.len()),
+                );
                 let loads = loads(&assignment);
-                assert!(loads.values().all(|&n| n <= share), "{loads:?}");
-                if lanes.len() >= replicas.len() {
-                    assert_eq!(loads.len(), replicas.len(), "everyone leads something");
+                for replica in &replicas {
+                    let n = loads.get(replica).copied().unwrap_or(0);
+                    assert!((floor..=ceil).contains(&n), "{replica}: {n} of {loads:?}");
                 }
             }
         }

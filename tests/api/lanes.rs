@@ -428,3 +428,76 @@ async fn one_recipients_messages_go_one_at_a_time_in_creation_order() {
         "sends to different numbers ran one at a time: {others:?}"
     );
 }
+
+/// When `replica` logged `message` for `lane` last (its JSON log's timestamp).
+fn last_logged(
+    replica: &Replica,
+    message: &str,
+    lane: &str,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    replica
+        .logs()
+        .lines()
+        .rev()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|entry| entry["message"] == message && entry["lane"] == lane)
+        .find_map(|entry| entry["timestamp"].as_str()?.parse().ok())
+}
+
+#[tokio::test]
+async fn a_replica_joining_takes_only_its_share_handed_over_at_once() {
+    let env = TestEnv::start().await;
+    let names = ["default", "otp", "tr", "bulk"];
+    let config = write_config(&env, &names, 2, "200ms");
+    // A 2 s retry interval: a handover that waited for a follower's next attempt would
+    // take up to 2.4 s; announced, it takes a few milliseconds.
+    let settings = lane_settings(&config)
+        .lock_ttl(secs(8))
+        .lock_retry_interval(secs(2));
+    let first = [
+        env.replica("r1", &settings).await,
+        env.replica("r2", &settings).await,
+    ];
+    let before = wait_spread(&first[0], &["r1", "r2"], 2, 2, secs(60)).await;
+    let joiner = env.replica("r3", &settings).await;
+    let after = wait_spread(&first[0], &["r1", "r2", "r3"], 1, 2, secs(60)).await;
+    let moved: Vec<&String> = names
+        .iter()
+        .map(|n| n.to_string())
+        .filter_map(|lane| {
+            let key = before.keys().find(|k| **k == lane)?;
+            (before[key].as_ref().map(|l| &l.0) != after[key].as_ref().map(|l| &l.0)).then_some(key)
+        })
+        .collect();
+    let joined = loads(&after).get("r3").copied().unwrap_or(0);
+    assert!(
+        (1..=2).contains(&joined),
+        "r3 leads {joined} of 4 lanes: {after:?}"
+    );
+    assert!(
+        moved.len() <= 2,
+        "{} lanes moved for one joiner: {before:?} -> {after:?}",
+        moved.len()
+    );
+    let replicas = [&first[0], &first[1], &joiner];
+    for lane in moved {
+        let (from, _) = before[lane].clone().unwrap();
+        let (to, _) = after[lane].clone().unwrap();
+        let from = replicas
+            .iter()
+            .find(|r| r.logs().contains(&format!("\"replica_id\":\"{from}\"")))
+            .unwrap();
+        let to = replicas
+            .iter()
+            .find(|r| r.logs().contains(&format!("\"replica_id\":\"{to}\"")))
+            .unwrap();
+        let ended = last_logged(from, "leadership ended", lane).expect("the old leader's end");
+        let began = last_logged(to, "became leader", lane).expect("the new leader's start");
+        let gap = (began - ended).to_std().unwrap_or_default();
+        eprintln!("lane {lane}: handed over in {gap:?}");
+        assert!(
+            gap < secs(1),
+            "lane {lane} took {gap:?} to change hands: not announced?"
+        );
+    }
+}
