@@ -3,7 +3,10 @@
 -- clock, every status change of a message (claims, results, retries, rescues, releases)
 -- and every change of the fence row (epoch bumps, batch starts). The checks read them
 -- to group claims into batches, to measure the gaps between batch starts, and to show
--- the claim history of a message that reached the provider twice.
+-- the claim history of a message that reached the provider twice. Both record the lane
+-- (docs/design.md#lanes): the fence rows are one per lane, with epochs of their own, so
+-- batches, gaps and terms are checked per lane; a transition records the message's lane
+-- and the lane whose leader claimed it (claim_lane).
 -- They are not part of the product's schema (sql/), and never installed elsewhere.
 
 CREATE TABLE chaos_audit_transitions (
@@ -18,7 +21,9 @@ CREATE TABLE chaos_audit_transitions (
     claim_epoch  bigint,
     claimed_by   text,
     claimed_at   timestamptz,
-    last_error   text
+    last_error   text,
+    lane         text,
+    claim_lane   text
 );
 
 CREATE TABLE chaos_audit_leader (
@@ -26,6 +31,7 @@ CREATE TABLE chaos_audit_leader (
     at            timestamptz NOT NULL DEFAULT clock_timestamp(),
     txid          bigint NOT NULL DEFAULT txid_current(),
     kind          text NOT NULL,          -- 'epoch' (a new term) or 'batch' (a batch start)
+    lane          text,                   -- the fence row's lane (epochs are per lane)
     epoch         bigint,
     holder        text,
     last_batch_at timestamptz
@@ -35,9 +41,9 @@ CREATE FUNCTION chaos_audit_message() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO chaos_audit_transitions
         (message_id, old_status, new_status, old_attempts, new_attempts,
-         claim_epoch, claimed_by, claimed_at, last_error)
+         claim_epoch, claimed_by, claimed_at, last_error, lane, claim_lane)
     VALUES (NEW.id, OLD.status, NEW.status, OLD.attempts, NEW.attempts,
-            NEW.claim_epoch, NEW.claimed_by, NEW.claimed_at, NEW.last_error);
+            NEW.claim_epoch, NEW.claimed_by, NEW.claimed_at, NEW.last_error, NEW.lane, NEW.claim_lane);
     RETURN NULL;
 END $$;
 
@@ -48,12 +54,12 @@ CREATE TRIGGER chaos_audit_message AFTER UPDATE ON messages
 CREATE FUNCTION chaos_audit_leader() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.epoch IS DISTINCT FROM OLD.epoch THEN
-        INSERT INTO chaos_audit_leader (kind, epoch, holder, last_batch_at)
-        VALUES ('epoch', NEW.epoch, NEW.holder, NEW.last_batch_at);
+        INSERT INTO chaos_audit_leader (kind, lane, epoch, holder, last_batch_at)
+        VALUES ('epoch', NEW.lane, NEW.epoch, NEW.holder, NEW.last_batch_at);
     END IF;
     IF NEW.last_batch_at IS DISTINCT FROM OLD.last_batch_at THEN
-        INSERT INTO chaos_audit_leader (kind, epoch, holder, last_batch_at)
-        VALUES ('batch', NEW.epoch, NEW.holder, NEW.last_batch_at);
+        INSERT INTO chaos_audit_leader (kind, lane, epoch, holder, last_batch_at)
+        VALUES ('batch', NEW.lane, NEW.epoch, NEW.holder, NEW.last_batch_at);
     END IF;
     RETURN NULL;
 END $$;

@@ -11,10 +11,11 @@ import time
 import traceback
 
 from harness import Replica, harness_sh, redis_cli
-from settings import (AIM_AT_LEADER, BATCH_SIZE, E, FAULT_GAP_MAX, FAULT_GAP_MIN, INTERVAL_MS, LOCK_KEY,
-                      LONG_STOP_SHARE, MAX_REPLICAS_IN_FAULT, PG_PORT, REDIS_PORT, RESCUE_AFTER_MS,
-                      RESIGN_AFTER_MS, RETRY_MS, RNG, SHUTDOWN_TIMEOUT_MS, SMS_TIMEOUT_MS, TERM_EXIT_BOUND_S,
-                      TTL_MS, WEIGHTS, WORK, current_leader, say)
+from settings import (AIM_AT_LEADER, BATCH_SIZE, E, FAULT_GAP_MAX, FAULT_GAP_MIN, INTERVAL_MS, LANE_NAMES, LANES,
+                      LOCK_KEY, LONG_STOP_SHARE, MAX_REPLICAS_IN_FAULT, PG_PORT, REDIS_PORT, RESCUE_AFTER_MS,
+                      RESIGN_AFTER_MS, RETRY_MS, RNG, SHORT_STOP_SHARE, SHUTDOWN_TIMEOUT_MS, SMS_TIMEOUT_MS,
+                      STALL_AFTER_MS, TERM_EXIT_BOUND_S, TTL_MS, WEIGHTS, WORK, current_leader, current_leaders,
+                      lane_key, say)
 from tcp_proxy import Proxy
 
 # ------------------------------------------------------------------------ replicas --
@@ -46,6 +47,10 @@ class ChaosReplica(Replica):
             # Not inherited: the creators post without a token, and the URLs above are the
             # replica's only way to its servers.
             "API_TOKEN": None, "DB_HOST": None, "REDIS_HOST": None,
+            # LANES > 1: the lanes file soak.py writes (its provider's token variable is
+            # required; the mock checks no token).
+            "DISPATCH_CONFIG": os.path.join(WORK, "dispatch.toml") if LANES > 1 else None,
+            "CHAOS_PROVIDER_TOKEN": "chaos" if LANES > 1 else None,
         }, port=port)
 
     def stop_for_good(self):
@@ -59,37 +64,52 @@ class ChaosReplica(Replica):
 # Faults on a server rather than on one replica.
 SERVER_FAULTS = ("redis", "postgres")
 
-def fault_kill(run, replica, leader):
+def leading(leader, lanes):
+    """How a fault line names the target's leadership: " (leader)", or with lanes
+    " (leader of l1, l2)"."""
+    if not leader:
+        return ""
+    return " (leader of %s)" % ", ".join(lanes) if LANES > 1 else " (leader)"
+
+
+def fault_kill(run, replica, leader, lanes):
     begin = time.time()
-    say("FAULT kill     %s%s: SIGKILL" % (replica.id, " (leader)" if leader else ""))
+    say("FAULT kill     %s%s: SIGKILL" % (replica.id, leading(leader, lanes)))
     replica.kill(signal.SIGKILL)
     replica.wait(10)
     down = RNG.uniform(0.5, 3.0)
     time.sleep(down)
     replica.start()
     say("       kill     %s restarted after %.1fs" % (replica.id, down))
-    run.record_fault("kill", replica.id, leader, "down %.1fs" % down, begin, time.time())
+    run.record_fault("kill", replica.id, leader, "down %.1fs" % down, begin, time.time(), lanes)
 
 
-def fault_stop(run, replica, leader):
+def fault_stop(run, replica, leader, lanes):
     begin = time.time()
-    # Longer than the lease; one time in five past the rescue delay too, so that a
-    # frozen sender's accepted-but-unrecorded message is rescued and resent.
-    if RNG.random() < LONG_STOP_SHARE:
+    # Longer than the lease (and than the 2 W after which a stalled leader is replaced,
+    # within about 1.6 s: the checks measure it); one time in five past the rescue
+    # delay too, so that a frozen sender's accepted-but-unrecorded message is rescued
+    # and resent. With lanes, a share shorter than the stall detection, which must
+    # move no lane.
+    draw = RNG.random()
+    if draw < LONG_STOP_SHARE:
         frozen = RESCUE_AFTER_MS / 1000 + RNG.uniform(1.0, 4.0)
+    elif draw < LONG_STOP_SHARE + SHORT_STOP_SHARE:
+        frozen = STALL_AFTER_MS / 1000 * RNG.uniform(0.2, 0.6)
     else:
         frozen = TTL_MS / 1000 + RNG.uniform(0.5, 4.0)
-    say("FAULT stop     %s%s: SIGSTOP for %.1fs" % (replica.id, " (leader)" if leader else "", frozen))
+    say("FAULT stop     %s%s: SIGSTOP for %.1fs" % (replica.id, leading(leader, lanes), frozen))
     replica.kill(signal.SIGSTOP)
     time.sleep(frozen)
     replica.kill(signal.SIGCONT)
     say("       stop     %s: SIGCONT" % replica.id)
-    run.record_fault("stop", replica.id, leader, "frozen %.1fs" % frozen, begin, time.time())
+    run.record_fault("stop", replica.id, leader, "frozen %.1fs" % frozen, begin, time.time(), lanes,
+                     frozen=frozen)
 
 
-def fault_term(run, replica, leader):
+def fault_term(run, replica, leader, lanes):
     begin = time.time()
-    say("FAULT term     %s%s: SIGTERM" % (replica.id, " (leader)" if leader else ""))
+    say("FAULT term     %s%s: SIGTERM" % (replica.id, leading(leader, lanes)))
     replica.kill(signal.SIGTERM)
     code = replica.wait(TERM_EXIT_BOUND_S)
     took = time.time() - begin
@@ -105,7 +125,8 @@ def fault_term(run, replica, leader):
     time.sleep(down)
     replica.start()
     say("       term     %s exited in %.2fs (status %s), restarted after %.1fs" % (replica.id, took, code, down))
-    run.record_fault("term", replica.id, leader, "exit %s in %.2fs, down %.1fs" % (code, took, down), begin, time.time())
+    run.record_fault("term", replica.id, leader, "exit %s in %.2fs, down %.1fs" % (code, took, down), begin, time.time(),
+                     lanes)
 
 
 def fault_redis(run):
@@ -147,24 +168,27 @@ def fault_postgres(run):
     run.record_fault("postgres", "postgres", None, "down %.1fs" % down, begin, time.time())
 
 
-def fault_keyloss(run, replica, leader):
+def fault_keyloss(run, replica, leader, lanes, aimed):
     """Redis loses the lease key while the leader's path to Redis stalls (a failover to
     a lagging Redis replica): another replica acquires while the old leader, mid-batch,
-    has not heard of it. PostgreSQL's fence must stop the old leader's sends."""
+    has not heard of it. PostgreSQL's fence must stop the old leader's sends. With
+    lanes: the keys of every lane the target leads (else of the lane aimed at)."""
     begin = time.time()
     stalled = RNG.uniform(1.0, 5.0)
-    say("FAULT keyloss  %s%s: Redis path paused, lock key deleted, for %.1fs"
-        % (replica.id, " (leader)" if leader else "", stalled))
+    keys = [LOCK_KEY] if LANES == 1 else [lane_key(lane) for lane in (lanes or [aimed])]
+    say("FAULT keyloss  %s%s: Redis path paused, lock key%s deleted, for %.1fs"
+        % (replica.id, leading(leader, lanes), "" if LANES == 1 else " of " + ", ".join(lanes or [aimed]),
+           stalled))
     replica.redis_path.pause()
-    deleted = redis_cli("DEL", LOCK_KEY, check=False)
+    deleted = redis_cli("DEL", *keys, check=False)
     time.sleep(stalled)
     replica.redis_path.resume()
     say("       keyloss  %s: Redis path open again (DEL answered %s)" % (replica.id, deleted or "nothing"))
     run.record_fault("keyloss", replica.id, leader, "stalled %.1fs, DEL %s" % (stalled, deleted or "?"),
-                     begin, time.time())
+                     begin, time.time(), lanes)
 
 
-def fault_path(run, replica, leader, kind):
+def fault_path(run, replica, leader, lanes, kind):
     """One replica's path to Redis (redispath) or PostgreSQL (pgpath) is paused or cut
     for a while; sometimes past the time after which a leader without PostgreSQL
     resigns."""
@@ -173,30 +197,31 @@ def fault_path(run, replica, leader, kind):
     how = RNG.choice(("pause", "cut"))
     longest = (RESIGN_AFTER_MS / 1000 + 3.0) if kind == "pgpath" else 5.0
     down = RNG.uniform(1.0, longest)
-    say("FAULT %-9s %s%s: %s for %.1fs" % (kind, replica.id, " (leader)" if leader else "", how, down))
+    say("FAULT %-9s %s%s: %s for %.1fs" % (kind, replica.id, leading(leader, lanes), how, down))
     getattr(proxy, how)()
     time.sleep(down)
     proxy.resume()
     say("       %-9s %s: open again" % (kind, replica.id))
-    run.record_fault(kind, replica.id, leader, "%s %.1fs" % (how, down), begin, time.time())
+    run.record_fault(kind, replica.id, leader, "%s %.1fs" % (how, down), begin, time.time(), lanes)
 
 
-def run_fault(run, kind, replica=None, leader=False):
+def run_fault(run, kind, replica=None, leader=False, lanes=(), aimed=None):
+    lanes = list(lanes)
     try:
         if kind == "kill":
-            fault_kill(run, replica, leader)
+            fault_kill(run, replica, leader, lanes)
         elif kind == "stop":
-            fault_stop(run, replica, leader)
+            fault_stop(run, replica, leader, lanes)
         elif kind == "term":
-            fault_term(run, replica, leader)
+            fault_term(run, replica, leader, lanes)
         elif kind == "redis":
             fault_redis(run)
         elif kind == "postgres":
             fault_postgres(run)
         elif kind == "keyloss":
-            fault_keyloss(run, replica, leader)
+            fault_keyloss(run, replica, leader, lanes, aimed)
         elif kind in ("redispath", "pgpath"):
-            fault_path(run, replica, leader, kind)
+            fault_path(run, replica, leader, lanes, kind)
     except Exception as err:  # the harness failed, not the service
         run.violation("harness: fault %s failed: %s" % (kind, err))
         traceback.print_exc()
@@ -216,7 +241,7 @@ def fault_driver(run, deadline):
         if time.time() + gap >= deadline or run.stop_event.wait(gap):
             break
         kind = RNG.choices(kinds, weights)[0]
-        replica, leader = None, False
+        replica, leader, lanes, aimed = None, False, [], None
         with run.lock:
             if kind in SERVER_FAULTS:
                 if run.infra_busy:
@@ -227,20 +252,36 @@ def fault_driver(run, deadline):
                 in_fault = sum(1 for r in run.replicas if r.busy)
                 if not free or in_fault >= MAX_REPLICAS_IN_FAULT:
                     continue
-        if kind not in SERVER_FAULTS:
+        if kind not in SERVER_FAULTS and LANES == 1:
             holder = current_leader()
             with run.lock:
                 free = [r for r in run.replicas if not r.busy and r.alive()]
                 if not free:
                     continue
-                leading = [r for r in free if r.id == holder]
+                leaders = [r for r in free if r.id == holder]
                 # Aim at the leader more often than not: that is where the windows are.
                 # A key loss is about the leader; the others hit it more often than not.
                 aim = kind == "keyloss" or RNG.random() < AIM_AT_LEADER
-                replica = leading[0] if leading and aim else RNG.choice(free)
+                replica = leaders[0] if leaders and aim else RNG.choice(free)
                 leader = replica.id == holder
+                lanes = ["default"] if leader else []
                 replica.busy = True
-        thread = threading.Thread(target=run_fault, args=(run, kind, replica, leader), daemon=True)
+        elif kind not in SERVER_FAULTS:
+            # With lanes: aim at the leader of a lane picked at random (the fence rows say
+            # who holds each lane), as often as at the one leader without lanes.
+            holders = current_leaders()
+            with run.lock:
+                free = [r for r in run.replicas if not r.busy and r.alive()]
+                if not free:
+                    continue
+                aimed = RNG.choice(LANE_NAMES)
+                aim = kind == "keyloss" or RNG.random() < AIM_AT_LEADER
+                leaders = [r for r in free if r.id == holders.get(aimed)]
+                replica = leaders[0] if leaders and aim else RNG.choice(free)
+                lanes = sorted(lane for lane, holder in holders.items() if holder == replica.id)
+                leader = bool(lanes)
+                replica.busy = True
+        thread = threading.Thread(target=run_fault, args=(run, kind, replica, leader, lanes, aimed), daemon=True)
         thread.start()
         run.fault_threads.append(thread)
 

@@ -16,16 +16,29 @@
 #   (c) the rate: every batch claimed at most BATCH_SIZE rows and consecutive batch
 #       starts (PostgreSQL's clock) are at least PROCESSING_INTERVAL apart; and at the
 #       provider, no window of PROCESSING_INTERVAL minus RATE_JITTER_MS (50) holds more
-#       than BATCH_SIZE requests, accepted or not (see scripts/chaos/soak.py);
+#       than BATCH_SIZE requests, accepted or not (see scripts/chaos/soak.py); with
+#       lanes, all of it per lane against the lane's own batch size and interval, the
+#       provider's requests grouped by their message's lane;
 #   (d) nothing is left pending or sending, every message is sent (MAX_ATTEMPTS=0);
 #   (e) no replica panicked, died by itself, or failed to stop on SIGTERM, and the API
 #       never answered 500.
+#
+# It also measures how fast each lane of a SIGSTOPped leader got a new term (a stalled
+# leader is replaced within about 1.6 s, docs/design.md#a-stalled-leader) and that a
+# freeze shorter than the stall detection moved nothing; a miss there is a warning.
+#
+# LANES=n (n > 1) runs the same soak with lanes (docs/design.md#lanes): it writes a
+# DISPATCH_CONFIG with the lanes default, l1 .. l(n-1), spreads the seeded and created
+# messages over them, aims the replica faults at the leader of a lane picked at random
+# (the fence rows), deletes the lease keys of the target's lanes for a key loss, and
+# prints a line per lane (delivered, duplicates, batches, terms, max per window against
+# the lane's limit). LANES=1, the default and the CI run, is the soak without lanes.
 #
 # It prints a summary table and exits 1 on any violation (2 if the harness itself
 # failed). Everything runs on 127.0.0.1, in a temporary directory removed at the end
 # (kept on failure, on warnings, or with KEEP_WORK=1).
 #
-# Usage: scripts/chaos/run.sh [--short] [--duration SECONDS]
+# Usage: [LANES=3] scripts/chaos/run.sh [--short] [--duration SECONDS]
 #   --short              the CI run: 60 s of faults (same as DURATION=60)
 #   --duration N         N seconds of faults (default 300, or $DURATION)
 #
@@ -40,6 +53,11 @@
 #   FAULTS ("kill:3,stop:2,term:2,redis:1,postgres:1,keyloss:1,redispath:1,pgpath:1": the
 #   mix, relative weights)
 #   LONG_STOP_SHARE (0.2: SIGSTOPs that outlast the rescue delay) AIM_AT_LEADER (0.6)
+#   STALL_SLACK_MS (500: added to the expected replacement time of a stalled leader)
+#   LANES (1: no DISPATCH_CONFIG, one lane; n: the lanes default, l1 .. l(n-1))
+#   LANE_BATCH_SIZES (BATCH_SIZE, BATCH_SIZE-2, BATCH_SIZE+3: per lane, comma list,
+#   cycled) LANE_INTERVALS_MS (PROCESSING_INTERVAL_MS for all) SHORT_STOP_SHARE (0.2 with
+#   lanes: SIGSTOPs shorter than the stall detection, which must move nothing)
 #
 # Runs as root on a fresh Debian machine: installs PostgreSQL, Redis, curl and Python 3
 # with apt-get if they are missing; builds the binary with cargo unless BIN is set.

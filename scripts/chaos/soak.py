@@ -50,6 +50,27 @@ from PostgreSQL while holding a result (pgpath) explains a repeat too, when the
 delivery cache entry that lets the rescue record the message as sent was lost (a Redis
 restart). Anything else is unexplained: in particular a key loss (keyloss) must never
 cause a repeat, because PostgreSQL fences every send.
+
+Lanes (LANES > 1)
+-----------------
+Each lane (docs/design.md#lanes) is its own rate domain with its own leader, fence row
+and epochs, so every check above holds per lane: the audit records each fence row's
+lane, c1 and c2 group the batch starts and claims by it (a claim must take only its own
+lane's rows, under its own lane's batch, and epochs are compared within a lane), and c3
+groups the provider's requests by their message's lane (delivery key -> id -> lane)
+against the lane's own batch size and interval. Duplicates, losses and stuck rows are
+counted per lane in the summary. The replica faults aim at the leader of a lane picked
+at random (the fence rows say who holds which), a key loss deletes the lease keys of
+the lanes its target leads, and a share of the SIGSTOPs is shorter than the stall
+detection (2 W), which must move no lane.
+
+A stalled leader
+----------------
+A SIGSTOPped leader keeps its PostgreSQL session, and is replaced once its fence
+session and its Redis beat have stood still for 2 W (about 1.6 s after the SIGSTOP in
+all, docs/design.md#a-stalled-leader): the summary measures, for each lane the frozen
+replica led, the time to the lane's next term, and warns when a freeze longer than
+that bound was not answered within it, or when a freeze shorter than 2 W moved a lane.
 """
 
 import collections
@@ -67,9 +88,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from checks import analyse  # noqa: E402
 from faults import ChaosReplica, fault_driver, watchdog  # noqa: E402
 from harness import decoded, psql, request  # noqa: E402
-from settings import (API_PORTS, BATCH_SIZE, CREATE_RATE, DURATION, FAIL_RATE, INTERVAL_MS, LATENCY_MS,  # noqa: E402
-                      RETRY_MS, RUN_ID, SEED, SETTLE_TIMEOUT, SLOW_MS, SLOW_RATE, SMS_TIMEOUT_MS, T0,
-                      TERM_EXIT_BOUND_S, TTL_MS, WORK, current_leader, mock, say)
+from settings import (API_PORTS, BATCH_SIZE, CREATE_RATE, DURATION, FAIL_RATE, INTERVAL_MS, LANE_BATCH,  # noqa: E402
+                      LANE_INTERVAL_MS, LANE_NAMES, LANES, LATENCY_MS, RETRY_MS, RUN_ID, SEED, SETTLE_TIMEOUT,
+                      SLOW_MS, SLOW_RATE, SMS_TIMEOUT_MS, T0, TERM_EXIT_BOUND_S, TTL_MS, WORK, current_leader,
+                      current_leaders, dispatch_config_text, mock, say)
 
 # -------------------------------------------------------------------------- state --
 
@@ -98,9 +120,10 @@ class Run:
             self.warnings.append(text)
         say("warning: " + text)
 
-    def record_fault(self, kind, target, leader, detail, begin, end):
+    def record_fault(self, kind, target, leader, detail, begin, end, lanes=(), **extra):
+        """`lanes`: the lanes the target led when the fault began (fence rows)."""
         fault = {"kind": kind, "target": target, "leader": leader, "detail": detail,
-                 "begin": begin, "end": end}
+                 "begin": begin, "end": end, "lanes": list(lanes), **extra}
         with self.lock:
             self.faults.append(fault)
         with open(os.path.join(WORK, "faults.jsonl"), "a") as f:
@@ -127,6 +150,8 @@ def creator(run, deadline, worker):
             n += 1
             items.append({"phone_number": "+90555%07d" % rng.randrange(10**7),
                           "content": "chaos %s w%d #%d %s" % (RUN_ID, worker, n, "x" * rng.randrange(0, 40))})
+            if LANES > 1:
+                items[-1]["lane"] = rng.choice(LANE_NAMES)
         body = items[0] if batch == 1 else items
         port = rng.choice(API_PORTS)
         try:
@@ -163,8 +188,19 @@ def progress(run, deadline):
                 "SELECT status, count(*) FROM messages GROUP BY status", timeout=2).split())
         except Exception:
             counts = "database down"
-        say("progress: created via API %d, delivered %s, queue %s, faults %d"
-            % (len(run.created_ids), delivered, counts, len(run.faults)))
+        lanes = ""
+        if LANES > 1:
+            try:
+                waiting = psql("SELECT lane || ' ' || count(*) FROM messages WHERE status IN ('pending', 'sending') "
+                               "GROUP BY lane ORDER BY lane", timeout=2).split("\n")
+                leaders = current_leaders()
+                lanes = "; waiting per lane %s; leaders %s" % (
+                    ", ".join(w for w in waiting if w) or "none",
+                    ", ".join("%s %s" % (lane, leaders.get(lane, "-")) for lane in LANE_NAMES))
+            except Exception:
+                pass
+        say("progress: created via API %d, delivered %s, queue %s, faults %d%s"
+            % (len(run.created_ids), delivered, counts, len(run.faults), lanes))
 
 
 # ------------------------------------------------------------------------- settle --
@@ -207,11 +243,21 @@ def settle(run):
 
 def main():
     global RUN
+    if LANES > 1:
+        # The lanes file the replicas read (DISPATCH_CONFIG), and the seeded messages
+        # spread over the lanes, before any replica runs (as if created in those lanes).
+        with open(os.path.join(WORK, "dispatch.toml"), "w") as f:
+            f.write(dispatch_config_text())
+        psql("UPDATE messages SET lane = (ARRAY[%s])[1 + id %% %d]"
+             % (", ".join("'%s'" % lane for lane in LANE_NAMES), LANES), timeout=30)
     run = RUN = Run()
     say("chaos soak: %ds of faults, seed %d, %d replicas, BATCH_SIZE %d, PROCESSING_INTERVAL %dms, "
         "TTL %dms, retry %dms, SMS_API_TIMEOUT %dms, mock fail-rate %.2f latency %dms (%.0f%% at %dms)"
         % (DURATION, SEED, len(API_PORTS), BATCH_SIZE, INTERVAL_MS, TTL_MS, RETRY_MS, SMS_TIMEOUT_MS,
            FAIL_RATE, LATENCY_MS, SLOW_RATE * 100, SLOW_MS))
+    if LANES > 1:
+        say("%d lanes (DISPATCH_CONFIG %s/dispatch.toml): %s" % (LANES, WORK, ", ".join(
+            "%s %d per %d ms" % (lane, LANE_BATCH[lane], LANE_INTERVAL_MS[lane]) for lane in LANE_NAMES)))
     for r in run.replicas:
         r.start()
     for r in run.replicas:
@@ -220,7 +266,11 @@ def main():
         except (RuntimeError, TimeoutError):
             say("%s did not become ready; see %s" % (r.id, r.log))
             return 2
-    say("replicas ready; leader: %s" % current_leader())
+    if LANES == 1:
+        say("replicas ready; leader: %s" % current_leader())
+    else:
+        say("replicas ready; leaders: %s" % ", ".join(
+            "%s %s" % (lane, holder) for lane, holder in sorted(current_leaders().items())))
 
     started = time.time()
     deadline = started + DURATION
@@ -243,7 +293,7 @@ def main():
     settle_seconds = settle(run)
     say("settled; checking")
     try:
-        report, dup_lines = analyse(run, settle_seconds)
+        report, dup_lines, lane_table = analyse(run, settle_seconds)
     except Exception as err:
         traceback.print_exc()
         say("the checks could not run: %s" % err)
@@ -261,6 +311,9 @@ def main():
     for key, value in report.items():
         print("%-26s %s" % (key, value))
     print("%-26s %.0fs" % ("wall time", time.time() - T0))
+    if lane_table:
+        print("\nper lane:")
+        print("\n".join(lane_table))
     if dup_lines:
         print("\nkeys the provider saw more than once (claim history from the audit triggers):")
         print("\n".join(dup_lines))
