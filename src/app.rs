@@ -293,6 +293,17 @@ impl Replica {
     }
 }
 
+/// The longest request timeout of the lane's providers: the rescue must wait out the
+/// slowest send of the lane, whichever provider it went to (docs/design.md#rescue).
+fn longest_timeout(config: &Config, lane: &LaneSpec) -> Duration {
+    lane.providers
+        .iter()
+        .filter_map(|name| config.plan.provider(name))
+        .map(|provider| provider.settings.timeout)
+        .max()
+        .unwrap_or(config.provider.timeout)
+}
+
 fn dispatch_settings(config: &Config, lane: &LaneSpec) -> DispatchSettings {
     let fence = FenceTiming::for_lease(config.lock.ttl);
     DispatchSettings {
@@ -304,7 +315,9 @@ fn dispatch_settings(config: &Config, lane: &LaneSpec) -> DispatchSettings {
             unit: lane.unit,
         },
         rescue: RescuePolicy {
-            wait: fence.rescue_wait(ProviderClient::longest_exchange(config.provider.timeout)),
+            wait: fence.rescue_wait(ProviderClient::longest_exchange(longest_timeout(
+                config, lane,
+            ))),
             max_attempts: config.dispatch.max_attempts,
         },
         fence,
@@ -531,5 +544,35 @@ async fn housekeeping(state: Arc<AppState>) {
             () = state.shutdown.cancelled() => return,
             () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rescue_waits_out_the_lanes_own_provider_timeout() {
+        let path = std::env::temp_dir().join(format!("md-rescue-wait-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "[[provider]]\nname = \"slow\"\nkind = \"http-json\"\nurl = \"http://127.0.0.1:1/send\"\n\
+             token_env = \"SMS_API_TOKEN\"\ntimeout = \"20s\"\n\n\
+             [[lane]]\nname = \"default\"\nbatch_size = 2\ninterval = \"1s\"\nproviders = [\"slow\"]\n",
+        )
+        .unwrap();
+        let config = Config::from_vars([
+            ("DISPATCH_CONFIG".to_string(), path.display().to_string()),
+            ("SMS_API_TOKEN".to_string(), "t".to_string()),
+            ("SMS_API_TIMEOUT".to_string(), "6s".to_string()),
+        ])
+        .unwrap();
+        let _ = std::fs::remove_file(&path);
+        let settings = dispatch_settings(&config, &config.plan.lanes[0]);
+        assert!(
+            settings.rescue.wait > Duration::from_secs(20),
+            "a send may take the provider's 20 s; the rescue waits {:?}",
+            settings.rescue.wait
+        );
     }
 }
