@@ -1,7 +1,7 @@
 """The operator console in a real browser (headless Chromium through selenium).
 
-Run by scripts/verify/console.sh against a two-replica cluster with API_TOKEN set;
-the page is loaded from the follower. --database-url is used once, to set a dispatch
+Run by scripts/verify/console.sh against a two-replica cluster with API_TOKEN set and
+two lanes, default and otp (its DISPATCH_CONFIG); the page is loaded from the follower. --database-url is used once, to set a dispatch
 pause in PostgreSQL as the leader does when the provider refuses our credentials. Every check waits for a final state with a
 generous bound (WebDriverWait), never for a fixed time. Screenshots of each step go
 to --screenshots.
@@ -135,6 +135,39 @@ class Console:
         rows = self.d.find_elements(By.CSS_SELECTOR, f'#messages tbody tr[data-id="{message_id}"]')
         return rows[0] if rows else None
 
+    def lane(self, name):
+        """The lanes table's row of lane `name` (a <tr data-lane>), or None."""
+        rows = self.d.find_elements(By.CSS_SELECTOR, f'#lanes tbody tr[data-lane="{name}"]')
+        return rows[0] if rows else None
+
+    def lane_cell(self, name, cell):
+        return self.lane(name).find_element(By.CSS_SELECTOR, f"td.lane-{cell}").text
+
+    def listed(self):
+        """The message list on screen: [(id, lane), ...]."""
+        return [(int(r.get_attribute("data-id")), r.get_attribute("data-lane"))
+                for r in self.d.find_elements(By.CSS_SELECTOR, "#messages tbody tr[data-id]")]
+
+    def shot_of(self, name, element_id):
+        """A screenshot of one element (all of it, also beyond the window)."""
+        self.step += 1
+        path = f"{self.shots}/{self.step:02d}-{name}.png"
+        x, y, width, height = self.d.execute_script(
+            "const r = document.getElementById(arguments[0]).getBoundingClientRect();"
+            "return [r.left + window.scrollX, r.top + window.scrollY, r.width, r.height];", element_id)
+        image = self.d.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": x, "y": y, "width": width, "height": height, "scale": 1}})
+        with open(path, "wb") as out:
+            out.write(base64.b64decode(image["data"]))
+        print(f"  screenshot {path}")
+
+    def fits(self, element_id):
+        """How far the element's content overflows its box sideways (<= 0: it fits)."""
+        return self.d.execute_script(
+            "const e = document.getElementById(arguments[0]); return e.scrollWidth - e.parentElement.clientWidth;",
+            element_id)
+
 
 def check(name):
     print(f"PASS: {name}")
@@ -197,6 +230,109 @@ def main():
             By.CSS_SELECTOR, '#messages tbody tr[data-status="sent"] td.delivery[data-delivery="delivered"]'))
         page.shot("cluster-1400px")
         check(f"message {created['id']}, created after load, appeared without a reload")
+
+        # 3b. The lanes (console.sh's DISPATCH_CONFIG: default, and otp counting segments):
+        #     one row each, with a leader each, as the API says.
+        def lanes_api():
+            status, body = leader.call("GET", "/api/lanes")
+            assert status == 200, (status, body)
+            return {lane["name"]: lane for lane in body["lanes"]}
+        page.wait("a row per lane", lambda d: [r.get_attribute("data-lane") for r in d.find_elements(
+            By.CSS_SELECTOR, "#lanes tbody tr[data-lane]")] == ["default", "otp"])
+        page.wait("a leader for each lane", lambda d: all(
+            page.lane(name).get_attribute("data-leader") and "epoch" in page.lane_cell(name, "leader")
+            for name in ("default", "otp")))
+        lanes = leader.wait("both lanes led, as the page shows", lambda: (lambda lanes: lanes if all(
+            lanes[name]["leader"] and lanes[name]["leader"]["replica_id"] == page.lane(name).get_attribute("data-leader")
+            for name in ("default", "otp")) else None)(lanes_api()))
+        leaders = {name: lanes[name]["leader"]["replica_id"] for name in ("default", "otp")}
+        assert leaders["default"] == "replica-1", leaders
+        for name in ("default", "otp"):
+            assert f"epoch {lanes[name]['leader']['epoch']}" in page.lane_cell(name, "leader"), page.lane_cell(name, "leader")
+            assert page.lane_cell(name, "state") == "running", page.lane_cell(name, "state")
+            assert "mock closed" in page.lane_cell(name, "providers"), page.lane_cell(name, "providers")
+            assert "pending" in page.lane_cell(name, "queue"), page.lane_cell(name, "queue")
+        assert page.lane_cell("default", "rate").startswith("3.0 / "), page.lane_cell("default", "rate")
+        assert page.lane_cell("otp", "rate").startswith("4.0 segments / "), page.lane_cell("otp", "rate")
+        assert page.fits("lanes") <= 0, "the lanes table scrolls sideways at 1400 px"
+        page.shot_of("lanes-1400px", "lanes-panel")
+        check(f"the lanes table shows default (leader {leaders['default']}) and otp (leader {leaders['otp']}), "
+              "both running, with rate, queue and providers")
+
+        # 3c. Stop otp from its row: otp stops, default goes on (also through the API).
+        page.lane("otp").find_element(By.CSS_SELECTOR, "button.lane-stop").click()
+        page.confirm_says("Stop lane otp?")
+        page.wait("otp shown stopped", lambda d: page.lane("otp").get_attribute("data-running") == "false"
+                  and page.lane_cell("otp", "state") == "stopped"
+                  and "Lane otp stopped" in page.text("lanes-result"))
+        assert page.lane_cell("default", "state") == "running", page.lane_cell("default", "state")
+        lanes = lanes_api()
+        assert lanes["otp"]["running"] is False and lanes["default"]["running"] is True, lanes
+        assert leader.call("GET", "/api/messaging/status")[1]["running"] is True, "the default lane (the cluster's) runs"
+        assert not page.lane("otp").find_element(By.CSS_SELECTOR, "button.lane-stop").is_enabled()
+        # Sent while otp is stopped: default's message goes, otp's wait.
+        otp_ids = []
+        for n in (1, 2):
+            status, body = leader.call("POST", "/api/messages", {
+                "phone_number": f"+90555123900{n}", "content": f"otp while stopped {n}", "lane": "otp"})
+            assert status == 201 and body["lane"] == "otp", body
+            otp_ids.append(body["id"])
+        status, sent_default = leader.call("POST", "/api/messages", {
+            "phone_number": "+905551239000", "content": "default while otp is stopped"})
+        assert status == 201 and sent_default["lane"] == "default", sent_default
+        leader.wait("default's message sent", lambda: leader.call(
+            "GET", f"/api/messages/{sent_default['id']}")[1]["status"] in ("sent", "failed"), timeout=60)
+        for message_id in otp_ids:
+            assert leader.call("GET", f"/api/messages/{message_id}")[1]["status"] == "pending", \
+                f"otp message {message_id} left pending while otp was stopped"
+        page.wait("otp's queue shows them", lambda d: page.lane_cell("otp", "queue").startswith("2 pending"))
+        page.shot_of("lane-otp-stopped", "lanes-panel")
+        check(f"Stop on otp's row stopped otp only: default sent message {sent_default['id']}, "
+              f"otp's {otp_ids} stay pending (the API says otp running=false, default running=true)")
+
+        # 3d. The lane filter: the list narrows to otp's messages, and a bulk action takes
+        #     the lane. A default message scheduled for later stays pending beside them.
+        status, later = leader.call("POST", "/api/messages", {
+            "phone_number": "+905551239003", "content": "default, scheduled for later",
+            "send_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))})
+        assert status == 201 and later["lane"] == "default", later
+        Select(driver.find_element(By.ID, "filter-lane")).select_by_value("otp")
+        page.wait("the list narrowed to otp", lambda d: sorted(page.listed()) == sorted((i, "otp") for i in otp_ids)
+                  and d.find_element(By.ID, "page-info").text == "page 1 · 2 matching")
+        assert leader.total(lane="otp") == 2
+        assert all(r.find_element(By.CSS_SELECTOR, "td.lane").text == "otp"
+                   for r in driver.find_elements(By.CSS_SELECTOR, "#messages tbody tr[data-id]"))
+        page.shot("lane-filter-otp")
+        page.filter_status("pending")
+        page.wait("the offer to cancel otp's 2", lambda d: page.shown("bulk-action")
+                  and d.find_element(By.ID, "bulk-action").text == "Cancel all 2 pending in lane otp")
+        page.click("bulk-action")
+        page.confirm_says("Cancel 2 pending messages in lane otp?")
+        page.wait("the count cancelled", lambda d: d.find_element(By.ID, "bulk-result").text.startswith(
+            "Cancelled 2 pending messages in lane otp"))
+        assert leader.total(status="pending", lane="otp") == 0
+        assert leader.total(status="cancelled", lane="otp") == 2
+        assert leader.call("GET", f"/api/messages/{later['id']}")[1]["status"] == "pending", "default's message was cancelled"
+        assert leader.call("POST", f"/api/messages/{later['id']}/cancel")[0] == 200  # step 9 drains the queue
+        page.filter_status("")
+        Select(driver.find_element(By.ID, "filter-lane")).select_by_value("")
+        page.wait("every lane listed again", lambda d: {lane for _, lane in page.listed()} >= {"default", "otp"})
+        check("the lane filter narrowed the list to otp's 2 messages; cancel all pending in lane otp took only those")
+
+        # 3e. Start otp again from its row: its next message is sent.
+        status, resumed = leader.call("POST", "/api/messages", {
+            "phone_number": "+905551239004", "content": "otp after its start", "lane": "otp"})
+        assert status == 201, resumed
+        page.lane("otp").find_element(By.CSS_SELECTOR, "button.lane-start").click()
+        page.confirm_says("Start lane otp?")
+        page.wait("otp shown running", lambda d: page.lane("otp").get_attribute("data-running") == "true"
+                  and page.lane_cell("otp", "state") == "running"
+                  and "Lane otp started" in page.text("lanes-result"))
+        lanes = lanes_api()
+        assert lanes["otp"]["running"] is True and lanes["default"]["running"] is True, lanes
+        leader.wait("otp's message sent", lambda: leader.call(
+            "GET", f"/api/messages/{resumed['id']}")[1]["status"] in ("sent", "failed"), timeout=60)
+        check(f"Start on otp's row started otp again: message {resumed['id']} left pending")
 
         # 4. A bad config value: the server's 422 is shown next to the field.
         size = driver.find_element(By.ID, "config-batch-size")
@@ -419,7 +555,9 @@ def main():
         overflow = driver.execute_script("return document.documentElement.scrollWidth - document.documentElement.clientWidth")
         assert overflow <= 0, f"the page scrolls sideways by {overflow}px at 800 px"
         page.shot("cluster-800px")
-        check("usable at 800 px: no sideways scrolling")
+        assert page.fits("lanes") <= 0, "the lanes table scrolls sideways at 800 px"
+        page.shot_of("lanes-800px", "lanes-panel")
+        check("usable at 800 px: no sideways scrolling, the lanes table included")
 
         # The API's 4xx answers above are logged by Chromium as "network" entries.
         logs = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and e["source"] != "network"]

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The operator console in a real browser: Debian's chromium and
 # chromium-driver, driven by selenium, against a real local cluster (PostgreSQL,
-# Redis, the mock provider failing 20 % of sends, two replicas, all with API_TOKEN):
-# the token, leader and replicas, live updates, the schedule and its overrides, stop
-# and start, retry and cancel one message or all those a filter selects, search and
+# Redis, the mock provider failing 20 % of sends, two replicas, all with API_TOKEN, and
+# a DISPATCH_CONFIG of two lanes, default and otp, both sending to the mock): the
+# token, leader and replicas, live updates, the schedule and its overrides, the lanes
+# with a leader each and per-lane stop and start, stop and start, retry and cancel one
+# message or all those a filter selects (by status, lane and number), search and
 # paging, the notice of a dispatch pause, and the layout at 800 px.
 # The checks are in scripts/verify/console.py; screenshots go to
 # $CONSOLE_SCREENSHOTS (default target/console-screenshots/), which the run prints.
@@ -68,6 +70,34 @@ export LOG_FORMAT=json API_TOKEN="$TOKEN"
 # Fast enough to see the queue move, the countdown tick and Stop answer in seconds.
 export BATCH_SIZE=3 PROCESSING_INTERVAL=1s DISTRIBUTED_LOCK_TTL=3s LOCK_RETRY_INTERVAL=500ms \
   SMS_API_TIMEOUT=2s RETRY_BACKOFF_BASE=1s RETRY_BACKOFF_MAX=4s MAX_ATTEMPTS=3
+# Two lanes (docs/design.md#lanes). default keeps the schedule above (the page's
+# Cluster panel and its overrides are default's); otp counts segments, so the lanes
+# table shows its unit. The spread gives default to replica-1 and otp to replica-2.
+# The mock accepts any token; the file names the variable that holds it.
+export SMS_API_TOKEN="mock-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+cat >"$WORK/dispatch.toml" <<TOML
+[[provider]]
+name = "mock"
+kind = "http-json"
+url = "$SMS_API_URL"
+token_env = "SMS_API_TOKEN"
+timeout = "2s"
+
+[[lane]]
+name = "default"
+batch_size = 3
+interval = "1s"
+providers = ["mock"]
+
+[[lane]]
+name = "otp"
+unit = "segments"
+batch_size = 4
+interval = "1s"
+providers = ["mock"]
+send_concurrency = 2
+TOML
+export DISPATCH_CONFIG="$WORK/dispatch.toml"
 
 # Delivery receipts go to the follower a second after each send, so statuses appear.
 "$BIN" mock-provider --port "$MOCK_PORT" --fail-rate 0.2 \

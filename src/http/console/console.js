@@ -374,6 +374,161 @@
   }
   for (const o of OVERRIDES) $(`${o.id}-clear`).addEventListener("click", () => clearOverride(o));
 
+  // ------------------------------------------------------------------ lanes ---
+  // One row per lane (GET /api/lanes), kept across refreshes and updated in place, so
+  // a focused Stop or Start button keeps the keyboard focus while the page refreshes.
+  let laneNames = [];
+  const laneRows = new Map(); // name -> {row, cells, stop, start}
+  const laneBusy = new Set(); // lanes with a stop or start in flight
+  const laneState = new Map(); // name -> {running, paused} as last shown
+
+  // Per second, to the precision that matters: 1200, 2.0, 0.033 (2 per minute), 0.0.
+  const rate = (n) => (n >= 100 ? n.toFixed(0) : n >= 1 || n === 0 ? n.toFixed(1) : n.toPrecision(2));
+  // "2.0 / 1.9 per s", wrapping only at the slash. The configured rate counts the
+  // lane's unit; the achieved one is the messages sent in the last minute over 60 s,
+  // so a segments lane names both units.
+  function rateCell(lane) {
+    const configured = lane.configured_rate_per_second === null ? "unlimited" : rate(lane.configured_rate_per_second);
+    const achieved = rate(lane.achieved_rate_per_second);
+    const segments = lane.unit === "segments";
+    return el("span", { class: "lane-rate-value" }, [
+      el("span", { class: "nowrap", text: segments && configured !== "unlimited" ? `${configured} segments` : configured }),
+      " / ",
+      el("span", { class: "nowrap", text: segments ? `${achieved} messages per s` : `${achieved} per s` }),
+    ]);
+  }
+
+  // A line of facts, "a · b", that wraps between facts but never inside one
+  // ("replica-1", "2 pending"); a fact given as an array of parts may also wrap
+  // between its parts ("3 messages" "every 1s").
+  const facts = (cls, ...items) => el("span", { class: cls },
+    items.flatMap((item, i) => [
+      ...(i ? ["\u00a0· "] : []),
+      ...[].concat(item).flatMap((text, j) => [...(j ? [" "] : []), el("span", { class: "nowrap", text })]),
+    ]));
+
+  function laneRow(name) {
+    const cells = {};
+    for (const key of ["name", "leader", "state", "rate", "queue", "providers", "actions"]) {
+      cells[key] = el("td", { class: `lane-${key}` });
+    }
+    const stop = el("button", { type: "button", class: "danger small lane-stop", text: "Stop", "aria-label": `Stop lane ${name}` });
+    const start = el("button", { type: "button", class: "ok small lane-start", text: "Start", "aria-label": `Start lane ${name}` });
+    stop.addEventListener("click", () => setLaneRunning(name, false));
+    start.addEventListener("click", () => setLaneRunning(name, true));
+    cells.actions.append(el("div", { class: "buttons" }, [stop, start]));
+    cells.name.append(el("strong", { text: name }));
+    const row = el("tr", { "data-lane": name }, Object.values(cells));
+    return { row, cells, stop, start };
+  }
+
+  function renderLanes(answer) {
+    const lanes = answer.lanes || [];
+    const names = lanes.map((lane) => lane.name);
+    if (JSON.stringify(names) !== JSON.stringify(laneNames)) {
+      laneNames = names;
+      laneRows.clear();
+      for (const name of names) laneRows.set(name, laneRow(name));
+      const body = $("lanes").tBodies[0];
+      body.replaceChildren(...[...laneRows.values()].map((r) => r.row));
+      if (names.length === 0) {
+        body.append(el("tr", {}, [el("td", { colSpan: 7, class: "muted", text: "No lanes configured." })]));
+      }
+      renderLaneFilter(names);
+    }
+    for (const lane of lanes) {
+      const { row, cells, stop, start } = laneRows.get(lane.name);
+      const leader = lane.leader;
+      row.dataset.running = String(lane.running);
+      row.dataset.leader = leader ? leader.replica_id : "";
+      row.dataset.paused = lane.paused_reason || "";
+      // The spread's choice, when the lane is not (yet) with it: a handover is due.
+      const assigned = lane.assigned_to && (!leader || leader.replica_id !== lane.assigned_to)
+        ? [el("span", { class: "sub muted" }, ["assigned to ", el("span", { class: "nowrap", text: lane.assigned_to })])] : [];
+      // How long it has led is in the cluster panel too: only on wide screens here.
+      const since = leader && leader.since ? [el("span", { class: "wide-only" }, ["\u00a0· ", el("span", { class: "nowrap", text: `since ${ago(leader.since)}` })])] : [];
+      cells.leader.replaceChildren(...(leader
+        ? [facts("", leader.replica_id), el("span", { class: "sub muted" }, [el("span", { class: "nowrap", text: `epoch ${leader.epoch}` }), ...since])]
+        : [el("span", { class: "badge stopped no-leader", text: "no leader" })]), ...assigned);
+
+      const paused = Boolean(lane.paused_reason) && lane.running;
+      const known = lane.paused_reason && PAUSES[lane.paused_reason];
+      const badge = el("span", {
+        class: `badge ${paused ? "paused" : lane.running ? "running" : "stopped"}`,
+        text: lane.running ? "running" : "stopped",
+      });
+      cells.state.replaceChildren(badge, ...(lane.paused_reason
+        ? [el("span", { class: "sub lane-paused", text: known ? known.badge : `paused: ${lane.paused_reason}` })]
+        : []));
+
+      const unit = lane.unit === "segments" ? "segments" : lane.batch_size === 1 ? "message" : "messages";
+      cells.rate.replaceChildren(
+        rateCell(lane),
+        facts("sub muted", [`${lane.batch_size} ${unit}`, `every ${lane.interval}`], `${lane.send_concurrency} in flight`));
+      cells.queue.replaceChildren(
+        facts("", `${count(lane.pending)} pending`),
+        facts("sub muted", `${count(lane.sending)} sending`),
+        facts("sub muted wide-only", `${count(lane.sent_last_minute)} sent last min`));
+      cells.providers.replaceChildren(...(lane.providers.length === 0
+        ? [el("span", { class: "muted", text: "none" })]
+        : lane.providers.map((p) => el("span", { class: "provider", "data-provider": p.name, title: p.kind }, [
+          el("span", { class: "nowrap", text: p.name }), " ",
+          el("span", { class: `breaker breaker-${p.state}`, text: p.state }),
+        ]))));
+
+      laneState.set(lane.name, { running: lane.running, paused });
+      const busy = laneBusy.has(lane.name);
+      stop.disabled = busy || !lane.running;
+      start.disabled = busy || (lane.running && !paused);
+      start.textContent = paused ? "Resume" : "Start";
+      start.setAttribute("aria-label", `${paused ? "Resume" : "Start"} lane ${lane.name}`);
+    }
+  }
+
+  async function setLaneRunning(name, start) {
+    const resume = start && laneState.get(name) && laneState.get(name).paused;
+    const ok = await confirmAction(
+      resume ? `Resume lane ${name}?` : start ? `Start lane ${name}?` : `Stop lane ${name}?`,
+      resume
+        ? `The pause of lane ${name} is lifted and its leader sends again at once.`
+        : start
+          ? `The leader of lane ${name} starts dispatching its pending messages again, on the lane's schedule.`
+          : `No new send starts in lane ${name} until it is started again; sends in flight finish. Other lanes go on.`,
+      resume ? `Resume lane ${name}` : start ? `Start lane ${name}` : `Stop lane ${name}`,
+      start ? "ok" : "danger");
+    if (!ok) return;
+    laneBusy.add(name);
+    const row = laneRows.get(name);
+    if (row) row.stop.disabled = row.start.disabled = true;
+    $("lanes-result").textContent = start
+      ? `starting lane ${name}…`
+      : `stopping lane ${name}… (answers once its leader can start nothing more)`;
+    try {
+      const answer = await api("POST", `lanes/${encodeURIComponent(name)}/${start ? "start" : "stop"}`);
+      $("lanes-result").textContent = resume ? `Lane ${answer.lane}: pause lifted.`
+        : answer.status === "started" ? `Lane ${answer.lane} started.`
+        : answer.status === "running" ? `Lane ${answer.lane} was already running.`
+        : answer.changed ? `Lane ${answer.lane} stopped: no new send starts in it.`
+        : `Lane ${answer.lane} was already stopped.`;
+    } catch (err) {
+      $("lanes-result").textContent = `Lane ${name}: not done: ${err.message}`;
+    } finally {
+      laneBusy.delete(name);
+      refreshSoon(0);
+    }
+  }
+
+  // The lane filter's choices are the configured lanes; a choice that is gone falls
+  // back to any lane.
+  function renderLaneFilter(names) {
+    const select = $("filter-lane");
+    const chosen = select.value;
+    select.replaceChildren(el("option", { value: "", text: "any" }),
+      ...names.map((name) => el("option", { value: name, text: name })));
+    select.value = names.includes(chosen) ? chosen : "";
+    if (select.value !== chosen) select.dispatchEvent(new Event("change"));
+  }
+
   // ------------------------------------------------------------------ queue ---
   function renderStats(stats) {
     const counts = STATUSES.map((status) =>
@@ -447,12 +602,13 @@
   }
 
   // --------------------------------------------------------------- messages ---
-  const view = { status: "", phone: "", id: null, cursor: null, older: [], nextCursor: null };
+  const view = { status: "", lane: "", phone: "", id: null, cursor: null, older: [], nextCursor: null };
   let selected = null;
 
   function listPath() {
     const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
     if (view.status) params.set("status", view.status);
+    if (view.lane) params.set("lane", view.lane);
     if (view.phone) params.set("phone_number", view.phone);
     if (view.cursor) params.set("cursor", String(view.cursor));
     return `messages?${params}`;
@@ -461,7 +617,7 @@
   // The filter a list answer was asked for: an answer to an older filter is not shown
   // (the refresh that the new filter asked for follows at once), so the table and the
   // bulk action's count always belong to the filter on screen.
-  const viewKey = () => JSON.stringify([view.status, view.phone, view.id, view.cursor]);
+  const viewKey = () => JSON.stringify([view.status, view.lane, view.phone, view.id, view.cursor]);
 
   async function loadMessages() {
     const asked = viewKey();
@@ -497,9 +653,10 @@
       const open = el("button", { type: "button", class: "id-button", text: String(m.id), "aria-label": `Message ${m.id}: details` });
       open.addEventListener("click", () => openDetail(m.id));
       const content = m.content.length > 80 ? `${m.content.slice(0, 80)}…` : m.content;
-      return el("tr", { "data-id": String(m.id), "data-status": m.status, class: selected === m.id ? "selected" : "" }, [
+      return el("tr", { "data-id": String(m.id), "data-status": m.status, "data-lane": m.lane || "", class: selected === m.id ? "selected" : "" }, [
         el("td", {}, [open]),
         el("td", {}, [statusBadge(m.status)]),
+        el("td", { class: "lane", text: m.lane || "–" }),
         el("td", { text: m.phone_number }),
         el("td", { class: "content", text: content }),
         el("td", { text: String(m.attempts) }),
@@ -509,7 +666,7 @@
       ]);
     });
     if (rows.length === 0) {
-      rows.push(el("tr", {}, [el("td", { colSpan: 8, class: "muted", text: empty || "No messages match." })]));
+      rows.push(el("tr", {}, [el("td", { colSpan: 9, class: "muted", text: empty || "No messages match." })]));
     }
     $("messages").tBodies[0].replaceChildren(...rows);
     view.nextCursor = page.next_cursor;
@@ -523,9 +680,10 @@
   }
 
   // ------------------------------------------------------------ bulk actions ---
-  // "Retry all N failed" / "Cancel all N pending" for the filter on screen (status, and
-  // the phone number when the search is one; never for a search by id). N is the
-  // list's total; the server applies the same filter when the operator confirms.
+  // "Retry all N failed" / "Cancel all N pending" for the filter on screen (status, the
+  // lane when one is chosen, and the phone number when the search is one; never for a
+  // search by id). N is the list's total; the server applies the same filter when the
+  // operator confirms.
   const BULK = {
     failed: {
       path: "messages/retry", answer: "retried", verb: "Retry", kind: "ok",
@@ -538,18 +696,20 @@
       done: (n, noun, to) => `Cancelled ${n} pending ${noun}${to}: they will never be sent.`,
     },
   };
-  let bulkOffer = null; // what the button offers: {status, phone, total}
+  let bulkOffer = null; // what the button offers: {status, lane, phone, total}
   let bulkBusy = false;
   const count = (n) => n.toLocaleString("en-US");
   const messagesNoun = (n) => (n === 1 ? "message" : "messages");
+  // " to +90555… in lane otp": the part of the filter beyond the status.
+  const bulkScope = (offer) => (offer.phone ? ` to ${offer.phone}` : "") + (offer.lane ? ` in lane ${offer.lane}` : "");
 
   function renderBulk(total) {
     const action = view.id === null ? BULK[view.status] : undefined;
     const button = $("bulk-action");
-    bulkOffer = action && total > 0 ? { status: view.status, phone: view.phone, total } : null;
+    bulkOffer = action && total > 0 ? { status: view.status, lane: view.lane, phone: view.phone, total } : null;
     button.hidden = !bulkOffer;
     if (!bulkOffer) return;
-    const to = bulkOffer.phone ? ` to ${bulkOffer.phone}` : "";
+    const to = bulkScope(bulkOffer);
     button.textContent = `${action.verb} all ${count(total)} ${view.status}${to}`;
     button.className = action.kind;
     button.disabled = bulkBusy;
@@ -560,7 +720,7 @@
     if (!offer || bulkBusy) return;
     const action = BULK[offer.status];
     const noun = messagesNoun(offer.total);
-    const to = offer.phone ? ` to ${offer.phone}` : "";
+    const to = bulkScope(offer);
     const ok = await confirmAction(
       `${action.verb} ${count(offer.total)} ${offer.status} ${noun}${to}?`,
       `${action.explain} The filter is applied when you confirm: a message that became ${offer.status} since this count is included.`,
@@ -573,6 +733,7 @@
     try {
       const body = { status: offer.status };
       if (offer.phone) body.phone_number = offer.phone;
+      if (offer.lane) body.lane = offer.lane;
       const answer = await api("POST", action.path, body);
       const n = answer[action.answer];
       $("bulk-result").textContent = action.done(count(n), messagesNoun(n), to);
@@ -590,6 +751,7 @@
     event.preventDefault();
     const search = $("filter-search").value.trim();
     view.status = $("filter-status").value;
+    view.lane = $("filter-lane").value;
     view.cursor = null;
     view.older = [];
     view.id = null;
@@ -602,9 +764,11 @@
     refreshSoon(0);
   });
   $("filter-status").addEventListener("change", () => $("filter-form").requestSubmit());
+  $("filter-lane").addEventListener("change", () => $("filter-form").requestSubmit());
   $("filter-clear").addEventListener("click", () => {
     $("filter-search").value = "";
     $("filter-status").value = "";
+    $("filter-lane").value = "";
     $("filter-form").requestSubmit();
   });
   $("page-older").addEventListener("click", () => {
@@ -621,7 +785,7 @@
 
   // ----------------------------------------------------------------- detail ---
   const DETAIL_FIELDS = [
-    ["status", "Status"], ["phone_number", "Phone number"], ["content", "Content"],
+    ["status", "Status"], ["lane", "Lane"], ["phone_number", "Phone number"], ["content", "Content"],
     ["attempts", "Attempts"], ["last_error", "Last error"], ["message_id", "Provider id"],
     ["priority", "Priority"], ["encoding", "Encoding"], ["segments", "Segments"],
     ["created_at", "Created"], ["send_at", "Send at"], ["next_attempt_at", "Next attempt"],
@@ -697,6 +861,7 @@
     try {
       const results = await Promise.allSettled([
         api("GET", "messaging/status").then(renderStatus),
+        api("GET", "lanes").then(renderLanes),
         api("GET", "messages/stats").then(renderStats),
         api("GET", `messages/activity?minutes=${CHART_MINUTES}`).then(renderActivity),
         loadMessages(),
