@@ -46,7 +46,8 @@ each leader has claimed in its term; then a random 0..TTL/3 s wait. Round n pick
 lane n (cycling through the lanes) and stops the replica that leads it; the lanes it
 led (usually two) are the affected lanes, and for each the run measures fault -> new
 leader elected, first claim, next send as above (the new term's first batch at that
-lane's provider). The replica is restarted at once, as for one lane. Every lane's
+lane's provider). The replica is restarted at once, as for one lane, or RESTART_DELAY
+seconds after the fault (a SIGSTOPped one thawed and terminated then). Every lane's
 longest gap between two sends at its provider from the fault to OTHERS_WINDOW (10) s
 after it is reported too: for the affected lanes it includes what follows the
 handover (the lanes going back to the restarted replica), for the others it shows
@@ -60,6 +61,10 @@ SIGTERM -> median <= 100 ms, as for one lane; no duplicate at all.
 
     LANES=6 ./scripts/bench/run.sh failover                                 # about 15 minutes
     LANES=6 KILLS=3 TERMS=3 STOPS=3 ./scripts/bench/run.sh failover         # quick
+
+Settings of this mode besides those above: LANES, SPREAD_STABLE (3 s), SPREAD_TIMEOUT
+(30 s), OTHERS_WINDOW (10 s), RESTART_DELAY (0 s); INTERVAL defaults to 100ms and
+FAILOVER_SEED (per lane) to 40000.
 """
 
 from __future__ import annotations
@@ -298,6 +303,7 @@ def main_lanes() -> int:
     stable = env_float("SPREAD_STABLE", 3.0)
     others_window = env_float("OTHERS_WINDOW", 10.0)
     spread_timeout = env_float("SPREAD_TIMEOUT", 30.0)
+    restart_delay = env_float("RESTART_DELAY", 0.0)
     per_lane_seed = env_int("FAILOVER_SEED", 40_000)
     bound = ttl + retry
     lanes = lane_names(env_int("LANES", 6))
@@ -427,6 +433,9 @@ def main_lanes() -> int:
             if exited is None and kind != "SIGSTOP" and victim.proc.poll() is not None:
                 exited = time.time() - t_kill
             time.sleep(0.01)
+        # RESTART_DELAY: how long the stopped replica stays away (an orchestrator's
+        # restart takes seconds); 0 restarts it at once, as for one lane.
+        time.sleep(max(0.0, t_kill + restart_delay - time.time()))
         if kind == "SIGSTOP":
             os.kill(victim.pid, signal.SIGCONT)
             time.sleep(1.0)
@@ -530,8 +539,8 @@ def main_lanes() -> int:
     summary = table(["signal", "measure", "rounds", "n (lanes)", "min s", "median s", "max s", "target", "result"],
                     summary_rows,
                     f"Failover per lane: 3 replicas, {len(lanes)} lanes, TTL {env('TTL', '15s')}, retry "
-                    f"{env('RETRY', '2s')}, batch_size {batch}, interval {interval}; n counts each lane the "
-                    f"stopped replica led")
+                    f"{env('RETRY', '2s')}, batch_size {batch}, interval {interval}, stopped replica back after "
+                    f"{restart_delay:g} s; n counts each lane the stopped replica led")
     dups = stats["duplicates"]
     tail = (f"messages: sent {counts.get('sent', 0)}, sending {counts.get('sending', 0)}, pending "
             f"{counts.get('pending', 0)}; providers: requests {stats['requests']}, unique keys "
