@@ -182,7 +182,7 @@ pub async fn run_redis_elector<B: ElectionBackend>(elector: Elector<B>, resign: 
                 elector.release(&token, Announce::HandingOver).await;
             }
             TermEnd::HandedOver => {
-                elector.spread.handed_over(&elector.lane);
+                elector.spread.handed_over(&elector.lane, term.epoch.0);
                 elector
                     .leadership
                     .end(&term, "handed over to the replica the lane is assigned to");
@@ -363,7 +363,7 @@ impl<B: ElectionBackend> Elector<B> {
                     if !self.spread.may_lead(&self.lane) {
                         return TermEnd::OlderReleaseLive;
                     }
-                    if self.spread.should_hand_over(&self.lane) {
+                    if self.spread.should_hand_over(&self.lane, term.epoch.0) {
                         return TermEnd::HandedOver;
                     }
                     next_spread_check = Instant::now() + self.timing.retry_interval;

@@ -11,13 +11,16 @@
 //! the fence. A follower campaigns at once for the lanes assigned to it and leaves the
 //! others to their assignee unless they stay free for a retry interval; a leader hands a
 //! lane over once the live set has been stable for two retry intervals and the lane is
-//! assigned to another live replica. With a single lane nothing is steered: whoever
+//! assigned to another live replica. A replica that restarts counts as a change of the
+//! live set even when it comes back under the same id before its old heartbeat ages
+//! out: the lanes it led went elsewhere meanwhile, and come back by a new rebalance. With a single lane nothing is steered: whoever
 //! wins the lease keeps it, as before lanes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use crate::store::{DEFAULT_LANE, ReplicaRecord};
@@ -35,6 +38,9 @@ pub struct Spread {
 struct View {
     /// The replicas that may lead, sorted (this one included while it is eligible).
     live: Vec<String>,
+    /// `live` with each one's start time (this replica's own: `None`), so that a
+    /// replica restarting under the same id is a change too.
+    members: BTreeMap<String, Option<DateTime<Utc>>>,
     /// A live replica of a release without lanes: its claim takes every lane's rows,
     /// so lanes other than `default` wait until it is gone.
     older_release_live: bool,
@@ -43,11 +49,13 @@ struct View {
     /// Counts the changes of `live`: one rebalance each.
     generation: u64,
     assignment: HashMap<String, String>,
-    /// The generation in which this replica last handed each lane over. A lane it
-    /// leads again in the same generation stays: its assignee did not take it (it
-    /// cannot reach Redis, or its configuration differs), and handing it over again
-    /// would only make it flap.
-    handed_over: HashMap<String, u64>,
+    /// The generation and epoch in which this replica last handed each lane over. A
+    /// lane it leads again in the same generation, in the very next epoch, stays: its
+    /// assignee did not take it (it cannot reach Redis, or its configuration differs),
+    /// and handing it over again would only make it flap. A later epoch means someone
+    /// else led the lane in between (the handover worked, then that leader died or
+    /// stalled): the lane is handed over again.
+    handed_over: HashMap<String, (u64, i64)>,
 }
 
 impl Spread {
@@ -73,22 +81,25 @@ impl Spread {
     /// Takes in the registry's live replicas (`me_eligible`: whether this replica
     /// campaigns, so counts even before its own heartbeat shows).
     pub fn observe(&self, replicas: &[ReplicaRecord], me_eligible: bool) {
-        let mut live: Vec<String> = replicas
+        let mut members: BTreeMap<String, Option<DateTime<Utc>>> = replicas
             .iter()
             .filter(|r| r.leader_eligible && r.knows_lanes)
-            .map(|r| r.replica_id.clone())
+            .map(|r| {
+                let started = (r.replica_id != self.me).then_some(r.started_at);
+                (r.replica_id.clone(), started)
+            })
             .collect();
-        if me_eligible && !live.contains(&self.me) {
-            live.push(self.me.clone());
+        if me_eligible {
+            members.insert(self.me.clone(), None);
         }
-        live.sort();
-        live.dedup();
         let older_release_live = replicas.iter().any(|r| !r.knows_lanes);
         let mut view = self.view();
         view.older_release_live = older_release_live;
-        if view.changed_at.is_none() || view.live != live {
+        if view.changed_at.is_none() || view.members != members {
+            let live: Vec<String> = members.keys().cloned().collect();
             view.assignment = assign(&self.lanes, &live);
             view.live = live;
+            view.members = members;
             view.changed_at = Some(Instant::now());
             view.generation += 1;
         }
@@ -125,9 +136,10 @@ impl Spread {
         assignee.is_none_or(|assignee| assignee == self.me)
     }
 
-    /// Whether the leader of `lane` (this replica) should hand it over: the live set
-    /// has been stable for two retry intervals and assigns the lane to another replica.
-    pub fn should_hand_over(&self, lane: &str) -> bool {
+    /// Whether the leader of `lane` (this replica, in term `epoch`) should hand it over:
+    /// the live set has been stable for two retry intervals and assigns the lane to
+    /// another replica.
+    pub fn should_hand_over(&self, lane: &str, epoch: i64) -> bool {
         if !self.steers() {
             return false;
         }
@@ -136,19 +148,21 @@ impl Spread {
             .changed_at
             .is_some_and(|at| at.elapsed() >= self.settle);
         stable
-            && view.handed_over.get(lane) != Some(&view.generation)
+            && view.handed_over.get(lane) != Some(&(view.generation, epoch - 1))
             && view
                 .assignment
                 .get(lane)
                 .is_some_and(|assignee| *assignee != self.me)
     }
 
-    /// Records that this replica handed `lane` over in this generation: a lane moves
-    /// at most once per rebalance.
-    pub fn handed_over(&self, lane: &str) {
+    /// Records that this replica handed `lane` over, in this generation, at the end of
+    /// term `epoch`: if nobody else takes it, it is not handed over again until the
+    /// next rebalance.
+    pub fn handed_over(&self, lane: &str, epoch: i64) {
         let mut view = self.view();
         let generation = view.generation;
-        view.handed_over.insert(lane.to_string(), generation);
+        view.handed_over
+            .insert(lane.to_string(), (generation, epoch));
     }
 
     /// The replica `lane` is assigned to, if known (status pages).
@@ -278,7 +292,7 @@ mod tests {
         ReplicaRecord {
             replica_id: id.to_string(),
             version: "test".into(),
-            started_at: chrono::Utc::now(),
+            started_at: DateTime::UNIX_EPOCH,
             last_seen_at: chrono::Utc::now(),
             knows_lanes,
             leader_eligible: true,
@@ -294,29 +308,75 @@ mod tests {
             .iter()
             .find(|l| spread.assignee(l).as_deref() == Some("b"))
             .unwrap();
-        assert!(!spread.should_hand_over(theirs), "not settled yet");
+        assert!(!spread.should_hand_over(theirs, 1), "not settled yet");
         assert!(!spread.prefers_me(theirs, None));
         assert!(spread.prefers_me(theirs, Some("b")), "b let it go");
         tokio::time::advance(Duration::from_secs(4)).await;
-        assert!(spread.should_hand_over(theirs));
-        spread.handed_over(theirs);
+        assert!(spread.should_hand_over(theirs, 1));
+        spread.handed_over(theirs, 1);
         assert!(
-            !spread.should_hand_over(theirs),
-            "led again in the same rebalance (its assignee did not take it): it stays"
+            !spread.should_hand_over(theirs, 2),
+            "led again in the next term (its assignee did not take it): it stays"
         );
         spread.observe(&[replica("a", true), replica("c", true)], true);
         tokio::time::advance(Duration::from_secs(4)).await;
         spread.observe(&[replica("a", true), replica("b", true)], true);
         tokio::time::advance(Duration::from_secs(4)).await;
         assert!(
-            spread.should_hand_over(theirs),
+            spread.should_hand_over(theirs, 2),
             "a new rebalance may move it again"
         );
         let ours = lanes
             .iter()
             .find(|l| spread.assignee(l).as_deref() == Some("a"))
             .unwrap();
-        assert!(!spread.should_hand_over(ours));
+        assert!(!spread.should_hand_over(ours, 1));
+    }
+
+    /// The handover worked (b led the lane in term 2), then b died or stalled and this
+    /// replica took the lane back in term 3: b, back, gets it again.
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_taken_back_from_its_assignee_is_handed_over_again() {
+        let lanes = names("lane-", 4);
+        let spread = Spread::new("a", &lanes, Duration::from_secs(2));
+        spread.observe(&[replica("a", true), replica("b", true)], true);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let theirs = lanes
+            .iter()
+            .find(|l| spread.assignee(l).as_deref() == Some("b"))
+            .unwrap();
+        assert!(spread.should_hand_over(theirs, 1));
+        spread.handed_over(theirs, 1);
+        assert!(
+            spread.should_hand_over(theirs, 3),
+            "someone else led it in between: the lane goes back to its assignee"
+        );
+    }
+
+    /// b restarts under the same id before its old heartbeat ages out: the live set
+    /// reads the same names, but it is a new rebalance.
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_restarting_under_the_same_id_is_a_new_rebalance() {
+        let lanes = names("lane-", 4);
+        let spread = Spread::new("a", &lanes, Duration::from_secs(2));
+        spread.observe(&[replica("a", true), replica("b", true)], true);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let theirs = lanes
+            .iter()
+            .find(|l| spread.assignee(l).as_deref() == Some("b"))
+            .unwrap();
+        spread.handed_over(theirs, 1);
+        assert!(!spread.should_hand_over(theirs, 2));
+        let mut restarted = replica("b", true);
+        restarted.started_at = DateTime::UNIX_EPOCH + chrono::TimeDelta::seconds(60);
+        spread.observe(&[replica("a", true), restarted.clone()], true);
+        assert!(
+            !spread.should_hand_over(theirs, 2),
+            "the restarted replica settles first"
+        );
+        tokio::time::advance(Duration::from_secs(4)).await;
+        spread.observe(&[replica("a", true), restarted], true);
+        assert!(spread.should_hand_over(theirs, 2));
     }
 
     #[test]
@@ -335,6 +395,6 @@ mod tests {
         let spread = Spread::new("a", &[DEFAULT_LANE.to_string()], Duration::from_secs(2));
         spread.observe(&[replica("a", true), replica("b", true)], true);
         assert!(spread.prefers_me(DEFAULT_LANE, None));
-        assert!(!spread.should_hand_over(DEFAULT_LANE));
+        assert!(!spread.should_hand_over(DEFAULT_LANE, 1));
     }
 }

@@ -226,7 +226,9 @@ pub async fn for_a_stalled_leader(
         if since.elapsed() < stall_after(fence) {
             continue;
         }
-        watched = None;
+        // The watch goes on through a failed attempt: when a claim the stalled leader
+        // froze in holds the fence row, the attempt ends that transaction and the next
+        // poll tries again at once, rather than watching a whole stall anew.
         let token = LeaseToken::generate();
         let epoch = match store
             .take_over_stalled_term(
@@ -234,7 +236,7 @@ pub async fn for_a_stalled_leader(
                 replica_id,
                 token.as_str(),
                 fence.window,
-                stall_after(fence) * 2,
+                stall_after(fence),
             )
             .await
         {
