@@ -275,8 +275,8 @@ def main() -> int:
                     f"Failover: 3 replicas, TTL {env('TTL', '15s')}, retry {env('RETRY', '2s')}, "
                     f"BATCH_SIZE {extra['BATCH_SIZE']}, PROCESSING_INTERVAL {interval}. SIGKILL: the leader's "
                     f"PostgreSQL session ends, a follower takes over after one fence window; SIGTERM: the lock is "
-                    f"handed over and announced; SIGSTOP: the paused leader keeps its session, so only its lease "
-                    f"expiry (TTL + one retry) deposes it")
+                    f"handed over and announced; SIGSTOP: the paused leader keeps its session and lease, and a "
+                    f"follower that sees its fence session and liveness beat stand still for 1 s takes over")
     dups = int(stats["duplicates"])
     tail = (f"messages: sent {counts.get('sent', 0)}, sending {counts.get('sending', 0)}, "
             f"pending {counts.get('pending', 0)}; provider: requests {stats['requests']}, unique keys "
