@@ -40,10 +40,17 @@ type State = Arc<AppState>;
 /// Every route of the API.
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     let max_content_chars = state.config.message_max_length;
+    let lanes: Vec<String> = state
+        .config
+        .plan
+        .lanes
+        .iter()
+        .map(|lane| lane.name.clone())
+        .collect();
     let open = health::routes(state.clone())
         .or(warp::path!("openapi.json")
             .and(warp::get())
-            .map(move || openapi::document(max_content_chars)))
+            .map(move || openapi::document(max_content_chars, &lanes)))
         .unify()
         .or(console::routes())
         .unify();

@@ -8,8 +8,46 @@ use warp::reply::Response;
 
 use crate::version::BUILD;
 
-pub fn document(max_content_chars: usize) -> Response {
-    super::json(StatusCode::OK, &spec(max_content_chars))
+/// The document for a replica whose configured lanes are `lanes`: a lane anywhere in a
+/// request is one of them (an unknown lane is refused, so the document says so).
+pub fn document(max_content_chars: usize, lanes: &[String]) -> Response {
+    let mut spec = spec(max_content_chars);
+    pin_lanes(&mut spec, lanes);
+    // The list's `lane=` left empty means any lane, as `status=` does.
+    if let Some(names) = spec["paths"]["/api/messages"]["get"]["parameters"]
+        .as_array_mut()
+        .and_then(|params| params.iter_mut().find(|p| p["name"] == "lane"))
+        .and_then(|param| param["schema"]["enum"].as_array_mut())
+    {
+        names.push(json!(""));
+    }
+    super::json(StatusCode::OK, &spec)
+}
+
+/// Replaces every lane's name pattern with the list of the configured lanes (and null
+/// where the field may be null).
+fn pin_lanes(value: &mut Value, lanes: &[String]) {
+    match value {
+        Value::Object(object) => {
+            if object.get("pattern").and_then(Value::as_str) == Some(LANE_PATTERN) {
+                let nullable = object
+                    .get("type")
+                    .and_then(Value::as_array)
+                    .is_some_and(|types| types.iter().any(|t| t == "null"));
+                let mut names: Vec<Value> = lanes.iter().map(|l| json!(l)).collect();
+                if nullable {
+                    names.push(Value::Null);
+                }
+                object.remove("pattern");
+                object.insert("enum".into(), Value::Array(names));
+            }
+            for child in object.values_mut() {
+                pin_lanes(child, lanes);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|item| pin_lanes(item, lanes)),
+        _ => {}
+    }
 }
 
 /// Characters `char::is_whitespace` knows (Unicode White_Space), spelled out so that
@@ -645,7 +683,7 @@ fn paths() -> Value {
                         json!({"name": "phone_number", "in": "query", "required": false, "description": "the number, in E.164 (or national with DEFAULT_REGION), or exactly as stored", "schema": {"type": "string", "pattern": "^\\+?[0-9]+$", "minLength": 1, "maxLength": 20}}),
                         json!({"name": "since", "in": "query", "required": false, "description": "created_at at or after (RFC 3339)", "schema": {"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}}),
                         json!({"name": "until", "in": "query", "required": false, "description": "created_at before (RFC 3339)", "schema": {"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}}),
-                        json!({"name": "lane", "in": "query", "required": false, "description": "a configured lane; empty: any", "schema": {"type": "string", "maxLength": 32}})
+                        json!({"name": "lane", "in": "query", "required": false, "description": "a configured lane (GET /api/lanes); absent or empty: any", "schema": {"type": "string", "pattern": LANE_PATTERN}})
                     ])
                     .collect::<Vec<_>>(),
                 "responses": api_errors(responses(&[

@@ -340,6 +340,24 @@ async fn lanes_are_named_at_intake_and_in_filters() {
     assert_eq!(listed["messages"][0]["id"], ids[0]);
     let (status, _) = replica.get("/api/messages?lane=nope").await;
     assert_eq!(status, 400);
+    // The API's description names the lanes a request may give, so a client (or a
+    // fuzzer) built from it sends no lane that is refused.
+    let (_, doc) = replica.get("/openapi.json").await;
+    let list_lane = doc["paths"]["/api/messages"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "lane")
+        .unwrap();
+    assert_eq!(
+        list_lane["schema"]["enum"],
+        json!(["default", "otp", ""]),
+        "{list_lane}"
+    );
+    assert_eq!(
+        doc["components"]["schemas"]["CancelFilter"]["properties"]["lane"]["enum"],
+        json!(["default", "otp", null])
+    );
     let (status, body) = replica.post("/api/lanes/otp/stop", None).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("stopped")));
     let (_, lanes) = replica.get("/api/lanes").await;
