@@ -39,7 +39,6 @@ type State = Arc<AppState>;
 
 /// Every route of the API.
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
-    let max_content_chars = state.config.message_max_length;
     let lanes: Vec<String> = state
         .config
         .plan
@@ -47,10 +46,14 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .iter()
         .map(|lane| lane.name.clone())
         .collect();
+    let spec = Arc::new(openapi::for_replica(
+        state.config.message_max_length,
+        &lanes,
+    ));
     let open = health::routes(state.clone())
         .or(warp::path!("openapi.json")
             .and(warp::get())
-            .map(move || openapi::document(max_content_chars, &lanes)))
+            .map(move || openapi::document(&spec)))
         .unify()
         .or(console::routes())
         .unify();

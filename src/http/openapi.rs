@@ -8,9 +8,14 @@ use warp::reply::Response;
 
 use crate::version::BUILD;
 
+/// The document, made once at start (see [`for_replica`]).
+pub fn document(spec: &Value) -> Response {
+    super::json(StatusCode::OK, spec)
+}
+
 /// The document for a replica whose configured lanes are `lanes`: a lane anywhere in a
 /// request is one of them (an unknown lane is refused, so the document says so).
-pub fn document(max_content_chars: usize, lanes: &[String]) -> Response {
+pub fn for_replica(max_content_chars: usize, lanes: &[String]) -> Value {
     let mut spec = spec(max_content_chars);
     pin_lanes(&mut spec, lanes);
     // The list's `lane=` left empty means any lane, as `status=` does.
@@ -21,7 +26,7 @@ pub fn document(max_content_chars: usize, lanes: &[String]) -> Response {
     {
         names.push(json!(""));
     }
-    super::json(StatusCode::OK, &spec)
+    spec
 }
 
 /// Replaces every lane's name pattern with the list of the configured lanes (and null

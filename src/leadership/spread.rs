@@ -333,18 +333,25 @@ mod tests {
         assert!(!spread.should_hand_over(ours, 1));
     }
 
-    /// The handover worked (b led the lane in term 2), then b died or stalled and this
-    /// replica took the lane back in term 3: b, back, gets it again.
-    #[tokio::test(start_paused = true)]
-    async fn a_lane_taken_back_from_its_assignee_is_handed_over_again() {
+    /// Replica a's spread of four lanes over a and b, settled; and a lane assigned to b.
+    async fn settled_with_a_lane_of_b() -> (Spread, String) {
         let lanes = names("lane-", 4);
         let spread = Spread::new("a", &lanes, Duration::from_secs(2));
         spread.observe(&[replica("a", true), replica("b", true)], true);
         tokio::time::advance(Duration::from_secs(4)).await;
         let theirs = lanes
-            .iter()
+            .into_iter()
             .find(|l| spread.assignee(l).as_deref() == Some("b"))
             .unwrap();
+        (spread, theirs)
+    }
+
+    /// The handover worked (b led the lane in term 2), then b died or stalled and this
+    /// replica took the lane back in term 3: b, back, gets it again.
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_taken_back_from_its_assignee_is_handed_over_again() {
+        let (spread, theirs) = settled_with_a_lane_of_b().await;
+        let theirs = theirs.as_str();
         assert!(spread.should_hand_over(theirs, 1));
         spread.handed_over(theirs, 1);
         assert!(
@@ -357,14 +364,8 @@ mod tests {
     /// reads the same names, but it is a new rebalance.
     #[tokio::test(start_paused = true)]
     async fn a_replica_restarting_under_the_same_id_is_a_new_rebalance() {
-        let lanes = names("lane-", 4);
-        let spread = Spread::new("a", &lanes, Duration::from_secs(2));
-        spread.observe(&[replica("a", true), replica("b", true)], true);
-        tokio::time::advance(Duration::from_secs(4)).await;
-        let theirs = lanes
-            .iter()
-            .find(|l| spread.assignee(l).as_deref() == Some("b"))
-            .unwrap();
+        let (spread, theirs) = settled_with_a_lane_of_b().await;
+        let theirs = theirs.as_str();
         spread.handed_over(theirs, 1);
         assert!(!spread.should_hand_over(theirs, 2));
         let mut restarted = replica("b", true);
