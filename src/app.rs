@@ -21,9 +21,10 @@ use crate::cache::DeliveryCache;
 use crate::config::Config;
 use crate::config::LaneSpec;
 use crate::dispatch::{DispatchSettings, Dispatcher};
+use crate::dispatch::{RouteSettings, Routing};
 use crate::leadership::{self, FenceTiming, Leadership, Spread};
 use crate::metrics::Metrics;
-use crate::provider::ProviderClient;
+use crate::provider::{ProviderClient, Providers};
 use crate::retry::connect_backoff;
 use crate::state::{AppState, HEARTBEAT_INTERVAL, LIVE_WITHIN, Lane};
 use crate::store::{RescuePolicy, Schedule};
@@ -34,8 +35,9 @@ use crate::{dependencies, http, redis};
 pub struct Replica {
     listener: TcpListener,
     state: Arc<AppState>,
-    /// Each lane's provider (the first it names), in the order of `state.lanes`.
-    providers: Vec<Arc<ProviderClient>>,
+    /// Every configured provider, by name; each lane's dispatcher sends through those
+    /// its lane names.
+    providers: Arc<Providers>,
     subscriber: Option<SubscriberClient>,
 }
 
@@ -67,21 +69,16 @@ impl Replica {
         } else {
             None
         };
-        let mut clients = std::collections::HashMap::new();
+        let mut clients = Vec::with_capacity(config.plan.providers.len());
         for spec in &config.plan.providers {
-            let client = ProviderClient::new(&spec.settings, metrics.clone())
+            let client = ProviderClient::new(spec, metrics.clone())
                 .with_context(|| format!("SMS provider client {:?}", spec.name))?;
-            clients.insert(spec.name.clone(), Arc::new(client));
+            clients.push(Arc::new(client));
         }
-        let mut providers = Vec::with_capacity(config.plan.lanes.len());
+        let providers = Arc::new(Providers::new(clients));
         let mut lanes = Vec::with_capacity(config.plan.lanes.len());
         for spec in &config.plan.lanes {
-            let provider = spec
-                .providers
-                .first()
-                .and_then(|name| clients.get(name))
-                .with_context(|| format!("lane {:?} names no known provider", spec.name))?;
-            providers.push(provider.clone());
+            metrics.register_providers(&spec.name, spec.providers.iter().map(String::as_str));
             lanes.push(Lane {
                 spec: spec.clone(),
                 store: store.for_lane(&spec.name),
@@ -219,17 +216,19 @@ impl Replica {
             .in_current_span(),
         );
         let mut dispatchers = Vec::with_capacity(state.lanes.len());
-        for (lane, provider) in state.lanes.iter().zip(providers) {
+        for lane in &state.lanes {
             let live = crate::dispatch::Live {
                 store: lane.store.clone(),
                 cache: state.cache.clone(),
             };
+            let settings = dispatch_settings(&config, &lane.spec);
             let dispatcher = Dispatcher {
                 backend: live.clone(),
-                provider,
+                provider: providers.clone(),
+                routing: Routing::new(&settings.providers, config.dispatch.retry.max),
                 leadership: lane.leadership.clone(),
                 metrics: state.metrics.clone(),
-                settings: dispatch_settings(&config, &lane.spec),
+                settings,
                 wake: lane.wake.clone(),
                 pacer: Default::default(),
                 recorder: crate::dispatch::Recorder::new(live),
@@ -330,6 +329,17 @@ fn dispatch_settings(config: &Config, lane: &LaneSpec) -> DispatchSettings {
             .retry_interval
             .clamp(Duration::from_millis(100), Duration::from_secs(1)),
         probe_every: config.lock.retry_interval,
+        providers: lane
+            .providers
+            .iter()
+            .filter_map(|name| config.plan.provider(name))
+            .map(|provider| RouteSettings {
+                name: provider.name.clone(),
+                breaker: provider.breaker,
+                from: provider.from.as_ref().map(|from| from.as_str().to_string()),
+            })
+            .collect(),
+        from: lane.from.as_ref().map(|from| from.as_str().to_string()),
     }
 }
 

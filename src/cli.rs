@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use tracing::Instrument;
 
 use crate::app::Replica;
+use crate::config::ProviderKind;
 use crate::config::{Config, LogFormat};
 use crate::provider::mock::{self, MockOptions};
 use crate::retry::connect_backoff;
@@ -73,6 +74,11 @@ enum Command {
         /// Bearer token for the receipts (the dispatcher's DLR_TOKEN or API_TOKEN).
         #[arg(long)]
         dlr_token: Option<String>,
+        /// The provider API to imitate: http-json, twilio, vonage or infobip. The
+        /// token is then Twilio's auth token, Vonage's api_secret or Infobip's API key,
+        /// and receipts go in that provider's format (Twilio's signed with the token).
+        #[arg(long, default_value = "http-json", value_parser = parse_dialect)]
+        dialect: ProviderKind,
     },
     /// Exit 0 if /health/ready answers 200 (for container health checks).
     Healthcheck {
@@ -80,6 +86,10 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+}
+
+fn parse_dialect(text: &str) -> Result<ProviderKind, String> {
+    ProviderKind::parse(text)
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {
@@ -111,6 +121,7 @@ impl Cli {
                 dlr_delay_ms,
                 undelivered_rate,
                 dlr_token,
+                dialect,
             } => {
                 init_logging_from_env();
                 let options = MockOptions {
@@ -127,6 +138,7 @@ impl Cli {
                         undelivered_rate,
                         token: dlr_token.filter(|t| !t.is_empty()),
                     }),
+                    dialect,
                 };
                 report(mock::run(options, shutdown_signal()).await)
             }

@@ -20,8 +20,8 @@ mod secrets;
 mod values;
 
 pub use lanes::{
-    DEFAULT_LANE, DispatchPlan, LaneSpec, MAX_LANES, MAX_SEND_CONCURRENCY, ProviderKind,
-    ProviderSpec, RouteSpec, Unit,
+    BREAKER_WINDOW, BreakerSettings, DEFAULT_LANE, DispatchPlan, LaneSpec, MAX_LANES,
+    MAX_SEND_CONCURRENCY, ProviderKind, ProviderSpec, RouteSpec, Unit,
 };
 use secrets::read_secret_files;
 pub use secrets::{DEMO_DB_PASSWORD, DEMO_SMS_TOKEN, SECRET_VARIABLES, Secret};

@@ -88,6 +88,45 @@ pub fn parse_region(code: &str) -> Option<Region> {
     code.trim().to_ascii_uppercase().parse().ok()
 }
 
+/// Who a message says it is from: an E.164 number (`+` and 4 to 15 digits) or an
+/// alphanumeric sender of 1 to 11 letters, digits and inner spaces (a brand name or a
+/// short code: what the GSM originator field carries).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Sender(String);
+
+impl Sender {
+    pub fn parse(input: &str) -> Result<Self, ValidationError> {
+        let problem = |p: String| ValidationError {
+            field: "from",
+            problem: p,
+        };
+        if let Some(digits) = input.strip_prefix('+') {
+            if (4..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Ok(Self(input.to_string()));
+            }
+            return Err(problem(format!(
+                "{input:?} is not an E.164 number (+ and 4 to 15 digits)"
+            )));
+        }
+        let alphanumeric = (1..=11).contains(&input.len())
+            && input
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b' ')
+            && input.trim() == input;
+        if !alphanumeric {
+            return Err(problem(format!(
+                "{input:?} must be an E.164 number like +15005550006 or 1 to 11 letters, \
+                 digits and inner spaces"
+            )));
+        }
+        Ok(Self(input.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Message text: not blank, at most `MESSAGE_MAX_LENGTH` characters (not bytes) and at
 /// most `MESSAGE_MAX_SEGMENTS` SMS segments.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -344,6 +383,34 @@ impl IdempotencyKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sender_is_e164_or_up_to_eleven_alphanumerics() {
+        for good in [
+            "+15005550006",
+            "+6834002",
+            "ACME",
+            "Acme Bank",
+            "12345",
+            "A1234567890",
+        ] {
+            assert_eq!(Sender::parse(good).unwrap().as_str(), good);
+        }
+        for bad in [
+            "",
+            "+",
+            "+12",
+            "+1500555000600001",
+            "ACME-BANK",
+            "ABCDEFGHIJKL",
+            " ACME",
+            "Çiçek",
+            "+1 500",
+        ] {
+            let err = Sender::parse(bad).unwrap_err();
+            assert_eq!(err.field, "from", "{bad:?}");
+        }
+    }
 
     #[test]
     fn phone_numbers_are_e164_with_a_real_country_code() {

@@ -21,8 +21,16 @@ pub struct Metrics {
     pub messages_expired: IntCounter,
     pub messages_cancelled: IntCounter,
     pub delivery_receipts: IntCounterVec,
+    /// Per status or error kind, and provider.
     pub provider_requests: IntCounterVec,
     pub provider_request_duration: Histogram,
+    /// Per lane, provider and outcome (docs/design.md#failover).
+    pub provider_sends: IntCounterVec,
+    /// Per lane and provider: 0 closed, 1 half-open, 2 open; set by the lane's leader.
+    pub provider_breaker: IntGaugeVec,
+    /// Per lane: the rate the lane sends at after throttles, units per second; set by
+    /// the lane's leader.
+    pub effective_rate: GaugeVec,
     /// Per lane and outcome.
     pub batches: IntCounterVec,
     pub batch_duration: Histogram,
@@ -54,6 +62,16 @@ pub const PAUSE_REASONS: [&str; 1] = [PAUSED_PROVIDER_AUTH];
 /// Why a message ended `failed`.
 pub const FAILED_REJECTED: &str = "rejected";
 pub const FAILED_MAX_ATTEMPTS: &str = "max_attempts";
+
+/// What a send to a provider came to (`dispatcher_provider_sends_total`).
+pub const PROVIDER_OUTCOMES: [&str; 6] = [
+    "accepted",
+    "rejected",
+    "retry",
+    "unknown",
+    "throttled",
+    "unauthorized",
+];
 
 /// How a batch ended.
 pub const BATCH_COMPLETE: &str = "complete";
@@ -152,9 +170,36 @@ impl Metrics {
             provider_requests: counter_vec(
                 &r,
                 "dispatcher_provider_requests_total",
-                "Requests to the SMS provider by HTTP status code or error kind.",
-                &["code"],
+                "Requests to the SMS providers by HTTP status code or error kind, and provider.",
+                &["code", "provider"],
             ),
+            provider_sends: counter_vec(
+                &r,
+                "dispatcher_provider_sends_total",
+                "Sends by lane, provider and outcome (accepted, rejected, retry, unknown, \
+                 throttled, unauthorized).",
+                &["lane", "provider", "outcome"],
+            ),
+            provider_breaker: gauge_vec(
+                &r,
+                "dispatcher_provider_breaker_state",
+                "The lane leader's circuit breaker for each provider: 0 closed, 1 half-open, \
+                 2 open (the lane sends through its next provider).",
+                &["lane", "provider"],
+            ),
+            effective_rate: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "dispatcher_lane_effective_rate_per_second",
+                        "The rate the lane's leader sends at: the configured rate lowered \
+                         by provider throttling (halved per throttle, recovering linearly).",
+                    ),
+                    &["lane"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             provider_request_duration: histogram(
                 &r,
                 "dispatcher_provider_request_duration_seconds",
@@ -327,6 +372,17 @@ impl Metrics {
 
     /// Creates every lane's series at 0, so that an absent lane shows as 0, not as
     /// nothing.
+    /// The series of each lane's providers.
+    pub fn register_providers<'a>(&self, lane: &str, providers: impl IntoIterator<Item = &'a str>) {
+        for provider in providers {
+            self.provider_breaker.with_label_values(&[lane, provider]);
+            for outcome in PROVIDER_OUTCOMES {
+                self.provider_sends
+                    .with_label_values(&[lane, provider, outcome]);
+            }
+        }
+    }
+
     pub fn register_lanes<'a>(&self, lanes: impl IntoIterator<Item = &'a str>) {
         for lane in lanes {
             self.messages_sent.with_label_values(&[lane]);

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use backon::ExponentialBuilder;
 
-/// The shortest wait a `Retry-After` can ask for.
+/// The shortest pause a throttle's `Retry-After` can ask for (`Retry-After: 0` must not
+/// make a throttled lane hot-loop).
 pub const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Per-message retry delays: `base * 2^(attempt-1)`, capped at `max`, with "equal
@@ -21,17 +22,6 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Delay before the next attempt: the provider's `Retry-After` when it gave one,
-    /// bounded to [`MIN_RETRY_AFTER`] (a `Retry-After: 0` must not make a failing
-    /// message hot-loop) and `max` (a huge one must neither park a message for years
-    /// nor overflow what PostgreSQL can store); otherwise [`Self::delay`].
-    pub fn next_delay(&self, attempts: u32, retry_after: Option<Duration>) -> Duration {
-        match retry_after {
-            Some(wait) => wait.clamp(MIN_RETRY_AFTER.min(self.max), self.max),
-            None => self.delay(attempts),
-        }
-    }
-
     /// Delay before attempt `attempts + 1`, given that `attempts` (≥ 1) were made.
     pub fn delay(&self, attempts: u32) -> Duration {
         let exponent = attempts.saturating_sub(1).min(32);
@@ -58,35 +48,6 @@ pub fn connect_backoff() -> ExponentialBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_is_honoured_within_bounds() {
-        let policy = RetryPolicy {
-            base: Duration::from_secs(30),
-            max: Duration::from_secs(1800),
-        };
-        let after = |secs| policy.next_delay(1, Some(Duration::from_secs(secs)));
-        assert_eq!(
-            after(0),
-            MIN_RETRY_AFTER,
-            "Retry-After: 0 does not hot-loop"
-        );
-        assert_eq!(after(120), Duration::from_secs(120));
-        assert_eq!(
-            after(u64::MAX),
-            Duration::from_secs(1800),
-            "capped at the max"
-        );
-        let short = RetryPolicy {
-            base: Duration::from_millis(100),
-            max: Duration::from_millis(500),
-        };
-        assert_eq!(
-            short.next_delay(1, Some(Duration::ZERO)),
-            Duration::from_millis(500),
-            "the floor never exceeds the max"
-        );
-    }
 
     #[test]
     fn delay_doubles_and_is_capped() {

@@ -22,6 +22,7 @@ use super::values::{is_header_name, is_http_url};
 use super::{
     ConfigError, DispatchConfig, MAX_BATCH_SIZE, ProviderConfig, SECRET_VARIABLES, Secret,
 };
+use crate::domain::Sender;
 use crate::duration;
 
 /// The lane every message that no route matches goes to, so every plan has one.
@@ -60,16 +61,56 @@ pub struct DispatchPlan {
 pub struct ProviderSpec {
     pub name: String,
     pub kind: ProviderKind,
-    /// Holds the token as a [`Secret`], so a plan can be logged with `{:?}`.
+    /// Holds the token as a [`Secret`], so a plan can be logged with `{:?}`. `url` is
+    /// the send URL of an `http-json` provider and the API's base URL of the others.
     pub settings: ProviderConfig,
+    /// Twilio's account SID (the user of its Basic auth, part of its URL).
+    pub account_sid: Option<String>,
+    /// Twilio: send through this Messaging Service instead of a `From` number.
+    pub messaging_service_sid: Option<String>,
+    /// Vonage's `api_key` (the token is its `api_secret`).
+    pub api_key: Option<String>,
+    /// The sender of messages that name none and whose lane sets none.
+    pub from: Option<Sender>,
+    /// Where the provider reaches this deployment (`https://sms.example.com`): Twilio's
+    /// `StatusCallback` is built on it and its signatures are checked against it.
+    pub public_url: Option<String>,
+    pub breaker: BreakerSettings,
 }
 
-/// The protocol a provider speaks. Only the JSON-over-HTTP one the dispatcher has always
-/// spoken is implemented; the file refuses any other kind by name rather than start a
-/// replica that cannot send.
+/// When a provider's circuit breaker opens and how long it stays open
+/// (docs/design.md#failover).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerSettings {
+    /// Retryable failures in a row that open it.
+    pub failures: u32,
+    /// The share of failures among the last [`BREAKER_WINDOW`] sends above which it opens.
+    pub ratio: f64,
+    /// How long it stays open before one probe send decides.
+    pub cooldown: Duration,
+}
+
+/// The sends the breaker's failure share is measured over.
+pub const BREAKER_WINDOW: usize = 20;
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            ratio: 0.5,
+            cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The protocol a provider speaks (docs/design.md#provider-kinds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderKind {
+    /// `POST {"to", "content", "from"}` with a bearer token: the dispatcher's own.
     HttpJson,
+    Twilio,
+    Vonage,
+    Infobip,
 }
 
 impl ProviderKind {
@@ -77,15 +118,31 @@ impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::HttpJson => "http-json",
+            Self::Twilio => "twilio",
+            Self::Vonage => "vonage",
+            Self::Infobip => "infobip",
         }
     }
 
-    fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, String> {
         match text {
             "http-json" => Ok(Self::HttpJson),
+            "twilio" => Ok(Self::Twilio),
+            "vonage" => Ok(Self::Vonage),
+            "infobip" => Ok(Self::Infobip),
             other => Err(format!(
-                "kind {other:?} is not supported yet; supported: http-json"
+                "kind {other:?} is not one of http-json, twilio, vonage, infobip"
             )),
+        }
+    }
+
+    /// The provider's public API, used when a file names no `base_url`.
+    pub fn default_base_url(self) -> Option<&'static str> {
+        match self {
+            Self::HttpJson => None,
+            Self::Twilio => Some("https://api.twilio.com"),
+            Self::Vonage => Some("https://rest.nexmo.com"),
+            Self::Infobip => Some("https://api.infobip.com"),
         }
     }
 }
@@ -100,8 +157,10 @@ pub struct LaneSpec {
     /// Zero sends batches back to back.
     pub interval: Duration,
     pub unit: Unit,
-    /// Provider names in the order they are tried; for now only the first is used.
+    /// Provider names in the order they are tried (docs/design.md#failover).
     pub providers: Vec<String>,
+    /// The sender of messages that name none; else the provider's.
+    pub from: Option<Sender>,
     /// Requests in flight to the provider at once.
     pub send_concurrency: usize,
 }
@@ -180,6 +239,12 @@ impl DispatchPlan {
                 name: ENV_PROVIDER.into(),
                 kind: ProviderKind::HttpJson,
                 settings: provider.clone(),
+                account_sid: None,
+                messaging_service_sid: None,
+                api_key: None,
+                from: None,
+                public_url: None,
+                breaker: BreakerSettings::default(),
             }],
             lanes: vec![LaneSpec {
                 name: DEFAULT_LANE.into(),
@@ -187,6 +252,7 @@ impl DispatchPlan {
                 interval: dispatch.interval,
                 unit: Unit::Messages,
                 providers: vec![ENV_PROVIDER.into()],
+                from: None,
                 send_concurrency: dispatch.send_concurrency,
             }],
             routes: Vec::new(),
@@ -236,7 +302,16 @@ struct ProviderTable {
     name: Spanned<String>,
     kind: Spanned<String>,
     url: Option<Spanned<String>>,
+    base_url: Option<Spanned<String>>,
     token_env: Spanned<String>,
+    account_sid: Option<Spanned<String>>,
+    messaging_service_sid: Option<Spanned<String>>,
+    api_key: Option<Spanned<String>>,
+    from: Option<Spanned<String>>,
+    public_url: Option<Spanned<String>>,
+    breaker_failures: Option<Spanned<i64>>,
+    breaker_ratio: Option<Spanned<f64>>,
+    breaker_cooldown: Option<Spanned<String>>,
     auth_header: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
     ca_cert: Option<Spanned<String>>,
@@ -253,6 +328,7 @@ struct LaneTable {
     interval: Spanned<String>,
     unit: Option<Spanned<String>>,
     providers: Spanned<Vec<Spanned<String>>>,
+    from: Option<Spanned<String>>,
     send_concurrency: Option<Spanned<i64>>,
 }
 
@@ -414,13 +490,49 @@ fn provider(
     let name = plain_name(entry, table.name)?;
     let kind = ProviderKind::parse(table.kind.get_ref())
         .map_err(|problem| entry.statement(table.kind.span(), problem))?;
-    let Some(url) = table.url else {
-        return Err(entry.error(span, "url", "is required for kind \"http-json\""));
-    };
-    if !is_http_url(url.get_ref()) {
-        let problem = format!("{:?} is not an http(s) URL", url.get_ref());
-        return Err(entry.error(url.span(), "url", problem));
+    let url = provider_url(entry, span.clone(), kind, table.url, table.base_url)?;
+    let account_sid = kind_key(
+        entry,
+        kind,
+        ProviderKind::Twilio,
+        "account_sid",
+        table.account_sid,
+    )?;
+    let messaging_service_sid = kind_key(
+        entry,
+        kind,
+        ProviderKind::Twilio,
+        "messaging_service_sid",
+        table.messaging_service_sid,
+    )?;
+    let api_key = kind_key(entry, kind, ProviderKind::Vonage, "api_key", table.api_key)?;
+    if kind == ProviderKind::Twilio && account_sid.is_none() {
+        return Err(entry.error(
+            span.clone(),
+            "account_sid",
+            "is required for kind \"twilio\"",
+        ));
     }
+    if kind == ProviderKind::Vonage && api_key.is_none() {
+        return Err(entry.error(span.clone(), "api_key", "is required for kind \"vonage\""));
+    }
+    let from = sender(entry, table.from)?;
+    let public_url = match table.public_url {
+        None => None,
+        Some(text) if is_http_url(text.get_ref()) => {
+            Some(text.get_ref().trim_end_matches('/').to_string())
+        }
+        Some(text) => {
+            let problem = format!("{:?} is not an http(s) URL", text.get_ref());
+            return Err(entry.error(text.span(), "public_url", problem));
+        }
+    };
+    let breaker = breaker(
+        entry,
+        &table.breaker_failures,
+        &table.breaker_ratio,
+        &table.breaker_cooldown,
+    )?;
     let token = token_from_env(table.token_env.get_ref(), vars)
         .map_err(|problem| entry.error(table.token_env.span(), "token_env", problem))?;
     if let Some(header) = &table.auth_header {
@@ -449,8 +561,14 @@ fn provider(
     Ok(ProviderSpec {
         name,
         kind,
+        account_sid,
+        messaging_service_sid,
+        api_key,
+        from,
+        public_url,
+        breaker,
         settings: ProviderConfig {
-            url: url.into_inner(),
+            url,
             token,
             auth_header: table.auth_header.map(Spanned::into_inner),
             timeout,
@@ -458,6 +576,111 @@ fn provider(
             insecure_skip_verify: table.insecure_skip_verify,
         },
     })
+}
+
+/// `url` for an `http-json` provider (required: there is no default), `base_url` for
+/// the others (their public API when absent); each refused on the other kind.
+fn provider_url(
+    entry: &Entry,
+    span: Range<usize>,
+    kind: ProviderKind,
+    url: Option<Spanned<String>>,
+    base_url: Option<Spanned<String>>,
+) -> Result<String, ConfigError> {
+    let (key, given, wrong) = match kind {
+        ProviderKind::HttpJson => ("url", url, base_url.map(|b| (b, "base_url"))),
+        _ => ("base_url", base_url, url.map(|u| (u, "url"))),
+    };
+    if let Some((value, wrong_key)) = wrong {
+        let problem = format!("is not used by kind {:?}; use {key}", kind.as_str());
+        return Err(entry.error(value.span(), wrong_key, problem));
+    }
+    match (given, kind.default_base_url()) {
+        (Some(value), _) if is_http_url(value.get_ref()) => {
+            Ok(value.into_inner().trim_end_matches('/').to_string())
+        }
+        (Some(value), _) => {
+            let problem = format!("{:?} is not an http(s) URL", value.get_ref());
+            Err(entry.error(value.span(), key, problem))
+        }
+        (None, Some(default)) => Ok(default.to_string()),
+        (None, None) => Err(entry.error(
+            span,
+            key,
+            format!("is required for kind {:?}", kind.as_str()),
+        )),
+    }
+}
+
+/// A key only one kind uses (`account_sid` for twilio): refused on the others, so a
+/// table copied from another provider does not silently keep a key that does nothing.
+fn kind_key(
+    entry: &Entry,
+    kind: ProviderKind,
+    owner: ProviderKind,
+    key: &str,
+    value: Option<Spanned<String>>,
+) -> Result<Option<String>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some(value) if kind != owner => {
+            let problem = format!("is used only by kind {:?}", owner.as_str());
+            Err(entry.error(value.span(), key, problem))
+        }
+        Some(value) if value.get_ref().trim().is_empty() || value.get_ref().len() > 64 => {
+            Err(entry.error(value.span(), key, "must be 1 to 64 characters"))
+        }
+        Some(value) => Ok(Some(value.into_inner())),
+    }
+}
+
+fn sender(entry: &Entry, from: Option<Spanned<String>>) -> Result<Option<Sender>, ConfigError> {
+    from.map(|text| {
+        Sender::parse(text.get_ref()).map_err(|err| entry.error(text.span(), "from", err.problem))
+    })
+    .transpose()
+}
+
+fn breaker(
+    entry: &Entry,
+    failures: &Option<Spanned<i64>>,
+    ratio: &Option<Spanned<f64>>,
+    cooldown: &Option<Spanned<String>>,
+) -> Result<BreakerSettings, ConfigError> {
+    let mut settings = BreakerSettings::default();
+    if let Some(value) = failures {
+        settings.failures = u32::try_from(*value.get_ref())
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| {
+                entry.error(
+                    value.span(),
+                    "breaker_failures",
+                    "must be between 1 and 1000",
+                )
+            })?;
+    }
+    if let Some(value) = ratio {
+        let ratio = *value.get_ref();
+        if !(ratio > 0.0 && ratio <= 1.0) {
+            return Err(entry.error(
+                value.span(),
+                "breaker_ratio",
+                "must be above 0 and at most 1",
+            ));
+        }
+        settings.ratio = ratio;
+    }
+    if let Some(text) = cooldown {
+        settings.cooldown = match duration::parse(text.get_ref()) {
+            Ok(cooldown) if cooldown >= Duration::from_millis(100) => cooldown,
+            Ok(_) => {
+                return Err(entry.error(text.span(), "breaker_cooldown", "must be at least 100ms"));
+            }
+            Err(problem) => return Err(entry.error(text.span(), "breaker_cooldown", problem)),
+        };
+    }
+    Ok(settings)
 }
 
 /// The token a provider names with `token_env`: that variable, or the file its `_FILE`
@@ -541,6 +764,7 @@ fn lane(
         batch_size,
         interval,
         unit,
+        from: sender(entry, table.from)?,
         providers: lane_providers(entry, table.providers, providers)?,
         send_concurrency,
     })
@@ -835,6 +1059,7 @@ prefixes = ["+9055"]
                 interval: Duration::from_secs(120),
                 unit: Unit::Messages,
                 providers: vec!["main".into(), "backup".into()],
+                from: None,
                 send_concurrency: 1,
             }
         );
@@ -870,6 +1095,7 @@ prefixes = ["+9055"]
                 interval: Duration::from_secs(3),
                 unit: Unit::Messages,
                 providers: vec!["default".into()],
+                from: None,
                 send_concurrency: 4,
             }]
         );
@@ -1026,9 +1252,45 @@ prefixes = ["+9055"]
     fn providers_are_checked() {
         let provider = |body: &str| format!("[[provider]]\nname = \"main\"\n{body}{DEFAULT}");
         refused_at(
-            &provider("kind = \"twilio\"\nurl = \"https://x\"\ntoken_env = \"SMS_API_TOKEN\"\n"),
+            &provider(
+                "kind = \"sms-o-matic\"\nurl = \"https://x\"\ntoken_env = \"SMS_API_TOKEN\"\n",
+            ),
             3,
-            "provider \"main\": kind \"twilio\" is not supported yet; supported: http-json",
+            "provider \"main\": kind \"sms-o-matic\" is not one of http-json, twilio, vonage, infobip",
+        );
+        refused_at(
+            &provider("kind = \"twilio\"\nurl = \"https://x\"\ntoken_env = \"SMS_API_TOKEN\"\n"),
+            4,
+            "provider \"main\": url: is not used by kind \"twilio\"; use base_url",
+        );
+        refused_at(
+            &provider("kind = \"twilio\"\ntoken_env = \"SMS_API_TOKEN\"\n"),
+            1,
+            "account_sid: is required for kind \"twilio\"",
+        );
+        refused_at(
+            &provider("kind = \"vonage\"\ntoken_env = \"SMS_API_TOKEN\"\naccount_sid = \"AC1\"\n"),
+            5,
+            "account_sid: is used only by kind \"twilio\"",
+        );
+        refused_at(
+            &provider(
+                "kind = \"infobip\"\ntoken_env = \"SMS_API_TOKEN\"\nfrom = \"far too long a name\"\n",
+            ),
+            5,
+            "from: \"far too long a name\" must be an E.164 number",
+        );
+        refused_at(
+            &provider("kind = \"infobip\"\ntoken_env = \"SMS_API_TOKEN\"\nbreaker_ratio = 1.5\n"),
+            5,
+            "breaker_ratio: must be above 0 and at most 1",
+        );
+        refused_at(
+            &provider(
+                "kind = \"infobip\"\ntoken_env = \"SMS_API_TOKEN\"\nbreaker_cooldown = \"5ms\"\n",
+            ),
+            5,
+            "breaker_cooldown: must be at least 100ms",
         );
         refused_at(
             &provider("kind = \"http-json\"\nurl = \"ftp://x\"\ntoken_env = \"SMS_API_TOKEN\"\n"),
@@ -1057,6 +1319,65 @@ prefixes = ["+9055"]
             7,
             "provider \"main\": name: \"main\" is defined twice",
         );
+    }
+
+    #[test]
+    fn each_provider_kind_reads_its_own_keys_with_defaults() {
+        let text = r#"[[provider]]
+name = "tw"
+kind = "twilio"
+token_env = "SMS_API_TOKEN"
+account_sid = "AC123"
+messaging_service_sid = "MG456"
+public_url = "https://sms.example.com/"
+breaker_failures = 3
+breaker_ratio = 0.25
+breaker_cooldown = "10s"
+
+[[provider]]
+name = "vo"
+kind = "vonage"
+base_url = "http://127.0.0.1:4010/"
+token_env = "SMS_API_TOKEN"
+api_key = "abcd1234"
+from = "ACME"
+
+[[provider]]
+name = "ib"
+kind = "infobip"
+token_env = "SMS_API_TOKEN"
+
+[[lane]]
+name = "default"
+batch_size = 2
+interval = "1s"
+providers = ["tw", "vo", "ib"]
+from = "+15005550006"
+"#;
+        let plan = plan(text).unwrap();
+        let tw = plan.provider("tw").unwrap();
+        assert_eq!(tw.kind, ProviderKind::Twilio);
+        assert_eq!(tw.settings.url, "https://api.twilio.com");
+        assert_eq!(tw.account_sid.as_deref(), Some("AC123"));
+        assert_eq!(tw.messaging_service_sid.as_deref(), Some("MG456"));
+        assert_eq!(tw.public_url.as_deref(), Some("https://sms.example.com"));
+        assert_eq!(
+            tw.breaker,
+            BreakerSettings {
+                failures: 3,
+                ratio: 0.25,
+                cooldown: Duration::from_secs(10)
+            }
+        );
+        let vo = plan.provider("vo").unwrap();
+        assert_eq!(vo.settings.url, "http://127.0.0.1:4010");
+        assert_eq!(vo.api_key.as_deref(), Some("abcd1234"));
+        assert_eq!(vo.from.as_ref().map(Sender::as_str), Some("ACME"));
+        assert_eq!(vo.breaker, BreakerSettings::default());
+        let ib = plan.provider("ib").unwrap();
+        assert_eq!(ib.settings.url, "https://api.infobip.com");
+        let lane = plan.lane("default").unwrap();
+        assert_eq!(lane.from.as_ref().map(Sender::as_str), Some("+15005550006"));
     }
 
     #[test]

@@ -16,8 +16,8 @@ use chrono::{DateTime, Utc};
 use crate::cache::DeliveryCache;
 use crate::domain::Epoch;
 use crate::store::{
-    ClaimResult, ClaimedMessage, KnownDelivery, Recorded, RescueCandidate, RescuePolicy, Rescued,
-    Schedule, SentResult, Store, StoreError,
+    ClaimResult, ClaimScope, ClaimedMessage, KnownDelivery, Recorded, RescueCandidate,
+    RescuePolicy, Rescued, Schedule, SentResult, Store, StoreError,
 };
 
 /// Where accepted sends are recorded (the recorder's half of [`Backend`]).
@@ -51,7 +51,7 @@ pub trait Backend: ResultStore {
         configured: Schedule,
         fence_window: Duration,
         token: i64,
-        probe_due: bool,
+        route: &ClaimScope,
     ) -> Result<ClaimResult, StoreError>;
     /// Returns the rows of a claim whose COMMIT reply was lost to `pending`.
     async fn release_claim(&self, epoch: Epoch, token: i64) -> Result<u64, StoreError>;
@@ -92,15 +92,13 @@ pub trait Backend: ResultStore {
         max_attempts: u32,
         delay: Duration,
         error: &str,
+        unknown: bool,
     ) -> Result<Recorded, StoreError>;
     async fn mark_failed(&self, id: i64, epoch: Epoch, error: &str)
     -> Result<Recorded, StoreError>;
-    async fn mark_unauthorized(
-        &self,
-        id: i64,
-        epoch: Epoch,
-        error: &str,
-    ) -> Result<Recorded, StoreError>;
+    /// Back to `pending` in its place, attempt not spent (refused credentials, a
+    /// throttle).
+    async fn mark_held(&self, id: i64, epoch: Epoch, error: &str) -> Result<Recorded, StoreError>;
     async fn mark_expired(&self, id: i64, epoch: Epoch) -> Result<bool, StoreError>;
     async fn release_unsent(&self, ids: &[i64], epoch: Epoch) -> Result<u64, StoreError>;
     /// Marks the batch opened at `opened_at` finished, with the newest sends' ages.
@@ -109,6 +107,7 @@ pub trait Backend: ResultStore {
         epoch: Epoch,
         opened_at: DateTime<Utc>,
         recent_send_ages_us: &[i64],
+        routing: &str,
     ) -> Result<(), StoreError>;
     async fn pause_dispatch(
         &self,
@@ -178,17 +177,10 @@ impl Backend for Live {
         configured: Schedule,
         fence_window: Duration,
         token: i64,
-        probe_due: bool,
+        route: &ClaimScope,
     ) -> Result<ClaimResult, StoreError> {
         self.store
-            .claim_batch(
-                epoch,
-                replica_id,
-                configured,
-                fence_window,
-                token,
-                probe_due,
-            )
+            .claim_batch(epoch, replica_id, configured, fence_window, token, route)
             .await
     }
 
@@ -246,9 +238,10 @@ impl Backend for Live {
         max_attempts: u32,
         delay: Duration,
         error: &str,
+        unknown: bool,
     ) -> Result<Recorded, StoreError> {
         self.store
-            .mark_retry(id, epoch, max_attempts, delay, error)
+            .mark_retry(id, epoch, max_attempts, delay, error, unknown)
             .await
     }
 
@@ -261,13 +254,8 @@ impl Backend for Live {
         self.store.mark_failed(id, epoch, error).await
     }
 
-    async fn mark_unauthorized(
-        &self,
-        id: i64,
-        epoch: Epoch,
-        error: &str,
-    ) -> Result<Recorded, StoreError> {
-        self.store.mark_unauthorized(id, epoch, error).await
+    async fn mark_held(&self, id: i64, epoch: Epoch, error: &str) -> Result<Recorded, StoreError> {
+        self.store.mark_held(id, epoch, error).await
     }
 
     async fn mark_expired(&self, id: i64, epoch: Epoch) -> Result<bool, StoreError> {
@@ -283,9 +271,10 @@ impl Backend for Live {
         epoch: Epoch,
         opened_at: DateTime<Utc>,
         recent_send_ages_us: &[i64],
+        routing: &str,
     ) -> Result<(), StoreError> {
         self.store
-            .close_batch(epoch, opened_at, recent_send_ages_us)
+            .close_batch(epoch, opened_at, recent_send_ages_us, routing)
             .await
     }
 

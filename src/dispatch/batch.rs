@@ -15,13 +15,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::handoff::{Handoff, StartGate};
+use super::routing::{Admission, Ticket, Verdict};
 use super::{Backend, Dispatcher};
 use crate::leadership::{Permit, Term};
 use crate::metrics::{
     BATCH_COMPLETE, BATCH_FAILED, BATCH_INTERRUPTED, BATCH_PARTIAL, FAILED_MAX_ATTEMPTS,
     FAILED_REJECTED, PAUSED_PROVIDER_AUTH,
 };
-use crate::provider::{Provider, SendOutcome};
+use crate::provider::{Outgoing, Provider, SendOutcome};
 use crate::retry::connect_backoff;
 use crate::store::StoreError;
 use crate::store::{ClaimedMessage, OpenedBatch, Recorded, Schedule};
@@ -64,14 +65,12 @@ enum Delivered {
 /// A send the provider did not accept, as `record` writes it.
 #[derive(Debug)]
 enum Unsent {
-    /// Back to `pending` (or `failed` when out of attempts).
-    Retry {
-        error: String,
-        retry_after: Option<std::time::Duration>,
-    },
-    /// Refused for our credentials: back to `pending` without spending the attempt,
-    /// and dispatch pauses.
-    Unauthorized { error: String },
+    /// Back to `pending` (or `failed` when out of attempts); `unknown`: pinned to its
+    /// provider, as the request may have reached it.
+    Retry { error: String, unknown: bool },
+    /// Refused for our credentials (dispatch pauses) or throttled: back to `pending`
+    /// in its place without spending the attempt.
+    Held { error: String },
     /// `failed` at once: retrying would not help.
     Reject { error: String },
 }
@@ -88,7 +87,8 @@ enum Fate {
     NotOurs,
     /// Past its `expires_at` before its send could start: never sent.
     Expired,
-    /// Refused for our credentials: waits in `pending`, attempt not spent.
+    /// Refused for our credentials or throttled: waits in `pending`, attempt not
+    /// spent.
     Held,
 }
 
@@ -241,7 +241,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 not_sent = unsent.len(),
                 lost_to_rescue = count(Fate::NotOurs),
                 expired = count(Fate::Expired),
-                held_for_credentials = count(Fate::Held),
+                held = count(Fate::Held),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "batch finished"
             );
@@ -274,30 +274,36 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
         };
         // `slot` is held until this function returns: through the send and the
         // result's hand-off to the recorder (or its write, for one not accepted).
-        let cleared = if slot.is_some() {
+        let ticket = if slot.is_some() {
             self.start_gate(sends, &message).await
         } else {
-            Some(Fate::NotStarted)
+            Err(Fate::NotStarted)
         };
-        sends.gate.passed(cleared != Some(Fate::NotStarted));
-        if let Some(fate) = cleared {
-            return Delivered::Done(fate);
-        }
+        sends.gate.passed(!matches!(ticket, Err(Fate::NotStarted)));
+        let ticket = match ticket {
+            Ok(ticket) => ticket,
+            Err(fate) => return Delivered::Done(fate),
+        };
         sends
             .begun
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(message.id);
-        let outcome = self
-            .provider
-            .send(
-                &message.delivery_key,
-                &message.phone_number,
-                &message.content,
-            )
-            .await;
+        let provider = ticket.provider().to_string();
+        let outgoing = Outgoing {
+            delivery_key: &message.delivery_key,
+            to: &message.phone_number,
+            content: &message.content,
+            from: self.sender(&message, &provider),
+        };
+        let outcome = self.provider.send(&provider, &outgoing).await;
         drop(turn);
+        ticket.record(Verdict::of(&outcome));
         let sent_at = Utc::now();
+        self.metrics
+            .provider_sends
+            .with_label_values(&[&self.settings.lane, &provider, outcome_label(&outcome)])
+            .inc();
         match outcome {
             SendOutcome::Accepted {
                 provider_message_id,
@@ -319,8 +325,12 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                     outcome,
                 }
             }
-            SendOutcome::Transient { error, retry_after } => {
-                let unsent = Unsent::Retry { error, retry_after };
+            SendOutcome::Transient { error, unknown } => {
+                let unsent = Unsent::Retry { error, unknown };
+                Delivered::Done(self.record(term, &message, unsent).await)
+            }
+            SendOutcome::Throttled { error, .. } => {
+                let unsent = Unsent::Held { error };
                 Delivered::Done(self.record(term, &message, unsent).await)
             }
             SendOutcome::Rejected { error } => {
@@ -329,17 +339,40 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             }
             SendOutcome::Unauthorized { error } => {
                 self.pause_for_credentials(term, &error).await;
-                let unsent = Unsent::Unauthorized { error };
+                let unsent = Unsent::Held { error };
                 Delivered::Done(self.record(term, &message, unsent).await)
             }
         }
     }
 
-    /// Whether a message's send may start now: `None` when it does, else what became
-    /// of it. A send starts only with a permit of the term (lease and PostgreSQL fence
-    /// both fresh, cluster running), when the pacer allows it, and before the
-    /// message's expiry; once a permit is refused, nothing else in this batch starts.
-    async fn start_gate(&self, sends: &Sends<'_>, message: &ClaimedMessage) -> Option<Fate> {
+    /// Who the message says it is from: its own sender, else its lane's, else its
+    /// provider's.
+    fn sender<'m>(&'m self, message: &'m ClaimedMessage, provider: &str) -> Option<&'m str> {
+        message
+            .sender
+            .as_deref()
+            .or(self.settings.from.as_deref())
+            .or_else(|| {
+                self.settings
+                    .providers
+                    .iter()
+                    .find(|route| route.name == provider)
+                    .and_then(|route| route.from.as_deref())
+            })
+    }
+
+    /// Whether a message's send may start now: a ticket for its provider when it does,
+    /// else what became of it. A send starts only with a permit of the term (lease and
+    /// PostgreSQL fence both fresh, cluster running), when the pacer allows it at the
+    /// lane's effective rate, before the message's expiry, and while its provider's
+    /// breaker and throttle let it; once a permit or a provider is refused, nothing else
+    /// in this batch starts (its unsent messages go back in their places, and the next
+    /// claim picks a usable provider).
+    async fn start_gate(
+        &self,
+        sends: &Sends<'_>,
+        message: &ClaimedMessage,
+    ) -> Result<Ticket<'_>, Fate> {
         let Sends {
             term,
             schedule,
@@ -352,7 +385,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             // Shutdown first, always: a permit that is ready at the same moment must
             // not win the race (select! picks at random among ready branches).
             if halted.load(Ordering::Acquire) || shutdown.is_cancelled() {
-                return Some(Fate::NotStarted);
+                return Err(Fate::NotStarted);
             }
             // Dispatch paused (the provider refused our credentials): only a probe
             // goes; the rest of the batch goes back to pending, in its place.
@@ -360,37 +393,62 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 if !halted.swap(true, Ordering::AcqRel) {
                     tracing::info!("dispatch paused; no more sends in this batch");
                 }
-                return Some(Fate::NotStarted);
+                return Err(Fate::NotStarted);
             }
             let permit = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return Some(Fate::NotStarted),
+                () = shutdown.cancelled() => return Err(Fate::NotStarted),
                 permit = term.send_permit() => permit,
             };
             if permit != Permit::Granted {
                 if !halted.swap(true, Ordering::AcqRel) {
                     tracing::info!(?permit, "no more sends in this batch");
                 }
-                return Some(Fate::NotStarted);
+                return Err(Fate::NotStarted);
             }
+            let effective = effective_batch_size(schedule.batch_size, self.routing.rate_factor());
             match self
                 .pacer
-                .try_start(message.units, schedule.batch_size, schedule.interval)
+                .try_start(message.units.min(effective), effective, schedule.interval)
             {
-                Ok(()) => break,
+                Ok(()) => {}
                 // Asks again after the wait: the permit may have lapsed meanwhile.
-                Err(free_at) => tokio::select! {
+                Err(free_at) => {
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => return Err(Fate::NotStarted),
+                        () = tokio::time::sleep_until(free_at) => {}
+                    }
+                    continue;
+                }
+            }
+            // The last moment to refuse: a message past its validity is never sent.
+            if message.expires_at.is_some_and(|at| Utc::now() >= at) {
+                return Err(self.expire(term, message).await);
+            }
+            let provider = message
+                .provider
+                .as_deref()
+                .or_else(|| self.settings.providers.first().map(|p| p.name.as_str()))
+                .unwrap_or_default();
+            match self.routing.admit(provider) {
+                Admission::Go(ticket) => return Ok(ticket),
+                Admission::Wait(at) => tokio::select! {
                     biased;
-                    () = shutdown.cancelled() => return Some(Fate::NotStarted),
-                    () = tokio::time::sleep_until(free_at) => {}
+                    () = shutdown.cancelled() => return Err(Fate::NotStarted),
+                    () = tokio::time::sleep_until(at) => {}
                 },
+                Admission::Unavailable => {
+                    if !halted.swap(true, Ordering::AcqRel) {
+                        tracing::info!(
+                            provider,
+                            "provider unavailable (breaker open or throttled); no more sends in this batch"
+                        );
+                    }
+                    return Err(Fate::NotStarted);
+                }
             }
         }
-        // The last moment to refuse: a message past its validity is never sent.
-        if message.expires_at.is_some_and(|at| Utc::now() >= at) {
-            return Some(self.expire(term, message).await);
-        }
-        None
     }
 
     /// Waits for an accepted send's group to be recorded.
@@ -438,20 +496,21 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
         let unsent_ref = &unsent;
         let write = |minimal: bool| async move {
             match unsent_ref {
-                Unsent::Retry { error, retry_after } => {
-                    let delay = self.settings.retry.next_delay(attempts, *retry_after);
+                Unsent::Retry { error, unknown } => {
+                    let delay = self.settings.retry.delay(attempts);
                     let error = if minimal { UNSTORABLE_ERROR } else { error };
+                    let max = self.settings.max_attempts;
                     self.backend
-                        .mark_retry(id, term.epoch, self.settings.max_attempts, delay, error)
+                        .mark_retry(id, term.epoch, max, delay, error, *unknown)
                         .await
                 }
                 Unsent::Reject { error } => {
                     let error = if minimal { UNSTORABLE_ERROR } else { error };
                     self.backend.mark_failed(id, term.epoch, error).await
                 }
-                Unsent::Unauthorized { error } => {
+                Unsent::Held { error } => {
                     let error = if minimal { UNSTORABLE_ERROR } else { error };
-                    self.backend.mark_unauthorized(id, term.epoch, error).await
+                    self.backend.mark_held(id, term.epoch, error).await
                 }
             }
         };
@@ -469,10 +528,10 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             recorded = persist(true).await;
         }
         match recorded {
-            Ok(Recorded::Retrying) if matches!(unsent, Unsent::Unauthorized { .. }) => {
+            Ok(Recorded::Retrying) if matches!(unsent, Unsent::Held { .. }) => {
                 tracing::info!(
                     message_id = id,
-                    "refused for our credentials; back to pending, attempt not spent"
+                    "refused for our credentials or throttled; back to pending in its place, attempt not spent"
                 );
                 Fate::Held
             }
@@ -490,7 +549,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             }
             Ok(Recorded::Failed) => {
                 let reason = match unsent {
-                    Unsent::Retry { .. } | Unsent::Unauthorized { .. } => FAILED_MAX_ATTEMPTS,
+                    Unsent::Retry { .. } | Unsent::Held { .. } => FAILED_MAX_ATTEMPTS,
                     Unsent::Reject { .. } => FAILED_REJECTED,
                 };
                 tracing::warn!(
@@ -597,8 +656,13 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
     async fn close_batch(&self, term: &Term, schedule: Schedule, opened_at: DateTime<Utc>) {
         let close = || {
             let ages = self.pacer.recent_ages_us(schedule.batch_size as usize);
+            let routing = self.routing_report(schedule);
             let store = self.backend.clone();
-            async move { store.close_batch(term.epoch, opened_at, &ages).await }
+            async move {
+                store
+                    .close_batch(term.epoch, opened_at, &ages, &routing)
+                    .await
+            }
         };
         let closed = close
             .retry(connect_backoff().with_max_times(10))
@@ -627,5 +691,23 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 tracing::error!(error = %err, ids = ?ids, "could not return unsent claims; the next leader will rescue them")
             }
         }
+    }
+}
+
+/// The batch size the pacer holds the lane to at `factor` of its rate: at least one
+/// unit, so a throttled lane still moves.
+fn effective_batch_size(batch_size: u32, factor: f64) -> u32 {
+    ((f64::from(batch_size) * factor).floor() as u32).clamp(1, batch_size.max(1))
+}
+
+/// The label of `dispatcher_provider_sends_total` for an outcome.
+fn outcome_label(outcome: &SendOutcome) -> &'static str {
+    match outcome {
+        SendOutcome::Accepted { .. } => "accepted",
+        SendOutcome::Rejected { .. } => "rejected",
+        SendOutcome::Transient { unknown: false, .. } => "retry",
+        SendOutcome::Transient { unknown: true, .. } => "unknown",
+        SendOutcome::Throttled { .. } => "throttled",
+        SendOutcome::Unauthorized { .. } => "unauthorized",
     }
 }

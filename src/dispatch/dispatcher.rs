@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::handoff;
+use super::routing::{RouteSettings, Routing};
 use super::{Backend, Live, Pacer, Recorder};
 use crate::domain::Epoch;
 use crate::leadership::{FenceTiming, Leadership, Term};
@@ -23,7 +24,7 @@ use crate::metrics::{FAILED_MAX_ATTEMPTS, Metrics};
 use crate::provider::{Provider, ProviderClient};
 use crate::retry::RetryPolicy;
 use crate::store::StoreError;
-use crate::store::{Claim, OpenedBatch, RescuePolicy, Schedule};
+use crate::store::{Claim, ClaimScope, OpenedBatch, RescuePolicy, Schedule};
 
 /// How often the leader looks for abandoned claims once its term is old enough.
 const RESCUE_EVERY: Duration = Duration::from_secs(1);
@@ -47,6 +48,10 @@ pub struct DispatchSettings {
     /// While dispatch is paused (the provider refuses our credentials), at most one
     /// probe send per this long (`LOCK_RETRY_INTERVAL`).
     pub probe_every: Duration,
+    /// The lane's providers in the order they are tried (docs/design.md#failover).
+    pub providers: Vec<RouteSettings>,
+    /// The lane's default sender.
+    pub from: Option<String>,
 }
 
 /// This leader's view of a pause of dispatch (docs/design.md, "Provider
@@ -80,6 +85,8 @@ pub struct Dispatcher<B = Live, P = ProviderClient> {
     pub pause: PauseState,
     /// One recipient's sends one at a time, in claim order.
     pub recipients: super::RecipientOrder,
+    /// Breakers, throttles and the effective rate of the lane's providers.
+    pub routing: Routing,
 }
 
 /// What the dispatch loop remembers between claims.
@@ -293,9 +300,16 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                     }
                     Claim::NotDue(wait) => wait.min(settings.poll),
                     Claim::Stopped => settings.poll,
-                    Claim::Empty => settings
-                        .poll
-                        .min(result.schedule.interval.max(Duration::from_millis(50))),
+                    Claim::Empty => {
+                        let idle = settings
+                            .poll
+                            .min(result.schedule.interval.max(Duration::from_millis(50)));
+                        // No provider usable: look again when the first one is.
+                        match self.routing.choose().next_usable_at {
+                            Some(at) => idle.min(at.saturating_duration_since(Instant::now())),
+                            None => idle,
+                        }
+                    }
                     Claim::Fenced(newer) => {
                         self.leadership.report_fenced(term, newer);
                         Duration::ZERO
@@ -399,6 +413,12 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             return Ok(None);
         }
         let token = rand::random::<i64>();
+        let choice = self.routing.choose();
+        let route = ClaimScope {
+            probe_due: self.pause.probe_due(),
+            provider: choice.provider,
+            usable: choice.usable,
+        };
         let claim = self
             .backend
             .claim_batch(
@@ -407,7 +427,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 self.settings.configured,
                 self.settings.fence.window,
                 token,
-                self.pause.probe_due(),
+                &route,
             )
             .await;
         let result = match claim {
@@ -420,6 +440,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
         };
         self.pacer
             .seed(term.epoch, Instant::now(), &result.recent_send_ages_us);
+        self.publish_routing(result.schedule);
         if result.expired > 0 {
             tracing::info!(
                 count = result.expired,
@@ -428,6 +449,44 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             self.metrics.messages_expired.inc_by(result.expired);
         }
         Ok(Some(result))
+    }
+
+    /// Sets the breaker and effective-rate gauges of this lane.
+    pub(super) fn publish_routing(&self, schedule: Schedule) {
+        let lane = self.settings.lane.as_str();
+        for state in self.routing.states() {
+            let value = match state.state {
+                "closed" => 0,
+                "half-open" => 1,
+                _ => 2,
+            };
+            self.metrics
+                .provider_breaker
+                .with_label_values(&[lane, &state.name])
+                .set(value);
+        }
+        let rate = schedule.rate_per_second() * self.routing.rate_factor();
+        if rate.is_finite() {
+            self.metrics
+                .effective_rate
+                .with_label_values(&[lane])
+                .set(rate);
+        }
+    }
+
+    /// The routing state as `GET /api/lanes` shows it, JSON, written with each batch's
+    /// close.
+    pub(super) fn routing_report(&self, schedule: Schedule) -> String {
+        self.publish_routing(schedule);
+        let factor = self.routing.rate_factor();
+        let rate = schedule.rate_per_second() * factor;
+        serde_json::json!({
+            "at": chrono::Utc::now(),
+            "rate_factor": factor,
+            "effective_rate_per_second": rate.is_finite().then_some(rate),
+            "providers": self.routing.states(),
+        })
+        .to_string()
     }
 
     /// Returns abandoned claims (docs/design.md, "Rescue"): an older epoch's rows once

@@ -8,6 +8,7 @@
 //! | `handoff` | how a batch hands over to the next (shared slots, signals) |
 //! | [`recorder`] | group commit of accepted sends |
 //! | [`pacer`] | the rate: no more than a batch's worth of starts per interval |
+//! | [`routing`] | which provider: breakers, throttles, the effective rate |
 //! | `recipients` | one recipient's sends one at a time, in claim order |
 //! | `backend` | the seam to PostgreSQL and Redis ([`Backend`]) |
 
@@ -19,6 +20,7 @@ mod handoff;
 pub mod pacer;
 mod recipients;
 pub mod recorder;
+pub mod routing;
 #[cfg(test)]
 mod tests;
 
@@ -27,3 +29,4 @@ pub use dispatcher::{DispatchSettings, Dispatcher, PauseState};
 pub use pacer::Pacer;
 pub use recipients::RecipientOrder;
 pub use recorder::Recorder;
+pub use routing::{RouteSettings, Routing};

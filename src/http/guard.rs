@@ -23,17 +23,32 @@ use super::{ApiError, State, body, with_state};
 /// Rejects what must not reach an `/api` route (see the module documentation).
 pub fn api(state: State) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
     warp::method()
+        .and(warp::path::full())
         .and(warp::header::headers_cloned())
         .and(with_state(state))
         .and_then(
-            |method: Method, headers: HeaderMap, state: State| async move {
-                check(&method, &headers, &state).map_err(warp::reject::custom)
+            |method: Method, path: warp::path::FullPath, headers: HeaderMap, state: State| async move {
+                let form_allowed = is_provider_callback(path.as_str());
+                check(&method, &headers, &state, form_allowed).map_err(warp::reject::custom)
             },
         )
         .untuple_one()
 }
 
-fn check(method: &Method, headers: &HeaderMap, state: &State) -> Result<(), ApiError> {
+/// `/api/providers/{name}/receipts`: providers post forms (Twilio, Vonage), and each
+/// callback proves itself (a signature, `DLR_TOKEN`), so a form body is taken there.
+fn is_provider_callback(path: &str) -> bool {
+    path.strip_prefix("/api/providers/")
+        .and_then(|rest| rest.strip_suffix("/receipts"))
+        .is_some_and(|name| !name.is_empty() && !name.contains('/'))
+}
+
+fn check(
+    method: &Method,
+    headers: &HeaderMap,
+    state: &State,
+    form_allowed: bool,
+) -> Result<(), ApiError> {
     if !state.schema_ready.load(Ordering::Acquire) {
         return Err(ApiError::NotReady);
     }
@@ -56,7 +71,7 @@ fn check(method: &Method, headers: &HeaderMap, state: &State) -> Result<(), ApiE
     }
     let has_body = headers.contains_key(header::TRANSFER_ENCODING)
         || text(header::CONTENT_LENGTH).is_some_and(|n| n.trim() != "0");
-    if has_body && !text(header::CONTENT_TYPE).is_some_and(body::is_json) {
+    if has_body && !form_allowed && !text(header::CONTENT_TYPE).is_some_and(body::is_json) {
         return Err(ApiError::UnsupportedMediaType);
     }
     Ok(())

@@ -101,20 +101,53 @@ fn lane_json(
         .holder
         .as_ref()
         .is_some_and(|holder| replicas.iter().any(|r| &r.replica_id == holder));
+    // The leader's breakers and throttles as of its last batch (docs/design.md#failover);
+    // a cooldown that has ended since reads as half-open.
+    let reported = |name: &str| -> Option<&Value> {
+        leader
+            .routing
+            .as_ref()?
+            .get("providers")?
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == name)
+    };
+    let now = chrono::Utc::now();
     let providers: Vec<Value> = spec
         .providers
         .iter()
         .filter_map(|name| state.config.plan.provider(name))
         .map(|provider| {
+            let report = reported(&provider.name);
+            let until = |key: &str| {
+                report
+                    .and_then(|r| r[key].as_str())
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc))
+                    .filter(|t| *t > now)
+            };
+            let open_until = until("open_until");
+            let state = match report.and_then(|r| r["state"].as_str()) {
+                Some("open") if open_until.is_none() => "half-open",
+                Some(state @ ("open" | "half-open")) => state,
+                _ => "closed",
+            };
             json!({
                 "name": provider.name,
                 "kind": provider.kind.as_str(),
-                // Failover between providers, with a breaker each, comes with the
-                // provider kinds; until then every provider counts as closed.
-                "state": "closed",
+                "state": state,
+                "open_until": open_until,
+                "throttled_until": until("throttled_until"),
+                "failures_in_a_row": report.and_then(|r| r["failures_in_a_row"].as_u64()).unwrap_or(0),
+                "failure_share": report.and_then(|r| r["failure_share"].as_f64()).unwrap_or(0.0),
             })
         })
         .collect();
+    let rate_factor = leader
+        .routing
+        .as_ref()
+        .and_then(|r| r["rate_factor"].as_f64())
+        .unwrap_or(1.0);
     json!({
         "name": spec.name,
         "leader": (leader_alive && leader.epoch > 0).then(|| json!({
@@ -131,6 +164,8 @@ fn lane_json(
         "unit": spec.unit.as_str(),
         "send_concurrency": spec.send_concurrency,
         "configured_rate_per_second": finite(schedule.rate_per_second()),
+        "effective_rate_per_second": finite(schedule.rate_per_second() * rate_factor),
+        "rate_factor": rate_factor,
         "achieved_rate_per_second": counts.sent_last_minute as f64 / 60.0,
         "pending": counts.pending,
         "sending": counts.sending,

@@ -533,6 +533,9 @@ struct CreateMessage {
     /// The lane to send through; absent: the first route that matches, else `default`.
     #[serde(default)]
     lane: Option<String>,
+    /// The sender; absent: the lane's, else the provider's.
+    #[serde(default)]
+    from: Option<String>,
 }
 
 impl CreateMessage {
@@ -601,6 +604,12 @@ impl CreateMessage {
                 .map_or(Ok(Priority::default()), Priority::parse)
                 .map_err(validation)?,
             lane,
+            from: self
+                .from
+                .as_deref()
+                .map(crate::domain::Sender::parse)
+                .transpose()
+                .map_err(validation)?,
         })
     }
 }

@@ -16,6 +16,7 @@ mod lanes;
 mod messages;
 mod messaging;
 mod openapi;
+mod providers;
 mod receipts;
 mod reply;
 mod serve;
@@ -28,6 +29,7 @@ use warp::filters::BoxedFilter;
 use warp::reply::{Reply, Response};
 
 pub use error::ApiError;
+pub use providers::twilio_signature;
 pub use serve::{connection_cap, raise_open_files_limit, serve};
 
 use auth::{authorized, bearer_required};
@@ -57,9 +59,12 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .unify()
         .or(console::routes())
         .unify();
-    // Receipts authenticate on their own (DLR_TOKEN), so they come before the rest.
+    // Receipts authenticate on their own (DLR_TOKEN, a provider's signature), so they
+    // come before the rest.
     let api = warp::path("api").and(guard::api(state.clone())).and(
         receipts::routes(state.clone())
+            .or(providers::routes(state.clone()))
+            .unify()
             .or(authorized(state.clone()).and(
                 messaging::routes(state.clone())
                     .or(lanes::routes(state.clone()))

@@ -83,6 +83,9 @@ const STATUSES: [&str; 6] = [
 /// A lane's name, as `DISPATCH_CONFIG` allows it.
 const LANE_PATTERN: &str = "^[a-z0-9][a-z0-9_-]{0,31}$";
 
+/// What `domain::Sender::parse` accepts.
+const SENDER_PATTERN: &str = "^(\\+[0-9]{4,15}|[A-Za-z0-9]([A-Za-z0-9 ]{0,9}[A-Za-z0-9])?)$";
+
 /// An idempotency key: 1–255 visible ASCII characters.
 const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,255}$";
 
@@ -305,7 +308,8 @@ fn schemas(max_content_chars: usize) -> Value {
                 "send_at": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "not dispatched before this time (RFC 3339 with offset; a past value means now)"},
                 "expires_at": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "never sent at or after this time (status expired); must be after send_at"},
                 "priority": {"type": ["integer", "null"], "minimum": 0, "maximum": 3, "description": "SMPP priority_flag, 3 most urgent; default 0"},
-                "lane": {"type": ["string", "null"], "pattern": LANE_PATTERN, "description": "the lane to send through (GET /api/lanes); absent: the first route that matches the number, else default. An unknown lane is a 422."}
+                "lane": {"type": ["string", "null"], "pattern": LANE_PATTERN, "description": "the lane to send through (GET /api/lanes); absent: the first route that matches the number, else default. An unknown lane is a 422."},
+                "from": {"type": ["string", "null"], "pattern": SENDER_PATTERN, "description": "the sender: E.164 (+ and 4 to 15 digits) or 1 to 11 letters, digits and inner spaces; absent: the lane's, else the provider's"}
             }
         },
         "Receipt": {
@@ -348,7 +352,7 @@ fn schemas(max_content_chars: usize) -> Value {
         "Message": {
             "type": "object",
             "required": ["id", "phone_number", "country", "delivery_key", "content", "status", "sent", "attempts", "next_attempt_at", "created_at", "sent_at", "message_id", "last_error", "cached_at",
-                         "idempotency_key", "send_at", "expires_at", "priority", "lane", "encoding", "segments", "delivery_status", "delivered_at", "delivery_error"],
+                         "idempotency_key", "send_at", "expires_at", "priority", "lane", "from", "provider", "encoding", "segments", "delivery_status", "delivered_at", "delivery_error"],
             "properties": {
                 "id": {"type": "integer", "format": "int64"},
                 "phone_number": {"type": "string"},
@@ -361,6 +365,8 @@ fn schemas(max_content_chars: usize) -> Value {
                 "expires_at": nullable_timestamp,
                 "priority": {"type": "integer", "minimum": 0, "maximum": 3},
                 "lane": {"type": "string", "description": "the lane it is sent through"},
+                "from": {"type": ["string", "null"], "description": "the sender it names; null: its lane's or provider's"},
+                "provider": {"type": ["string", "null"], "description": "the provider that took it (sent), or its current or last send went to"},
                 "encoding": {"enum": ["gsm7", "ucs2"]},
                 "segments": {"type": "integer", "minimum": 1},
                 "delivery_status": {"enum": ["delivered", "undelivered", "failed", null]},
@@ -454,8 +460,15 @@ fn schemas(max_content_chars: usize) -> Value {
                     "sending": {"type": "integer"},
                     "sent_last_minute": {"type": "integer"},
                     "last_batch_at": nullable_timestamp,
-                    "providers": {"type": "array", "items": {"type": "object", "required": ["name", "kind", "state"], "properties": {
-                        "name": {"type": "string"}, "kind": {"type": "string"}, "state": {"enum": ["closed", "open", "half_open"]}
+                    "effective_rate_per_second": {"type": ["number", "null"], "description": "the configured rate lowered by provider throttling, as of the leader's last batch; null: no limit"},
+                    "rate_factor": {"type": "number", "description": "effective / configured rate (1: not throttled)"},
+                    "providers": {"type": "array", "description": "in the order the lane tries them; states as of the leader's last batch", "items": {"type": "object", "required": ["name", "kind", "state"], "properties": {
+                        "name": {"type": "string"}, "kind": {"enum": ["http-json", "twilio", "vonage", "infobip"]},
+                        "state": {"enum": ["closed", "open", "half-open"], "description": "the circuit breaker: open sends through the next provider"},
+                        "open_until": nullable_timestamp,
+                        "throttled_until": nullable_timestamp,
+                        "failures_in_a_row": {"type": "integer"},
+                        "failure_share": {"type": "number"}
                     }}},
                     "config": schema_ref("Schedule")
                 }

@@ -1,52 +1,37 @@
-//! The provider client (docs/design.md#sending, #provider-answers): one POST per message, classified into
-//! accepted / retry later / rejected.
+//! The provider client (docs/design.md#sending, #provider-answers): one POST per message
+//! in the provider's own dialect (see `dialect`), classified into accepted / throttled /
+//! retry later / rejected.
 //!
 //! Everything taken from the provider's answer is bounded and cleaned here, before it
 //! can reach SQL: the body is read up to [`MAX_BODY`], NUL bytes and other control
-//! characters are dropped, a `messageId` longer than [`MAX_PROVIDER_ID`] is not kept,
-//! and errors are cut to [`MAX_ERROR_CHARS`]. (`Retry-After` is capped by the retry
-//! policy, which knows `RETRY_BACKOFF_MAX`.)
+//! characters are dropped, a message id longer than [`MAX_PROVIDER_ID`] is not kept,
+//! and errors are cut to [`MAX_ERROR_CHARS`]. (`Retry-After` is capped by the
+//! throttle, which knows `RETRY_BACKOFF_MAX`.)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
-use serde_json::{Value, json};
 
-use crate::config::ProviderConfig;
+use super::dialect::{self, Body};
+use super::{Outgoing, SendOutcome};
+use crate::config::{ProviderKind, ProviderSpec};
 use crate::metrics::Metrics;
 use crate::version::BUILD;
 
-/// What the provider's answer means for the message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SendOutcome {
-    /// Any 2xx. The id comes from the body's `messageId`, `message_id` or `id`.
-    Accepted { provider_message_id: Option<String> },
-    /// 3xx, 408, 425, 429, 5xx, timeouts, connection and TLS errors: try again
-    /// later, not before `retry_after` when the provider said so.
-    Transient {
-        error: String,
-        retry_after: Option<Duration>,
-    },
-    /// 401 or 403: the provider refuses our credentials, not the message. Dispatch
-    /// pauses; the message waits without spending an attempt.
-    Unauthorized { error: String },
-    /// Any other answer: retrying would not help (a bad number stays bad).
-    Rejected { error: String },
-}
-
 pub struct ProviderClient {
+    spec: ProviderSpec,
     http: reqwest::Client,
-    url: Url,
-    auth_header: HeaderName,
-    auth_value: HeaderValue,
-    timeout: Duration,
+    /// The header carrying the credentials; `None` for Vonage, whose secret is in the
+    /// body.
+    auth: Option<(HeaderName, HeaderValue)>,
     metrics: Arc<Metrics>,
 }
 
 impl ProviderClient {
-    pub fn new(config: &ProviderConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn new(spec: &ProviderSpec, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let config = &spec.settings;
         // The overall timeout is applied per exchange in `send`.
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
@@ -70,31 +55,53 @@ impl ProviderClient {
         }
         if config.insecure_skip_verify {
             tracing::warn!(
-                "SMS_API_INSECURE_SKIP_VERIFY=true: the provider's TLS certificate is not checked; \
+                provider = %spec.name,
+                "insecure_skip_verify: the provider's TLS certificate is not checked; \
                  anyone on the network path can read and answer these requests"
             );
             builder = builder.tls_danger_accept_invalid_certs(true);
         }
-        let (auth_header, auth_value) = match &config.auth_header {
-            Some(name) => (
+        let token = config.token.expose();
+        let auth = match (spec.kind, &config.auth_header) {
+            (ProviderKind::HttpJson, Some(name)) => Some((
                 HeaderName::from_bytes(name.as_bytes())?,
-                HeaderValue::from_str(config.token.expose())?,
-            ),
-            None => (
+                HeaderValue::from_str(token)?,
+            )),
+            (ProviderKind::HttpJson, None) => Some((
                 AUTHORIZATION,
-                HeaderValue::from_str(&format!("Bearer {}", config.token.expose()))?,
-            ),
+                HeaderValue::from_str(&format!("Bearer {token}"))?,
+            )),
+            (ProviderKind::Twilio, _) => {
+                use base64::Engine;
+                let user = spec.account_sid.as_deref().unwrap_or_default();
+                let basic =
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{token}"));
+                Some((
+                    AUTHORIZATION,
+                    HeaderValue::from_str(&format!("Basic {basic}"))?,
+                ))
+            }
+            (ProviderKind::Infobip, _) => Some((
+                AUTHORIZATION,
+                HeaderValue::from_str(&format!("App {token}"))?,
+            )),
+            (ProviderKind::Vonage, _) => None,
         };
-        let mut auth_value = auth_value;
-        auth_value.set_sensitive(true);
+        let auth = auth.map(|(name, mut value)| {
+            value.set_sensitive(true);
+            (name, value)
+        });
+        Url::parse(&config.url)?;
         Ok(Self {
+            spec: spec.clone(),
             http: builder.build()?,
-            url: Url::parse(&config.url)?,
-            auth_header,
-            auth_value,
-            timeout: config.timeout,
+            auth,
             metrics,
         })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
     }
 
     /// The longest a send can last once started, with `SMS_API_TIMEOUT` = `timeout`:
@@ -106,63 +113,87 @@ impl ProviderClient {
 
     /// Sends one message under its delivery key (the `Idempotency-Key`, the same on
     /// every attempt). Never fails: every error is an outcome for the row.
-    pub async fn send(&self, delivery_key: &str, to: &str, content: &str) -> SendOutcome {
+    pub async fn send(&self, message: &Outgoing<'_>) -> SendOutcome {
         let started = Instant::now();
+        let timeout = self.spec.settings.timeout;
+        let request = dialect::request(&self.spec, message, self.spec.settings.token.expose());
+        let mut builder = self
+            .http
+            .post(request.url)
+            .header("Idempotency-Key", message.delivery_key);
+        if let Some((name, value)) = &self.auth {
+            builder = builder.header(name.clone(), value.clone());
+        }
+        builder = match &request.body {
+            Body::Json(value) => builder.json(value),
+            Body::Form(fields) => builder.form(fields),
+        };
+        // Whether the request may have reached the provider: true from the moment the
+        // connection is up (reqwest reports a failure to connect as such).
         let exchange = async {
-            let mut response = self
-                .http
-                .post(self.url.clone())
-                .header(self.auth_header.clone(), self.auth_value.clone())
-                .header("Idempotency-Key", delivery_key)
-                .json(&json!({ "to": to, "content": content }))
-                .send()
-                .await?;
+            let mut response = builder.send().await.map_err(Failure::Http)?;
             let status = response.status();
             let headers = response.headers().clone();
             // Read at most MAX_BODY: a provider (or whatever answers at its address)
             // cannot make us hold megabytes per message.
             let mut body = Vec::new();
-            while let Some(chunk) = response.chunk().await? {
-                let room = MAX_BODY - body.len();
-                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                if body.len() >= MAX_BODY {
-                    break;
+            loop {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => {
+                        let room = MAX_BODY - body.len();
+                        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                        if body.len() >= MAX_BODY {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(err) => return Err(Failure::Body(status, err)),
                 }
             }
-            Ok::<_, reqwest::Error>((status, headers, body))
+            Ok::<_, Failure>((status, headers, body))
         };
         let mut exchange = std::pin::pin!(exchange);
-        let result = match tokio::time::timeout(self.timeout, &mut exchange).await {
-            Ok(result) => result.map_err(Failure::Http),
+        let result = match tokio::time::timeout(timeout, &mut exchange).await {
+            Ok(result) => result,
             // The timer can win the race against an answer that is already in the
             // socket when this process was frozen (SIGSTOP, a VM stall) past the
             // timeout: give the answer a moment before calling it a timeout, so a
             // paused replica does not misread a delivered message as lost.
             Err(_) => match tokio::time::timeout(TIMEOUT_GRACE, &mut exchange).await {
-                Ok(result) => result.map_err(Failure::Http),
+                Ok(result) => result,
                 Err(_) => Err(Failure::Timeout),
             },
         };
+        let provider = self.spec.name.as_str();
         let outcome = match result {
             Ok((status, headers, body)) => {
-                self.metrics
-                    .provider_requests
-                    .with_label_values(&[status.as_str()])
-                    .inc();
-                classify_response(status, &headers, &body)
+                self.count(status.as_str());
+                dialect::classify(self.spec.kind, status, &headers, &body)
             }
             Err(failure) => {
-                let (kind, detail) = match &failure {
-                    Failure::Timeout => ("timeout", format!("no answer within {:?}", self.timeout)),
-                    Failure::Http(err) => (error_kind(err), clean_text(&error_chain(err))),
+                let (kind, detail, unknown) = match &failure {
+                    Failure::Timeout => ("timeout", format!("no answer within {timeout:?}"), true),
+                    // Refused or unreachable before a byte of the request was written:
+                    // certainly not taken, so the message may go elsewhere.
+                    Failure::Http(err) => (
+                        error_kind(err),
+                        clean_text(&error_chain(err)),
+                        !err.is_connect(),
+                    ),
+                    Failure::Body(status, err) => (
+                        "body",
+                        clean_text(&format!(
+                            "HTTP {}, then {}",
+                            status.as_u16(),
+                            error_chain(err)
+                        )),
+                        true,
+                    ),
                 };
-                self.metrics
-                    .provider_requests
-                    .with_label_values(&[kind])
-                    .inc();
+                self.count(kind);
                 SendOutcome::Transient {
-                    error: format!("{kind}: {detail}"),
-                    retry_after: None,
+                    error: format!("{provider}: {kind}: {detail}"),
+                    unknown,
                 }
             }
         };
@@ -171,12 +202,21 @@ impl ProviderClient {
             .observe(started.elapsed().as_secs_f64());
         outcome
     }
+
+    fn count(&self, code: &str) {
+        self.metrics
+            .provider_requests
+            .with_label_values(&[code, &self.spec.name])
+            .inc();
+    }
 }
 
 /// Why an exchange with the provider produced no answer.
 enum Failure {
     Timeout,
     Http(reqwest::Error),
+    /// The status came, the body broke off.
+    Body(StatusCode, reqwest::Error),
 }
 
 /// How long an answer may still arrive after `SMS_API_TIMEOUT` fired (see `send`).
@@ -188,86 +228,6 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub const MAX_PROVIDER_ID: usize = 255;
 /// `last_error` is cut to this many characters.
 pub const MAX_ERROR_CHARS: usize = 500;
-
-/// The response classification of docs/design.md#provider-answers, as a pure function.
-///
-/// 3xx: redirects are not followed (a POST must not turn into a GET elsewhere), so a
-/// redirect means the provider did not take the message; it is usually a wrong
-/// `SMS_API_URL`, which the operator can fix. It is retried like a 5xx, so no message
-/// is failed for good by a configuration mistake, and `MAX_ATTEMPTS` still bounds it.
-pub fn classify_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> SendOutcome {
-    if status.is_success() {
-        return SendOutcome::Accepted {
-            provider_message_id: message_id(body),
-        };
-    }
-    if status.is_redirection() {
-        let location = headers
-            .get(reqwest::header::LOCATION)
-            .map(|v| clean_text(&String::from_utf8_lossy(v.as_bytes())))
-            .unwrap_or_else(|| "(no Location)".into());
-        return SendOutcome::Transient {
-            error: clean_text(&format!(
-                "HTTP {}: redirect to {location} not followed; check SMS_API_URL",
-                status.as_u16()
-            )),
-            retry_after: None,
-        };
-    }
-    let error = format!("HTTP {}: {}", status.as_u16(), body_excerpt(body));
-    let transient = matches!(status.as_u16(), 408 | 425 | 429) || status.is_server_error();
-    if transient {
-        SendOutcome::Transient {
-            error,
-            retry_after: headers.get(RETRY_AFTER).and_then(parse_retry_after),
-        }
-    } else if matches!(status.as_u16(), 401 | 403) {
-        SendOutcome::Unauthorized { error }
-    } else {
-        SendOutcome::Rejected { error }
-    }
-}
-
-/// The provider's id for the message, cleaned; `None` when absent, empty after
-/// cleaning, or longer than [`MAX_PROVIDER_ID`] (logged by the caller as missing).
-fn message_id(body: &[u8]) -> Option<String> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    let raw = ["messageId", "message_id", "id"]
-        .iter()
-        .find_map(|key| match value.get(key)? {
-            Value::String(s) => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        })?;
-    let id: String = raw.chars().filter(|c| !c.is_control()).collect();
-    let id = id.trim();
-    (!id.is_empty() && id.len() <= MAX_PROVIDER_ID).then(|| id.to_string())
-}
-
-/// `Retry-After` as seconds or an HTTP date. Any value parses to some duration;
-/// the retry policy caps it (`RetryPolicy::after`).
-fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
-    let text = value.to_str().ok()?.trim();
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        // Saturates instead of failing on absurd values such as 99999999999999999999.
-        let secs = text.parse::<u64>().unwrap_or(u64::MAX);
-        return Some(Duration::from_secs(secs));
-    }
-    let when = chrono::DateTime::parse_from_rfc2822(text).ok()?;
-    let wait = when.signed_duration_since(chrono::Utc::now());
-    Some(wait.to_std().unwrap_or(Duration::ZERO))
-}
-
-/// The first 200 characters of a body, for `last_error`.
-fn body_excerpt(body: &[u8]) -> String {
-    let text = clean_text(&String::from_utf8_lossy(body));
-    let trimmed = text.trim();
-    match trimmed.char_indices().nth(200) {
-        Some((cut, _)) => format!("{}…", &trimmed[..cut]),
-        None if trimmed.is_empty() => "(empty body)".into(),
-        None => trimmed.to_string(),
-    }
-}
 
 /// Text from outside made safe to store and log: control characters (NUL above all,
 /// which PostgreSQL refuses in text) become spaces, and the length is bounded.
@@ -317,135 +277,4 @@ fn error_chain(err: &reqwest::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn classify(status: u16, retry_after: Option<&str>, body: &str) -> SendOutcome {
-        let mut headers = HeaderMap::new();
-        if let Some(value) = retry_after {
-            headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
-        }
-        classify_response(
-            StatusCode::from_u16(status).unwrap(),
-            &headers,
-            body.as_bytes(),
-        )
-    }
-
-    #[test]
-    fn every_2xx_is_accepted_with_its_id() {
-        let accepted = |id: &str| SendOutcome::Accepted {
-            provider_message_id: Some(id.into()),
-        };
-        assert_eq!(
-            classify(202, None, r#"{"message":"Accepted","messageId":"a1"}"#),
-            accepted("a1")
-        );
-        assert_eq!(
-            classify(200, None, r#"{"message_id":"b2"}"#),
-            accepted("b2")
-        );
-        assert_eq!(classify(201, None, r#"{"id":42}"#), accepted("42"));
-        assert_eq!(
-            classify(200, None, "ok"),
-            SendOutcome::Accepted {
-                provider_message_id: None
-            }
-        );
-    }
-
-    #[test]
-    fn transient_answers_are_retried_and_honour_retry_after() {
-        for status in [408, 425, 429, 500, 502, 503, 504] {
-            assert!(
-                matches!(classify(status, None, ""), SendOutcome::Transient { .. }),
-                "{status}"
-            );
-        }
-        match classify(429, Some("120"), "slow down") {
-            SendOutcome::Transient { retry_after, error } => {
-                assert_eq!(retry_after, Some(Duration::from_secs(120)));
-                assert!(error.contains("429") && error.contains("slow down"));
-            }
-            other => panic!("{other:?}"),
-        }
-        let date = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc2822();
-        match classify(503, Some(&date), "") {
-            SendOutcome::Transient {
-                retry_after: Some(wait),
-                ..
-            } => assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60)),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn provider_values_are_cleaned_and_bounded_before_they_reach_sql() {
-        match classify(202, None, "{\"messageId\": \"ab\\u0000c\"}") {
-            SendOutcome::Accepted {
-                provider_message_id: Some(id),
-            } => assert_eq!(id, "abc"),
-            other => panic!("{other:?}"),
-        }
-        let long = format!("{{\"messageId\": \"{}\"}}", "x".repeat(MAX_PROVIDER_ID + 1));
-        assert_eq!(
-            classify(202, None, &long),
-            SendOutcome::Accepted {
-                provider_message_id: None
-            }
-        );
-        match classify(500, Some("99999999999999999999"), "bad\0body") {
-            SendOutcome::Transient { error, retry_after } => {
-                assert!(!error.contains('\0'), "{error:?}");
-                assert_eq!(retry_after, Some(Duration::from_secs(u64::MAX)));
-            }
-            other => panic!("{other:?}"),
-        }
-        let huge = "e".repeat(10_000);
-        match classify(400, None, &huge) {
-            SendOutcome::Rejected { error } => assert!(error.chars().count() <= 220),
-            other => panic!("{other:?}"),
-        }
-        assert!(clean_text(&"é".repeat(2 * MAX_ERROR_CHARS)).chars().count() <= MAX_ERROR_CHARS);
-    }
-
-    #[test]
-    fn a_redirect_is_retried_and_names_its_target() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            reqwest::header::LOCATION,
-            HeaderValue::from_static("https://elsewhere.example/send"),
-        );
-        match classify_response(StatusCode::FOUND, &headers, b"") {
-            SendOutcome::Transient { error, .. } => {
-                assert!(
-                    error.contains("302") && error.contains("elsewhere.example"),
-                    "{error}"
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn other_client_errors_are_final() {
-        for status in [400, 404, 409, 422] {
-            assert!(
-                matches!(classify(status, None, "bad"), SendOutcome::Rejected { .. }),
-                "{status}"
-            );
-        }
-        for status in [401, 403] {
-            assert!(
-                matches!(
-                    classify(status, None, "bad"),
-                    SendOutcome::Unauthorized { .. }
-                ),
-                "{status}"
-            );
-        }
-    }
 }

@@ -1,9 +1,16 @@
 //! A local SMS provider (docs/testing.md#the-mock-provider): the oracle for "each message exactly once".
 //!
-//! `POST /send` answers 202 with a `messageId`; the same `Idempotency-Key` always gets
-//! the same id and is stored once, its repeats counted. `GET /deliveries` and
-//! `GET /stats` let demos, tests and benchmarks check what arrived. With `--dlr-url`
-//! it posts a delivery receipt for every newly accepted message, as real providers do.
+//! It speaks one provider's dialect (`--dialect`): `http-json` (`POST /send`, 202 with
+//! a `messageId`), `twilio` (`POST /2010-04-01/Accounts/{sid}/Messages.json`, a form,
+//! Basic auth, 201 with a `sid`), `vonage` (`POST /sms/json`, a form with
+//! `api_secret`, 200 with per-message `status`) or `infobip`
+//! (`POST /sms/2/text/advanced`, JSON, `Authorization: App`, 200 with `messageId` and
+//! `status.groupName`). The same `Idempotency-Key` always gets the same id and is
+//! stored once, its repeats counted. `GET /deliveries` and `GET /stats` let demos,
+//! tests and benchmarks check what arrived; `POST /control` scripts the next answers
+//! (throttles, failures). It posts a delivery receipt for every newly accepted message,
+//! as real providers do, to `--dlr-url` or to the callback URL the request names, in
+//! its dialect (Twilio's signed with `X-Twilio-Signature`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -16,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use warp::Filter;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response, json, with_status};
+
+use crate::config::ProviderKind;
 
 /// Options of `message-dispatcher mock-provider`.
 #[derive(Debug, Clone)]
@@ -32,8 +41,29 @@ pub struct MockOptions {
     /// `auth_header` when that is set).
     pub token: Option<String>,
     pub auth_header: Option<String>,
-    /// Where and how to post delivery receipts; `None`: no receipts.
+    /// Where and how to post delivery receipts; `None`: only to the callback URL a
+    /// request names.
     pub receipts: Option<ReceiptOptions>,
+    pub dialect: ProviderKind,
+}
+
+/// Answers scripted through `POST /control`, taken by the next requests.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Script {
+    /// The next this many requests are throttled (429, or the dialect's own code).
+    #[serde(default)]
+    throttle_next: u32,
+    /// The `Retry-After` of those throttles, in seconds; none when absent.
+    #[serde(default)]
+    retry_after_secs: Option<u64>,
+    /// The next this many requests are answered 500.
+    #[serde(default)]
+    fail_next: u32,
+    /// The next this many requests take `--slow-ms` (a client with a shorter timeout
+    /// hangs up first: an unknown outcome).
+    #[serde(default)]
+    slow_next: u32,
 }
 
 /// Delivery receipts the mock posts back for accepted messages.
@@ -87,12 +117,21 @@ struct Ledger {
     deliveries: HashMap<String, Delivery>,
     arrivals: Vec<Arrival>,
     stats: Stats,
+    script: Script,
 }
 
 #[derive(Deserialize)]
 struct SendBody {
     to: String,
     content: String,
+}
+
+/// A send request read in any dialect.
+struct Request {
+    to: String,
+    content: String,
+    /// Where to post this message's receipt, when the request names it.
+    callback: Option<String>,
 }
 
 type Shared = Arc<Mutex<Ledger>>;
@@ -137,7 +176,16 @@ fn routes(
         warp::any().map(move || ledger.clone())
     };
 
-    let send = warp::path!("send")
+    let dialect = options.dialect;
+    let send_path = warp::path::full().and_then(move |path: warp::path::FullPath| async move {
+        if is_send_path(dialect, path.as_str()) {
+            Ok(())
+        } else {
+            Err(warp::reject::not_found())
+        }
+    });
+    let send = send_path
+        .untuple_one()
         .and(warp::post())
         .and(warp::header::headers_cloned())
         .and(warp::body::content_length_limit(1 << 20))
@@ -152,6 +200,14 @@ fn routes(
                 send(&headers, &body, &ledger, &options).await
             },
         );
+    let control = warp::path!("control")
+        .and(warp::post())
+        .and(warp::body::json())
+        .and(with_ledger.clone())
+        .map(|script: Script, ledger: Shared| {
+            lock(&ledger).script = script.clone();
+            json(&script).into_response()
+        });
     let deliveries = warp::path!("deliveries")
         .and(warp::get())
         .and(with_ledger.clone())
@@ -180,6 +236,8 @@ fn routes(
         .map(|| json(&serde_json::json!({"status": "ok"})).into_response());
 
     send.or(deliveries)
+        .unify()
+        .or(control)
         .unify()
         .or(requests)
         .unify()
@@ -234,62 +292,64 @@ async fn answer(
     options: &MockOptions,
     now: DateTime<Utc>,
 ) -> Response {
-    let reply = |status: StatusCode, value: serde_json::Value| {
-        with_status(json(&value), status).into_response()
-    };
+    let dialect = options.dialect;
     lock(ledger).stats.requests += 1;
     if let Some(token) = &options.token {
-        let presented = match &options.auth_header {
-            Some(name) => headers
-                .get(name.as_str())
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            None => headers
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::to_string),
-        };
-        if presented.as_deref() != Some(token.as_str()) {
+        if !authorized(
+            dialect,
+            headers,
+            body,
+            token,
+            options.auth_header.as_deref(),
+        ) {
             lock(ledger).stats.rejected += 1;
-            return reply(
-                StatusCode::UNAUTHORIZED,
-                serde_json::json!({"error": "invalid token"}),
-            );
+            return refusal(dialect, Refusal::Credentials);
         }
     }
-    let latency = if options.slow_rate > 0.0 && rand::random::<f64>() < options.slow_rate {
-        options.slow_latency
-    } else {
-        options.latency
+    let slow_next = {
+        let mut guard = lock(ledger);
+        let slow = guard.script.slow_next > 0;
+        guard.script.slow_next = guard.script.slow_next.saturating_sub(1);
+        slow
     };
+    let latency =
+        if slow_next || (options.slow_rate > 0.0 && rand::random::<f64>() < options.slow_rate) {
+            options.slow_latency
+        } else {
+            options.latency
+        };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    if options.fail_rate > 0.0 && rand::random::<f64>() < options.fail_rate {
-        lock(ledger).stats.injected_failures += 1;
-        return reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            serde_json::json!({"error": "injected failure"}),
-        );
-    }
-    let parsed: SendBody = match serde_json::from_slice(body) {
-        Ok(parsed) => parsed,
-        Err(err) => {
-            lock(ledger).stats.rejected += 1;
-            return reply(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": format!("bad body: {err}")}),
-            );
+    let scripted = {
+        let mut guard = lock(ledger);
+        let script = &mut guard.script;
+        if script.throttle_next > 0 {
+            script.throttle_next -= 1;
+            Some(Refusal::Throttled(script.retry_after_secs))
+        } else if script.fail_next > 0 {
+            script.fail_next -= 1;
+            Some(Refusal::Failure)
+        } else {
+            None
         }
     };
-    if parsed.to.is_empty() || parsed.content.is_empty() {
-        lock(ledger).stats.rejected += 1;
-        return reply(
-            StatusCode::BAD_REQUEST,
-            serde_json::json!({"error": "to and content are required"}),
-        );
+    let injected = options.fail_rate > 0.0 && rand::random::<f64>() < options.fail_rate;
+    if let Some(why) = scripted.or(injected.then_some(Refusal::Failure)) {
+        lock(ledger).stats.injected_failures += 1;
+        return refusal(dialect, why);
     }
+    let request = match read_request(dialect, body) {
+        Ok(request) if !request.to.is_empty() && !request.content.is_empty() => request,
+        Ok(_) => {
+            lock(ledger).stats.rejected += 1;
+            return refusal(dialect, Refusal::Bad("to and content are required".into()));
+        }
+        Err(problem) => {
+            lock(ledger).stats.rejected += 1;
+            return refusal(dialect, Refusal::Bad(problem));
+        }
+    };
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
@@ -308,13 +368,13 @@ async fn answer(
                 (existing.message_id.clone(), false)
             }
             None => {
-                let message_id = random_uuid();
+                let message_id = message_id(dialect);
                 ledger.deliveries.insert(
                     key.clone(),
                     Delivery {
                         key,
-                        to: parsed.to,
-                        content: parsed.content,
+                        to: request.to.clone(),
+                        content: request.content,
                         message_id: message_id.clone(),
                         first_seen: now,
                         first_seen_us: now.timestamp_micros(),
@@ -326,23 +386,271 @@ async fn answer(
             }
         }
     };
-    if let (true, Some(receipts)) = (first, &options.receipts) {
-        let post = post_receipt(receipts.clone(), message_id.clone(), shared.clone());
-        if receipts.delay.is_zero() {
+    let receipt_to = request
+        .callback
+        .clone()
+        .or_else(|| options.receipts.as_ref().map(|r| r.url.clone()));
+    if let (true, Some(url)) = (first, receipt_to) {
+        let receipt = Receipt {
+            url,
+            dialect,
+            message_id: message_id.clone(),
+            delay: options
+                .receipts
+                .as_ref()
+                .map_or(Duration::from_millis(200), |r| r.delay),
+            undelivered_rate: options
+                .receipts
+                .as_ref()
+                .map_or(0.0, |r| r.undelivered_rate),
+            token: options.receipts.as_ref().and_then(|r| r.token.clone()),
+            signing_key: options.token.clone().unwrap_or_default(),
+        };
+        let post = post_receipt(receipt, shared.clone());
+        if options.receipts.as_ref().is_some_and(|r| r.delay.is_zero()) {
             post.await;
         } else {
             tokio::spawn(post);
         }
     }
-    reply(
-        StatusCode::ACCEPTED,
-        serde_json::json!({"message": "Accepted", "messageId": message_id}),
-    )
+    accepted(dialect, &message_id, &request.to)
+}
+
+/// Whether `path` is where the dialect takes messages.
+fn is_send_path(dialect: ProviderKind, path: &str) -> bool {
+    match dialect {
+        ProviderKind::HttpJson => path == "/send",
+        ProviderKind::Twilio => path
+            .strip_prefix("/2010-04-01/Accounts/")
+            .and_then(|rest| rest.strip_suffix("/Messages.json"))
+            .is_some_and(|sid| !sid.is_empty() && !sid.contains('/')),
+        ProviderKind::Vonage => path == "/sms/json",
+        ProviderKind::Infobip => path == "/sms/2/text/advanced",
+    }
+}
+
+fn form(body: &[u8]) -> HashMap<String, String> {
+    form_urlencoded::parse(body).into_owned().collect()
+}
+
+/// Whether the request carries `token` the way the dialect carries credentials.
+fn authorized(
+    dialect: ProviderKind,
+    headers: &warp::http::HeaderMap,
+    body: &[u8],
+    token: &str,
+    auth_header: Option<&str>,
+) -> bool {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    match dialect {
+        ProviderKind::HttpJson => match auth_header {
+            Some(name) => header(name) == Some(token),
+            None => header("authorization").and_then(|v| v.strip_prefix("Bearer ")) == Some(token),
+        },
+        ProviderKind::Twilio => {
+            use base64::Engine;
+            header("authorization")
+                .and_then(|v| v.strip_prefix("Basic "))
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .and_then(|pair| pair.split_once(':').map(|(_, secret)| secret == token))
+                .unwrap_or(false)
+        }
+        ProviderKind::Vonage => form(body).get("api_secret").map(String::as_str) == Some(token),
+        ProviderKind::Infobip => {
+            header("authorization").and_then(|v| v.strip_prefix("App ")) == Some(token)
+        }
+    }
+}
+
+fn read_request(dialect: ProviderKind, body: &[u8]) -> Result<Request, String> {
+    match dialect {
+        ProviderKind::HttpJson => {
+            let parsed: SendBody =
+                serde_json::from_slice(body).map_err(|err| format!("bad body: {err}"))?;
+            Ok(Request {
+                to: parsed.to,
+                content: parsed.content,
+                callback: None,
+            })
+        }
+        ProviderKind::Twilio => {
+            let mut form = form(body);
+            let has_sender = form.contains_key("From") || form.contains_key("MessagingServiceSid");
+            if !has_sender {
+                return Err("From or MessagingServiceSid is required".into());
+            }
+            Ok(Request {
+                to: form.remove("To").unwrap_or_default(),
+                content: form.remove("Body").unwrap_or_default(),
+                callback: form.remove("StatusCallback"),
+            })
+        }
+        ProviderKind::Vonage => {
+            let mut form = form(body);
+            Ok(Request {
+                to: form.remove("to").unwrap_or_default(),
+                content: form.remove("text").unwrap_or_default(),
+                callback: form.remove("callback"),
+            })
+        }
+        ProviderKind::Infobip => {
+            let value: serde_json::Value =
+                serde_json::from_slice(body).map_err(|err| format!("bad body: {err}"))?;
+            let message = &value["messages"][0];
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+            Ok(Request {
+                to: text(&message["destinations"][0]["to"]),
+                content: text(&message["text"]),
+                callback: message["notifyUrl"].as_str().map(str::to_string),
+            })
+        }
+    }
+}
+
+/// Why a request was not accepted.
+enum Refusal {
+    Credentials,
+    Throttled(Option<u64>),
+    Failure,
+    Bad(String),
+}
+
+/// The dialect's answer to a refused request.
+fn refusal(dialect: ProviderKind, refusal: Refusal) -> Response {
+    use serde_json::json as j;
+    let reply = |status: StatusCode, value: serde_json::Value| {
+        with_status(json(&value), status).into_response()
+    };
+    let retry_after = match &refusal {
+        Refusal::Throttled(Some(secs)) => Some(*secs),
+        _ => None,
+    };
+    let mut response = match (dialect, refusal) {
+        // Vonage answers 200 with a status code per message.
+        (ProviderKind::Vonage, refusal) => {
+            let (status, text) = match refusal {
+                Refusal::Credentials => ("4", "Bad Credentials".to_string()),
+                Refusal::Throttled(_) => ("1", "Throttled".to_string()),
+                Refusal::Failure => ("5", "Internal Error".to_string()),
+                Refusal::Bad(problem) => ("2", problem),
+            };
+            reply(
+                StatusCode::OK,
+                j!({"message-count": "1", "messages": [{"status": status, "error-text": text}]}),
+            )
+        }
+        (ProviderKind::Twilio, refusal) => {
+            let (status, code, message) = match refusal {
+                Refusal::Credentials => {
+                    (StatusCode::UNAUTHORIZED, 20003, "Authenticate".to_string())
+                }
+                Refusal::Throttled(_) => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    20429,
+                    "Too Many Requests".to_string(),
+                ),
+                Refusal::Failure => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    20500,
+                    "Internal Server Error".to_string(),
+                ),
+                Refusal::Bad(problem) => (StatusCode::BAD_REQUEST, 21602, problem),
+            };
+            reply(
+                status,
+                j!({"code": code, "message": message, "status": status.as_u16()}),
+            )
+        }
+        (_, refusal) => {
+            let (status, id, text) = match refusal {
+                Refusal::Credentials => (
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    "invalid token".to_string(),
+                ),
+                Refusal::Throttled(_) => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TOO_MANY_REQUESTS",
+                    "slow down".to_string(),
+                ),
+                Refusal::Failure => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "GENERAL_ERROR",
+                    "injected failure".to_string(),
+                ),
+                Refusal::Bad(problem) => (StatusCode::BAD_REQUEST, "BAD_REQUEST", problem),
+            };
+            if dialect == ProviderKind::Infobip {
+                reply(
+                    status,
+                    j!({"requestError": {"serviceException": {"messageId": id, "text": text}}}),
+                )
+            } else {
+                reply(status, j!({ "error": text }))
+            }
+        }
+    };
+    if let Some(secs) = retry_after {
+        if let Ok(value) = warp::http::HeaderValue::from_str(&secs.to_string()) {
+            response.headers_mut().insert("retry-after", value);
+        }
+    }
+    response
+}
+
+/// An id in the provider's own shape.
+fn message_id(dialect: ProviderKind) -> String {
+    let hex = random_uuid().replace('-', "");
+    match dialect {
+        ProviderKind::Twilio => format!("SM{hex}"),
+        ProviderKind::Vonage => hex[..16].to_uppercase(),
+        _ => random_uuid(),
+    }
+}
+
+/// The dialect's answer to an accepted message.
+fn accepted(dialect: ProviderKind, message_id: &str, to: &str) -> Response {
+    use serde_json::json as j;
+    let (status, body) = match dialect {
+        ProviderKind::HttpJson => (
+            StatusCode::ACCEPTED,
+            j!({"message": "Accepted", "messageId": message_id}),
+        ),
+        ProviderKind::Twilio => (
+            StatusCode::CREATED,
+            j!({"sid": message_id, "status": "queued", "to": to, "error_code": null, "error_message": null}),
+        ),
+        ProviderKind::Vonage => (
+            StatusCode::OK,
+            j!({"message-count": "1", "messages": [{"to": to, "message-id": message_id, "status": "0"}]}),
+        ),
+        ProviderKind::Infobip => (
+            StatusCode::OK,
+            j!({"bulkId": random_uuid(), "messages": [{"to": to, "messageId": message_id,
+                "status": {"groupId": 1, "groupName": "PENDING", "id": 26, "name": "PENDING_ACCEPTED",
+                           "description": "Message sent to next instance"}}]}),
+        ),
+    };
+    with_status(json(&body), status).into_response()
+}
+
+/// One receipt to post.
+struct Receipt {
+    url: String,
+    dialect: ProviderKind,
+    message_id: String,
+    delay: Duration,
+    undelivered_rate: f64,
+    /// Bearer token (`DLR_TOKEN`), for the dialects that carry one.
+    token: Option<String>,
+    /// Twilio signs its callbacks with the auth token.
+    signing_key: String,
 }
 
 /// Posts one receipt after the configured delay, trying a few times: the dispatcher
 /// may be restarting.
-async fn post_receipt(options: ReceiptOptions, message_id: String, ledger: Shared) {
+async fn post_receipt(receipt: Receipt, ledger: Shared) {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     let client = CLIENT.get_or_init(|| {
         reqwest::Client::builder()
@@ -350,23 +658,52 @@ async fn post_receipt(options: ReceiptOptions, message_id: String, ledger: Share
             .build()
             .unwrap_or_default()
     });
-    tokio::time::sleep(options.delay).await;
+    tokio::time::sleep(receipt.delay).await;
     let undelivered =
-        options.undelivered_rate > 0.0 && rand::random::<f64>() < options.undelivered_rate;
-    let mut body = serde_json::json!({
-        "message_id": message_id,
-        "status": if undelivered { "undelivered" } else { "delivered" },
-        "delivered_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-    });
-    if undelivered {
-        body["error_code"] = "absent_subscriber".into();
-    }
+        receipt.undelivered_rate > 0.0 && rand::random::<f64>() < receipt.undelivered_rate;
+    let id = receipt.message_id.as_str();
     for attempt in 0..5u32 {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
         }
-        let mut request = client.post(&options.url).json(&body);
-        if let Some(token) = &options.token {
+        let mut request = match receipt.dialect {
+            ProviderKind::HttpJson => {
+                let mut body = serde_json::json!({
+                    "message_id": id,
+                    "status": if undelivered { "undelivered" } else { "delivered" },
+                    "delivered_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                });
+                if undelivered {
+                    body["error_code"] = "absent_subscriber".into();
+                }
+                client.post(&receipt.url).json(&body)
+            }
+            ProviderKind::Twilio => {
+                let params: Vec<(String, String)> = vec![
+                    ("MessageSid".into(), id.into()),
+                    ("MessageStatus".into(), if undelivered { "undelivered" } else { "delivered" }.into()),
+                    ("ErrorCode".into(), if undelivered { "30003" } else { "" }.into()),
+                ];
+                let signature =
+                    crate::http::twilio_signature(&receipt.signing_key, &receipt.url, &params);
+                client
+                    .post(&receipt.url)
+                    .header("X-Twilio-Signature", signature)
+                    .form(&params)
+            }
+            ProviderKind::Vonage => client.post(&receipt.url).form(&[
+                ("messageId", id),
+                ("status", if undelivered { "expired" } else { "delivered" }),
+                ("err-code", if undelivered { "27" } else { "0" }),
+            ]),
+            ProviderKind::Infobip => client.post(&receipt.url).json(&serde_json::json!({"results": [{
+                "messageId": id,
+                "status": {"groupName": if undelivered { "UNDELIVERABLE" } else { "DELIVERED" }},
+                "error": {"name": if undelivered { "EC_ABSENT_SUBSCRIBER" } else { "NO_ERROR" }},
+                "doneAt": Utc::now().to_rfc3339(),
+            }]})),
+        };
+        if let (Some(token), false) = (&receipt.token, receipt.dialect == ProviderKind::Twilio) {
             request = request.bearer_auth(token);
         }
         match request.send().await {
@@ -375,13 +712,17 @@ async fn post_receipt(options: ReceiptOptions, message_id: String, ledger: Share
                 return;
             }
             Ok(response) => {
-                tracing::warn!(status = response.status().as_u16(), %message_id, "receipt refused");
+                tracing::warn!(
+                    status = response.status().as_u16(),
+                    message_id = id,
+                    "receipt refused"
+                );
                 // A 4xx will not change on a retry.
                 if response.status().is_client_error() {
                     break;
                 }
             }
-            Err(err) => tracing::warn!(error = %err, %message_id, "receipt not delivered"),
+            Err(err) => tracing::warn!(error = %err, message_id = id, "receipt not delivered"),
         }
     }
     lock(&ledger).stats.receipts_failed += 1;

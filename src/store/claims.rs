@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 
 use super::fence::{CLOSE_BATCH, LOCK_FENCE, OPEN_BATCH, READ_SCHEDULE};
 use super::{
-    Claim, ClaimResult, ClaimedMessage, KnownDelivery, OpenedBatch, Recorded, RescueCandidate,
-    RescuePolicy, Rescued, Schedule, SentResult, Store, StoreError,
+    Claim, ClaimResult, ClaimScope, ClaimedMessage, KnownDelivery, OpenedBatch, Recorded,
+    RescueCandidate, RescuePolicy, Rescued, Schedule, SentResult, Store, StoreError,
 };
 use crate::config::Unit;
 use crate::domain::Epoch;
@@ -42,6 +42,20 @@ macro_rules! rescuable {
 /// How many rows one page of a rescue checks: see [`RESCUE_CANDIDATES`].
 pub const RESCUE_PAGE: i64 = 1000;
 
+/// A pending row the claim may take given the providers usable now: unpinned while
+/// new sends have a provider (`$provider` not NULL), or pinned to one of `$usable`.
+macro_rules! usable_provider {
+    ($provider:literal, $usable:literal) => {
+        concat!(
+            "(CASE WHEN pinned_provider IS NULL THEN ",
+            $provider,
+            "::text IS NOT NULL ELSE pinned_provider = ANY(",
+            $usable,
+            "::text[]) END)"
+        )
+    };
+}
+
 /// One page of the rows a rescue may return, after id `$4`, at most `$5`: each page is
 /// checked against the delivery cache and then rescued by its ids ([`RESCUE`]), so no
 /// row goes back to `pending` without having been checked.
@@ -56,11 +70,13 @@ const RESCUE_CANDIDATES: &str = concat!(
 /// Returns the abandoned claims among `$5` (a page of [`RESCUE_CANDIDATES`], already
 /// checked against the delivery cache) to `pending`, or to `failed` once they have
 /// used up `MAX_ATTEMPTS` ($4 > 0): a claim counts as an attempt, so MAX_ATTEMPTS
-/// holds even for a message whose sends never got a result.
+/// holds even for a message whose sends never got a result. Whether the abandoned send
+/// reached its provider is unknown, so the message is pinned to it.
 const RESCUE: &str = concat!(
     "UPDATE messages AS m
 SET status = CASE WHEN $4::int > 0 AND m.attempts >= $4::int THEN 'failed' ELSE 'pending' END,
     next_attempt_at = now(),
+    pinned_provider = coalesce(m.pinned_provider, m.provider),
     last_error = 'claim by ' || coalesce(m.claimed_by, '?') || ' (epoch ' || m.claim_epoch
                  || ') never completed; '
                  || CASE WHEN $4::int > 0 AND m.attempts >= $4::int
@@ -88,7 +104,7 @@ WHERE l.lane = $6::text AND l.epoch = $1::bigint
 /// with the attempt uncounted.
 const RELEASE_CLAIM: &str = "
 UPDATE messages
-SET status = 'pending', attempts = greatest(attempts - 1, 0)
+SET status = 'pending', attempts = greatest(attempts - 1, 0), provider = pinned_provider
 WHERE status = 'sending' AND claim_epoch = $1 AND claim_token = $2 AND claim_lane = $3";
 
 /// Pending messages past their validity never go out: `expired`, at claim time (and the
@@ -108,6 +124,10 @@ WHERE status = 'pending' AND expires_at <= now() AND lane = $1";
 /// `$6`: the ids to claim instead, when the lane counts segments and the rows were
 /// chosen by [`SEGMENT_CANDIDATES`] in the same transaction (NULL otherwise).
 ///
+/// Providers (docs/design.md#failover): `$7` the lane's usable providers, `$8` the one
+/// new sends go to (NULL: none is usable). A row pinned to a provider is taken only
+/// while that provider is usable, and goes to it; the others go to `$8`.
+///
 /// The claimed ids go to the UPDATE as an array, so each row is updated through its
 /// primary key whatever the table's size. Joined to a CTE instead, the planner hashed
 /// the whole table on small ones (a sequential scan of all 20,000 rows for every claim
@@ -122,17 +142,22 @@ pub const CLAIM: &str = concat!(
 UPDATE messages
 SET status = 'sending', claim_epoch = $2, claimed_by = $3, claimed_at = now(),
     claim_token = $4, claim_lane = $5, attempts = attempts + 1,
+    provider = coalesce(pinned_provider, $8::text),
     delivery_key = CASE WHEN attempts > 0 AND delivery_key_sent IS NOT TRUE
                         THEN NULL ELSE delivery_key END,
     delivery_key_sent = true
 WHERE id = ANY(coalesce($6::bigint[], ARRAY(
     SELECT id FROM messages
     WHERE status = 'pending' AND lane = $5 AND next_attempt_at <= now()
+      AND ",
+    usable_provider!("$8", "$7"),
+    "
     ORDER BY priority DESC, created_at, id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 )))
-RETURNING id, phone_number, content, attempts, created_at, priority, expires_at, ",
+RETURNING id, phone_number, content, attempts, created_at, priority, expires_at, sender,
+    provider, ",
     delivery_key!()
 );
 
@@ -140,12 +165,17 @@ RETURNING id, phone_number, content, attempts, created_at, priority, expires_at,
 /// `$1` of them (each costs at least one segment), of which the claim takes the longest
 /// prefix that fits the batch's segments ([`CLAIM`] with the chosen ids). The rest are
 /// unlocked when the claim commits.
-const SEGMENT_CANDIDATES: &str = "
+const SEGMENT_CANDIDATES: &str = concat!(
+    "
 SELECT id, content FROM messages
 WHERE status = 'pending' AND lane = $2 AND next_attempt_at <= now()
+  AND ",
+    usable_provider!("$4", "$3"),
+    "
 ORDER BY priority DESC, created_at, id
 LIMIT $1
-FOR UPDATE SKIP LOCKED";
+FOR UPDATE SKIP LOCKED"
+);
 
 /// A claimed message found expired right before its send: never sent.
 const MARK_EXPIRED: &str = "
@@ -205,11 +235,15 @@ WHERE m.id = r.id AND (m.status = 'sent') IS TRUE AND m.claim_epoch = r.epoch
 const SENT_BY_US: &str = "
 SELECT 1 FROM messages WHERE id = $1 AND status = 'sent' AND claim_epoch = $2 AND sent_at = $3";
 
+/// `$6`: the outcome is unknown (the request may have reached the provider): the
+/// message is pinned to the provider it went to.
 const MARK_RETRY: &str = "
 UPDATE messages
 SET status = CASE WHEN $3::int > 0 AND attempts >= $3::int THEN 'failed' ELSE 'pending' END,
     next_attempt_at = now() + $4::bigint * interval '1 millisecond',
-    last_error = $5
+    last_error = $5,
+    pinned_provider = CASE WHEN $6::bool THEN coalesce(pinned_provider, provider)
+                           ELSE pinned_provider END
 WHERE id = $1 AND status = 'sending' AND claim_epoch = $2
 RETURNING status";
 
@@ -218,13 +252,13 @@ UPDATE messages
 SET status = 'failed', last_error = $3
 WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
 
-/// A send the provider refused for our credentials (401/403): the message was not at
-/// fault, so it goes back to `pending`, due now (its place in the queue kept), without
-/// spending the attempt.
-const MARK_UNAUTHORIZED: &str = "
+/// A send the provider refused for our credentials (401/403) or throttled: the message
+/// was not at fault, so it goes back to `pending`, due now (its place in the queue
+/// kept), without spending the attempt, free to go through another provider.
+const MARK_HELD: &str = "
 UPDATE messages
 SET status = 'pending', attempts = greatest(attempts - 1, 0), next_attempt_at = now(),
-    last_error = $3
+    last_error = $3, provider = pinned_provider
 WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
 
 /// Claimed but never sent: back to pending, and the attempt that never happened is
@@ -232,7 +266,7 @@ WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
 /// [`MARK_SENT_GROUP`]).
 const RELEASE_UNSENT: &str = "
 UPDATE messages
-SET status = 'pending', attempts = greatest(attempts - 1, 0)
+SET status = 'pending', attempts = greatest(attempts - 1, 0), provider = pinned_provider
 WHERE id = ANY($1) AND (status = 'sending') IS TRUE AND claim_epoch = $2";
 
 /// A message that needs more segments than its lane may start in one interval: it
@@ -281,7 +315,7 @@ impl Store {
     /// `sending`, stamped with `token`. Commits before any HTTP call.
     ///
     /// While dispatch is paused (`paused_reason`), nothing is claimed unless
-    /// `probe_due`, and then a single message, the probe.
+    /// `route.probe_due`, and then a single message, the probe.
     pub async fn claim_batch(
         &self,
         epoch: Epoch,
@@ -289,7 +323,7 @@ impl Store {
         configured: Schedule,
         fence_window: Duration,
         token: i64,
-        probe_due: bool,
+        route: &ClaimScope,
     ) -> Result<ClaimResult, StoreError> {
         let lane_name = self.lane_name();
         let mut client = self.client().await?;
@@ -329,7 +363,7 @@ impl Store {
         }
         let paused: Option<String> = fence.get("paused_reason");
         if let Some(reason) = &paused {
-            if !probe_due {
+            if !route.probe_due {
                 return Ok(result(Claim::Paused(reason.clone()), 0));
             }
         }
@@ -356,7 +390,7 @@ impl Store {
                 let candidates = tx
                     .query(
                         &tx.prepare_cached(SEGMENT_CANDIDATES).await?,
-                        &[&limit, &lane_name],
+                        &[&limit, &lane_name, &route.usable, &route.provider],
                     )
                     .await?;
                 let candidates = candidates.iter().map(|row| {
@@ -379,7 +413,16 @@ impl Store {
         let mut messages: Vec<ClaimedMessage> = tx
             .query(
                 &tx.prepare_cached(CLAIM).await?,
-                &[&limit, &epoch.0, &replica_id, &token, &lane_name, &chosen],
+                &[
+                    &limit,
+                    &epoch.0,
+                    &replica_id,
+                    &token,
+                    &lane_name,
+                    &chosen,
+                    &route.usable,
+                    &route.provider,
+                ],
             )
             .await?
             .iter()
@@ -395,6 +438,8 @@ impl Store {
                     created_at: row.get("created_at"),
                     priority: row.get("priority"),
                     expires_at: row.get("expires_at"),
+                    sender: row.get("sender"),
+                    provider: row.get("provider"),
                 }
             })
             .collect();
@@ -594,13 +639,21 @@ impl Store {
         max_attempts: u32,
         delay: Duration,
         error: &str,
+        unknown: bool,
     ) -> Result<Recorded, StoreError> {
         let client = self.client().await?;
         let max_attempts = i32::try_from(max_attempts).unwrap_or(i32::MAX);
         let row = client
             .query_opt(
                 &client.prepare_cached(MARK_RETRY).await?,
-                &[&id, &epoch.0, &max_attempts, &millis(delay), &error],
+                &[
+                    &id,
+                    &epoch.0,
+                    &max_attempts,
+                    &millis(delay),
+                    &error,
+                    &unknown,
+                ],
             )
             .await?;
         Ok(match row.as_ref().map(|r| r.get::<_, &str>(0)) {
@@ -610,15 +663,15 @@ impl Store {
         })
     }
 
-    /// A send refused for our credentials: back to `pending`, attempt uncounted (see
-    /// [`MARK_UNAUTHORIZED`]).
-    pub async fn mark_unauthorized(
+    /// A send refused for our credentials or throttled: back to `pending`, attempt
+    /// uncounted (see [`MARK_HELD`]).
+    pub async fn mark_held(
         &self,
         id: i64,
         epoch: Epoch,
         error: &str,
     ) -> Result<Recorded, StoreError> {
-        self.mark_guarded(MARK_UNAUTHORIZED, id, epoch, error, Recorded::Retrying)
+        self.mark_guarded(MARK_HELD, id, epoch, error, Recorded::Retrying)
             .await
     }
 
@@ -663,6 +716,7 @@ impl Store {
         epoch: Epoch,
         opened_at: DateTime<Utc>,
         recent_send_ages_us: &[i64],
+        routing: &str,
     ) -> Result<(), StoreError> {
         self.execute_prepared(
             CLOSE_BATCH,
@@ -671,6 +725,7 @@ impl Store {
                 &recent_send_ages_us,
                 &opened_at,
                 &self.lane_name(),
+                &routing,
             ],
         )
         .await?;

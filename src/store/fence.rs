@@ -65,12 +65,14 @@ pub(super) const OPEN_BATCH: &str = "UPDATE dispatcher_leader SET last_batch_at 
 /// may have started up to the old term's end. `$2` holds the sends' ages in
 /// microseconds on this replica's clock just before the statement was sent, so the
 /// stored times are at or after the real ones (a new leader waits a little long,
-/// never too short). `$4`: the lane's row id.
+/// never too short). `$4`: the lane's row id. `$5`: the leader's provider states
+/// (`dispatch::routing`), JSON, for `GET /api/lanes`.
 pub(super) const CLOSE_BATCH: &str = "
 UPDATE dispatcher_leader
 SET batch_open = batch_open AND last_batch_at IS DISTINCT FROM $3,
     recent_sends = ARRAY(SELECT clock_timestamp() - age * interval '1 microsecond'
-                         FROM unnest($2::bigint[]) AS age)
+                         FROM unnest($2::bigint[]) AS age),
+    routing = $5::text::jsonb
 WHERE lane = $4::text AND epoch = $1";
 
 /// A guard for a statement on another table that may only take effect while `$1` is
@@ -408,7 +410,8 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT epoch, holder, acquired_at, last_batch_at FROM dispatcher_leader WHERE lane = $1",
+                "SELECT epoch, holder, acquired_at, last_batch_at, routing::text
+                 FROM dispatcher_leader WHERE lane = $1",
                 &[&self.lane_name()],
             )
             .await?;
@@ -417,6 +420,9 @@ impl Store {
             holder: row.get(1),
             acquired_at: row.get(2),
             last_batch_at: row.get(3),
+            routing: row
+                .get::<_, Option<String>>(4)
+                .and_then(|text| serde_json::from_str(&text).ok()),
         })
     }
 }

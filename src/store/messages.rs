@@ -10,7 +10,7 @@ use super::{
     Inserted, LaneCounts, ListFilter, Message, MessageStats, NewMessage, Page, QueueStats,
     StatusChange, Store, StoreError,
 };
-use crate::domain::{DeliveryStatus, IdempotencyKey, MessageStatus};
+use crate::domain::{DeliveryStatus, IdempotencyKey, MessageStatus, Sender};
 use crate::encoding::segment;
 
 /// Takes a transaction-level advisory lock per idempotency key of an insert, in one
@@ -61,7 +61,7 @@ const MESSAGE_COLUMNS: &str = concat!(
     "id, phone_number, content, status, attempts, next_attempt_at, \
      created_at, sent_at, provider_message_id, last_error, \
      idempotency_key, send_at, expires_at, priority, \
-     delivery_status, delivered_at, delivery_error, lane, ",
+     delivery_status, delivered_at, delivery_error, lane, sender, provider, ",
     delivery_key!()
 );
 
@@ -91,6 +91,8 @@ impl Message {
             expires_at: row.get("expires_at"),
             priority: row.get("priority"),
             lane: row.get("lane"),
+            from: row.get("sender"),
+            provider: row.get("provider"),
             encoding: segmentation.encoding,
             segments: segmentation.segments,
             delivery_status: row
@@ -109,6 +111,7 @@ impl Message {
             && self.expires_at == new.expires_at
             && self.priority == new.priority.get()
             && self.lane == new.lane
+            && self.from.as_deref() == new.from.as_ref().map(Sender::as_str)
     }
 }
 
@@ -130,6 +133,10 @@ impl Store {
             messages.iter().map(|m| m.expires_at).collect();
         let priorities: Vec<i16> = messages.iter().map(|m| m.priority.get()).collect();
         let lanes: Vec<&str> = messages.iter().map(|m| m.lane.as_str()).collect();
+        let senders: Vec<Option<&str>> = messages
+            .iter()
+            .map(|m| m.from.as_ref().map(Sender::as_str))
+            .collect();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         if keys.iter().any(Option::is_some) {
@@ -138,11 +145,11 @@ impl Store {
         }
         let sql = format!(
             "INSERT INTO messages (phone_number, content, idempotency_key, send_at, expires_at,
-                                   priority, lane, next_attempt_at)
-             SELECT p, c, k, s, e, pr, l, greatest(now(), coalesce(s, now()))
+                                   priority, lane, sender, next_attempt_at)
+             SELECT p, c, k, s, e, pr, l, f, greatest(now(), coalesce(s, now()))
              FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
-                         $5::timestamptz[], $6::int2[], $7::text[])
-                  WITH ORDINALITY AS t(p, c, k, s, e, pr, l, n)
+                         $5::timestamptz[], $6::int2[], $7::text[], $8::text[])
+                  WITH ORDINALITY AS t(p, c, k, s, e, pr, l, f, n)
              ORDER BY n
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING {MESSAGE_COLUMNS}"
@@ -158,6 +165,7 @@ impl Store {
                     &expires_at,
                     &priorities,
                     &lanes,
+                    &senders,
                 ],
             )
             .await?

@@ -88,6 +88,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0014_lanes.sql",
         sql: include_str!("../../sql/0014_lanes.sql"),
     },
+    Migration {
+        version: 15,
+        name: "0015_providers.sql",
+        sql: include_str!("../../sql/0015_providers.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

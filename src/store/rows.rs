@@ -36,6 +36,11 @@ pub struct Message {
     pub priority: i16,
     /// The lane it is sent through (docs/design.md#lanes).
     pub lane: String,
+    /// The sender it names (`sender` in the table); `None`: its lane's or provider's.
+    pub from: Option<String>,
+    /// The provider that took it, or its current or last send went to
+    /// (docs/design.md#failover).
+    pub provider: Option<String>,
     /// Computed from the content (GSM 03.38), not stored.
     pub encoding: Encoding,
     pub segments: u32,
@@ -55,6 +60,7 @@ pub struct NewMessage {
     pub priority: Priority,
     /// Named by the request or chosen by the routes; a configured lane.
     pub lane: String,
+    pub from: Option<crate::domain::Sender>,
 }
 
 /// What an insert did, item by item in input order.
@@ -146,6 +152,23 @@ pub struct ClaimedMessage {
     pub priority: i16,
     /// Checked again right before the HTTP call: an expired message is never sent.
     pub expires_at: Option<DateTime<Utc>>,
+    /// The message's own sender, if it names one.
+    pub sender: Option<String>,
+    /// The provider this send goes to, chosen by the claim; `None` only for a row an
+    /// older release pinned or none at all (then the lane's first provider).
+    pub provider: Option<String>,
+}
+
+/// What a claim may take: while dispatch is paused, nothing unless a probe is due; and
+/// only rows the usable providers may send (docs/design.md#failover).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimScope {
+    /// While dispatch is paused, whether one probe message may be claimed.
+    pub probe_due: bool,
+    /// New sends go here; `None`: no provider is usable, only pinned rows may go.
+    pub provider: Option<String>,
+    /// Rows pinned to one of these may be taken.
+    pub usable: Vec<String>,
 }
 
 /// The schedule in force: configured values, possibly overridden at run time.
@@ -284,6 +307,8 @@ pub struct LeaderRecord {
     pub holder: Option<String>,
     pub acquired_at: Option<DateTime<Utc>>,
     pub last_batch_at: Option<DateTime<Utc>>,
+    /// The leader's breakers, throttles and effective rate as of its last batch.
+    pub routing: Option<serde_json::Value>,
 }
 
 /// The cluster's desired state and runtime overrides.

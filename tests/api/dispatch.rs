@@ -9,8 +9,8 @@ use message_dispatcher::dispatch::Recorder;
 use message_dispatcher::domain::{Epoch, MessageStatus};
 use message_dispatcher::store::claims::{CLAIM, MARK_SENT_GROUP};
 use message_dispatcher::store::{
-    Claim, KnownDelivery, ListFilter, OpenedBatch, OverrideChange, Recorded, RescuePolicy,
-    Schedule, Store,
+    Claim, ClaimScope, KnownDelivery, ListFilter, OpenedBatch, OverrideChange, Recorded,
+    RescuePolicy, Schedule, Store,
 };
 
 use crate::support::cluster::{assert_each_once, assert_fifo};
@@ -21,6 +21,16 @@ use crate::support::{ReplicaSettings, TestEnv, ms, secs, wait_for};
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Applies the migrations, as `message-dispatcher migrate` does with `settings`.
+/// A claim that may send through any provider: the statements below are tested for
+/// themselves, not for routing.
+fn any_provider(probe_due: bool) -> ClaimScope {
+    ClaimScope {
+        probe_due,
+        provider: Some("default".into()),
+        usable: vec!["default".into()],
+    }
+}
+
 fn migrate(settings: &ReplicaSettings) {
     let (status, output) = run_command(&["migrate"], &settings.to_env());
     assert!(status.success(), "{output}");
@@ -711,7 +721,14 @@ async fn parallel_claimers_never_share_a_row() {
             let mut mine = Vec::new();
             loop {
                 match store
-                    .claim_batch(epoch, &format!("claimer-{n}"), schedule, window, n, false)
+                    .claim_batch(
+                        epoch,
+                        &format!("claimer-{n}"),
+                        schedule,
+                        window,
+                        n,
+                        &any_provider(false),
+                    )
                     .await
                     .unwrap()
                     .claim
@@ -742,7 +759,7 @@ async fn parallel_claimers_never_share_a_row() {
     store.bump_epoch("newer").await.unwrap();
     env.insert_messages(1).await;
     let refused = store
-        .claim_batch(epoch, "stale", schedule, window, 0, false)
+        .claim_batch(epoch, "stale", schedule, window, 0, &any_provider(false))
         .await
         .unwrap();
     assert!(matches!(refused.claim, Claim::Fenced(_)), "{refused:?}");
@@ -777,7 +794,14 @@ async fn closing_a_batch_leaves_a_newer_open_batch_open() {
         async move {
             opened(
                 store
-                    .claim_batch(epoch, "test", schedule, Duration::ZERO, token, false)
+                    .claim_batch(
+                        epoch,
+                        "test",
+                        schedule,
+                        Duration::ZERO,
+                        token,
+                        &any_provider(false),
+                    )
                     .await
                     .unwrap()
                     .claim,
@@ -797,7 +821,7 @@ async fn closing_a_batch_leaves_a_newer_open_batch_open() {
     let second = claim(2).await;
     assert!(second.opened_at > first.opened_at);
     store
-        .close_batch(epoch, first.opened_at, &[5_000])
+        .close_batch(epoch, first.opened_at, &[5_000], "{}")
         .await
         .unwrap();
     assert!(batch_open().await, "the second batch is still being sent");
@@ -814,7 +838,7 @@ async fn closing_a_batch_leaves_a_newer_open_batch_open() {
         .get(0);
     assert_eq!(recorded.len(), 1, "the first close still records its sends");
     store
-        .close_batch(epoch, second.opened_at, &[])
+        .close_batch(epoch, second.opened_at, &[], "{}")
         .await
         .unwrap();
     assert!(!batch_open().await, "the newest batch's close closes it");
@@ -840,7 +864,14 @@ async fn only_another_terms_open_batch_holds_the_next_claim_back() {
         let store = store.clone();
         async move {
             store
-                .claim_batch(epoch, "test", schedule, Duration::ZERO, token, false)
+                .claim_batch(
+                    epoch,
+                    "test",
+                    schedule,
+                    Duration::ZERO,
+                    token,
+                    &any_provider(false),
+                )
                 .await
                 .unwrap()
                 .claim
@@ -888,7 +919,14 @@ async fn a_flush_writes_every_result_submitted_before_it() {
     };
     let batch = opened(
         store
-            .claim_batch(epoch, "test", schedule, Duration::ZERO, 1, false)
+            .claim_batch(
+                epoch,
+                "test",
+                schedule,
+                Duration::ZERO,
+                1,
+                &any_provider(false),
+            )
             .await
             .unwrap()
             .claim,
@@ -942,7 +980,7 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
         let store = store.clone();
         async move {
             store
-                .claim_batch(epoch, "test", schedule, window, token, false)
+                .claim_batch(epoch, "test", schedule, window, token, &any_provider(false))
                 .await
                 .unwrap()
                 .claim
@@ -963,7 +1001,7 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     let batch = opened(claim(first, 1).await);
     assert_eq!(batch.messages.len(), 3);
     store
-        .close_batch(first, batch.opened_at, &[])
+        .close_batch(first, batch.opened_at, &[], "{}")
         .await
         .unwrap();
     // A claim whose answer was lost: its rows come back by its token, attempt uncounted.
@@ -977,7 +1015,7 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     let batch = opened(claim(first, 3).await);
     assert_eq!(batch.messages.len(), 3);
     store
-        .close_batch(first, batch.opened_at, &[])
+        .close_batch(first, batch.opened_at, &[], "{}")
         .await
         .unwrap();
 
@@ -1017,7 +1055,7 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     let batch = opened(claim(first, 4).await);
     assert_eq!(batch.messages.len(), 3);
     store
-        .close_batch(first, batch.opened_at, &[])
+        .close_batch(first, batch.opened_at, &[], "{}")
         .await
         .unwrap();
 
@@ -1263,7 +1301,14 @@ async fn a_claim_writes_no_entry_into_the_listing_index() {
     };
     let batch = opened(
         store
-            .claim_batch(epoch, "test", schedule, Duration::ZERO, 1, false)
+            .claim_batch(
+                epoch,
+                "test",
+                schedule,
+                Duration::ZERO,
+                1,
+                &any_provider(false),
+            )
             .await
             .unwrap()
             .claim,

@@ -17,6 +17,7 @@ mod lifecycle;
 mod metrics;
 mod migrations;
 mod provider_answers;
+mod providers;
 mod rescue;
 mod support;
 mod tls;

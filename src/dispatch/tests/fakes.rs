@@ -17,10 +17,10 @@ use crate::dispatch::*;
 use crate::domain::Epoch;
 use crate::leadership::{FenceTiming, Leadership, Term};
 use crate::metrics::Metrics;
-use crate::provider::{Provider, SendOutcome};
+use crate::provider::{Outgoing, Provider, SendOutcome};
 use crate::store::{
-    Claim, ClaimResult, ClaimedMessage, KnownDelivery, OpenedBatch, Recorded, RescueCandidate,
-    RescuePolicy, Rescued, Schedule, SentResult, StoreError,
+    Claim, ClaimResult, ClaimScope, ClaimedMessage, KnownDelivery, OpenedBatch, Recorded,
+    RescueCandidate, RescuePolicy, Rescued, Schedule, SentResult, StoreError,
 };
 
 pub(super) const FENCE_WINDOW: Duration = Duration::from_millis(500);
@@ -46,6 +46,9 @@ pub(super) struct Row {
     pub(super) due_at: Instant,
     pub(super) expires_at: Option<DateTime<Utc>>,
     pub(super) last_error: Option<String>,
+    /// As the columns of the same names (docs/design.md#failover).
+    pub(super) provider: Option<String>,
+    pub(super) pinned_provider: Option<String>,
 }
 
 /// The queue and the fence row, as PostgreSQL would keep them, with the statements'
@@ -108,6 +111,8 @@ impl FakeQueue {
             due_at: Instant::now(),
             expires_at: None,
             last_error: None,
+            provider: None,
+            pinned_provider: None,
         });
         id
     }
@@ -220,7 +225,7 @@ impl Backend for FakeQueue {
         configured: Schedule,
         _fence_window: Duration,
         token: i64,
-        probe_due: bool,
+        route: &ClaimScope,
     ) -> Result<ClaimResult, StoreError> {
         let mut q = self.0.borrow_mut();
         q.claims += 1;
@@ -249,7 +254,7 @@ impl Backend for FakeQueue {
             return Ok(result(Claim::Stopped));
         }
         if let Some(reason) = &q.paused {
-            if !probe_due {
+            if !route.probe_due {
                 return Ok(result(Claim::Paused(reason.clone())));
             }
         }
@@ -267,6 +272,10 @@ impl Backend for FakeQueue {
             .rows
             .iter_mut()
             .filter(|r| r.status == Status::Pending && r.due_at <= now)
+            .filter(|r| match &r.pinned_provider {
+                None => route.provider.is_some(),
+                Some(pinned) => route.usable.contains(pinned),
+            })
             .collect();
         due.sort_by_key(|r| (std::cmp::Reverse(r.priority), r.id));
         let messages: Vec<ClaimedMessage> = due
@@ -278,6 +287,7 @@ impl Backend for FakeQueue {
                 row.claim_token = Some(token);
                 row.claimed_at = now;
                 row.attempts += 1;
+                row.provider = row.pinned_provider.clone().or(route.provider.clone());
                 ClaimedMessage {
                     id: row.id,
                     delivery_key: format!("key-{}", row.id),
@@ -288,6 +298,8 @@ impl Backend for FakeQueue {
                     created_at: Utc::now(),
                     priority: row.priority,
                     expires_at: row.expires_at,
+                    sender: None,
+                    provider: row.provider.clone(),
                 }
             })
             .collect();
@@ -390,6 +402,9 @@ impl Backend for FakeQueue {
                 row.due_at = Instant::now();
                 rescued.pending += 1;
             }
+            if row.pinned_provider.is_none() {
+                row.pinned_provider = row.provider.clone();
+            }
         }
         Ok(rescued)
     }
@@ -401,10 +416,14 @@ impl Backend for FakeQueue {
         max_attempts: u32,
         delay: Duration,
         error: &str,
+        unknown: bool,
     ) -> Result<Recorded, StoreError> {
         let mut failed = false;
         let ours = self.guarded(id, epoch, |row| {
             row.last_error = Some(error.to_string());
+            if unknown && row.pinned_provider.is_none() {
+                row.pinned_provider = row.provider.clone();
+            }
             if max_attempts > 0 && row.attempts >= max_attempts as i32 {
                 row.status = Status::Failed;
                 failed = true;
@@ -437,16 +456,13 @@ impl Backend for FakeQueue {
         })
     }
 
-    async fn mark_unauthorized(
-        &self,
-        id: i64,
-        epoch: Epoch,
-        error: &str,
-    ) -> Result<Recorded, StoreError> {
+    async fn mark_held(&self, id: i64, epoch: Epoch, error: &str) -> Result<Recorded, StoreError> {
         let ours = self.guarded(id, epoch, |row| {
             row.status = Status::Pending;
             row.attempts -= 1;
+            row.due_at = Instant::now();
             row.last_error = Some(error.to_string());
+            row.provider = row.pinned_provider.clone();
         });
         Ok(if ours {
             Recorded::Retrying
@@ -468,6 +484,7 @@ impl Backend for FakeQueue {
             if self.guarded(*id, epoch, |row| {
                 row.status = Status::Pending;
                 row.attempts -= 1;
+                row.provider = row.pinned_provider.clone();
             }) {
                 n += 1;
             }
@@ -480,6 +497,7 @@ impl Backend for FakeQueue {
         epoch: Epoch,
         _opened_at: DateTime<Utc>,
         recent_send_ages_us: &[i64],
+        _routing: &str,
     ) -> Result<(), StoreError> {
         let mut q = self.0.borrow_mut();
         if q.epoch == epoch {
@@ -512,15 +530,16 @@ impl Backend for FakeQueue {
     }
 }
 
-/// How a [`FakeProvider`] answers the n-th send of a key.
-pub(super) type Answer = Box<dyn Fn(usize, &str) -> SendOutcome + Send + Sync>;
+/// How a [`FakeProvider`] answers the n-th send (of a key, to a provider).
+pub(super) type Answer = Box<dyn Fn(usize, &str, &str) -> SendOutcome + Send + Sync>;
 
 /// A provider that answers after `latency` with what `answer` says for the n-th send
 /// (counting from 0), and notes when every send started.
 pub(super) struct FakeProvider {
     pub(super) latency: Duration,
     pub(super) answer: Answer,
-    pub(super) sends: Mutex<Vec<(String, Instant)>>,
+    /// Key, start and provider of every send.
+    pub(super) sends: Mutex<Vec<(String, Instant, String)>>,
 }
 
 impl FakeProvider {
@@ -532,6 +551,14 @@ impl FakeProvider {
         latency: Duration,
         answer: impl Fn(usize, &str) -> SendOutcome + Send + Sync + 'static,
     ) -> Self {
+        Self::answering_by_provider(latency, move |n, key, _| answer(n, key))
+    }
+
+    /// `answer` is told the provider too.
+    pub(super) fn answering_by_provider(
+        latency: Duration,
+        answer: impl Fn(usize, &str, &str) -> SendOutcome + Send + Sync + 'static,
+    ) -> Self {
         Self {
             latency,
             answer: Box::new(answer),
@@ -539,16 +566,16 @@ impl FakeProvider {
         }
     }
 
-    pub(super) fn sends(&self) -> Vec<(String, Instant)> {
+    pub(super) fn sends(&self) -> Vec<(String, Instant, String)> {
         self.sends.lock().unwrap().clone()
     }
 
     pub(super) fn starts(&self) -> Vec<Instant> {
-        self.sends().into_iter().map(|(_, at)| at).collect()
+        self.sends().into_iter().map(|(_, at, _)| at).collect()
     }
 
     pub(super) fn keys(&self) -> Vec<String> {
-        self.sends().into_iter().map(|(key, _)| key).collect()
+        self.sends().into_iter().map(|(key, _, _)| key).collect()
     }
 }
 
@@ -559,14 +586,15 @@ pub(super) fn accepted() -> SendOutcome {
 }
 
 impl Provider for FakeProvider {
-    async fn send(&self, delivery_key: &str, _to: &str, _content: &str) -> SendOutcome {
+    async fn send(&self, provider: &str, message: &Outgoing<'_>) -> SendOutcome {
+        let key = message.delivery_key;
         let n = {
             let mut sends = self.sends.lock().unwrap();
-            sends.push((delivery_key.to_string(), Instant::now()));
+            sends.push((key.to_string(), Instant::now(), provider.to_string()));
             sends.len() - 1
         };
         tokio::time::sleep(self.latency).await;
-        (self.answer)(n, delivery_key)
+        (self.answer)(n, key, provider)
     }
 }
 
@@ -597,6 +625,22 @@ pub(super) fn settings(batch_size: u32, interval: Duration) -> DispatchSettings 
         shutdown_timeout: Duration::from_secs(3),
         poll: Duration::from_millis(200),
         probe_every: Duration::from_secs(5),
+        providers: vec![route("main")],
+        from: None,
+    }
+}
+
+/// A provider of the lane with breaker settings tests can reason about: 3 failures in
+/// a row open it for 10 s.
+pub(super) fn route(name: &str) -> RouteSettings {
+    RouteSettings {
+        name: name.into(),
+        breaker: crate::config::BreakerSettings {
+            failures: 3,
+            ratio: 0.5,
+            cooldown: Duration::from_secs(10),
+        },
+        from: None,
     }
 }
 
@@ -634,6 +678,7 @@ impl Rig {
             recorder: Recorder::new(self.queue.clone()),
             pause: PauseState::default(),
             recipients: Default::default(),
+            routing: Routing::new(&self.settings.providers, self.settings.retry.max),
         }
     }
 
@@ -709,7 +754,8 @@ pub(super) struct CountingProvider {
 }
 
 impl Provider for CountingProvider {
-    async fn send(&self, delivery_key: &str, to: &str, content: &str) -> SendOutcome {
+    async fn send(&self, provider: &str, message: &Outgoing<'_>) -> SendOutcome {
+        let delivery_key = message.delivery_key;
         {
             let mut counts = self.in_flight.lock().unwrap();
             counts.0 += 1;
@@ -717,7 +763,7 @@ impl Provider for CountingProvider {
         }
         let id: u64 = delivery_key.trim_start_matches("key-").parse().unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(10 + (id * 37) % 90)).await;
-        let outcome = self.inner.send(delivery_key, to, content).await;
+        let outcome = self.inner.send(provider, message).await;
         self.in_flight.lock().unwrap().0 -= 1;
         outcome
     }
