@@ -215,6 +215,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
         while !shutdown.is_cancelled() {
             let Some(term) = self.leadership.current() else {
                 state.finish_running_batches().await;
+                self.clear_routing_gauges();
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     changed = terms.changed() => if changed.is_err() { break },
@@ -471,6 +472,17 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 .effective_rate
                 .with_label_values(&[lane])
                 .set(rate);
+        }
+    }
+
+    /// A replica that does not lead the lane reports every breaker closed, so only the
+    /// leader's can fire an alert.
+    fn clear_routing_gauges(&self) {
+        for route in &self.settings.providers {
+            self.metrics
+                .provider_breaker
+                .with_label_values(&[&self.settings.lane, &route.name])
+                .set(0);
         }
     }
 

@@ -99,7 +99,8 @@ pub struct Ticket<'a> {
 /// What the breaker and the throttle learn from one answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// The provider answered for the message (accepted or refused it for good).
+    /// The provider answered for the message (accepted it, refused it for good, or
+    /// refused our credentials).
     Answered,
     /// A retryable failure.
     Failed,
@@ -108,10 +109,14 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// A refusal of our credentials is an answer: the provider is up, and the lane's
+    /// pause for credentials (docs/design.md#provider-credentials) handles it.
     pub fn of(outcome: &SendOutcome) -> Self {
         match outcome {
-            SendOutcome::Accepted { .. } | SendOutcome::Rejected { .. } => Self::Answered,
-            SendOutcome::Transient { .. } | SendOutcome::Unauthorized { .. } => Self::Failed,
+            SendOutcome::Accepted { .. }
+            | SendOutcome::Rejected { .. }
+            | SendOutcome::Unauthorized { .. } => Self::Answered,
+            SendOutcome::Transient { .. } => Self::Failed,
             SendOutcome::Throttled { retry_after, .. } => Self::Throttled(*retry_after),
         }
     }

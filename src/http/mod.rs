@@ -48,9 +48,17 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .iter()
         .map(|lane| lane.name.clone())
         .collect();
+    let providers: Vec<String> = state
+        .config
+        .plan
+        .providers
+        .iter()
+        .map(|provider| provider.name.clone())
+        .collect();
     let spec = Arc::new(openapi::for_replica(
         state.config.message_max_length,
         &lanes,
+        &providers,
     ));
     let open = health::routes(state.clone())
         .or(warp::path!("openapi.json")

@@ -13,11 +13,20 @@ pub fn document(spec: &Value) -> Response {
     super::json(StatusCode::OK, spec)
 }
 
-/// The document for a replica whose configured lanes are `lanes`: a lane anywhere in a
-/// request is one of them (an unknown lane is refused, so the document says so).
-pub fn for_replica(max_content_chars: usize, lanes: &[String]) -> Value {
+/// The document for a replica whose configured lanes are `lanes` and providers
+/// `providers`: a lane anywhere in a request is one of them, and so is a provider named
+/// in a path (an unknown one is refused, so the document says so).
+pub fn for_replica(max_content_chars: usize, lanes: &[String], providers: &[String]) -> Value {
     let mut spec = spec(max_content_chars);
     pin_lanes(&mut spec, lanes);
+    if let Some(schema) = spec["paths"]["/api/providers/{name}/receipts"]["post"]["parameters"]
+        .as_array_mut()
+        .and_then(|params| params.iter_mut().find(|p| p["name"] == "name"))
+        .and_then(|param| param["schema"].as_object_mut())
+    {
+        schema.remove("pattern");
+        schema.insert("enum".into(), json!(providers));
+    }
     // The list's `lane=` left empty means any lane, as `status=` does.
     if let Some(names) = spec["paths"]["/api/messages"]["get"]["parameters"]
         .as_array_mut()
@@ -82,6 +91,10 @@ const STATUSES: [&str; 6] = [
 
 /// A lane's name, as `DISPATCH_CONFIG` allows it.
 const LANE_PATTERN: &str = "^[a-z0-9][a-z0-9_-]{0,31}$";
+
+/// A provider's name in a path: the lanes' alphabet, written differently so that
+/// `pin_lanes` leaves it alone.
+const PROVIDER_PATTERN: &str = "^[a-z0-9][-a-z0-9_]{0,31}$";
 
 /// What `domain::Sender::parse` accepts.
 const SENDER_PATTERN: &str = "^(\\+[0-9]{4,15}|[A-Za-z0-9]([A-Za-z0-9 ]{0,9}[A-Za-z0-9])?)$";
@@ -821,6 +834,27 @@ fn paths() -> Value {
                 ("400", error_response("not JSON")),
                 ("413", error_response("body over 1 MiB")),
                 ("422", error_response("a field is invalid or unknown; the error names it and its index"))
+            ]))
+        }},
+        "/api/providers/{name}/receipts": {"post": {
+            "summary": "Delivery receipts in a provider's own format: Twilio's status callback (a form, verified with X-Twilio-Signature), Vonage's and Infobip's reports, ours for http-json; the others authenticate with DLR_TOKEN as a Bearer token or ?token=",
+            "operationId": "providerReceipts",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "name", "in": "path", "required": true, "description": "a configured provider", "schema": {"type": "string", "pattern": PROVIDER_PATTERN}}],
+            "requestBody": {"required": true, "content": {
+                "application/json": {"schema": {"oneOf": [
+                    schema_ref("Receipt"),
+                    {"type": "object", "required": ["results"], "description": "Infobip's delivery report", "properties": {"results": {"type": "array", "items": {"type": "object", "required": ["messageId"], "properties": {"messageId": {"type": "string"}}}}}},
+                    {"type": "object", "required": ["messageId"], "description": "Vonage's delivery receipt", "properties": {"messageId": {"type": "string"}, "status": {"type": "string"}, "err-code": {"type": "string"}}}
+                ]}},
+                "application/x-www-form-urlencoded": {"schema": {"type": "object", "description": "Twilio's status callback (MessageSid, MessageStatus, ErrorCode) or Vonage's receipt", "additionalProperties": {"type": "string"}}}
+            }},
+            "responses": api_errors(responses(&[
+                ("200", json_response("what became of each receipt; intermediate statuses are ignored", json!({"type": "object", "required": ["receipts"], "properties": {"receipts": {"type": "array", "items": {"type": "object", "required": ["outcome"], "properties": {"message_id": {"type": "string"}, "outcome": {"enum": ["applied", "already_delivered", "held", "ignored"]}}}}}}))),
+                ("403", error_response("a Twilio callback without a valid X-Twilio-Signature")),
+                ("404", error_response("no such provider")),
+                ("413", error_response("body over 256 KiB")),
+                ("422", error_response("not a receipt in the provider's format"))
             ]))
         }},
         "/api/messages/{id}/retry": {"post": {

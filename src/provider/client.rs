@@ -56,8 +56,9 @@ impl ProviderClient {
         if config.insecure_skip_verify {
             tracing::warn!(
                 provider = %spec.name,
-                "insecure_skip_verify: the provider's TLS certificate is not checked; \
-                 anyone on the network path can read and answer these requests"
+                "SMS_API_INSECURE_SKIP_VERIFY=true (insecure_skip_verify in DISPATCH_CONFIG): \
+                 the provider's TLS certificate is not checked; anyone on the network path \
+                 can read and answer these requests"
             );
             builder = builder.tls_danger_accept_invalid_certs(true);
         }

@@ -106,7 +106,10 @@ async fn metrics_pass_promtool_and_counters_move() {
         Some(7.0)
     );
     assert_eq!(
-        metric_value(&after, "dispatcher_provider_requests_total{code=\"202\"}"),
+        metric_value(
+            &after,
+            "dispatcher_provider_requests_total{code=\"202\",provider=\"default\"}"
+        ),
         Some(7.0)
     );
     assert!(

@@ -1,6 +1,7 @@
 //! Answers from the provider that PostgreSQL would refuse if stored as they came, or
 //! that would make a message loop: each message ends `sent` or `failed`, accepted ones
-//! are sent once, `MAX_ATTEMPTS` holds, and the queue keeps flowing.
+//! are sent once, `MAX_ATTEMPTS` holds, and the queue keeps flowing. (Throttles, which
+//! pause the provider instead, are in `providers.rs`.)
 
 use std::time::Duration;
 
@@ -9,12 +10,26 @@ use crate::support::{ReplicaSettings, TestEnv, ms, secs, wait_for};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_provider_answers_end_sent_or_failed_and_never_block_the_queue() {
     let env = TestEnv::with_scripted().await;
+    // The failures here are the messages', not the provider's: a breaker that never
+    // opens keeps them on their own backoff (docs/design.md#failover).
+    let config = env.dir.path().join("dispatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[provider]]\nname = \"scripted\"\nkind = \"http-json\"\nurl = \"{}\"\n\
+             token_env = \"SMS_API_TOKEN\"\nbreaker_failures = 1000\nbreaker_ratio = 1.0\n\n\
+             [[lane]]\nname = \"default\"\nbatch_size = 10\ninterval = \"200ms\"\n\
+             providers = [\"scripted\"]\n",
+            env.provider_url
+        ),
+    )
+    .unwrap();
     let replica = env
         .replica(
             "r1",
             &ReplicaSettings::fast()
-                .batch_size(10)
-                .processing_interval(ms(200))
+                .env("DISPATCH_CONFIG", &config.display().to_string())
+                .env("SMS_API_TOKEN", "scripted-token")
                 .max_attempts(3)
                 .retry_backoff(secs(1), secs(2)),
         )
@@ -24,8 +39,6 @@ async fn bad_provider_answers_end_sent_or_failed_and_never_block_the_queue() {
         ("long-id reply:202-long-id", "sent", 1),
         ("nul-body reply:500-nul-body", "failed", 3),
         ("huge-body reply:500-huge-body", "failed", 3),
-        ("retry-after-huge reply:503-retry-after-huge", "failed", 3),
-        ("retry-after-zero reply:429-after-0", "failed", 3),
         ("redirect reply:302", "failed", 3),
         ("plain after", "sent", 1),
     ];
@@ -71,23 +84,8 @@ async fn bad_provider_answers_end_sent_or_failed_and_never_block_the_queue() {
             assert!(error.chars().count() <= 1000, "{content}: bounded error");
         }
     }
-    let times = |index: usize| -> Vec<std::time::Instant> {
-        env.scripted()
-            .requests_for(&keys[index])
-            .iter()
-            .map(|r| r.at)
-            .collect()
-    };
-    // Retry-After: 0 does not hot-loop; a huge Retry-After is capped at
-    // RETRY_BACKOFF_MAX (the test would time out otherwise).
-    for pair in times(5).windows(2) {
-        assert!(
-            pair[1] - pair[0] >= Duration::from_millis(900),
-            "Retry-After: 0 is retried after at least a second"
-        );
-    }
     let redirect: Option<String> = db
-        .query_one("SELECT last_error FROM messages WHERE id = $1", &[&ids[6]])
+        .query_one("SELECT last_error FROM messages WHERE id = $1", &[&ids[4]])
         .await
         .unwrap()
         .get(0);

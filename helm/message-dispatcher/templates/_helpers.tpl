@@ -229,8 +229,24 @@ strings too (Go escapes <, > and & as \u003c..., valid in both).
 [[provider]]
 name = {{ .name | toString | toJson }}
 kind = {{ .kind | toString | toJson }}
-url = {{ .url | toString | toJson }}
+{{- $provider := . }}
+{{- range $key := list "url" "base_url" }}
+{{- if hasKey $provider $key }}
+{{ $key }} = {{ get $provider $key | toString | toJson }}
+{{- end }}
+{{- end }}
 token_env = {{ .token_env | toString | toJson }}
+{{- range $key := list "account_sid" "messaging_service_sid" "api_key" "from" "public_url" "breaker_cooldown" }}
+{{- if hasKey $provider $key }}
+{{ $key }} = {{ get $provider $key | toString | toJson }}
+{{- end }}
+{{- end }}
+{{- if hasKey . "breaker_failures" }}
+breaker_failures = {{ int64 .breaker_failures }}
+{{- end }}
+{{- if hasKey . "breaker_ratio" }}
+breaker_ratio = {{ printf "%f" (float64 .breaker_ratio) }}
+{{- end }}
 {{- if hasKey . "auth_header" }}
 auth_header = {{ .auth_header | toString | toJson }}
 {{- end }}
@@ -254,6 +270,9 @@ interval = {{ .interval | toString | toJson }}
 unit = {{ .unit | toString | toJson }}
 {{- end }}
 providers = {{ toJson .providers }}
+{{- if hasKey . "from" }}
+from = {{ .from | toString | toJson }}
+{{- end }}
 {{- if hasKey . "send_concurrency" }}
 send_concurrency = {{ int64 .send_concurrency }}
 {{- end }}

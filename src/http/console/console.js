@@ -462,8 +462,12 @@
         : []));
 
       const unit = lane.unit === "segments" ? "segments" : lane.batch_size === 1 ? "message" : "messages";
+      // Throttled by a provider: the leader sends below the configured rate for a while.
+      const slowed = typeof lane.rate_factor === "number" && lane.rate_factor < 1 && lane.effective_rate_per_second !== null
+        ? [facts("sub lane-slowed", `slowed to ${rate(lane.effective_rate_per_second)} per s by throttling`)] : [];
       cells.rate.replaceChildren(
         rateCell(lane),
+        ...slowed,
         facts("sub muted", [`${lane.batch_size} ${unit}`, `every ${lane.interval}`], `${lane.send_concurrency} in flight`));
       cells.queue.replaceChildren(
         facts("", `${count(lane.pending)} pending`),
@@ -473,7 +477,8 @@
         ? [el("span", { class: "muted", text: "none" })]
         : lane.providers.map((p) => el("span", { class: "provider", "data-provider": p.name, title: p.kind }, [
           el("span", { class: "nowrap", text: p.name }), " ",
-          el("span", { class: `breaker breaker-${p.state}`, text: p.state }),
+          el("span", { class: `breaker breaker-${p.state}`, text: p.state, title: p.open_until ? `open until ${p.open_until}` : "" }),
+          ...(p.throttled_until ? [" ", el("span", { class: "breaker breaker-throttled", text: "throttled", title: `until ${p.throttled_until}` })] : []),
         ]))));
 
       laneState.set(lane.name, { running: lane.running, paused });
