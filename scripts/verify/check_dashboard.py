@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED_PANELS = [
-    "Delivery rate", "Provider answers by code", "Queue by status", "Oldest pending message",
+    "Delivery rate", "Provider answers by provider and code", "Queue by status", "Oldest pending message",
     "Leader per replica", "Leader epoch", "Lock operations by result", "Batch duration",
     "Provider latency", "Fencing rejections and rescues", "Dependencies up", "Memory per replica",
     "CPU per replica",

@@ -530,6 +530,7 @@ def main() -> int:
         "lanes-without-default.yaml": 'no lane is named "default"',
         "lanes-token-unset.yaml": "token_env OTP_SMS_TOKEN is set by nothing",
         "bad-lane.yaml": "/dispatchConfig/lanes/1/name",
+        "twilio-without-account-sid.yaml": "account_sid",
     }
     check(sorted(os.listdir(invalid_dir)) == sorted(must_mention),
           f"ci/invalid holds exactly the expected files ({sorted(os.listdir(invalid_dir))})")

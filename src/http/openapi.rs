@@ -842,8 +842,9 @@ fn paths() -> Value {
             "security": [{"bearer": []}],
             "parameters": [{"name": "name", "in": "path", "required": true, "description": "a configured provider", "schema": {"type": "string", "pattern": PROVIDER_PATTERN}}],
             "requestBody": {"required": true, "content": {
-                "application/json": {"schema": {"oneOf": [
+                "application/json": {"schema": {"anyOf": [
                     schema_ref("Receipt"),
+                    {"type": "array", "items": schema_ref("Receipt"), "minItems": 1, "maxItems": 1000},
                     {"type": "object", "required": ["results"], "description": "Infobip's delivery report", "properties": {"results": {"type": "array", "items": {"type": "object", "required": ["messageId"], "properties": {"messageId": {"type": "string"}}}}}},
                     {"type": "object", "required": ["messageId"], "description": "Vonage's delivery receipt", "properties": {"messageId": {"type": "string"}, "status": {"type": "string"}, "err-code": {"type": "string"}}}
                 ]}},
@@ -851,6 +852,7 @@ fn paths() -> Value {
             }},
             "responses": api_errors(responses(&[
                 ("200", json_response("what became of each receipt; intermediate statuses are ignored", json!({"type": "object", "required": ["receipts"], "properties": {"receipts": {"type": "array", "items": {"type": "object", "required": ["outcome"], "properties": {"message_id": {"type": "string"}, "outcome": {"enum": ["applied", "already_delivered", "held", "ignored"]}}}}}}))),
+                ("400", error_response("not JSON where the provider's format is JSON")),
                 ("403", error_response("a Twilio callback without a valid X-Twilio-Signature")),
                 ("404", error_response("no such provider")),
                 ("413", error_response("body over 256 KiB")),

@@ -304,21 +304,10 @@ fn infobip_receipts(request: &Inbound) -> Result<Vec<Parsed>, ApiError> {
         .collect()
 }
 
-/// Our own format, as `POST /api/delivery-receipts` takes it (one object).
+/// Our own format, exactly as `POST /api/delivery-receipts` takes it.
 fn http_json_receipts(request: &Inbound) -> Result<Vec<Parsed>, ApiError> {
-    let value: Value = serde_json::from_slice(&request.body)
-        .map_err(|err| ApiError::validation("body", format!("not JSON: {err}")))?;
-    let id = value["message_id"]
-        .as_str()
-        .ok_or_else(|| ApiError::validation("message_id", "message_id is required"))?;
-    let status = value["status"].as_str().and_then(DeliveryStatus::parse);
-    if status.is_none() {
-        return Err(ApiError::validation(
-            "status",
-            "status must be delivered, undelivered or failed",
-        ));
-    }
-    Ok(vec![receipt(id, status, value["error_code"].as_str())?])
+    let (receipts, _) = super::receipts::parse(&request.body)?;
+    Ok(receipts.into_iter().map(Some).collect())
 }
 
 #[cfg(test)]

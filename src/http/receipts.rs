@@ -43,8 +43,9 @@ struct Answer<'a> {
     outcome: ReceiptOutcome,
 }
 
-async fn receive(state: State, body: Bytes) -> Result<Response, ApiError> {
-    let (items, single) = body::one_or_many::<ReceiptBody>(&body, MAX_RECEIPTS, "receipt")?;
+/// Receipts in our own format, one object or an array; whether it was one object.
+pub(super) fn parse(body: &[u8]) -> Result<(Vec<Receipt>, bool), ApiError> {
+    let (items, single) = body::one_or_many::<ReceiptBody>(body, MAX_RECEIPTS, "receipt")?;
     let receipts = items
         .into_iter()
         .enumerate()
@@ -57,6 +58,11 @@ async fn receive(state: State, body: Bytes) -> Result<Response, ApiError> {
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
+    Ok((receipts, single))
+}
+
+async fn receive(state: State, body: Bytes) -> Result<Response, ApiError> {
+    let (receipts, single) = parse(&body)?;
     let mut outcomes = Vec::with_capacity(receipts.len());
     for receipt in &receipts {
         let outcome = state.store.record_receipt(receipt).await?;
