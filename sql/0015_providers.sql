@@ -16,3 +16,8 @@ ALTER TABLE messages
     ADD COLUMN pinned_provider text;
 
 ALTER TABLE dispatcher_leader ADD COLUMN routing jsonb;
+
+-- delivery_receipts_pending.provider: the provider whose endpoint a kept receipt came
+--   through (/api/providers/{name}/receipts), so it applies only to that provider's
+--   message; NULL (/api/delivery-receipts) applies to whichever carries the id.
+ALTER TABLE delivery_receipts_pending ADD COLUMN provider text;

@@ -18,8 +18,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::cache::DeliveryCache;
-use crate::config::Config;
 use crate::config::LaneSpec;
+use crate::config::{Config, Secret};
 use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::dispatch::{RouteSettings, Routing};
 use crate::leadership::{self, FenceTiming, Leadership, Spread};
@@ -71,8 +71,10 @@ impl Replica {
         };
         let mut clients = Vec::with_capacity(config.plan.providers.len());
         for spec in &config.plan.providers {
-            let client = ProviderClient::new(spec, metrics.clone())
-                .with_context(|| format!("SMS provider client {:?}", spec.name))?;
+            let receipts_token = config.dlr_token.as_ref().or(config.api_token.as_ref());
+            let client =
+                ProviderClient::new(spec, receipts_token.map(Secret::expose), metrics.clone())
+                    .with_context(|| format!("SMS provider client {:?}", spec.name))?;
             clients.push(Arc::new(client));
         }
         let providers = Arc::new(Providers::new(clients));

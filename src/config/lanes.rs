@@ -490,6 +490,7 @@ fn provider(
     let name = plain_name(entry, table.name)?;
     let kind = ProviderKind::parse(table.kind.get_ref())
         .map_err(|problem| entry.statement(table.kind.span(), problem))?;
+    let table_span_of_sid = table.account_sid.as_ref().map(Spanned::span);
     let url = provider_url(entry, span.clone(), kind, table.url, table.base_url)?;
     let account_sid = kind_key(
         entry,
@@ -498,6 +499,12 @@ fn provider(
         "account_sid",
         table.account_sid,
     )?;
+    if let (Some(sid), Some(span)) = (&account_sid, table_span_of_sid) {
+        if !sid.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            let problem = format!("{sid:?} must be letters and digits (AC…), as Twilio writes it");
+            return Err(entry.error(span, "account_sid", problem));
+        }
+    }
     let messaging_service_sid = kind_key(
         entry,
         kind,
@@ -759,15 +766,55 @@ fn lane(
                 entry.error(value.span(), "send_concurrency", problem)
             })?,
     };
+    let from = sender(entry, table.from)?;
+    let providers_span = table.providers.span();
+    let names = lane_providers(entry, table.providers, providers)?;
+    if from.is_none() {
+        needs_no_sender(entry, providers_span, &names, providers)?;
+    }
     Ok(LaneSpec {
         name,
         batch_size,
         interval,
         unit,
-        from: sender(entry, table.from)?,
-        providers: lane_providers(entry, table.providers, providers)?,
+        from,
+        providers: names,
         send_concurrency,
     })
+}
+
+/// A lane without a sender of its own may only name providers that can send without
+/// one: Vonage needs a `from`, Twilio a `from` or a `messaging_service_sid`. Without, a
+/// message that names no sender would be refused for good by the provider.
+fn needs_no_sender(
+    entry: &Entry,
+    span: Range<usize>,
+    names: &[String],
+    providers: &[ProviderSpec],
+) -> Result<(), ConfigError> {
+    for provider in providers.iter().filter(|p| names.contains(&p.name)) {
+        let missing = match provider.kind {
+            ProviderKind::Vonage => provider.from.is_none(),
+            ProviderKind::Twilio => {
+                provider.from.is_none() && provider.messaging_service_sid.is_none()
+            }
+            ProviderKind::HttpJson | ProviderKind::Infobip => false,
+        };
+        if missing {
+            let problem = format!(
+                "provider {:?} ({}) needs a sender: set from on the lane or the provider{}",
+                provider.name,
+                provider.kind.as_str(),
+                if provider.kind == ProviderKind::Twilio {
+                    ", or the provider's messaging_service_sid"
+                } else {
+                    ""
+                }
+            );
+            return Err(entry.error(span, "providers", problem));
+        }
+    }
+    Ok(())
 }
 
 /// 1 to [`MAX_BATCH_SIZE`]: a batch is claimed in one transaction and held in memory.
@@ -1279,6 +1326,21 @@ prefixes = ["+9055"]
             ),
             5,
             "from: \"far too long a name\" must be an E.164 number",
+        );
+        refused_at(
+            &format!(
+                "[[provider]]\nname = \"main\"\nkind = \"vonage\"\ntoken_env = \"SMS_API_TOKEN\"\n\
+                 api_key = \"k\"\n{DEFAULT}"
+            ),
+            10,
+            "lane \"default\": providers: provider \"main\" (vonage) needs a sender",
+        );
+        refused_at(
+            &provider(
+                "kind = \"twilio\"\ntoken_env = \"SMS_API_TOKEN\"\naccount_sid = \"AC1/../x\"\n",
+            ),
+            5,
+            "account_sid: \"AC1/../x\" must be letters and digits",
         );
         refused_at(
             &provider("kind = \"infobip\"\ntoken_env = \"SMS_API_TOKEN\"\nbreaker_ratio = 1.5\n"),

@@ -100,6 +100,13 @@ pub trait Backend: ResultStore {
     /// throttle).
     async fn mark_held(&self, id: i64, epoch: Epoch, error: &str) -> Result<Recorded, StoreError>;
     async fn mark_expired(&self, id: i64, epoch: Epoch) -> Result<bool, StoreError>;
+    /// Sends a claimed, unpinned message through `provider` instead: its row names it.
+    async fn assign_provider(
+        &self,
+        id: i64,
+        epoch: Epoch,
+        provider: &str,
+    ) -> Result<bool, StoreError>;
     async fn release_unsent(&self, ids: &[i64], epoch: Epoch) -> Result<u64, StoreError>;
     /// Marks the batch opened at `opened_at` finished, with the newest sends' ages.
     async fn close_batch(
@@ -260,6 +267,15 @@ impl Backend for Live {
 
     async fn mark_expired(&self, id: i64, epoch: Epoch) -> Result<bool, StoreError> {
         self.store.mark_expired(id, epoch).await
+    }
+
+    async fn assign_provider(
+        &self,
+        id: i64,
+        epoch: Epoch,
+        provider: &str,
+    ) -> Result<bool, StoreError> {
+        self.store.assign_provider(id, epoch, provider).await
     }
 
     async fn release_unsent(&self, ids: &[i64], epoch: Epoch) -> Result<u64, StoreError> {

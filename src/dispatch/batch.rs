@@ -75,6 +75,16 @@ enum Unsent {
     Reject { error: String },
 }
 
+/// What became of a refused probe's message (see `fall_through`).
+enum FallThrough {
+    /// Sent through the next provider, with its answer.
+    Sent(SendOutcome),
+    /// Not sent again: it goes back in its place, attempt not spent.
+    Held,
+    /// Settled at the start gate (expired).
+    Settled(Fate),
+}
+
 /// What became of one claimed message in this batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
@@ -252,7 +262,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
 
     /// Sends one message and records the result. The send waits for a slot, then
     /// passes its start gate (see [`Dispatcher::start_gate`]) or never starts.
-    async fn deliver(&self, sends: &Sends<'_>, message: ClaimedMessage) -> Delivered {
+    async fn deliver(&self, sends: &Sends<'_>, mut message: ClaimedMessage) -> Delivered {
         let term = sends.term;
         // Asked before the slot, in claim order: the previous send to this number must
         // be answered first (docs/design.md#order). Held through the send.
@@ -289,21 +299,20 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(message.id);
-        let provider = ticket.provider().to_string();
-        let outgoing = Outgoing {
-            delivery_key: &message.delivery_key,
-            to: &message.phone_number,
-            content: &message.content,
-            from: self.sender(&message, &provider),
-        };
-        let outcome = self.provider.send(&provider, &outgoing).await;
+        let (provider, mut outcome, probe) = self.send_once(ticket, &message).await;
+        // A probe the provider refused says it is still down, nothing about the
+        // message, which it did not take: the message goes through the next provider
+        // at once, so a provider that stays down costs no message its turn.
+        let mut held_probe = false;
+        if probe && matches!(outcome, SendOutcome::Transient { unknown: false, .. }) {
+            match self.fall_through(sends, &mut message, &provider).await {
+                FallThrough::Sent(next_outcome) => outcome = next_outcome,
+                FallThrough::Held => held_probe = true,
+                FallThrough::Settled(fate) => return Delivered::Done(fate),
+            }
+        }
         drop(turn);
-        ticket.record(Verdict::of(&outcome));
         let sent_at = Utc::now();
-        self.metrics
-            .provider_sends
-            .with_label_values(&[&self.settings.lane, &provider, outcome_label(&outcome)])
-            .inc();
         match outcome {
             SendOutcome::Accepted {
                 provider_message_id,
@@ -325,6 +334,15 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                     outcome,
                 }
             }
+            // A failed probe with no provider to fall through to: back in its place,
+            // its attempt not spent.
+            SendOutcome::Transient {
+                error,
+                unknown: false,
+            } if held_probe => {
+                let unsent = Unsent::Held { error };
+                Delivered::Done(self.record(term, &message, unsent).await)
+            }
             SendOutcome::Transient { error, unknown } => {
                 let unsent = Unsent::Retry { error, unknown };
                 Delivered::Done(self.record(term, &message, unsent).await)
@@ -342,6 +360,61 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 let unsent = Unsent::Held { error };
                 Delivered::Done(self.record(term, &message, unsent).await)
             }
+        }
+    }
+
+    /// One send through the ticket's provider, its answer told to the breaker and
+    /// counted: the provider, the answer, and whether it was a probe.
+    async fn send_once(
+        &self,
+        ticket: Ticket<'_>,
+        message: &ClaimedMessage,
+    ) -> (String, SendOutcome, bool) {
+        let provider = ticket.provider().to_string();
+        let outgoing = Outgoing {
+            delivery_key: &message.delivery_key,
+            to: &message.phone_number,
+            content: &message.content,
+            from: self.sender(message, &provider),
+        };
+        let outcome = self.provider.send(&provider, &outgoing).await;
+        let probe = ticket.is_probe();
+        ticket.record(Verdict::of(&outcome));
+        self.metrics
+            .provider_sends
+            .with_label_values(&[&self.settings.lane, &provider, outcome_label(&outcome)])
+            .inc();
+        (provider, outcome, probe)
+    }
+
+    /// After a refused probe to `failed`: the message's row names the next usable
+    /// provider (so a rescue after a crash pins it there), and it goes through the
+    /// start gate again (permit, breaker, pacer: the rate counts this send too).
+    async fn fall_through(
+        &self,
+        sends: &Sends<'_>,
+        message: &mut ClaimedMessage,
+        failed: &str,
+    ) -> FallThrough {
+        let Some(next) = self.routing.choose().provider.filter(|p| p != failed) else {
+            return FallThrough::Held;
+        };
+        match self
+            .backend
+            .assign_provider(message.id, sends.term.epoch, &next)
+            .await
+        {
+            Ok(true) => {}
+            _ => return FallThrough::Held,
+        }
+        message.provider = Some(next);
+        match self.start_gate(sends, message).await {
+            Ok(ticket) => {
+                let (_, outcome, _) = self.send_once(ticket, message).await;
+                FallThrough::Sent(outcome)
+            }
+            Err(Fate::NotStarted) => FallThrough::Held,
+            Err(fate) => FallThrough::Settled(fate),
         }
     }
 
@@ -381,6 +454,12 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             probe,
             ..
         } = *sends;
+        let provider = message
+            .provider
+            .as_deref()
+            .or_else(|| self.settings.providers.first().map(|p| p.name.as_str()))
+            .unwrap_or_default();
+        let mut ticket: Option<Ticket<'_>> = None;
         loop {
             // Shutdown first, always: a permit that is ready at the same moment must
             // not win the race (select! picks at random among ready branches).
@@ -406,49 +485,49 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 }
                 return Err(Fate::NotStarted);
             }
-            let effective = effective_batch_size(schedule.batch_size, self.routing.rate_factor());
+            // The provider before the pacer: a send held back by a breaker or a probe
+            // must not take a place in the rate. The ticket is kept across the pacer's
+            // waits (a probe stays this send's); dropped unsent, it gives a probe back.
+            if ticket.is_none() {
+                match self.routing.admit(provider) {
+                    Admission::Go(admitted) => ticket = Some(admitted),
+                    Admission::Wait(at) => {
+                        tokio::select! {
+                            biased;
+                            () = shutdown.cancelled() => return Err(Fate::NotStarted),
+                            () = tokio::time::sleep_until(at) => {}
+                        }
+                        continue;
+                    }
+                    Admission::Unavailable => return Err(halt_for(halted, provider)),
+                }
+            }
+            // A message of more units than the throttled window still costs all of them
+            // (and fits: it is at most the configured batch size).
+            let units = message.units.max(1);
+            let window = effective_batch_size(schedule.batch_size, self.routing.rate_factor());
             match self
                 .pacer
-                .try_start(message.units.min(effective), effective, schedule.interval)
+                .try_start(units, window.max(units), schedule.interval)
             {
-                Ok(()) => {}
+                Ok(()) => break,
                 // Asks again after the wait: the permit may have lapsed meanwhile.
-                Err(free_at) => {
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => return Err(Fate::NotStarted),
-                        () = tokio::time::sleep_until(free_at) => {}
-                    }
-                    continue;
-                }
-            }
-            // The last moment to refuse: a message past its validity is never sent.
-            if message.expires_at.is_some_and(|at| Utc::now() >= at) {
-                return Err(self.expire(term, message).await);
-            }
-            let provider = message
-                .provider
-                .as_deref()
-                .or_else(|| self.settings.providers.first().map(|p| p.name.as_str()))
-                .unwrap_or_default();
-            match self.routing.admit(provider) {
-                Admission::Go(ticket) => return Ok(ticket),
-                Admission::Wait(at) => tokio::select! {
+                Err(free_at) => tokio::select! {
                     biased;
                     () = shutdown.cancelled() => return Err(Fate::NotStarted),
-                    () = tokio::time::sleep_until(at) => {}
+                    () = tokio::time::sleep_until(free_at) => {}
                 },
-                Admission::Unavailable => {
-                    if !halted.swap(true, Ordering::AcqRel) {
-                        tracing::info!(
-                            provider,
-                            "provider unavailable (breaker open or throttled); no more sends in this batch"
-                        );
-                    }
-                    return Err(Fate::NotStarted);
-                }
             }
         }
+        // The last moment to refuse: a message past its validity is never sent, nor
+        // one whose provider began holding back while this send waited for the pacer.
+        if message.expires_at.is_some_and(|at| Utc::now() >= at) {
+            return Err(self.expire(term, message).await);
+        }
+        if self.routing.holds_back(provider) {
+            return Err(halt_for(halted, provider));
+        }
+        ticket.ok_or(Fate::NotStarted)
     }
 
     /// Waits for an accepted send's group to be recorded.
@@ -692,6 +771,19 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             }
         }
     }
+}
+
+/// Stops the rest of the batch: `provider`'s breaker is open or it throttles us. Its
+/// unsent messages go back to the queue in their places; the next claim picks a usable
+/// provider.
+fn halt_for(halted: &AtomicBool, provider: &str) -> Fate {
+    if !halted.swap(true, Ordering::AcqRel) {
+        tracing::info!(
+            provider,
+            "provider unavailable (breaker open or throttled); no more sends in this batch"
+        );
+    }
+    Fate::NotStarted
 }
 
 /// The batch size the pacer holds the lane to at `factor` of its rate: at least one

@@ -225,6 +225,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             };
             if state.epoch != Some(term.epoch) {
                 state.epoch = Some(term.epoch);
+                self.routing.reset();
                 state.claims_failing_since = None;
                 // Before the rescue wait, no older epoch's row may be touched; the
                 // query would find nothing.
@@ -417,8 +418,9 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
         let choice = self.routing.choose();
         let route = ClaimScope {
             probe_due: self.pause.probe_due(),
-            provider: choice.provider,
-            usable: choice.usable,
+            provider: choice.provider.clone(),
+            usable: choice.usable.clone(),
+            probe_only: choice.probe_only,
         };
         let claim = self
             .backend
@@ -431,7 +433,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 &route,
             )
             .await;
-        let result = match claim {
+        let mut result = match claim {
             Ok(result) => result,
             Err(err) => {
                 // The COMMIT may have happened with its reply lost.
@@ -439,6 +441,9 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 return Err(err);
             }
         };
+        if let (Some(probe), Claim::Batch(batch)) = (&choice.probe, &mut result.claim) {
+            self.assign_probe(term, probe, batch).await;
+        }
         self.pacer
             .seed(term.epoch, Instant::now(), &result.recent_send_ages_us);
         self.publish_routing(result.schedule);
@@ -450,6 +455,37 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             self.metrics.messages_expired.inc_by(result.expired);
         }
         Ok(Some(result))
+    }
+
+    /// Sends the batch's first unpinned message to the half-open `provider` as its probe
+    /// (docs/design.md#failover). Not done (a database error): no probe this time, the
+    /// batch goes as claimed.
+    async fn assign_probe(&self, term: &Term, provider: &str, batch: &mut OpenedBatch) {
+        let Some(message) = batch
+            .messages
+            .iter_mut()
+            .find(|m| m.provider.as_deref() != Some(provider) && m.pinned.is_none())
+        else {
+            return;
+        };
+        match self
+            .backend
+            .assign_provider(message.id, term.epoch, provider)
+            .await
+        {
+            Ok(true) => {
+                tracing::info!(
+                    message_id = message.id,
+                    provider,
+                    "this message is the half-open provider's probe"
+                );
+                message.provider = Some(provider.to_string());
+            }
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, provider, "could not assign a probe; none this batch")
+            }
+        }
     }
 
     /// Sets the breaker and effective-rate gauges of this lane.
@@ -484,6 +520,10 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 .with_label_values(&[&self.settings.lane, &route.name])
                 .set(0);
         }
+        let _ = self
+            .metrics
+            .effective_rate
+            .remove_label_values(&[&self.settings.lane]);
     }
 
     /// The routing state as `GET /api/lanes` shows it, JSON, written with each batch's

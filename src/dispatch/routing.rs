@@ -122,11 +122,19 @@ impl Verdict {
     }
 }
 
-/// What the next claim may take: messages for `provider` (the first usable one, `None`
-/// when none is) and those pinned to any of `usable`.
+/// What the next claim may take: messages for `provider` (`None` when none is usable)
+/// and those pinned to any of `usable`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Choice {
     pub provider: Option<String>,
+    /// `provider` is half-open (no provider is closed): the claim takes one message,
+    /// its probe.
+    pub probe_only: bool,
+    /// A provider preferred to `provider` whose cooldown is over: one message of the
+    /// batch goes there as its probe, the rest to `provider`. (Sending the whole batch
+    /// there would hold every message but the probe back, and when claims are further
+    /// apart than the cooldown, the lane would never send through `provider`.)
+    pub probe: Option<String>,
     pub usable: Vec<String>,
     /// When none is usable: when the first becomes so.
     pub next_usable_at: Option<Instant>,
@@ -173,26 +181,82 @@ impl Routing {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The providers the next claim may send through, in the lane's order.
+    /// The providers the next claim may send through, in the lane's order: the first
+    /// closed one takes the new messages; a half-open one before it gets one of them,
+    /// its probe (see [`Choice::probe`]); with none closed, the first half-open one
+    /// takes a single message, its probe. Messages pinned to any usable provider may go
+    /// too (a half-open one's wait for its probe at the start gate).
     pub fn choose(&self) -> Choice {
         let now = Instant::now();
         let state = self.lock();
-        let usable: Vec<String> = state
+        let usable: Vec<&Route> = state
             .routes
             .iter()
             .filter(|route| route.usable_at(now) <= now)
-            .map(|route| route.name.clone())
             .collect();
         let next_usable_at = if usable.is_empty() {
             state.routes.iter().map(|route| route.usable_at(now)).min()
         } else {
             None
         };
+        // Ready for its probe: cooldown over, no probe out.
+        let ready = |route: &&&Route| {
+            route.breaker != Breaker::Closed
+                && route.breaker != (Breaker::HalfOpen { probing: true })
+        };
+        let closed = usable
+            .iter()
+            .position(|route| route.breaker == Breaker::Closed);
+        let (provider, probe_only, probe) = match closed {
+            Some(at) => (
+                Some(usable[at].name.clone()),
+                false,
+                usable[..at]
+                    .iter()
+                    .find(ready)
+                    .map(|route| route.name.clone()),
+            ),
+            None => (
+                usable.iter().find(ready).map(|route| route.name.clone()),
+                true,
+                None,
+            ),
+        };
         Choice {
-            provider: usable.first().cloned(),
-            usable,
+            provider,
+            probe_only,
+            probe,
+            usable: usable.iter().map(|route| route.name.clone()).collect(),
             next_usable_at,
         }
+    }
+
+    /// A new term: every breaker closed, no throttle, the full rate (docs/design.md#failover).
+    pub fn reset(&self) {
+        let mut state = self.lock();
+        for route in &mut state.routes {
+            route.breaker = Breaker::Closed;
+            route.throttled_until = None;
+            route.next_pause = FIRST_THROTTLE_PAUSE;
+            route.in_a_row = 0;
+            route.recent.clear();
+        }
+        state.factor = 1.0;
+        state.factor_at = Instant::now();
+    }
+
+    /// Whether sends to `provider` are held back now (breaker open, or throttled):
+    /// asked once more right before a send whose ticket was taken earlier.
+    pub fn holds_back(&self, provider: &str) -> bool {
+        let now = Instant::now();
+        self.lock()
+            .routes
+            .iter()
+            .find(|r| r.name == provider)
+            .is_some_and(|route| {
+                route.throttled_until.is_some_and(|until| until > now)
+                    || matches!(route.breaker, Breaker::Open { until } if until > now)
+            })
     }
 
     /// Whether a send to `provider` may start now (see [`Admission`]).
@@ -379,6 +443,11 @@ impl Ticket<'_> {
         &self.provider
     }
 
+    /// This send is a half-open breaker's probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
     /// Reports the send's answer to the breaker and the throttle.
     pub fn record(mut self, verdict: Verdict) {
         self.recorded = true;
@@ -453,11 +522,28 @@ mod tests {
         // After the cooldown one probe goes; the others wait for its answer.
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(state_of(&routing, "a"), "half-open");
-        assert_eq!(routing.choose().provider.as_deref(), Some("a"));
+        let choice = routing.choose();
+        assert_eq!(
+            (choice.provider.as_deref(), choice.probe.as_deref()),
+            (Some("b"), Some("a")),
+            "b takes the batch, a gets one message of it, its probe"
+        );
+        assert!(!choice.probe_only);
         let Admission::Go(probe) = routing.admit("a") else {
             panic!("the probe goes")
         };
         assert!(matches!(routing.admit("a"), Admission::Wait(_)));
+        let choice = routing.choose();
+        assert_eq!(
+            (choice.provider.as_deref(), choice.probe.as_deref()),
+            (Some("b"), None),
+            "while the probe is out, new messages go to the next provider"
+        );
+        assert_eq!(
+            choice.usable,
+            ["a", "b"],
+            "a's pinned messages may wait for it"
+        );
         probe.record(Verdict::Failed);
         assert_eq!(
             state_of(&routing, "a"),
@@ -468,6 +554,17 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         send(&routing, "a", Verdict::Answered);
         assert_eq!(state_of(&routing, "a"), "closed");
+        assert!(!routing.choose().probe_only);
+
+        // A new term forgets it all.
+        for _ in 0..3 {
+            send(&routing, "a", Verdict::Failed);
+        }
+        send(&routing, "b", Verdict::Throttled(None));
+        routing.reset();
+        assert_eq!(state_of(&routing, "a"), "closed");
+        assert!(!routing.holds_back("b"));
+        assert_eq!(routing.rate_factor(), 1.0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -31,22 +31,28 @@ const MAX_BODY: u64 = 256 * 1024;
 const MAX_TEXT: usize = 255;
 
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
+    // POST with a body; GET (Vonage's receipts, when its account sends them that way)
+    // with the query string only.
+    let post = warp::post()
+        .and(warp::body::content_length_limit(MAX_BODY))
+        .and(warp::body::bytes())
+        .map(|body: Bytes| (false, body));
+    let get = warp::get().map(|| (true, Bytes::new()));
     warp::path!("providers" / String / "receipts")
-        .and(warp::post())
+        .and(post.or(get).unify())
         .and(with_state(state))
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
-        .and(warp::body::content_length_limit(MAX_BODY))
-        .and(warp::body::bytes())
         .then(
             |name: String,
+             (is_get, body): (bool, Bytes),
              state: State,
              path: warp::path::FullPath,
              query: String,
-             headers: HeaderMap,
-             body: Bytes| async move {
+             headers: HeaderMap| async move {
                 let request = Inbound {
+                    is_get,
                     path: path.as_str().to_string(),
                     query,
                     headers,
@@ -60,6 +66,7 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
 
 /// A callback as it arrived.
 struct Inbound {
+    is_get: bool,
     path: String,
     query: String,
     headers: HeaderMap,
@@ -85,6 +92,9 @@ async fn receive(state: State, name: String, request: Inbound) -> Result<Respons
     let Some(provider) = state.config.plan.provider(&name) else {
         return Err(ApiError::NotFound(format!("there is no provider {name:?}")));
     };
+    if request.is_get && provider.kind != ProviderKind::Vonage {
+        return Err(ApiError::MethodNotAllowed);
+    }
     let receipts = match provider.kind {
         ProviderKind::Twilio => {
             verify_twilio(provider, &request)?;
@@ -105,7 +115,7 @@ async fn receive(state: State, name: String, request: Inbound) -> Result<Respons
             outcomes.push(json!({"outcome": "ignored"}));
             continue;
         };
-        let outcome = state.store.record_receipt(receipt).await?;
+        let outcome = state.store.record_receipt(receipt, Some(&name)).await?;
         state
             .metrics
             .delivery_receipts
@@ -359,6 +369,7 @@ mod tests {
         assert!(twilio_receipts(&[]).is_err());
 
         let infobip = Inbound {
+            is_get: false,
             path: String::new(),
             query: String::new(),
             headers: HeaderMap::new(),
@@ -381,6 +392,7 @@ mod tests {
         assert!(parsed[2].is_none());
 
         let vonage = Inbound {
+            is_get: true,
             path: String::new(),
             query: "messageId=0A1&status=expired&err-code=27".into(),
             headers: HeaderMap::new(),

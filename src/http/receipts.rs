@@ -65,7 +65,7 @@ async fn receive(state: State, body: Bytes) -> Result<Response, ApiError> {
     let (receipts, single) = parse(&body)?;
     let mut outcomes = Vec::with_capacity(receipts.len());
     for receipt in &receipts {
-        let outcome = state.store.record_receipt(receipt).await?;
+        let outcome = state.store.record_receipt(receipt, None).await?;
         state
             .metrics
             .delivery_receipts

@@ -22,6 +22,8 @@ use crate::version::BUILD;
 
 pub struct ProviderClient {
     spec: ProviderSpec,
+    /// Where the provider should post this message's receipt, if anywhere.
+    callback: Option<String>,
     http: reqwest::Client,
     /// The header carrying the credentials; `None` for Vonage, whose secret is in the
     /// body.
@@ -30,7 +32,13 @@ pub struct ProviderClient {
 }
 
 impl ProviderClient {
-    pub fn new(spec: &ProviderSpec, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    /// `receipts_token`: what `/api/providers/{name}/receipts` wants from callbacks that
+    /// cannot sign (`DLR_TOKEN`, else `API_TOKEN`).
+    pub fn new(
+        spec: &ProviderSpec,
+        receipts_token: Option<&str>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let config = &spec.settings;
         // The overall timeout is applied per exchange in `send`.
         let mut builder = reqwest::Client::builder()
@@ -95,6 +103,7 @@ impl ProviderClient {
         Url::parse(&config.url)?;
         Ok(Self {
             spec: spec.clone(),
+            callback: dialect::receipts_url(spec, receipts_token),
             http: builder.build()?,
             auth,
             metrics,
@@ -117,7 +126,12 @@ impl ProviderClient {
     pub async fn send(&self, message: &Outgoing<'_>) -> SendOutcome {
         let started = Instant::now();
         let timeout = self.spec.settings.timeout;
-        let request = dialect::request(&self.spec, message, self.spec.settings.token.expose());
+        let request = dialect::request(
+            &self.spec,
+            message,
+            self.spec.settings.token.expose(),
+            self.callback.as_deref(),
+        );
         let mut builder = self
             .http
             .post(request.url)

@@ -32,17 +32,30 @@ pub enum Body {
 }
 
 /// Where a provider posts its delivery receipts to this deployment, when its
-/// `public_url` is known.
-pub fn receipts_url(spec: &ProviderSpec) -> Option<String> {
-    spec.public_url
-        .as_ref()
-        .map(|base| format!("{base}/api/providers/{}/receipts", spec.name))
+/// `public_url` is known. Vonage and Infobip cannot add a header to their callbacks, so
+/// theirs carries `receipts_token` (`DLR_TOKEN`, else `API_TOKEN`) as `?token=`;
+/// Twilio's is signed instead.
+pub fn receipts_url(spec: &ProviderSpec, receipts_token: Option<&str>) -> Option<String> {
+    let base = spec.public_url.as_ref()?;
+    let url = format!("{base}/api/providers/{}/receipts", spec.name);
+    Some(match (spec.kind, receipts_token) {
+        (ProviderKind::Vonage | ProviderKind::Infobip, Some(token)) => {
+            let token: String = form_urlencoded::byte_serialize(token.as_bytes()).collect();
+            format!("{url}?token={token}")
+        }
+        _ => url,
+    })
 }
 
 /// The request that sends `message` through the provider `spec` describes. `secret` is
 /// the token (`token_env`): Vonage carries it in the body, the others in a header the
-/// client adds.
-pub fn request(spec: &ProviderSpec, message: &Outgoing<'_>, secret: &str) -> Request {
+/// client adds. `callback`: where its receipt should go ([`receipts_url`]).
+pub fn request(
+    spec: &ProviderSpec,
+    message: &Outgoing<'_>,
+    secret: &str,
+    callback: Option<&str>,
+) -> Request {
     let base = spec.settings.url.as_str();
     let from = message.from;
     match spec.kind {
@@ -66,8 +79,8 @@ pub fn request(spec: &ProviderSpec, message: &Outgoing<'_>, secret: &str) -> Req
                 (None, None) => {}
             }
             form.push(("Body", message.content.to_string()));
-            if let Some(callback) = receipts_url(spec) {
-                form.push(("StatusCallback", callback));
+            if let Some(callback) = callback {
+                form.push(("StatusCallback", callback.to_string()));
             }
             Request {
                 url: format!("{base}/2010-04-01/Accounts/{account}/Messages.json"),
@@ -88,8 +101,8 @@ pub fn request(spec: &ProviderSpec, message: &Outgoing<'_>, secret: &str) -> Req
             // Echoed in its receipts; the delivery key is at most 64 characters, within
             // Vonage's 100.
             form.push(("client-ref", message.delivery_key.to_string()));
-            if let Some(callback) = receipts_url(spec) {
-                form.push(("callback", callback));
+            if let Some(callback) = callback {
+                form.push(("callback", callback.to_string()));
             }
             Request {
                 url: format!("{base}/sms/json"),
@@ -104,7 +117,7 @@ pub fn request(spec: &ProviderSpec, message: &Outgoing<'_>, secret: &str) -> Req
             if let Some(from) = from {
                 one["from"] = from.into();
             }
-            if let Some(callback) = receipts_url(spec) {
+            if let Some(callback) = callback {
                 one["notifyUrl"] = callback.into();
                 one["notifyContentType"] = "application/json".into();
             }
@@ -140,8 +153,9 @@ pub fn classify(
 
 /// The classification every kind shares for what HTTP alone says
 /// (docs/design.md#provider-answers): 2xx accepted with the id at one of `id_keys`;
-/// 429 or any `Retry-After` throttled; 3xx, 408, 425 and 5xx retried; 401 and 403
-/// refused credentials; any other 4xx rejected for good.
+/// 429, or 503 with `Retry-After`, throttled; 3xx, 408, 425 and 5xx retried (502 and
+/// 504 with an unknown outcome); 401 and 403 refused credentials; any other 4xx
+/// rejected for good.
 ///
 /// 3xx: redirects are not followed (a POST must not turn into a GET elsewhere), so a
 /// redirect means the provider did not take the message; it is usually a wrong URL,
@@ -172,14 +186,20 @@ pub fn classify_http(
         };
     }
     let error = format!("HTTP {}: {}", status.as_u16(), body_excerpt(body));
+    // A Retry-After counts only where it means "slow down": on a 429 or a 503. On a
+    // 400 or a 401 it would turn a refusal into an endless throttle.
     let retry_after = headers.get(RETRY_AFTER).and_then(parse_retry_after);
-    if status == StatusCode::TOO_MANY_REQUESTS || retry_after.is_some() {
+    let throttles = status == StatusCode::TOO_MANY_REQUESTS
+        || (status == StatusCode::SERVICE_UNAVAILABLE && retry_after.is_some());
+    if throttles {
         return SendOutcome::Throttled { error, retry_after };
     }
     if matches!(status.as_u16(), 408 | 425) || status.is_server_error() {
         SendOutcome::Transient {
             error,
-            unknown: false,
+            // A gateway that gave up on the provider behind it (502, 504) cannot say
+            // whether the provider took the message.
+            unknown: matches!(status.as_u16(), 502 | 504),
         }
     } else if matches!(status.as_u16(), 401 | 403) {
         SendOutcome::Unauthorized { error }
@@ -208,30 +228,39 @@ fn classify_vonage(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Send
         return classify_http(status, headers, body, &[]);
     }
     let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let Some(first) = value.get("messages").and_then(|m| m.get(0)) else {
+    let parts = value
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|parts| !parts.is_empty());
+    let Some(parts) = parts else {
         // 200 without a verdict: whether it was taken is not known.
         return SendOutcome::Transient {
             error: format!("HTTP 200 without messages[]: {}", body_excerpt(body)),
             unknown: true,
         };
     };
-    let code = match first.get("status") {
+    let code = |part: &Value| match part.get("status") {
         Some(Value::String(text)) => text.parse::<i64>().ok(),
         Some(Value::Number(n)) => n.as_i64(),
         _ => None,
     };
+    // A long text is sent as several parts, each with its own status: once one part is
+    // out, sending the message again would repeat it.
+    if let Some(sent) = parts.iter().find(|part| code(part) == Some(0)) {
+        return SendOutcome::Accepted {
+            provider_message_id: message_id(sent.get("message-id")),
+        };
+    }
+    let first = &parts[0];
     let text = first
         .get("error-text")
         .and_then(Value::as_str)
         .unwrap_or("");
     let error = clean_text(&format!(
         "Vonage status {}: {text}",
-        code.map_or("?".into(), |c| c.to_string())
+        code(first).map_or("?".into(), |c| c.to_string())
     ));
-    match code {
-        Some(0) => SendOutcome::Accepted {
-            provider_message_id: message_id(first.get("message-id")),
-        },
+    match code(first) {
         // Throttled; too many existing binds.
         Some(1 | 10) => SendOutcome::Throttled {
             error,
@@ -244,7 +273,12 @@ fn classify_vonage(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Send
         },
         // Invalid credentials; account barred; invalid signature.
         Some(4 | 8 | 14) => SendOutcome::Unauthorized { error },
-        _ => SendOutcome::Rejected { error },
+        // No status at all: not a verdict.
+        None => SendOutcome::Transient {
+            error,
+            unknown: true,
+        },
+        Some(_) => SendOutcome::Rejected { error },
     }
 }
 
@@ -415,10 +449,19 @@ mod tests {
                 http(status, None, "x"),
                 SendOutcome::Transient {
                     error: format!("HTTP {status}: x"),
-                    unknown: false
+                    unknown: matches!(status, 502 | 504),
                 },
             );
         }
+        // A Retry-After where it does not mean "slow down" changes nothing.
+        assert!(matches!(
+            http(400, Some("5"), "bad"),
+            SendOutcome::Rejected { .. }
+        ));
+        assert!(matches!(
+            http(401, Some("5"), "no"),
+            SendOutcome::Unauthorized { .. }
+        ));
         match http(429, Some("120"), "slow down") {
             SendOutcome::Throttled { retry_after, error } => {
                 assert_eq!(retry_after, Some(Duration::from_secs(120)));
@@ -457,7 +500,7 @@ mod tests {
                 provider_message_id: None
             }
         );
-        match http(500, Some("99999999999999999999"), "bad\0body") {
+        match http(503, Some("99999999999999999999"), "bad\0body") {
             SendOutcome::Throttled { error, retry_after } => {
                 assert!(!error.contains('\0'), "{error:?}");
                 assert_eq!(retry_after, Some(Duration::from_secs(u64::MAX)));
@@ -509,7 +552,7 @@ mod tests {
 
     #[test]
     fn http_json_posts_to_from_and_content() {
-        let request = request(&spec(ProviderKind::HttpJson), &MESSAGE, "secret");
+        let request = request(&spec(ProviderKind::HttpJson), &MESSAGE, "secret", None);
         assert_eq!(request.url, "http://sms.example/send");
         assert_eq!(
             request.body,
@@ -519,7 +562,7 @@ mod tests {
             from: None,
             ..MESSAGE
         };
-        let request = super::request(&spec(ProviderKind::HttpJson), &without, "secret");
+        let request = super::request(&spec(ProviderKind::HttpJson), &without, "secret", None);
         assert_eq!(
             request.body,
             Body::Json(json!({"to": "+905551111111", "content": "Hello"}))
@@ -530,7 +573,8 @@ mod tests {
     fn twilio_gets_a_form_and_answers_with_a_sid() {
         let mut twilio = spec(ProviderKind::Twilio);
         twilio.public_url = Some("https://dispatch.example".into());
-        let request = request(&twilio, &MESSAGE, "secret");
+        let callback = receipts_url(&twilio, Some("dlr token"));
+        let request = request(&twilio, &MESSAGE, "secret", callback.as_deref());
         assert_eq!(
             request.url,
             "https://api.twilio.com/2010-04-01/Accounts/AC123/Messages.json"
@@ -552,7 +596,7 @@ mod tests {
             from: None,
             ..MESSAGE
         };
-        let Body::Form(form) = super::request(&twilio, &without, "secret").body else {
+        let Body::Form(form) = super::request(&twilio, &without, "secret", None).body else {
             panic!("a form")
         };
         assert_eq!(form[1], ("MessagingServiceSid", "MG9".to_string()));
@@ -604,7 +648,7 @@ mod tests {
     #[test]
     fn vonage_gets_its_secret_in_the_form_and_unicode_marked() {
         let vonage = spec(ProviderKind::Vonage);
-        let request = request(&vonage, &MESSAGE, "secret");
+        let request = request(&vonage, &MESSAGE, "secret", None);
         assert_eq!(request.url, "https://rest.nexmo.com/sms/json");
         assert_eq!(
             request.body,
@@ -621,7 +665,7 @@ mod tests {
             content: "Günaydın",
             ..MESSAGE
         };
-        let Body::Form(form) = super::request(&vonage, &turkish, "secret").body else {
+        let Body::Form(form) = super::request(&vonage, &turkish, "secret", None).body else {
             panic!("a form")
         };
         assert!(form.contains(&("type", "unicode".to_string())), "{form:?}");
@@ -658,13 +702,24 @@ mod tests {
             answer(vonage, 200, None, "{}"),
             SendOutcome::Transient { unknown: true, .. }
         ));
+        // Two parts, the second throttled after the first went out: accepted.
+        assert_eq!(
+            answer(
+                vonage,
+                200,
+                None,
+                r#"{"message-count":"2","messages":[{"status":"0","message-id":"P1"},{"status":"1"}]}"#
+            ),
+            accepted("P1")
+        );
     }
 
     #[test]
     fn infobip_gets_json_and_answers_with_a_status_group() {
         let mut infobip = spec(ProviderKind::Infobip);
         infobip.public_url = Some("https://dispatch.example".into());
-        let request = request(&infobip, &MESSAGE, "secret");
+        let callback = receipts_url(&infobip, Some("dlr token"));
+        let request = request(&infobip, &MESSAGE, "secret", callback.as_deref());
         assert_eq!(request.url, "https://api.infobip.com/sms/2/text/advanced");
         assert_eq!(
             request.body,
@@ -672,7 +727,7 @@ mod tests {
                 "destinations": [{"to": "905551111111"}],
                 "from": "ACME",
                 "text": "Hello",
-                "notifyUrl": "https://dispatch.example/api/providers/p/receipts",
+                "notifyUrl": "https://dispatch.example/api/providers/p/receipts?token=dlr+token",
                 "notifyContentType": "application/json",
             }]}))
         );

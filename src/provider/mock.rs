@@ -386,11 +386,15 @@ async fn answer(
             }
         }
     };
-    let receipt_to = request
-        .callback
-        .clone()
-        .or_else(|| options.receipts.as_ref().map(|r| r.url.clone()));
-    if let (true, Some(url)) = (first, receipt_to) {
+    // The callback the request names carries what it needs (Vonage's and Infobip's a
+    // `?token=`); `--dlr-url` is the account's own setting, sent `--dlr-token` as real
+    // providers would: in the URL, or as a Bearer token to an http-json dispatcher.
+    let receipt_to = match (&request.callback, &options.receipts) {
+        (Some(url), _) => Some((url.clone(), None)),
+        (None, Some(receipts)) => Some((receipts.url.clone(), receipts.token.clone())),
+        (None, None) => None,
+    };
+    if let (true, Some((url, token))) = (first, receipt_to) {
         let receipt = Receipt {
             url,
             dialect,
@@ -403,7 +407,7 @@ async fn answer(
                 .receipts
                 .as_ref()
                 .map_or(0.0, |r| r.undelivered_rate),
-            token: options.receipts.as_ref().and_then(|r| r.token.clone()),
+            token,
             signing_key: options.token.clone().unwrap_or_default(),
         };
         let post = post_receipt(receipt, shared.clone());
@@ -642,7 +646,8 @@ struct Receipt {
     message_id: String,
     delay: Duration,
     undelivered_rate: f64,
-    /// Bearer token (`DLR_TOKEN`), for the dialects that carry one.
+    /// `DLR_TOKEN`: a Bearer token for http-json, `?token=` for Vonage and Infobip
+    /// (Twilio signs instead).
     token: Option<String>,
     /// Twilio signs its callbacks with the auth token.
     signing_key: String,
@@ -666,6 +671,14 @@ async fn post_receipt(receipt: Receipt, ledger: Shared) {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
         }
+        let url = match (&receipt.token, receipt.dialect) {
+            (Some(token), ProviderKind::Vonage | ProviderKind::Infobip) => {
+                let token: String = form_urlencoded::byte_serialize(token.as_bytes()).collect();
+                let separator = if receipt.url.contains('?') { '&' } else { '?' };
+                format!("{}{separator}token={token}", receipt.url)
+            }
+            _ => receipt.url.clone(),
+        };
         let mut request = match receipt.dialect {
             ProviderKind::HttpJson => {
                 let mut body = serde_json::json!({
@@ -681,8 +694,19 @@ async fn post_receipt(receipt: Receipt, ledger: Shared) {
             ProviderKind::Twilio => {
                 let params: Vec<(String, String)> = vec![
                     ("MessageSid".into(), id.into()),
-                    ("MessageStatus".into(), if undelivered { "undelivered" } else { "delivered" }.into()),
-                    ("ErrorCode".into(), if undelivered { "30003" } else { "" }.into()),
+                    (
+                        "MessageStatus".into(),
+                        if undelivered {
+                            "undelivered"
+                        } else {
+                            "delivered"
+                        }
+                        .into(),
+                    ),
+                    (
+                        "ErrorCode".into(),
+                        if undelivered { "30003" } else { "" }.into(),
+                    ),
                 ];
                 let signature =
                     crate::http::twilio_signature(&receipt.signing_key, &receipt.url, &params);
@@ -691,19 +715,19 @@ async fn post_receipt(receipt: Receipt, ledger: Shared) {
                     .header("X-Twilio-Signature", signature)
                     .form(&params)
             }
-            ProviderKind::Vonage => client.post(&receipt.url).form(&[
+            ProviderKind::Vonage => client.post(&url).form(&[
                 ("messageId", id),
                 ("status", if undelivered { "expired" } else { "delivered" }),
                 ("err-code", if undelivered { "27" } else { "0" }),
             ]),
-            ProviderKind::Infobip => client.post(&receipt.url).json(&serde_json::json!({"results": [{
+            ProviderKind::Infobip => client.post(&url).json(&serde_json::json!({"results": [{
                 "messageId": id,
                 "status": {"groupName": if undelivered { "UNDELIVERABLE" } else { "DELIVERED" }},
                 "error": {"name": if undelivered { "EC_ABSENT_SUBSCRIBER" } else { "NO_ERROR" }},
                 "doneAt": Utc::now().to_rfc3339(),
             }]})),
         };
-        if let (Some(token), false) = (&receipt.token, receipt.dialect == ProviderKind::Twilio) {
+        if let (Some(token), ProviderKind::HttpJson) = (&receipt.token, receipt.dialect) {
             request = request.bearer_auth(token);
         }
         match request.send().await {

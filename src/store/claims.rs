@@ -157,7 +157,7 @@ WHERE id = ANY(coalesce($6::bigint[], ARRAY(
     FOR UPDATE SKIP LOCKED
 )))
 RETURNING id, phone_number, content, attempts, created_at, priority, expires_at, sender,
-    provider, ",
+    provider, pinned_provider, ",
     delivery_key!()
 );
 
@@ -176,6 +176,14 @@ ORDER BY priority DESC, created_at, id
 LIMIT $1
 FOR UPDATE SKIP LOCKED"
 );
+
+/// One claimed message goes to provider `$3` instead of the one its claim chose: the
+/// probe of a half-open provider, or the next provider after a refused probe
+/// (docs/design.md#failover). Its row names the provider before the send, so a rescue
+/// after a crash pins it there. Only an unpinned row of our claim.
+const ASSIGN_PROVIDER: &str = "
+UPDATE messages SET provider = $3
+WHERE id = $1 AND status = 'sending' AND claim_epoch = $2 AND pinned_provider IS NULL";
 
 /// A claimed message found expired right before its send: never sent.
 const MARK_EXPIRED: &str = "
@@ -379,7 +387,7 @@ impl Store {
             .execute(&tx.prepare_cached(EXPIRE_DUE).await?, &[&lane_name])
             .await?;
 
-        let limit = if paused.is_some() {
+        let limit = if paused.is_some() || route.probe_only {
             1
         } else {
             i64::from(schedule.batch_size)
@@ -440,6 +448,7 @@ impl Store {
                     expires_at: row.get("expires_at"),
                     sender: row.get("sender"),
                     provider: row.get("provider"),
+                    pinned: row.get("pinned_provider"),
                 }
             })
             .collect();
@@ -673,6 +682,20 @@ impl Store {
     ) -> Result<Recorded, StoreError> {
         self.mark_guarded(MARK_HELD, id, epoch, error, Recorded::Retrying)
             .await
+    }
+
+    /// Sends a claimed message through `provider` (see [`ASSIGN_PROVIDER`]); false when
+    /// the row is no longer ours or is pinned.
+    pub async fn assign_provider(
+        &self,
+        id: i64,
+        epoch: Epoch,
+        provider: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .execute_prepared(ASSIGN_PROVIDER, &[&id, &epoch.0, &provider])
+            .await?
+            == 1)
     }
 
     /// A claimed message that expired before its send: `expired`, attempt uncounted.

@@ -41,21 +41,26 @@ pub enum ReceiptOutcome {
 }
 
 /// Sets the receipt on the message with the provider's id, unless it is already
-/// `delivered`.
+/// `delivered`. `$5`: the provider whose endpoint it came through: only that
+/// provider's message is touched (a receipt through one provider's endpoint, checked
+/// by that provider's means, cannot speak for another's message; a message sent
+/// before providers were recorded has none and takes it); NULL: any.
 const APPLY: &str = "
 UPDATE messages
 SET delivery_status = $2, delivery_error = $3, delivered_at = coalesce($4, now())
-WHERE provider_message_id = $1 AND delivery_status IS DISTINCT FROM 'delivered'";
+WHERE provider_message_id = $1 AND delivery_status IS DISTINCT FROM 'delivered'
+  AND ($5::text IS NULL OR provider IS NULL OR provider = $5)";
 
-const KNOWN: &str = "SELECT EXISTS (SELECT 1 FROM messages WHERE provider_message_id = $1)";
+const KNOWN: &str = "SELECT EXISTS (SELECT 1 FROM messages WHERE provider_message_id = $1
+                                    AND ($2::text IS NULL OR provider IS NULL OR provider = $2))";
 
 /// Keeps a receipt for later; a kept `delivered` is never replaced by a later failure.
 const HOLD: &str = "
-INSERT INTO delivery_receipts_pending AS p (provider_message_id, status, error_code, delivered_at)
-VALUES ($1, $2, $3, coalesce($4, now()))
+INSERT INTO delivery_receipts_pending AS p (provider_message_id, status, error_code, delivered_at, provider)
+VALUES ($1, $2, $3, coalesce($4, now()), $5)
 ON CONFLICT (provider_message_id) DO UPDATE
 SET status = excluded.status, error_code = excluded.error_code,
-    delivered_at = excluded.delivered_at, received_at = now()
+    delivered_at = excluded.delivered_at, received_at = now(), provider = excluded.provider
 WHERE p.status <> 'delivered'";
 
 /// Applies kept receipts whose message now carries the id (all of them, or the one
@@ -66,6 +71,7 @@ WITH held AS (
     USING messages AS m
     WHERE m.provider_message_id = p.provider_message_id
       AND ($1::text IS NULL OR p.provider_message_id = $1)
+      AND (p.provider IS NULL OR m.provider IS NULL OR m.provider = p.provider)
     RETURNING p.*
 )
 UPDATE messages AS m
@@ -73,15 +79,26 @@ SET delivery_status = held.status, delivery_error = held.error_code,
     delivered_at = held.delivered_at
 FROM held
 WHERE m.provider_message_id = held.provider_message_id
+  AND (held.provider IS NULL OR m.provider IS NULL OR m.provider = held.provider)
   AND m.delivery_status IS DISTINCT FROM 'delivered'";
 
 impl Store {
     /// Records one receipt; see the module comment for the order of things.
-    pub async fn record_receipt(&self, receipt: &Receipt) -> Result<ReceiptOutcome, StoreError> {
+    /// `provider`: the provider whose endpoint it came through, if it came through one.
+    pub async fn record_receipt(
+        &self,
+        receipt: &Receipt,
+        provider: Option<&str>,
+    ) -> Result<ReceiptOutcome, StoreError> {
         let id = receipt.provider_message_id.as_str();
         let status = receipt.status.as_str();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&id, &status, &receipt.error_code, &receipt.delivered_at];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+            &id,
+            &status,
+            &receipt.error_code,
+            &receipt.delivered_at,
+            &provider,
+        ];
         // One connection for every step: a second checkout while holding one could
         // wait on a pool that concurrent requests hold the same way.
         let client = self.client().await?;
@@ -94,7 +111,7 @@ impl Store {
             return Ok(ReceiptOutcome::Applied);
         }
         if client
-            .query_one(&client.prepare_cached(KNOWN).await?, &[&id])
+            .query_one(&client.prepare_cached(KNOWN).await?, &[&id, &provider])
             .await?
             .get(0)
         {

@@ -157,6 +157,8 @@ pub struct ClaimedMessage {
     /// The provider this send goes to, chosen by the claim; `None` only for a row an
     /// older release pinned or none at all (then the lane's first provider).
     pub provider: Option<String>,
+    /// The provider it is pinned to, if a send's outcome was unknown.
+    pub pinned: Option<String>,
 }
 
 /// What a claim may take: while dispatch is paused, nothing unless a probe is due; and
@@ -169,6 +171,8 @@ pub struct ClaimScope {
     pub provider: Option<String>,
     /// Rows pinned to one of these may be taken.
     pub usable: Vec<String>,
+    /// `provider` is half-open: one message only, its probe.
+    pub probe_only: bool,
 }
 
 /// The schedule in force: configured values, possibly overridden at run time.

@@ -28,6 +28,7 @@ fn any_provider(probe_due: bool) -> ClaimScope {
         probe_due,
         provider: Some("default".into()),
         usable: vec!["default".into()],
+        probe_only: false,
     }
 }
 

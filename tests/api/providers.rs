@@ -357,6 +357,18 @@ async fn vonage_and_infobip_send_in_their_dialects_and_their_receipts_apply() {
             "{kind}"
         );
         wait_delivered(&replica, id).await;
+        if kind == "vonage" {
+            // Vonage may also be set to send its receipts as GET, in the query string.
+            let response = http()
+                .get(replica.url(&format!(
+                    "/api/providers/vonage/receipts?messageId={}&status=delivered&token=receipts-token",
+                    deliveries[0].message_id
+                )))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "vonage GET receipt");
+        }
         // A receipt without the token is refused.
         let response = http()
             .post(replica.url(&format!("/api/providers/{kind}/receipts")))
@@ -366,4 +378,37 @@ async fn vonage_and_infobip_send_in_their_dialects_and_their_receipts_apply() {
             .unwrap();
         assert_eq!(response.status(), 401, "{kind}");
     }
+}
+
+/// A receipt that comes through one provider's endpoint speaks only for that
+/// provider's messages: it cannot mark another provider's message, whatever id it
+/// names (Twilio's, say, whose own endpoint demands a signature).
+#[tokio::test]
+async fn a_receipt_through_one_providers_endpoint_never_touches_anothers_message() {
+    let env = TestEnv::start().await;
+    let other = MockProvider::start(&[]).await;
+    let providers = http_json("first", env.mock(), "") + &http_json("second", &other, "");
+    let config = write_config(&env, &providers, &["first", "second"], "");
+    let replica = env.replica("r1", &settings(&config)).await;
+    let ids = create(&replica, 1).await;
+    let sent = wait_sent(&replica, &ids, secs(30)).await;
+    assert_eq!(sent[0]["provider"], "first");
+    let id = sent[0]["message_id"].as_str().unwrap();
+    let receipt = json!({"message_id": id, "status": "failed", "error_code": "forged"});
+    let (status, answer) = replica
+        .post("/api/providers/second/receipts", Some(receipt))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["receipts"][0]["outcome"], "held", "{answer}");
+    let (_, message) = replica.get(&format!("/api/messages/{}", ids[0])).await;
+    assert_eq!(message["delivery_status"], Value::Null, "{message}");
+    let receipt = json!({"message_id": id, "status": "delivered"});
+    let (_, answer) = replica
+        .post("/api/providers/first/receipts", Some(receipt))
+        .await;
+    assert_eq!(answer["receipts"][0]["outcome"], "applied", "{answer}");
+    // The receipt kept for `second` never applies to `first`'s message either.
+    let (_, message) = replica.get(&format!("/api/messages/{}", ids[0])).await;
+    assert_eq!(message["delivery_status"], "delivered", "{message}");
+    assert_eq!(message["delivery_error"], Value::Null, "{message}");
 }

@@ -143,3 +143,40 @@ async fn a_throttle_pauses_the_provider_for_its_time_and_the_message_goes_next()
         "the throttled send spent no attempt"
     );
 }
+
+/// With an interval longer than the cooldown, every claim comes after the cooldown:
+/// the first provider is half-open at each one. It gets its probe, one message, and
+/// the rest go through the next provider (they would all wait for the probe, batch
+/// after batch, and the next provider would never send).
+#[tokio::test(start_paused = true)]
+async fn a_half_open_provider_gets_only_its_probe_when_claims_are_slower_than_its_cooldown() {
+    let queue = FakeQueue::new(12);
+    let mut settings = settings(3, Duration::from_secs(20));
+    settings.providers = vec![route("a"), route("b")];
+    let rig = Rig::leading(
+        queue.clone(),
+        FakeProvider::answering_by_provider(Duration::from_millis(20), |_, _, provider| {
+            if provider == "a" {
+                failure(false)
+            } else {
+                accepted()
+            }
+        }),
+        settings,
+    );
+    rig.run(until(Duration::from_secs(600), || {
+        queue.count(Status::Sent) == 12
+    }))
+    .await;
+    let sends = rig.provider.sends();
+    let to_b = sends.iter().filter(|(_, _, p)| p == "b").count();
+    let to_a = sends.len() - to_b;
+    assert_eq!(to_b, 12, "b delivered every message");
+    // Three failures open a; after that, one probe per claim at most.
+    let claims_after_open = sends.last().unwrap().1 - sends[0].1;
+    let most_probes = claims_after_open.as_secs() / 20 + 1;
+    assert!(
+        to_a as u64 <= 3 + most_probes,
+        "{to_a} sends to a in {claims_after_open:?}"
+    );
+}

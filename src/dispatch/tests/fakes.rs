@@ -263,7 +263,7 @@ impl Backend for FakeQueue {
                 return Ok(result(Claim::NotDue(last + configured.interval - now)));
             }
         }
-        let limit = if q.paused.is_some() {
+        let limit = if q.paused.is_some() || route.probe_only {
             1
         } else {
             configured.batch_size as usize
@@ -300,6 +300,7 @@ impl Backend for FakeQueue {
                     expires_at: row.expires_at,
                     sender: None,
                     provider: row.provider.clone(),
+                    pinned: row.pinned_provider.clone(),
                 }
             })
             .collect();
@@ -469,6 +470,22 @@ impl Backend for FakeQueue {
         } else {
             Recorded::NotOurs
         })
+    }
+
+    async fn assign_provider(
+        &self,
+        id: i64,
+        epoch: Epoch,
+        provider: &str,
+    ) -> Result<bool, StoreError> {
+        let mut assigned = false;
+        self.guarded(id, epoch, |row| {
+            if row.pinned_provider.is_none() {
+                row.provider = Some(provider.to_string());
+                assigned = true;
+            }
+        });
+        Ok(assigned)
     }
 
     async fn mark_expired(&self, id: i64, epoch: Epoch) -> Result<bool, StoreError> {
