@@ -21,20 +21,28 @@ const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// 413 over the limit.
 pub fn json_bytes() -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> + Clone {
     warp::header::optional::<String>("content-type")
-        .and(warp::header::optional::<u64>("content-length"))
-        .and_then(
-            |content_type: Option<String>, length: Option<u64>| async move {
-                if !content_type.as_deref().is_some_and(is_json) {
-                    return Err(warp::reject::custom(ApiError::UnsupportedMediaType));
+        .and_then(|content_type: Option<String>| async move {
+            if !content_type.as_deref().is_some_and(is_json) {
+                return Err(warp::reject::custom(ApiError::UnsupportedMediaType));
+            }
+            Ok(())
+        })
+        .untuple_one()
+        .and(any_bytes())
+}
+
+/// The raw body, whatever its type (a provider's form or JSON callback), empty when
+/// there is none; 413 over the limit.
+pub fn any_bytes() -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and_then(|length: Option<u64>| async move {
+            match length {
+                Some(n) if n > MAX_BODY as u64 => {
+                    Err(warp::reject::custom(ApiError::PayloadTooLarge))
                 }
-                match length {
-                    Some(n) if n > MAX_BODY as u64 => {
-                        Err(warp::reject::custom(ApiError::PayloadTooLarge))
-                    }
-                    _ => Ok(()),
-                }
-            },
-        )
+                _ => Ok(()),
+            }
+        })
         .untuple_one()
         .and(warp::body::stream())
         .and_then(|stream| async move {

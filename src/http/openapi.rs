@@ -855,7 +855,7 @@ fn paths() -> Value {
                 ("400", error_response("not JSON where the provider's format is JSON")),
                 ("403", error_response("a Twilio callback without a valid X-Twilio-Signature")),
                 ("404", error_response("no such provider")),
-                ("413", error_response("body over 256 KiB")),
+                ("413", error_response("body over 1 MiB")),
                 ("422", error_response("not a receipt in the provider's format"))
             ]))
         }},

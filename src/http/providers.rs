@@ -20,13 +20,11 @@ use warp::filters::BoxedFilter;
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 
-use super::{ApiError, State, json, respond, with_state};
+use super::{ApiError, State, body, json, respond, with_state};
 use crate::config::{ProviderKind, ProviderSpec};
 use crate::domain::DeliveryStatus;
 use crate::store::receipts::Receipt;
 
-/// The largest receipt body read.
-const MAX_BODY: u64 = 256 * 1024;
 /// Longest provider id or error code kept.
 const MAX_TEXT: usize = 255;
 
@@ -34,8 +32,7 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     // POST with a body; GET (Vonage's receipts, when its account sends them that way)
     // with the query string only.
     let post = warp::post()
-        .and(warp::body::content_length_limit(MAX_BODY))
-        .and(warp::body::bytes())
+        .and(body::any_bytes())
         .map(|body: Bytes| (false, body));
     let get = warp::get().map(|| (true, Bytes::new()));
     warp::path!("providers" / String / "receipts")

@@ -22,6 +22,17 @@ fn one_at_a_time(
     settings
 }
 
+/// `a` answers every send with a 503, `b` accepts.
+fn a_refuses_b_accepts() -> FakeProvider {
+    FakeProvider::answering_by_provider(Duration::from_millis(20), |_, _, provider| {
+        if provider == "a" {
+            failure(false)
+        } else {
+            accepted()
+        }
+    })
+}
+
 fn failure(unknown: bool) -> SendOutcome {
     SendOutcome::Transient {
         error: if unknown { "timeout" } else { "HTTP 503" }.into(),
@@ -44,17 +55,7 @@ fn providers_by_key(sends: &[(String, Instant, String)]) -> HashMap<String, Hash
 #[tokio::test(start_paused = true)]
 async fn a_failing_provider_opens_its_breaker_and_the_next_one_delivers_everything() {
     let queue = FakeQueue::new(20);
-    let rig = Rig::leading(
-        queue.clone(),
-        FakeProvider::answering_by_provider(Duration::from_millis(20), |_, _, provider| {
-            if provider == "a" {
-                failure(false)
-            } else {
-                accepted()
-            }
-        }),
-        two_providers(5),
-    );
+    let rig = Rig::leading(queue.clone(), a_refuses_b_accepts(), two_providers(5));
     rig.run(until(Duration::from_secs(60), || {
         queue.count(Status::Sent) == 20
     }))
@@ -153,17 +154,7 @@ async fn a_half_open_provider_gets_only_its_probe_when_claims_are_slower_than_it
     let queue = FakeQueue::new(12);
     let mut settings = settings(3, Duration::from_secs(20));
     settings.providers = vec![route("a"), route("b")];
-    let rig = Rig::leading(
-        queue.clone(),
-        FakeProvider::answering_by_provider(Duration::from_millis(20), |_, _, provider| {
-            if provider == "a" {
-                failure(false)
-            } else {
-                accepted()
-            }
-        }),
-        settings,
-    );
+    let rig = Rig::leading(queue.clone(), a_refuses_b_accepts(), settings);
     rig.run(until(Duration::from_secs(600), || {
         queue.count(Status::Sent) == 12
     }))
