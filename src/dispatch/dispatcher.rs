@@ -494,7 +494,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
         for state in self.routing.states() {
             let value = match state.state {
                 "closed" => 0,
-                "half-open" => 1,
+                "half_open" => 1,
                 _ => 2,
             };
             self.metrics

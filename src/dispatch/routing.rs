@@ -144,7 +144,7 @@ pub struct Choice {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ProviderState {
     pub name: String,
-    /// `closed`, `open` or `half-open`.
+    /// `closed`, `open` or `half_open` (as the API spells it).
     pub state: &'static str,
     pub open_until: Option<DateTime<Utc>>,
     pub throttled_until: Option<DateTime<Utc>>,
@@ -316,7 +316,7 @@ impl Routing {
                     state: match route.breaker {
                         Breaker::Closed => "closed",
                         Breaker::Open { until } if until > now => "open",
-                        Breaker::Open { .. } | Breaker::HalfOpen { .. } => "half-open",
+                        Breaker::Open { .. } | Breaker::HalfOpen { .. } => "half_open",
                     },
                     open_until: match route.breaker {
                         Breaker::Open { until } if until > now => Some(wall(until)),
@@ -521,7 +521,7 @@ mod tests {
 
         // After the cooldown one probe goes; the others wait for its answer.
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(state_of(&routing, "a"), "half-open");
+        assert_eq!(state_of(&routing, "a"), "half_open");
         let choice = routing.choose();
         assert_eq!(
             (choice.provider.as_deref(), choice.probe.as_deref()),

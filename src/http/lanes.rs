@@ -128,8 +128,8 @@ fn lane_json(
             };
             let open_until = until("open_until");
             let state = match report.and_then(|r| r["state"].as_str()) {
-                Some("open") if open_until.is_none() => "half-open",
-                Some(state @ ("open" | "half-open")) => state,
+                Some("open") if open_until.is_none() => "half_open",
+                Some(state @ ("open" | "half_open")) => state,
                 _ => "closed",
             };
             json!({

@@ -477,7 +477,7 @@ fn schemas(max_content_chars: usize) -> Value {
                     "rate_factor": {"type": "number", "description": "effective / configured rate (1: not throttled)"},
                     "providers": {"type": "array", "description": "in the order the lane tries them; states as of the leader's last batch", "items": {"type": "object", "required": ["name", "kind", "state"], "properties": {
                         "name": {"type": "string"}, "kind": {"enum": ["http-json", "twilio", "vonage", "infobip"]},
-                        "state": {"enum": ["closed", "open", "half-open"], "description": "the circuit breaker: open sends through the next provider"},
+                        "state": {"enum": ["closed", "open", "half_open"], "description": "the circuit breaker: open sends through the next provider"},
                         "open_until": nullable_timestamp,
                         "throttled_until": nullable_timestamp,
                         "failures_in_a_row": {"type": "integer"},
