@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::handoff;
-use super::routing::{RouteSettings, Routing};
+use super::routing::{ProviderState, RouteSettings, Routing};
 use super::{Backend, Live, Pacer, Recorder};
 use crate::domain::Epoch;
 use crate::leadership::{FenceTiming, Leadership, Term};
@@ -490,8 +490,14 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
 
     /// Sets the breaker and effective-rate gauges of this lane.
     pub(super) fn publish_routing(&self, schedule: Schedule) {
+        self.set_routing_gauges(&self.routing.states(), schedule, self.routing.rate_factor());
+    }
+
+    /// The gauges from one reading of the routing: the breakers, and the effective
+    /// rate (`schedule` at `factor`), which has no finite value for an unlimited lane.
+    fn set_routing_gauges(&self, states: &[ProviderState], schedule: Schedule, factor: f64) {
         let lane = self.settings.lane.as_str();
-        for state in self.routing.states() {
+        for state in states {
             let value = match state.state {
                 "closed" => 0,
                 "half_open" => 1,
@@ -502,7 +508,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 .with_label_values(&[lane, &state.name])
                 .set(value);
         }
-        let rate = schedule.rate_per_second() * self.routing.rate_factor();
+        let rate = schedule.rate_per_second() * factor;
         if rate.is_finite() {
             self.metrics
                 .effective_rate
@@ -529,14 +535,14 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
     /// The routing state as `GET /api/lanes` shows it, JSON, written with each batch's
     /// close.
     pub(super) fn routing_report(&self, schedule: Schedule) -> String {
-        self.publish_routing(schedule);
-        let factor = self.routing.rate_factor();
+        let (states, factor) = (self.routing.states(), self.routing.rate_factor());
+        self.set_routing_gauges(&states, schedule, factor);
         let rate = schedule.rate_per_second() * factor;
         serde_json::json!({
             "at": chrono::Utc::now(),
             "rate_factor": factor,
             "effective_rate_per_second": rate.is_finite().then_some(rate),
-            "providers": self.routing.states(),
+            "providers": states,
         })
         .to_string()
     }

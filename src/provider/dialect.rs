@@ -211,8 +211,14 @@ pub fn classify_http(
 /// Twilio: 201 with the message resource (`sid`); errors carry `code` (20429: too many
 /// requests, whatever the HTTP status).
 fn classify_twilio(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> SendOutcome {
-    let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    if !status.is_success() && value.get("code").and_then(Value::as_i64) == Some(TWILIO_THROTTLED) {
+    // Only an error's body is read here; an accepted one is read once, for its `sid`.
+    let code = || {
+        serde_json::from_slice::<Value>(body)
+            .ok()?
+            .get("code")?
+            .as_i64()
+    };
+    if !status.is_success() && code() == Some(TWILIO_THROTTLED) {
         return SendOutcome::Throttled {
             error: format!("HTTP {}: {}", status.as_u16(), body_excerpt(body)),
             retry_after: headers.get(RETRY_AFTER).and_then(parse_retry_after),
