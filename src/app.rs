@@ -180,6 +180,19 @@ impl Replica {
             );
         }
         tasks.spawn(housekeeping(state.clone()).in_current_span());
+        {
+            let ready = state.clone();
+            tasks.spawn(
+                crate::retention::run(
+                    state.store.clone(),
+                    config.retention,
+                    state.metrics.clone(),
+                    move || ready.schema_ready.load(Ordering::Acquire),
+                    shutdown.clone(),
+                )
+                .in_current_span(),
+            );
+        }
         // Stopped after the dispatcher, so its last results are charted too.
         let activity_stop = CancellationToken::new();
         tasks.spawn(

@@ -119,6 +119,15 @@ pub struct DispatchConfig {
     pub shutdown_timeout: Duration,
 }
 
+/// `MESSAGE_RETENTION` and `CONTENT_RETENTION`; `None` keeps forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionConfig {
+    /// Finished messages whose last activity is older than this are removed.
+    pub messages: Option<Duration>,
+    /// Finished messages whose last activity is older than this lose their text.
+    pub content: Option<Duration>,
+}
+
 #[derive(Debug, Clone)]
 pub struct LockConfig {
     pub enabled: bool,
@@ -154,6 +163,8 @@ pub struct Config {
     /// Origins besides the replica's own whose browsers may call mutating API routes
     /// (`API_ALLOWED_ORIGINS`, comma-separated, e.g. `https://ops.example.com`).
     pub allowed_origins: Vec<String>,
+    /// How long finished messages and their text are kept (docs/design.md#retention).
+    pub retention: RetentionConfig,
     /// The lanes, their providers and the routes between them (`DISPATCH_CONFIG`);
     /// without the file, one `default` lane and provider built from the variables above.
     pub plan: DispatchPlan,
@@ -210,6 +221,8 @@ struct RawEnv {
     default_region: Option<String>,
     api_allowed_origins: Option<String>,
     dispatch_config: Option<String>,
+    message_retention: Option<String>,
+    content_retention: Option<String>,
 }
 
 /// Upper bound on `BATCH_SIZE`: a batch is claimed in one transaction and held in memory.
@@ -425,6 +438,10 @@ impl Config {
                 })
                 .transpose()?,
             allowed_origins: allowed_origins(raw.api_allowed_origins)?,
+            retention: RetentionConfig {
+                messages: retention_var("MESSAGE_RETENTION", raw.message_retention, "30d")?,
+                content: retention_var("CONTENT_RETENTION", raw.content_retention, "0")?,
+            },
             plan,
         })
     }
@@ -483,6 +500,26 @@ mod tests {
         assert_eq!(cfg.message_max_length, 160);
         assert_eq!(cfg.cache_ttl, Duration::from_secs(86_400));
         assert!(cfg.lock.enabled && cfg.dispatch.auto_start && cfg.auto_migrate);
+        assert_eq!(
+            cfg.retention,
+            RetentionConfig {
+                messages: Some(Duration::from_secs(30 * 86_400)),
+                content: None
+            }
+        );
+    }
+
+    #[test]
+    fn retention_takes_days_durations_or_zero() {
+        let cfg = config(&[("MESSAGE_RETENTION", "0"), ("CONTENT_RETENTION", "7d")]).unwrap();
+        assert_eq!(cfg.retention.messages, None);
+        assert_eq!(cfg.retention.content, Some(Duration::from_secs(7 * 86_400)));
+        let cfg = config(&[("MESSAGE_RETENTION", "36h")]).unwrap();
+        assert_eq!(cfg.retention.messages, Some(Duration::from_secs(36 * 3600)));
+        for bad in ["30", "d", "-1d", "1.5d", "30 days", "99999999999999999d"] {
+            let err = config(&[("MESSAGE_RETENTION", bad)]).unwrap_err();
+            assert_eq!(err.variable, "MESSAGE_RETENTION", "{bad}");
+        }
     }
 
     #[test]

@@ -265,7 +265,7 @@ impl fmt::Debug for LeaseToken {
 
 /// Message lifecycle, as stored in `messages.status`. `sent`, `failed`, `expired` and
 /// `cancelled` are terminal (a `failed` message can be retried by hand).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageStatus {
     Pending,

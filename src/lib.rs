@@ -24,6 +24,7 @@ pub mod leadership;
 pub mod metrics;
 pub mod provider;
 pub mod redis;
+pub mod retention;
 pub mod retry;
 pub mod state;
 pub mod store;

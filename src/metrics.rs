@@ -53,7 +53,16 @@ pub struct Metrics {
     pub dispatch_paused: IntGaugeVec,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
+    /// Finished rows retention removed or blanked, by action (docs/design.md#retention).
+    pub retention_rows: IntCounterVec,
+    /// Age in whole seconds of the oldest transaction that holds back PostgreSQL's
+    /// cleanup of the database; 0 when none (docs/operations.md#old-transactions).
+    pub oldest_transaction_age: IntGauge,
 }
+
+/// What retention did to a finished row (`dispatcher_retention_rows_total`).
+pub const RETENTION_REMOVED: &str = "removed";
+pub const RETENTION_CONTENT_REMOVED: &str = "content_removed";
 
 /// Why dispatch is paused while the cluster runs.
 pub const PAUSED_PROVIDER_AUTH: &str = "provider_auth";
@@ -160,6 +169,19 @@ impl Metrics {
                 &r,
                 "dispatcher_messages_cancelled_total",
                 "Pending messages cancelled through this replica's API.",
+            ),
+            retention_rows: counter_vec(
+                &r,
+                "dispatcher_retention_rows_total",
+                "Finished messages this replica removed (MESSAGE_RETENTION) or whose text it \
+                 removed (CONTENT_RETENTION), by action.",
+                &["action"],
+            ),
+            oldest_transaction_age: gauge(
+                &r,
+                "dispatcher_db_oldest_transaction_age_seconds",
+                "Age of the oldest open transaction or snapshot in the dispatcher's database \
+                 that holds back cleanup of dead rows; 0 when none.",
             ),
             delivery_receipts: counter_vec(
                 &r,

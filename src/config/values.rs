@@ -129,6 +129,34 @@ pub(super) fn nonzero_duration(
     Ok(parsed)
 }
 
+/// A retention period (`MESSAGE_RETENTION`, `CONTENT_RETENTION`): whole days (`30d`)
+/// or a duration (`12h`, `90m`); `0` keeps forever (`None`).
+pub(super) fn retention_var(
+    variable: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<Option<Duration>, ConfigError> {
+    let text = value.unwrap_or_else(|| default.to_string());
+    let text = text.trim();
+    let parsed = match text.strip_suffix('d') {
+        Some(days) if !days.is_empty() && days.bytes().all(|b| b.is_ascii_digit()) => days
+            .parse::<u64>()
+            .ok()
+            .and_then(|days| days.checked_mul(86_400))
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{text:?} is too long")),
+        _ => duration::parse(text),
+    };
+    match parsed {
+        Ok(period) if period.is_zero() => Ok(None),
+        Ok(period) => Ok(Some(period)),
+        Err(problem) => Err(ConfigError::new(
+            variable,
+            format!("{problem}; expected days like 30d, a duration like 12h, or 0 to keep forever"),
+        )),
+    }
+}
+
 /// `host:port,host:port` and the service name; both or neither.
 pub(super) fn sentinel_config(
     sentinels: Option<String>,

@@ -105,7 +105,7 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
 struct SentView<'a> {
     id: i64,
     phone_number: &'a str,
-    content: &'a str,
+    content: Option<&'a str>,
     sent: bool,
     created_at: DateTime<Utc>,
     sent_at: Option<DateTime<Utc>>,
@@ -131,8 +131,15 @@ impl<'a> DetailView<'a> {
     }
 }
 
-/// `limit` and `cursor` from the query string.
-fn page_params(query: &HashMap<String, String>) -> Result<(i64, Option<i64>), ApiError> {
+/// A page: `limit` and `cursor` from the query string, and whether the exact total is
+/// asked for (`total=exact`; otherwise it is counted up to `TOTAL_BOUND`).
+struct PageParams {
+    limit: i64,
+    cursor: Option<i64>,
+    exact_total: bool,
+}
+
+fn page_params(query: &HashMap<String, String>) -> Result<PageParams, ApiError> {
     let limit = match query.get("limit") {
         None => DEFAULT_LIMIT,
         Some(text) => text
@@ -149,16 +156,28 @@ fn page_params(query: &HashMap<String, String>) -> Result<(i64, Option<i64>), Ap
             ApiError::bad_request("cursor must be a positive integer (a next_cursor value)")
         })?),
     };
-    Ok((limit, cursor))
+    let exact_total = match query.get("total").map(String::as_str) {
+        None | Some("bounded") => false,
+        Some("exact") => true,
+        Some(_) => return Err(ApiError::bad_request("total must be exact or bounded")),
+    };
+    Ok(PageParams {
+        limit,
+        cursor,
+        exact_total,
+    })
 }
 
 async fn list_sent(state: State, query: HashMap<String, String>) -> Result<Response, ApiError> {
-    let (limit, cursor) = page_params(&query)?;
+    let page = page_params(&query)?;
     let filter = ListFilter {
         status: Some(MessageStatus::Sent),
         ..ListFilter::default()
     };
-    let page = state.store.list_messages(&filter, cursor, limit).await?;
+    let page = state
+        .store
+        .list_messages(&filter, page.cursor, page.limit, page.exact_total)
+        .await?;
     let ids: Vec<i64> = page.messages.iter().map(|m| m.id).collect();
     let cached = state.cache.cached_at(&ids).await;
     let messages: Vec<SentView> = page
@@ -167,7 +186,7 @@ async fn list_sent(state: State, query: HashMap<String, String>) -> Result<Respo
         .map(|m| SentView {
             id: m.id,
             phone_number: &m.phone_number,
-            content: &m.content,
+            content: m.content.as_deref(),
             sent: m.sent,
             created_at: m.created_at,
             sent_at: m.sent_at,
@@ -177,7 +196,12 @@ async fn list_sent(state: State, query: HashMap<String, String>) -> Result<Respo
         .collect();
     Ok(json(
         StatusCode::OK,
-        &json!({"messages": messages, "total": page.total, "next_cursor": page.next_cursor}),
+        &json!({
+            "messages": messages,
+            "total": page.total,
+            "total_exact": page.total_exact,
+            "next_cursor": page.next_cursor
+        }),
     ))
 }
 
@@ -254,9 +278,12 @@ fn list_filter(state: &AppState, query: &HashMap<String, String>) -> Result<List
 }
 
 async fn list(state: State, query: HashMap<String, String>) -> Result<Response, ApiError> {
-    let (limit, cursor) = page_params(&query)?;
+    let page = page_params(&query)?;
     let filter = list_filter(&state, &query)?;
-    let page = state.store.list_messages(&filter, cursor, limit).await?;
+    let page = state
+        .store
+        .list_messages(&filter, page.cursor, page.limit, page.exact_total)
+        .await?;
     let ids: Vec<i64> = page
         .messages
         .iter()
@@ -274,7 +301,12 @@ async fn list(state: State, query: HashMap<String, String>) -> Result<Response, 
         .collect();
     Ok(json(
         StatusCode::OK,
-        &json!({"messages": messages, "total": page.total, "next_cursor": page.next_cursor}),
+        &json!({
+            "messages": messages,
+            "total": page.total,
+            "total_exact": page.total_exact,
+            "next_cursor": page.next_cursor
+        }),
     ))
 }
 
@@ -409,6 +441,10 @@ fn changed(change: StatusChange, id: i64, rule: &str) -> Result<Message, ApiErro
         StatusChange::Refused(status) => Err(ApiError::Conflict(format!(
             "message {id} is {}; {rule}",
             status.as_str()
+        ))),
+        StatusChange::ContentRemoved => Err(ApiError::Conflict(format!(
+            "message {id} has no text any more (CONTENT_RETENTION removed it); it cannot be \
+             sent again: create a new message"
         ))),
     }
 }

@@ -371,7 +371,7 @@ fn schemas(max_content_chars: usize) -> Value {
                 "phone_number": {"type": "string"},
                 "country": {"type": ["string", "null"], "description": "ISO 3166 region of the number (TR), from its country code"},
                 "delivery_key": {"type": "string", "description": "the Idempotency-Key of every send of this message: a UUID made with the row (its id for rows from before migration 0011, and for messages an earlier version sent first)"},
-                "content": {"type": "string"},
+                "content": {"type": ["string", "null"], "description": "null once CONTENT_RETENTION has removed a finished message's text"},
                 "status": {"enum": STATUSES},
                 "idempotency_key": {"type": ["string", "null"]},
                 "send_at": nullable_timestamp,
@@ -380,8 +380,8 @@ fn schemas(max_content_chars: usize) -> Value {
                 "lane": {"type": "string", "description": "the lane it is sent through"},
                 "from": {"type": ["string", "null"], "description": "the sender it names; null: its lane's or provider's"},
                 "provider": {"type": ["string", "null"], "description": "the provider that took it (sent), or its current or last send went to"},
-                "encoding": {"enum": ["gsm7", "ucs2"]},
-                "segments": {"type": "integer", "minimum": 1},
+                "encoding": {"enum": ["gsm7", "ucs2", null], "description": "null with the content"},
+                "segments": {"type": ["integer", "null"], "minimum": 1},
                 "delivery_status": {"enum": ["delivered", "undelivered", "failed", null]},
                 "delivered_at": nullable_timestamp,
                 "delivery_error": {"type": ["string", "null"]},
@@ -401,7 +401,7 @@ fn schemas(max_content_chars: usize) -> Value {
             "properties": {
                 "id": {"type": "integer", "format": "int64"},
                 "phone_number": {"type": "string"},
-                "content": {"type": "string"},
+                "content": {"type": ["string", "null"]},
                 "sent": {"type": "boolean"},
                 "created_at": timestamp,
                 "sent_at": nullable_timestamp,
@@ -411,19 +411,21 @@ fn schemas(max_content_chars: usize) -> Value {
         },
         "MessagePage": {
             "type": "object",
-            "required": ["messages", "total", "next_cursor"],
+            "required": ["messages", "total", "total_exact", "next_cursor"],
             "properties": {
                 "messages": {"type": "array", "items": schema_ref("Message")},
-                "total": {"type": "integer"},
+                "total": {"type": "integer", "description": "rows the filter matches, counted up to 10000 unless total=exact"},
+                "total_exact": {"type": "boolean", "description": "false: 10000 or more rows match"},
                 "next_cursor": {"type": ["integer", "null"]}
             }
         },
         "SentPage": {
             "type": "object",
-            "required": ["messages", "total", "next_cursor"],
+            "required": ["messages", "total", "total_exact", "next_cursor"],
             "properties": {
                 "messages": {"type": "array", "items": schema_ref("SentMessage")},
-                "total": {"type": "integer"},
+                "total": {"type": "integer", "description": "rows the filter matches, counted up to 10000 unless total=exact"},
+                "total_exact": {"type": "boolean", "description": "false: 10000 or more rows match"},
                 "next_cursor": {"type": ["integer", "null"]}
             }
         },
@@ -593,7 +595,8 @@ fn paths() -> Value {
     let lane_param = json!({"name": "name", "in": "path", "required": true, "description": "a configured lane", "schema": {"type": "string", "minLength": 1, "maxLength": 64}});
     let page_params = json!([
         {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
-        {"name": "cursor", "in": "query", "required": false, "description": "next_cursor of the previous page", "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": i64::MAX}}
+        {"name": "cursor", "in": "query", "required": false, "description": "next_cursor of the previous page", "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": i64::MAX}},
+        {"name": "total", "in": "query", "required": false, "description": "exact: count every matching row (slow on a large table); bounded (default): up to 10000", "schema": {"enum": ["exact", "bounded"], "default": "bounded"}}
     ]);
     let id_param = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "format": "int64", "minimum": 1}});
     json!({

@@ -8,7 +8,7 @@ use tokio_postgres::Row;
 
 use super::{
     Inserted, LaneCounts, ListFilter, Message, MessageStats, NewMessage, Page, QueueStats,
-    StatusChange, Store, StoreError,
+    StatusChange, Store, StoreError, TOTAL_BOUND,
 };
 use crate::domain::{DeliveryStatus, IdempotencyKey, MessageStatus, Sender};
 use crate::encoding::segment;
@@ -69,8 +69,8 @@ impl Message {
     fn from_row(row: &Row) -> Self {
         let status_text: &str = row.get("status");
         let status = MessageStatus::parse(status_text).unwrap_or(MessageStatus::Pending);
-        let content: String = row.get("content");
-        let segmentation = segment(&content);
+        let content: Option<String> = row.get("content");
+        let segmentation = content.as_deref().map(segment);
         let phone_number: String = row.get("phone_number");
         Self {
             id: row.get("id"),
@@ -93,8 +93,8 @@ impl Message {
             lane: row.get("lane"),
             from: row.get("sender"),
             provider: row.get("provider"),
-            encoding: segmentation.encoding,
-            segments: segmentation.segments,
+            encoding: segmentation.as_ref().map(|s| s.encoding),
+            segments: segmentation.map(|s| s.segments),
             delivery_status: row
                 .get::<_, Option<&str>>("delivery_status")
                 .and_then(DeliveryStatus::parse),
@@ -106,7 +106,8 @@ impl Message {
     /// Whether this stored message is what `new` asks for (an idempotent repeat).
     fn matches(&self, new: &NewMessage) -> bool {
         self.phone_number == new.phone_number.as_str()
-            && self.content == new.content.as_str()
+            // Text removed by CONTENT_RETENTION cannot be compared; the rest still is.
+            && self.content.as_deref().is_none_or(|c| c == new.content.as_str())
             && self.send_at == new.send_at
             && self.expires_at == new.expires_at
             && self.priority == new.priority.get()
@@ -237,12 +238,14 @@ impl Store {
         Ok(inserted)
     }
 
-    /// Newest-first keyset page, filtered.
+    /// Newest-first keyset page, filtered; its total counted up to [`TOTAL_BOUND`]
+    /// rows unless `exact_total`.
     pub async fn list_messages(
         &self,
         filter: &ListFilter,
         cursor: Option<i64>,
         limit: i64,
+        exact_total: bool,
     ) -> Result<Page, StoreError> {
         let client = self.client().await?;
         let status = filter.status.map(MessageStatus::as_str);
@@ -276,16 +279,20 @@ impl Store {
         } else {
             None
         };
-        let total: i64 = client
-            .query_one(
-                &format!("SELECT count(*) FROM messages WHERE {filters}"),
-                &params,
+        let count = if exact_total {
+            format!("SELECT count(*) FROM messages WHERE {filters}")
+        } else {
+            format!(
+                "SELECT count(*) FROM (SELECT 1 FROM messages WHERE {filters} LIMIT {}) AS m",
+                TOTAL_BOUND + 1
             )
-            .await?
-            .get(0);
+        };
+        let counted: i64 = client.query_one(&count, &params).await?.get(0);
+        let total_exact = exact_total || counted <= TOTAL_BOUND;
         Ok(Page {
             messages,
-            total,
+            total: counted.min(if exact_total { i64::MAX } else { TOTAL_BOUND }),
+            total_exact,
             next_cursor,
         })
     }
@@ -357,7 +364,7 @@ impl Store {
                  WHERE status = $1 AND ($2::text IS NULL OR phone_number = $2)
                    AND ($3::timestamptz IS NULL OR created_at >= $3)
                    AND ($4::timestamptz IS NULL OR created_at < $4)
-                   AND ($6::text IS NULL OR lane = $6)
+                   AND ($6::text IS NULL OR lane = $6) AND content IS NOT NULL
                  ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED))
                AND status = $1"
         );
@@ -394,7 +401,8 @@ impl Store {
     ) -> Result<StatusChange, StoreError> {
         let client = self.client().await?;
         let sql = format!(
-            "UPDATE messages SET {set} WHERE id = $1 AND status = $2 RETURNING {MESSAGE_COLUMNS}"
+            "UPDATE messages SET {set} WHERE id = $1 AND status = $2 AND content IS NOT NULL
+             RETURNING {MESSAGE_COLUMNS}"
         );
         if let Some(row) = client.query_opt(&sql, &[&id, &from.as_str()]).await? {
             return Ok(StatusChange::Changed(Box::new(Message::from_row(&row))));
@@ -402,9 +410,15 @@ impl Store {
         // On the same connection: a second checkout while holding this one could wait
         // for a pool that every concurrent request holds the same way.
         let status = client
-            .query_opt("SELECT status FROM messages WHERE id = $1", &[&id])
+            .query_opt(
+                "SELECT status, content IS NULL FROM messages WHERE id = $1",
+                &[&id],
+            )
             .await?;
         Ok(match status {
+            Some(row) if row.get::<_, &str>(0) == from.as_str() && row.get::<_, bool>(1) => {
+                StatusChange::ContentRemoved
+            }
             Some(row) => StatusChange::Refused(
                 MessageStatus::parse(row.get(0)).unwrap_or(MessageStatus::Pending),
             ),

@@ -93,6 +93,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0015_providers.sql",
         sql: include_str!("../../sql/0015_providers.sql"),
     },
+    Migration {
+        version: 16,
+        name: "0016_retention.sql",
+        sql: include_str!("../../sql/0016_retention.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

@@ -18,7 +18,8 @@ pub struct Message {
     pub phone_number: String,
     /// The ISO region of the number (`TR`), from its country code; not stored.
     pub country: Option<String>,
-    pub content: String,
+    /// `None` once CONTENT_RETENTION has removed the text of a finished message.
+    pub content: Option<String>,
     pub status: MessageStatus,
     pub sent: bool,
     pub attempts: i32,
@@ -41,9 +42,9 @@ pub struct Message {
     /// The provider that took it, or its current or last send went to
     /// (docs/design.md#failover).
     pub provider: Option<String>,
-    /// Computed from the content (GSM 03.38), not stored.
-    pub encoding: Encoding,
-    pub segments: u32,
+    /// Computed from the content (GSM 03.38), not stored; `None` with the content.
+    pub encoding: Option<Encoding>,
+    pub segments: Option<u32>,
     pub delivery_status: Option<DeliveryStatus>,
     pub delivered_at: Option<DateTime<Utc>>,
     pub delivery_error: Option<String>,
@@ -99,9 +100,17 @@ pub struct LaneCounts {
 #[derive(Debug, Clone, Serialize)]
 pub struct Page {
     pub messages: Vec<Message>,
+    /// Rows the filter matches: exact when asked for, otherwise counted up to
+    /// [`TOTAL_BOUND`] (docs/design.md#retention).
     pub total: i64,
+    /// false: `total` is [`TOTAL_BOUND`] and more rows match.
+    pub total_exact: bool,
     pub next_cursor: Option<i64>,
 }
+
+/// A page's total is counted up to this many rows unless the exact total is asked for
+/// (`?total=exact`): counting stays a few milliseconds whatever the table holds.
+pub const TOTAL_BOUND: i64 = 10_000;
 
 /// Result of asking to change one message's status by hand (retry, cancel).
 #[derive(Debug)]
@@ -110,6 +119,8 @@ pub enum StatusChange {
     NotFound,
     /// The message's status does not allow the change.
     Refused(MessageStatus),
+    /// Its text was removed (CONTENT_RETENTION): it cannot be sent again.
+    ContentRemoved,
 }
 
 /// `GET /api/messages/stats`: read from the trigger-kept counters and a few index

@@ -1328,14 +1328,14 @@ async fn a_claim_writes_no_entry_into_the_listing_index() {
         status: Some(MessageStatus::Sending),
         ..ListFilter::default()
     };
-    let page = store.list_messages(&sending, None, 4).await.unwrap();
+    let page = store.list_messages(&sending, None, 4, true).await.unwrap();
     assert_eq!(page.total, 10);
     let listed: Vec<i64> = page.messages.iter().map(|m| m.id).collect();
     let mut newest: Vec<i64> = ids.clone();
     newest.sort_unstable_by(|a, b| b.cmp(a));
     assert_eq!(listed, newest[..4], "newest first");
     let rest = store
-        .list_messages(&sending, page.next_cursor, 10)
+        .list_messages(&sending, page.next_cursor, 10, true)
         .await
         .unwrap();
     let rest: Vec<i64> = rest.messages.iter().map(|m| m.id).collect();

@@ -19,5 +19,6 @@ mod migrations;
 mod provider_answers;
 mod providers;
 mod rescue;
+mod retention;
 mod support;
 mod tls;

@@ -653,11 +653,14 @@
     }
   }
 
+  // What the console shows for a finished message whose text CONTENT_RETENTION removed.
+  const REMOVED_TEXT = "(text removed after CONTENT_RETENTION)";
   function renderMessages(page, empty) {
     const rows = page.messages.map((m) => {
       const open = el("button", { type: "button", class: "id-button", text: String(m.id), "aria-label": `Message ${m.id}: details` });
       open.addEventListener("click", () => openDetail(m.id));
-      const content = m.content.length > 80 ? `${m.content.slice(0, 80)}…` : m.content;
+      const text = m.content ?? REMOVED_TEXT;
+      const content = text.length > 80 ? `${text.slice(0, 80)}…` : text;
       return el("tr", { "data-id": String(m.id), "data-status": m.status, "data-lane": m.lane || "", class: selected === m.id ? "selected" : "" }, [
         el("td", {}, [open]),
         el("td", {}, [statusBadge(m.status)]),
@@ -680,8 +683,8 @@
     const pageNo = view.older.length + 1;
     $("page-info").textContent = view.id !== null
       ? `message ${view.id}`
-      : `page ${pageNo} · ${page.total} matching`;
-    renderBulk(page.total);
+      : `page ${pageNo} · ${totalText(page.total, page.total_exact)} matching`;
+    renderBulk(page.total, page.total_exact);
   }
 
   // ------------------------------------------------------------ bulk actions ---
@@ -704,18 +707,20 @@
   let bulkOffer = null; // what the button offers: {status, lane, phone, total}
   let bulkBusy = false;
   const count = (n) => n.toLocaleString("en-US");
+  // A page's total is counted up to a bound unless asked for exactly: "10,000+".
+  const totalText = (n, exact) => `${count(n)}${exact === false ? "+" : ""}`;
   const messagesNoun = (n) => (n === 1 ? "message" : "messages");
   // " to +90555… in lane otp": the part of the filter beyond the status.
   const bulkScope = (offer) => (offer.phone ? ` to ${offer.phone}` : "") + (offer.lane ? ` in lane ${offer.lane}` : "");
 
-  function renderBulk(total) {
+  function renderBulk(total, exact) {
     const action = view.id === null ? BULK[view.status] : undefined;
     const button = $("bulk-action");
-    bulkOffer = action && total > 0 ? { status: view.status, lane: view.lane, phone: view.phone, total } : null;
+    bulkOffer = action && total > 0 ? { status: view.status, lane: view.lane, phone: view.phone, total, exact } : null;
     button.hidden = !bulkOffer;
     if (!bulkOffer) return;
     const to = bulkScope(bulkOffer);
-    button.textContent = `${action.verb} all ${count(total)} ${view.status}${to}`;
+    button.textContent = `${action.verb} all ${totalText(total, exact)} ${view.status}${to}`;
     button.className = action.kind;
     button.disabled = bulkBusy;
   }
@@ -727,14 +732,14 @@
     const noun = messagesNoun(offer.total);
     const to = bulkScope(offer);
     const ok = await confirmAction(
-      `${action.verb} ${count(offer.total)} ${offer.status} ${noun}${to}?`,
+      `${action.verb} ${totalText(offer.total, offer.exact)} ${offer.status} ${noun}${to}?`,
       `${action.explain} The filter is applied when you confirm: a message that became ${offer.status} since this count is included.`,
-      `${action.verb} ${count(offer.total)} ${noun}`,
+      `${action.verb} ${totalText(offer.total, offer.exact)} ${noun}`,
       action.kind);
     if (!ok) return;
     bulkBusy = true;
     $("bulk-action").disabled = true;
-    $("bulk-result").textContent = `${action.verb === "Retry" ? "Retrying" : "Cancelling"} ${count(offer.total)} ${noun}…`;
+    $("bulk-result").textContent = `${action.verb === "Retry" ? "Retrying" : "Cancelling"} ${totalText(offer.total, offer.exact)} ${noun}…`;
     try {
       const body = { status: offer.status };
       if (offer.phone) body.phone_number = offer.phone;
@@ -814,7 +819,8 @@
     const items = [];
     for (const [key, label] of DETAIL_FIELDS) {
       let value = m[key];
-      if (key.endsWith("_at")) value = value ? formatTime(value) : "–";
+      if (key === "content" && value === null) value = REMOVED_TEXT;
+      else if (key.endsWith("_at")) value = value ? formatTime(value) : "–";
       else if (value === null || value === undefined || value === "") value = "–";
       const dd = key === "status" ? el("dd", { "data-field": key }, [statusBadge(m.status)]) : el("dd", { "data-field": key, text: String(value) });
       items.push(el("dt", { text: label }), dd);
