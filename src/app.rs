@@ -369,6 +369,7 @@ async fn prepare_database(
 ) {
     let config = &state.config;
     let attempt = || async {
+        state.store.refuse_transaction_pooling().await?;
         if config.auto_migrate {
             let report = state.store.migrate().await?;
             if !report.applied.is_empty() {
@@ -389,7 +390,12 @@ async fn prepare_database(
     };
     let prepared = attempt
         .retry(connect_backoff())
-        .when(|err| !matches!(err, StoreError::MigrationChanged(_)))
+        .when(|err| {
+            !matches!(
+                err,
+                StoreError::MigrationChanged(_) | StoreError::TransactionPooling(_)
+            )
+        })
         .notify(|err, wait| {
             tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "PostgreSQL not ready yet");
         });

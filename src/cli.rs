@@ -165,7 +165,8 @@ where
     report(job(config).instrument(span).await)
 }
 
-/// Exit 0, or 1 with the error; 2 when no retry can help (a changed migration).
+/// Exit 0, or 1 with the error; 2 when no retry can help (a changed migration, a
+/// pooler in transaction mode).
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -173,7 +174,9 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
             tracing::error!(error = format!("{err:#}"), "exiting with an error");
             eprintln!("error: {err:#}");
             match err.downcast_ref::<StoreError>() {
-                Some(StoreError::MigrationChanged(_)) => ExitCode::from(EXIT_CONFIG),
+                Some(StoreError::MigrationChanged(_) | StoreError::TransactionPooling(_)) => {
+                    ExitCode::from(EXIT_CONFIG)
+                }
                 _ => ExitCode::FAILURE,
             }
         }
@@ -217,6 +220,7 @@ async fn connect_store(config: &Config) -> anyhow::Result<Store> {
 
 async fn migrate(config: Config) -> anyhow::Result<()> {
     let store = connect_store(&config).await?;
+    store.refuse_transaction_pooling().await?;
     let report = store.migrate().await?;
     tracing::info!(applied = ?report.applied, already_applied = report.already_applied, "migrations done");
     println!(

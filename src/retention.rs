@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RetentionConfig;
 use crate::domain::MessageStatus;
 use crate::metrics::{Metrics, RETENTION_CONTENT_REMOVED, RETENTION_REMOVED};
-use crate::store::retention::{FINISHED, Sweep};
 use crate::store::Store;
+use crate::store::retention::{FINISHED, Sweep};
 
 /// Rows one step reads: a step holds the locks of at most this many finished rows, for
 /// a few milliseconds.
@@ -183,8 +183,14 @@ mod tests {
         let days = |n: u64| Some(Duration::from_secs(n * 86_400));
         let every = |messages, content| pass_interval(RetentionConfig { messages, content });
         assert_eq!(every(days(30), None), Duration::from_secs(60));
-        assert_eq!(every(days(30), Some(Duration::from_secs(120))), Duration::from_secs(30));
-        assert_eq!(every(Some(Duration::from_secs(2)), None), Duration::from_secs(1));
+        assert_eq!(
+            every(days(30), Some(Duration::from_secs(120))),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            every(Some(Duration::from_secs(2)), None),
+            Duration::from_secs(1)
+        );
         assert_eq!(every(None, None), Duration::from_secs(60));
     }
 }

@@ -3,7 +3,7 @@
 # scripts/bench/NAME.py, which starts the replicas and the mock provider, measures,
 # checks and prints its tables.
 #
-# Usage: scripts/bench/run.sh <failover|throughput|lanes|footprint|api|peers|pg-cost|all>
+# Usage: scripts/bench/run.sh <failover|throughput|lanes|footprint|api|peers|pg-cost|history|vacuum|all>
 #        scripts/bench/run.sh --help [NAME]      this text, or NAME's settings and targets
 #
 #   failover    kill, terminate and pause the leader of three replicas; time each handover
@@ -16,6 +16,8 @@
 #   api         wrk against four endpoints of one replica
 #   peers       the same job through ours, graphile-worker and pg-boss
 #   pg-cost     PostgreSQL's instructions per dispatched message (callgrind)
+#   history     reads (list, stats) and drain rate at 0, 1, 5 and 20 million finished rows
+#   vacuum      drain rate with another session's transaction held open, next to plain
 #   all         failover, throughput, lanes, footprint and api in turn (about 17 minutes;
 #               ONLY="api footprint" picks others), then one combined table
 #
@@ -56,6 +58,8 @@ settings() {
     api) echo SENT DURATION THREADS CONNECTIONS ;;
     peers) echo N32 N1 ROUNDS CONCURRENCIES PEERS IDLE_WAIT PEERS_NODE_VERSION PEER_NODE ;;
     pg-cost) echo N SEED BATCH GROUP EACH_INDEX KEYED PROFILE ;;
+    history) echo SIZES N REQUESTS ;;
+    vacuum) echo N ROUNDS HOLD_BEFORE ;;
   esac
 }
 
@@ -257,7 +261,7 @@ case "${1:-}" in
       usage
     fi ;;
   all) run_all ;;
-  failover | throughput | lanes | footprint | api | peers | pg-cost) run_one "$1" ;;
+  failover | throughput | lanes | footprint | api | peers | pg-cost | history | vacuum) run_one "$1" ;;
   "") usage >&2; exit 2 ;;
   *) die "unknown benchmark $1 (see --help)" ;;
 esac

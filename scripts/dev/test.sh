@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests and the integration tests, which start real
 # PostgreSQL and Redis servers, the mock provider and replica processes.
-# Installs what is missing (postgresql, redis-server, promtool, openssl) with apt-get.
+# Installs what is missing (postgresql, redis-server, pgbouncer, promtool, openssl) with apt-get.
 set -euo pipefail
 source "$(dirname "$0")/../lib/harness.sh"
 cd "$ROOT"
 
-ensure_packages pg:postgresql redis-server:redis-server redis-cli:redis-tools redis-sentinel:redis-sentinel promtool:prometheus openssl:openssl
+ensure_packages pg:postgresql redis-server:redis-server redis-cli:redis-tools redis-sentinel:redis-sentinel pgbouncer:pgbouncer promtool:prometheus openssl:openssl
 command -v cargo >/dev/null || die "cargo is required (https://rustup.rs)"
 
 if cargo nextest --version >/dev/null 2>&1; then

@@ -145,11 +145,8 @@ async fn metrics(state: State) -> Response {
                     .set(age.map_or(0.0, |age| age.as_secs_f64()));
             }
         }
-        if let Ok(Ok(age)) = tokio::time::timeout(
-            Duration::from_secs(2),
-            state.store.oldest_transaction_age(),
-        )
-        .await
+        if let Ok(Ok(age)) =
+            tokio::time::timeout(Duration::from_secs(2), state.store.oldest_transaction_age()).await
         {
             state.metrics.oldest_transaction_age.set(age.max(0));
         }

@@ -14,6 +14,9 @@ pub enum StoreError {
     /// An applied migration file has changed since: no retry can fix that.
     #[error("migration refused: {0}")]
     MigrationChanged(String),
+    /// The connections go through a pooler in transaction mode: no retry can fix that.
+    #[error("{0}")]
+    TransactionPooling(String),
     /// The database answered something our own statements rule out.
     #[error("unexpected database state: {0}")]
     Invariant(String),

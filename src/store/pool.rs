@@ -22,8 +22,9 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
-    /// How to open a connection outside the pool (the leader's fence session).
-    connect: Arc<(tokio_postgres::Config, MakeRustlsConnect)>,
+    /// How to open a connection outside the pool (the leader's fence session), and
+    /// the settings it starts with.
+    connect: Arc<(tokio_postgres::Config, MakeRustlsConnect, String)>,
     /// The lane whose fence row, claims and control row this handle acts on
     /// ([`Store::for_lane`]); `default` unless narrowed (docs/design.md#lanes).
     pub(super) lane: Arc<str>,
@@ -41,6 +42,8 @@ pub use crate::config::DEFAULT_LANE;
 /// would wait behind the sends.
 struct ConnectOnHome {
     tls: MakeRustlsConnect,
+    /// Run on every new connection ([`session_settings`]).
+    session_settings: String,
     /// `None` when the store was made outside a runtime: then where it is asked.
     home: Option<tokio::runtime::Handle>,
 }
@@ -55,6 +58,7 @@ impl deadpool_postgres::Connect for ConnectOnHome {
     > {
         let tls = self.tls.clone();
         let pg_config = pg_config.clone();
+        let session_settings = self.session_settings.clone();
         let open = async move {
             let (client, connection) = pg_config.connect(tls).await?;
             let io = tokio::spawn(async move {
@@ -62,6 +66,7 @@ impl deadpool_postgres::Connect for ConnectOnHome {
                     tracing::warn!(error = %err, "PostgreSQL connection ended");
                 }
             });
+            client.batch_execute(&session_settings).await?;
             Ok((client, io))
         };
         let home = self.home.clone();
@@ -80,6 +85,17 @@ impl deadpool_postgres::Connect for ConnectOnHome {
     }
 }
 
+/// What every session sets first, as statements rather than the `options` startup
+/// parameter, which PgBouncer refuses: NOTICEs (such as "already exists, skipping") are
+/// not worth a log line, and a session idle inside a transaction ends (see
+/// `DatabaseConfig::idle_in_transaction_timeout`).
+fn session_settings(config: &DatabaseConfig) -> String {
+    format!(
+        "SET client_min_messages = warning; SET idle_in_transaction_session_timeout = {}",
+        config.idle_in_transaction_timeout.as_millis().max(1000)
+    )
+}
+
 impl Store {
     pub fn new(config: &DatabaseConfig) -> anyhow::Result<Self> {
         let mut pg = match &config.url {
@@ -95,11 +111,6 @@ impl Store {
             }
         };
         pg.application_name("message-dispatcher")
-            // NOTICEs (such as "already exists, skipping") are not worth a log line.
-            .options(format!(
-                "-c client_min_messages=warning -c idle_in_transaction_session_timeout={}",
-                config.idle_in_transaction_timeout.as_millis().max(1000)
-            ))
             .connect_timeout(Duration::from_secs(3))
             // A dead peer or a black-holed path ends the connection (and with it a
             // query waiting on it) within seconds, not at the kernel's defaults of
@@ -121,10 +132,12 @@ impl Store {
             }
         }
         let connector = tls::connector(config.ssl_mode)?;
-        let connect = Arc::new((pg.clone(), connector.clone()));
+        let settings = session_settings(config);
+        let connect = Arc::new((pg.clone(), connector.clone(), settings.clone()));
         let manager = Manager::from_connect(
             pg,
             ConnectOnHome {
+                session_settings: settings,
                 tls: connector,
                 home: tokio::runtime::Handle::try_current().ok(),
             },
@@ -162,13 +175,14 @@ impl Store {
     /// A connection of its own, outside the pool: the fence session must not wait
     /// behind result writes for a pooled connection. Ends when the client is dropped.
     pub async fn dedicated_connection(&self) -> Result<tokio_postgres::Client, StoreError> {
-        let (config, connector) = &*self.connect;
+        let (config, connector, settings) = &*self.connect;
         let (client, connection) = config.connect(connector.clone()).await?;
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 tracing::debug!(error = %err, "dedicated PostgreSQL connection ended");
             }
         });
+        client.batch_execute(settings).await?;
         Ok(client)
     }
 
@@ -187,6 +201,51 @@ impl Store {
         let client = self.client().await?;
         let statement = client.prepare_cached(sql).await?;
         Ok(client.execute(&statement, params).await?)
+    }
+
+    /// Refuses a connection pooler in transaction or statement mode (PgBouncer's
+    /// `pool_mode = transaction`): the leader holds session-level advisory locks on its
+    /// fence session, and a pooler that hands the server session to another client
+    /// after each transaction breaks them (docs/operations.md#connection-poolers).
+    ///
+    /// Two connections held at once each have a server session of their own, for good,
+    /// unless a pooler shares them out per transaction: then the second connection is
+    /// usually handed the session the first one has just given back (PgBouncer reuses
+    /// the most recent), or one connection's session changes between statements. Simple
+    /// queries only, which any pooler passes whatever its prepared-statement support.
+    pub async fn refuse_transaction_pooling(&self) -> Result<(), StoreError> {
+        async fn backend(client: &Object) -> Result<String, StoreError> {
+            let rows = client.simple_query("SELECT pg_backend_pid()").await?;
+            Ok(rows
+                .iter()
+                .find_map(|message| match message {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(String::from),
+                    _ => None,
+                })
+                .unwrap_or_default())
+        }
+        let first = self.client().await?;
+        let second = self.client().await?;
+        let (mut seen_first, mut seen_second) = (Vec::new(), Vec::new());
+        for _ in 0..4 {
+            seen_first.push(backend(&first).await?);
+            seen_second.push(backend(&second).await?);
+        }
+        let shared = seen_first.iter().any(|pid| seen_second.contains(pid));
+        let moved = [&seen_first, &seen_second]
+            .iter()
+            .any(|seen| seen.iter().any(|pid| *pid != seen[0]));
+        if shared || moved {
+            return Err(StoreError::TransactionPooling(
+                "DATABASE_URL leads through a connection pooler that shares server sessions \
+                 per transaction (PgBouncer pool_mode = transaction or statement): the \
+                 leader's session-level advisory locks cannot work there. Point \
+                 DATABASE_URL at PostgreSQL itself, or use the pooler's session mode \
+                 (pool_mode = session)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Answers whether PostgreSQL is reachable right now (one round trip, bounded).

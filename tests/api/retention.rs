@@ -91,13 +91,19 @@ async fn retention_removes_old_finished_messages_in_steps_and_the_stats_keep_cou
                 .env("MESSAGE_RETENTION", "1h"),
         )
         .await;
-    wait_for("old finished messages to be removed", TEST_TIMEOUT, || async {
-        (present(&db, &old).await == 0).then_some(())
-    })
+    wait_for(
+        "old finished messages to be removed",
+        TEST_TIMEOUT,
+        || async { (present(&db, &old).await == 0).then_some(()) },
+    )
     .await;
 
     assert_eq!(present(&db, &kept).await, kept.len() as i64, "kept rows");
-    assert_eq!(counters(&db).await, before, "the counters still count removed rows");
+    assert_eq!(
+        counters(&db).await,
+        before,
+        "the counters still count removed rows"
+    );
     let (status, stats) = replica.get("/api/messages/stats").await;
     assert_eq!(status, 200);
     assert_eq!(stats["by_status"]["sent"], 1_102, "{stats}");
@@ -134,7 +140,10 @@ async fn content_retention_blanks_old_finished_texts_and_such_a_message_cannot_b
             message["content"].is_null().then_some(message)
         })
         .await;
-        assert!(message["segments"].is_null() && message["encoding"].is_null(), "{message}");
+        assert!(
+            message["segments"].is_null() && message["encoding"].is_null(),
+            "{message}"
+        );
     }
     for id in [young, queued] {
         let (_, message) = replica.get(&format!("/api/messages/{id}")).await;
@@ -148,17 +157,28 @@ async fn content_retention_blanks_old_finished_texts_and_such_a_message_cannot_b
         .post(&format!("/api/messages/{old_failed}/retry"), None)
         .await;
     assert_eq!(status, 409, "{error}");
-    assert!(error["error"]["message"]
-        .as_str()
-        .is_some_and(|m| m.contains("CONTENT_RETENTION")), "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("CONTENT_RETENTION")),
+        "{error}"
+    );
     let (status, answer) = replica
         .post(
             "/api/messages/retry",
             Some(serde_json::json!({"status": "failed"})),
         )
         .await;
-    assert_eq!((status, &answer["retried"]), (200, &Value::from(0)), "{answer}");
-    assert_eq!(env.count("pending").await, 1, "nothing without text went back to the queue");
+    assert_eq!(
+        (status, &answer["retried"]),
+        (200, &Value::from(0)),
+        "{answer}"
+    );
+    assert_eq!(
+        env.count("pending").await,
+        1,
+        "nothing without text went back to the queue"
+    );
     assert_eq!(
         replica
             .metric(r#"dispatcher_retention_rows_total{action="content_removed"}"#)
@@ -207,7 +227,10 @@ async fn a_pages_total_is_bounded_unless_the_exact_total_is_asked_for() {
 async fn an_old_transaction_elsewhere_shows_in_the_metrics_until_it_ends() {
     let env = TestEnv::start().await;
     let replica = env
-        .replica("old-transaction", &ReplicaSettings::fast().auto_start(false))
+        .replica(
+            "old-transaction",
+            &ReplicaSettings::fast().auto_start(false),
+        )
         .await;
     let series = "dispatcher_db_oldest_transaction_age_seconds";
     let mut report = env.db().await;

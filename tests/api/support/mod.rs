@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod env;
+pub mod pgbouncer;
 pub mod postgres;
 pub mod provider;
 pub mod proxy;

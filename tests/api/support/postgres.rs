@@ -15,6 +15,8 @@ pub struct Postgres {
     dir: TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// `name=value` settings given after the test defaults (which they override).
+    settings: Vec<String>,
 }
 
 fn bin_dir() -> PathBuf {
@@ -46,14 +48,14 @@ fn server_user() -> Option<(u32, u32)> {
     unsafe { Some(((*entry).pw_uid, (*entry).pw_gid)) }
 }
 
-fn as_server_user(command: &mut Command) -> &mut Command {
+pub fn as_server_user(command: &mut Command) -> &mut Command {
     if let Some((uid, gid)) = server_user() {
         command.uid(uid).gid(gid);
     }
     command
 }
 
-fn chown_to_server_user(path: &Path) {
+pub fn chown_to_server_user(path: &Path) {
     if let Some((uid, gid)) = server_user() {
         let status = Command::new("chown")
             .arg("-R")
@@ -114,6 +116,16 @@ impl Postgres {
 
     /// [`Postgres::start`], trying `port` first and other free ports after it.
     pub async fn start_on(port: u16) -> Self {
+        Self::start_with_on(port, &[]).await
+    }
+
+    /// A server with `settings` (`name=value`) over the test defaults, such as
+    /// `synchronous_commit=on` for a primary whose commits wait for its standby.
+    pub async fn start_with(settings: &[&str]) -> Self {
+        Self::start_with_on(free_port(), settings).await
+    }
+
+    async fn start_with_on(port: u16, settings: &[&str]) -> Self {
         let dir = TempDir::new("pg");
         let status = Command::new("cp")
             .arg("-a")
@@ -127,7 +139,97 @@ impl Postgres {
             dir,
             port,
             child: None,
+            settings: settings.iter().map(|s| s.to_string()).collect(),
         };
+        pg.start_until_bound().await;
+        pg.admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
+            .await
+            .expect("create database");
+        pg
+    }
+
+    /// A streaming-replication standby of `primary`, made with `pg_basebackup -R` and
+    /// named `application_name` (what `synchronous_standby_names` lists), started hot.
+    pub async fn standby_of(primary: &Postgres, application_name: &str) -> Self {
+        let dir = TempDir::new("pg-standby");
+        chown_to_server_user(dir.path());
+        let data = dir.path().join("data");
+        let output = as_server_user(Command::new(bin_dir().join("pg_basebackup")).args([
+            "-d",
+            &format!(
+                "host=127.0.0.1 port={} user=postgres application_name={application_name}",
+                primary.port
+            ),
+            "-D",
+            data.to_str().unwrap(),
+            "-R",
+            "-X",
+            "stream",
+            // An immediate checkpoint: the default spreads it over minutes.
+            "--checkpoint=fast",
+            "--no-sync",
+        ]))
+        .output()
+        .expect("run pg_basebackup");
+        assert!(
+            output.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut pg = Self {
+            dir,
+            port: free_port(),
+            child: None,
+            settings: Vec::new(),
+        };
+        pg.start_until_bound().await;
+        pg
+    }
+
+    /// Promotes this standby to a primary and waits until it accepts writes.
+    pub async fn promote(&self) {
+        let output = as_server_user(Command::new(bin_dir().join("pg_ctl")).args([
+            "promote",
+            "-w",
+            "-D",
+            self.data_dir().to_str().unwrap(),
+        ]))
+        .output()
+        .expect("run pg_ctl promote");
+        assert!(
+            output.status.success(),
+            "pg_ctl promote failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        wait_for(
+            "the promoted server to accept writes",
+            Duration::from_secs(30),
+            || async {
+                let client = self.admin().await;
+                let row = client
+                    .query_one("SELECT pg_is_in_recovery()", &[])
+                    .await
+                    .ok()?;
+                (!row.get::<_, bool>(0)).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// SIGKILL: the server is gone at once, as when its machine dies.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Spawns the server, moving to another port if its own was taken.
+    async fn start_until_bound(&mut self) {
+        let pg = self;
         for attempt in 1.. {
             pg.spawn();
             if pg.ready_or_exited().await {
@@ -140,12 +242,6 @@ impl Postgres {
             );
             pg.port = free_port();
         }
-        pg.admin()
-            .await
-            .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
-            .await
-            .expect("create database");
-        pg
     }
 
     /// Turns TLS on with `certificate` (connections may still come without it) and
@@ -201,6 +297,7 @@ impl Postgres {
                 "-c",
                 "max_connections=200",
             ])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdout(Stdio::null())
             .stderr(log);
         as_server_user(&mut command);
