@@ -415,7 +415,7 @@ fn schemas(max_content_chars: usize) -> Value {
             "properties": {
                 "messages": {"type": "array", "items": schema_ref("Message")},
                 "total": {"type": "integer", "description": "rows the filter matches, counted up to 10000 unless total=exact"},
-                "total_exact": {"type": "boolean", "description": "false: 10000 or more rows match"},
+                "total_exact": {"type": "boolean", "description": "false: more than 10000 rows match; total is then 10000"},
                 "next_cursor": {"type": ["integer", "null"]}
             }
         },
@@ -425,7 +425,7 @@ fn schemas(max_content_chars: usize) -> Value {
             "properties": {
                 "messages": {"type": "array", "items": schema_ref("SentMessage")},
                 "total": {"type": "integer", "description": "rows the filter matches, counted up to 10000 unless total=exact"},
-                "total_exact": {"type": "boolean", "description": "false: 10000 or more rows match"},
+                "total_exact": {"type": "boolean", "description": "false: more than 10000 rows match; total is then 10000"},
                 "next_cursor": {"type": ["integer", "null"]}
             }
         },

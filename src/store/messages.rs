@@ -65,6 +65,11 @@ const MESSAGE_COLUMNS: &str = concat!(
     delivery_key!()
 );
 
+/// A cancel by hand. `next_attempt_at` records when, so retention counts a cancelled
+/// message's period from its cancel (docs/design.md#retention).
+const CANCEL: &str =
+    "status = 'cancelled', last_error = 'cancelled through the API', next_attempt_at = now()";
+
 impl Message {
     fn from_row(row: &Row) -> Self {
         let status_text: &str = row.get("status");
@@ -322,12 +327,7 @@ impl Store {
     /// no longer sees the row) or waits for the claim and then finds it `sending`:
     /// a message is claimed or cancelled, never both.
     pub async fn cancel_pending(&self, id: i64) -> Result<StatusChange, StoreError> {
-        self.change_status(
-            id,
-            "status = 'cancelled', last_error = 'cancelled through the API'",
-            MessageStatus::Pending,
-        )
-        .await
+        self.change_status(id, CANCEL, MessageStatus::Pending).await
     }
 
     /// Moves every `failed` message `filter` selects back to `pending`, as
@@ -344,11 +344,7 @@ impl Store {
     /// claim holds right now is skipped: it is being sent (see
     /// [`Store::cancel_pending`]).
     pub async fn cancel_all(&self, filter: &ListFilter) -> Result<u64, StoreError> {
-        self.change_all(
-            filter,
-            "status = 'cancelled', last_error = 'cancelled through the API'",
-        )
-        .await
+        self.change_all(filter, CANCEL).await
     }
 
     /// Applies `set` to every row `filter` selects (its status included), a thousand

@@ -208,13 +208,13 @@ impl Store {
     /// fence session, and a pooler that hands the server session to another client
     /// after each transaction breaks them (docs/operations.md#connection-poolers).
     ///
-    /// Two connections held at once each have a server session of their own, for good,
+    /// Two connections open at once each have a server session of their own, for good,
     /// unless a pooler shares them out per transaction: then the second connection is
     /// usually handed the session the first one has just given back (PgBouncer reuses
     /// the most recent), or one connection's session changes between statements. Simple
     /// queries only, which any pooler passes whatever its prepared-statement support.
     pub async fn refuse_transaction_pooling(&self) -> Result<(), StoreError> {
-        async fn backend(client: &Object) -> Result<String, StoreError> {
+        async fn backend(client: &tokio_postgres::Client) -> Result<String, StoreError> {
             let rows = client.simple_query("SELECT pg_backend_pid()").await?;
             Ok(rows
                 .iter()
@@ -224,8 +224,10 @@ impl Store {
                 })
                 .unwrap_or_default())
         }
+        // One pooled connection and one of its own: a pool of one connection
+        // (`DB_POOL_SIZE=1`) cannot lend two at once.
         let first = self.client().await?;
-        let second = self.client().await?;
+        let second = self.dedicated_connection().await?;
         let (mut seen_first, mut seen_second) = (Vec::new(), Vec::new());
         for _ in 0..4 {
             seen_first.push(backend(&first).await?);

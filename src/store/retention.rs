@@ -47,8 +47,9 @@ pub struct SweepStep {
     pub done: bool,
 }
 
-/// One page of `$1` rows after id `$2`; a row is old when its last activity (created,
-/// scheduled, claimed, sent, delivered, expired) is before `now() - $3 seconds`.
+/// One page of `$4` rows of status `$1` after id `$2`; a row is old when its last
+/// activity (created, scheduled, due, claimed, sent, delivered, expired; a cancel sets
+/// it due) is before `now() - $3 seconds`.
 /// `status <> 'sending'` lets the planner use the partial listing index whatever `$1`
 /// is. The row's status is checked again where it is changed, so a failed message
 /// retried by hand meanwhile is left alone.
@@ -57,7 +58,7 @@ macro_rules! sweep_page {
         concat!(
             "WITH page AS (
     SELECT id, created_at,
-           GREATEST(created_at, send_at, claimed_at, sent_at, delivered_at,
+           GREATEST(created_at, send_at, next_attempt_at, claimed_at, sent_at, delivered_at,
                     CASE WHEN status = 'expired' THEN expires_at END)
                < now() - make_interval(secs => $3) AS old
     FROM messages
@@ -78,16 +79,19 @@ SELECT (SELECT count(*) FROM changed),
     };
 }
 
+// The ids go in as an array rather than a join with `page`, which PostgreSQL can plan as
+// a hash join over the whole table (see `store::claims`).
 const REMOVE_STEP: &str = sweep_page!(
     "
-    DELETE FROM messages AS m USING page
-    WHERE m.id = page.id AND page.old AND m.status = $1"
+    DELETE FROM messages AS m
+    WHERE m.id = ANY(ARRAY(SELECT id FROM page WHERE old)) AND m.status = $1"
 );
 
 const BLANK_STEP: &str = sweep_page!(
     "
-    UPDATE messages AS m SET content = NULL FROM page
-    WHERE m.id = page.id AND page.old AND m.status = $1 AND m.content IS NOT NULL"
+    UPDATE messages AS m SET content = NULL
+    WHERE m.id = ANY(ARRAY(SELECT id FROM page WHERE old)) AND m.status = $1
+      AND m.content IS NOT NULL"
 );
 
 impl Store {
@@ -136,8 +140,9 @@ impl Store {
     }
 
     /// Age in whole seconds of the oldest transaction or snapshot in this database
-    /// (another session's, or a prepared transaction) that keeps PostgreSQL from
-    /// cleaning up dead rows; 0 when none. Another role's sessions are visible only with
+    /// (another client's session, or a prepared transaction) that keeps PostgreSQL
+    /// from cleaning up dead rows; 0 when none. Autovacuum's own workers are left out:
+    /// a long vacuum is not for an operator to end. Another role's sessions are visible only with
     /// `pg_read_all_stats` (docs/operations.md#old-transactions).
     pub async fn oldest_transaction_age(&self) -> Result<i64, StoreError> {
         let client = self.client().await?;
@@ -146,6 +151,7 @@ impl Store {
                 "SELECT coalesce(extract(epoch FROM now() - least(
                      (SELECT min(xact_start) FROM pg_stat_activity
                       WHERE datname = current_database() AND pid <> pg_backend_pid()
+                        AND backend_type = 'client backend'
                         AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)),
                      (SELECT min(prepared) FROM pg_prepared_xacts
                       WHERE database = current_database())))::bigint, 0)",

@@ -66,3 +66,15 @@ async fn session_pooling_works_and_a_killed_leader_is_replaced() {
     assert!(survivor.is_leader().await, "{}", bouncer.log());
     assert_each_once(&env.deliveries().await, &ids);
 }
+
+/// The start-up check holds two connections at once; a pool of one lends only one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_one_connection_starts_and_sends() {
+    let env = TestEnv::start().await;
+    let replica = env
+        .replica("one", &ReplicaSettings::fast().env("DB_POOL_SIZE", "1"))
+        .await;
+    let ids = env.create_messages(&replica, &["one", "two"]).await;
+    env.wait_drained(TEST_TIMEOUT).await;
+    assert_each_once(&env.deliveries().await, &ids);
+}

@@ -76,11 +76,27 @@ async fn retention_removes_old_finished_messages_in_steps_and_the_stats_keep_cou
     for status in ["failed", "expired", "cancelled"] {
         old.extend(seed(&db, status, 3, "3 hours", "2 hours").await);
     }
-    // Kept: created long ago but sent 10 minutes ago (scheduled), still in the queue, or
-    // new.
+    // Kept: created long ago but sent 10 minutes ago (scheduled), still in the queue,
+    // new, or waiting for hours and cancelled just now.
     let mut kept = seed(&db, "sent", 2, "3 hours", "10 minutes").await;
     kept.extend(seed(&db, "pending", 2, "3 hours", "3 hours").await);
     kept.extend(seed(&db, "failed", 2, "1 minute", "1 minute").await);
+    let cancelled = seed(&db, "pending", 1, "3 hours", "3 hours").await[0];
+    kept.push(cancelled);
+    {
+        let keeper = env
+            .replica(
+                "cancels",
+                &ReplicaSettings::fast()
+                    .auto_start(false)
+                    .env("MESSAGE_RETENTION", "0"),
+            )
+            .await;
+        let (status, body) = keeper
+            .post(&format!("/api/messages/{cancelled}/cancel"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
     let before = counters(&db).await;
 
     let replica = env
@@ -108,6 +124,7 @@ async fn retention_removes_old_finished_messages_in_steps_and_the_stats_keep_cou
     assert_eq!(status, 200);
     assert_eq!(stats["by_status"]["sent"], 1_102, "{stats}");
     assert_eq!(stats["by_status"]["failed"], 5, "{stats}");
+    assert_eq!(stats["by_status"]["cancelled"], 4, "{stats}");
     assert_eq!(
         replica
             .metric(r#"dispatcher_retention_rows_total{action="removed"}"#)
