@@ -38,7 +38,7 @@ async fn session_pooling_works_and_a_killed_leader_is_replaced() {
         .database_url(bouncer.url())
         .batch_size(10)
         .processing_interval(Duration::from_millis(200));
-    let mut replicas = vec![
+    let mut replicas = [
         env.replica("a", &settings).await,
         env.replica("b", &settings).await,
     ];
