@@ -2,8 +2,8 @@
 //! after `CONTENT_RETENTION`, so the table and what it keeps about people stay bounded
 //! (docs/design.md#retention).
 //!
-//! Every replica runs this loop; the store's advisory lock lets one of them work at a
-//! time. A pass walks each finished status in id order, one small step at a time with
+//! Every replica runs this loop; the store's advisory lock lets one step run at a time
+//! in the cluster. A pass walks each finished status in id order, one small step at a time with
 //! a pause between steps, and remembers where the rows stopped being old enough, so
 //! the next pass starts there instead of reading again what it has already done. Once
 //! every [`FULL_PASS_EVERY`] a pass starts from the beginning: a message whose id is

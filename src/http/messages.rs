@@ -168,6 +168,19 @@ fn page_params(query: &HashMap<String, String>) -> Result<PageParams, ApiError> 
     })
 }
 
+/// A page of a listing: its messages as shown, its total and the next cursor.
+fn page_answer(messages: &impl serde::Serialize, page: &crate::store::Page) -> Response {
+    json(
+        StatusCode::OK,
+        &json!({
+            "messages": messages,
+            "total": page.total,
+            "total_exact": page.total_exact,
+            "next_cursor": page.next_cursor
+        }),
+    )
+}
+
 async fn list_sent(state: State, query: HashMap<String, String>) -> Result<Response, ApiError> {
     let page = page_params(&query)?;
     let filter = ListFilter {
@@ -194,15 +207,7 @@ async fn list_sent(state: State, query: HashMap<String, String>) -> Result<Respo
             cached_at: cached.get(&m.id).copied(),
         })
         .collect();
-    Ok(json(
-        StatusCode::OK,
-        &json!({
-            "messages": messages,
-            "total": page.total,
-            "total_exact": page.total_exact,
-            "next_cursor": page.next_cursor
-        }),
-    ))
+    Ok(page_answer(&messages, &page))
 }
 
 /// A phone number to filter by: its E.164 form when it is a valid number (so a search
@@ -299,15 +304,7 @@ async fn list(state: State, query: HashMap<String, String>) -> Result<Response, 
             cached_at: cached.get(&message.id).copied(),
         })
         .collect();
-    Ok(json(
-        StatusCode::OK,
-        &json!({
-            "messages": messages,
-            "total": page.total,
-            "total_exact": page.total_exact,
-            "next_cursor": page.next_cursor
-        }),
-    ))
+    Ok(page_answer(&messages, &page))
 }
 
 async fn get(state: State, id: i64) -> Result<Response, ApiError> {

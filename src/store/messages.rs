@@ -296,7 +296,7 @@ impl Store {
         let total_exact = exact_total || counted <= TOTAL_BOUND;
         Ok(Page {
             messages,
-            total: counted.min(if exact_total { i64::MAX } else { TOTAL_BOUND }),
+            total: if total_exact { counted } else { TOTAL_BOUND },
             total_exact,
             next_cursor,
         })
