@@ -71,9 +71,14 @@ enum Command {
         /// Share of receipts that say `undelivered` (0.0 to 1.0).
         #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
         undelivered_rate: f64,
-        /// Bearer token for the receipts (the dispatcher's DLR_TOKEN or API_TOKEN).
+        /// Bearer token for the receipts and inbound messages (the dispatcher's
+        /// DLR_TOKEN or API_TOKEN).
         #[arg(long)]
         dlr_token: Option<String>,
+        /// Where `POST /inbound` on the mock delivers a recipient's reply, in the
+        /// dialect's format (the dispatcher's /api/providers/{name}/inbound).
+        #[arg(long)]
+        inbound_url: Option<String>,
         /// The provider API to imitate: http-json, twilio, vonage or infobip. The
         /// token is then Twilio's auth token, Vonage's api_secret or Infobip's API key,
         /// and receipts go in that provider's format (Twilio's signed with the token).
@@ -121,6 +126,7 @@ impl Cli {
                 dlr_delay_ms,
                 undelivered_rate,
                 dlr_token,
+                inbound_url,
                 dialect,
             } => {
                 init_logging_from_env();
@@ -136,6 +142,10 @@ impl Cli {
                         url,
                         delay: Duration::from_millis(dlr_delay_ms),
                         undelivered_rate,
+                        token: dlr_token.clone().filter(|t| !t.is_empty()),
+                    }),
+                    inbound: inbound_url.map(|url| mock::InboundOptions {
+                        url,
                         token: dlr_token.filter(|t| !t.is_empty()),
                     }),
                     dialect,

@@ -263,8 +263,9 @@ impl fmt::Debug for LeaseToken {
     }
 }
 
-/// Message lifecycle, as stored in `messages.status`. `sent`, `failed`, `expired` and
-/// `cancelled` are terminal (a `failed` message can be retried by hand).
+/// Message lifecycle, as stored in `messages.status`. `sent`, `failed`, `expired`,
+/// `cancelled` and `blocked` (the recipient opted out) are terminal (a `failed` message
+/// can be retried by hand).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageStatus {
@@ -274,16 +275,18 @@ pub enum MessageStatus {
     Failed,
     Expired,
     Cancelled,
+    Blocked,
 }
 
 impl MessageStatus {
-    pub const ALL: [MessageStatus; 6] = [
+    pub const ALL: [MessageStatus; 7] = [
         Self::Pending,
         Self::Sending,
         Self::Sent,
         Self::Failed,
         Self::Expired,
         Self::Cancelled,
+        Self::Blocked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -294,11 +297,45 @@ impl MessageStatus {
             Self::Failed => "failed",
             Self::Expired => "expired",
             Self::Cancelled => "cancelled",
+            Self::Blocked => "blocked",
         }
     }
 
     pub fn parse(text: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// What a recipient's reply asks for (docs/design.md#opt-outs): the reply is one of the
+/// industry's keywords, alone, in any case, with surrounding spaces and trailing
+/// punctuation ignored. "Stop by at five" is a message, not an opt-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consent {
+    /// STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT.
+    OptOut,
+    /// START, UNSTOP.
+    OptIn,
+}
+
+impl Consent {
+    pub const OPT_OUT_WORDS: [&'static str; 6] =
+        ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"];
+    pub const OPT_IN_WORDS: [&'static str; 2] = ["START", "UNSTOP"];
+
+    /// The consent a reply's text asks for; `None` for any other text.
+    pub fn of_reply(text: &str) -> Option<Self> {
+        let word = text
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_punctuation() || c.is_whitespace())
+            .to_ascii_uppercase();
+        if Self::OPT_OUT_WORDS.contains(&word.as_str()) {
+            Some(Self::OptOut)
+        } else if Self::OPT_IN_WORDS.contains(&word.as_str()) {
+            Some(Self::OptIn)
+        } else {
+            None
+        }
     }
 }
 
@@ -383,6 +420,36 @@ impl IdempotencyKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_keyword_alone_changes_consent() {
+        for reply in [
+            "STOP",
+            "stop",
+            " Stop. ",
+            "StopAll",
+            "unsubscribe!",
+            "CANCEL",
+            "end",
+            "QUIT\n",
+        ] {
+            assert_eq!(Consent::of_reply(reply), Some(Consent::OptOut), "{reply:?}");
+        }
+        for reply in ["START", "unstop", "Start!"] {
+            assert_eq!(Consent::of_reply(reply), Some(Consent::OptIn), "{reply:?}");
+        }
+        for reply in [
+            "",
+            "Stop by at five",
+            "please stop",
+            "STOPP",
+            "ST0P",
+            "yes",
+            "stop stop",
+        ] {
+            assert_eq!(Consent::of_reply(reply), None, "{reply:?}");
+        }
+    }
 
     #[test]
     fn a_sender_is_e164_or_up_to_eleven_alphanumerics() {

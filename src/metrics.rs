@@ -20,6 +20,10 @@ pub struct Metrics {
     pub messages_rescued: IntCounter,
     pub messages_expired: IntCounter,
     pub messages_cancelled: IntCounter,
+    /// Per stage: `intake` or `claim` (docs/design.md#opt-outs).
+    pub messages_blocked: IntCounterVec,
+    /// Per consent change: `opt_out` or `opt_in`, and source: `api` or `inbound`.
+    pub opt_out_changes: IntCounterVec,
     pub delivery_receipts: IntCounterVec,
     /// Per status or error kind, and provider.
     pub provider_requests: IntCounterVec,
@@ -169,6 +173,20 @@ impl Metrics {
                 &r,
                 "dispatcher_messages_cancelled_total",
                 "Pending messages cancelled through this replica's API.",
+            ),
+            messages_blocked: counter_vec(
+                &r,
+                "dispatcher_messages_blocked_total",
+                "Messages to numbers on the opt-out list, blocked (never sent) by this \
+                 replica, at intake or at claim.",
+                &["stage"],
+            ),
+            opt_out_changes: counter_vec(
+                &r,
+                "dispatcher_opt_out_changes_total",
+                "Numbers put on (opt_out) or taken off (opt_in) the opt-out list through \
+                 this replica, by change and source (api, inbound).",
+                &["change", "source"],
             ),
             retention_rows: counter_vec(
                 &r,

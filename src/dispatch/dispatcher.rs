@@ -302,6 +302,8 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                     }
                     Claim::NotDue(wait) => wait.min(settings.poll),
                     Claim::Stopped => settings.poll,
+                    // Every claimed row was blocked: the queue may hold more.
+                    Claim::Empty if result.blocked > 0 => Duration::ZERO,
                     Claim::Empty => {
                         let idle = settings
                             .poll
@@ -453,6 +455,16 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 "pending messages past their expires_at: expired, never sent"
             );
             self.metrics.messages_expired.inc_by(result.expired);
+        }
+        if result.blocked > 0 {
+            tracing::info!(
+                count = result.blocked,
+                "claimed messages to numbers that opted out since their intake: blocked, never sent"
+            );
+            self.metrics
+                .messages_blocked
+                .with_label_values(&["claim"])
+                .inc_by(result.blocked);
         }
         Ok(Some(result))
     }

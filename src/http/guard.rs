@@ -35,11 +35,15 @@ pub fn api(state: State) -> impl Filter<Extract = (), Error = warp::Rejection> +
         .untuple_one()
 }
 
-/// `/api/providers/{name}/receipts`: providers post forms (Twilio, Vonage), and each
-/// callback proves itself (a signature, `DLR_TOKEN`), so a form body is taken there.
+/// `/api/providers/{name}/receipts` and `/inbound`: providers post forms (Twilio,
+/// Vonage), and each callback proves itself (a signature, `DLR_TOKEN`), so a form body
+/// is taken there.
 fn is_provider_callback(path: &str) -> bool {
     path.strip_prefix("/api/providers/")
-        .and_then(|rest| rest.strip_suffix("/receipts"))
+        .and_then(|rest| {
+            rest.strip_suffix("/receipts")
+                .or_else(|| rest.strip_suffix("/inbound"))
+        })
         .is_some_and(|name| !name.is_empty() && !name.contains('/'))
 }
 

@@ -514,6 +514,21 @@ async fn create(
         }
     };
     let any_created = rows.iter().any(|(_, created)| *created);
+    let blocked = rows
+        .iter()
+        .filter(|(message, created)| *created && message.status == MessageStatus::Blocked)
+        .count();
+    if blocked > 0 {
+        state
+            .metrics
+            .messages_blocked
+            .with_label_values(&["intake"])
+            .inc_by(blocked as u64);
+        tracing::info!(
+            count = blocked,
+            "messages to numbers on the opt-out list: blocked, never sent"
+        );
+    }
     for lane in &state.lanes {
         if rows
             .iter()

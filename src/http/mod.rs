@@ -12,10 +12,12 @@ mod console;
 mod error;
 mod guard;
 mod health;
+mod inbound;
 mod lanes;
 mod messages;
 mod messaging;
 mod openapi;
+mod opt_outs;
 mod providers;
 mod receipts;
 mod reply;
@@ -67,8 +69,8 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .unify()
         .or(console::routes())
         .unify();
-    // Receipts authenticate on their own (DLR_TOKEN, a provider's signature), so they
-    // come before the rest.
+    // Receipts and inbound messages authenticate on their own (DLR_TOKEN, a provider's
+    // signature), so they come before the rest.
     let api = warp::path("api").and(guard::api(state.clone())).and(
         receipts::routes(state.clone())
             .or(providers::routes(state.clone()))
@@ -80,6 +82,8 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
                     .or(activity::routes(state.clone()))
                     .unify()
                     .or(messages::routes(state.clone()))
+                    .unify()
+                    .or(opt_outs::routes(state.clone()))
                     .unify(),
             ))
             .unify(),

@@ -19,13 +19,16 @@ pub fn document(spec: &Value) -> Response {
 pub fn for_replica(max_content_chars: usize, lanes: &[String], providers: &[String]) -> Value {
     let mut spec = spec(max_content_chars);
     pin_lanes(&mut spec, lanes);
-    if let Some(schema) = spec["paths"]["/api/providers/{name}/receipts"]["post"]["parameters"]
-        .as_array_mut()
-        .and_then(|params| params.iter_mut().find(|p| p["name"] == "name"))
-        .and_then(|param| param["schema"].as_object_mut())
-    {
-        schema.remove("pattern");
-        schema.insert("enum".into(), json!(providers));
+    for endpoint in ["receipts", "inbound"] {
+        if let Some(schema) =
+            spec["paths"][format!("/api/providers/{{name}}/{endpoint}")]["post"]["parameters"]
+                .as_array_mut()
+                .and_then(|params| params.iter_mut().find(|p| p["name"] == "name"))
+                .and_then(|param| param["schema"].as_object_mut())
+        {
+            schema.remove("pattern");
+            schema.insert("enum".into(), json!(providers));
+        }
     }
     // The list's `lane=` left empty means any lane, as `status=` does.
     if let Some(names) = spec["paths"]["/api/messages"]["get"]["parameters"]
@@ -80,13 +83,14 @@ const RFC3339_PATTERN: &str = concat!(
     "[Tt](?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]{1,9})?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$"
 );
 
-const STATUSES: [&str; 6] = [
+const STATUSES: [&str; 7] = [
     "pending",
     "sending",
     "sent",
     "failed",
     "expired",
     "cancelled",
+    "blocked",
 ];
 
 /// A lane's name, as `DISPATCH_CONFIG` allows it.
@@ -125,15 +129,17 @@ fn templates() -> &'static [(String, Vec<String>)] {
 }
 
 /// The documented templates a concrete request path matches (`{id}` matches an
-/// integer), with their methods.
+/// integer, a named parameter any segment), with their methods.
 fn matching(path: &str) -> impl Iterator<Item = &'static (String, Vec<String>)> {
     let requested: Vec<&str> = path.split('/').collect();
     templates().iter().filter(move |(template, _)| {
         let segments: Vec<&str> = template.split('/').collect();
         segments.len() == requested.len()
             && segments.iter().zip(&requested).all(|(template, actual)| {
-                if template.starts_with('{') {
+                if *template == "{id}" {
                     actual.parse::<i64>().is_ok()
+                } else if template.starts_with('{') {
+                    !actual.is_empty()
                 } else {
                     template == actual
                 }
@@ -309,6 +315,16 @@ fn schemas(max_content_chars: usize) -> Value {
                 }
             }
         },
+        "OptOut": {
+            "type": "object",
+            "required": ["phone_number", "country", "since", "source"],
+            "properties": {
+                "phone_number": {"type": "string", "description": "E.164"},
+                "country": {"type": ["string", "null"], "description": "ISO 3166 region of the number"},
+                "since": timestamp,
+                "source": {"type": "string", "description": "api (or what the PUT named), or inbound:<provider> for a STOP a provider passed on"}
+            }
+        },
         "Probe": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "reason": {"type": "string"}}},
         "NewMessage": {
             "type": "object",
@@ -348,7 +364,7 @@ fn schemas(max_content_chars: usize) -> Value {
             "type": "object",
             "required": ["by_status", "scheduled", "oldest_pending_age_seconds", "oldest_pending_age_seconds_by_priority", "sent_last_minute", "sent_last_hour", "delivery"],
             "properties": {
-                "by_status": {"type": "object", "required": ["pending", "sending", "sent", "failed", "expired", "cancelled"], "additionalProperties": {"type": "integer"}},
+                "by_status": {"type": "object", "required": ["pending", "sending", "sent", "failed", "expired", "cancelled", "blocked"], "additionalProperties": {"type": "integer"}},
                 "scheduled": {"type": "integer"},
                 "oldest_pending_age_seconds": {"type": ["number", "null"]},
                 "oldest_pending_age_seconds_by_priority": {
@@ -599,6 +615,7 @@ fn paths() -> Value {
         {"name": "total", "in": "query", "required": false, "description": "exact: count every matching row (slow on a large table); bounded (default): up to 10000", "schema": {"enum": ["exact", "bounded"], "default": "bounded"}}
     ]);
     let id_param = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "format": "int64", "minimum": 1}});
+    let phone_param = json!({"name": "phone_number", "in": "path", "required": true, "description": "E.164 (+ as %2B or as is), or national with DEFAULT_REGION", "schema": {"type": "string", "pattern": "^(\\+|%2[Bb])?[0-9]{1,17}$"}});
     json!({
         "/health": {"get": {
             "summary": "Overall health with dependencies",
@@ -862,6 +879,83 @@ fn paths() -> Value {
                 ("422", error_response("not a receipt in the provider's format"))
             ]))
         }},
+        "/api/providers/{name}/inbound": {"post": {
+            "summary": "Replies from recipients in a provider's own format: STOP, STOPALL, UNSUBSCRIBE, CANCEL, END or QUIT (alone, any case) puts the sender on the opt-out list, START or UNSTOP takes it off; other text changes nothing. Authenticated like receipts (X-Twilio-Signature for Twilio, else DLR_TOKEN as a Bearer token or ?token=)",
+            "operationId": "providerInbound",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "name", "in": "path", "required": true, "description": "a configured provider", "schema": {"type": "string", "pattern": PROVIDER_PATTERN}}],
+            "requestBody": {"required": true, "content": {
+                "application/json": {"schema": {"anyOf": [
+                    {"type": "object", "additionalProperties": false, "required": ["from", "text"], "description": "http-json", "properties": {"from": {"type": "string", "description": "the sender, E.164"}, "to": {"type": ["string", "null"]}, "text": {"type": "string"}}},
+                    {"type": "object", "required": ["results"], "description": "Infobip's received messages", "properties": {"results": {"type": "array", "items": {"type": "object", "required": ["from"], "properties": {"from": {"type": "string"}, "to": {"type": "string"}, "text": {"type": "string"}, "cleanText": {"type": "string"}}}}}},
+                    {"type": "object", "required": ["msisdn"], "description": "Vonage's inbound SMS", "properties": {"msisdn": {"type": "string"}, "to": {"type": "string"}, "text": {"type": "string"}}}
+                ]}},
+                "application/x-www-form-urlencoded": {"schema": {"type": "object", "description": "Twilio's incoming message (From, To, Body) or Vonage's inbound SMS (msisdn, to, text)", "additionalProperties": {"type": "string"}}}
+            }},
+            "responses": api_errors(responses(&[
+                ("200", {
+                    let mut answer = json_response("what became of each reply", json!({"type": "object", "required": ["messages"], "properties": {"messages": {"type": "array", "items": {"enum": ["opted_out", "already_opted_out", "opted_in", "not_opted_out", "ignored", "not_a_phone_number"]}}}}));
+                    answer["content"]["text/xml"] = json!({"schema": {"type": "string", "description": "to Twilio: empty TwiML, no reply sent"}});
+                    answer
+                }),
+                ("400", error_response("not JSON where the provider's format is JSON")),
+                ("403", error_response("a Twilio request without a valid X-Twilio-Signature")),
+                ("404", error_response("no such provider")),
+                ("413", error_response("body over 1 MiB")),
+                ("422", error_response("not an inbound message in the provider's format"))
+            ]))
+        }},
+        "/api/opt-outs": {"get": {
+            "summary": "The opt-out list, a page in number order",
+            "operationId": "listOptOuts",
+            "security": [{"bearer": []}],
+            "parameters": [
+                {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                {"name": "cursor", "in": "query", "required": false, "description": "next_cursor of the previous page", "schema": {"type": "string"}}
+            ],
+            "responses": api_errors(responses(&[
+                ("200", json_response("a page of the list", json!({"type": "object", "required": ["opt_outs", "next_cursor"], "properties": {"opt_outs": {"type": "array", "items": schema_ref("OptOut")}, "next_cursor": {"type": ["string", "null"]}}}))),
+                ("400", error_response("bad query parameter"))
+            ]))
+        }},
+        "/api/opt-outs/{phone_number}": {
+            "get": {
+                "summary": "One number's entry on the opt-out list",
+                "operationId": "getOptOut",
+                "security": [{"bearer": []}],
+                "parameters": [phone_param],
+                "responses": api_errors(responses(&[
+                    ("200", json_response("the entry", schema_ref("OptOut"))),
+                    ("404", error_response("the number is not on the list")),
+                    ("422", error_response("not a phone number"))
+                ]))
+            },
+            "put": {
+                "summary": "Put a number on the opt-out list: no message is sent to it from now on (new messages become blocked at intake, queued ones at their claim)",
+                "operationId": "putOptOut",
+                "security": [{"bearer": []}],
+                "parameters": [phone_param],
+                "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"source": {"type": ["string", "null"], "pattern": "^ *[!-~][ -~]{0,99}$", "maxLength": 100, "description": "who asked; default api"}}}}}},
+                "responses": api_errors(responses(&[
+                    ("201", json_response("listed", schema_ref("OptOut"))),
+                    ("200", json_response("listed already; the first entry is kept", schema_ref("OptOut"))),
+                    ("400", error_response("the body is not JSON")),
+                    ("413", error_response("the body is over 1 MiB")),
+                    ("422", error_response("not a phone number, or a bad source"))
+                ]))
+            },
+            "delete": {
+                "summary": "Take a number off the opt-out list (it opted back in)",
+                "operationId": "deleteOptOut",
+                "security": [{"bearer": []}],
+                "parameters": [phone_param],
+                "responses": api_errors(responses(&[
+                    ("200", json_response("off the list", json!({"type": "object", "required": ["phone_number", "opted_out"], "properties": {"phone_number": {"type": "string"}, "opted_out": {"const": false}}}))),
+                    ("404", error_response("the number is not on the list")),
+                    ("422", error_response("not a phone number"))
+                ]))
+            }
+        },
         "/api/messages/{id}/retry": {"post": {
             "summary": "Move a failed message back to pending",
             "operationId": "retryMessage",

@@ -1,8 +1,10 @@
-//! `POST /api/providers/{name}/receipts`: delivery receipts in each provider's own
-//! format (docs/operations.md#providers), mapped onto ours (`delivered`, `undelivered`,
-//! `failed`) and recorded as `POST /api/delivery-receipts` records them.
+//! A provider's callbacks: `POST /api/providers/{name}/receipts`, delivery receipts in
+//! each provider's own format (docs/operations.md#providers), mapped onto ours
+//! (`delivered`, `undelivered`, `failed`) and recorded as `POST /api/delivery-receipts`
+//! records them; and `POST /api/providers/{name}/inbound`, the recipients' replies
+//! (`super::inbound`).
 //!
-//! Authentication, per kind:
+//! Authentication, the same for both, per kind:
 //! - `twilio`: the `X-Twilio-Signature` header, HMAC-SHA1 with the account's auth token
 //!   over the URL Twilio called and the form's parameters sorted by name, base64. The
 //!   URL is the provider's `public_url` plus the path when set (behind a proxy the
@@ -29,82 +31,100 @@ use crate::store::receipts::Receipt;
 const MAX_TEXT: usize = 255;
 
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
-    // POST with a body; GET (Vonage's receipts, when its account sends them that way)
-    // with the query string only.
+    let receipts = callback("receipts", state.clone()).then(
+        |name: String, request: Callback, state: State| async move {
+            respond(receive(state, name, request)).await
+        },
+    );
+    let inbound = callback("inbound", state).then(
+        |name: String, request: Callback, state: State| async move {
+            respond(super::inbound::receive(state, name, request)).await
+        },
+    );
+    receipts.or(inbound).unify().boxed()
+}
+
+/// `POST` (a body) or `GET` (Vonage's callbacks, when its account sends them that way;
+/// the query string only) at `/providers/{name}/{endpoint}`.
+fn callback(
+    endpoint: &'static str,
+    state: State,
+) -> impl Filter<Extract = (String, Callback, State), Error = warp::Rejection> + Clone {
     let post = warp::post()
         .and(body::any_bytes())
         .map(|body: Bytes| (false, body));
     let get = warp::get().map(|| (true, Bytes::new()));
-    warp::path!("providers" / String / "receipts")
+    warp::path("providers")
+        .and(warp::path::param::<String>())
+        .and(warp::path(endpoint))
+        .and(warp::path::end())
         .and(post.or(get).unify())
-        .and(with_state(state))
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
-        .then(
+        .map(
             |name: String,
              (is_get, body): (bool, Bytes),
-             state: State,
              path: warp::path::FullPath,
              query: String,
-             headers: HeaderMap| async move {
-                let request = Inbound {
+             headers: HeaderMap| {
+                let request = Callback {
                     is_get,
                     path: path.as_str().to_string(),
                     query,
                     headers,
                     body,
                 };
-                respond(receive(state, name, request)).await
+                (name, request)
             },
         )
-        .boxed()
+        .untuple_one()
+        .and(with_state(state))
 }
 
-/// A callback as it arrived.
-struct Inbound {
-    is_get: bool,
+/// A provider's callback (a receipt, an inbound message) as it arrived.
+pub(super) struct Callback {
+    pub(super) is_get: bool,
     path: String,
-    query: String,
+    pub(super) query: String,
     headers: HeaderMap,
-    body: Bytes,
+    pub(super) body: Bytes,
 }
 
-impl Inbound {
+impl Callback {
+    /// A POST with this body and no headers.
+    #[cfg(test)]
+    pub(super) fn for_test(body: &'static [u8]) -> Self {
+        Self {
+            is_get: false,
+            path: String::new(),
+            query: String::new(),
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(body),
+        }
+    }
+
     fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
-    fn form(&self) -> Vec<(String, String)> {
+    pub(super) fn form(&self) -> Vec<(String, String)> {
         form_urlencoded::parse(&self.body).into_owned().collect()
     }
 
-    fn is_json(&self) -> bool {
+    pub(super) fn is_json(&self) -> bool {
         self.header("content-type")
             .is_some_and(|t| t.to_ascii_lowercase().contains("json"))
     }
 }
 
-async fn receive(state: State, name: String, request: Inbound) -> Result<Response, ApiError> {
-    let Some(provider) = state.config.plan.provider(&name) else {
-        return Err(ApiError::NotFound(format!("there is no provider {name:?}")));
-    };
-    if request.is_get && provider.kind != ProviderKind::Vonage {
-        return Err(ApiError::MethodNotAllowed);
-    }
+async fn receive(state: State, name: String, request: Callback) -> Result<Response, ApiError> {
+    let provider = authenticate(&state, &name, &request)?;
     let receipts = match provider.kind {
-        ProviderKind::Twilio => {
-            verify_twilio(provider, &request)?;
-            twilio_receipts(&request.form())?
-        }
-        kind => {
-            check_token(&state, &request)?;
-            match kind {
-                ProviderKind::Vonage => vonage_receipts(&request)?,
-                ProviderKind::Infobip => infobip_receipts(&request)?,
-                _ => http_json_receipts(&request)?,
-            }
-        }
+        ProviderKind::Twilio => twilio_receipts(&request.form())?,
+        ProviderKind::Vonage => vonage_receipts(&request)?,
+        ProviderKind::Infobip => infobip_receipts(&request)?,
+        ProviderKind::HttpJson => http_json_receipts(&request)?,
     };
     let mut outcomes = Vec::with_capacity(receipts.len());
     for receipt in &receipts {
@@ -124,6 +144,27 @@ async fn receive(state: State, name: String, request: Inbound) -> Result<Respons
     Ok(json(StatusCode::OK, &json!({ "receipts": outcomes })))
 }
 
+/// The provider `name` a callback is for, once the callback proves it comes from that
+/// provider (see the module comment): 404 for an unknown provider, 405 for a GET to
+/// one that never calls that way, 403 or 401 for a bad signature or token.
+pub(super) fn authenticate<'a>(
+    state: &'a State,
+    name: &str,
+    request: &Callback,
+) -> Result<&'a ProviderSpec, ApiError> {
+    let Some(provider) = state.config.plan.provider(name) else {
+        return Err(ApiError::NotFound(format!("there is no provider {name:?}")));
+    };
+    if request.is_get && provider.kind != ProviderKind::Vonage {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    match provider.kind {
+        ProviderKind::Twilio => verify_twilio(provider, request)?,
+        _ => check_token(state, request)?,
+    }
+    Ok(provider)
+}
+
 /// Twilio's request signature (its "Webhooks security" document): base64 of
 /// HMAC-SHA1(auth token, URL + each POST parameter's name and value, sorted by name).
 pub fn twilio_signature(auth_token: &str, url: &str, params: &[(String, String)]) -> String {
@@ -139,9 +180,9 @@ pub fn twilio_signature(auth_token: &str, url: &str, params: &[(String, String)]
     base64::engine::general_purpose::STANDARD.encode(hmac::sign(&key, data.as_bytes()).as_ref())
 }
 
-fn verify_twilio(provider: &ProviderSpec, request: &Inbound) -> Result<(), ApiError> {
+fn verify_twilio(provider: &ProviderSpec, request: &Callback) -> Result<(), ApiError> {
     let forbidden = |why: &str| {
-        tracing::warn!(provider = %provider.name, why, "Twilio status callback refused");
+        tracing::warn!(provider = %provider.name, why, "Twilio callback refused");
         ApiError::Forbidden(format!("X-Twilio-Signature: {why}"))
     };
     let presented = request
@@ -183,7 +224,7 @@ fn verify_twilio(provider: &ProviderSpec, request: &Inbound) -> Result<(), ApiEr
 }
 
 /// `DLR_TOKEN` (else `API_TOKEN`) as a Bearer token or the `token` query parameter.
-fn check_token(state: &State, request: &Inbound) -> Result<(), ApiError> {
+fn check_token(state: &State, request: &Callback) -> Result<(), ApiError> {
     let config = &state.config;
     let Some(expected) = config.dlr_token.as_ref().or(config.api_token.as_ref()) else {
         return Ok(());
@@ -234,7 +275,7 @@ fn receipt(
     }))
 }
 
-fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(super) fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
     form.iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_str())
@@ -256,8 +297,23 @@ fn twilio_receipts(form: &[(String, String)]) -> Result<Vec<Parsed>, ApiError> {
 
 /// Vonage's delivery receipt, as a form, JSON or the query string (its GET callbacks):
 /// `messageId`, `status`, `err-code`.
-fn vonage_receipts(request: &Inbound) -> Result<Vec<Parsed>, ApiError> {
-    let pairs: Vec<(String, String)> = if request.is_json() {
+fn vonage_receipts(request: &Callback) -> Result<Vec<Parsed>, ApiError> {
+    let pairs = vonage_pairs(request)?;
+    let id = field(&pairs, "messageId")
+        .ok_or_else(|| ApiError::validation("messageId", "messageId is required"))?;
+    let status = match field(&pairs, "status") {
+        Some("delivered") => Some(DeliveryStatus::Delivered),
+        Some("expired") => Some(DeliveryStatus::Undelivered),
+        Some("failed" | "rejected") => Some(DeliveryStatus::Failed),
+        _ => None,
+    };
+    Ok(vec![receipt(id, status, field(&pairs, "err-code"))?])
+}
+
+/// A Vonage callback's parameters, from a JSON body, a form body or the query string
+/// (its GET callbacks); JSON values that are not strings are left out.
+pub(super) fn vonage_pairs(request: &Callback) -> Result<Vec<(String, String)>, ApiError> {
+    Ok(if request.is_json() {
         let value: Value = serde_json::from_slice(&request.body)
             .map_err(|err| ApiError::validation("body", format!("not JSON: {err}")))?;
         value
@@ -272,21 +328,12 @@ fn vonage_receipts(request: &Inbound) -> Result<Vec<Parsed>, ApiError> {
         let mut pairs = request.form();
         pairs.extend(form_urlencoded::parse(request.query.as_bytes()).into_owned());
         pairs
-    };
-    let id = field(&pairs, "messageId")
-        .ok_or_else(|| ApiError::validation("messageId", "messageId is required"))?;
-    let status = match field(&pairs, "status") {
-        Some("delivered") => Some(DeliveryStatus::Delivered),
-        Some("expired") => Some(DeliveryStatus::Undelivered),
-        Some("failed" | "rejected") => Some(DeliveryStatus::Failed),
-        _ => None,
-    };
-    Ok(vec![receipt(id, status, field(&pairs, "err-code"))?])
+    })
 }
 
 /// Infobip's delivery report: `results[]` with `messageId`, `status.groupName` and
 /// `error.name`.
-fn infobip_receipts(request: &Inbound) -> Result<Vec<Parsed>, ApiError> {
+fn infobip_receipts(request: &Callback) -> Result<Vec<Parsed>, ApiError> {
     let value: Value = serde_json::from_slice(&request.body)
         .map_err(|err| ApiError::validation("body", format!("not JSON: {err}")))?;
     let results = value["results"]
@@ -312,7 +359,7 @@ fn infobip_receipts(request: &Inbound) -> Result<Vec<Parsed>, ApiError> {
 }
 
 /// Our own format, exactly as `POST /api/delivery-receipts` takes it.
-fn http_json_receipts(request: &Inbound) -> Result<Vec<Parsed>, ApiError> {
+fn http_json_receipts(request: &Callback) -> Result<Vec<Parsed>, ApiError> {
     let (receipts, _) = super::receipts::parse(&request.body)?;
     Ok(receipts.into_iter().map(Some).collect())
 }
@@ -365,7 +412,7 @@ mod tests {
         assert_eq!(status(twilio_receipts(&form("sent")).unwrap()), None);
         assert!(twilio_receipts(&[]).is_err());
 
-        let infobip = Inbound {
+        let infobip = Callback {
             is_get: false,
             path: String::new(),
             query: String::new(),
@@ -388,7 +435,7 @@ mod tests {
         );
         assert!(parsed[2].is_none());
 
-        let vonage = Inbound {
+        let vonage = Callback {
             is_get: true,
             path: String::new(),
             query: "messageId=0A1&status=expired&err-code=27".into(),

@@ -10,7 +10,9 @@
 //! tests and benchmarks check what arrived; `POST /control` scripts the next answers
 //! (throttles, failures). It posts a delivery receipt for every newly accepted message,
 //! as real providers do, to `--dlr-url` or to the callback URL the request names, in
-//! its dialect (Twilio's signed with `X-Twilio-Signature`).
+//! its dialect (Twilio's signed with `X-Twilio-Signature`). `POST /inbound` with
+//! `{"from", "text"}` delivers a recipient's reply (STOP, …) to `--inbound-url` in the
+//! dialect's inbound format and answers with the dispatcher's status and body.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -44,7 +46,30 @@ pub struct MockOptions {
     /// Where and how to post delivery receipts; `None`: only to the callback URL a
     /// request names.
     pub receipts: Option<ReceiptOptions>,
+    /// Where `POST /inbound` delivers a recipient's reply; `None`: it answers 409.
+    pub inbound: Option<InboundOptions>,
     pub dialect: ProviderKind,
+}
+
+/// The dispatcher's inbound endpoint, and how to authenticate there.
+#[derive(Debug, Clone)]
+pub struct InboundOptions {
+    pub url: String,
+    /// Sent as the receipts' token is: Bearer for http-json, `?token=` for Vonage and
+    /// Infobip (Twilio signs with `--token` instead).
+    pub token: Option<String>,
+}
+
+/// A recipient's reply to deliver, as `POST /inbound` takes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecipientReply {
+    /// The recipient who replies (E.164).
+    from: String,
+    /// Our sender they reply to.
+    #[serde(default)]
+    to: Option<String>,
+    text: String,
 }
 
 /// Answers scripted through `POST /control`, taken by the next requests.
@@ -171,6 +196,7 @@ fn routes(
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let ledger: Shared = Arc::default();
     let options = Arc::new(options);
+    let inbound_options = options.clone();
     let with_ledger = {
         let ledger = ledger.clone();
         warp::any().map(move || ledger.clone())
@@ -231,6 +257,17 @@ fn routes(
         .and(warp::get())
         .and(with_ledger)
         .map(|ledger: Shared| json(&lock(&ledger).stats).into_response());
+    let inbound = {
+        let options = inbound_options;
+        warp::path!("inbound")
+            .and(warp::post())
+            .and(warp::body::content_length_limit(1 << 16))
+            .and(warp::body::json())
+            .then(move |reply: RecipientReply| {
+                let options = options.clone();
+                async move { deliver_reply(reply, &options).await }
+            })
+    };
     let health = warp::path!("health")
         .and(warp::get())
         .map(|| json(&serde_json::json!({"status": "ok"})).into_response());
@@ -246,6 +283,8 @@ fn routes(
         .or(stats)
         .unify()
         .or(health)
+        .unify()
+        .or(inbound)
         .unify()
         .recover(|rejection: warp::Rejection| async move {
             let (status, message) = if rejection.is_not_found() {
@@ -750,6 +789,99 @@ async fn post_receipt(receipt: Receipt, ledger: Shared) {
         }
     }
     lock(&ledger).stats.receipts_failed += 1;
+}
+
+/// Delivers one reply to the dispatcher's inbound endpoint in the dialect's format,
+/// once, and answers `{"status", "body"}` with the dispatcher's answer (409 when no
+/// `--inbound-url` is set, 502 when the dispatcher cannot be reached).
+async fn deliver_reply(reply: RecipientReply, options: &MockOptions) -> Response {
+    let Some(inbound) = &options.inbound else {
+        return with_status(
+            json(&serde_json::json!({"error": "start the mock with --inbound-url"})),
+            StatusCode::CONFLICT,
+        )
+        .into_response();
+    };
+    let to = reply.to.clone().unwrap_or_else(|| "+15005550006".into());
+    let client = reqwest::Client::new();
+    let with_token = |url: &str| match &inbound.token {
+        Some(token) => {
+            let token: String = form_urlencoded::byte_serialize(token.as_bytes()).collect();
+            let separator = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{separator}token={token}")
+        }
+        None => url.to_string(),
+    };
+    let request = match options.dialect {
+        ProviderKind::HttpJson => {
+            let request = client.post(&inbound.url).json(&serde_json::json!({
+                "from": reply.from, "to": to, "text": reply.text,
+            }));
+            match &inbound.token {
+                Some(token) => request.bearer_auth(token),
+                None => request,
+            }
+        }
+        ProviderKind::Twilio => {
+            let params: Vec<(String, String)> = vec![
+                (
+                    "MessageSid".into(),
+                    format!("SM{}", random_uuid().replace('-', "")),
+                ),
+                ("From".into(), reply.from.clone()),
+                ("To".into(), to),
+                ("Body".into(), reply.text.clone()),
+                ("NumMedia".into(), "0".into()),
+            ];
+            let signature = crate::http::twilio_signature(
+                options.token.as_deref().unwrap_or_default(),
+                &inbound.url,
+                &params,
+            );
+            client
+                .post(&inbound.url)
+                .header("X-Twilio-Signature", signature)
+                .form(&params)
+        }
+        ProviderKind::Vonage => client
+            .post(with_token(&inbound.url))
+            .json(&serde_json::json!({
+                "msisdn": reply.from.trim_start_matches('+'),
+                "to": to.trim_start_matches('+'),
+                "messageId": random_uuid(),
+                "text": reply.text,
+                "type": "text",
+                "message-timestamp": Utc::now().format("%Y-%m-%d %H:%M:%S").to_string(),
+            })),
+        ProviderKind::Infobip => client
+            .post(with_token(&inbound.url))
+            .json(&serde_json::json!({
+                "results": [{
+                    "messageId": random_uuid(),
+                    "from": reply.from.trim_start_matches('+'),
+                    "to": to.trim_start_matches('+'),
+                    "text": reply.text,
+                    "cleanText": "",
+                    "keyword": "",
+                    "receivedAt": Utc::now().to_rfc3339(),
+                    "smsCount": 1,
+                }],
+                "messageCount": 1,
+                "pendingMessageCount": 0,
+            })),
+    };
+    match request.timeout(Duration::from_secs(10)).send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap_or_default();
+            json(&serde_json::json!({"status": status, "body": body})).into_response()
+        }
+        Err(err) => with_status(
+            json(&serde_json::json!({"error": format!("could not reach the dispatcher: {err}")})),
+            StatusCode::BAD_GATEWAY,
+        )
+        .into_response(),
+    }
 }
 
 /// A random RFC 4122 version-4 UUID.

@@ -161,6 +161,19 @@ RETURNING id, phone_number, content, attempts, created_at, priority, expires_at,
     delivery_key!()
 );
 
+/// Claimed rows (`$1`, of the claim with epoch `$2`) whose number has been put on the
+/// opt-out list since their intake: `blocked`, attempt uncounted, never sent
+/// (docs/design.md#opt-outs). One probe of the list's primary key per claimed row.
+const BLOCK_OPTED_OUT: &str = "
+UPDATE messages AS m
+SET status = 'blocked', attempts = greatest(m.attempts - 1, 0), next_attempt_at = now(),
+    last_error = 'the recipient opted out (' || o.source || ') on '
+                 || to_char(o.since AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
+FROM opt_outs AS o
+WHERE m.id = ANY($1::bigint[]) AND m.status = 'sending' AND m.claim_epoch = $2
+  AND o.phone_number = m.phone_number
+RETURNING m.id";
+
 /// The rows a lane that counts segments would claim, in claim order, locked: at most
 /// `$1` of them (each costs at least one segment), of which the claim takes the longest
 /// prefix that fits the batch's segments ([`CLAIM`] with the chosen ids). The rest are
@@ -357,28 +370,30 @@ impl Store {
             interval: Duration::from_millis(fence.get::<_, i64>("interval_ms").max(0) as u64),
             unit: configured.unit,
         };
-        let result = |claim, expired| ClaimResult {
+        let result = |claim, expired, blocked| ClaimResult {
             claim,
             schedule,
             recent_send_ages_us: fence.get("recent_send_ages_us"),
             expired,
+            blocked,
         };
         if current != epoch {
-            return Ok(result(Claim::Fenced(current), 0));
+            return Ok(result(Claim::Fenced(current), 0, 0));
         }
         if !fence.get::<_, bool>("running") {
-            return Ok(result(Claim::Stopped, 0));
+            return Ok(result(Claim::Stopped, 0, 0));
         }
         let paused: Option<String> = fence.get("paused_reason");
         if let Some(reason) = &paused {
             if !route.probe_due {
-                return Ok(result(Claim::Paused(reason.clone()), 0));
+                return Ok(result(Claim::Paused(reason.clone()), 0, 0));
             }
         }
         if let Some(wait_ms) = fence.get::<_, Option<i64>>("wait_ms") {
             if wait_ms > 0 {
                 return Ok(result(
                     Claim::NotDue(Duration::from_millis(wait_ms as u64)),
+                    0,
                     0,
                 ));
             }
@@ -452,6 +467,20 @@ impl Store {
                 }
             })
             .collect();
+        let claimed: Vec<i64> = messages.iter().map(|m| m.id).collect();
+        let blocked: Vec<i64> = if claimed.is_empty() {
+            Vec::new()
+        } else {
+            tx.query(
+                &tx.prepare_cached(BLOCK_OPTED_OUT).await?,
+                &[&claimed, &epoch.0],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+        };
+        messages.retain(|m| !blocked.contains(&m.id));
         // RETURNING has no order; the send order is the claim order.
         messages.sort_by_key(|m| (std::cmp::Reverse(m.priority), m.created_at, m.id));
         let claim = if messages.is_empty() {
@@ -469,7 +498,7 @@ impl Store {
             })
         };
         tx.commit().await?;
-        Ok(result(claim, expired))
+        Ok(result(claim, expired, blocked.len() as u64))
     }
 
     /// Returns the rows of a claim whose outcome is unknown (its COMMIT reply was lost)

@@ -65,6 +65,14 @@ const MESSAGE_COLUMNS: &str = concat!(
     delivery_key!()
 );
 
+/// A new message's status and error: `blocked` when its number is on the opt-out list
+/// (joined as `o`), else `pending` (docs/design.md#opt-outs).
+const INTAKE_STATUS: &str = "
+    CASE WHEN o.phone_number IS NULL THEN 'pending' ELSE 'blocked' END,
+    CASE WHEN o.phone_number IS NOT NULL
+         THEN 'the recipient opted out (' || o.source || ') on '
+              || to_char(o.since AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC' END";
+
 /// A cancel by hand. `next_attempt_at` records when, so retention counts a cancelled
 /// message's period from its cancel (docs/design.md#retention).
 const CANCEL: &str =
@@ -151,11 +159,13 @@ impl Store {
         }
         let sql = format!(
             "INSERT INTO messages (phone_number, content, idempotency_key, send_at, expires_at,
-                                   priority, lane, sender, next_attempt_at)
-             SELECT p, c, k, s, e, pr, l, f, greatest(now(), coalesce(s, now()))
+                                   priority, lane, sender, next_attempt_at, status, last_error)
+             SELECT p, c, k, s, e, pr, l, f, greatest(now(), coalesce(s, now())),
+                    {INTAKE_STATUS}
              FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
                          $5::timestamptz[], $6::int2[], $7::text[], $8::text[])
                   WITH ORDINALITY AS t(p, c, k, s, e, pr, l, f, n)
+             LEFT JOIN opt_outs AS o ON o.phone_number = t.p
              ORDER BY n
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING {MESSAGE_COLUMNS}"

@@ -98,6 +98,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0016_retention.sql",
         sql: include_str!("../../sql/0016_retention.sql"),
     },
+    Migration {
+        version: 17,
+        name: "0017_opt_outs.sql",
+        sql: include_str!("../../sql/0017_opt_outs.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

@@ -11,6 +11,7 @@
 //! | [`fence`] | `dispatcher_leader`, the fence row: every statement that writes or locks it, and the leader sessions (the rescue reads it as a guard) |
 //! | [`control`] | `dispatcher_control` (desired state, overrides, pause) and `dispatcher_replicas` |
 //! | [`receipts`] | delivery receipts |
+//! | [`opt_outs`] | `opt_outs`, the numbers never sent to again |
 //! | [`retention`] | `messages` as retention sees it: finished rows removed or blanked |
 //! | [`activity`] | `message_sent_seconds`, the activity chart |
 //! | [`migrations`] | `sql/`, applied in order |
@@ -27,6 +28,7 @@ pub mod control;
 mod error;
 pub mod messages;
 pub mod migrations;
+pub mod opt_outs;
 mod pool;
 pub mod receipts;
 pub mod retention;

@@ -15,11 +15,12 @@ use crate::domain::MessageStatus;
 
 /// The statuses retention applies to: a message in them never changes again, except
 /// for a delivery receipt (`sent`) or a retry by hand (`failed`).
-pub const FINISHED: [MessageStatus; 4] = [
+pub const FINISHED: [MessageStatus; 5] = [
     MessageStatus::Sent,
     MessageStatus::Failed,
     MessageStatus::Expired,
     MessageStatus::Cancelled,
+    MessageStatus::Blocked,
 ];
 
 /// Advisory lock key of the retention steps ("msgkeep" in ASCII).

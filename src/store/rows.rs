@@ -252,6 +252,9 @@ pub struct ClaimResult {
     pub recent_send_ages_us: Vec<i64>,
     /// Pending messages found past their `expires_at` and marked `expired`.
     pub expired: u64,
+    /// Claimed messages whose number is on the opt-out list, marked `blocked` and
+    /// left out of the batch.
+    pub blocked: u64,
 }
 
 /// When a `sending` row may be returned to `pending` (docs/design.md#rescue). The wait comes

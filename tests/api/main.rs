@@ -17,6 +17,7 @@ mod lease;
 mod lifecycle;
 mod metrics;
 mod migrations;
+mod opt_outs;
 mod poolers;
 mod provider_answers;
 mod providers;

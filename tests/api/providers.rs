@@ -12,7 +12,12 @@ use crate::support::{Replica, ReplicaSettings, TestEnv, free_port, http, ms, sec
 
 /// `[[provider]]` tables plus one `default` lane sending through `providers` in order,
 /// one message at a time; written into the test's directory.
-fn write_config(env: &TestEnv, providers: &str, lane_providers: &[&str], extra: &str) -> String {
+pub(crate) fn write_config(
+    env: &TestEnv,
+    providers: &str,
+    lane_providers: &[&str],
+    extra: &str,
+) -> String {
     let names: Vec<String> = lane_providers.iter().map(|p| format!("\"{p}\"")).collect();
     let text = format!(
         "{providers}\n[[lane]]\nname = \"default\"\nbatch_size = 10\ninterval = \"200ms\"\n\
@@ -24,7 +29,7 @@ fn write_config(env: &TestEnv, providers: &str, lane_providers: &[&str], extra: 
     path.display().to_string()
 }
 
-fn http_json(name: &str, mock: &MockProvider, extra: &str) -> String {
+pub(crate) fn http_json(name: &str, mock: &MockProvider, extra: &str) -> String {
     format!(
         "[[provider]]\nname = \"{name}\"\nkind = \"http-json\"\nurl = \"{}\"\n\
          token_env = \"SMS_API_TOKEN\"\n{extra}\n",
@@ -32,7 +37,7 @@ fn http_json(name: &str, mock: &MockProvider, extra: &str) -> String {
     )
 }
 
-fn settings(config: &str) -> ReplicaSettings {
+pub(crate) fn settings(config: &str) -> ReplicaSettings {
     ReplicaSettings::fast()
         .env("DISPATCH_CONFIG", config)
         .env("SMS_API_TOKEN", "provider-test-token")
@@ -53,7 +58,7 @@ async fn create(replica: &Replica, count: usize) -> Vec<i64> {
 }
 
 /// Waits until every message in `ids` is sent; returns them as the API shows them.
-async fn wait_sent(replica: &Replica, ids: &[i64], timeout: Duration) -> Vec<Value> {
+pub(crate) async fn wait_sent(replica: &Replica, ids: &[i64], timeout: Duration) -> Vec<Value> {
     wait_for("every message sent", timeout, || async {
         let mut messages = Vec::new();
         for id in ids {
@@ -236,8 +241,9 @@ async fn a_429_with_retry_after_pauses_the_provider_and_the_throttled_message_go
 
 /// A replica sending through one provider of `kind` (the mock speaking its dialect on
 /// a port chosen here), and that mock, posting receipts to the replica's
-/// `/api/providers/{kind}/receipts` with `token` as its secret.
-async fn dialect_pair(
+/// `/api/providers/{kind}/receipts` with `token` as its secret, and recipients' replies
+/// (its `POST /inbound`) to `/api/providers/{kind}/inbound`.
+pub(crate) async fn dialect_pair(
     env: &TestEnv,
     kind: &str,
     keys: &str,
@@ -258,9 +264,12 @@ async fn dialect_pair(
         )
         .await;
     let receipts = replica.url(&format!("/api/providers/{kind}/receipts"));
+    let inbound = replica.url(&format!("/api/providers/{kind}/inbound"));
     let mock = MockProvider::start_on(
         port,
         &[
+            "--inbound-url",
+            &inbound,
             "--dialect",
             kind,
             "--token",

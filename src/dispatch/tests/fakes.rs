@@ -246,6 +246,7 @@ impl Backend for FakeQueue {
             schedule: configured,
             recent_send_ages_us: recent_send_ages_us.clone(),
             expired: 0,
+            blocked: 0,
         };
         if q.epoch != epoch {
             return Ok(result(Claim::Fenced(q.epoch)));

@@ -10,7 +10,7 @@
   const REFRESH_MS = 1500; // plus the requests themselves: a view is never older than ~2 s
   const PAGE_SIZE = 25;
   const CHART_MINUTES = 15;
-  const STATUSES = ["pending", "sending", "sent", "failed", "expired", "cancelled"];
+  const STATUSES = ["pending", "sending", "sent", "failed", "expired", "cancelled", "blocked"];
 
   const $ = (id) => document.getElementById(id);
   const el = (tag, props = {}, children = []) => {
