@@ -163,6 +163,9 @@ pub struct LaneSpec {
     pub from: Option<Sender>,
     /// Requests in flight to the provider at once.
     pub send_concurrency: usize,
+    /// The countries (ISO codes) the lane may send to; intake refuses a number of any
+    /// other with a 422. Empty: any.
+    pub countries: Vec<String>,
 }
 
 /// What a lane's `batch_size` counts: whole messages, or the SMS segments a provider
@@ -254,6 +257,7 @@ impl DispatchPlan {
                 providers: vec![ENV_PROVIDER.into()],
                 from: None,
                 send_concurrency: dispatch.send_concurrency,
+                countries: Vec::new(),
             }],
             routes: Vec::new(),
             source: None,
@@ -330,6 +334,8 @@ struct LaneTable {
     providers: Spanned<Vec<Spanned<String>>>,
     from: Option<Spanned<String>>,
     send_concurrency: Option<Spanned<i64>>,
+    #[serde(default)]
+    countries: Vec<Spanned<String>>,
 }
 
 /// `[[route]]`.
@@ -780,6 +786,7 @@ fn lane(
         from,
         providers: names,
         send_concurrency,
+        countries: countries(entry, table.countries)?,
     })
 }
 
@@ -897,19 +904,7 @@ fn route(
         let problem = "needs countries, prefixes or both (a route without either matches nothing)";
         return Err(entry.statement(span, problem));
     }
-    let countries = table
-        .countries
-        .into_iter()
-        .map(|code| {
-            country_code(code.get_ref()).ok_or_else(|| {
-                let problem = format!(
-                    "{:?} is not an ISO 3166 alpha-2 code such as TR or US",
-                    code.get_ref()
-                );
-                entry.error(code.span(), "countries", problem)
-            })
-        })
-        .collect::<Result<_, _>>()?;
+    let countries = countries(entry, table.countries)?;
     let prefixes = table
         .prefixes
         .into_iter()
@@ -929,6 +924,22 @@ fn route(
         countries,
         prefixes,
     })
+}
+
+/// A `countries` list: each an ISO 3166 alpha-2 code, kept upper-case.
+fn countries(entry: &Entry, codes: Vec<Spanned<String>>) -> Result<Vec<String>, ConfigError> {
+    codes
+        .into_iter()
+        .map(|code| {
+            country_code(code.get_ref()).ok_or_else(|| {
+                let problem = format!(
+                    "{:?} is not an ISO 3166 alpha-2 code such as TR or US",
+                    code.get_ref()
+                );
+                entry.error(code.span(), "countries", problem)
+            })
+        })
+        .collect()
 }
 
 /// The upper-case form of a two-letter region libphonenumber knows (`tr` → `TR`), the
@@ -1006,6 +1017,7 @@ batch_size = 20
 interval = "10s"
 unit = "segments"
 providers = ["main"]
+countries = ["tr", "cy"]
 
 [[route]]
 lane = "otp"
@@ -1108,11 +1120,13 @@ prefixes = ["+9055"]
                 providers: vec!["main".into(), "backup".into()],
                 from: None,
                 send_concurrency: 1,
+                countries: Vec::new(),
             }
         );
         let otp = plan.lane("otp").unwrap();
         assert_eq!((otp.interval, otp.send_concurrency), (Duration::ZERO, 32));
         assert_eq!(plan.lane("tr").unwrap().unit, Unit::Segments);
+        assert_eq!(plan.lane("tr").unwrap().countries, ["TR", "CY"]);
         assert!(plan.lane("nope").is_none());
 
         assert_eq!(plan.routes[1].countries, ["TR", "CY"]);
@@ -1144,6 +1158,7 @@ prefixes = ["+9055"]
                 providers: vec!["default".into()],
                 from: None,
                 send_concurrency: 4,
+                countries: Vec::new(),
             }]
         );
         assert_eq!(plan.providers.len(), 1);

@@ -163,6 +163,7 @@ fn lane_json(
         "interval_ms": schedule.interval.as_millis() as u64,
         "unit": spec.unit.as_str(),
         "send_concurrency": spec.send_concurrency,
+        "countries": spec.countries,
         "configured_rate_per_second": finite(schedule.rate_per_second()),
         "effective_rate_per_second": finite(schedule.rate_per_second() * rate_factor),
         "rate_factor": rate_factor,

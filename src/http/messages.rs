@@ -624,6 +624,21 @@ impl CreateMessage {
                 .to_string(),
         };
         if let Some(spec) = state.lane(&lane).map(|l| &l.spec) {
+            let country = crate::domain::country_of(phone_number.as_str());
+            if !spec.countries.is_empty()
+                && !country.as_ref().is_some_and(|c| spec.countries.contains(c))
+            {
+                return Err(ApiError::validation(
+                    "phone_number",
+                    format!(
+                        "phone_number: {} is in {}; lane {:?} sends only to {}",
+                        phone_number.as_str(),
+                        country.as_deref().unwrap_or("no known country"),
+                        spec.name,
+                        spec.countries.join(", ")
+                    ),
+                ));
+            }
             let segments = crate::encoding::segment(content.as_str()).segments;
             if spec.unit == crate::config::Unit::Segments && segments > spec.batch_size {
                 return Err(ApiError::validation(

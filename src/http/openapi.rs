@@ -485,6 +485,7 @@ fn schemas(max_content_chars: usize) -> Value {
                     "interval_ms": {"type": "integer"},
                     "unit": {"enum": ["messages", "segments"]},
                     "send_concurrency": {"type": "integer"},
+                    "countries": {"type": "array", "items": {"type": "string"}, "description": "the only countries the lane sends to (ISO codes); empty: any"},
                     "configured_rate_per_second": {"type": ["number", "null"], "description": "null: no limit (interval 0)"},
                     "achieved_rate_per_second": {"type": "number", "description": "sends in the last minute / 60"},
                     "pending": {"type": "integer"},

@@ -3,6 +3,7 @@
 
 mod api;
 mod cluster;
+mod compliance;
 mod config;
 mod console;
 mod delivery_key;
@@ -17,7 +18,6 @@ mod lease;
 mod lifecycle;
 mod metrics;
 mod migrations;
-mod opt_outs;
 mod poolers;
 mod provider_answers;
 mod providers;

@@ -276,6 +276,9 @@ from = {{ .from | toString | toJson }}
 {{- if hasKey . "send_concurrency" }}
 send_concurrency = {{ int64 .send_concurrency }}
 {{- end }}
+{{- if hasKey . "countries" }}
+countries = {{ toJson .countries }}
+{{- end }}
 {{- end }}
 {{- range .Values.dispatchConfig.routes }}
 

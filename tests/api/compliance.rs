@@ -1,7 +1,7 @@
-//! Opt-outs (docs/design.md#opt-outs): the list through the API, recipients' STOP and
-//! START replies in each provider's format (posted by the mock provider, as a real one
-//! would), and `blocked` at intake and at claim: a blocked message never reaches the
-//! provider.
+//! Compliance (docs/design.md#opt-outs, #countries): the opt-out list through the API,
+//! recipients' STOP and START replies in each provider's format (posted by the mock
+//! provider, as a real one would), `blocked` at intake and at claim (a blocked message
+//! never reaches the provider), and a lane's countries refusing others at intake.
 
 use serde_json::{Value, json};
 
@@ -344,4 +344,73 @@ async fn stop_replies_in_twilio_vonage_and_infobip_formats_list_the_sender() {
         let (status, _) = replica.get(&format!("/api/opt-outs/{sender}")).await;
         assert_eq!(status, 404, "{kind}: UNSTOP takes the number off the list");
     }
+}
+
+/// A lane with `countries` takes numbers of those countries only; a route or a named
+/// lane that sends another there gets a 422 naming the number, and nothing is stored.
+#[tokio::test]
+async fn a_lane_with_countries_refuses_numbers_of_other_countries_at_intake() {
+    let env = TestEnv::start().await;
+    let config = write_config(
+        &env,
+        &http_json("main", env.mock(), ""),
+        &["main"],
+        "\n[[lane]]\nname = \"tr\"\nbatch_size = 10\ninterval = \"200ms\"\n\
+         providers = [\"main\"]\ncountries = [\"TR\", \"cy\"]\n",
+    );
+    let replica = env.replica("r1", &settings(&config)).await;
+    let (status, created) = replica
+        .post(
+            "/api/messages",
+            Some(json!([
+                {"phone_number": "+905551230001", "content": "to TR", "lane": "tr"},
+                {"phone_number": "+35799123456", "content": "to CY", "lane": "tr"}
+            ])),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let (status, error) = replica
+        .post(
+            "/api/messages",
+            Some(json!([
+                {"phone_number": "+905551230002", "content": "to TR", "lane": "tr"},
+                {"phone_number": "+14155550100", "content": "to US", "lane": "tr"}
+            ])),
+        )
+        .await;
+    assert_eq!(status, 422, "{error}");
+    assert_eq!(error["error"]["field"], "phone_number", "{error}");
+    assert_eq!(error["error"]["index"], 1, "{error}");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("US") && message.contains("TR, CY"),
+        "{message}"
+    );
+    // The default lane has no list: the US number goes there.
+    let (status, _) = replica
+        .post(
+            "/api/messages",
+            Some(json!({"phone_number": "+14155550100", "content": "to US"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (_, stats) = replica.get("/api/messages/stats").await;
+    assert_eq!(
+        stats["by_status"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_i64().unwrap())
+            .sum::<i64>(),
+        3,
+        "the refused request stored nothing: {stats}"
+    );
+    let (_, lanes) = replica.get("/api/lanes").await;
+    let tr = lanes["lanes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "tr")
+        .unwrap();
+    assert_eq!(tr["countries"], json!(["TR", "CY"]));
 }
