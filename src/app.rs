@@ -355,6 +355,7 @@ fn dispatch_settings(config: &Config, lane: &LaneSpec) -> DispatchSettings {
             })
             .collect(),
         from: lane.from.as_ref().map(|from| from.as_str().to_string()),
+        quiet_hours: lane.quiet_hours,
     }
 }
 

@@ -117,6 +117,9 @@ pub struct DispatchConfig {
     pub retry: RetryPolicy,
     pub auto_start: bool,
     pub shutdown_timeout: Duration,
+    /// `QUIET_HOURS`: the window of every lane that sets none of its own
+    /// (docs/design.md#quiet-hours).
+    pub quiet_hours: Option<crate::quiet_hours::QuietHours>,
 }
 
 /// `MESSAGE_RETENTION` and `CONTENT_RETENTION`; `None` keeps forever.
@@ -203,6 +206,7 @@ struct RawEnv {
     send_concurrency: Option<String>,
     message_max_length: Option<String>,
     message_max_segments: Option<String>,
+    quiet_hours: Option<String>,
     max_attempts: Option<String>,
     retry_backoff_base: Option<String>,
     retry_backoff_max: Option<String>,
@@ -397,11 +401,19 @@ impl Config {
             retry,
             auto_start: boolean("AUTO_START", raw.auto_start, true)?,
             shutdown_timeout: duration_var("SHUTDOWN_TIMEOUT", raw.shutdown_timeout, "30s")?,
+            quiet_hours: raw
+                .quiet_hours
+                .filter(|text| !text.trim().is_empty())
+                .map(|text| {
+                    crate::quiet_hours::QuietHours::parse(&text)
+                        .map_err(|problem| ConfigError::new("QUIET_HOURS", problem))
+                })
+                .transpose()?,
         };
 
         let plan = match raw.dispatch_config {
             None => DispatchPlan::from_env(&provider, &dispatch),
-            Some(path) => DispatchPlan::read(Path::new(path.trim()), vars)?,
+            Some(path) => DispatchPlan::read(Path::new(path.trim()), vars, dispatch.quiet_hours)?,
         };
 
         let replica_id = match raw.replica_id {

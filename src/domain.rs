@@ -306,6 +306,36 @@ impl MessageStatus {
     }
 }
 
+/// What a message is for (docs/design.md#quiet-hours): `transactional` (a login code,
+/// an order update) goes out in a lane's quiet hours; `marketing`, and a message that
+/// names no category, waits for the window to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Category {
+    Transactional,
+    Marketing,
+}
+
+impl Category {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Transactional => "transactional",
+            Self::Marketing => "marketing",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ValidationError> {
+        match text {
+            "transactional" => Ok(Self::Transactional),
+            "marketing" => Ok(Self::Marketing),
+            other => Err(ValidationError {
+                field: "category",
+                problem: format!("must be transactional or marketing (got {other:?})"),
+            }),
+        }
+    }
+}
+
 /// What a recipient's reply asks for (docs/design.md#opt-outs): the reply is one of the
 /// industry's keywords, alone, in any case, with surrounding spaces and trailing
 /// punctuation ignored. "Stop by at five" is a message, not an opt-out.

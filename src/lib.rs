@@ -23,6 +23,7 @@ pub mod http;
 pub mod leadership;
 pub mod metrics;
 pub mod provider;
+pub mod quiet_hours;
 pub mod redis;
 pub mod retention;
 pub mod retry;

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub messages_cancelled: IntCounter,
     /// Per stage: `intake` or `claim` (docs/design.md#opt-outs).
     pub messages_blocked: IntCounterVec,
+    /// Per lane and reason (`quiet_hours`).
+    pub messages_held: IntCounterVec,
     /// Per consent change: `opt_out` or `opt_in`, and source: `api` or `inbound`.
     pub opt_out_changes: IntCounterVec,
     pub delivery_receipts: IntCounterVec,
@@ -180,6 +182,13 @@ impl Metrics {
                 "Messages to numbers on the opt-out list, blocked (never sent) by this \
                  replica, at intake or at claim.",
                 &["stage"],
+            ),
+            messages_held: counter_vec(
+                &r,
+                "dispatcher_messages_held_total",
+                "Claimed messages put back in the queue by this replica's leader to wait, \
+                 by lane and reason (quiet_hours: inside the lane's quiet hours).",
+                &["lane", "reason"],
             ),
             opt_out_changes: counter_vec(
                 &r,

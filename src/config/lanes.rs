@@ -17,6 +17,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::quiet_hours::QuietHours;
+
 use super::secrets::read_secret_file;
 use super::values::{is_header_name, is_http_url};
 use super::{
@@ -166,6 +168,10 @@ pub struct LaneSpec {
     /// The countries (ISO codes) the lane may send to; intake refuses a number of any
     /// other with a 422. Empty: any.
     pub countries: Vec<String>,
+    /// The daily window in the recipient's local time in which the lane sends only
+    /// transactional messages (docs/design.md#quiet-hours); `QUIET_HOURS` when the
+    /// lane sets none, `"off"` for none.
+    pub quiet_hours: Option<QuietHours>,
 }
 
 /// What a lane's `batch_size` counts: whole messages, or the SMS segments a provider
@@ -258,6 +264,7 @@ impl DispatchPlan {
                 from: None,
                 send_concurrency: dispatch.send_concurrency,
                 countries: Vec::new(),
+                quiet_hours: dispatch.quiet_hours,
             }],
             routes: Vec::new(),
             source: None,
@@ -266,7 +273,12 @@ impl DispatchPlan {
 
     /// Reads and checks the file at `path`. `vars` is the environment with the secret
     /// files already read: the providers' `token_env` variables are looked up there.
-    pub(super) fn read(path: &Path, vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+    /// `default_quiet`: `QUIET_HOURS`, for the lanes that set no `quiet_hours`.
+    pub(super) fn read(
+        path: &Path,
+        vars: &HashMap<String, String>,
+        default_quiet: Option<QuietHours>,
+    ) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|err| {
             ConfigError::new(
                 VARIABLE,
@@ -276,7 +288,7 @@ impl DispatchPlan {
         let source = Source { path, text: &text };
         let file: PlanFile = toml::from_str(&text).map_err(|err| source.toml_error(&err))?;
         let providers = providers(&source, file.provider, vars)?;
-        let lanes = lanes(&source, file.lane, &providers)?;
+        let lanes = lanes(&source, file.lane, &providers, default_quiet)?;
         let routes = routes(&source, file.route, &lanes)?;
         Ok(Self {
             providers,
@@ -336,6 +348,7 @@ struct LaneTable {
     send_concurrency: Option<Spanned<i64>>,
     #[serde(default)]
     countries: Vec<Spanned<String>>,
+    quiet_hours: Option<Spanned<String>>,
 }
 
 /// `[[route]]`.
@@ -719,6 +732,7 @@ fn lanes(
     source: &Source,
     tables: Vec<Spanned<LaneTable>>,
     providers: &[ProviderSpec],
+    default_quiet: Option<QuietHours>,
 ) -> Result<Vec<LaneSpec>, ConfigError> {
     let Some(first_span) = tables.first().map(Spanned::span) else {
         return Err(source.error(
@@ -736,7 +750,7 @@ fn lanes(
             return Err(entry.statement(table.name.span(), problem));
         }
         let name_span = table.name.span();
-        let spec = lane(&entry, table, providers)?;
+        let spec = lane(&entry, table, providers, default_quiet)?;
         first_of_its_name(&entry, &mut seen, &spec.name, name_span)?;
         specs.push(spec);
     }
@@ -753,6 +767,7 @@ fn lane(
     entry: &Entry,
     table: LaneTable,
     providers: &[ProviderSpec],
+    default_quiet: Option<QuietHours>,
 ) -> Result<LaneSpec, ConfigError> {
     let name = plain_name(entry, table.name)?;
     let batch_size = lane_batch_size(entry, &table.batch_size)?;
@@ -787,6 +802,14 @@ fn lane(
         providers: names,
         send_concurrency,
         countries: countries(entry, table.countries)?,
+        quiet_hours: match &table.quiet_hours {
+            None => default_quiet,
+            Some(text) if text.get_ref().trim() == "off" => None,
+            Some(text) => Some(
+                QuietHours::parse(text.get_ref())
+                    .map_err(|problem| entry.error(text.span(), "quiet_hours", problem))?,
+            ),
+        },
     })
 }
 
@@ -1121,6 +1144,7 @@ prefixes = ["+9055"]
                 from: None,
                 send_concurrency: 1,
                 countries: Vec::new(),
+                quiet_hours: None,
             }
         );
         let otp = plan.lane("otp").unwrap();
@@ -1159,6 +1183,7 @@ prefixes = ["+9055"]
                 from: None,
                 send_concurrency: 4,
                 countries: Vec::new(),
+                quiet_hours: None,
             }]
         );
         assert_eq!(plan.providers.len(), 1);

@@ -52,6 +52,8 @@ pub struct DispatchSettings {
     pub providers: Vec<RouteSettings>,
     /// The lane's default sender.
     pub from: Option<String>,
+    /// The lane's quiet hours (docs/design.md#quiet-hours).
+    pub quiet_hours: Option<crate::quiet_hours::QuietHours>,
 }
 
 /// This leader's view of a pause of dispatch (docs/design.md, "Provider
@@ -302,8 +304,8 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                     }
                     Claim::NotDue(wait) => wait.min(settings.poll),
                     Claim::Stopped => settings.poll,
-                    // Every claimed row was blocked: the queue may hold more.
-                    Claim::Empty if result.blocked > 0 => Duration::ZERO,
+                    // Every claimed row was blocked or held: the queue may hold more.
+                    Claim::Empty if result.blocked + result.held > 0 => Duration::ZERO,
                     Claim::Empty => {
                         let idle = settings
                             .poll
@@ -423,6 +425,7 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             provider: choice.provider.clone(),
             usable: choice.usable.clone(),
             probe_only: choice.probe_only,
+            quiet_hours: self.settings.quiet_hours,
         };
         let claim = self
             .backend
@@ -465,6 +468,16 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 .messages_blocked
                 .with_label_values(&["claim"])
                 .inc_by(result.blocked);
+        }
+        if result.held > 0 {
+            tracing::debug!(
+                count = result.held,
+                "claimed messages inside the lane's quiet hours: back in the queue until the window opens"
+            );
+            self.metrics
+                .messages_held
+                .with_label_values(&[&self.settings.lane, "quiet_hours"])
+                .inc_by(result.held);
         }
         Ok(Some(result))
     }

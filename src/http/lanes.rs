@@ -164,6 +164,7 @@ fn lane_json(
         "unit": spec.unit.as_str(),
         "send_concurrency": spec.send_concurrency,
         "countries": spec.countries,
+        "quiet_hours": spec.quiet_hours.map(|q| q.to_string()),
         "configured_rate_per_second": finite(schedule.rate_per_second()),
         "effective_rate_per_second": finite(schedule.rate_per_second() * rate_factor),
         "rate_factor": rate_factor,

@@ -584,6 +584,9 @@ struct CreateMessage {
     /// The sender; absent: the lane's, else the provider's.
     #[serde(default)]
     from: Option<String>,
+    /// `transactional` goes out in quiet hours; `marketing` (or none) waits.
+    #[serde(default)]
+    category: Option<String>,
 }
 
 impl CreateMessage {
@@ -671,6 +674,12 @@ impl CreateMessage {
                 .from
                 .as_deref()
                 .map(crate::domain::Sender::parse)
+                .transpose()
+                .map_err(validation)?,
+            category: self
+                .category
+                .as_deref()
+                .map(crate::domain::Category::parse)
                 .transpose()
                 .map_err(validation)?,
         })

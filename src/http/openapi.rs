@@ -338,7 +338,8 @@ fn schemas(max_content_chars: usize) -> Value {
                 "expires_at": {"type": ["string", "null"], "format": "date-time", "pattern": RFC3339_PATTERN, "description": "never sent at or after this time (status expired); must be after send_at"},
                 "priority": {"type": ["integer", "null"], "minimum": 0, "maximum": 3, "description": "SMPP priority_flag, 3 most urgent; default 0"},
                 "lane": {"type": ["string", "null"], "pattern": LANE_PATTERN, "description": "the lane to send through (GET /api/lanes); absent: the first route that matches the number, else default. An unknown lane is a 422."},
-                "from": {"type": ["string", "null"], "pattern": SENDER_PATTERN, "description": "the sender: E.164 (+ and 4 to 15 digits) or 1 to 11 letters, digits and inner spaces; absent: the lane's, else the provider's"}
+                "from": {"type": ["string", "null"], "pattern": SENDER_PATTERN, "description": "the sender: E.164 (+ and 4 to 15 digits) or 1 to 11 letters, digits and inner spaces; absent: the lane's, else the provider's"},
+                "category": {"enum": ["transactional", "marketing", null], "description": "transactional goes out in the lane's quiet hours; marketing (or none) waits for them to end"}
             }
         },
         "Receipt": {
@@ -381,7 +382,7 @@ fn schemas(max_content_chars: usize) -> Value {
         "Message": {
             "type": "object",
             "required": ["id", "phone_number", "country", "delivery_key", "content", "status", "sent", "attempts", "next_attempt_at", "created_at", "sent_at", "message_id", "last_error", "cached_at",
-                         "idempotency_key", "send_at", "expires_at", "priority", "lane", "from", "provider", "encoding", "segments", "delivery_status", "delivered_at", "delivery_error"],
+                         "idempotency_key", "send_at", "expires_at", "priority", "lane", "from", "category", "provider", "encoding", "segments", "delivery_status", "delivered_at", "delivery_error"],
             "properties": {
                 "id": {"type": "integer", "format": "int64"},
                 "phone_number": {"type": "string"},
@@ -395,6 +396,7 @@ fn schemas(max_content_chars: usize) -> Value {
                 "priority": {"type": "integer", "minimum": 0, "maximum": 3},
                 "lane": {"type": "string", "description": "the lane it is sent through"},
                 "from": {"type": ["string", "null"], "description": "the sender it names; null: its lane's or provider's"},
+                "category": {"enum": ["transactional", "marketing", null], "description": "null: none named (held in quiet hours like marketing)"},
                 "provider": {"type": ["string", "null"], "description": "the provider that took it (sent), or its current or last send went to"},
                 "encoding": {"enum": ["gsm7", "ucs2", null], "description": "null with the content"},
                 "segments": {"type": ["integer", "null"], "minimum": 1},
@@ -486,6 +488,7 @@ fn schemas(max_content_chars: usize) -> Value {
                     "unit": {"enum": ["messages", "segments"]},
                     "send_concurrency": {"type": "integer"},
                     "countries": {"type": "array", "items": {"type": "string"}, "description": "the only countries the lane sends to (ISO codes); empty: any"},
+                    "quiet_hours": {"type": ["string", "null"], "description": "HH:MM-HH:MM in the recipient's local time: only transactional messages go out inside it"},
                     "configured_rate_per_second": {"type": ["number", "null"], "description": "null: no limit (interval 0)"},
                     "achieved_rate_per_second": {"type": "number", "description": "sends in the last minute / 60"},
                     "pending": {"type": "integer"},

@@ -157,7 +157,7 @@ WHERE id = ANY(coalesce($6::bigint[], ARRAY(
     FOR UPDATE SKIP LOCKED
 )))
 RETURNING id, phone_number, content, attempts, created_at, priority, expires_at, sender,
-    provider, pinned_provider, ",
+    provider, pinned_provider, category, ",
     delivery_key!()
 );
 
@@ -173,6 +173,16 @@ FROM opt_outs AS o
 WHERE m.id = ANY($1::bigint[]) AND m.status = 'sending' AND m.claim_epoch = $2
   AND o.phone_number = m.phone_number
 RETURNING m.id";
+
+/// Claimed rows (`$1`, of the claim with epoch `$3`) inside the lane's quiet hours: back
+/// to `pending`, attempt uncounted, due when the window opens for them (`$2`, in the
+/// order of `$1`), so they wait without holding up the rest of the queue
+/// (docs/design.md#quiet-hours). Through the primary key, like the claim.
+const HOLD_QUIET: &str = "
+UPDATE messages
+SET status = 'pending', attempts = greatest(attempts - 1, 0), provider = pinned_provider,
+    next_attempt_at = ($2::timestamptz[])[array_position($1::bigint[], id)]
+WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claim_epoch = $3";
 
 /// The rows a lane that counts segments would claim, in claim order, locked: at most
 /// `$1` of them (each costs at least one segment), of which the claim takes the longest
@@ -370,29 +380,31 @@ impl Store {
             interval: Duration::from_millis(fence.get::<_, i64>("interval_ms").max(0) as u64),
             unit: configured.unit,
         };
-        let result = |claim, expired, blocked| ClaimResult {
+        let result = |claim, expired, blocked, held| ClaimResult {
             claim,
             schedule,
             recent_send_ages_us: fence.get("recent_send_ages_us"),
             expired,
             blocked,
+            held,
         };
         if current != epoch {
-            return Ok(result(Claim::Fenced(current), 0, 0));
+            return Ok(result(Claim::Fenced(current), 0, 0, 0));
         }
         if !fence.get::<_, bool>("running") {
-            return Ok(result(Claim::Stopped, 0, 0));
+            return Ok(result(Claim::Stopped, 0, 0, 0));
         }
         let paused: Option<String> = fence.get("paused_reason");
         if let Some(reason) = &paused {
             if !route.probe_due {
-                return Ok(result(Claim::Paused(reason.clone()), 0, 0));
+                return Ok(result(Claim::Paused(reason.clone()), 0, 0, 0));
             }
         }
         if let Some(wait_ms) = fence.get::<_, Option<i64>>("wait_ms") {
             if wait_ms > 0 {
                 return Ok(result(
                     Claim::NotDue(Duration::from_millis(wait_ms as u64)),
+                    0,
                     0,
                     0,
                 ));
@@ -462,6 +474,7 @@ impl Store {
                     priority: row.get("priority"),
                     expires_at: row.get("expires_at"),
                     sender: row.get("sender"),
+                    transactional: row.get::<_, Option<&str>>("category") == Some("transactional"),
                     provider: row.get("provider"),
                     pinned: row.get("pinned_provider"),
                 }
@@ -481,6 +494,29 @@ impl Store {
             .collect()
         };
         messages.retain(|m| !blocked.contains(&m.id));
+        let held = match route.quiet_hours {
+            Some(quiet) => {
+                let now = Utc::now();
+                let (ids, until): (Vec<i64>, Vec<DateTime<Utc>>) = messages
+                    .iter()
+                    .filter(|m| !m.transactional)
+                    .filter_map(|m| {
+                        let country = crate::domain::country_of(&m.phone_number);
+                        Some((m.id, quiet.reopens_at(country.as_deref(), now)?))
+                    })
+                    .unzip();
+                if !ids.is_empty() {
+                    tx.execute(
+                        &tx.prepare_cached(HOLD_QUIET).await?,
+                        &[&ids, &until, &epoch.0],
+                    )
+                    .await?;
+                    messages.retain(|m| !ids.contains(&m.id));
+                }
+                ids.len() as u64
+            }
+            None => 0,
+        };
         // RETURNING has no order; the send order is the claim order.
         messages.sort_by_key(|m| (std::cmp::Reverse(m.priority), m.created_at, m.id));
         let claim = if messages.is_empty() {
@@ -498,7 +534,7 @@ impl Store {
             })
         };
         tx.commit().await?;
-        Ok(result(claim, expired, blocked.len() as u64))
+        Ok(result(claim, expired, blocked.len() as u64, held))
     }
 
     /// Returns the rows of a claim whose outcome is unknown (its COMMIT reply was lost)

@@ -10,7 +10,7 @@ use super::{
     Inserted, LaneCounts, ListFilter, Message, MessageStats, NewMessage, Page, QueueStats,
     StatusChange, Store, StoreError, TOTAL_BOUND,
 };
-use crate::domain::{DeliveryStatus, IdempotencyKey, MessageStatus, Sender};
+use crate::domain::{Category, DeliveryStatus, IdempotencyKey, MessageStatus, Sender};
 use crate::encoding::segment;
 
 /// Takes a transaction-level advisory lock per idempotency key of an insert, in one
@@ -61,7 +61,7 @@ const MESSAGE_COLUMNS: &str = concat!(
     "id, phone_number, content, status, attempts, next_attempt_at, \
      created_at, sent_at, provider_message_id, last_error, \
      idempotency_key, send_at, expires_at, priority, \
-     delivery_status, delivered_at, delivery_error, lane, sender, provider, ",
+     delivery_status, delivered_at, delivery_error, lane, sender, provider, category, ",
     delivery_key!()
 );
 
@@ -105,6 +105,7 @@ impl Message {
             priority: row.get("priority"),
             lane: row.get("lane"),
             from: row.get("sender"),
+            category: row.get("category"),
             provider: row.get("provider"),
             encoding: segmentation.as_ref().map(|s| s.encoding),
             segments: segmentation.map(|s| s.segments),
@@ -126,6 +127,7 @@ impl Message {
             && self.priority == new.priority.get()
             && self.lane == new.lane
             && self.from.as_deref() == new.from.as_ref().map(Sender::as_str)
+            && self.category.as_deref() == new.category.map(Category::as_str)
     }
 }
 
@@ -151,6 +153,10 @@ impl Store {
             .iter()
             .map(|m| m.from.as_ref().map(Sender::as_str))
             .collect();
+        let categories: Vec<Option<&str>> = messages
+            .iter()
+            .map(|m| m.category.map(Category::as_str))
+            .collect();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         if keys.iter().any(Option::is_some) {
@@ -159,12 +165,13 @@ impl Store {
         }
         let sql = format!(
             "INSERT INTO messages (phone_number, content, idempotency_key, send_at, expires_at,
-                                   priority, lane, sender, next_attempt_at, status, last_error)
-             SELECT p, c, k, s, e, pr, l, f, greatest(now(), coalesce(s, now())),
+                                   priority, lane, sender, category, next_attempt_at, status,
+                                   last_error)
+             SELECT p, c, k, s, e, pr, l, f, cat, greatest(now(), coalesce(s, now())),
                     {INTAKE_STATUS}
              FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
-                         $5::timestamptz[], $6::int2[], $7::text[], $8::text[])
-                  WITH ORDINALITY AS t(p, c, k, s, e, pr, l, f, n)
+                         $5::timestamptz[], $6::int2[], $7::text[], $8::text[], $9::text[])
+                  WITH ORDINALITY AS t(p, c, k, s, e, pr, l, f, cat, n)
              LEFT JOIN opt_outs AS o ON o.phone_number = t.p
              ORDER BY n
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -182,6 +189,7 @@ impl Store {
                     &priorities,
                     &lanes,
                     &senders,
+                    &categories,
                 ],
             )
             .await?

@@ -103,6 +103,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0017_opt_outs.sql",
         sql: include_str!("../../sql/0017_opt_outs.sql"),
     },
+    Migration {
+        version: 18,
+        name: "0018_message_category.sql",
+        sql: include_str!("../../sql/0018_message_category.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

@@ -39,6 +39,8 @@ pub struct Message {
     pub lane: String,
     /// The sender it names (`sender` in the table); `None`: its lane's or provider's.
     pub from: Option<String>,
+    /// `transactional` or `marketing`; `None` when it names none (held like marketing).
+    pub category: Option<String>,
     /// The provider that took it, or its current or last send went to
     /// (docs/design.md#failover).
     pub provider: Option<String>,
@@ -62,6 +64,7 @@ pub struct NewMessage {
     /// Named by the request or chosen by the routes; a configured lane.
     pub lane: String,
     pub from: Option<crate::domain::Sender>,
+    pub category: Option<crate::domain::Category>,
 }
 
 /// What an insert did, item by item in input order.
@@ -165,6 +168,8 @@ pub struct ClaimedMessage {
     pub expires_at: Option<DateTime<Utc>>,
     /// The message's own sender, if it names one.
     pub sender: Option<String>,
+    /// Sent in the lane's quiet hours (docs/design.md#quiet-hours).
+    pub transactional: bool,
     /// The provider this send goes to, chosen by the claim; `None` only for a row an
     /// older release pinned or none at all (then the lane's first provider).
     pub provider: Option<String>,
@@ -184,6 +189,9 @@ pub struct ClaimScope {
     pub usable: Vec<String>,
     /// `provider` is half-open: one message only, its probe.
     pub probe_only: bool,
+    /// The lane's quiet hours: claimed messages inside them that are not
+    /// transactional go back to the queue until the window opens.
+    pub quiet_hours: Option<crate::quiet_hours::QuietHours>,
 }
 
 /// The schedule in force: configured values, possibly overridden at run time.
@@ -255,6 +263,9 @@ pub struct ClaimResult {
     /// Claimed messages whose number is on the opt-out list, marked `blocked` and
     /// left out of the batch.
     pub blocked: u64,
+    /// Claimed messages inside the lane's quiet hours, put back to wait for the window
+    /// to open and left out of the batch.
+    pub held: u64,
 }
 
 /// When a `sending` row may be returned to `pending` (docs/design.md#rescue). The wait comes

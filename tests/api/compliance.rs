@@ -414,3 +414,96 @@ async fn a_lane_with_countries_refuses_numbers_of_other_countries_at_intake() {
         .unwrap();
     assert_eq!(tr["countries"], json!(["TR", "CY"]));
 }
+
+/// Quiet hours (`QUIET_HOURS`, here from an hour ago to the next whole minute at least
+/// 40 s away, in Istanbul's time): a message to Turkey waits, in the queue, until the
+/// window ends there, then goes out; a transactional one to Turkey and one to Japan
+/// (six hours ahead, outside the window) go at once. Neither country moves its clocks.
+#[tokio::test]
+async fn quiet_hours_hold_a_message_until_the_window_opens_in_the_recipients_zone() {
+    use chrono::{DateTime, Duration, Timelike, Utc};
+    let env = TestEnv::start().await;
+    let now = Utc::now();
+    let mut ends: DateTime<Utc> = now
+        .with_second(0)
+        .and_then(|t| t.with_nanosecond(0))
+        .unwrap()
+        + Duration::minutes(1);
+    if ends - now < Duration::seconds(40) {
+        ends += Duration::minutes(1);
+    }
+    let istanbul = |t: DateTime<Utc>| (t + Duration::hours(3)).format("%H:%M").to_string();
+    let window = format!("{}-{}", istanbul(now - Duration::hours(1)), istanbul(ends));
+    let replica = env
+        .replica("r1", &env.settings().env("QUIET_HOURS", &window))
+        .await;
+    let (_, lanes) = replica.get("/api/lanes").await;
+    assert_eq!(lanes["lanes"][0]["quiet_hours"], window.as_str());
+
+    let held = create_one(&replica, "+905556660001", "a campaign, in the night").await;
+    let (status, urgent) = replica
+        .post(
+            "/api/messages",
+            Some(
+                json!({"phone_number": "+905556660002", "content": "your code: 123456",
+                        "category": "transactional"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{urgent}");
+    assert_eq!(urgent["category"], "transactional");
+    let japan = create_one(&replica, "+819012345678", "daytime in Tokyo").await;
+    let ids = |m: &[&Value]| -> Vec<i64> { m.iter().map(|m| m["id"].as_i64().unwrap()).collect() };
+    wait_sent(&replica, &ids(&[&urgent, &japan]), secs(30)).await;
+
+    // Held in the queue, due when the window ends in Istanbul, its attempt unspent.
+    let (_, waiting) = replica.get(&format!("/api/messages/{}", held["id"])).await;
+    assert_eq!(waiting["status"], "pending", "{waiting}");
+    assert_eq!(waiting["attempts"], 0, "{waiting}");
+    let due: DateTime<Utc> = waiting["next_attempt_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(due, ends, "{waiting}");
+    assert!(sent_to(&env.mock().deliveries().await, "+905556660001") == 0);
+    assert!(
+        replica
+            .metric("dispatcher_messages_held_total{lane=\"default\",reason=\"quiet_hours\"}")
+            .await
+            .is_some_and(|n| n >= 1.0)
+    );
+
+    let sent = wait_sent(&replica, &ids(&[&held]), secs(150)).await;
+    let sent_at: DateTime<Utc> = sent[0]["sent_at"].as_str().unwrap().parse().unwrap();
+    assert!(
+        sent_at >= ends,
+        "sent at {sent_at}, inside the window that ended at {ends}"
+    );
+    assert_eq!(sent_to(&env.mock().deliveries().await, "+905556660001"), 1);
+}
+
+/// A bad `quiet_hours` in the file, or `QUIET_HOURS`, stops the replica with exit 2
+/// naming it.
+#[tokio::test]
+async fn a_bad_quiet_hours_window_is_refused_at_start() {
+    let env = TestEnv::start().await;
+    let (status, output) = crate::support::replica::run_command(
+        &["migrate"],
+        &env.settings().env("QUIET_HOURS", "9pm-8am").to_env(),
+    );
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert!(output.contains("QUIET_HOURS"), "{output}");
+    let config = write_config(
+        &env,
+        &http_json("main", env.mock(), ""),
+        &["main"],
+        "quiet_hours = \"21:00-21:00\"\n",
+    );
+    let (status, output) = crate::support::replica::run_command(
+        &["migrate"],
+        &settings(&config).connected_to(&env).to_env(),
+    );
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert!(output.contains("quiet_hours"), "{output}");
+}

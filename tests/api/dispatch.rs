@@ -20,7 +20,6 @@ use crate::support::{ReplicaSettings, TestEnv, ms, secs, wait_for};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Applies the migrations, as `message-dispatcher migrate` does with `settings`.
 /// A claim that may send through any provider: the statements below are tested for
 /// themselves, not for routing.
 fn any_provider(probe_due: bool) -> ClaimScope {
@@ -29,9 +28,11 @@ fn any_provider(probe_due: bool) -> ClaimScope {
         provider: Some("default".into()),
         usable: vec!["default".into()],
         probe_only: false,
+        quiet_hours: None,
     }
 }
 
+/// Applies the migrations, as `message-dispatcher migrate` does with `settings`.
 fn migrate(settings: &ReplicaSettings) {
     let (status, output) = run_command(&["migrate"], &settings.to_env());
     assert!(status.success(), "{output}");

@@ -247,6 +247,7 @@ impl Backend for FakeQueue {
             recent_send_ages_us: recent_send_ages_us.clone(),
             expired: 0,
             blocked: 0,
+            held: 0,
         };
         if q.epoch != epoch {
             return Ok(result(Claim::Fenced(q.epoch)));
@@ -294,6 +295,7 @@ impl Backend for FakeQueue {
                     delivery_key: format!("key-{}", row.id),
                     phone_number: format!("+1415555{:04}", row.id % 10_000),
                     content: format!("message {}", row.id),
+                    transactional: false,
                     units: 1,
                     attempts: row.attempts,
                     created_at: Utc::now(),
@@ -645,6 +647,7 @@ pub(super) fn settings(batch_size: u32, interval: Duration) -> DispatchSettings 
         probe_every: Duration::from_secs(5),
         providers: vec![route("main")],
         from: None,
+        quiet_hours: None,
     }
 }
 
