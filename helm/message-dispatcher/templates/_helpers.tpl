@@ -279,6 +279,9 @@ send_concurrency = {{ int64 .send_concurrency }}
 {{- if hasKey . "countries" }}
 countries = {{ toJson .countries }}
 {{- end }}
+{{- if hasKey . "quiet_hours" }}
+quiet_hours = {{ .quiet_hours | toString | toJson }}
+{{- end }}
 {{- end }}
 {{- range .Values.dispatchConfig.routes }}
 
