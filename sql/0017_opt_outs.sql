@@ -5,7 +5,10 @@
 -- `source` says who put the number on the list: `api` (or what the operator's PUT
 -- named) or `inbound:<provider>` for a STOP the provider passed on.
 CREATE TABLE opt_outs (
-    phone_number message_phone_number PRIMARY KEY,
+    -- E.164, as intake stores a message's number (the API and the inbound endpoint
+    -- parse it the same way).
+    phone_number text PRIMARY KEY
+        CONSTRAINT opt_outs_phone_number_format CHECK (phone_number ~ '^\+[0-9]{7,15}$'),
     since        timestamptz NOT NULL DEFAULT now(),
     source       text NOT NULL
         CONSTRAINT opt_outs_source_format CHECK (source ~ '^[ -~]{1,100}$')

@@ -386,6 +386,10 @@ async fn prepare_database(
         state.store.ensure_lanes(&lanes).await?;
         state
             .store
+            .publish_intake_rules(config.message_max_length, &config.replica_id)
+            .await?;
+        state
+            .store
             .apply_auto_start(config.dispatch.auto_start, &config.replica_id)
             .await
     };

@@ -1,6 +1,7 @@
 //! The control tables: the desired state and runtime overrides
 //! (`dispatcher_control`, a row per lane beside its fence row), the lanes themselves,
-//! and the replica registry (`dispatcher_replicas`).
+//! the replica registry (`dispatcher_replicas`), and the intake rules the SQL function
+//! `dispatcher_enqueue` reads (`dispatcher_intake`).
 
 use std::time::Duration;
 
@@ -41,6 +42,31 @@ impl Store {
             tx.execute(ADD_LANE, &[name]).await?;
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Stores the intake rules of this replica's configuration for `dispatcher_enqueue`
+    /// (docs/design.md#enqueue-from-sql); the replica that started last wins, as the
+    /// replicas of one cluster share their configuration.
+    pub async fn publish_intake_rules(
+        &self,
+        message_max_length: usize,
+        replica_id: &str,
+    ) -> Result<(), StoreError> {
+        let max_length = i32::try_from(message_max_length).unwrap_or(i32::MAX);
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO dispatcher_intake (id, message_max_length, updated_by)
+                 VALUES (1, $1, $2)
+                 ON CONFLICT (id) DO UPDATE
+                 SET message_max_length = excluded.message_max_length,
+                     updated_at = now(), updated_by = excluded.updated_by
+                 WHERE dispatcher_intake.message_max_length
+                       IS DISTINCT FROM excluded.message_max_length",
+                &[&max_length, &replica_id],
+            )
+            .await?;
         Ok(())
     }
 

@@ -108,6 +108,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0018_message_category.sql",
         sql: include_str!("../../sql/0018_message_category.sql"),
     },
+    Migration {
+        version: 19,
+        name: "0019_enqueue_function.sql",
+        sql: include_str!("../../sql/0019_enqueue_function.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

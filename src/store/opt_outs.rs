@@ -52,9 +52,9 @@ INSERT INTO opt_outs AS o (phone_number, source) VALUES ($1::text, $2::text)
 ON CONFLICT (phone_number) DO UPDATE SET phone_number = o.phone_number
 RETURNING phone_number, since, source, xmax = 0 AS created";
 
-const FIND: &str = "SELECT phone_number, since, source FROM opt_outs WHERE phone_number = $1::text";
+const FIND: &str = "SELECT phone_number, since, source FROM opt_outs WHERE phone_number = $1";
 
-const UNLIST: &str = "DELETE FROM opt_outs WHERE phone_number = $1::text";
+const UNLIST: &str = "DELETE FROM opt_outs WHERE phone_number = $1";
 
 const PAGE: &str = "
 SELECT phone_number, since, source FROM opt_outs

@@ -8,6 +8,7 @@ mod config;
 mod console;
 mod delivery_key;
 mod dispatch;
+mod enqueue;
 mod failover;
 mod faults;
 mod fencing;
