@@ -193,6 +193,19 @@ impl Replica {
                 .in_current_span(),
             );
         }
+        {
+            let ready = state.clone();
+            tasks.spawn(
+                crate::webhooks::run(
+                    state.store.clone(),
+                    config.webhooks.clone(),
+                    state.metrics.clone(),
+                    move || ready.schema_ready.load(Ordering::Acquire),
+                    shutdown.clone(),
+                )
+                .in_current_span(),
+            );
+        }
         // Stopped after the dispatcher, so its last results are charted too.
         let activity_stop = CancellationToken::new();
         tasks.spawn(
@@ -386,7 +399,11 @@ async fn prepare_database(
         state.store.ensure_lanes(&lanes).await?;
         state
             .store
-            .publish_intake_rules(config.message_max_length, &config.replica_id)
+            .publish_intake_rules(
+                config.message_max_length,
+                config.webhooks.url.is_some(),
+                &config.replica_id,
+            )
             .await?;
         state
             .store

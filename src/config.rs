@@ -122,6 +122,45 @@ pub struct DispatchConfig {
     pub quiet_hours: Option<crate::quiet_hours::QuietHours>,
 }
 
+/// `STATUS_WEBHOOK_URL`, `STATUS_WEBHOOK_SECRET` and `STATUS_WEBHOOK_RETRY_FOR`.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Where every message's status changes are posted; a message's own
+    /// `status_callback_url` wins. `None`: only messages that name one.
+    pub url: Option<String>,
+    /// The Standard Webhooks secret, `whsec_` and base64; required with `url` and for
+    /// messages that name an endpoint.
+    pub secret: Option<Secret>,
+    /// How long an event is retried before it becomes a dead letter.
+    pub retry_for: Duration,
+}
+
+impl WebhookConfig {
+    /// The signing key: the secret's bytes after `whsec_`.
+    pub fn key(&self) -> Option<Vec<u8>> {
+        let secret = self.secret.as_ref()?;
+        webhook_key(secret.expose()).ok()
+    }
+}
+
+/// The bytes of a `whsec_<base64>` secret.
+fn webhook_key(secret: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let encoded = secret
+        .strip_prefix("whsec_")
+        .ok_or("must start with whsec_ (a Standard Webhooks secret: whsec_ and base64)")?;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| "must be whsec_ followed by base64".to_string())?;
+    if key.len() < 24 {
+        return Err(format!(
+            "holds {} bytes; use at least 24 (e.g. whsec_$(head -c 32 /dev/urandom | base64))",
+            key.len()
+        ));
+    }
+    Ok(key)
+}
+
 /// `MESSAGE_RETENTION` and `CONTENT_RETENTION`; `None` keeps forever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetentionConfig {
@@ -168,6 +207,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// How long finished messages and their text are kept (docs/design.md#retention).
     pub retention: RetentionConfig,
+    /// Status webhooks (docs/design.md#status-webhooks).
+    pub webhooks: WebhookConfig,
     /// The lanes, their providers and the routes between them (`DISPATCH_CONFIG`);
     /// without the file, one `default` lane and provider built from the variables above.
     pub plan: DispatchPlan,
@@ -227,6 +268,9 @@ struct RawEnv {
     dispatch_config: Option<String>,
     message_retention: Option<String>,
     content_retention: Option<String>,
+    status_webhook_url: Option<String>,
+    status_webhook_secret: Option<String>,
+    status_webhook_retry_for: Option<String>,
 }
 
 /// Upper bound on `BATCH_SIZE`: a batch is claimed in one transaction and held in memory.
@@ -454,9 +498,52 @@ impl Config {
                 messages: retention_var("MESSAGE_RETENTION", raw.message_retention, "30d")?,
                 content: retention_var("CONTENT_RETENTION", raw.content_retention, "0")?,
             },
+            webhooks: webhook_config(
+                raw.status_webhook_url,
+                raw.status_webhook_secret,
+                raw.status_webhook_retry_for,
+            )?,
             plan,
         })
     }
+}
+
+/// The status webhooks' variables, checked together.
+fn webhook_config(
+    url: Option<String>,
+    secret: Option<String>,
+    retry_for: Option<String>,
+) -> Result<WebhookConfig, ConfigError> {
+    let url = url
+        .filter(|u| !u.trim().is_empty())
+        .map(|u| u.trim().to_string());
+    if let Some(url) = &url {
+        if !values::is_http_url(url) {
+            return Err(ConfigError::new(
+                "STATUS_WEBHOOK_URL",
+                "must be an http or https URL with a host",
+            ));
+        }
+    }
+    let secret = secret.filter(|s| !s.trim().is_empty());
+    match &secret {
+        Some(secret) => {
+            webhook_key(secret.trim())
+                .map_err(|problem| ConfigError::new("STATUS_WEBHOOK_SECRET", problem))?;
+        }
+        None if url.is_some() => {
+            return Err(ConfigError::new(
+                "STATUS_WEBHOOK_SECRET",
+                "is required with STATUS_WEBHOOK_URL: the events are signed (whsec_ and base64)",
+            ));
+        }
+        None => {}
+    }
+    Ok(WebhookConfig {
+        url,
+        secret: secret.map(|s| Secret::new(s.trim())),
+        retry_for: nonzero_duration("STATUS_WEBHOOK_RETRY_FOR", retry_for, "24h")?,
+    })
 }
 
 impl Config {

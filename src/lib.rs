@@ -31,6 +31,7 @@ pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod version;
+pub mod webhooks;
 
 /// Installs the process-wide rustls crypto provider (aws-lc-rs) so no TLS user has to
 /// guess. Idempotent.

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub messages_cancelled: IntCounter,
     /// Per stage: `intake` or `claim` (docs/design.md#opt-outs).
     pub messages_blocked: IntCounterVec,
+    /// Per outcome: `delivered`, `retry`, `failed` (a dead letter).
+    pub webhook_deliveries: IntCounterVec,
     /// Per lane and reason (`quiet_hours`).
     pub messages_held: IntCounterVec,
     /// Per consent change: `opt_out` or `opt_in`, and source: `api` or `inbound`.
@@ -182,6 +184,13 @@ impl Metrics {
                 "Messages to numbers on the opt-out list, blocked (never sent) by this \
                  replica, at intake or at claim.",
                 &["stage"],
+            ),
+            webhook_deliveries: counter_vec(
+                &r,
+                "dispatcher_webhook_deliveries_total",
+                "Status webhook posts by this replica, by outcome: delivered, retry (not \
+                 accepted, retried later) or failed (given up: a dead letter).",
+                &["outcome"],
             ),
             messages_held: counter_vec(
                 &r,

@@ -33,7 +33,7 @@ impl fmt::Debug for Secret {
 
 /// The variables that may hold secrets, each with its `_FILE` variant: the path of a
 /// file holding the value (Kubernetes and Docker secrets).
-pub const SECRET_VARIABLES: [(&str, &str); 8] = [
+pub const SECRET_VARIABLES: [(&str, &str); 9] = [
     ("DATABASE_URL", "DATABASE_URL_FILE"),
     ("DB_PASSWORD", "DB_PASSWORD_FILE"),
     ("REDIS_URL", "REDIS_URL_FILE"),
@@ -42,6 +42,7 @@ pub const SECRET_VARIABLES: [(&str, &str); 8] = [
     ("SMS_API_TOKEN", "SMS_API_TOKEN_FILE"),
     ("API_TOKEN", "API_TOKEN_FILE"),
     ("DLR_TOKEN", "DLR_TOKEN_FILE"),
+    ("STATUS_WEBHOOK_SECRET", "STATUS_WEBHOOK_SECRET_FILE"),
 ];
 
 /// Replaces every `_FILE` variant of [`SECRET_VARIABLES`] with its variable holding

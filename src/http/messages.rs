@@ -459,6 +459,7 @@ async fn create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let rules = IntakeRules {
+        webhooks_signed: state.config.webhooks.secret.is_some(),
         max_chars: state.config.message_max_length,
         max_segments: state.config.message_max_segments,
         region: state.config.default_region,
@@ -553,10 +554,35 @@ async fn create(
     }
 }
 
+/// A message's own webhook endpoint: an http or https URL of at most 2,048 bytes, taken
+/// only when the replicas can sign what they post there.
+fn callback_url(url: &str, signed: bool) -> Result<String, ApiError> {
+    let field = "status_callback_url";
+    if !signed {
+        return Err(ApiError::validation(
+            field,
+            "status_callback_url: status webhooks are signed, and STATUS_WEBHOOK_SECRET is not set",
+        ));
+    }
+    let valid = url.len() <= 2048
+        && reqwest::Url::parse(url)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+    if valid {
+        Ok(url.to_string())
+    } else {
+        Err(ApiError::validation(
+            field,
+            "status_callback_url: must be an http or https URL with a host, at most 2048 bytes",
+        ))
+    }
+}
+
 /// What a message must obey at intake: `MESSAGE_MAX_LENGTH`, `MESSAGE_MAX_SEGMENTS`,
 /// the region national-format numbers are read in (`DEFAULT_REGION`), and the lanes
 /// (a named lane must exist; otherwise the routes choose).
 struct IntakeRules<'a> {
+    /// `STATUS_WEBHOOK_SECRET` is set: a message may name its own webhook endpoint.
+    webhooks_signed: bool,
     max_chars: usize,
     max_segments: u32,
     region: Option<Region>,
@@ -587,6 +613,9 @@ struct CreateMessage {
     /// `transactional` goes out in quiet hours; `marketing` (or none) waits.
     #[serde(default)]
     category: Option<String>,
+    /// Where this message's status webhooks go, instead of `STATUS_WEBHOOK_URL`.
+    #[serde(default)]
+    status_callback_url: Option<String>,
 }
 
 impl CreateMessage {
@@ -682,6 +711,10 @@ impl CreateMessage {
                 .map(crate::domain::Category::parse)
                 .transpose()
                 .map_err(validation)?,
+            status_callback_url: self
+                .status_callback_url
+                .map(|url| callback_url(&url, rules.webhooks_signed))
+                .transpose()?,
         })
     }
 }

@@ -22,6 +22,7 @@ mod providers;
 mod receipts;
 mod reply;
 mod serve;
+mod webhooks;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -84,6 +85,8 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
                     .or(messages::routes(state.clone()))
                     .unify()
                     .or(opt_outs::routes(state.clone()))
+                    .unify()
+                    .or(webhooks::routes(state.clone()))
                     .unify(),
             ))
             .unify(),

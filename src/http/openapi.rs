@@ -315,6 +315,25 @@ fn schemas(max_content_chars: usize) -> Value {
                 }
             }
         },
+        "WebhookEvent": {
+            "type": "object",
+            "required": ["id", "webhook_id", "message_id", "type", "url", "payload", "status", "attempts", "created_at", "window_start", "next_attempt_at", "last_error", "delivered_at"],
+            "properties": {
+                "id": {"type": "integer", "format": "int64"},
+                "webhook_id": {"type": "string", "description": "the webhook-id header, the same on every attempt"},
+                "message_id": {"type": "integer", "format": "int64"},
+                "type": {"enum": ["message.sent", "message.failed", "message.expired", "message.cancelled", "message.blocked", "message.delivered", "message.undelivered"]},
+                "url": {"type": ["string", "null"], "description": "the message's own endpoint; null: STATUS_WEBHOOK_URL"},
+                "payload": {"type": "object", "description": "the body posted: type, timestamp, data"},
+                "status": {"enum": ["pending", "delivered", "failed"]},
+                "attempts": {"type": "integer"},
+                "created_at": timestamp,
+                "window_start": timestamp,
+                "next_attempt_at": timestamp,
+                "last_error": {"type": ["string", "null"]},
+                "delivered_at": nullable_timestamp
+            }
+        },
         "OptOut": {
             "type": "object",
             "required": ["phone_number", "country", "since", "source"],
@@ -339,7 +358,8 @@ fn schemas(max_content_chars: usize) -> Value {
                 "priority": {"type": ["integer", "null"], "minimum": 0, "maximum": 3, "description": "SMPP priority_flag, 3 most urgent; default 0"},
                 "lane": {"type": ["string", "null"], "pattern": LANE_PATTERN, "description": "the lane to send through (GET /api/lanes); absent: the first route that matches the number, else default. An unknown lane is a 422."},
                 "from": {"type": ["string", "null"], "pattern": SENDER_PATTERN, "description": "the sender: E.164 (+ and 4 to 15 digits) or 1 to 11 letters, digits and inner spaces; absent: the lane's, else the provider's"},
-                "category": {"enum": ["transactional", "marketing", null], "description": "transactional goes out in the lane's quiet hours; marketing (or none) waits for them to end"}
+                "category": {"enum": ["transactional", "marketing", null], "description": "transactional goes out in the lane's quiet hours; marketing (or none) waits for them to end"},
+                "status_callback_url": {"type": ["string", "null"], "format": "uri", "pattern": "^https?://[^/?#\\s]+", "maxLength": 2048, "description": "where this message's status webhooks go instead of STATUS_WEBHOOK_URL (needs STATUS_WEBHOOK_SECRET)"}
             }
         },
         "Receipt": {
@@ -382,7 +402,7 @@ fn schemas(max_content_chars: usize) -> Value {
         "Message": {
             "type": "object",
             "required": ["id", "phone_number", "country", "delivery_key", "content", "status", "sent", "attempts", "next_attempt_at", "created_at", "sent_at", "message_id", "last_error", "cached_at",
-                         "idempotency_key", "send_at", "expires_at", "priority", "lane", "from", "category", "provider", "encoding", "segments", "delivery_status", "delivered_at", "delivery_error"],
+                         "idempotency_key", "send_at", "expires_at", "priority", "lane", "from", "category", "status_callback_url", "provider", "encoding", "segments", "delivery_status", "delivered_at", "delivery_error"],
             "properties": {
                 "id": {"type": "integer", "format": "int64"},
                 "phone_number": {"type": "string"},
@@ -397,6 +417,7 @@ fn schemas(max_content_chars: usize) -> Value {
                 "lane": {"type": "string", "description": "the lane it is sent through"},
                 "from": {"type": ["string", "null"], "description": "the sender it names; null: its lane's or provider's"},
                 "category": {"enum": ["transactional", "marketing", null], "description": "null: none named (held in quiet hours like marketing)"},
+                "status_callback_url": {"type": ["string", "null"]},
                 "provider": {"type": ["string", "null"], "description": "the provider that took it (sent), or its current or last send went to"},
                 "encoding": {"enum": ["gsm7", "ucs2", null], "description": "null with the content"},
                 "segments": {"type": ["integer", "null"], "minimum": 1},
@@ -960,6 +981,30 @@ fn paths() -> Value {
                 ]))
             }
         },
+        "/api/webhooks/failed": {"get": {
+            "summary": "Status webhooks given up on after STATUS_WEBHOOK_RETRY_FOR (dead letters), newest first",
+            "operationId": "failedWebhooks",
+            "security": [{"bearer": []}],
+            "parameters": [
+                {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
+                {"name": "cursor", "in": "query", "required": false, "description": "next_cursor of the previous page", "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": i64::MAX}}
+            ],
+            "responses": api_errors(responses(&[
+                ("200", json_response("a page of dead letters", json!({"type": "object", "required": ["events", "next_cursor"], "properties": {"events": {"type": "array", "items": schema_ref("WebhookEvent")}, "next_cursor": {"type": ["integer", "null"]}}}))),
+                ("400", error_response("bad query parameter"))
+            ]))
+        }},
+        "/api/webhooks/{id}/replay": {"post": {
+            "summary": "Post a dead letter again: due now, with the same webhook-id and a fresh retry window",
+            "operationId": "replayWebhook",
+            "security": [{"bearer": []}],
+            "parameters": [id_param],
+            "responses": api_errors(responses(&[
+                ("200", json_response("the event, pending again", schema_ref("WebhookEvent"))),
+                ("404", error_response("no such event")),
+                ("409", error_response("the event is not failed"))
+            ]))
+        }},
         "/api/messages/{id}/retry": {"post": {
             "summary": "Move a failed message back to pending",
             "operationId": "retryMessage",

@@ -48,23 +48,28 @@ impl Store {
     /// Stores the intake rules of this replica's configuration for `dispatcher_enqueue`
     /// (docs/design.md#enqueue-from-sql); the replica that started last wins, as the
     /// replicas of one cluster share their configuration.
+    /// `status_webhooks`: whether this replica posts status webhooks (its
+    /// `STATUS_WEBHOOK_URL` is set), which tells the triggers to write every message's
+    /// events (docs/design.md#status-webhooks).
     pub async fn publish_intake_rules(
         &self,
         message_max_length: usize,
+        status_webhooks: bool,
         replica_id: &str,
     ) -> Result<(), StoreError> {
         let max_length = i32::try_from(message_max_length).unwrap_or(i32::MAX);
         self.client()
             .await?
             .execute(
-                "INSERT INTO dispatcher_intake (id, message_max_length, updated_by)
-                 VALUES (1, $1, $2)
+                "INSERT INTO dispatcher_intake (id, message_max_length, status_webhooks, updated_by)
+                 VALUES (1, $1, $2, $3)
                  ON CONFLICT (id) DO UPDATE
                  SET message_max_length = excluded.message_max_length,
+                     status_webhooks = excluded.status_webhooks,
                      updated_at = now(), updated_by = excluded.updated_by
-                 WHERE dispatcher_intake.message_max_length
-                       IS DISTINCT FROM excluded.message_max_length",
-                &[&max_length, &replica_id],
+                 WHERE (dispatcher_intake.message_max_length, dispatcher_intake.status_webhooks)
+                       IS DISTINCT FROM (excluded.message_max_length, excluded.status_webhooks)",
+                &[&max_length, &status_webhooks, &replica_id],
             )
             .await?;
         Ok(())

@@ -61,7 +61,7 @@ const MESSAGE_COLUMNS: &str = concat!(
     "id, phone_number, content, status, attempts, next_attempt_at, \
      created_at, sent_at, provider_message_id, last_error, \
      idempotency_key, send_at, expires_at, priority, \
-     delivery_status, delivered_at, delivery_error, lane, sender, provider, category, ",
+     delivery_status, delivered_at, delivery_error, lane, sender, provider, category, status_callback_url, ",
     delivery_key!()
 );
 
@@ -106,6 +106,7 @@ impl Message {
             lane: row.get("lane"),
             from: row.get("sender"),
             category: row.get("category"),
+            status_callback_url: row.get("status_callback_url"),
             provider: row.get("provider"),
             encoding: segmentation.as_ref().map(|s| s.encoding),
             segments: segmentation.map(|s| s.segments),
@@ -128,6 +129,7 @@ impl Message {
             && self.lane == new.lane
             && self.from.as_deref() == new.from.as_ref().map(Sender::as_str)
             && self.category.as_deref() == new.category.map(Category::as_str)
+            && self.status_callback_url == new.status_callback_url
     }
 }
 
@@ -157,6 +159,10 @@ impl Store {
             .iter()
             .map(|m| m.category.map(Category::as_str))
             .collect();
+        let callbacks: Vec<Option<&str>> = messages
+            .iter()
+            .map(|m| m.status_callback_url.as_deref())
+            .collect();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         if keys.iter().any(Option::is_some) {
@@ -165,13 +171,14 @@ impl Store {
         }
         let sql = format!(
             "INSERT INTO messages (phone_number, content, idempotency_key, send_at, expires_at,
-                                   priority, lane, sender, category, next_attempt_at, status,
-                                   last_error)
-             SELECT p, c, k, s, e, pr, l, f, cat, greatest(now(), coalesce(s, now())),
+                                   priority, lane, sender, category, status_callback_url,
+                                   next_attempt_at, status, last_error)
+             SELECT p, c, k, s, e, pr, l, f, cat, cb, greatest(now(), coalesce(s, now())),
                     {INTAKE_STATUS}
              FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
-                         $5::timestamptz[], $6::int2[], $7::text[], $8::text[], $9::text[])
-                  WITH ORDINALITY AS t(p, c, k, s, e, pr, l, f, cat, n)
+                         $5::timestamptz[], $6::int2[], $7::text[], $8::text[], $9::text[],
+                         $10::text[])
+                  WITH ORDINALITY AS t(p, c, k, s, e, pr, l, f, cat, cb, n)
              LEFT JOIN opt_outs AS o ON o.phone_number = t.p
              ORDER BY n
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -190,6 +197,7 @@ impl Store {
                     &lanes,
                     &senders,
                     &categories,
+                    &callbacks,
                 ],
             )
             .await?

@@ -113,6 +113,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0019_enqueue_function.sql",
         sql: include_str!("../../sql/0019_enqueue_function.sql"),
     },
+    Migration {
+        version: 20,
+        name: "0020_status_webhooks.sql",
+        sql: include_str!("../../sql/0020_status_webhooks.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

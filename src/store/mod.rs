@@ -12,6 +12,7 @@
 //! | [`control`] | `dispatcher_control` (desired state, overrides, pause) and `dispatcher_replicas` |
 //! | [`receipts`] | delivery receipts |
 //! | [`opt_outs`] | `opt_outs`, the numbers never sent to again |
+//! | [`webhooks`] | `webhook_events`, the status webhooks to post |
 //! | [`retention`] | `messages` as retention sees it: finished rows removed or blanked |
 //! | [`activity`] | `message_sent_seconds`, the activity chart |
 //! | [`migrations`] | `sql/`, applied in order |
@@ -34,6 +35,7 @@ pub mod receipts;
 pub mod retention;
 pub mod rows;
 mod tls;
+pub mod webhooks;
 
 pub use error::StoreError;
 pub use pool::{DEFAULT_LANE, Store};

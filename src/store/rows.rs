@@ -41,6 +41,8 @@ pub struct Message {
     pub from: Option<String>,
     /// `transactional` or `marketing`; `None` when it names none (held like marketing).
     pub category: Option<String>,
+    /// Where this message's status webhooks go; `None`: `STATUS_WEBHOOK_URL`.
+    pub status_callback_url: Option<String>,
     /// The provider that took it, or its current or last send went to
     /// (docs/design.md#failover).
     pub provider: Option<String>,
@@ -65,6 +67,7 @@ pub struct NewMessage {
     pub lane: String,
     pub from: Option<crate::domain::Sender>,
     pub category: Option<crate::domain::Category>,
+    pub status_callback_url: Option<String>,
 }
 
 /// What an insert did, item by item in input order.

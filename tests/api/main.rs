@@ -26,3 +26,4 @@ mod rescue;
 mod retention;
 mod support;
 mod tls;
+mod webhooks;
