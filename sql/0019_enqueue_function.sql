@@ -25,6 +25,12 @@ CREATE FUNCTION dispatcher_enqueue(
     category        text DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql
+-- With the rights of its owner (the role that migrates): a caller needs only EXECUTE,
+-- which its administrator grants (GRANT EXECUTE ON FUNCTION dispatcher_enqueue TO
+-- <role>), not rights on the tables; the search path is the migration's, so a caller
+-- cannot slip its own objects in.
+SECURITY DEFINER
+SET search_path FROM CURRENT
 AS $$
 -- In the statements on messages, a bare name is the column (ON CONFLICT's index
 -- predicate); the parameters are always written dispatcher_enqueue.<name> there.
@@ -118,6 +124,8 @@ BEGIN
     END IF;
     RETURN existing.id;
 END $$;
+
+REVOKE EXECUTE ON FUNCTION dispatcher_enqueue(text, text, text, timestamptz, timestamptz, integer, text, text, text) FROM PUBLIC;
 
 COMMENT ON FUNCTION dispatcher_enqueue(text, text, text, timestamptz, timestamptz, integer, text, text, text) IS
     'Enqueues one SMS in the caller''s transaction and returns its id (the stored one on an idempotent repeat). See docs/operations.md#enqueue-from-sql.';

@@ -28,8 +28,9 @@ const LEASE: Duration = Duration::from_secs(60);
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The wait when nothing was due.
 const IDLE: Duration = Duration::from_millis(250);
-/// Delivered events are forgotten this long after.
+/// Delivered events are forgotten this long after, checked this often.
 const KEEP_DELIVERED: Duration = Duration::from_secs(24 * 3600);
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// The signature header's value for one attempt.
 pub fn sign(key: &[u8], webhook_id: &str, timestamp: i64, body: &str) -> String {
@@ -87,7 +88,14 @@ pub async fn run(
                 () = tokio::time::sleep(Duration::from_secs(1)) => continue,
             }
         }
-        let events = match store.take_due_webhooks(TAKE, LEASE).await {
+        if pruned_at.elapsed() > PRUNE_EVERY {
+            pruned_at = tokio::time::Instant::now();
+            prune(&store).await;
+        }
+        let events = match store
+            .take_due_webhooks(TAKE, LEASE, config.url.is_some())
+            .await
+        {
             Ok(events) => events,
             Err(err) => {
                 tracing::debug!(error = %err, "cannot take webhook events; will retry");
@@ -95,12 +103,6 @@ pub async fn run(
             }
         };
         if events.is_empty() {
-            if pruned_at.elapsed() > Duration::from_secs(60) {
-                pruned_at = tokio::time::Instant::now();
-                if let Err(err) = store.prune_delivered_webhooks(KEEP_DELIVERED).await {
-                    tracing::debug!(error = %err, "cannot prune delivered webhook events");
-                }
-            }
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(IDLE) => continue,
@@ -110,6 +112,20 @@ pub async fn run(
             .iter()
             .map(|event| deliver(&client, &store, &config, &key, &backoff, &metrics, event));
         futures::future::join_all(posts).await;
+    }
+}
+
+/// Forgets every event delivered more than [`KEEP_DELIVERED`] ago, 1,000 per statement.
+async fn prune(store: &Store) {
+    loop {
+        match store.prune_delivered_webhooks(KEEP_DELIVERED).await {
+            Ok(n) if n >= 1000 => continue,
+            Ok(_) => return,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot prune delivered webhook events");
+                return;
+            }
+        }
     }
 }
 

@@ -334,6 +334,24 @@ def main():
             "GET", f"/api/messages/{resumed['id']}")[1]["status"] in ("sent", "failed"), timeout=60)
         check(f"Start on otp's row started otp again: message {resumed['id']} left pending")
 
+        # 3c. A status webhook given up on (written here: the stack posts none): the panel
+        # appears with it, and Replay makes it due again, which takes it off the list.
+        assert not page.shown("webhooks-panel"), "the dead-letter panel shows with none"
+        psql(args.database_url, """
+            INSERT INTO webhook_events (webhook_id, message_id, type, url, payload, status, attempts, last_error)
+            VALUES ('msg_consoletest', 1, 'message.sent', 'http://127.0.0.1:9/hooks',
+                    '{"type": "message.sent", "data": {"id": 1}}', 'failed', 7, 'http://127.0.0.1:9/hooks: HTTP 500')""")
+        page.wait("the dead letter listed", lambda d: page.shown("webhooks-panel")
+                  and "msg_consoletest" in page.text("webhooks"))
+        page.shot_of("webhook-dead-letter", "webhooks-panel")
+        driver.find_element(By.CSS_SELECTOR, "#webhooks tbody button").click()
+        page.confirm_says("Replay message.sent?")
+        page.wait("the replayed event off the list", lambda d: "posted again" in page.text("webhooks-result")
+                  and "msg_consoletest" not in page.text("webhooks"))
+        status, failed = leader.call("GET", "/api/webhooks/failed")
+        assert status == 200 and failed["events"] == [], failed
+        check("a dead-letter status webhook is listed and Replay takes it off the list")
+
         # 4. A bad config value: the server's 422 is shown next to the field.
         size = driver.find_element(By.ID, "config-batch-size")
         size.clear()

@@ -130,15 +130,20 @@ async fn apply(state: &State, reply: &Incoming, source: &str) -> Result<Outcome,
 }
 
 /// The sender's number in E.164; `None` for a short code or an alphanumeric sender.
-/// Digits without a `+` (Vonage's and Infobip's form) are read as international.
-fn sender_number(from: &str) -> Option<PhoneNumber> {
+/// Digits without a `+` (Vonage's and Infobip's form) are read as international. A
+/// number libphonenumber does not know (a new range) is kept as it came, when it is `+`
+/// and 7 to 15 digits: an opt-out is better listed than lost.
+fn sender_number(from: &str) -> Option<String> {
     let from = from.trim();
-    let international = if from.starts_with('+') {
-        from.to_string()
-    } else {
-        format!("+{from}")
-    };
-    PhoneNumber::parse(&international, None).ok()
+    let international = format!("+{}", from.strip_prefix('+').unwrap_or(from));
+    match PhoneNumber::parse(&international, None) {
+        Ok(number) => Some(number.as_str().to_string()),
+        Err(_) => {
+            let digits = &international[1..];
+            ((7..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()))
+                .then_some(international)
+        }
+    }
 }
 
 fn required<'a>(value: Option<&'a str>, name: &str) -> Result<&'a str, ApiError> {

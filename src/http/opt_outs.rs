@@ -110,17 +110,20 @@ async fn list(state: State, query: HashMap<String, String>) -> Result<Response, 
                 ApiError::bad_request(format!("limit must be an integer from 1 to {MAX_LIMIT}"))
             })?,
     };
-    let cursor = query.get("cursor").filter(|c| !c.is_empty());
-    let page = state
-        .store
-        .list_opt_outs(cursor.map(String::as_str), limit)
-        .await?;
+    // A `+` left unencoded in the query string arrives as a space; digits alone are
+    // read as the number they spell.
+    let cursor = query
+        .get("cursor")
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty())
+        .map(|c| format!("+{}", c.trim_start_matches('+')));
+    let page = state.store.list_opt_outs(cursor.as_deref(), limit).await?;
     Ok(json(StatusCode::OK, &page))
 }
 
 async fn get(state: State, phone: String) -> Result<Response, ApiError> {
     let phone = path_phone(&state, &phone)?;
-    match state.store.opt_out_of(&phone).await? {
+    match state.store.opt_out_of(phone.as_str()).await? {
         Some(entry) => Ok(json(StatusCode::OK, &entry)),
         None => Err(ApiError::NotFound(format!(
             "{} is not on the opt-out list",
@@ -159,7 +162,7 @@ async fn put(
             source
         }
     };
-    let (entry, created) = state.store.opt_out(&phone, &source).await?;
+    let (entry, created) = state.store.opt_out(phone.as_str(), &source).await?;
     if created {
         state
             .metrics
@@ -178,7 +181,7 @@ async fn put(
 
 async fn delete(state: State, phone: String) -> Result<Response, ApiError> {
     let phone = path_phone(&state, &phone)?;
-    if state.store.opt_in(&phone).await? {
+    if state.store.opt_in(phone.as_str()).await? {
         state
             .metrics
             .opt_out_changes

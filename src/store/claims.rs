@@ -6,6 +6,7 @@
 //! re-claimed under a newer epoch is never touched by the leader that lost it
 //! (docs/design.md, "Fencing").
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -157,21 +158,25 @@ WHERE id = ANY(coalesce($6::bigint[], ARRAY(
     FOR UPDATE SKIP LOCKED
 )))
 RETURNING id, phone_number, content, attempts, created_at, priority, expires_at, sender,
-    provider, pinned_provider, category, ",
+    provider, pinned_provider, category, now() AS claimed_now, ",
     delivery_key!()
 );
 
 /// Claimed rows (`$1`, of the claim with epoch `$2`) whose number has been put on the
 /// opt-out list since their intake: `blocked`, attempt uncounted, never sent
-/// (docs/design.md#opt-outs). One probe of the list's primary key per claimed row.
+/// (docs/design.md#opt-outs). `$3`: the claimed rows' numbers, so the list is read
+/// through its primary key for those numbers only, whatever its size; the rows through
+/// theirs, as the claim does. A blocked message names no provider: it went to none.
 const BLOCK_OPTED_OUT: &str = "
 UPDATE messages AS m
 SET status = 'blocked', attempts = greatest(m.attempts - 1, 0), next_attempt_at = now(),
-    last_error = 'the recipient opted out (' || o.source || ') on '
-                 || to_char(o.since AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
-FROM opt_outs AS o
-WHERE m.id = ANY($1::bigint[]) AND m.status = 'sending' AND m.claim_epoch = $2
-  AND o.phone_number = m.phone_number
+    provider = m.pinned_provider,
+    last_error = (SELECT 'the recipient opted out (' || o.source || ') on '
+                         || to_char(o.since AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
+                  FROM opt_outs AS o WHERE o.phone_number = m.phone_number)
+WHERE m.id = ANY($1::bigint[]) AND (m.status = 'sending') IS TRUE AND m.claim_epoch = $2
+  AND m.phone_number IN (SELECT o.phone_number FROM opt_outs AS o
+                         WHERE o.phone_number = ANY($3::text[]))
 RETURNING m.id";
 
 /// Claimed rows (`$1`, of the claim with epoch `$3`) inside the lane's quiet hours: back
@@ -182,7 +187,7 @@ const HOLD_QUIET: &str = "
 UPDATE messages
 SET status = 'pending', attempts = greatest(attempts - 1, 0), provider = pinned_provider,
     next_attempt_at = ($2::timestamptz[])[array_position($1::bigint[], id)]
-WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claim_epoch = $3";
+WHERE id = ANY($1::bigint[]) AND (status = 'sending') IS TRUE AND claim_epoch = $3";
 
 /// The rows a lane that counts segments would claim, in claim order, locked: at most
 /// `$1` of them (each costs at least one segment), of which the claim takes the longest
@@ -445,7 +450,7 @@ impl Store {
             )
             .await?;
         }
-        let mut messages: Vec<ClaimedMessage> = tx
+        let rows = tx
             .query(
                 &tx.prepare_cached(CLAIM).await?,
                 &[
@@ -459,7 +464,9 @@ impl Store {
                     &route.provider,
                 ],
             )
-            .await?
+            .await?;
+        let claimed_now: Option<DateTime<Utc>> = rows.first().map(|row| row.get("claimed_now"));
+        let mut messages: Vec<ClaimedMessage> = rows
             .iter()
             .map(|row| {
                 let content: String = row.get("content");
@@ -480,13 +487,14 @@ impl Store {
                 }
             })
             .collect();
-        let claimed: Vec<i64> = messages.iter().map(|m| m.id).collect();
-        let blocked: Vec<i64> = if claimed.is_empty() {
-            Vec::new()
+        let blocked: HashSet<i64> = if messages.is_empty() {
+            HashSet::new()
         } else {
+            let claimed: Vec<i64> = messages.iter().map(|m| m.id).collect();
+            let numbers: Vec<&str> = messages.iter().map(|m| m.phone_number.as_str()).collect();
             tx.query(
                 &tx.prepare_cached(BLOCK_OPTED_OUT).await?,
-                &[&claimed, &epoch.0],
+                &[&claimed, &epoch.0, &numbers],
             )
             .await?
             .iter()
@@ -494,15 +502,19 @@ impl Store {
             .collect()
         };
         messages.retain(|m| !blocked.contains(&m.id));
-        let held = match route.quiet_hours {
-            Some(quiet) => {
-                let now = Utc::now();
+        let held = match (route.quiet_hours, claimed_now) {
+            (Some(quiet), Some(now)) => {
+                // The database's time, the one that decides when a held row is due again.
+                let mut reopening: HashMap<Option<String>, Option<DateTime<Utc>>> = HashMap::new();
                 let (ids, until): (Vec<i64>, Vec<DateTime<Utc>>) = messages
                     .iter()
                     .filter(|m| !m.transactional)
                     .filter_map(|m| {
                         let country = crate::domain::country_of(&m.phone_number);
-                        Some((m.id, quiet.reopens_at(country.as_deref(), now)?))
+                        let at = *reopening.entry(country).or_insert_with_key(|country| {
+                            quiet.reopens_at(country.as_deref(), now)
+                        });
+                        Some((m.id, at?))
                     })
                     .unzip();
                 if !ids.is_empty() {
@@ -511,11 +523,12 @@ impl Store {
                         &[&ids, &until, &epoch.0],
                     )
                     .await?;
-                    messages.retain(|m| !ids.contains(&m.id));
+                    let held: HashSet<i64> = ids.iter().copied().collect();
+                    messages.retain(|m| !held.contains(&m.id));
                 }
                 ids.len() as u64
             }
-            None => 0,
+            _ => 0,
         };
         // RETURNING has no order; the send order is the claim order.
         messages.sort_by_key(|m| (std::cmp::Reverse(m.priority), m.created_at, m.id));

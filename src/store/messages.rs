@@ -66,7 +66,8 @@ const MESSAGE_COLUMNS: &str = concat!(
 );
 
 /// A new message's status and error: `blocked` when its number is on the opt-out list
-/// (joined as `o`), else `pending` (docs/design.md#opt-outs).
+/// (`o`, one probe of its primary key per message, whatever the list's size), else
+/// `pending` (docs/design.md#opt-outs).
 const INTAKE_STATUS: &str = "
     CASE WHEN o.phone_number IS NULL THEN 'pending' ELSE 'blocked' END,
     CASE WHEN o.phone_number IS NOT NULL
@@ -179,7 +180,8 @@ impl Store {
                          $5::timestamptz[], $6::int2[], $7::text[], $8::text[], $9::text[],
                          $10::text[])
                   WITH ORDINALITY AS t(p, c, k, s, e, pr, l, f, cat, cb, n)
-             LEFT JOIN opt_outs AS o ON o.phone_number = t.p
+             LEFT JOIN LATERAL (SELECT phone_number, source, since FROM opt_outs
+                                WHERE phone_number = t.p) AS o ON true
              ORDER BY n
              ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING {MESSAGE_COLUMNS}"

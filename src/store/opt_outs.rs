@@ -12,7 +12,6 @@ use serde::Serialize;
 use tokio_postgres::Row;
 
 use super::{Store, StoreError};
-use crate::domain::PhoneNumber;
 
 /// One listed number.
 #[derive(Debug, Clone, Serialize)]
@@ -61,36 +60,35 @@ SELECT phone_number, since, source FROM opt_outs
 WHERE $1::text IS NULL OR phone_number > $1::text
 ORDER BY phone_number LIMIT $2::int8";
 
+/// Numbers are E.164 (`+` and 7 to 15 digits), as the callers give them: the API's
+/// parsed by libphonenumber, a provider's STOP as it came when libphonenumber does not
+/// know the number (better listed than lost).
 impl Store {
     /// Lists `phone` (no sends to it from now on). Returns the entry and whether this
     /// call made it (false: the number was listed already, and keeps its entry).
-    pub async fn opt_out(
-        &self,
-        phone: &PhoneNumber,
-        source: &str,
-    ) -> Result<(OptOut, bool), StoreError> {
+    pub async fn opt_out(&self, phone: &str, source: &str) -> Result<(OptOut, bool), StoreError> {
         let client = self.client().await?;
         let row = client
             .query_one(
                 &client.prepare_cached(LIST_NUMBER).await?,
-                &[&phone.as_str(), &source],
+                &[&phone, &source],
             )
             .await?;
         Ok((OptOut::from_row(&row), row.get("created")))
     }
 
     /// The entry of `phone`, if it is listed.
-    pub async fn opt_out_of(&self, phone: &PhoneNumber) -> Result<Option<OptOut>, StoreError> {
+    pub async fn opt_out_of(&self, phone: &str) -> Result<Option<OptOut>, StoreError> {
         let client = self.client().await?;
         let row = client
-            .query_opt(&client.prepare_cached(FIND).await?, &[&phone.as_str()])
+            .query_opt(&client.prepare_cached(FIND).await?, &[&phone])
             .await?;
         Ok(row.as_ref().map(OptOut::from_row))
     }
 
     /// Takes `phone` off the list (it opted back in); false when it was not listed.
-    pub async fn opt_in(&self, phone: &PhoneNumber) -> Result<bool, StoreError> {
-        Ok(self.execute_prepared(UNLIST, &[&phone.as_str()]).await? > 0)
+    pub async fn opt_in(&self, phone: &str) -> Result<bool, StoreError> {
+        Ok(self.execute_prepared(UNLIST, &[&phone]).await? > 0)
     }
 
     /// A page of the list after the number `cursor`.

@@ -72,13 +72,14 @@ pub enum Replay {
 const COLUMNS: &str = "id, webhook_id, message_id, type, url, payload::text AS body, status, \
                        attempts, created_at, window_start, next_attempt_at, last_error, delivered_at";
 
-/// Takes up to `$1` due events, oldest due first, for `$2` milliseconds.
+/// Takes up to `$1` due events, oldest due first, for `$2` milliseconds; the events for
+/// `STATUS_WEBHOOK_URL` (no endpoint of their own) only when `$3`, this replica has it.
 const TAKE_DUE: &str = "
 UPDATE webhook_events
 SET next_attempt_at = now() + $2::bigint * interval '1 millisecond', attempts = attempts + 1
 WHERE id = ANY(ARRAY(
     SELECT id FROM webhook_events
-    WHERE status = 'pending' AND next_attempt_at <= now()
+    WHERE status = 'pending' AND next_attempt_at <= now() AND (url IS NOT NULL OR $3)
     ORDER BY next_attempt_at, id
     LIMIT $1
     FOR UPDATE SKIP LOCKED))
@@ -118,17 +119,20 @@ fn millis(duration: Duration) -> i64 {
 
 impl Store {
     /// Takes up to `limit` due events for `lease`; each attempt is counted now.
+    /// `default_url`: this replica has `STATUS_WEBHOOK_URL`, so it takes the events
+    /// that go there too.
     pub async fn take_due_webhooks(
         &self,
         limit: i64,
         lease: Duration,
+        default_url: bool,
     ) -> Result<Vec<WebhookEvent>, StoreError> {
         let client = self.client().await?;
         let sql = format!("{TAKE_DUE}{COLUMNS}");
         let rows = client
             .query(
                 &client.prepare_cached(&sql).await?,
-                &[&limit, &millis(lease)],
+                &[&limit, &millis(lease), &default_url],
             )
             .await?;
         let mut events: Vec<WebhookEvent> = rows.iter().map(WebhookEvent::from_row).collect();
@@ -207,7 +211,7 @@ impl Store {
         })
     }
 
-    /// Forgets up to 1,000 events delivered longer ago than `age`.
+    /// Forgets up to 1,000 events delivered longer ago than `age`; returns how many.
     pub async fn prune_delivered_webhooks(&self, age: Duration) -> Result<u64, StoreError> {
         self.execute_prepared(PRUNE_DELIVERED, &[&millis(age)])
             .await

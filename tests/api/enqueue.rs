@@ -92,6 +92,32 @@ async fn a_message_enqueued_in_a_transaction_exists_and_is_sent_only_once_it_com
     assert!(message.contains(&format!("message {id}")), "{message}");
     let (_, stats) = replica.get("/api/messages/stats").await;
     assert_eq!(stats["by_status"]["sent"], 1, "{stats}");
+
+    // A role needs EXECUTE, granted, and no right on the tables.
+    db.batch_execute("CREATE ROLE shop; CREATE ROLE stranger; SET ROLE stranger")
+        .await
+        .unwrap();
+    let (code, message) = refusal(&db, "SELECT dispatcher_enqueue('+905557770003', 'hi')").await;
+    assert_eq!(code, SqlState::INSUFFICIENT_PRIVILEGE, "{message}");
+    db.batch_execute(
+        "RESET ROLE;
+         GRANT EXECUTE ON FUNCTION dispatcher_enqueue(text, text, text, timestamptz, timestamptz,
+                                                      integer, text, text, text) TO shop;
+         SET ROLE shop",
+    )
+    .await
+    .unwrap();
+    let id: i64 = db
+        .query_one("SELECT dispatcher_enqueue('+905557770003', 'hi')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.batch_execute("RESET ROLE").await.unwrap();
+    wait_for("the granted role's message sent", secs(30), || async {
+        let (_, message) = replica.get(&format!("/api/messages/{id}")).await;
+        (message["status"] == "sent").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

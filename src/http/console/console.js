@@ -858,6 +858,50 @@
     for (const row of $("messages").tBodies[0].rows) row.classList.remove("selected");
   });
 
+  // --------------------------------------------------------------- webhooks ---
+  // Dead letters: the panel shows while there are some, or a replay's result to read.
+  function renderWebhooks(page) {
+    const events = (page && page.events) || [];
+    $("webhooks-panel").hidden = events.length === 0 && !$("webhooks-result").textContent;
+    if (events.length === 0) {
+      $("webhooks").tBodies[0].replaceChildren(
+        el("tr", {}, [el("td", { colSpan: 6, class: "muted", text: "None left." })]));
+      return;
+    }
+    $("webhooks").tBodies[0].replaceChildren(...events.map((event) => {
+      const replay = el("button", {
+        type: "button", class: "ok", text: "Replay",
+        "aria-label": `Replay ${event.type} of message ${event.message_id}`,
+      });
+      replay.addEventListener("click", () => replayWebhook(event));
+      return el("tr", { "data-event": String(event.id) }, [
+        el("td", {}, [el("span", { class: "nowrap", text: event.type }),
+          el("span", { class: "sub muted", text: event.webhook_id })]),
+        el("td", { text: String(event.message_id) }),
+        el("td", { text: String(event.attempts) }),
+        el("td", { text: event.last_error || "–" }),
+        el("td", { class: "nowrap", text: formatTime(event.created_at) }),
+        el("td", {}, [replay]),
+      ]);
+    }));
+  }
+
+  async function replayWebhook(event) {
+    const ok = await confirmAction(
+      `Replay ${event.type}?`,
+      `The event about message ${event.message_id} is posted again now, with the same webhook-id ${event.webhook_id}, and retried for STATUS_WEBHOOK_RETRY_FOR if it is refused again.`,
+      "Replay", "ok");
+    if (!ok) return;
+    try {
+      await api("POST", `webhooks/${event.id}/replay`);
+      $("webhooks-result").textContent = `${event.type} of message ${event.message_id}: posted again.`;
+    } catch (err) {
+      $("webhooks-result").textContent = `Not replayed: ${err.message}`;
+    } finally {
+      refreshSoon(0);
+    }
+  }
+
   // ---------------------------------------------------------------- refresh ---
   let timer = null;
   let refreshing = false;
@@ -875,6 +919,7 @@
         api("GET", "lanes").then(renderLanes),
         api("GET", "messages/stats").then(renderStats),
         api("GET", `messages/activity?minutes=${CHART_MINUTES}`).then(renderActivity),
+        api("GET", "webhooks/failed?limit=20").then(renderWebhooks),
         loadMessages(),
         loadDetail(),
       ]);
