@@ -121,6 +121,11 @@ async fn the_opt_out_list_is_kept_read_paged_and_emptied_through_the_api() {
         .await;
     assert_eq!(numbers(&second), ["+905551234568"]);
     assert_eq!(second["next_cursor"], Value::Null);
+    // The cursor pasted as it came: its `+` unencoded reads as a space in a query.
+    let (_, pasted) = replica
+        .get(&format!("/api/opt-outs?limit=2&cursor={cursor}"))
+        .await;
+    assert_eq!(numbers(&pasted), ["+905551234568"], "{pasted}");
 
     let (status, removed) = send(
         reqwest::Method::DELETE,
