@@ -138,8 +138,13 @@ WHERE status = 'pending' AND expires_at <= now() AND lane = $1";
 /// A row whose earlier attempts an earlier version made (attempts without
 /// `delivery_key_sent`) was sent under its id: the claim drops its key, so it goes on
 /// under its id (see `delivery_key!`).
+///
+/// Each claimed row says whether its number is on the opt-out list (`opted_out`, one
+/// probe of the list's key per row), so the common claim, with no listed number, needs
+/// no second statement ([`BLOCK_OPTED_OUT`] runs only for those that are).
 pub const CLAIM: &str = concat!(
     "
+WITH claimed AS (
 UPDATE messages
 SET status = 'sending', claim_epoch = $2, claimed_by = $3, claimed_at = now(),
     claim_token = $4, claim_lane = $5, attempts = attempts + 1,
@@ -159,7 +164,13 @@ WHERE id = ANY(coalesce($6::bigint[], ARRAY(
 )))
 RETURNING id, phone_number, content, attempts, created_at, priority, expires_at, sender,
     provider, pinned_provider, category, now() AS claimed_now, ",
-    delivery_key!()
+    delivery_key!(),
+    "
+)
+SELECT claimed.*,
+       EXISTS (SELECT 1 FROM opt_outs AS o WHERE o.phone_number = claimed.phone_number)
+           AS opted_out
+FROM claimed"
 );
 
 /// Claimed rows (`$1`, of the claim with epoch `$2`) whose number has been put on the
@@ -466,6 +477,11 @@ impl Store {
             )
             .await?;
         let claimed_now: Option<DateTime<Utc>> = rows.first().map(|row| row.get("claimed_now"));
+        let opted_out: Vec<(i64, String)> = rows
+            .iter()
+            .filter(|row| row.get::<_, bool>("opted_out"))
+            .map(|row| (row.get("id"), row.get("phone_number")))
+            .collect();
         let mut messages: Vec<ClaimedMessage> = rows
             .iter()
             .map(|row| {
@@ -487,11 +503,11 @@ impl Store {
                 }
             })
             .collect();
-        let blocked: HashSet<i64> = if messages.is_empty() {
+        let blocked: HashSet<i64> = if opted_out.is_empty() {
             HashSet::new()
         } else {
-            let claimed: Vec<i64> = messages.iter().map(|m| m.id).collect();
-            let numbers: Vec<&str> = messages.iter().map(|m| m.phone_number.as_str()).collect();
+            let claimed: Vec<i64> = opted_out.iter().map(|(id, _)| *id).collect();
+            let numbers: Vec<&str> = opted_out.iter().map(|(_, n)| n.as_str()).collect();
             tx.query(
                 &tx.prepare_cached(BLOCK_OPTED_OUT).await?,
                 &[&claimed, &epoch.0, &numbers],

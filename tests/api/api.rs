@@ -531,13 +531,30 @@ async fn the_openapi_document_matches_the_routes() {
     let env = TestEnv::start().await;
     let replica = env.replica("r1", &ReplicaSettings::fast()).await;
     let ids = env.create_messages(&replica, &["x"]).await;
+    // A dead-letter webhook, for the replay route to find.
+    let event: i64 = env
+        .db()
+        .await
+        .query_one(
+            "INSERT INTO webhook_events (webhook_id, message_id, type, payload, status)
+             VALUES ('msg_route', $1, 'message.sent', '{}', 'failed') RETURNING id",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap()
+        .get(0);
     let (_, doc) = replica.get("/openapi.json").await;
     let paths = doc["paths"].as_object().unwrap();
     assert!(paths.len() >= 14, "{} paths documented", paths.len());
     for (path, operations) in paths {
         for method in operations.as_object().unwrap().keys() {
+            let id = if path.starts_with("/api/webhooks/") {
+                event
+            } else {
+                ids[0]
+            };
             let concrete = path
-                .replace("{id}", &ids[0].to_string())
+                .replace("{id}", &id.to_string())
                 .replace("{name}", "default");
             let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let body = if method == reqwest::Method::PUT {

@@ -1269,8 +1269,11 @@ async fn a_claim_updates_its_rows_by_primary_key_on_a_small_table() {
             .map(|row| row.get(0))
             .collect();
         let plan = plan.join("\n");
+        // The opt-out list may be read whole while it is tiny (here: empty); `messages`
+        // never.
         assert!(
-            plan.contains("Index Scan using messages_pkey") && !plan.contains("Seq Scan"),
+            plan.contains("Index Scan using messages_pkey")
+                && !plan.contains("Seq Scan on messages"),
             "{mode}: the claim must update its rows by primary key:\n{plan}"
         );
     }
