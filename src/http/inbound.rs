@@ -15,11 +15,11 @@
 //! as international.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
-use super::providers::{Callback, authenticate, field, vonage_pairs};
+use super::providers::{Callback, authenticate, field, infobip_results, vonage_pairs};
 use super::{ApiError, State, body, json};
 use crate::config::ProviderKind;
 use crate::domain::{Consent, PhoneNumber};
@@ -169,12 +169,7 @@ fn vonage_replies(pairs: &[(String, String)]) -> Result<Vec<Incoming>, ApiError>
 /// Infobip's received-messages push: `results[]` with `from` and `text` (or
 /// `cleanText`, the text without its keyword, when `text` is absent).
 fn infobip_replies(request: &Callback) -> Result<Vec<Incoming>, ApiError> {
-    let value: Value = serde_json::from_slice(&request.body)
-        .map_err(|err| ApiError::validation("body", format!("not JSON: {err}")))?;
-    let results = value["results"]
-        .as_array()
-        .ok_or_else(|| ApiError::validation("results", "results must be an array"))?;
-    results
+    infobip_results(request)?
         .iter()
         .map(|result| {
             Ok(Incoming {

@@ -11,6 +11,7 @@ use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use super::reply::{query_id_cursor, query_limit};
 use super::{ApiError, State, body, json, respond, with_state};
 use crate::domain::{
     IdempotencyKey, MessageContent, MessageStatus, PhoneNumber, Priority, Region, parse_time,
@@ -140,22 +141,8 @@ struct PageParams {
 }
 
 fn page_params(query: &HashMap<String, String>) -> Result<PageParams, ApiError> {
-    let limit = match query.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(text) => text
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("limit must be an integer from 1 to {MAX_LIMIT}"))
-            })?,
-    };
-    let cursor = match query.get("cursor") {
-        None => None,
-        Some(text) => Some(text.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            ApiError::bad_request("cursor must be a positive integer (a next_cursor value)")
-        })?),
-    };
+    let limit = query_limit(query, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let cursor = query_id_cursor(query)?;
     let exact_total = match query.get("total").map(String::as_str) {
         None | Some("bounded") => false,
         Some("exact") => true,

@@ -15,6 +15,7 @@ use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use super::reply::query_limit;
 use super::{ApiError, State, body, json, respond, with_state};
 use crate::domain::PhoneNumber;
 
@@ -100,16 +101,7 @@ fn percent_decode(text: &str) -> Option<String> {
 }
 
 async fn list(state: State, query: HashMap<String, String>) -> Result<Response, ApiError> {
-    let limit = match query.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(text) => text
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("limit must be an integer from 1 to {MAX_LIMIT}"))
-            })?,
-    };
+    let limit = query_limit(&query, DEFAULT_LIMIT, MAX_LIMIT)?;
     // A `+` left unencoded in the query string arrives as a space; digits alone are
     // read as the number they spell.
     let cursor = query

@@ -331,15 +331,20 @@ pub(super) fn vonage_pairs(request: &Callback) -> Result<Vec<(String, String)>, 
     })
 }
 
+/// The `results` array of an Infobip callback (its receipts and its received messages).
+pub(super) fn infobip_results(request: &Callback) -> Result<Vec<Value>, ApiError> {
+    let mut value: Value = serde_json::from_slice(&request.body)
+        .map_err(|err| ApiError::validation("body", format!("not JSON: {err}")))?;
+    match value["results"].take() {
+        Value::Array(results) => Ok(results),
+        _ => Err(ApiError::validation("results", "results must be an array")),
+    }
+}
+
 /// Infobip's delivery report: `results[]` with `messageId`, `status.groupName` and
 /// `error.name`.
 fn infobip_receipts(request: &Callback) -> Result<Vec<Parsed>, ApiError> {
-    let value: Value = serde_json::from_slice(&request.body)
-        .map_err(|err| ApiError::validation("body", format!("not JSON: {err}")))?;
-    let results = value["results"]
-        .as_array()
-        .ok_or_else(|| ApiError::validation("results", "results must be an array"))?;
-    results
+    infobip_results(request)?
         .iter()
         .map(|result| {
             let id = result["messageId"]

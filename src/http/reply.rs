@@ -9,6 +9,39 @@ use warp::reply::{Reply, Response};
 
 use super::ApiError;
 
+/// `limit` from a query string: `default` when absent, else an integer from 1 to `max`
+/// (a 400 naming the bounds otherwise).
+pub(super) fn query_limit(
+    query: &std::collections::HashMap<String, String>,
+    default: i64,
+    max: i64,
+) -> Result<i64, ApiError> {
+    match query.get("limit") {
+        None => Ok(default),
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit must be an integer from 1 to {max}"))
+            }),
+    }
+}
+
+/// An id `cursor` from a query string (a listing's `next_cursor`), if given.
+pub(super) fn query_id_cursor(
+    query: &std::collections::HashMap<String, String>,
+) -> Result<Option<i64>, ApiError> {
+    query
+        .get("cursor")
+        .map(|text| {
+            text.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ApiError::bad_request("cursor must be a positive integer (a next_cursor value)")
+            })
+        })
+        .transpose()
+}
+
 /// A JSON response with a status.
 pub(super) fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     warp::reply::with_status(warp::reply::json(body), status).into_response()

@@ -9,6 +9,7 @@ use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use super::reply::{query_id_cursor, query_limit};
 use super::{ApiError, State, json, respond, with_state};
 use crate::store::webhooks::Replay;
 
@@ -31,22 +32,8 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
 }
 
 async fn failed(state: State, query: HashMap<String, String>) -> Result<Response, ApiError> {
-    let limit = match query.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(text) => text
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("limit must be an integer from 1 to {MAX_LIMIT}"))
-            })?,
-    };
-    let cursor = match query.get("cursor") {
-        None => None,
-        Some(text) => Some(text.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            ApiError::bad_request("cursor must be a positive integer (a next_cursor value)")
-        })?),
-    };
+    let limit = query_limit(&query, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let cursor = query_id_cursor(&query)?;
     let (events, next_cursor) = state.store.failed_webhooks(cursor, limit).await?;
     Ok(json(
         StatusCode::OK,
