@@ -2,7 +2,7 @@
 //! message that is not transactional (docs/design.md#quiet-hours).
 //!
 //! The recipient's local time comes from the number's country: the time zones the IANA
-//! time zone database lists for it (`data/tz/zone1970.tab`, public domain, copied
+//! time zone database lists for it (`src/tz/zone1970.tab`, public domain, copied
 //! from tzdata), each read with `chrono-tz`. A country with several zones is quiet
 //! while any of them is, so no recipient anywhere in it gets a message inside the
 //! window. A number whose country is unknown, or a country the table does not list, is
@@ -16,7 +16,7 @@ use chrono::{DateTime, Duration, NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
 
 /// The IANA table of zones per country.
-const ZONE_TABLE: &str = include_str!("../data/tz/zone1970.tab");
+const ZONE_TABLE: &str = include_str!("tz/zone1970.tab");
 
 /// A daily window `start-end` in local time; `end` before `start` wraps midnight
 /// (`21:00-08:00`). Quiet from `start` (inclusive) to `end` (exclusive).
