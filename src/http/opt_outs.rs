@@ -109,6 +109,13 @@ async fn list(state: State, query: HashMap<String, String>) -> Result<Response, 
         .map(|c| c.trim())
         .filter(|c| !c.is_empty())
         .map(|c| format!("+{}", c.trim_start_matches('+')));
+    if let Some(cursor) = &cursor {
+        if cursor.len() > 21 || !cursor[1..].bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ApiError::bad_request(
+                "cursor must be a next_cursor value: + and digits",
+            ));
+        }
+    }
     let page = state.store.list_opt_outs(cursor.as_deref(), limit).await?;
     Ok(json(StatusCode::OK, &page))
 }

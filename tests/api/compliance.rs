@@ -126,6 +126,9 @@ async fn the_opt_out_list_is_kept_read_paged_and_emptied_through_the_api() {
         .get(&format!("/api/opt-outs?limit=2&cursor={cursor}"))
         .await;
     assert_eq!(numbers(&pasted), ["+905551234568"], "{pasted}");
+    // Anything else is refused, not passed to PostgreSQL (the fuzzer sent a NUL byte).
+    let (status, refused) = replica.get("/api/opt-outs?cursor=%E0%A6%99%00x").await;
+    assert_eq!(status, 400, "{refused}");
 
     let (status, removed) = send(
         reqwest::Method::DELETE,
