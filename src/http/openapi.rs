@@ -936,7 +936,7 @@ fn paths() -> Value {
             "security": [{"bearer": []}],
             "parameters": [
                 {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
-                {"name": "cursor", "in": "query", "required": false, "description": "next_cursor of the previous page", "schema": {"type": "string", "pattern": "^[+ ]?[0-9]{1,20}$"}}
+                {"name": "cursor", "in": "query", "required": false, "description": "next_cursor of the previous page", "schema": {"type": "string", "pattern": "^([+ ]?[0-9]{1,20})?$", "description": "empty: the first page"}}
             ],
             "responses": api_errors(responses(&[
                 ("200", json_response("a page of the list", json!({"type": "object", "required": ["opt_outs", "next_cursor"], "properties": {"opt_outs": {"type": "array", "items": schema_ref("OptOut")}, "next_cursor": {"type": ["string", "null"]}}}))),
