@@ -352,7 +352,8 @@ fn fit_segments(candidates: impl Iterator<Item = (i64, u32)>, budget: u32) -> (V
     (chosen, too_large)
 }
 
-fn millis(duration: Duration) -> i64 {
+/// A duration as whole milliseconds for a `bigint` parameter, saturating.
+pub(super) fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 

@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_postgres::Row;
 
+use super::claims::millis;
 use super::{Store, StoreError};
 
 /// One event as a worker or the API sees it.
@@ -112,10 +113,6 @@ DELETE FROM webhook_events WHERE id = ANY(ARRAY(
     SELECT id FROM webhook_events
     WHERE status = 'delivered' AND delivered_at < now() - $1::bigint * interval '1 millisecond'
     LIMIT 1000))";
-
-fn millis(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
-}
 
 impl Store {
     /// Takes up to `limit` due events for `lease`; each attempt is counted now.
