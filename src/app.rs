@@ -365,10 +365,12 @@ fn dispatch_settings(config: &Config, lane: &LaneSpec) -> DispatchSettings {
                 name: provider.name.clone(),
                 breaker: provider.breaker,
                 from: provider.from.as_ref().map(|from| from.as_str().to_string()),
+                prices: provider.prices.clone(),
             })
             .collect(),
         from: lane.from.as_ref().map(|from| from.as_str().to_string()),
         quiet_hours: lane.quiet_hours,
+        daily_spend_cap: lane.daily_spend_cap,
     }
 }
 

@@ -27,6 +27,7 @@ pub mod quiet_hours;
 pub mod redis;
 pub mod retention;
 pub mod retry;
+pub mod spend;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -4,8 +4,8 @@
 //! so `rate()` and absence alerts work before the first event.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::domain::{DeliveryStatus, MessageStatus};
@@ -59,6 +59,15 @@ pub struct Metrics {
     pub dependency_up: IntGaugeVec,
     /// 1 while this replica's dispatch is paused for the reason (`provider_auth`).
     pub dispatch_paused: IntGaugeVec,
+    /// 1 while the lane is paused for the reason, read from PostgreSQL at scrape time.
+    pub lane_paused: IntGaugeVec,
+    /// What the sends this replica made cost, per lane and provider
+    /// (docs/design.md#spend-caps).
+    pub spend: CounterVec,
+    /// The lane's spend this UTC day and its cap in force, read from PostgreSQL at
+    /// scrape time; the cap's series exists only for a lane with one.
+    pub lane_spend_today: GaugeVec,
+    pub lane_spend_cap: GaugeVec,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
     /// Finished rows retention removed or blanked, by action (docs/design.md#retention).
@@ -74,7 +83,9 @@ pub const RETENTION_CONTENT_REMOVED: &str = "content_removed";
 
 /// Why dispatch is paused while the cluster runs.
 pub const PAUSED_PROVIDER_AUTH: &str = "provider_auth";
-pub const PAUSE_REASONS: [&str; 1] = [PAUSED_PROVIDER_AUTH];
+/// The lane reached its daily spend cap (docs/design.md#spend-caps).
+pub const PAUSED_SPEND_CAP: &str = "spend_cap";
+pub const PAUSE_REASONS: [&str; 2] = [PAUSED_PROVIDER_AUTH, PAUSED_SPEND_CAP];
 
 /// Why a message ended `failed`.
 pub const FAILED_REJECTED: &str = "rejected";
@@ -125,6 +136,17 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn float_vec<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: Result<M, prometheus::Error>,
+) -> M {
+    let metric = metric.expect("valid metric");
     registry
         .register(Box::new(metric.clone()))
         .expect("unique metric");
@@ -367,6 +389,46 @@ impl Metrics {
                  (provider_auth: the provider refuses our credentials).",
                 &["reason"],
             ),
+            lane_paused: gauge_vec(
+                &r,
+                "dispatcher_lane_paused",
+                "1 while the lane is paused for the reason though it runs (provider_auth: \
+                 the provider refuses our credentials; spend_cap: the lane reached its daily \
+                 spend cap). Read from PostgreSQL by every replica.",
+                &["lane", "reason"],
+            ),
+            spend: float_vec(
+                &r,
+                CounterVec::new(
+                    Opts::new(
+                        "dispatcher_spend_total",
+                        "What the sends this replica made cost (segments times the provider's \
+                         price_per_segment), in the prices' currency.",
+                    ),
+                    &["lane", "provider"],
+                ),
+            ),
+            lane_spend_today: float_vec(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "dispatcher_lane_spend_today",
+                        "The lane's spend this UTC day over every replica, in the prices' currency.",
+                    ),
+                    &["lane"],
+                ),
+            ),
+            lane_spend_cap: float_vec(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "dispatcher_lane_daily_spend_cap",
+                        "The lane's daily spend cap in force (configured or set at run time); \
+                         absent for a lane without one.",
+                    ),
+                    &["lane"],
+                ),
+            ),
             http_requests: counter_vec(
                 &r,
                 "dispatcher_http_requests_total",
@@ -434,6 +496,7 @@ impl Metrics {
     pub fn register_providers<'a>(&self, lane: &str, providers: impl IntoIterator<Item = &'a str>) {
         for provider in providers {
             self.provider_breaker.with_label_values(&[lane, provider]);
+            self.spend.with_label_values(&[lane, provider]);
             for outcome in PROVIDER_OUTCOMES {
                 self.provider_sends
                     .with_label_values(&[lane, provider, outcome]);
@@ -445,6 +508,10 @@ impl Metrics {
         for lane in lanes {
             self.messages_sent.with_label_values(&[lane]);
             self.is_leader.with_label_values(&[lane]);
+            self.lane_spend_today.with_label_values(&[lane]);
+            for reason in PAUSE_REASONS {
+                self.lane_paused.with_label_values(&[lane, reason]);
+            }
             self.leader_epoch.with_label_values(&[lane]);
             for outcome in [
                 BATCH_COMPLETE,

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::quiet_hours::QuietHours;
+use crate::spend::{Micros, Prices};
 
 use super::secrets::read_secret_file;
 use super::values::{is_header_name, is_http_url};
@@ -78,6 +79,9 @@ pub struct ProviderSpec {
     /// `StatusCallback` is built on it and its signatures are checked against it.
     pub public_url: Option<String>,
     pub breaker: BreakerSettings,
+    /// What one segment costs, per country or by default (docs/design.md#spend-caps);
+    /// `None`: sends through this provider cost nothing that is counted.
+    pub prices: Option<Prices>,
 }
 
 /// When a provider's circuit breaker opens and how long it stays open
@@ -172,6 +176,9 @@ pub struct LaneSpec {
     /// transactional messages (docs/design.md#quiet-hours); `QUIET_HOURS` when the
     /// lane sets none, `"off"` for none.
     pub quiet_hours: Option<QuietHours>,
+    /// The most the lane may spend in a UTC day; reaching it pauses the lane until
+    /// UTC midnight or a higher cap (docs/design.md#spend-caps).
+    pub daily_spend_cap: Option<Micros>,
 }
 
 /// What a lane's `batch_size` counts: whole messages, or the SMS segments a provider
@@ -254,6 +261,7 @@ impl DispatchPlan {
                 from: None,
                 public_url: None,
                 breaker: BreakerSettings::default(),
+                prices: None,
             }],
             lanes: vec![LaneSpec {
                 name: DEFAULT_LANE.into(),
@@ -265,6 +273,7 @@ impl DispatchPlan {
                 send_concurrency: dispatch.send_concurrency,
                 countries: Vec::new(),
                 quiet_hours: dispatch.quiet_hours,
+                daily_spend_cap: None,
             }],
             routes: Vec::new(),
             source: None,
@@ -333,6 +342,8 @@ struct ProviderTable {
     ca_cert: Option<Spanned<String>>,
     #[serde(default)]
     insecure_skip_verify: bool,
+    /// A number, or a table of countries and `default`.
+    price_per_segment: Option<Spanned<toml::Value>>,
 }
 
 /// `[[lane]]`. Numbers are read signed so that `0` and `-1` get our message, not serde's.
@@ -349,6 +360,7 @@ struct LaneTable {
     #[serde(default)]
     countries: Vec<Spanned<String>>,
     quiet_hours: Option<Spanned<String>>,
+    daily_spend_cap: Option<Spanned<f64>>,
 }
 
 /// `[[route]]`.
@@ -584,7 +596,12 @@ fn provider(
             return Err(entry.error(span.clone(), "ca_cert", problem));
         }
     }
+    let prices = table
+        .price_per_segment
+        .map(|value| prices(entry, value))
+        .transpose()?;
     Ok(ProviderSpec {
+        prices,
         name,
         kind,
         account_sid,
@@ -791,8 +808,18 @@ fn lane(
     let providers_span = table.providers.span();
     let names = lane_providers(entry, table.providers, providers)?;
     if from.is_none() {
-        needs_no_sender(entry, providers_span, &names, providers)?;
+        needs_no_sender(entry, providers_span.clone(), &names, providers)?;
     }
+    let countries = countries(entry, table.countries)?;
+    let daily_spend_cap = match &table.daily_spend_cap {
+        None => None,
+        Some(cap) => {
+            let amount = Micros::from_units(*cap.get_ref())
+                .map_err(|problem| entry.error(cap.span(), "daily_spend_cap", problem))?;
+            priced_everywhere(entry, providers_span, &names, providers, &countries)?;
+            Some(amount)
+        }
+    };
     Ok(LaneSpec {
         name,
         batch_size,
@@ -801,7 +828,8 @@ fn lane(
         from,
         providers: names,
         send_concurrency,
-        countries: countries(entry, table.countries)?,
+        countries,
+        daily_spend_cap,
         quiet_hours: match &table.quiet_hours {
             None => default_quiet,
             Some(text) if text.get_ref().trim() == "off" => None,
@@ -947,6 +975,75 @@ fn route(
         countries,
         prefixes,
     })
+}
+
+/// `price_per_segment = 0.0079`, or `{ default = 0.0079, GB = 0.035 }`.
+fn prices(entry: &Entry, value: Spanned<toml::Value>) -> Result<Prices, ConfigError> {
+    const KEY: &str = "price_per_segment";
+    let span = value.span();
+    let amount = |value: &toml::Value, what: &str| -> Result<Micros, ConfigError> {
+        let units = match value {
+            toml::Value::Float(f) => *f,
+            toml::Value::Integer(i) => *i as f64,
+            other => {
+                let problem = format!("{what}: {other} is not a number");
+                return Err(entry.error(span.clone(), KEY, problem));
+            }
+        };
+        Micros::from_units(units)
+            .map_err(|problem| entry.error(span.clone(), KEY, format!("{what}: {problem}")))
+    };
+    match value.into_inner() {
+        toml::Value::Table(table) => {
+            let mut prices = Prices::default();
+            for (key, value) in &table {
+                if key == "default" {
+                    prices.default = Some(amount(value, "default")?);
+                } else {
+                    let Some(code) = country_code(key) else {
+                        let problem = format!(
+                            "{key:?} is neither \"default\" nor an ISO 3166 alpha-2 code such as GB"
+                        );
+                        return Err(entry.error(span, KEY, problem));
+                    };
+                    prices.by_country.insert(code, amount(value, key)?);
+                }
+            }
+            Ok(prices)
+        }
+        value => Ok(Prices {
+            default: Some(amount(&value, "the price")?),
+            by_country: Default::default(),
+        }),
+    }
+}
+
+/// A lane with a spend cap must know what each send costs: every provider it names
+/// needs a price for every country the lane may send to (a `default`, or each of the
+/// lane's `countries`). Without, a send to an unpriced country would cost nothing and
+/// the cap would not hold.
+fn priced_everywhere(
+    entry: &Entry,
+    span: Range<usize>,
+    names: &[String],
+    providers: &[ProviderSpec],
+    countries: &[String],
+) -> Result<(), ConfigError> {
+    for provider in providers.iter().filter(|p| names.contains(&p.name)) {
+        if !provider
+            .prices
+            .as_ref()
+            .is_some_and(|p| p.covers(countries))
+        {
+            let problem = format!(
+                "daily_spend_cap needs a price for every country the lane sends to: give provider {:?} \
+                 a price_per_segment with a default (or one for each of the lane's countries)",
+                provider.name
+            );
+            return Err(entry.error(span, "providers", problem));
+        }
+    }
+    Ok(())
 }
 
 /// A `countries` list: each an ISO 3166 alpha-2 code, kept upper-case.
@@ -1145,6 +1242,7 @@ prefixes = ["+9055"]
                 send_concurrency: 1,
                 countries: Vec::new(),
                 quiet_hours: None,
+                daily_spend_cap: None,
             }
         );
         let otp = plan.lane("otp").unwrap();
@@ -1184,6 +1282,7 @@ prefixes = ["+9055"]
                 send_concurrency: 4,
                 countries: Vec::new(),
                 quiet_hours: None,
+                daily_spend_cap: None,
             }]
         );
         assert_eq!(plan.providers.len(), 1);
@@ -1332,6 +1431,77 @@ prefixes = ["+9055"]
             &route("lane = \"default\"\n"),
             11,
             "route 1: needs countries, prefixes or both",
+        );
+    }
+
+    #[test]
+    fn prices_and_spend_caps_are_read_and_checked() {
+        let file = |price: &str, lane: &str| {
+            format!(
+                "[[provider]]\nname = \"main\"\nkind = \"http-json\"\nurl = \"https://x\"\n\
+                 token_env = \"SMS_API_TOKEN\"\n{price}\n\
+                 [[lane]]\nname = \"default\"\nbatch_size = 5\ninterval = \"1s\"\n\
+                 providers = [\"main\"]\n{lane}"
+            )
+        };
+        let priced = plan(&file(
+            "price_per_segment = { default = 0.0079, gb = 0.035, DE = 1 }",
+            "daily_spend_cap = 50",
+        ))
+        .unwrap();
+        let prices = priced.providers[0].prices.as_ref().unwrap();
+        assert_eq!(prices.default, Some(Micros(7_900)));
+        assert_eq!(prices.by_country["GB"], Micros(35_000));
+        assert_eq!(prices.by_country["DE"], Micros(1_000_000));
+        assert_eq!(priced.lanes[0].daily_spend_cap, Some(Micros(50_000_000)));
+        let flat = plan(&file("price_per_segment = 0.01", "")).unwrap();
+        assert_eq!(
+            flat.providers[0].prices.as_ref().unwrap().default,
+            Some(Micros(10_000))
+        );
+        assert_eq!(flat.lanes[0].daily_spend_cap, None);
+        // Listed countries only: enough for a lane limited to them.
+        plan(&file(
+            "price_per_segment = { GB = 0.035 }",
+            "countries = [\"GB\"]\ndaily_spend_cap = 5",
+        ))
+        .unwrap();
+
+        refused_at(
+            &file("price_per_segment = { XX = 0.01 }", ""),
+            6,
+            "price_per_segment: \"XX\" is neither \"default\" nor an ISO 3166 alpha-2 code",
+        );
+        refused_at(
+            &file("price_per_segment = -0.01", ""),
+            6,
+            "price_per_segment: the price: -0.01 is not an amount",
+        );
+        refused_at(
+            &file("price_per_segment = { default = \"cheap\" }", ""),
+            6,
+            "price_per_segment: default: \"cheap\" is not a number",
+        );
+        refused_at(
+            &file("price_per_segment = 0.0000001", ""),
+            6,
+            "more than six decimal places",
+        );
+        refused_at(
+            &file("", "daily_spend_cap = -5"),
+            12,
+            "daily_spend_cap: -5 is not an amount",
+        );
+        refused_at(
+            &file("", "daily_spend_cap = 5"),
+            11,
+            "providers: daily_spend_cap needs a price for every country the lane sends to: \
+             give provider \"main\" a price_per_segment with a default",
+        );
+        refused_at(
+            &file("price_per_segment = { GB = 0.035 }", "daily_spend_cap = 5"),
+            11,
+            "give provider \"main\" a price_per_segment with a default",
         );
     }
 

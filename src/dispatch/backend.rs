@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 
 use crate::cache::DeliveryCache;
 use crate::domain::Epoch;
+use crate::spend::Micros;
 use crate::store::{
     ClaimResult, ClaimScope, ClaimedMessage, KnownDelivery, Recorded, RescueCandidate,
     RescuePolicy, Rescued, Schedule, SentResult, Store, StoreError,
@@ -34,6 +35,7 @@ pub trait ResultStore: Clone + 'static {
         epoch: Epoch,
         sent_at: DateTime<Utc>,
         provider_message_id: Option<&str>,
+        price: Option<Micros>,
         again: bool,
     ) -> Result<Recorded, StoreError>;
 }
@@ -147,10 +149,11 @@ impl ResultStore for Live {
         epoch: Epoch,
         sent_at: DateTime<Utc>,
         provider_message_id: Option<&str>,
+        price: Option<Micros>,
         again: bool,
     ) -> Result<Recorded, StoreError> {
         self.store
-            .mark_sent(id, epoch, sent_at, provider_message_id, again)
+            .mark_sent(id, epoch, sent_at, provider_message_id, price, again)
             .await
     }
 }
@@ -170,9 +173,10 @@ impl ResultStore for Store {
         epoch: Epoch,
         sent_at: DateTime<Utc>,
         provider_message_id: Option<&str>,
+        price: Option<Micros>,
         again: bool,
     ) -> Result<Recorded, StoreError> {
-        Store::mark_sent(self, id, epoch, sent_at, provider_message_id, again).await
+        Store::mark_sent(self, id, epoch, sent_at, provider_message_id, price, again).await
     }
 }
 

@@ -324,9 +324,10 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 self.backend
                     .remember_delivery(&message, provider_message_id.clone(), sent_at);
                 let without_id = provider_message_id.is_none();
+                let price = self.price_of(&message, &provider);
                 let outcome = self
                     .recorder
-                    .sent(message.id, term.epoch, sent_at, provider_message_id)
+                    .sent(message.id, term.epoch, sent_at, provider_message_id, price)
                     .await;
                 Delivered::Recording {
                     id: message.id,
@@ -385,6 +386,25 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             .with_label_values(&[&self.settings.lane, &provider, outcome_label(&outcome)])
             .inc();
         (provider, outcome, probe)
+    }
+
+    /// What the accepted send of `message` cost: its segments times the price of the
+    /// provider that took it (the one it fell through to, if it did; else `tried`).
+    /// Counted in `dispatcher_spend_total` here, as the provider bills it, whether or
+    /// not the result is recorded.
+    fn price_of(&self, message: &ClaimedMessage, tried: &str) -> Option<crate::spend::Micros> {
+        let took = message.provider.as_deref().unwrap_or(tried);
+        let route = self.settings.providers.iter().find(|r| r.name == took)?;
+        let segments = crate::encoding::segment(&message.content).segments;
+        let price = route
+            .prices
+            .as_ref()?
+            .message(&message.phone_number, segments)?;
+        self.metrics
+            .spend
+            .with_label_values(&[&self.settings.lane, took])
+            .inc_by(price.units());
+        Some(price)
     }
 
     /// After a refused probe to `failed`: the message's row names the next usable

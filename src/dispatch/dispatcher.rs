@@ -20,7 +20,7 @@ use super::routing::{ProviderState, RouteSettings, Routing};
 use super::{Backend, Live, Pacer, Recorder};
 use crate::domain::Epoch;
 use crate::leadership::{FenceTiming, Leadership, Term};
-use crate::metrics::{FAILED_MAX_ATTEMPTS, Metrics};
+use crate::metrics::{FAILED_MAX_ATTEMPTS, Metrics, PAUSED_SPEND_CAP};
 use crate::provider::{Provider, ProviderClient};
 use crate::retry::RetryPolicy;
 use crate::store::StoreError;
@@ -54,6 +54,9 @@ pub struct DispatchSettings {
     pub from: Option<String>,
     /// The lane's quiet hours (docs/design.md#quiet-hours).
     pub quiet_hours: Option<crate::quiet_hours::QuietHours>,
+    /// The lane's configured daily spend cap (an operator's override is read from
+    /// PostgreSQL with every claim; docs/design.md#spend-caps).
+    pub daily_spend_cap: Option<crate::spend::Micros>,
 }
 
 /// This leader's view of a pause of dispatch (docs/design.md, "Provider
@@ -64,6 +67,8 @@ pub struct DispatchSettings {
 pub struct PauseState {
     pub(super) paused: Cell<bool>,
     pub(super) next_probe: Cell<Option<Instant>>,
+    /// Paused for the lane's daily spend cap, as the last claim said.
+    pub(super) spend_capped: Cell<bool>,
 }
 
 impl PauseState {
@@ -280,7 +285,28 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 self.metrics
                     .scheduler_running
                     .set(i64::from(!matches!(result.claim, Claim::Stopped)));
+                if self.pause.spend_capped.get() && !matches!(result.claim, Claim::Paused(_)) {
+                    self.pause.spend_capped.set(false);
+                    tracing::info!(
+                        "the lane's spend is under its daily cap again (a new UTC day or a \
+                         higher cap); dispatch resumes"
+                    );
+                }
                 match result.claim {
+                    // Not a probe's wait: nothing is sent until the day ends or the cap
+                    // rises (a change through the API wakes this loop at once).
+                    Claim::Paused(reason) if reason == PAUSED_SPEND_CAP => {
+                        if !self.pause.spend_capped.replace(true) {
+                            tracing::warn!(
+                                "the lane reached its daily spend cap; dispatch paused until \
+                                 UTC midnight or a higher cap (PUT /api/lanes/{{lane}}/config \
+                                 {{\"daily_spend_cap\": …}})"
+                            );
+                        }
+                        // Stops the previous batch's sends that have not started.
+                        self.pause.paused.set(true);
+                        settings.poll
+                    }
                     Claim::Paused(_) => {
                         self.pause.paused.set(true);
                         let until_probe =
@@ -426,6 +452,13 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
             usable: choice.usable.clone(),
             probe_only: choice.probe_only,
             quiet_hours: self.settings.quiet_hours,
+            daily_spend_cap: self.settings.daily_spend_cap,
+            highest_price: self
+                .settings
+                .providers
+                .iter()
+                .filter_map(|p| p.prices.as_ref()?.highest())
+                .max(),
         };
         let claim = self
             .backend

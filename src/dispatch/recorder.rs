@@ -103,6 +103,7 @@ impl<B: ResultStore> Recorder<B> {
         epoch: Epoch,
         sent_at: DateTime<Utc>,
         provider_message_id: Option<String>,
+        price: Option<crate::spend::Micros>,
     ) -> oneshot::Receiver<Recorded> {
         let (done, outcome) = oneshot::channel();
         let entry = Entry {
@@ -111,6 +112,7 @@ impl<B: ResultStore> Recorder<B> {
                 epoch,
                 sent_at,
                 provider_message_id,
+                price,
             },
             done,
         };
@@ -198,6 +200,7 @@ async fn one_by_one<B: ResultStore>(
                 result.epoch,
                 result.sent_at,
                 None,
+                result.price,
                 tried.swap(true, Ordering::Relaxed),
             )
         };

@@ -35,6 +35,8 @@ pub struct RouteSettings {
     pub breaker: BreakerSettings,
     /// The provider's default sender.
     pub from: Option<String>,
+    /// What a segment through it costs (docs/design.md#spend-caps).
+    pub prices: Option<crate::spend::Prices>,
 }
 
 pub struct Routing {
@@ -478,6 +480,7 @@ mod tests {
                     cooldown: Duration::from_secs(10),
                 },
                 from: None,
+                prices: None,
             })
             .collect();
         Routing::new(&routes, Duration::from_secs(60))

@@ -150,7 +150,9 @@ async fn metrics(state: State) -> Response {
         {
             state.metrics.oldest_transaction_age.set(age.max(0));
         }
+        let spend = tokio::time::timeout(Duration::from_secs(2), state.store.spend_today()).await;
         for lane in &state.lanes {
+            let name = lane.spec.name.as_str();
             if let Ok(Ok(control)) =
                 tokio::time::timeout(Duration::from_secs(2), lane.store.control_record()).await
             {
@@ -158,8 +160,33 @@ async fn metrics(state: State) -> Response {
                 state
                     .metrics
                     .configured_rate
-                    .with_label_values(&[&lane.spec.name])
+                    .with_label_values(&[name])
                     .set(schedule.rate_per_second());
+                for reason in crate::metrics::PAUSE_REASONS {
+                    let paused = control.paused.as_ref().is_some_and(|p| p.reason == reason);
+                    state
+                        .metrics
+                        .lane_paused
+                        .with_label_values(&[name, reason])
+                        .set(i64::from(paused));
+                }
+                match control.daily_spend_cap.or(lane.spec.daily_spend_cap) {
+                    Some(cap) => state
+                        .metrics
+                        .lane_spend_cap
+                        .with_label_values(&[name])
+                        .set(cap.units()),
+                    None => {
+                        let _ = state.metrics.lane_spend_cap.remove_label_values(&[name]);
+                    }
+                }
+            }
+            if let Ok(Ok(spend)) = &spend {
+                state
+                    .metrics
+                    .lane_spend_today
+                    .with_label_values(&[name])
+                    .set(crate::store::spend::lane_total(spend, name).units());
             }
         }
     }

@@ -59,6 +59,7 @@ fn lane<'a>(state: &'a State, name: &str) -> Result<&'a Lane, ApiError> {
 /// `GET /api/lanes`.
 async fn list(state: State) -> Result<Response, ApiError> {
     let all_counts = state.store.lane_counts().await?;
+    let spend = state.store.spend_today().await?;
     let replicas = state.store.live_replicas(LIVE_WITHIN).await?;
     let mut lanes = Vec::with_capacity(state.lanes.len());
     for lane in &state.lanes {
@@ -69,8 +70,9 @@ async fn list(state: State) -> Result<Response, ApiError> {
             .find(|c| c.lane == lane.spec.name)
             .cloned()
             .unwrap_or_default();
+        let spent = crate::store::spend::lane_total(&spend, &lane.spec.name);
         lanes.push(lane_json(
-            &state, lane, &control, &leader, &counts, &replicas,
+            &state, lane, &control, &leader, &counts, &replicas, spent,
         ));
     }
     // Messages waiting in a lane the configuration no longer names are sent by nobody
@@ -93,6 +95,7 @@ fn lane_json(
     leader: &crate::store::LeaderRecord,
     counts: &LaneCounts,
     replicas: &[crate::store::ReplicaRecord],
+    spent_today: crate::spend::Micros,
 ) -> Value {
     let spec = &lane.spec;
     let schedule = lane.configured_schedule().overridden_by(control);
@@ -165,6 +168,8 @@ fn lane_json(
         "send_concurrency": spec.send_concurrency,
         "countries": spec.countries,
         "quiet_hours": spec.quiet_hours.map(|q| q.to_string()),
+        "spend_today": spent_today.units(),
+        "daily_spend_cap": control.daily_spend_cap.or(spec.daily_spend_cap).map(crate::spend::Micros::units),
         "configured_rate_per_second": finite(schedule.rate_per_second()),
         "effective_rate_per_second": finite(schedule.rate_per_second() * rate_factor),
         "rate_factor": rate_factor,
@@ -174,7 +179,7 @@ fn lane_json(
         "sent_last_minute": counts.sent_last_minute,
         "last_batch_at": leader.last_batch_at,
         "providers": providers,
-        "config": schedule_json(lane.configured_schedule(), control),
+        "config": schedule_json(lane, control),
     })
 }
 
@@ -214,8 +219,5 @@ async fn update_config(state: State, name: String, body: Bytes) -> Result<Respon
     let control = lane.store.set_overrides(&change, &by).await?;
     lane.wake.notify_one();
     tracing::info!(lane = %name, ?change, "lane's runtime configuration changed through the API");
-    Ok(json(
-        StatusCode::OK,
-        &schedule_json(lane.configured_schedule(), &control),
-    ))
+    Ok(json(StatusCode::OK, &schedule_json(lane, &control)))
 }

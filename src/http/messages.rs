@@ -433,8 +433,13 @@ fn changed(change: StatusChange, id: i64, rule: &str) -> Result<Message, ApiErro
     }
 }
 
+/// The counters, and what each lane spent this UTC day through each provider.
 async fn stats(state: State) -> Result<Response, ApiError> {
-    Ok(json(StatusCode::OK, &state.store.message_stats().await?))
+    let stats = state.store.message_stats().await?;
+    let spend = state.store.spend_today().await?;
+    let mut body = serde_json::to_value(stats).unwrap_or_default();
+    body["spend_today"] = serde_json::to_value(spend).unwrap_or_default();
+    Ok(json(StatusCode::OK, &body))
 }
 
 /// `POST /api/messages`: one object, or an array of up to 1000. The answer mirrors the

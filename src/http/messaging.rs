@@ -16,8 +16,9 @@ use super::{ApiError, State, body, json, respond, with_state};
 use crate::config::MAX_BATCH_SIZE;
 use crate::duration;
 use crate::leadership::FenceTiming;
+use crate::spend::Micros;
 use crate::state::LIVE_WITHIN;
-use crate::store::Schedule;
+use crate::state::Lane;
 use crate::store::{ControlRecord, OverrideChange};
 
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
@@ -80,21 +81,27 @@ async fn set_running(state: State, running: bool) -> Result<Response, ApiError> 
 /// The schedule in force, the configured (environment) values, and each override
 /// stored in PostgreSQL with who set it and when: an override shadows the
 /// environment, and the operator should see that, not guess it.
-pub(super) fn schedule_json(configured: Schedule, control: &ControlRecord) -> Value {
+pub(super) fn schedule_json(lane: &Lane, control: &ControlRecord) -> Value {
+    let configured = lane.configured_schedule();
     let schedule = configured.overridden_by(control);
+    let cap = control.daily_spend_cap.or(lane.spec.daily_spend_cap);
     json!({
+        "daily_spend_cap": cap.map(Micros::units),
         "batch_size": schedule.batch_size,
         "processing_interval": duration::format(schedule.interval),
         "processing_interval_ms": schedule.interval.as_millis() as u64,
         "configured": {
             "batch_size": configured.batch_size,
             "processing_interval": duration::format(configured.interval),
+            "daily_spend_cap": lane.spec.daily_spend_cap.map(Micros::units),
         },
         "overrides": {
             "batch_size": control.batch_size,
             "processing_interval": control.interval.map(duration::format),
             "batch_size_set": control.batch_size.and(control.batch_size_set.as_ref()),
             "processing_interval_set": control.interval.and(control.interval_set.as_ref()),
+            "daily_spend_cap": control.daily_spend_cap.map(Micros::units),
+            "daily_spend_cap_set": control.daily_spend_cap.and(control.daily_spend_cap_set.as_ref()),
         },
         "updated_at": control.updated_at,
         "updated_by": control.updated_by,
@@ -136,7 +143,7 @@ async fn status(state: State) -> Result<Response, ApiError> {
             "batch_size": schedule.batch_size,
             "processing_interval": duration::format(schedule.interval),
             "processing_interval_ms": schedule.interval.as_millis() as u64,
-            "config": schedule_json(state.configured_schedule(), &control),
+            "config": schedule_json(state.default_lane(), &control),
             "this_replica": {
                 "replica_id": state.config.replica_id,
                 "eligible": state.config.leader_eligible,
@@ -148,7 +155,8 @@ async fn status(state: State) -> Result<Response, ApiError> {
     ))
 }
 
-/// `PUT /api/messaging/config`: `{"batch_size": 5, "processing_interval": "30s"}`.
+/// `PUT /api/messaging/config`: `{"batch_size": 5, "processing_interval": "30s",
+/// "daily_spend_cap": 80}`.
 /// A field set to `null` clears the override (back to the configured value).
 async fn update_config(state: State, body: Bytes) -> Result<Response, ApiError> {
     let change = body::parse::<ConfigChange>(&body)?.validate()?;
@@ -158,7 +166,7 @@ async fn update_config(state: State, body: Bytes) -> Result<Response, ApiError> 
     tracing::info!(?change, "runtime configuration changed through the API");
     Ok(json(
         StatusCode::OK,
-        &schedule_json(state.configured_schedule(), &control),
+        &schedule_json(state.default_lane(), &control),
     ))
 }
 
@@ -171,6 +179,8 @@ pub(super) struct ConfigChange {
     batch_size: Option<Option<serde_json::Number>>,
     #[serde(default, deserialize_with = "present")]
     processing_interval: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    daily_spend_cap: Option<Option<f64>>,
 }
 
 /// A field that is present: `null` becomes `Some(None)`, where a plain `Option`
@@ -199,11 +209,19 @@ impl ConfigChange {
                 .map(|value| value.map(|text| parse_interval(&text)).transpose())
                 .transpose()
                 .map_err(|problem| check("processing_interval", problem))?,
+            daily_spend_cap: self
+                .daily_spend_cap
+                .map(|value| value.map(Micros::from_units).transpose())
+                .transpose()
+                .map_err(|problem| check("daily_spend_cap", format!("is {problem}")))?,
         };
-        if change.batch_size.is_none() && change.interval.is_none() {
+        if change.batch_size.is_none()
+            && change.interval.is_none()
+            && change.daily_spend_cap.is_none()
+        {
             return Err(ApiError::validation(
                 "body",
-                "nothing to change; send batch_size and/or processing_interval",
+                "nothing to change; send batch_size, processing_interval and/or daily_spend_cap",
             ));
         }
         Ok(change)

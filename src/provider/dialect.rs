@@ -422,6 +422,7 @@ mod tests {
             from: None,
             public_url: None,
             breaker: BreakerSettings::default(),
+            prices: None,
         }
     }
 

@@ -18,6 +18,8 @@ use super::{
 };
 use crate::config::Unit;
 use crate::domain::Epoch;
+use crate::metrics::PAUSED_SPEND_CAP;
+use crate::spend::Micros;
 
 /// Which `sending` rows the rescue may return, for the leader of epoch `$1` (only
 /// while it is the current epoch) after the rescue wait `$2` (milliseconds), never the
@@ -235,7 +237,8 @@ WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
 
 const MARK_SENT: &str = "
 UPDATE messages
-SET status = 'sent', sent_at = $3, provider_message_id = $4, last_error = NULL
+SET status = 'sent', sent_at = $3, provider_message_id = $4, last_error = NULL,
+    price_micros = $5
 WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
 
 /// MARK_SENT for many rows in one statement, each guarded as MARK_SENT is; returns the
@@ -250,9 +253,10 @@ WHERE id = $1 AND status = 'sending' AND claim_epoch = $2";
 /// test can check the plan.
 pub const MARK_SENT_GROUP: &str = "
 UPDATE messages AS m
-SET status = 'sent', sent_at = r.sent_at, provider_message_id = r.provider_id, last_error = NULL
-FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[])
-         AS r(id, epoch, sent_at, provider_id)
+SET status = 'sent', sent_at = r.sent_at, provider_message_id = r.provider_id, last_error = NULL,
+    price_micros = r.price
+FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[], $5::bigint[])
+         AS r(id, epoch, sent_at, provider_id, price)
 WHERE m.id = r.id AND (m.status = 'sending') IS TRUE AND m.claim_epoch = r.epoch
 RETURNING m.id";
 
@@ -264,9 +268,9 @@ pub const MARK_SENT_GROUP_AGAIN: &str = "
 WITH recorded AS (
     UPDATE messages AS m
     SET status = 'sent', sent_at = r.sent_at, provider_message_id = r.provider_id,
-        last_error = NULL
-    FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[])
-             AS r(id, epoch, sent_at, provider_id)
+        last_error = NULL, price_micros = r.price
+    FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[], $5::bigint[])
+             AS r(id, epoch, sent_at, provider_id, price)
     WHERE m.id = r.id AND (m.status = 'sending') IS TRUE AND m.claim_epoch = r.epoch
     RETURNING m.id
 )
@@ -319,6 +323,15 @@ WHERE id = ANY($1) AND (status = 'sending') IS TRUE AND claim_epoch = $2";
 /// A message that needs more segments than its lane may start in one interval: it
 /// could never be sent within the rate, so it fails with the reason (`$2`: the batch
 /// size in segments) instead of blocking the lane.
+/// The lane reached its daily spend cap: paused until the day ends or the cap rises.
+const PAUSE_FOR_SPEND: &str = "
+UPDATE dispatcher_control SET paused_reason = 'spend_cap', paused_at = now(), paused_detail = $2
+WHERE lane = $1::text";
+
+const LIFT_SPEND_PAUSE: &str = "
+UPDATE dispatcher_control SET paused_reason = NULL, paused_at = NULL, paused_detail = NULL
+WHERE lane = $1::text AND paused_reason = 'spend_cap'";
+
 const FAIL_TOO_LARGE: &str = "
 UPDATE messages
 SET status = 'failed',
@@ -350,6 +363,57 @@ fn fit_segments(candidates: impl Iterator<Item = (i64, u32)>, budget: u32) -> (V
         }
     }
     (chosen, too_large)
+}
+
+/// How long a claim waits when the rest of the day's budget is reserved for the
+/// lane's sends in flight.
+const SPEND_SETTLES: Duration = Duration::from_millis(50);
+
+/// The lane's spend this UTC day against its cap, as the claim read them.
+struct Spend {
+    cap: Option<Micros>,
+    spent: Micros,
+    /// The lane's rows in `sending`: claimed, their cost not recorded yet.
+    in_flight: i64,
+}
+
+impl Spend {
+    /// What is left of the day's budget (negative once it is overspent); `None`: no cap.
+    fn remaining(&self) -> Option<Micros> {
+        self.cap.map(|cap| Micros(cap.0 - self.spent.0))
+    }
+
+    /// How many messages the claim may take: at most `limit`, and no more than the
+    /// rest of the budget buys at the lane's `highest` price of one segment once the
+    /// sends in flight are counted at that price too. When that is none: the last
+    /// message of the day if nothing is in flight, else `None` (wait for them). So a
+    /// lane of one-segment messages passes its cap by less than one message's price
+    /// (docs/design.md#spend-caps).
+    fn affordable(&self, highest: Option<Micros>, limit: i64) -> Option<i64> {
+        let (Some(remaining), Some(price)) = (self.remaining(), highest) else {
+            return Some(limit);
+        };
+        if price.0 <= 0 {
+            return Some(limit);
+        }
+        let free = remaining
+            .0
+            .saturating_sub(self.in_flight.saturating_mul(price.0));
+        match free / price.0 {
+            0 if self.in_flight > 0 => None,
+            0 => Some(1),
+            n => Some(n.min(limit.max(1))),
+        }
+    }
+
+    /// The pause's detail, for the status and the console.
+    fn detail(&self) -> String {
+        format!(
+            "spent {} today (UTC) of a daily cap of {}",
+            self.spent,
+            self.cap.unwrap_or_default()
+        )
+    }
 }
 
 /// A duration as whole milliseconds for a `bigint` parameter, saturating.
@@ -389,6 +453,7 @@ impl Store {
                     &millis(configured.interval),
                     &millis(fence_window),
                     &lane_name,
+                    &route.daily_spend_cap.map(|cap| cap.0),
                 ],
             )
             .await?;
@@ -411,7 +476,32 @@ impl Store {
         if !fence.get::<_, bool>("running") {
             return Ok(result(Claim::Stopped, 0, 0, 0));
         }
-        let paused: Option<String> = fence.get("paused_reason");
+        let mut paused: Option<String> = fence.get("paused_reason");
+        let spend = Spend {
+            cap: fence.get::<_, Option<i64>>("spend_cap").map(Micros),
+            spent: Micros(fence.get::<_, Option<i64>>("spent_today").unwrap_or(0)),
+            in_flight: fence.get::<_, Option<i64>>("in_flight").unwrap_or(0).max(0),
+        };
+        match spend.remaining() {
+            Some(remaining) if remaining.0 <= 0 => {
+                if paused.as_deref() != Some(PAUSED_SPEND_CAP) {
+                    tx.execute(
+                        &tx.prepare_cached(PAUSE_FOR_SPEND).await?,
+                        &[&lane_name, &spend.detail()],
+                    )
+                    .await?;
+                    tx.commit().await?;
+                }
+                return Ok(result(Claim::Paused(PAUSED_SPEND_CAP.into()), 0, 0, 0));
+            }
+            // A new UTC day, or an operator raised the cap.
+            _ if paused.as_deref() == Some(PAUSED_SPEND_CAP) => {
+                tx.execute(&tx.prepare_cached(LIFT_SPEND_PAUSE).await?, &[&lane_name])
+                    .await?;
+                paused = None;
+            }
+            _ => {}
+        }
         if let Some(reason) = &paused {
             if !route.probe_due {
                 return Ok(result(Claim::Paused(reason.clone()), 0, 0, 0));
@@ -427,15 +517,23 @@ impl Store {
                 ));
             }
         }
+        let limit = if paused.is_some() || route.probe_only {
+            1
+        } else {
+            match spend.affordable(route.highest_price, i64::from(schedule.batch_size)) {
+                Some(limit) => limit,
+                // What is left is reserved for the sends in flight: see how they end
+                // (keeping a lifted pause).
+                None => {
+                    tx.commit().await?;
+                    return Ok(result(Claim::NotDue(SPEND_SETTLES), 0, 0, 0));
+                }
+            }
+        };
         let expired = tx
             .execute(&tx.prepare_cached(EXPIRE_DUE).await?, &[&lane_name])
             .await?;
 
-        let limit = if paused.is_some() || route.probe_only {
-            1
-        } else {
-            i64::from(schedule.batch_size)
-        };
         let (chosen, too_large) = match schedule.unit {
             Unit::Messages => (None, Vec::new()),
             Unit::Segments => {
@@ -684,10 +782,15 @@ impl Store {
         epoch: Epoch,
         sent_at: DateTime<Utc>,
         provider_message_id: Option<&str>,
+        price: Option<Micros>,
         again: bool,
     ) -> Result<Recorded, StoreError> {
+        let price = price.map(|p| p.0);
         let n = self
-            .execute_prepared(MARK_SENT, &[&id, &epoch.0, &sent_at, &provider_message_id])
+            .execute_prepared(
+                MARK_SENT,
+                &[&id, &epoch.0, &sent_at, &provider_message_id, &price],
+            )
             .await?;
         let ours = n == 1
             || (again
@@ -720,6 +823,7 @@ impl Store {
             .iter()
             .map(|r| r.provider_message_id.as_deref())
             .collect();
+        let prices: Vec<Option<i64>> = results.iter().map(|r| r.price.map(|p| p.0)).collect();
         let client = self.client().await?;
         let statement = if again {
             MARK_SENT_GROUP_AGAIN
@@ -729,7 +833,7 @@ impl Store {
         let rows = client
             .query(
                 &client.prepare_cached(statement).await?,
-                &[&ids, &epochs, &sent_at, &provider_ids],
+                &[&ids, &epochs, &sent_at, &provider_ids, &prices],
             )
             .await?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
@@ -863,6 +967,32 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn near_the_cap_a_claim_takes_what_the_rest_buys_at_the_highest_price() {
+        let spend = |cap: i64, spent: i64, in_flight: i64| Spend {
+            cap: Some(Micros(cap)),
+            spent: Micros(spent),
+            in_flight,
+        };
+        let highest = Some(Micros(50));
+        // Far from the cap: the batch size.
+        assert_eq!(spend(10_000, 0, 0).affordable(highest, 10), Some(10));
+        // 120 left buys two at 50.
+        assert_eq!(spend(1_000, 880, 0).affordable(highest, 10), Some(2));
+        // Two in flight reserve 100 of the 120: nothing more until they end.
+        assert_eq!(spend(1_000, 880, 2).affordable(highest, 10), None);
+        // Less than one left and nothing in flight: the day's last message.
+        assert_eq!(spend(1_000, 990, 0).affordable(highest, 10), Some(1));
+        // No cap, or no prices: the batch size.
+        let no_cap = Spend {
+            cap: None,
+            spent: Micros(0),
+            in_flight: 3,
+        };
+        assert_eq!(no_cap.affordable(highest, 10), Some(10));
+        assert_eq!(spend(1_000, 990, 0).affordable(None, 10), Some(10));
+    }
 
     #[test]
     fn a_batch_of_segments_takes_the_longest_prefix_that_fits() {

@@ -8,6 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::fence::LOCK_FENCE;
+use crate::spend::Micros;
+
 use super::{ControlRecord, OverrideChange, Pause, ReplicaRecord, SetBy, Store, StoreError};
 use crate::domain::Epoch;
 
@@ -212,7 +214,19 @@ impl Store {
             )
             .await?;
         }
-        // A configuration change lifts a pause: the leader tries again at once.
+        if let Some(cap) = change.daily_spend_cap {
+            let value = cap.map(|c| c.0);
+            tx.execute(
+                "UPDATE dispatcher_control SET daily_spend_cap_micros = $1::bigint, updated_at = now(), updated_by = $2::text,
+                        daily_spend_cap_set_at = CASE WHEN $1::bigint IS NULL THEN NULL ELSE now() END,
+                        daily_spend_cap_set_by = CASE WHEN $1::bigint IS NULL THEN NULL ELSE $2::text END
+                 WHERE lane = $3",
+                &[&value, &by, &lane],
+            )
+            .await?;
+        }
+        // A configuration change lifts a pause: the leader tries again at once (and
+        // pauses again at its claim if the lane is still over its spend cap).
         tx.execute(LIFT_PAUSE, &[&lane]).await?;
         tx.commit().await?;
         // Back to the pool first: a nested checkout can wait on a pool that concurrent
@@ -227,7 +241,8 @@ impl Store {
             .query_one(
                 "SELECT coalesce(running, false), batch_size, processing_interval_ms, updated_at, updated_by,
                         batch_size_set_at, batch_size_set_by, interval_set_at, interval_set_by,
-                        paused_reason, paused_at, paused_detail
+                        paused_reason, paused_at, paused_detail,
+                        daily_spend_cap_micros, daily_spend_cap_set_at, daily_spend_cap_set_by
                  FROM dispatcher_control WHERE lane = $1",
                 &[&self.lane_name()],
             )
@@ -248,6 +263,8 @@ impl Store {
             updated_by: row.get(4),
             batch_size_set: set_by(5, 6),
             interval_set: set_by(7, 8),
+            daily_spend_cap: row.get::<_, Option<i64>>(12).map(Micros),
+            daily_spend_cap_set: set_by(13, 14),
             paused: row.get::<_, Option<String>>(9).map(|reason| Pause {
                 reason,
                 since: row

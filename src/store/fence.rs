@@ -36,10 +36,22 @@ pub(super) const LOCK_FENCE: &str =
 /// an interval after the last moment that leader could start one: `quiet_at`, or this
 /// term's start plus the fence window ($3) when the term did not record one. The
 /// current term's own open batch needs no such wait: its pacer saw every send of it.
-/// `$4`: the lane's row id.
+/// `$4`: the lane's row id. `$5`: the lane's configured daily spend cap in micros (NULL:
+/// none); `spend_cap` is the one in force and `spent_today` the lane's spend this UTC
+/// day, read only when there is a cap, with `in_flight`, the lane's claimed rows not
+/// yet recorded (their cost is not in the spend yet; docs/design.md#spend-caps).
 pub(super) const READ_SCHEDULE: &str = "
 SELECT coalesce(c.running, false) AS running,
        c.paused_reason,
+       cap.micros AS spend_cap,
+       CASE WHEN cap.micros IS NOT NULL THEN
+           (SELECT coalesce(sum(amount_micros), 0)::bigint FROM lane_spend
+            WHERE lane = $4::text AND day = (clock_timestamp() AT TIME ZONE 'UTC')::date)
+       END AS spent_today,
+       CASE WHEN cap.micros IS NOT NULL THEN
+           (SELECT coalesce(sum(n), 0)::bigint FROM message_counts
+            WHERE lane = $4::text AND status = 'sending')
+       END AS in_flight,
        coalesce(c.batch_size, $1::int) AS batch_size,
        s.interval_ms,
        ceil(extract(epoch FROM (
@@ -52,6 +64,7 @@ SELECT coalesce(c.running, false) AS running,
 FROM dispatcher_leader l
 CROSS JOIN dispatcher_control c
 CROSS JOIN LATERAL (SELECT coalesce(c.processing_interval_ms, $2::bigint) AS interval_ms) s
+CROSS JOIN LATERAL (SELECT coalesce(c.daily_spend_cap_micros, $5::bigint) AS micros) cap
 WHERE l.lane = $4::text AND c.lane = $4::text";
 
 /// Records the batch start (the cluster's rhythm) and marks the batch open. The start

@@ -118,6 +118,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0020_status_webhooks.sql",
         sql: include_str!("../../sql/0020_status_webhooks.sql"),
     },
+    Migration {
+        version: 21,
+        name: "0021_spend.sql",
+        sql: include_str!("../../sql/0021_spend.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

@@ -34,6 +34,7 @@ mod pool;
 pub mod receipts;
 pub mod retention;
 pub mod rows;
+pub mod spend;
 mod tls;
 pub mod webhooks;
 

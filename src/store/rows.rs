@@ -195,6 +195,12 @@ pub struct ClaimScope {
     /// The lane's quiet hours: claimed messages inside them that are not
     /// transactional go back to the queue until the window opens.
     pub quiet_hours: Option<crate::quiet_hours::QuietHours>,
+    /// The lane's configured daily spend cap (PostgreSQL may hold an override).
+    pub daily_spend_cap: Option<crate::spend::Micros>,
+    /// The highest price of one segment through any of the lane's providers: near
+    /// the cap a batch takes no more messages than the rest of the day's budget buys
+    /// at that price.
+    pub highest_price: Option<crate::spend::Micros>,
 }
 
 /// The schedule in force: configured values, possibly overridden at run time.
@@ -318,6 +324,8 @@ pub struct SentResult {
     pub epoch: Epoch,
     pub sent_at: DateTime<Utc>,
     pub provider_message_id: Option<String>,
+    /// What the send cost, if its provider has prices (docs/design.md#spend-caps).
+    pub price: Option<crate::spend::Micros>,
 }
 
 /// How a send ended, as recorded in the row.
@@ -354,6 +362,9 @@ pub struct ControlRecord {
     /// Who set each override, and when.
     pub batch_size_set: Option<SetBy>,
     pub interval_set: Option<SetBy>,
+    /// The operator's daily spend cap, over the configured one.
+    pub daily_spend_cap: Option<crate::spend::Micros>,
+    pub daily_spend_cap_set: Option<SetBy>,
     /// Why dispatch is paused though the cluster runs, if it is.
     pub paused: Option<Pause>,
 }
@@ -392,4 +403,5 @@ pub struct ReplicaRecord {
 pub struct OverrideChange {
     pub batch_size: Option<Option<u32>>,
     pub interval: Option<Option<Duration>>,
+    pub daily_spend_cap: Option<Option<crate::spend::Micros>>,
 }

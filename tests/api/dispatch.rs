@@ -29,6 +29,8 @@ fn any_provider(probe_due: bool) -> ClaimScope {
         usable: vec!["default".into()],
         probe_only: false,
         quiet_hours: None,
+        daily_spend_cap: None,
+        highest_price: None,
     }
 }
 
@@ -706,6 +708,7 @@ async fn parallel_claimers_never_share_a_row() {
             &OverrideChange {
                 batch_size: None,
                 interval: Some(Some(Duration::ZERO)),
+                daily_spend_cap: None,
             },
             "test",
         )
@@ -945,10 +948,14 @@ async fn a_flush_writes_every_result_submitted_before_it() {
             let recorder = Recorder::with_linger(store.clone(), Duration::from_secs(3600));
             recorder.start();
             for pair in batch.messages.chunks(2) {
-                let first = recorder.sent(pair[0].id, epoch, Utc::now(), None).await;
+                let first = recorder
+                    .sent(pair[0].id, epoch, Utc::now(), None, None)
+                    .await;
                 // The next send's HTTP exchange: the recorder task runs meanwhile.
                 tokio::time::sleep(Duration::from_millis(2)).await;
-                let second = recorder.sent(pair[1].id, epoch, Utc::now(), None).await;
+                let second = recorder
+                    .sent(pair[1].id, epoch, Utc::now(), None, None)
+                    .await;
                 recorder.flush();
                 for (id, outcome) in [(pair[0].id, first), (pair[1].id, second)] {
                     let recorded = tokio::time::timeout(TEST_TIMEOUT, outcome)

@@ -24,6 +24,7 @@ mod provider_answers;
 mod providers;
 mod rescue;
 mod retention;
+mod spend;
 mod support;
 mod tls;
 mod webhooks;

@@ -205,6 +205,7 @@ impl ResultStore for FakeQueue {
         epoch: Epoch,
         _sent_at: DateTime<Utc>,
         _provider_message_id: Option<&str>,
+        _price: Option<crate::spend::Micros>,
         _again: bool,
     ) -> Result<Recorded, StoreError> {
         Ok(
@@ -648,6 +649,7 @@ pub(super) fn settings(batch_size: u32, interval: Duration) -> DispatchSettings 
         providers: vec![route("main")],
         from: None,
         quiet_hours: None,
+        daily_spend_cap: None,
     }
 }
 
@@ -662,6 +664,7 @@ pub(super) fn route(name: &str) -> RouteSettings {
             cooldown: Duration::from_secs(10),
         },
         from: None,
+        prices: None,
     }
 }
 
