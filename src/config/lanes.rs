@@ -1314,6 +1314,9 @@ prefixes = ["+9055"]
             (Unit::Segments, 20, Duration::from_secs(10))
         );
         assert_eq!(plan.route(Some("TR"), "+905551234567"), "tr");
+        assert_eq!(tr.daily_spend_cap, Some(Micros(20_000_000)));
+        let prices = plan.provider("main").unwrap().prices.as_ref().unwrap();
+        assert_eq!(prices.per_segment(Some("TR")), Some(Micros(12_000)));
     }
 
     #[test]

@@ -301,7 +301,7 @@ fn schemas(max_content_chars: usize) -> Value {
             "properties": {
                 "status": {"enum": ["healthy", "degraded", "unhealthy"]},
                 "processing_status": {"enum": ["running", "stopped"]},
-                "paused_reason": {"enum": ["provider_auth", null], "description": "dispatch paused while running (the status is then degraded)"},
+                "paused_reason": {"enum": ["provider_auth", "spend_cap", null], "description": "the default lane's dispatch paused while running (the status is then degraded)"},
                 "leader": {"type": "boolean"},
                 "replica_id": {"type": "string"},
                 "version": schema_ref("Version"),
@@ -383,7 +383,7 @@ fn schemas(max_content_chars: usize) -> Value {
         },
         "Stats": {
             "type": "object",
-            "required": ["by_status", "scheduled", "oldest_pending_age_seconds", "oldest_pending_age_seconds_by_priority", "sent_last_minute", "sent_last_hour", "delivery"],
+            "required": ["by_status", "scheduled", "oldest_pending_age_seconds", "oldest_pending_age_seconds_by_priority", "sent_last_minute", "sent_last_hour", "delivery", "spend_today"],
             "properties": {
                 "by_status": {"type": "object", "required": ["pending", "sending", "sent", "failed", "expired", "cancelled", "blocked"], "additionalProperties": {"type": "integer"}},
                 "scheduled": {"type": "integer"},
@@ -396,7 +396,12 @@ fn schemas(max_content_chars: usize) -> Value {
                 },
                 "sent_last_minute": {"type": "integer"},
                 "sent_last_hour": {"type": "integer"},
-                "delivery": {"type": "object", "required": ["delivered", "undelivered", "failed", "awaiting"], "additionalProperties": {"type": "integer"}}
+                "delivery": {"type": "object", "required": ["delivered", "undelivered", "failed", "awaiting"], "additionalProperties": {"type": "integer"}},
+                "spend_today": {"type": "array", "description": "what each lane spent this UTC day through each provider (providers with a price_per_segment)", "items": {
+                    "type": "object",
+                    "required": ["lane", "provider", "amount", "messages"],
+                    "properties": {"lane": {"type": "string"}, "provider": {"type": "string"}, "amount": {"type": "number"}, "messages": {"type": "integer"}}
+                }}
             }
         },
         "Message": {
@@ -502,7 +507,7 @@ fn schemas(max_content_chars: usize) -> Value {
                     "leader": {"type": ["object", "null"], "properties": {"replica_id": {"type": "string"}, "epoch": {"type": "integer"}, "since": nullable_timestamp}},
                     "assigned_to": {"type": ["string", "null"], "description": "the replica the spread prefers for this lane"},
                     "running": {"type": "boolean"},
-                    "paused_reason": {"type": ["string", "null"]},
+                    "paused_reason": {"type": ["string", "null"], "description": "provider_auth: the provider refuses our credentials; spend_cap: the lane reached its daily spend cap"},
                     "batch_size": {"type": "integer", "minimum": 1},
                     "interval": {"type": "string"},
                     "interval_ms": {"type": "integer"},
@@ -510,6 +515,8 @@ fn schemas(max_content_chars: usize) -> Value {
                     "send_concurrency": {"type": "integer"},
                     "countries": {"type": "array", "items": {"type": "string"}, "description": "the only countries the lane sends to (ISO codes); empty: any"},
                     "quiet_hours": {"type": ["string", "null"], "description": "HH:MM-HH:MM in the recipient's local time: only transactional messages go out inside it"},
+                    "spend_today": {"type": "number", "description": "what the lane spent this UTC day, in the prices' currency"},
+                    "daily_spend_cap": {"type": ["number", "null"], "description": "the cap in force (configured or set at run time); null: none"},
                     "configured_rate_per_second": {"type": ["number", "null"], "description": "null: no limit (interval 0)"},
                     "achieved_rate_per_second": {"type": "number", "description": "sends in the last minute / 60"},
                     "pending": {"type": "integer"},
@@ -548,12 +555,14 @@ fn schemas(max_content_chars: usize) -> Value {
                 "batch_size": {"type": "integer"},
                 "processing_interval": {"type": "string"},
                 "processing_interval_ms": {"type": "integer"},
+                "daily_spend_cap": {"type": ["number", "null"], "description": "the lane's daily spend cap in force; null: none"},
                 "configured": {
                     "type": "object",
-                    "description": "the environment's values (BATCH_SIZE, PROCESSING_INTERVAL), which an override shadows",
+                    "description": "the configured values (BATCH_SIZE, PROCESSING_INTERVAL, the lane's daily_spend_cap), which an override shadows",
                     "properties": {
                         "batch_size": {"type": "integer"},
-                        "processing_interval": {"type": "string"}
+                        "processing_interval": {"type": "string"},
+                        "daily_spend_cap": {"type": ["number", "null"]}
                     }
                 },
                 "overrides": {
@@ -561,8 +570,10 @@ fn schemas(max_content_chars: usize) -> Value {
                     "properties": {
                         "batch_size": {"type": ["integer", "null"]},
                         "processing_interval": {"type": ["string", "null"]},
+                        "daily_spend_cap": {"type": ["number", "null"]},
                         "batch_size_set": schema_ref("SetBy"),
-                        "processing_interval_set": schema_ref("SetBy")
+                        "processing_interval_set": schema_ref("SetBy"),
+                        "daily_spend_cap_set": schema_ref("SetBy")
                     }
                 },
                 "updated_at": timestamp,
@@ -575,7 +586,8 @@ fn schemas(max_content_chars: usize) -> Value {
             "minProperties": 1,
             "properties": {
                 "batch_size": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000},
-                "processing_interval": {"type": ["string", "null"], "pattern": DURATION_PATTERN, "examples": ["30s", "2m", "500ms"], "description": "a whole number of milliseconds (0s: back to back); a finer one is refused (422), as it would be stored rounded down and could lift the rate limit"}
+                "processing_interval": {"type": ["string", "null"], "pattern": DURATION_PATTERN, "examples": ["30s", "2m", "500ms"], "description": "a whole number of milliseconds (0s: back to back); a finer one is refused (422), as it would be stored rounded down and could lift the rate limit"},
+                "daily_spend_cap": {"type": ["number", "null"], "minimum": 0, "maximum": 1000000000000_i64, "description": "the most the lane may spend in a UTC day, in the prices' currency, to the millionth (a finer amount is refused, 422); reaching it pauses the lane (reason spend_cap) until UTC midnight or a higher cap; null: back to the configured cap"}
             }
         },
         "SetBy": {
@@ -588,13 +600,13 @@ fn schemas(max_content_chars: usize) -> Value {
             "required": ["running", "paused_reason", "paused", "leader", "last_batch_at", "next_batch_at", "batch_size", "processing_interval", "this_replica", "replicas"],
             "properties": {
                 "running": {"type": "boolean"},
-                "paused_reason": {"enum": ["provider_auth", null], "description": "provider_auth: the provider refuses our credentials (401/403); messages wait without spending attempts, a probe goes out once per LOCK_RETRY_INTERVAL"},
+                "paused_reason": {"enum": ["provider_auth", "spend_cap", null], "description": "provider_auth: the provider refuses our credentials (401/403); messages wait without spending attempts, a probe goes out once per LOCK_RETRY_INTERVAL. spend_cap: the lane reached its daily spend cap; it resumes at UTC midnight or with a higher cap"},
                 "paused": {
                     "type": ["object", "null"],
                     "properties": {
                         "reason": {"type": "string"},
                         "since": timestamp,
-                        "detail": {"type": ["string", "null"], "description": "the provider's answer"}
+                        "detail": {"type": ["string", "null"], "description": "the provider's answer, or the day's spend against the cap"}
                     }
                 },
                 "leader": {

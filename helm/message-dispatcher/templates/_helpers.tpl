@@ -259,6 +259,13 @@ ca_cert = {{ .ca_cert | toString | toJson }}
 {{- if hasKey . "insecure_skip_verify" }}
 insecure_skip_verify = {{ .insecure_skip_verify }}
 {{- end }}
+{{- if hasKey . "price_per_segment" }}
+{{- if kindIs "map" .price_per_segment }}
+price_per_segment = { {{- range $i, $key := keys .price_per_segment | sortAlpha }}{{ if $i }},{{ end }} {{ $key | toJson }} = {{ get $provider.price_per_segment $key | float64 | printf "%v" }}{{- end }} }
+{{- else }}
+price_per_segment = {{ .price_per_segment | float64 | printf "%v" }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- range .Values.dispatchConfig.lanes }}
 
@@ -281,6 +288,9 @@ countries = {{ toJson .countries }}
 {{- end }}
 {{- if hasKey . "quiet_hours" }}
 quiet_hours = {{ .quiet_hours | toString | toJson }}
+{{- end }}
+{{- if hasKey . "daily_spend_cap" }}
+daily_spend_cap = {{ .daily_spend_cap | float64 | printf "%v" }}
 {{- end }}
 {{- end }}
 {{- range .Values.dispatchConfig.routes }}

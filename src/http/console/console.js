@@ -163,6 +163,14 @@
         "Dispatch resumes by itself when a probe send (at most one per LOCK_RETRY_INTERVAL) is accepted, " +
         "when the schedule is changed, or when the cluster is started.",
     },
+    spend_cap: {
+      badge: "paused: daily spend cap",
+      title: "The lane reached its daily spend cap",
+      text: (since) =>
+        `The lane has spent its daily_spend_cap for this UTC day${since ? ` (since ${since})` : ""}. ` +
+        "Messages wait in pending; no attempt is spent. It resumes at UTC midnight, or at once when the cap " +
+        "is raised (PUT /api/lanes/{lane}/config {\"daily_spend_cap\": …}); resuming without a higher cap pauses it again.",
+    },
   };
 
   // The pause notice is a role=alert: it is rewritten only when the pause changes, so
@@ -422,6 +430,13 @@
     return { row, cells, stop, start };
   }
 
+  // An amount in the prices' currency: two decimals, more when a price needs them.
+  function money(amount) {
+    const text = Number(amount || 0).toFixed(6).replace(/0+$/, "");
+    const [whole, fraction = ""] = text.split(".");
+    return `${whole}.${fraction.padEnd(2, "0")}`;
+  }
+
   function renderLanes(answer) {
     const lanes = answer.lanes || [];
     const names = lanes.map((lane) => lane.name);
@@ -457,9 +472,12 @@
         class: `badge ${paused ? "paused" : lane.running ? "running" : "stopped"}`,
         text: lane.running ? "running" : "stopped",
       });
+      // The day's spend against the cap, for a lane with one.
+      const spend = typeof lane.daily_spend_cap === "number"
+        ? [facts("sub muted lane-spend", `spent ${money(lane.spend_today)} of ${money(lane.daily_spend_cap)} today (UTC)`)] : [];
       cells.state.replaceChildren(badge, ...(lane.paused_reason
         ? [el("span", { class: "sub lane-paused", text: known ? known.badge : `paused: ${lane.paused_reason}` })]
-        : []));
+        : []), ...spend);
 
       const unit = lane.unit === "segments" ? "segments" : lane.batch_size === 1 ? "message" : "messages";
       // Throttled by a provider: the leader sends below the configured rate for a while.
