@@ -37,6 +37,10 @@ struct Entry {
     /// The row's delivery key (absent in entries of older versions).
     #[serde(default)]
     delivery_key: Option<String>,
+    /// What the send cost, in micros (absent in entries of older versions, and for a
+    /// provider without prices), so a send the rescue records keeps its price.
+    #[serde(default)]
+    price_micros: Option<i64>,
 }
 
 #[derive(Clone)]
@@ -76,6 +80,7 @@ impl DeliveryCache {
         message: &crate::store::ClaimedMessage,
         provider_message_id: Option<String>,
         sent_at: DateTime<Utc>,
+        price: Option<crate::spend::Micros>,
     ) {
         let message_id = message.id;
         let entry = Entry {
@@ -85,6 +90,7 @@ impl DeliveryCache {
             cached_at: Utc::now(),
             created_at: Some(message.created_at),
             delivery_key: Some(message.delivery_key.clone()),
+            price_micros: price.map(|p| p.0),
         };
         if self.writes.try_send(entry).is_err() {
             tracing::debug!(
@@ -123,6 +129,7 @@ impl DeliveryCache {
                     claim_epoch: candidate.claim_epoch,
                     sent_at: entry.sent_at,
                     provider_message_id: entry.provider_message_id.clone(),
+                    price: entry.price_micros.map(crate::spend::Micros),
                 })
             })
             .collect()

@@ -24,7 +24,7 @@ class ChaosReplica(Replica):
     """A replica whose paths to Redis and PostgreSQL go through proxies of its own, so a
     fault can stall or cut one replica's path while the others keep theirs."""
 
-    def __init__(self, index, port):
+    def __init__(self, index, port, extra_env=None):
         name = "replica-%d" % index
         self.busy = False          # under a fault right now
         self.redis_path = Proxy(REDIS_PORT, name=name + "-redis")
@@ -51,6 +51,8 @@ class ChaosReplica(Replica):
             # required; the mock checks no token).
             "DISPATCH_CONFIG": os.path.join(WORK, "dispatch.toml") if LANES > 1 else None,
             "CHAOS_PROVIDER_TOKEN": "chaos" if LANES > 1 else None,
+            # The status webhooks' receiver (scripts/chaos/webhooks.py).
+            **(extra_env or {}),
         }, port=port)
 
     def stop_for_good(self):

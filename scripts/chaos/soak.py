@@ -5,8 +5,9 @@ PostgreSQL, Redis and the mock provider, migrates, installs the audit triggers
 injects faults, lets the queue settle and checks the result.
 
 Modules: settings (settings, log, the soak's clients), faults (replicas behind their
-own proxies to Redis and PostgreSQL, the faults, the driver), checks (the checks), and
-from scripts/lib: harness (processes, replicas, clients) and tcp_proxy (the pausable,
+own proxies to Redis and PostgreSQL, the faults, the driver), checks (the checks),
+webhooks (the status webhooks' receiver and checks w1 to w4: no event lost), and from
+scripts/lib: harness (processes, replicas, clients) and tcp_proxy (the pausable,
 cuttable proxy). Standard library only. Everything it talks to is on 127.0.0.1.
 
 How the rate is checked (check c)
@@ -85,6 +86,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+import webhooks  # noqa: E402
 from checks import analyse  # noqa: E402
 from faults import ChaosReplica, fault_driver, watchdog  # noqa: E402
 from harness import decoded, psql, request  # noqa: E402
@@ -96,8 +98,10 @@ from settings import (API_PORTS, BATCH_SIZE, CREATE_RATE, DURATION, FAIL_RATE, I
 # -------------------------------------------------------------------------- state --
 
 class Run:
-    def __init__(self):
-        self.replicas = [ChaosReplica(i + 1, port) for i, port in enumerate(API_PORTS)]
+    def __init__(self, receiver=None):
+        self.receiver = receiver     # the status webhooks' receiver; None with WEBHOOKS=0
+        self.replicas = [ChaosReplica(i + 1, port, webhooks.replica_env(receiver))
+                         for i, port in enumerate(API_PORTS)]
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
         self.faults = []             # dicts: kind, target, begin, end, leader, detail
@@ -250,7 +254,7 @@ def main():
             f.write(dispatch_config_text())
         psql("UPDATE messages SET lane = (ARRAY[%s])[1 + id %% %d]"
              % (", ".join("'%s'" % lane for lane in LANE_NAMES), LANES), timeout=30)
-    run = RUN = Run()
+    run = RUN = Run(webhooks.start())
     say("chaos soak: %ds of faults, seed %d, %d replicas, BATCH_SIZE %d, PROCESSING_INTERVAL %dms, "
         "TTL %dms, retry %dms, SMS_API_TIMEOUT %dms, mock fail-rate %.2f latency %dms (%.0f%% at %dms)"
         % (DURATION, SEED, len(API_PORTS), BATCH_SIZE, INTERVAL_MS, TTL_MS, RETRY_MS, SMS_TIMEOUT_MS,
@@ -291,9 +295,13 @@ def main():
     for t in others:
         t.join(timeout=15)
     settle_seconds = settle(run)
+    if run.receiver is not None:
+        settle_seconds += webhooks.settle(run)
     say("settled; checking")
     try:
         report, dup_lines, lane_table = analyse(run, settle_seconds)
+        if run.receiver is not None:
+            webhooks.check(run, run.receiver, report)
     except Exception as err:
         traceback.print_exc()
         say("the checks could not run: %s" % err)

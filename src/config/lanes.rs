@@ -1006,7 +1006,11 @@ fn prices(entry: &Entry, value: Spanned<toml::Value>) -> Result<Prices, ConfigEr
                         );
                         return Err(entry.error(span, KEY, problem));
                     };
-                    prices.by_country.insert(code, amount(value, key)?);
+                    let price = amount(value, key)?;
+                    if prices.by_country.insert(code.clone(), price).is_some() {
+                        let problem = format!("{code} is priced twice");
+                        return Err(entry.error(span, KEY, problem));
+                    }
                 }
             }
             Ok(prices)
@@ -1489,6 +1493,11 @@ prefixes = ["+9055"]
             &file("price_per_segment = 0.0000001", ""),
             6,
             "more than six decimal places",
+        );
+        refused_at(
+            &file("price_per_segment = { gb = 0.01, GB = 0.05 }", ""),
+            6,
+            "price_per_segment: GB is priced twice",
         );
         refused_at(
             &file("", "daily_spend_cap = -5"),

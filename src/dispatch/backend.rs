@@ -73,6 +73,7 @@ pub trait Backend: ResultStore {
         message: &ClaimedMessage,
         provider_message_id: Option<String>,
         sent_at: DateTime<Utc>,
+        price: Option<Micros>,
     );
     async fn record_known_deliveries(
         &self,
@@ -220,8 +221,10 @@ impl Backend for Live {
         message: &ClaimedMessage,
         provider_message_id: Option<String>,
         sent_at: DateTime<Utc>,
+        price: Option<Micros>,
     ) {
-        self.cache.remember(message, provider_message_id, sent_at);
+        self.cache
+            .remember(message, provider_message_id, sent_at, price);
     }
 
     async fn record_known_deliveries(

@@ -320,11 +320,15 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 if sends.probe {
                     self.lift_pause().await;
                 }
-                // Before the result is recorded: if it never is, the rescue finds this.
-                self.backend
-                    .remember_delivery(&message, provider_message_id.clone(), sent_at);
-                let without_id = provider_message_id.is_none();
                 let price = self.price_of(&message, &provider);
+                // Before the result is recorded: if it never is, the rescue finds this.
+                self.backend.remember_delivery(
+                    &message,
+                    provider_message_id.clone(),
+                    sent_at,
+                    price,
+                );
+                let without_id = provider_message_id.is_none();
                 let outcome = self
                     .recorder
                     .sent(message.id, term.epoch, sent_at, provider_message_id, price)

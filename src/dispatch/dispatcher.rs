@@ -285,7 +285,9 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
                 self.metrics
                     .scheduler_running
                     .set(i64::from(!matches!(result.claim, Claim::Stopped)));
-                if self.pause.spend_capped.get() && !matches!(result.claim, Claim::Paused(_)) {
+                if self.pause.spend_capped.get()
+                    && matches!(result.claim, Claim::Batch(_) | Claim::Empty)
+                {
                     self.pause.spend_capped.set(false);
                     tracing::info!(
                         "the lane's spend is under its daily cap again (a new UTC day or a \

@@ -9,7 +9,7 @@ use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
-use super::messaging::{ConfigChange, schedule_json};
+use super::messaging::{ConfigChange, enforceable, schedule_json};
 use super::{ApiError, State, body, json, respond, with_state};
 use crate::duration;
 use crate::leadership::FenceTiming;
@@ -215,6 +215,7 @@ async fn set_running(state: State, name: String, running: bool) -> Result<Respon
 async fn update_config(state: State, name: String, body: Bytes) -> Result<Response, ApiError> {
     let lane = lane(&state, &name)?;
     let change = body::parse::<ConfigChange>(&body)?.validate()?;
+    enforceable(&state, lane, &change)?;
     let by = format!("api@{}", state.config.replica_id);
     let control = lane.store.set_overrides(&change, &by).await?;
     lane.wake.notify_one();

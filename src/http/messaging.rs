@@ -160,6 +160,7 @@ async fn status(state: State) -> Result<Response, ApiError> {
 /// A field set to `null` clears the override (back to the configured value).
 async fn update_config(state: State, body: Bytes) -> Result<Response, ApiError> {
     let change = body::parse::<ConfigChange>(&body)?.validate()?;
+    enforceable(&state, state.default_lane(), &change)?;
     let by = format!("api@{}", state.config.replica_id);
     let control = state.store.set_overrides(&change, &by).await?;
     state.default_lane().wake.notify_one();
@@ -167,6 +168,45 @@ async fn update_config(state: State, body: Bytes) -> Result<Response, ApiError> 
     Ok(json(
         StatusCode::OK,
         &schedule_json(state.default_lane(), &control),
+    ))
+}
+
+/// A spend cap set at run time must be one the lane can hold: every provider it sends
+/// through needs a price for every country it sends to, as the configuration requires
+/// of a configured cap (docs/design.md#spend-caps).
+pub(super) fn enforceable(
+    state: &State,
+    lane: &Lane,
+    change: &OverrideChange,
+) -> Result<(), ApiError> {
+    if !matches!(change.daily_spend_cap, Some(Some(_))) {
+        return Ok(());
+    }
+    let unpriced: Vec<&str> = lane
+        .spec
+        .providers
+        .iter()
+        .filter(|name| {
+            !state
+                .config
+                .plan
+                .provider(name)
+                .and_then(|p| p.prices.as_ref())
+                .is_some_and(|p| p.covers(&lane.spec.countries))
+        })
+        .map(String::as_str)
+        .collect();
+    if unpriced.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::validation(
+        "daily_spend_cap",
+        format!(
+            "daily_spend_cap cannot be held by lane {:?}: provider(s) {} have no price_per_segment \
+             for every country the lane sends to (set one in DISPATCH_CONFIG)",
+            lane.spec.name,
+            unpriced.join(", ")
+        ),
     ))
 }
 

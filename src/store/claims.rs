@@ -96,9 +96,9 @@ WHERE",
 const RECORD_KNOWN_DELIVERIES: &str = "
 UPDATE messages AS m
 SET status = 'sent', sent_at = d.sent_at, provider_message_id = d.provider_id,
-    last_error = NULL
-FROM unnest($2::bigint[], $3::bigint[], $4::timestamptz[], $5::text[])
-         AS d(id, claim_epoch, sent_at, provider_id),
+    last_error = NULL, price_micros = d.price
+FROM unnest($2::bigint[], $3::bigint[], $4::timestamptz[], $5::text[], $7::bigint[])
+         AS d(id, claim_epoch, sent_at, provider_id, price),
      dispatcher_leader l
 WHERE l.lane = $6::text AND l.epoch = $1::bigint
   AND m.id = d.id AND (m.status = 'sending') IS TRUE AND m.claim_epoch = d.claim_epoch";
@@ -320,18 +320,18 @@ UPDATE messages
 SET status = 'pending', attempts = greatest(attempts - 1, 0), provider = pinned_provider
 WHERE id = ANY($1) AND (status = 'sending') IS TRUE AND claim_epoch = $2";
 
-/// A message that needs more segments than its lane may start in one interval: it
-/// could never be sent within the rate, so it fails with the reason (`$2`: the batch
-/// size in segments) instead of blocking the lane.
 /// The lane reached its daily spend cap: paused until the day ends or the cap rises.
 const PAUSE_FOR_SPEND: &str = "
 UPDATE dispatcher_control SET paused_reason = 'spend_cap', paused_at = now(), paused_detail = $2
-WHERE lane = $1::text";
+WHERE lane = $1::text AND paused_reason IS NULL";
 
 const LIFT_SPEND_PAUSE: &str = "
 UPDATE dispatcher_control SET paused_reason = NULL, paused_at = NULL, paused_detail = NULL
 WHERE lane = $1::text AND paused_reason = 'spend_cap'";
 
+/// A message that needs more segments than its lane may start in one interval: it
+/// could never be sent within the rate, so it fails with the reason (`$2`: the batch
+/// size in segments) instead of blocking the lane.
 const FAIL_TOO_LARGE: &str = "
 UPDATE messages
 SET status = 'failed',
@@ -367,7 +367,7 @@ fn fit_segments(candidates: impl Iterator<Item = (i64, u32)>, budget: u32) -> (V
 
 /// How long a claim waits when the rest of the day's budget is reserved for the
 /// lane's sends in flight.
-const SPEND_SETTLES: Duration = Duration::from_millis(50);
+const SPEND_SETTLES: Duration = Duration::from_millis(100);
 
 /// The lane's spend this UTC day against its cap, as the claim read them.
 struct Spend {
@@ -396,9 +396,12 @@ impl Spend {
         if price.0 <= 0 {
             return Some(limit);
         }
+        // Sends in flight may have reserved more than is left (long messages, a
+        // lowered cap, a dead leader's claims awaiting rescue): nothing is free then.
         let free = remaining
             .0
-            .saturating_sub(self.in_flight.saturating_mul(price.0));
+            .saturating_sub(self.in_flight.saturating_mul(price.0))
+            .max(0);
         match free / price.0 {
             0 if self.in_flight > 0 => None,
             0 => Some(1),
@@ -477,34 +480,10 @@ impl Store {
             return Ok(result(Claim::Stopped, 0, 0, 0));
         }
         let mut paused: Option<String> = fence.get("paused_reason");
-        let spend = Spend {
-            cap: fence.get::<_, Option<i64>>("spend_cap").map(Micros),
-            spent: Micros(fence.get::<_, Option<i64>>("spent_today").unwrap_or(0)),
-            in_flight: fence.get::<_, Option<i64>>("in_flight").unwrap_or(0).max(0),
-        };
-        match spend.remaining() {
-            Some(remaining) if remaining.0 <= 0 => {
-                if paused.as_deref() != Some(PAUSED_SPEND_CAP) {
-                    tx.execute(
-                        &tx.prepare_cached(PAUSE_FOR_SPEND).await?,
-                        &[&lane_name, &spend.detail()],
-                    )
-                    .await?;
-                    tx.commit().await?;
-                }
-                return Ok(result(Claim::Paused(PAUSED_SPEND_CAP.into()), 0, 0, 0));
-            }
-            // A new UTC day, or an operator raised the cap.
-            _ if paused.as_deref() == Some(PAUSED_SPEND_CAP) => {
-                tx.execute(&tx.prepare_cached(LIFT_SPEND_PAUSE).await?, &[&lane_name])
-                    .await?;
-                paused = None;
-            }
-            _ => {}
-        }
-        if let Some(reason) = &paused {
+        // A pause for refused credentials claims nothing until its probe is due.
+        if let Some(reason) = paused.as_deref().filter(|r| *r != PAUSED_SPEND_CAP) {
             if !route.probe_due {
-                return Ok(result(Claim::Paused(reason.clone()), 0, 0, 0));
+                return Ok(result(Claim::Paused(reason.to_string()), 0, 0, 0));
             }
         }
         if let Some(wait_ms) = fence.get::<_, Option<i64>>("wait_ms") {
@@ -517,18 +496,50 @@ impl Store {
                 ));
             }
         }
+        let spend = Spend {
+            cap: fence.get::<_, Option<i64>>("spend_cap").map(Micros),
+            spent: Micros(fence.get::<_, Option<i64>>("spent_today").unwrap_or(0)),
+            in_flight: fence.get::<_, Option<i64>>("in_flight").unwrap_or(0).max(0),
+        };
+        if spend.remaining().is_some_and(|left| left.0 <= 0) {
+            // Due messages still expire while the lane waits for its day to end.
+            let expired = tx
+                .execute(&tx.prepare_cached(EXPIRE_DUE).await?, &[&lane_name])
+                .await?;
+            // A credentials pause stays as it is: its alert and its probe still hold.
+            if paused.is_none() {
+                tx.execute(
+                    &tx.prepare_cached(PAUSE_FOR_SPEND).await?,
+                    &[&lane_name, &spend.detail()],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            return Ok(result(
+                Claim::Paused(PAUSED_SPEND_CAP.into()),
+                expired,
+                0,
+                0,
+            ));
+        }
+        // A new UTC day, or an operator raised the cap.
+        if paused.as_deref() == Some(PAUSED_SPEND_CAP) {
+            tx.execute(&tx.prepare_cached(LIFT_SPEND_PAUSE).await?, &[&lane_name])
+                .await?;
+            paused = None;
+        }
+        let Some(affordable) =
+            spend.affordable(route.highest_price, i64::from(schedule.batch_size))
+        else {
+            // What is left is reserved for the sends in flight: see how they end
+            // (keeping a lifted pause).
+            tx.commit().await?;
+            return Ok(result(Claim::NotDue(SPEND_SETTLES), 0, 0, 0));
+        };
         let limit = if paused.is_some() || route.probe_only {
             1
         } else {
-            match spend.affordable(route.highest_price, i64::from(schedule.batch_size)) {
-                Some(limit) => limit,
-                // What is left is reserved for the sends in flight: see how they end
-                // (keeping a lifted pause).
-                None => {
-                    tx.commit().await?;
-                    return Ok(result(Claim::NotDue(SPEND_SETTLES), 0, 0, 0));
-                }
-            }
+            affordable
         };
         let expired = tx
             .execute(&tx.prepare_cached(EXPIRE_DUE).await?, &[&lane_name])
@@ -723,6 +734,7 @@ impl Store {
             .iter()
             .map(|d| d.provider_message_id.as_deref())
             .collect();
+        let prices: Vec<Option<i64>> = deliveries.iter().map(|d| d.price.map(|p| p.0)).collect();
         self.execute_prepared(
             RECORD_KNOWN_DELIVERIES,
             &[
@@ -732,6 +744,7 @@ impl Store {
                 &sent_at,
                 &provider_ids,
                 &self.lane_name(),
+                &prices,
             ],
         )
         .await
@@ -982,6 +995,9 @@ mod tests {
         assert_eq!(spend(1_000, 880, 0).affordable(highest, 10), Some(2));
         // Two in flight reserve 100 of the 120: nothing more until they end.
         assert_eq!(spend(1_000, 880, 2).affordable(highest, 10), None);
+        // Long messages in flight took more than was reserved: no negative limit.
+        assert_eq!(spend(1_000, 900, 10).affordable(highest, 10), None);
+        assert_eq!(spend(1_000, 999, 1_000_000).affordable(highest, 10), None);
         // Less than one left and nothing in flight: the day's last message.
         assert_eq!(spend(1_000, 990, 0).affordable(highest, 10), Some(1));
         // No cap, or no prices: the batch size.

@@ -306,6 +306,8 @@ pub struct KnownDelivery {
     pub claim_epoch: Epoch,
     pub sent_at: DateTime<Utc>,
     pub provider_message_id: Option<String>,
+    /// What the send cost, as the sender priced it.
+    pub price: Option<crate::spend::Micros>,
 }
 
 /// What one rescue pass did.

@@ -1117,6 +1117,7 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
         claim_epoch: candidates[0].claim_epoch,
         sent_at: Utc::now(),
         provider_message_id: Some("p-1".into()),
+        price: Some(message_dispatcher::spend::Micros(7_900)),
     };
     assert_eq!(
         store
@@ -1140,6 +1141,18 @@ async fn abandoned_claims_are_rescued_only_when_old_enough() {
     assert_eq!(rows[0].get::<_, String>(0), "sent");
     assert_eq!(rows[1].get::<_, String>(0), "failed");
     assert!(rows[1].get::<_, String>(1).contains("MAX_ATTEMPTS"));
+    // The recorded send keeps the price its sender gave it, and counts in the day's
+    // spend (docs/design.md#spend-caps).
+    let spend = db
+        .query_one(
+            "SELECT (SELECT price_micros FROM messages WHERE id = $1),
+                    (SELECT sum(amount_micros)::bigint FROM lane_spend)",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(spend.get::<_, Option<i64>>(0), Some(7_900));
+    assert_eq!(spend.get::<_, Option<i64>>(1), Some(7_900));
 }
 
 /// A replica frozen (SIGSTOP, VM stall) in the middle of a claim transaction holds the
@@ -1202,13 +1215,14 @@ async fn group_results_are_written_by_primary_key_lookups() {
     let epochs = vec![1_i64; group.len()];
     let times = vec![Utc::now(); group.len()];
     let provider_ids: Vec<String> = group.iter().map(|id| format!("p-{id}")).collect();
+    let prices = vec![Some(7_900_i64); group.len()];
     let statement = db.prepare(MARK_SENT_GROUP).await.unwrap();
     let explain = db
         .prepare(&format!("EXPLAIN (FORMAT TEXT) {MARK_SENT_GROUP}"))
         .await
         .unwrap();
     let plan: Vec<String> = db
-        .query(&explain, &[&group, &epochs, &times, &provider_ids])
+        .query(&explain, &[&group, &epochs, &times, &provider_ids, &prices])
         .await
         .unwrap()
         .iter()
@@ -1222,14 +1236,20 @@ async fn group_results_are_written_by_primary_key_lookups() {
         "the group write must look rows up by primary key:\n{plan}"
     );
     let written = db
-        .query(&statement, &[&group, &epochs, &times, &provider_ids])
+        .query(
+            &statement,
+            &[&group, &epochs, &times, &provider_ids, &prices],
+        )
         .await
         .unwrap();
     assert_eq!(written.len(), group.len(), "every row of the group written");
     assert_eq!(env.count("sent").await, 20_100);
     // The guard still holds: a row of another epoch, or no longer `sending`, is not ours.
     let again = db
-        .query(&statement, &[&group, &epochs, &times, &provider_ids])
+        .query(
+            &statement,
+            &[&group, &epochs, &times, &provider_ids, &prices],
+        )
         .await
         .unwrap();
     assert!(again.is_empty(), "rows already sent are not written again");

@@ -158,3 +158,119 @@ async fn a_lane_stops_at_its_daily_spend_cap_until_the_cap_rises_or_the_day_ends
     assert_eq!(config["daily_spend_cap"], 0.05, "{config}");
     assert!(config["overrides"]["daily_spend_cap"].is_null(), "{config}");
 }
+
+/// The claim itself (the store, no replica), near and at the cap: sends in flight that
+/// reserved more than is left (long messages, a lowered cap, a dead leader's claims)
+/// make it wait, not fail; a pause for refused credentials is not overwritten by the
+/// cap's, so its alert and probe go on; without one, the cap's pause is recorded.
+#[tokio::test]
+async fn the_claim_waits_for_sends_in_flight_and_keeps_a_credentials_pause() {
+    use message_dispatcher::config::Unit;
+    use message_dispatcher::spend::Micros;
+    use message_dispatcher::store::{Claim, ClaimScope, Schedule, Store};
+    use std::time::Duration;
+
+    let env = TestEnv::start().await;
+    let settings = env.settings();
+    let (status, output) = crate::support::replica::run_command(&["migrate"], &settings.to_env());
+    assert!(status.success(), "{output}");
+    let store = Store::new(&settings.to_config().database).unwrap();
+    env.insert_messages(30).await;
+    store.apply_auto_start(true, "test").await.unwrap();
+    let epoch = store.bump_epoch("test").await.unwrap();
+    let schedule = Schedule {
+        batch_size: 10,
+        interval: Duration::ZERO,
+        unit: Unit::Messages,
+    };
+    let scope = ClaimScope {
+        probe_due: true,
+        provider: Some("default".into()),
+        usable: vec!["default".into()],
+        probe_only: false,
+        quiet_hours: None,
+        daily_spend_cap: Some(Micros(100_000)),
+        highest_price: Some(Micros(10_000)),
+    };
+    let claim = || async {
+        store
+            .claim_batch(epoch, "test", schedule, Duration::ZERO, 1, &scope)
+            .await
+            .expect("the claim runs")
+            .claim
+    };
+    let db = env.db().await;
+    let pause = || async {
+        db.query_one(
+            "SELECT paused_reason FROM dispatcher_control WHERE lane = 'default'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, Option<String>>(0)
+    };
+
+    // Twenty rows in flight at the highest price reserve 200,000 of the 100,000 left.
+    db.execute(
+        "UPDATE messages SET status = 'sending', claim_epoch = $1, attempts = 1
+         WHERE id IN (SELECT id FROM messages ORDER BY id LIMIT 20)",
+        &[&epoch.0],
+    )
+    .await
+    .unwrap();
+    assert!(matches!(claim().await, Claim::NotDue(_)), "waits for them");
+    assert_eq!(pause().await, None);
+
+    // The day's spend reaches the cap while the provider refuses our credentials.
+    db.batch_execute(
+        "INSERT INTO lane_spend (lane, day, provider, amount_micros, messages)
+         VALUES ('default', (now() AT TIME ZONE 'UTC')::date, 'default', 100000, 10);
+         UPDATE dispatcher_control SET paused_reason = 'provider_auth' WHERE lane = 'default';",
+    )
+    .await
+    .unwrap();
+    assert!(matches!(claim().await, Claim::Paused(reason) if reason == "spend_cap"));
+    assert_eq!(pause().await.as_deref(), Some("provider_auth"));
+
+    // Without it, the cap's pause is recorded, with the day's figures.
+    db.execute(
+        "UPDATE dispatcher_control SET paused_reason = NULL WHERE lane = 'default'",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(matches!(claim().await, Claim::Paused(reason) if reason == "spend_cap"));
+    assert_eq!(pause().await.as_deref(), Some("spend_cap"));
+    let detail: String = db
+        .query_one(
+            "SELECT paused_detail FROM dispatcher_control WHERE lane = 'default'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(detail, "spent 0.10 today (UTC) of a daily cap of 0.10");
+}
+
+/// A cap set at run time on a lane whose provider has no prices could never hold: 422.
+#[tokio::test]
+async fn a_cap_on_a_lane_without_prices_is_refused() {
+    let env = TestEnv::start().await;
+    let replica = env.replica("r1", &env.settings()).await;
+    let (status, error) = put(
+        &replica,
+        "/api/messaging/config",
+        json!({"daily_spend_cap": 5}),
+    )
+    .await;
+    assert_eq!(status, 422, "{error}");
+    assert_eq!(error["error"]["field"], "daily_spend_cap", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no price_per_segment")),
+        "{error}"
+    );
+    let (_, lanes) = replica.get("/api/lanes").await;
+    assert!(lanes["lanes"][0]["daily_spend_cap"].is_null(), "{lanes}");
+}

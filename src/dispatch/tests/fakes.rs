@@ -360,6 +360,7 @@ impl Backend for FakeQueue {
                 claim_epoch: c.claim_epoch,
                 sent_at: Utc::now(),
                 provider_message_id: None,
+                price: None,
             })
             .collect()
     }
@@ -369,6 +370,7 @@ impl Backend for FakeQueue {
         message: &ClaimedMessage,
         _provider_message_id: Option<String>,
         _sent_at: DateTime<Utc>,
+        _price: Option<crate::spend::Micros>,
     ) {
         self.0.borrow_mut().delivered.insert(message.id);
     }
