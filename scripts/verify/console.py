@@ -143,6 +143,11 @@ class Console:
     def lane_cell(self, name, cell):
         return self.lane(name).find_element(By.CSS_SELECTOR, f"td.lane-{cell}").text
 
+    def lane_state(self, name):
+        """The state cell's badge (its first line; a lane with a spend cap says its
+        day's spend below)."""
+        return self.lane_cell(name, "state").split("\n")[0]
+
     def listed(self):
         """The message list on screen: [(id, lane), ...]."""
         return [(int(r.get_attribute("data-id")), r.get_attribute("data-lane"))
@@ -249,7 +254,7 @@ def main():
         assert leaders["default"] == "replica-1", leaders
         for name in ("default", "otp"):
             assert f"epoch {lanes[name]['leader']['epoch']}" in page.lane_cell(name, "leader"), page.lane_cell(name, "leader")
-            assert page.lane_cell(name, "state") == "running", page.lane_cell(name, "state")
+            assert page.lane_state(name) == "running", page.lane_cell(name, "state")
             assert "mock closed" in page.lane_cell(name, "providers"), page.lane_cell(name, "providers")
             assert "pending" in page.lane_cell(name, "queue"), page.lane_cell(name, "queue")
         assert page.lane_cell("default", "rate").startswith("3.0 / "), page.lane_cell("default", "rate")
@@ -263,9 +268,9 @@ def main():
         page.lane("otp").find_element(By.CSS_SELECTOR, "button.lane-stop").click()
         page.confirm_says("Stop lane otp?")
         page.wait("otp shown stopped", lambda d: page.lane("otp").get_attribute("data-running") == "false"
-                  and page.lane_cell("otp", "state") == "stopped"
+                  and page.lane_state("otp") == "stopped"
                   and "Lane otp stopped" in page.text("lanes-result"))
-        assert page.lane_cell("default", "state") == "running", page.lane_cell("default", "state")
+        assert page.lane_state("default") == "running", page.lane_cell("default", "state")
         lanes = lanes_api()
         assert lanes["otp"]["running"] is False and lanes["default"]["running"] is True, lanes
         assert leader.call("GET", "/api/messaging/status")[1]["running"] is True, "the default lane (the cluster's) runs"
@@ -326,13 +331,31 @@ def main():
         page.lane("otp").find_element(By.CSS_SELECTOR, "button.lane-start").click()
         page.confirm_says("Start lane otp?")
         page.wait("otp shown running", lambda d: page.lane("otp").get_attribute("data-running") == "true"
-                  and page.lane_cell("otp", "state") == "running"
+                  and page.lane_state("otp") == "running"
                   and "Lane otp started" in page.text("lanes-result"))
         lanes = lanes_api()
         assert lanes["otp"]["running"] is True and lanes["default"]["running"] is True, lanes
         leader.wait("otp's message sent", lambda: leader.call(
             "GET", f"/api/messages/{resumed['id']}")[1]["status"] in ("sent", "failed"), timeout=60)
         check(f"Start on otp's row started otp again: message {resumed['id']} left pending")
+
+        # 3b'. otp's spend cap (console.sh's file prices the mock at 0.01 a segment and
+        # caps otp at 100): the day's spend against it, then a cap of 0 set through the
+        # API pauses the lane, as its row says, and clearing it resumes the lane.
+        page.wait("otp's spend shown against its cap",
+                  lambda d: "of 100.00 today (UTC)" in page.lane_cell("otp", "state"))
+        status, body = leader.call("PUT", "/api/lanes/otp/config", {"daily_spend_cap": 0})
+        assert status == 200 and body["daily_spend_cap"] == 0, (status, body)
+        page.wait("otp paused for its spend cap", lambda d: page.lane("otp").get_attribute("data-paused") == "spend_cap"
+                  and "paused: daily spend cap" in page.lane_cell("otp", "state")
+                  and "of 0.00 today (UTC)" in page.lane_cell("otp", "state"))
+        page.shot_of("lane-otp-spend-cap", "lanes-panel")
+        status, body = leader.call("PUT", "/api/lanes/otp/config", {"daily_spend_cap": None})
+        assert status == 200 and body["daily_spend_cap"] == 100, (status, body)
+        page.wait("otp running again", lambda d: page.lane("otp").get_attribute("data-paused") == ""
+                  and "of 100.00 today (UTC)" in page.lane_cell("otp", "state"))
+        check("otp's row shows its day's spend against its cap, pauses at a cap of 0 set through the API "
+              "and resumes when it is cleared")
 
         # 3c. A status webhook given up on (written here: the stack posts none): the panel
         # appears with it, and Replay makes it due again, which takes it off the list.

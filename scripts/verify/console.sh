@@ -82,6 +82,7 @@ kind = "http-json"
 url = "$SMS_API_URL"
 token_env = "SMS_API_TOKEN"
 timeout = "2s"
+price_per_segment = 0.01
 
 [[lane]]
 name = "default"
@@ -96,6 +97,7 @@ batch_size = 4
 interval = "1s"
 providers = ["mock"]
 send_concurrency = 2
+daily_spend_cap = 100
 TOML
 export DISPATCH_CONFIG="$WORK/dispatch.toml"
 
