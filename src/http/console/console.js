@@ -474,7 +474,7 @@
       });
       // The day's spend against the cap, for a lane with one.
       const spend = typeof lane.daily_spend_cap === "number"
-        ? [facts("sub muted lane-spend", `spent ${money(lane.spend_today)} of ${money(lane.daily_spend_cap)} today (UTC)`)] : [];
+        ? [facts("sub muted lane-spend", [`spent ${money(lane.spend_today)}`, `of ${money(lane.daily_spend_cap)}`, "today (UTC)"])] : [];
       cells.state.replaceChildren(badge, ...(lane.paused_reason
         ? [el("span", { class: "sub lane-paused", text: known ? known.badge : `paused: ${lane.paused_reason}` })]
         : []), ...spend);
