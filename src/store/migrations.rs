@@ -123,6 +123,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0021_spend.sql",
         sql: include_str!("../../sql/0021_spend.sql"),
     },
+    Migration {
+        version: 22,
+        name: "0022_one_undelivered_event.sql",
+        sql: include_str!("../../sql/0022_one_undelivered_event.sql"),
+    },
 ];
 
 /// Advisory lock key shared by every replica ("msgdisp" in ASCII).

@@ -387,3 +387,44 @@ async fn webhook_settings_are_checked_at_start_and_at_intake() {
     assert_eq!(status, 422, "{error}");
     assert_eq!(error["error"]["field"], "status_callback_url");
 }
+
+/// A receipt that turns an undelivered message into a failed one (both undelivered to
+/// the customer) writes no second `message.undelivered` with a new webhook-id; a later
+/// `delivered` still writes its event.
+#[tokio::test]
+async fn a_message_has_one_undelivered_event_however_many_undelivered_receipts() {
+    let env = TestEnv::start().await;
+    let receiver = Receiver::start(Mode::Accept).await;
+    let replica = env.replica("r1", &webhook_settings(&env, &receiver)).await;
+    let id = create(
+        &replica,
+        json!({"phone_number": "+905558880011", "content": "hello"}),
+    )
+    .await;
+    let message = wait_status(&replica, id, "sent").await;
+    for receipt in ["undelivered", "failed", "delivered"] {
+        let (status, answer) = replica
+            .post(
+                "/api/delivery-receipts",
+                Some(json!({"message_id": message["message_id"], "status": receipt})),
+            )
+            .await;
+        assert_eq!(status, 200, "{receipt}: {answer}");
+    }
+    let events: Vec<String> = env
+        .db()
+        .await
+        .query(
+            "SELECT type FROM webhook_events WHERE message_id = $1 ORDER BY id",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        events,
+        ["message.sent", "message.undelivered", "message.delivered"]
+    );
+}
