@@ -115,14 +115,25 @@ pub async fn run(
     }
 }
 
-/// Forgets every event delivered more than [`KEEP_DELIVERED`] ago, 1,000 per statement.
+/// Forgets every event delivered more than [`KEEP_DELIVERED`] ago, and the dead letters
+/// of messages retention removed, 1,000 per statement.
 async fn prune(store: &Store) {
     loop {
         match store.prune_delivered_webhooks(KEEP_DELIVERED).await {
             Ok(n) if n >= 1000 => continue,
-            Ok(_) => return,
+            Ok(_) => break,
             Err(err) => {
                 tracing::debug!(error = %err, "cannot prune delivered webhook events");
+                return;
+            }
+        }
+    }
+    loop {
+        match store.prune_orphaned_dead_letters().await {
+            Ok(n) if n >= 1000 => continue,
+            Ok(_) => return,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot prune dead letters of removed messages");
                 return;
             }
         }

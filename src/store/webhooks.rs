@@ -114,6 +114,14 @@ DELETE FROM webhook_events WHERE id = ANY(ARRAY(
     WHERE status = 'delivered' AND delivered_at < now() - $1::bigint * interval '1 millisecond'
     LIMIT 1000))";
 
+/// Dead letters of messages that are gone (retention removed them, docs/design.md#retention):
+/// nothing is left to replay them for. A dead letter stays as long as its message does.
+const PRUNE_ORPHANED_DEAD_LETTERS: &str = "
+DELETE FROM webhook_events WHERE id = ANY(ARRAY(
+    SELECT e.id FROM webhook_events AS e
+    WHERE e.status = 'failed' AND NOT EXISTS (SELECT 1 FROM messages AS m WHERE m.id = e.message_id)
+    LIMIT 1000))";
+
 impl Store {
     /// Takes up to `limit` due events for `lease`; each attempt is counted now.
     /// `default_url`: this replica has `STATUS_WEBHOOK_URL`, so it takes the events
@@ -211,6 +219,12 @@ impl Store {
     /// Forgets up to 1,000 events delivered longer ago than `age`; returns how many.
     pub async fn prune_delivered_webhooks(&self, age: Duration) -> Result<u64, StoreError> {
         self.execute_prepared(PRUNE_DELIVERED, &[&millis(age)])
+            .await
+    }
+
+    /// Forgets up to 1,000 dead letters whose message no longer exists.
+    pub async fn prune_orphaned_dead_letters(&self) -> Result<u64, StoreError> {
+        self.execute_prepared(PRUNE_ORPHANED_DEAD_LETTERS, &[])
             .await
     }
 }

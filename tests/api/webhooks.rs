@@ -428,3 +428,38 @@ async fn a_message_has_one_undelivered_event_however_many_undelivered_receipts()
         ["message.sent", "message.undelivered", "message.delivered"]
     );
 }
+
+/// A dead letter stays until its message is gone: once retention has removed the
+/// message, the prune forgets it; one whose message remains stays listed.
+#[tokio::test]
+async fn dead_letters_of_removed_messages_are_pruned() {
+    use message_dispatcher::store::Store;
+    let env = TestEnv::start().await;
+    let settings = env.settings();
+    let (status, output) = crate::support::replica::run_command(&["migrate"], &settings.to_env());
+    assert!(status.success(), "{output}");
+    let ids = env.insert_messages(2).await;
+    let db = env.db().await;
+    for (webhook_id, message_id) in [("msg_kept", ids[0]), ("msg_orphan", ids[1])] {
+        db.execute(
+            "INSERT INTO webhook_events (webhook_id, message_id, type, payload, status)
+             VALUES ($1, $2, 'message.sent', '{}', 'failed')",
+            &[&webhook_id, &message_id],
+        )
+        .await
+        .unwrap();
+    }
+    db.execute("DELETE FROM messages WHERE id = $1", &[&ids[1]])
+        .await
+        .unwrap();
+    let store = Store::new(&settings.to_config().database).unwrap();
+    assert_eq!(store.prune_orphaned_dead_letters().await.unwrap(), 1);
+    let left: Vec<String> = db
+        .query("SELECT webhook_id FROM webhook_events", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(left, ["msg_kept"]);
+}
