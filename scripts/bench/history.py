@@ -15,6 +15,7 @@ Targets: list and stats p95 under 50 ms at every size; the drain at every size w
     SIZES=0,1000000 N=10000 ./scripts/bench/run.sh history   # a quick look
 
 Settings (environment): SIZES (0,1000000,5000000,20000000), N (100000), REQUESTS (100),
+SQL_AFTER_GROW (statements run once the history is grown, for experiments),
 BIN, KEEP_BENCH_DIR=1 keeps the logs.
 """
 
@@ -110,6 +111,9 @@ def main() -> int:
     base_rate = None
     for size in sizes:
         grown = grow_history(size)
+        if env("SQL_AFTER_GROW", ""):
+            # For experiments: a schema change to compare (e.g. an index dropped).
+            psql(env("SQL_AFTER_GROW"), timeout=None)
         note(f"{size:,} finished rows ready ({grown:.0f} s); measuring the reads")
         mock, mock_url = start_mock(0)
         [replica] = start_replicas(1, {**replica_env, "SMS_API_URL": mock_url + "/send"})
