@@ -57,6 +57,15 @@ impl Lane {
             unit: self.spec.unit,
         }
     }
+
+    /// The daily spend cap in force: the operator's override over the configured one
+    /// (docs/design.md#spend-caps).
+    pub fn daily_spend_cap(
+        &self,
+        control: &crate::store::ControlRecord,
+    ) -> Option<crate::spend::Micros> {
+        control.daily_spend_cap.or(self.spec.daily_spend_cap)
+    }
 }
 
 impl AppState {

@@ -170,7 +170,7 @@ async fn metrics(state: State) -> Response {
                         .with_label_values(&[name, reason])
                         .set(i64::from(paused));
                 }
-                match control.daily_spend_cap.or(lane.spec.daily_spend_cap) {
+                match lane.daily_spend_cap(&control) {
                     Some(cap) => state
                         .metrics
                         .lane_spend_cap

@@ -169,7 +169,7 @@ fn lane_json(
         "countries": spec.countries,
         "quiet_hours": spec.quiet_hours.map(|q| q.to_string()),
         "spend_today": spent_today.units(),
-        "daily_spend_cap": control.daily_spend_cap.or(spec.daily_spend_cap).map(crate::spend::Micros::units),
+        "daily_spend_cap": lane.daily_spend_cap(control).map(crate::spend::Micros::units),
         "configured_rate_per_second": finite(schedule.rate_per_second()),
         "effective_rate_per_second": finite(schedule.rate_per_second() * rate_factor),
         "rate_factor": rate_factor,

@@ -84,7 +84,7 @@ async fn set_running(state: State, running: bool) -> Result<Response, ApiError> 
 pub(super) fn schedule_json(lane: &Lane, control: &ControlRecord) -> Value {
     let configured = lane.configured_schedule();
     let schedule = configured.overridden_by(control);
-    let cap = control.daily_spend_cap.or(lane.spec.daily_spend_cap);
+    let cap = lane.daily_spend_cap(control);
     json!({
         "daily_spend_cap": cap.map(Micros::units),
         "batch_size": schedule.batch_size,
