@@ -399,11 +399,10 @@ impl<B: Backend, P: Provider> Dispatcher<B, P> {
     fn price_of(&self, message: &ClaimedMessage, tried: &str) -> Option<crate::spend::Micros> {
         let took = message.provider.as_deref().unwrap_or(tried);
         let route = self.settings.providers.iter().find(|r| r.name == took)?;
+        // A provider without prices (the default) costs no segmentation per send.
+        let prices = route.prices.as_ref()?;
         let segments = crate::encoding::segment(&message.content).segments;
-        let price = route
-            .prices
-            .as_ref()?
-            .message(&message.phone_number, segments)?;
+        let price = prices.message(&message.phone_number, segments)?;
         self.metrics
             .spend
             .with_label_values(&[&self.settings.lane, took])
